@@ -1,0 +1,1 @@
+../../onnxruntime_model.py

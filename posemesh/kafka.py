@@ -1,0 +1,163 @@
+"""Kafka conventions shared by the gateway and the workers: topic names, client configs, admin calls.
+
+The same code runs against the local Tansu broker and against Apache Kafka; the settings below are the
+ones measured to behave on both (see ../shared/RUNTIME-NOTES.md for the local broker's quirks).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from posemesh.settings import Settings
+
+# The four per-task topics, in pipeline order. The prefix of each is what the stage reading it consumes.
+RAW_FRAMES, YOLOX, RTMPOSE, BYTETRACK = "raw_frames", "yolox", "rtmpose", "bytetrack"
+TASK_TOPIC_PREFIXES = (RAW_FRAMES, YOLOX, RTMPOSE, BYTETRACK)
+# Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
+CONTROL_TOPIC = "posemesh.control"
+EVENTS_TOPIC = "posemesh.events"
+
+TASK_ID_RE = re.compile(r"^[a-z0-9]{8,40}$")
+TASK_TOPIC_RE = re.compile(rf"^({'|'.join(TASK_TOPIC_PREFIXES)})_([a-z0-9]{{8,40}})$")
+MAX_MESSAGE_BYTES = 20 * 1024 * 1024
+
+
+def task_topic(prefix: str, task_id: str) -> str:
+    return f"{prefix}_{task_id}"
+
+
+def task_topics(task_id: str) -> list[str]:
+    return [task_topic(p, task_id) for p in TASK_TOPIC_PREFIXES]
+
+
+def task_of_topic(topic: str) -> str | None:
+    m = TASK_TOPIC_RE.match(topic)
+    return m.group(2) if m else None
+
+
+def partitions_for(prefix: str, settings: Settings) -> int:
+    # Frames and detections are stateless per frame: several partitions let several detect and pose
+    # workers share one task. Tracking and annotation are sequential per task: one partition, so one
+    # worker owns a task's tracker and encoder while other tasks go to other workers.
+    return settings.frame_partitions if prefix in (RAW_FRAMES, YOLOX) else 1
+
+
+def base_config(settings: Settings) -> dict:
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "topic.metadata.refresh.interval.ms": 500,
+        "socket.keepalive.enable": True,
+    }
+
+
+def producer_config(settings: Settings, client_id: str) -> dict:
+    return {
+        **base_config(settings),
+        "client.id": client_id,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 2,
+        "message.max.bytes": MAX_MESSAGE_BYTES,
+        # JPEG frames do not compress; the default 100k messages would let a producer run far ahead.
+        "queue.buffering.max.kbytes": 256 * 1024,
+    }
+
+
+def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
+    return {
+        **base_config(settings),
+        "group.id": group_id,
+        "client.id": client_id,
+        "enable.auto.commit": False,  # offsets are committed by hand, only after the output exists
+        "auto.offset.reset": "earliest",  # 'latest' replays a tail on the local broker
+        "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "heartbeat.interval.ms": settings.kafka_heartbeat_ms,
+        "partition.assignment.strategy": "range",  # eager: cooperative-sticky stalls on the local broker
+        "fetch.wait.max.ms": 50,
+        "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
+        "max.partition.fetch.bytes": MAX_MESSAGE_BYTES,
+        "max.poll.interval.ms": 300000,
+    }
+
+
+def admin(settings: Settings) -> AdminClient:
+    return AdminClient(base_config(settings))
+
+
+@dataclass
+class TopicSpec:
+    name: str
+    partitions: int
+    config: dict
+
+
+def task_topic_specs(task_id: str, settings: Settings) -> list[TopicSpec]:
+    cfg = {"retention.ms": str(settings.topic_retention_ms), "max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    return [TopicSpec(task_topic(p, task_id), partitions_for(p, settings), cfg) for p in TASK_TOPIC_PREFIXES]
+
+
+def create_topics(client: AdminClient, specs: list[TopicSpec], timeout: float = 15.0) -> None:
+    """Create topics explicitly (producing to a missing topic would auto-create it with the wrong
+    partition count). Topics that already exist are fine."""
+    if not specs:
+        return
+    futures = client.create_topics(
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config) for s in specs],
+        operation_timeout=timeout, request_timeout=timeout,
+    )
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+    wait_for_topics(client, [s.name for s in specs], timeout)
+
+
+def wait_for_topics(client: AdminClient, names: list[str], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        present = set(client.list_topics(timeout=timeout).topics)
+        if all(n in present for n in names):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics not visible after {timeout}s: {sorted(set(names) - present)}")
+        time.sleep(0.05)
+
+
+def delete_topics(client: AdminClient, names: list[str], timeout: float = 15.0) -> list[str]:
+    """Delete topics; returns those that were deleted (missing ones are skipped silently)."""
+    existing = set(client.list_topics(timeout=timeout).topics)
+    names = [n for n in names if n in existing]
+    if not names:
+        return []
+    futures = client.delete_topics(names, operation_timeout=timeout, request_timeout=timeout)
+    deleted = []
+    for name, fut in futures.items():
+        try:
+            fut.result(timeout)
+            deleted.append(name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "UNKNOWN_TOPIC_OR_PART":
+                raise
+    return deleted
+
+
+def list_task_topics(client: AdminClient, timeout: float = 15.0) -> dict[str, list[str]]:
+    """Every per-task topic on the broker, grouped by task id."""
+    out: dict[str, list[str]] = {}
+    for name in client.list_topics(timeout=timeout).topics:
+        task = task_of_topic(name)
+        if task:
+            out.setdefault(task, []).append(name)
+    return out
+
+
+def ensure_shared_topics(settings: Settings) -> None:
+    cfg = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
+    create_topics(admin(settings), [TopicSpec(CONTROL_TOPIC, 1, cfg), TopicSpec(EVENTS_TOPIC, 1, cfg)])

@@ -1,0 +1,68 @@
+"""Every knob of posemesh in one place, read from the environment (POSEMESH_*).
+
+Defaults suit the local stack on one machine; production overrides them (deploy/ shows how).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"POSEMESH_{name}", default)
+
+
+def default_models_dir() -> Path:
+    """POSEMESH_MODELS_DIR, else ../shared/models beside the checkout when it exists, else ./models."""
+    if "POSEMESH_MODELS_DIR" in os.environ:
+        return Path(os.environ["POSEMESH_MODELS_DIR"])
+    shared = REPO_ROOT.parent / "shared" / "models"
+    return shared if shared.is_dir() else REPO_ROOT / "models"
+
+
+def default_media_dir() -> Path:
+    if "POSEMESH_MEDIA_DIR" in os.environ:
+        return Path(os.environ["POSEMESH_MEDIA_DIR"])
+    return REPO_ROOT.parent / "shared" / "media"
+
+
+@dataclass
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = field(default_factory=lambda: _env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    # The local broker holds every JoinGroup for half the session timeout; the first member of a group
+    # fixes it for the broker's lifetime, so every process must use the same numbers (RUNTIME-NOTES).
+    kafka_session_timeout_ms: int = field(default_factory=lambda: int(_env("KAFKA_SESSION_TIMEOUT_MS", "2000")))
+    kafka_heartbeat_ms: int = field(default_factory=lambda: int(_env("KAFKA_HEARTBEAT_MS", "200")))
+    frame_partitions: int = field(default_factory=lambda: int(_env("FRAME_PARTITIONS", "4")))
+    topic_retention_ms: int = field(default_factory=lambda: int(_env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
+    # Seconds between a task's terminal state and the deletion of its topics.
+    topic_delete_delay_s: float = field(default_factory=lambda: float(_env("TOPIC_DELETE_DELAY_S", "60")))
+    # Triton
+    triton_url: str = field(default_factory=lambda: _env("TRITON_URL", "127.0.0.1:8001"))
+    # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
+    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(REPO_ROOT / "run" / "data"))))
+    models_dir: Path = field(default_factory=default_models_dir)
+    # Gateway
+    gateway_listen: str = field(default_factory=lambda: _env("GATEWAY_LISTEN", "127.0.0.1:50051"))
+    max_upload_bytes: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
+    max_active_tasks_per_user: int = field(default_factory=lambda: int(_env("MAX_ACTIVE_TASKS_PER_USER", "8")))
+    api_keys_file: str = field(default_factory=lambda: _env("API_KEYS_FILE", ""))
+    api_keys: str = field(default_factory=lambda: _env("API_KEYS", ""))
+    jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "tasks.sqlite3"

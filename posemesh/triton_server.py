@@ -1,0 +1,137 @@
+"""Start the real `tritonserver` from the pinned `nvidia-pytriton==0.7.0` wheel on our model repository.
+
+The server runs in its own small virtual environment (POSEMESH_TRITON_VENV, default .venv-triton),
+because this Triton build's Python backend needs numpy<2 while the rest of posemesh uses numpy 2.
+Production uses NVIDIA's Triton container with the TensorRT repository from deploy/tensorrt/ instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from posemesh.broker import free_port, stop_process
+from posemesh.models import CPU_REPOSITORY
+from posemesh.settings import REPO_ROOT
+
+
+def triton_venv() -> Path:
+    return Path(os.environ.get("POSEMESH_TRITON_VENV", REPO_ROOT / ".venv-triton"))
+
+
+@dataclass
+class TritonInstall:
+    python: Path
+    site: Path  # site-packages holding pytriton/
+    libdir: str  # the interpreter's LIBDIR: the stub must load this libpython, not Debian's
+
+    @property
+    def server_bin(self) -> Path:
+        return self.site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
+
+    @classmethod
+    def find(cls, venv: Path | None = None) -> "TritonInstall":
+        venv = venv or triton_venv()
+        python = venv / "bin" / "python"
+        if not python.exists():
+            raise FileNotFoundError(f"no Triton environment at {venv}: run `make venv` (or set POSEMESH_TRITON_VENV)")
+        out = subprocess.run(
+            [str(python), "-c", "import json, sysconfig, pathlib, pytriton;"
+             "print(json.dumps([str(pathlib.Path(pytriton.__file__).parent.parent), sysconfig.get_config_var('LIBDIR')]))"],
+            check=True, capture_output=True, text=True).stdout
+        site, libdir = json.loads(out)
+        return cls(python, Path(site), libdir)
+
+    def backend_dir(self, into: Path) -> Path:
+        """A backends/ folder with the Python backend and the 3.11 stub next to it (as PyTriton does)."""
+        python_dir = into / "python"
+        python_dir.mkdir(parents=True, exist_ok=True)
+        src = self.site / "pytriton" / "tritonserver"
+        for f in (src / "backends" / "python").iterdir():
+            if f.is_file():
+                shutil.copy2(f, python_dir / f.name)
+        stub = src / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+        if not stub.exists():
+            stub = next((src / "python_backend_stubs").glob("*/triton_python_backend_stub"))
+        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        return into
+
+
+class TritonServer:
+    """tritonserver on free ports, serving model_repository/ with ONNX files from onnx_dir."""
+
+    def __init__(self, onnx_dir: Path, work_dir: Path, repository: Path = CPU_REPOSITORY,
+                 grpc_port: int | None = None, http_port: int | None = None, metrics_port: int | None = None,
+                 models: list[str] | None = None, log_path: Path | None = None, ort_threads: int = 1):
+        self.onnx_dir, self.work_dir, self.repository = onnx_dir, work_dir, repository
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.models = models
+        self.log_path = log_path
+        self.ort_threads = ort_threads
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def command(self, install: TritonInstall) -> tuple[list[str], dict]:
+        backends = install.backend_dir(self.work_dir / "backends")
+        loads = [f"--load-model={m}" for m in self.models] if self.models else ["--load-model=*"]
+        cmd = [str(install.server_bin), f"--model-repository={self.repository}", f"--backend-directory={backends}",
+               "--model-control-mode=explicit", *loads, "--disable-auto-complete-config",
+               "--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false",
+               "--backend-config=python,shm-default-byte-size=16777216",
+               f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
+               f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
+        libs = install.site / "nvidia_pytriton.libs"
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(libs), install.libdir, env.get("LD_LIBRARY_PATH")]))
+        env["PATH"] = os.pathsep.join([str(install.python.parent), env.get("PATH", "")])
+        env["POSEMESH_ONNX_DIR"] = str(self.onnx_dir)
+        env["POSEMESH_ORT_THREADS"] = str(self.ort_threads)
+        env.pop("PYTHONPATH", None)
+        return cmd, env
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        install = TritonInstall.find()
+        cmd, env = self.command(install)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        import tritonclient.grpc as grpcclient
+
+        client = grpcclient.InferenceServerClient(self.url)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if client.is_server_ready():
+                    return
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tritonserver not ready after {timeout}s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc:
+            stop_process(self.proc, grace=15)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

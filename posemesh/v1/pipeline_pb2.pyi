@@ -1,0 +1,152 @@
+from posemesh.v1 import task_service_pb2 as _task_service_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class Keypoint(_message.Message):
+    __slots__ = ("x", "y", "score")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    score: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Person(_message.Message):
+    __slots__ = ("box", "score", "keypoints", "track_id")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    score: float
+    keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
+    track_id: int
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("index", "timestamp_s", "width", "height", "jpeg", "persons")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    PERSONS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    timestamp_s: float
+    width: int
+    height: int
+    jpeg: bytes
+    persons: _containers.RepeatedCompositeFieldContainer[Person]
+    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ...) -> None: ...
+
+class EndOfStream(_message.Message):
+    __slots__ = ("total_frames", "fps")
+    TOTAL_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    total_frames: int
+    fps: float
+    def __init__(self, total_frames: _Optional[int] = ..., fps: _Optional[float] = ...) -> None: ...
+
+class StageRecord(_message.Message):
+    __slots__ = ("task_id", "options", "frame", "end_of_stream")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    options: _task_service_pb2.TaskOptions
+    frame: Frame
+    end_of_stream: EndOfStream
+    def __init__(self, task_id: _Optional[str] = ..., options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ...) -> None: ...
+
+class TaskStarted(_message.Message):
+    __slots__ = ("options", "video")
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FIELD_NUMBER: _ClassVar[int]
+    options: _task_service_pb2.TaskOptions
+    video: _task_service_pb2.VideoInfo
+    def __init__(self, options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., video: _Optional[_Union[_task_service_pb2.VideoInfo, _Mapping]] = ...) -> None: ...
+
+class TaskEnded(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: _task_service_pb2.TaskState
+    def __init__(self, state: _Optional[_Union[_task_service_pb2.TaskState, str]] = ...) -> None: ...
+
+class ControlEvent(_message.Message):
+    __slots__ = ("task_id", "started", "ended")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    ENDED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    started: TaskStarted
+    ended: TaskEnded
+    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ...) -> None: ...
+
+class TaskProgress(_message.Message):
+    __slots__ = ("task_id", "frames_done", "frames_total")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    frames_done: int
+    frames_total: int
+    def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ...) -> None: ...
+
+class TaskResult(_message.Message):
+    __slots__ = ("task_id", "artifacts", "frames_written")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    artifacts: _containers.RepeatedCompositeFieldContainer[_task_service_pb2.Artifact]
+    frames_written: int
+    def __init__(self, task_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_task_service_pb2.Artifact, _Mapping]]] = ..., frames_written: _Optional[int] = ...) -> None: ...
+
+class TaskFailure(_message.Message):
+    __slots__ = ("task_id", "error_message")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    error_message: str
+    def __init__(self, task_id: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("reading_tasks",)
+    READING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    reading_tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, reading_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WorkerEvent(_message.Message):
+    __slots__ = ("worker_id", "stage", "heartbeat", "progress", "result", "failure")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    stage: str
+    heartbeat: Heartbeat
+    progress: TaskProgress
+    result: TaskResult
+    failure: TaskFailure
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ...) -> None: ...
