@@ -1,0 +1,37 @@
+"""python -m stages NAME [--control-port P] [--metrics-port P]: run one stage worker."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from posemesh.settings import Settings
+from stages.runtime import serve
+
+STAGES = {
+    "detect": "stages.detect:DetectStage",
+    "pose": "stages.pose:PoseStage",
+    "track": "stages.track:TrackStage",
+    "annotate": "stages.annotate:AnnotateStage",
+}
+
+
+def load(name: str):
+    import importlib
+
+    module, cls = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m stages")
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--control-port", type=int, default=0, help="StageService + health (0: any free port)")
+    parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics (0: off)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
+    serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
+
+
+if __name__ == "__main__":
+    main()

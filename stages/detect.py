@@ -1,0 +1,113 @@
+"""Detect stage: raw_frames_<task> -> yolox_<task>. Finds persons with YOLOX-nano on Triton.
+
+Pre- and post-processing follow Megvii's YOLOX demo: BGR 0..255 pixels letterboxed into the top-left of
+a 416x416 canvas padded with 114; the raw head output [N, 3549, 85] is decoded on the grid of strides
+8/16/32, scored obj x cls(person) and reduced with NMS at IoU 0.45.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from posemesh import kafka
+from posemesh.models import YOLOX_SIZE
+from posemesh.v1 import pipeline_pb2 as pb
+from stages.runtime import FrameItem, Stage, TaskContext
+from stages.triton import TritonModel
+
+DEFAULT_MIN_SCORE = 0.5
+NMS_IOU = 0.45
+STRIDES = (8, 16, 32)
+
+
+def _grid(size: int = YOLOX_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    grids, strides = [], []
+    for s in STRIDES:
+        n = size // s
+        ys, xs = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        grids.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
+        strides.append(np.full((n * n, 1), s))
+    return np.concatenate(grids).astype(np.float32), np.concatenate(strides).astype(np.float32)
+
+
+GRID, GRID_STRIDES = _grid()
+
+
+def letterbox(image: np.ndarray, size: int = YOLOX_SIZE) -> tuple[np.ndarray, float]:
+    """BGR HWC uint8 -> CHW uint8 canvas with the image resized into its top-left corner, and the ratio."""
+    h, w = image.shape[:2]
+    r = min(size / h, size / w)
+    resized = cv2.resize(image, (int(round(w * r)), int(round(h * r))), interpolation=cv2.INTER_LINEAR)
+    canvas = np.full((size, size, 3), 114, np.uint8)
+    canvas[:resized.shape[0], :resized.shape[1]] = resized
+    return canvas.transpose(2, 0, 1), r
+
+
+def decode(output: np.ndarray, ratio: float, min_score: float, nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
+    """One image's raw head [3549, 85] -> person boxes [M, 4] (x1 y1 x2 y2, input-image pixels), scores [M]."""
+    scores = output[:, 4] * output[:, 5]  # objectness x person class
+    keep = scores > min_score
+    if not keep.any():
+        return np.zeros((0, 4), np.float32), np.zeros((0,), np.float32)
+    raw, scores = output[keep], scores[keep]
+    centre = (raw[:, :2] + GRID[keep]) * GRID_STRIDES[keep]
+    size = np.exp(raw[:, 2:4]) * GRID_STRIDES[keep]
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1) / ratio
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    idx = cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), min_score, nms_iou)
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+    order = idx[np.argsort(-scores[idx])]
+    return boxes[order].astype(np.float32), scores[order].astype(np.float32)
+
+
+def decode_for_detection(jpeg: bytes, width: int, height: int) -> tuple[np.ndarray, float]:
+    """Decode a JPEG at the smallest DCT scale that still covers the 416 input: a 1080p frame decodes at
+    1/4 size several times faster, and the detector never sees more than 416 pixels anyway.
+    Returns the image and the factor from decoded pixels back to frame pixels."""
+    longest = max(width, height) or YOLOX_SIZE
+    flag = cv2.IMREAD_COLOR
+    for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                            (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if longest / factor >= YOLOX_SIZE:
+            flag = reduced
+            break
+    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flag)
+    if image is None:
+        raise ValueError("undecodable JPEG")
+    return image, (width / image.shape[1]) if width else 1.0
+
+
+class Detector:
+    """YOLOX on Triton for a batch of BGR images (the part the tests compare with rtmlib)."""
+
+    def __init__(self, model: TritonModel):
+        self.model = model
+
+    def __call__(self, images: list[np.ndarray], min_scores: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+        boxed = [letterbox(img) for img in images]
+        output = self.model(images=np.stack([b for b, _r in boxed]))["output"]
+        return [decode(output[i], r, s) for i, ((_b, r), s) in enumerate(zip(boxed, min_scores))]
+
+
+class DetectStage(Stage):
+    name = "detect"
+    input_prefix = kafka.RAW_FRAMES
+    output_prefix = kafka.YOLOX
+    max_batch = 16
+
+    def setup(self, settings) -> None:
+        self.detector = Detector(TritonModel(settings.triton_url, "yolox"))
+
+    def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
+        decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
+        min_scores = [it.options.min_person_score or DEFAULT_MIN_SCORE for it in items]
+        results = self.detector([img for img, _f in decoded], min_scores)
+        for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
+            del item.frame.persons[:]
+            boxes = boxes * factor
+            w, h = item.frame.width, item.frame.height
+            if w and h:
+                boxes = np.clip(boxes, 0, [w, h, w, h])
+            for box, score in zip(boxes.tolist(), scores.tolist()):
+                item.frame.persons.add(box=pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)
