@@ -38,6 +38,8 @@ class Settings:
     # fixes it for the broker's lifetime, so every process must use the same numbers (RUNTIME-NOTES).
     kafka_session_timeout_ms: int = field(default_factory=lambda: int(_env("KAFKA_SESSION_TIMEOUT_MS", "2000")))
     kafka_heartbeat_ms: int = field(default_factory=lambda: int(_env("KAFKA_HEARTBEAT_MS", "200")))
+    # Consumer groups are named <prefix>-<stage>: two stacks can share one broker under different prefixes.
+    group_prefix: str = field(default_factory=lambda: _env("GROUP_PREFIX", "posemesh"))
     frame_partitions: int = field(default_factory=lambda: int(_env("FRAME_PARTITIONS", "4")))
     topic_retention_ms: int = field(default_factory=lambda: int(_env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
     # Seconds between a task's terminal state and the deletion of its topics.

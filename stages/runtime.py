@@ -145,7 +145,7 @@ class StageWorker:
         self.book = OffsetBook()
         kafka.ensure_shared_topics(self.settings)
         self.stage.setup(self.settings)
-        group = f"posemesh-{self.stage.name}"
+        group = f"{self.settings.group_prefix}-{self.stage.name}"
         self.consumer = Consumer(kafka.consumer_config(self.settings, group, self.worker_id))
         self.producer = Producer({**kafka.producer_config(self.settings, self.worker_id),
                                   "error_cb": lambda err: log.warning("producer: %s", err)})

@@ -1,0 +1,68 @@
+"""Reads posemesh.events: worker progress, results and failures update the task store; heartbeats
+tell the topic manager who still reads what.
+
+The gateway is the one reader of this topic, so it needs no consumer group: it assigns the partition
+and keeps its position in the task store, next to the task states the events change. After a
+restart it resumes exactly there (a result that arrived while it was down is not missed), and no
+group rebalance can stall it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+from posemesh import kafka
+from posemesh.settings import Settings
+from posemesh.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger("posemesh.gateway")
+
+OFFSET_KEY = "events_offset"
+
+
+class EventReader(threading.Thread):
+    def __init__(self, settings: Settings, store, topics, on_result, on_failure):
+        super().__init__(name="events", daemon=True)
+        self.settings, self.store, self.topics = settings, store, topics
+        self.on_result, self.on_failure = on_result, on_failure
+        self.running = threading.Event()
+        self.running.set()
+
+    def run(self) -> None:
+        consumer = Consumer(kafka.consumer_config(self.settings, "posemesh-gateway", "gateway-events"))
+        saved = self.store.get_meta(OFFSET_KEY)
+        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, int(saved) if saved else OFFSET_BEGINNING)])
+        try:
+            while self.running.is_set():
+                msgs = consumer.consume(num_messages=500, timeout=0.1)
+                last = None
+                for msg in msgs:
+                    if msg.error():
+                        continue
+                    try:
+                        self.handle(pb.WorkerEvent.FromString(msg.value()), msg.timestamp()[1] / 1000.0)
+                    except Exception:
+                        log.exception("bad worker event at offset %d", msg.offset())
+                    last = msg.offset()
+                if last is not None:  # handlers are idempotent: at-least-once is enough
+                    self.store.set_meta(OFFSET_KEY, str(last + 1))
+        finally:
+            consumer.close()
+
+    def handle(self, event: pb.WorkerEvent, sent_at: float) -> None:
+        kind = event.WhichOneof("event")
+        if kind == "heartbeat":
+            self.topics.heartbeat(event.worker_id, sent_at, list(event.heartbeat.reading_tasks))
+        elif kind == "progress":
+            p = event.progress
+            self.store.add_progress(p.task_id, event.stage, event.worker_id, p.frames_done, p.frames_total)
+        elif kind == "result":
+            self.on_result(event.result)
+        elif kind == "failure":
+            self.on_failure(event.failure.task_id, f"{event.stage}: {event.failure.error_message}")
+
+    def stop(self) -> None:
+        self.running.clear()

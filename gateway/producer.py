@@ -1,0 +1,73 @@
+"""The frame producer: decode an upload with PyAV and publish one JPEG frame record per frame to
+raw_frames_<task>, in index order (spread over the topic's partitions by index), then end-of-stream."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import cv2
+from confluent_kafka import Producer
+
+from posemesh import kafka
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+from gateway import media
+
+log = logging.getLogger("posemesh.gateway")
+
+PROGRESS_EVERY = 10
+
+
+class FrameProducer(threading.Thread):
+    def __init__(self, task: tpb.Task, path: Path, producer: Producer, partitions: int, jpeg_quality: int,
+                 on_progress, on_done, on_error):
+        super().__init__(name=f"frames-{task.task_id}", daemon=True)
+        self.task, self.path, self.producer = task, path, producer
+        self.partitions, self.quality = partitions, jpeg_quality
+        self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
+        self.cancelled = threading.Event()
+        self.errors: list = []
+
+    def _send(self, record: pb.StageRecord, partition: int) -> None:
+        topic = kafka.task_topic(kafka.RAW_FRAMES, self.task.task_id)
+        while True:
+            try:
+                self.producer.produce(topic, record.SerializeToString(), partition=partition,
+                                      on_delivery=self._delivered)
+                return
+            except BufferError:  # the local queue is full: wait for the broker to take some
+                self.producer.poll(0.05)
+
+    def _delivered(self, err, _msg) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+    def run(self) -> None:
+        task_id, count = self.task.task_id, 0
+        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        try:
+            for frame in media.frames(self.path, self.task.video.fps):
+                if self.cancelled.is_set():
+                    return
+                ok, jpeg = cv2.imencode(".jpg", frame.image, params)
+                if not ok:
+                    raise RuntimeError(f"JPEG encoding failed at frame {frame.index}")
+                h, w = frame.image.shape[:2]
+                self._send(pb.StageRecord(task_id=task_id, options=self.task.options, frame=pb.Frame(
+                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=jpeg.tobytes())),
+                    frame.index % self.partitions)
+                count = frame.index + 1
+                if count % PROGRESS_EVERY == 0:
+                    self.producer.poll(0)
+                    self.on_progress(count)
+            self._send(pb.StageRecord(task_id=task_id, options=self.task.options,
+                                      end_of_stream=pb.EndOfStream(total_frames=count, fps=self.task.video.fps)), 0)
+            if self.producer.flush(60) or self.errors:
+                raise RuntimeError(f"frames not delivered to Kafka: {self.errors[:1]}")
+            self.on_progress(count)
+            self.on_done(count)
+        except Exception as exc:  # the task fails; the gateway and every other task go on
+            log.exception("frame producer of %s failed", task_id)
+            self.on_error(f"decoding the upload failed after {count} frames: {exc}")

@@ -1,0 +1,227 @@
+"""The TaskService API. Each method: authenticate, validate, act, answer with a precise status code."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import grpc
+
+from posemesh import kafka
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+from gateway import media
+from gateway.store import ACTIVE, TERMINAL, now_us, timestamp
+
+log = logging.getLogger("posemesh.gateway")
+
+MAX_CHUNK = 1024 * 1024
+DOWNLOAD_CHUNK = 256 * 1024
+MAX_PAGE = 100
+TERMINAL_NAMES = {tpb.TASK_STATE_COMPLETED: "completed", tpb.TASK_STATE_FAILED: "failed",
+                  tpb.TASK_STATE_CANCELLED: "cancelled"}
+
+
+def _page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def _page_offset(token: str) -> int | None:
+    if not token:
+        return 0
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
+        offset = int(value)
+        return offset if kind == "o" and offset >= 0 else None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+class TaskService(tpb_grpc.TaskServiceServicer):
+    def __init__(self, gateway):
+        self.gw = gateway
+        self.auth = gateway.auth
+        self.store = gateway.store
+        self.settings = gateway.settings
+
+    # ------------------------------------------------------------------ helpers
+
+    def _owned_task(self, request, context) -> tuple[str, tpb.Task]:
+        user = self.auth.user(context)
+        if not request.task_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+        task = self.store.get(request.task_id, user)
+        if task is None:  # someone else's task looks exactly like a missing one
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}")
+        return user, task
+
+    # ------------------------------------------------------------------ Upload
+
+    def Upload(self, request_iterator, context):
+        user = self.auth.user(context)
+        first = next(request_iterator, None)
+        if first is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty upload stream: send metadata, then chunks")
+        if first.WhichOneof("payload") != "metadata":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the first upload message must be `metadata` (file name and options), then `chunk`s")
+        meta = first.metadata
+        options = self._validated_options(meta.options, context)
+        if meta.idempotency_key:
+            existing = self.store.by_idempotency_key(user, meta.idempotency_key)
+            if existing is not None:
+                return tpb.UploadResponse(task=existing)
+        if self.store.count_active(user) >= self.settings.max_active_tasks_per_user:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"you have {self.settings.max_active_tasks_per_user} tasks queued or running, the most "
+                          "allowed: wait for one to finish or cancel one")
+
+        task_id = uuid.uuid4().hex
+        job_dir = self.settings.jobs_dir / task_id
+        job_dir.mkdir(parents=True)
+        created = False
+        try:
+            path, size = self._receive(request_iterator, job_dir, meta.file_name, context)
+            try:
+                video = media.probe(path)
+            except media.NotAVideo as exc:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{meta.file_name or 'upload'}: {exc}")
+            task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=Path(meta.file_name).name,
+                            options=options, video=video, created_at=timestamp(now_us()), upload_bytes=size)
+            try:
+                self.store.create(task, user, meta.idempotency_key)
+            except Exception:
+                # A concurrent upload with the same idempotency key won the race: answer with its task.
+                existing = meta.idempotency_key and self.store.by_idempotency_key(user, meta.idempotency_key)
+                if existing:
+                    return tpb.UploadResponse(task=existing)
+                raise
+            created = True
+            try:
+                self.gw.start_task(task, path)
+            except Exception as exc:
+                log.exception("could not start task %s", task_id)
+                self.gw.fail(task_id, f"could not start processing: {exc}")
+                context.abort(grpc.StatusCode.UNAVAILABLE,
+                              f"the message broker is unavailable ({exc}); the task was not started, try again")
+            return tpb.UploadResponse(task=self.store.get(task_id))
+        finally:
+            if not created:
+                shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _validated_options(self, options: tpb.TaskOptions, context) -> tpb.TaskOptions:
+        if options.pose_model not in tpb.PoseModel.values():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown pose_model {options.pose_model}")
+        for kind in options.outputs:
+            if kind not in tpb.ArtifactKind.values() or kind == tpb.ARTIFACT_KIND_UNSPECIFIED:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output kind {kind}")
+        if not 0.0 <= options.min_person_score < 1.0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_person_score must be in [0, 1)")
+        return options
+
+    def _receive(self, request_iterator, job_dir: Path, file_name: str, context) -> tuple[Path, int]:
+        """Stream the chunks to disk, enforcing the size limit as they come. Returns path and size."""
+        limit = self.settings.max_upload_bytes
+        suffix = Path(file_name).suffix.lower()[:10] if file_name else ""
+        size = 0
+        with tempfile.NamedTemporaryFile(dir=job_dir, prefix="upload-", suffix=".partial", delete=False) as out:
+            for message in request_iterator:
+                if message.WhichOneof("payload") != "chunk":
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata may only be sent once, first")
+                if len(message.chunk) > MAX_CHUNK:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"chunk of {len(message.chunk)} bytes: chunks are at most {MAX_CHUNK} bytes")
+                size += len(message.chunk)
+                if size > limit:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                  f"upload exceeds the limit of {limit} bytes; nothing was kept")
+                out.write(message.chunk)
+        if size == 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload has no bytes: send the video in `chunk` messages")
+        path = job_dir / f"upload{suffix}"
+        os.replace(out.name, path)
+        return path, size
+
+    # ------------------------------------------------------------------ reads
+
+    def GetTask(self, request, context):
+        _user, task = self._owned_task(request, context)
+        return tpb.GetTaskResponse(task=task)
+
+    def ListTasks(self, request, context):
+        user = self.auth.user(context)
+        if request.page_size < 0:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
+        if request.state not in tpb.TaskState.values():
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {request.state}")
+        offset = _page_offset(request.page_token)
+        if offset is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token: pass one from a ListTasks response")
+        limit = min(request.page_size or 20, MAX_PAGE)
+        tasks, more = self.store.list(user, offset, limit, request.state)
+        return tpb.ListTasksResponse(tasks=tasks, next_page_token=_page_token(offset + limit) if more else "")
+
+    def WatchTask(self, request, context):
+        user, task = self._owned_task(request, context)
+        version = -1
+        last = None
+        while context.is_active():
+            task = self.store.get(request.task_id, user)
+            if task is None:  # deleted while watched
+                context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id!r} was deleted")
+            if task != last:
+                yield tpb.WatchTaskResponse(task=task)
+                last = task
+            if task.state in TERMINAL:
+                return
+            version = self.store.wait_for_change(version, timeout=1.0)
+
+    # ------------------------------------------------------------------ changes
+
+    def CancelTask(self, request, context):
+        _user, task = self._owned_task(request, context)
+        if task.state in TERMINAL:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task {task.task_id} is already {TERMINAL_NAMES[task.state]}; only queued or running "
+                          "tasks can be cancelled")
+        cancelled = self.gw.cancel(task.task_id, "cancelled by the user")
+        return tpb.CancelTaskResponse(task=cancelled or self.store.get(task.task_id))
+
+    def DeleteTask(self, request, context):
+        _user, task = self._owned_task(request, context)
+        if task.state in ACTIVE:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task {task.task_id} is still {'queued' if task.state == tpb.TASK_STATE_QUEUED else 'running'}:"
+                          " cancel it first")
+        self.gw.delete(task.task_id)
+        return tpb.DeleteTaskResponse()
+
+    def DownloadResult(self, request, context):
+        _user, task = self._owned_task(request, context)
+        if request.kind not in tpb.ArtifactKind.values() or request.kind == tpb.ARTIFACT_KIND_UNSPECIFIED:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "kind is required: ARTIFACT_KIND_ANNOTATED_VIDEO or ARTIFACT_KIND_KEYPOINTS")
+        if task.state != tpb.TASK_STATE_COMPLETED:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: results exist once it is COMPLETED")
+        artifact = next((a for a in task.artifacts if a.kind == request.kind), None)
+        if artifact is None:
+            context.abort(grpc.StatusCode.NOT_FOUND,
+                          f"task {task.task_id} did not produce {tpb.ArtifactKind.Name(request.kind)} (see its options.outputs)")
+        path = self.settings.results_dir / task.task_id / artifact.file_name
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"the result file of task {task.task_id} is missing on the server")
+        with f:
+            yield tpb.DownloadResultResponse(artifact=artifact)
+            while context.is_active():
+                chunk = f.read(DOWNLOAD_CHUNK)
+                if not chunk:
+                    return
+                yield tpb.DownloadResultResponse(chunk=chunk)

@@ -1,0 +1,221 @@
+"""The task store: SQLite in WAL mode, so tasks survive a gateway restart.
+
+Tasks are protobuf `Task` messages plus the columns the gateway queries by. Every change bumps a
+version and wakes watchers (WatchTask), so the store is also the gateway's event bus.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from posemesh.v1 import task_service_pb2 as tpb
+
+TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+ACTIVE = {tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING}
+STAGES = ("decode", "detect", "pose", "track", "annotate")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    state INTEGER NOT NULL,
+    created_us INTEGER NOT NULL,
+    finished_us INTEGER,
+    idempotency_key TEXT,
+    task BLOB NOT NULL,             -- serialized posemesh.v1.Task
+    progress TEXT NOT NULL DEFAULT '{}',   -- {stage: {worker: frames_done}}
+    frames_total INTEGER NOT NULL DEFAULT 0,
+    produced INTEGER NOT NULL DEFAULT 0,   -- every frame is on raw_frames_<task>
+    last_progress_us INTEGER,
+    topics_deleted INTEGER NOT NULL DEFAULT 0,
+    deleted INTEGER NOT NULL DEFAULT 0     -- removed by the user; the row goes once its topics are gone
+);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(user, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user, created_us DESC);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def now_us() -> int:
+    return int(time.time() * 1e6)
+
+
+def timestamp(us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(us)
+    return ts
+
+
+class TaskStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.version = 0
+
+    @contextmanager
+    def transaction(self):
+        with self.lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.version += 1
+            self.changed.notify_all()
+
+    # ------------------------------------------------------------------ reads
+
+    def _task(self, row) -> tpb.Task:
+        task = tpb.Task.FromString(row["task"])
+        progress = json.loads(row["progress"])
+        total = row["frames_total"] or task.video.frame_count
+        del task.progress[:]
+        for stage in STAGES:
+            done = sum(progress.get(stage, {}).values())
+            task.progress.add(stage=stage, frames_done=min(done, total) if total else done, frames_total=total)
+        return task
+
+    def _row(self, task_id: str):
+        cur = self.db.execute("SELECT * FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,))
+        cur.row_factory = sqlite3.Row
+        return cur.fetchone()
+
+    def get(self, task_id: str, user: str | None = None) -> tpb.Task | None:
+        with self.lock:
+            row = self._row(task_id)
+            if row is None or (user is not None and row["user"] != user):
+                return None
+            return self._task(row)
+
+    def owner(self, task_id: str) -> str | None:
+        with self.lock:
+            row = self._row(task_id)
+            return row["user"] if row else None
+
+    def by_idempotency_key(self, user: str, key: str) -> tpb.Task | None:
+        with self.lock:
+            cur = self.db.execute("SELECT * FROM tasks WHERE user = ? AND idempotency_key = ? AND deleted = 0", (user, key))
+            cur.row_factory = sqlite3.Row
+            row = cur.fetchone()
+            return self._task(row) if row else None
+
+    def list(self, user: str, offset: int, limit: int, state: int = 0) -> tuple[list[tpb.Task], bool]:
+        with self.lock:
+            sql = "SELECT * FROM tasks WHERE user = ? AND deleted = 0"
+            args: list = [user]
+            if state:
+                sql += " AND state = ?"
+                args.append(state)
+            sql += " ORDER BY created_us DESC, task_id LIMIT ? OFFSET ?"
+            cur = self.db.execute(sql, (*args, limit + 1, offset))
+            cur.row_factory = sqlite3.Row
+            rows = cur.fetchall()
+            return [self._task(r) for r in rows[:limit]], len(rows) > limit
+
+    def count_active(self, user: str) -> int:
+        with self.lock:
+            return self.db.execute("SELECT COUNT(*) FROM tasks WHERE user = ? AND deleted = 0 AND state IN (?, ?)",
+                                   (user, *ACTIVE)).fetchone()[0]
+
+    def rows(self, where: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self.lock:
+            cur = self.db.execute(f"SELECT * FROM tasks WHERE {where}", args)
+            cur.row_factory = sqlite3.Row
+            return cur.fetchall()
+
+    # ------------------------------------------------------------------ writes
+
+    def create(self, task: tpb.Task, user: str, idempotency_key: str | None) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
+                        task.SerializeToString(), now_us()))
+
+    def update(self, task_id: str, fn) -> tpb.Task | None:
+        """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""
+        with self.transaction() as db:
+            cur = db.execute("SELECT task FROM tasks WHERE task_id = ?", (task_id,))
+            row = cur.fetchone()
+            if row is None:
+                return None
+            task = tpb.Task.FromString(row[0])
+            if fn(task) is False:
+                return task
+            finished = task.finished_at.ToMicroseconds() if task.HasField("finished_at") else None
+            db.execute("UPDATE tasks SET task = ?, state = ?, finished_us = ? WHERE task_id = ?",
+                       (task.SerializeToString(), task.state, finished, task_id))
+            return task
+
+    def transition(self, task_id: str, state: int, error: str = "", from_states=ACTIVE) -> tpb.Task | None:
+        """Move a task to `state` if it is in one of `from_states`; returns the task if it moved."""
+        moved = []
+
+        def apply(task):
+            if task.state not in from_states:
+                return False
+            task.state = state
+            if error:
+                task.error_message = error
+            us = now_us()
+            if state == tpb.TASK_STATE_RUNNING and not task.HasField("started_at"):
+                task.started_at.CopyFrom(timestamp(us))
+            if state in TERMINAL:
+                task.finished_at.CopyFrom(timestamp(us))
+            moved.append(True)
+
+        task = self.update(task_id, apply)
+        return task if moved else None
+
+    def add_progress(self, task_id: str, stage: str, worker: str, frames_done: int, frames_total: int = 0) -> None:
+        with self.transaction() as db:
+            row = db.execute("SELECT progress, frames_total FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None:
+                return
+            progress = json.loads(row[0])
+            progress.setdefault(stage, {})[worker] = frames_done
+            db.execute("UPDATE tasks SET progress = ?, frames_total = ?, last_progress_us = ? WHERE task_id = ?",
+                       (json.dumps(progress), frames_total or row[1], now_us(), task_id))
+
+    def set_columns(self, task_id: str, **columns) -> None:
+        with self.transaction() as db:
+            sets = ", ".join(f"{k} = ?" for k in columns)
+            db.execute(f"UPDATE tasks SET {sets} WHERE task_id = ?", (*columns.values(), task_id))
+
+    def get_meta(self, key: str) -> str | None:
+        with self.lock:
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.lock:
+            self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = ?",
+                            (key, value, value))
+
+    def purge(self, task_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+
+    def wait_for_change(self, version: int, timeout: float) -> int:
+        with self.changed:
+            if self.version == version:
+                self.changed.wait(timeout)
+            return self.version
+
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()

@@ -1,0 +1,109 @@
+"""Per-task topics: creation, the reader hand-off, and deletion.
+
+Hand-off (deleting a topic under a reader crashes the reader on the local broker, and is rude on any):
+1. When a task reaches a terminal state the gateway publishes TaskEnded on posemesh.control.
+2. Every worker drops the task's topic from its subscription and stops listing the task in the
+   heartbeats it sends every 0.5 s on posemesh.events.
+3. After `topic_delete_delay_s` (default 60 s, for late readers such as a worker catching up), the
+   gateway deletes the four topics once no worker heard from in the last LIVENESS_S seconds lists the
+   task. A worker that died is no reader: its consumer is gone with it.
+At start-up the gateway waits one liveness window (to hear every live worker) before deleting
+anything, and treats per-task topics whose task is not live (unknown or finished) the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import Producer
+
+from posemesh import kafka
+from posemesh.settings import Settings
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+from gateway.store import TERMINAL, TaskStore, now_us
+
+log = logging.getLogger("posemesh.gateway")
+
+LIVENESS_S = 5.0
+
+
+class TopicManager:
+    def __init__(self, settings: Settings, producer: Producer, store: TaskStore):
+        self.settings, self.producer, self.store = settings, producer, store
+        self.admin = kafka.admin(settings)
+        self.lock = threading.Lock()
+        self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
+        self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
+        self.started = time.time()
+
+    def create(self, task_id: str) -> None:
+        kafka.create_topics(self.admin, kafka.task_topic_specs(task_id, self.settings))
+
+    def _control(self, event: pb.ControlEvent) -> None:
+        self.producer.produce(kafka.CONTROL_TOPIC, event.SerializeToString(), key=event.task_id)
+        remaining = self.producer.flush(10)
+        if remaining:
+            raise RuntimeError("could not publish to posemesh.control")
+
+    def publish_started(self, task: tpb.Task) -> None:
+        self._control(pb.ControlEvent(task_id=task.task_id,
+                                      started=pb.TaskStarted(options=task.options, video=task.video)))
+
+    def publish_ended(self, task_id: str, state: int) -> None:
+        self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
+
+    def heartbeat(self, worker: str, sent_at: float, tasks: list[str]) -> None:
+        with self.lock:
+            known = self.readers.get(worker)
+            if known is None or known[0] <= sent_at:
+                self.readers[worker] = (sent_at, set(tasks))
+
+    def read_by_live_worker(self) -> set[str]:
+        cutoff = time.time() - LIVENESS_S
+        with self.lock:
+            for worker in [w for w, (t, _) in self.readers.items() if t < cutoff]:
+                del self.readers[worker]
+            return set().union(*(tasks for _t, tasks in self.readers.values())) if self.readers else set()
+
+    def find_orphans(self) -> list[str]:
+        """Per-task topics on the broker whose task is not live: announce their end, delete them later."""
+        found = []
+        for task_id in kafka.list_task_topics(self.admin):
+            row = self.store.rows("task_id = ?", (task_id,))
+            if row and row[0]["state"] not in TERMINAL:
+                continue
+            if row and not row[0]["topics_deleted"]:
+                continue  # the normal path deletes them
+            self.publish_ended(task_id, tpb.TASK_STATE_CANCELLED)
+            self.orphans.setdefault(task_id, time.time())
+            found.append(task_id)
+        return found
+
+    def sweep(self) -> list[str]:
+        """Delete the topics whose time has come and that no live worker reads. Returns deleted task ids."""
+        if time.time() - self.started < LIVENESS_S:
+            return []  # not every live worker has been heard from yet
+        due_us = now_us() - int(self.settings.topic_delete_delay_s * 1e6)
+        rows = self.store.rows("topics_deleted = 0 AND finished_us IS NOT NULL AND finished_us <= ?", (due_us,))
+        candidates = [r["task_id"] for r in rows] + list(self.orphans)
+        if not candidates:
+            return []
+        busy = self.read_by_live_worker()
+        deleted = []
+        for task_id in candidates:
+            if task_id in busy:
+                continue
+            kafka.delete_topics(self.admin, kafka.task_topics(task_id))
+            self.orphans.pop(task_id, None)
+            row = self.store.rows("task_id = ?", (task_id,))
+            if row:
+                if row[0]["deleted"]:
+                    self.store.purge(task_id)
+                else:
+                    self.store.set_columns(task_id, topics_deleted=1)
+            deleted.append(task_id)
+            log.info("deleted topics of task %s", task_id)
+        return deleted

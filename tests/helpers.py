@@ -1,0 +1,76 @@
+"""Small helpers for tests: uploading, waiting, reading topics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from posemesh import kafka
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+
+
+def upload_requests(data: bytes, file_name: str = "clip.mp4", chunk: int = 256 * 1024, options=None, key=""):
+    yield tpb.UploadRequest(metadata=tpb.UploadMetadata(file_name=file_name, options=options or tpb.TaskOptions(),
+                                                        idempotency_key=key))
+    for i in range(0, len(data), chunk):
+        yield tpb.UploadRequest(chunk=data[i:i + chunk])
+
+
+def upload(stub, path: Path, metadata, **kw) -> tpb.Task:
+    return stub.Upload(upload_requests(path.read_bytes(), path.name, **kw), metadata=metadata).task
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_state(stub, task_id: str, metadata, states, timeout: float = 120.0) -> tpb.Task:
+    def check():
+        task = stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=metadata).task
+        return task if task.state in states else None
+    return wait_for(check, timeout, what=f"task {task_id} to reach {states}")
+
+
+def topics(bootstrap: str) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
+
+
+def read_topic(bootstrap: str, topic: str, until_eos: bool = True, timeout: float = 60.0) -> list[pb.StageRecord]:
+    """Every record of a topic, read without a consumer group (assign), in partition order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,
+                         "fetch.message.max.bytes": kafka.MAX_MESSAGE_BYTES})
+    meta = consumer.list_topics(topic, timeout=10).topics[topic]
+    consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+    records: list[pb.StageRecord] = []
+    deadline = time.monotonic() + timeout
+    total = None
+    try:
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if total is not None and sum(r.HasField("frame") for r in records) >= total:
+                    break
+                if not until_eos and records:
+                    break
+                continue
+            if msg.error():
+                continue
+            record = pb.StageRecord.FromString(msg.value())
+            records.append(record)
+            if record.HasField("end_of_stream"):
+                total = record.end_of_stream.total_frames
+    finally:
+        consumer.close()
+    return records
