@@ -95,6 +95,7 @@ class TopicManager:
         deleted = []
         for task_id in candidates:
             if task_id in busy:
+                log.debug("topics of %s still read by a live worker", task_id)
                 continue
             kafka.delete_topics(self.admin, kafka.task_topics(task_id))
             self.orphans.pop(task_id, None)

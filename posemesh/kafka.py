@@ -52,6 +52,9 @@ def base_config(settings: Settings) -> dict:
         "bootstrap.servers": settings.kafka_bootstrap,
         "topic.metadata.refresh.interval.ms": 500,
         "socket.keepalive.enable": True,
+        # librdkafka producers default to true: their periodic metadata refresh of a topic they once
+        # wrote to would re-create it right after the gateway deleted it. Topics are created explicitly.
+        "allow.auto.create.topics": False,
     }
 
 

@@ -353,8 +353,11 @@ class StageWorker:
             for tp, offset in task.held + ([task.eos_offset] if task.eos_offset else []):
                 self.book.done(tp, offset)
             task.held.clear()
+        for task in finished:  # the final count goes out before the result, so the task reads 100%
+            self._report_progress(task)
         for result in results:
-            self._event(progress=None, result=result)
+            self._event(result=result)
+        if results:
             self.producer.flush(10)
         self._commit()
 
@@ -443,12 +446,15 @@ class StageWorker:
         self._event(heartbeat=pb.Heartbeat(reading_tasks=self.reading_tasks()))
         self.producer.poll(0)
 
+    def _report_progress(self, task: TaskContext) -> None:
+        if self._reported.get(task.task_id) != task.frames_done:
+            self._reported[task.task_id] = task.frames_done
+            self._event(progress=pb.TaskProgress(task_id=task.task_id, frames_done=task.frames_done,
+                                                 frames_total=task.total or 0))
+
     def _report(self) -> None:
         for task in list(self.tasks.values()):
-            if self._reported.get(task.task_id) != task.frames_done:
-                self._reported[task.task_id] = task.frames_done
-                self._event(progress=pb.TaskProgress(task_id=task.task_id, frames_done=task.frames_done,
-                                                     frames_total=task.total or 0))
+            self._report_progress(task)
         self._heartbeat()
         self.producer.poll(0)
         # Tasks that ended everywhere: forget them here too (keeps memory flat on a long-running worker).

@@ -1,0 +1,79 @@
+"""A clip through all four stages: real gateway, real broker, real Triton, workers as real processes."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import av
+import grpc
+
+from posemesh import kafka
+from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
+from posemesh.v1 import task_service_pb2 as tpb
+from tests.conftest import auth, media
+from tests.helpers import topics, upload, wait_for, wait_state
+
+
+def download(stub, task_id: str, kind: int) -> bytes:
+    chunks = list(stub.DownloadResult(tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth()))
+    assert chunks[0].WhichOneof("payload") == "artifact"
+    data = b"".join(c.chunk for c in chunks[1:])
+    assert len(data) == chunks[0].artifact.size_bytes
+    return data
+
+
+def decoded_frames(path) -> int:
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def test_clip_through_all_stages(pipeline, tmp_path):
+    gw, workers = pipeline
+    clip = media("mmtracking_demo_1080p_8f.mp4")
+    expected = decoded_frames(clip)
+    task = upload(gw.stub, clip, auth())
+    done = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED}, timeout=240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    assert {p.stage: p.frames_done for p in done.progress} == {s: expected for s in
+                                                              ("decode", "detect", "pose", "track", "annotate")}
+
+    video = tmp_path / "out.mp4"
+    video.write_bytes(download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_ANNOTATED_VIDEO))
+    with av.open(str(video)) as c:
+        stream = c.streams.video[0]
+        assert stream.codec_context.name == "h264"
+        assert (stream.width, stream.height) == (1920, 1080)
+        assert abs(float(stream.average_rate) - 3.0) < 0.01
+    assert decoded_frames(video) == expected
+
+    lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["index"] for r in records] == list(range(expected))
+    persons = [p for r in records for p in r["persons"]]
+    assert 8 <= len(persons) / expected <= 14  # the MANIFEST counts 10-11 persons a frame
+    assert all(len(p["keypoints"]) == 17 for p in persons)
+    # Keypoints of confident persons fall near their boxes (the crop is the box padded by 25%).
+    inside = total = 0
+    for p in persons:
+        x1, y1, x2, y2 = p["box"]
+        pad_w, pad_h = (x2 - x1) * 0.25, (y2 - y1) * 0.25
+        for x, y, s in p["keypoints"]:
+            if s > 0.5:
+                total += 1
+                inside += x1 - pad_w <= x <= x2 + pad_w and y1 - pad_h <= y <= y2 + pad_h
+    assert total and inside / total > 0.95
+    # Tracks persist: most track ids live across most of the clip.
+    lengths = Counter(p["track_id"] for p in persons if p["track_id"])
+    assert lengths and sum(n >= expected // 2 for n in lengths.values()) >= len(lengths) // 2
+
+    # Every worker answers the uniform control API.
+    for stage, port, _proc in workers.procs:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            status = spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest())
+            assert status.stage == stage and status.frames_processed >= expected
+    # Topics are gone after the delay, and no worker died of the deletion.
+    wait_for(lambda: not set(kafka.task_topics(task.task_id)) & topics(gw.settings.kafka_bootstrap), 60,
+             what="topic deletion after completion")
+    assert workers.alive()
