@@ -38,7 +38,8 @@ def letterbox(image: np.ndarray, size: int = YOLOX_SIZE) -> tuple[np.ndarray, fl
     """BGR HWC uint8 -> CHW uint8 canvas with the image resized into its top-left corner, and the ratio."""
     h, w = image.shape[:2]
     r = min(size / h, size / w)
-    resized = cv2.resize(image, (int(round(w * r)), int(round(h * r))), interpolation=cv2.INTER_LINEAR)
+    # int() truncation, as in Megvii's demo: the box scale below divides by r, not by the rounded size.
+    resized = cv2.resize(image, (int(w * r), int(h * r)), interpolation=cv2.INTER_LINEAR)
     canvas = np.full((size, size, 3), 114, np.uint8)
     canvas[:resized.shape[0], :resized.shape[1]] = resized
     return canvas.transpose(2, 0, 1), r

@@ -1,0 +1,97 @@
+"""Model registry, graph surgery and decoding: pure logic and ONNX Runtime, no servers."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from posemesh import models
+from stages import pose
+from tests.conftest import MODELS
+
+
+def test_committed_triton_configs_match_the_registry():
+    for path, text in models.expected_config_files().items():
+        assert path.read_text() == text, f"{path} is stale: run `posemesh models configs`"
+    for spec in models.MODELS.values():
+        link = models.CPU_REPOSITORY / spec.name / "1" / "model.py"
+        assert link.resolve() == (models.CPU_REPOSITORY / "onnxruntime_model.py").resolve()
+        gpu = (models.GPU_REPOSITORY / spec.name / "config.pbtxt").read_text()
+        assert 'platform: "tensorrt_plan"' in gpu and "max_batch_size: 32" in gpu
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_batch_of_n_equals_n_single_runs(onnx_dir, name):
+    spec = models.MODELS[name]
+    session = ort.InferenceSession(str(onnx_dir / spec.served_file), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == [t.name for t in spec.inputs]
+    assert [o.name for o in session.get_outputs()] == [t.name for t in spec.outputs]
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 256, (5, *spec.inputs[0].dims), dtype=np.uint8)
+    batched = session.run(None, {spec.inputs[0].name: x})
+    for i in range(5):
+        single = session.run(None, {spec.inputs[0].name: x[i:i + 1]})
+        for b, s in zip(batched, single):
+            assert b.shape[1:] == s.shape[1:]
+            assert np.abs(b[i] - s[0]).max() <= 1e-4
+
+
+def test_weights_are_verified_by_sha256(tmp_path):
+    assert models.resolve_weights(models.YOLOX_NANO, MODELS).name == models.YOLOX_NANO.file
+    corrupt = tmp_path / models.YOLOX_NANO.file
+    shutil.copyfile(MODELS / models.YOLOX_NANO.file, corrupt)
+    with open(corrupt, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(models.ModelError, match="sha256"):
+        models.resolve_weights(models.YOLOX_NANO, tmp_path)
+    with pytest.raises(models.ModelError, match="not found"):
+        models.resolve_weights(models.BLAZEPOSE_FULL, tmp_path)
+
+
+def test_rtmpose_stand_in_has_the_real_signature(onnx_dir):
+    session = ort.InferenceSession(str(onnx_dir / "rtmpose.onnx"), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": np.zeros((3, 3, 256, 192), np.uint8)})
+    assert [o.shape for o in out] == [(3, 17, 384), (3, 17, 512)]
+
+
+def test_simcc_decode_golden():
+    sx = np.zeros((2, 17, 384), np.float32)
+    sy = np.zeros((2, 17, 512), np.float32)
+    for k in range(17):
+        sx[0, k, 10 * k + 3] = 0.9
+        sy[0, k, 20 * k + 1] = 0.8
+    sx[1, :, 100] = 0.4
+    sy[1, :, 200] = 0.7
+    sx[1, 5] = -1.0  # no positive response: invisible
+    locs, scores = pose.decode_simcc(sx, sy)
+    np.testing.assert_allclose(locs[0, :, 0], (10 * np.arange(17) + 3) / 2.0)
+    np.testing.assert_allclose(locs[0, :, 1], (20 * np.arange(17) + 1) / 2.0)
+    np.testing.assert_allclose(scores[0], 0.8)  # the smaller of the two maxima
+    assert locs[1, 0].tolist() == [50.0, 100.0] and scores[1, 0] == pytest.approx(0.4)
+    assert locs[1, 5].tolist() == [-1.0, -1.0]
+
+
+def test_crop_matrix_round_trip_and_aspect():
+    box = (100.0, 50.0, 160.0, 250.0)  # 60 x 200: tall
+    m = pose.crop_matrix(box, 192, 256)
+    # The box centre lands in the crop centre and comes back exactly.
+    centre = np.array([[130.0, 150.0]])
+    crop = centre * m[0, 0] + m[:, 2]
+    np.testing.assert_allclose(crop, [[96.0, 128.0]], atol=1e-4)
+    np.testing.assert_allclose(pose.to_image(crop, m), centre, atol=1e-3)
+    # Height padded by 1.25 fills the crop height.
+    assert m[1, 1] * 200 * 1.25 == pytest.approx(256, rel=1e-5)
+
+
+def test_blazepose_decode_maps_to_coco_order():
+    lm = np.zeros((1, 39, 5), np.float32)
+    for i in range(39):
+        lm[0, i, :2] = (i, 100 + i)
+    lm[0, :, 3] = 10.0
+    locs, scores = pose.decode_blazepose(lm.reshape(1, 195))
+    assert locs[0, :, 0].tolist() == pose.BLAZEPOSE_TO_COCO.tolist()
+    assert np.all(scores > 0.99)

@@ -1,0 +1,141 @@
+"""The model stages against the real Triton server (tritonserver from nvidia-pytriton) and real images."""
+
+from __future__ import annotations
+
+import threading
+
+import cv2
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from posemesh.models import MODELS as SERVED
+from stages.detect import Detector
+from stages.pose import PoseEstimator
+from stages.triton import TritonModel
+from tests.conftest import MODELS, media
+
+STILLS = {"coco_000000000785.jpg": 1, "coco_000000197388.jpg": 4}
+
+
+@pytest.fixture(scope="module")
+def detector(triton):
+    return Detector(TritonModel(triton.url, "yolox"))
+
+
+@pytest.mark.parametrize("name,count", STILLS.items())
+def test_detector_finds_the_manifest_persons(detector, name, count):
+    image = cv2.imread(str(media(name)))
+    [(boxes, scores)] = detector([image], [0.5])
+    assert len(boxes) == count
+    assert np.all(scores > 0.5)
+    h, w = image.shape[:2]
+    assert np.all((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    # Unclipped here (the stage clips): a box may overhang the border by a few pixels, no more.
+    assert boxes[:, [0, 1]].min() >= -0.02 * w and boxes[:, 2].max() <= 1.02 * w and boxes[:, 3].max() <= 1.02 * h
+
+
+@pytest.mark.parametrize("model", ["blazepose_full", "blazepose_lite"])
+def test_pose_keypoints_are_plausible(detector, triton, model):
+    estimator = PoseEstimator(triton.url, model)
+    for name in STILLS:
+        image = cv2.imread(str(media(name)))
+        [(boxes, _scores)] = detector([image], [0.5])
+        crops, matrices = zip(*(estimator.crop(image, b) for b in boxes))
+        points, scores = estimator(np.stack(crops), list(matrices))
+        assert points.shape == (len(boxes), 17, 2)
+        for box, pts, sc in zip(boxes, points, scores):
+            x1, y1, x2, y2 = box
+            w, h = x2 - x1, y2 - y1
+            visible = sc > 0.5
+            assert visible.sum() >= 10
+            inside = ((pts[:, 0] >= x1 - 0.15 * w) & (pts[:, 0] <= x2 + 0.15 * w)
+                      & (pts[:, 1] >= y1 - 0.15 * h) & (pts[:, 1] <= y2 + 0.15 * h))
+            assert inside[visible].mean() >= 0.9
+            # Standing or skiing people: shoulders above hips above ankles, nose above the hips.
+            shoulders, hips, ankles = pts[[5, 6], 1].mean(), pts[[11, 12], 1].mean(), pts[[15, 16], 1].mean()
+            assert shoulders < hips < ankles and pts[0, 1] < hips
+
+
+def test_rtmpose_path_through_triton(triton):
+    """No RTMPose weights offline: the stand-in with RTMPose's signature exercises crop, Triton and SimCC."""
+    estimator = PoseEstimator(triton.url, "rtmpose")
+    image = cv2.imread(str(media("coco_000000000785.jpg")))
+    box = (200.0, 40.0, 440.0, 400.0)
+    crop, matrix = estimator.crop(image, box)
+    assert crop.shape == (3, 256, 192) and crop.dtype == np.uint8
+    points, scores = estimator(np.stack([crop, crop]), [matrix, matrix])
+    assert points.shape == (2, 17, 2) and scores.shape == (2, 17)
+    np.testing.assert_allclose(points[0], points[1])
+    # Whatever the untrained weights say, decoded points map back into the padded crop window.
+    cx, cy, half_w, half_h = 320, 220, 240 * 1.25 / 2 * 1.0, 360 * 1.25 / 2
+    assert np.all(np.abs(points[0][:, 0] - cx) <= 400) and np.all(np.abs(points[0][:, 1] - cy) <= half_h + 1)
+
+
+def test_detector_matches_rtmlib_yolox_within_one_pixel(detector):
+    """rtmlib's YOLOX (code nobody here wrote) on the same network and frames: boxes within 1 px."""
+    from rtmlib import YOLOX
+
+    reference = YOLOX(str(MODELS / "yolox_nano_coco_416.onnx"), model_input_size=(416, 416), det_mode="multiclass",
+                      score_thr=0.5, nms_thr=0.45)
+    images = [cv2.imread(str(media(n))) for n in STILLS] + [cv2.imread(str(media("coco_000000196141.jpg")))]
+    for image in images:
+        ref_boxes, ref_classes = reference(image)
+        ref = np.asarray(ref_boxes)[np.asarray(ref_classes) == 0]
+        [(ours, _s)] = detector([image], [0.5])
+        assert len(ours) == len(ref)
+        for box in ref:
+            assert np.abs(ours - box).max(axis=1).min() <= 1.0
+
+
+def iou(boxes: np.ndarray, box) -> np.ndarray:
+    ix = np.clip(np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0]), 0, None)
+    iy = np.clip(np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1]), 0, None)
+    inter = ix * iy
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return inter / (area + (box[2] - box[0]) * (box[3] - box[1]) - inter)
+
+
+def test_every_person_we_find_is_found_by_rtmlib_on_the_humanart_model(detector):
+    """rtmlib pointed at OpenMMLab's person-only YOLOX (NMS inside the graph). It is a different network
+    trained on other data: it finds one more, half-hidden skier on 197388 (the MANIFEST counts 5 vs 4) and
+    its boxes differ by up to tens of pixels, so 1 px is asked only of the same network (test above).
+    Here: every person we find, it finds too (IoU >= 0.7)."""
+    from rtmlib import YOLOX
+
+    reference = YOLOX(str(MODELS / "yolox_nano_humanart_person_416_end2end.onnx"), model_input_size=(416, 416))
+    for name in STILLS:
+        image = cv2.imread(str(media(name)))
+        ref = np.asarray(reference(image))
+        [(ours, _s)] = detector([image], [0.5])
+        assert len(ref) >= len(ours)
+        for box in ours:
+            assert iou(ref, box).max() >= 0.7
+
+
+def test_dynamic_batching_merges_concurrent_requests(triton):
+    client = grpcclient.InferenceServerClient(triton.url)
+    before = client.get_inference_statistics("yolox").model_stats[0]
+    x = np.zeros((1, 3, 416, 416), np.uint8)
+    done = threading.Semaphore(0)
+    errors = []
+
+    def callback(result, error):
+        if error:
+            errors.append(error)
+        done.release()
+
+    n = 48
+    for _ in range(n):
+        t = grpcclient.InferInput("images", list(x.shape), "UINT8")
+        t.set_data_from_numpy(x)
+        client.async_infer("yolox", [t], callback)
+    for _ in range(n):
+        done.acquire()
+    assert not errors
+    after = client.get_inference_statistics("yolox").model_stats[0]
+    inferences = after.inference_count - before.inference_count
+    executions = after.execution_count - before.execution_count
+    assert inferences == n
+    assert executions < inferences, f"{executions} executions for {inferences} inferences: no batching"
+    assert SERVED["yolox"].max_batch_cpu >= 2
