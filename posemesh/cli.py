@@ -1,0 +1,209 @@
+"""posemesh command line.
+
+Client commands talk to a gateway (--address, $POSEMESH_ADDRESS; --api-key, $POSEMESH_API_KEY):
+    submit VIDEO [--pose-model M] [--wait] [--out DIR]   upload; with --wait a progress bar and results
+    status TASK | list | watch TASK | cancel TASK | delete TASK | download TASK {video,keypoints} DEST
+Stack commands run the local stack:
+    up | down | run VIDEO [--out DIR]
+    models {verify,prepare,configs,pull}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+from posemesh.client import ARTIFACTS, POSE_MODELS, TERMINAL, Client, state_name
+from posemesh.settings import REPO_ROOT
+from posemesh.v1 import task_service_pb2 as tpb
+
+
+def task_line(task: tpb.Task) -> str:
+    progress = " ".join(f"{p.stage}={p.frames_done}/{p.frames_total}" for p in task.progress)
+    error = f"  ({task.error_message})" if task.error_message else ""
+    return f"{task.task_id}  {state_name(task.state):9s}  {task.file_name:28s}  {progress}{error}"
+
+
+def task_json(task: tpb.Task) -> str:
+    from google.protobuf.json_format import MessageToJson
+
+    return MessageToJson(task, indent=2)
+
+
+def follow(client: Client, task_id: str, quiet: bool = False) -> tpb.Task:
+    """Watch a task with a progress bar (frames through the last stage)."""
+    from tqdm import tqdm
+
+    bar = None
+    task = None
+    for task in client.watch(task_id):
+        total = max((p.frames_total for p in task.progress), default=0) or task.video.frame_count
+        done = next((p.frames_done for p in task.progress if p.stage == "annotate"), 0)
+        if not quiet:
+            if bar is None:
+                bar = tqdm(total=total, unit="frame", desc=task_id[:8], dynamic_ncols=True)
+            bar.total = total
+            bar.n = done
+            bar.set_postfix_str(state_name(task.state) + " " + " ".join(
+                f"{p.stage}:{p.frames_done}" for p in task.progress if p.stage != "annotate"))
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    return task
+
+
+def fetch_results(client: Client, task: tpb.Task, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(task.file_name).stem or task.task_id
+    paths = []
+    for artifact in task.artifacts:
+        suffix = ".annotated.mp4" if artifact.kind == tpb.ARTIFACT_KIND_ANNOTATED_VIDEO else ".keypoints.jsonl"
+        path = out / f"{stem}{suffix}"
+        client.download(task.task_id, artifact.kind, path)
+        paths.append(path)
+    return paths
+
+
+def cmd_submit(args, client: Client) -> int:
+    task = client.submit(args.video, pose_model=args.pose_model, outputs=args.outputs or None,
+                         min_person_score=args.min_person_score)
+    print(task.task_id if args.quiet else task_line(task))
+    if not args.wait:
+        return 0
+    task = follow(client, task.task_id, quiet=args.quiet)
+    print(task_line(task))
+    if task.state != tpb.TASK_STATE_COMPLETED:
+        return 1
+    for path in fetch_results(client, task, Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Start the stack, process one video, write its results, stop the stack."""
+    from posemesh.stack import Stack, StackConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    video = Path(args.video)
+    if not video.exists():
+        print(f"no such video: {video}", file=sys.stderr)
+        return 2
+    stack = Stack(StackConfig(run_dir=Path(args.run_dir)))
+    t0 = time.monotonic()
+    try:
+        stack.start()
+        print(f"stack up in {time.monotonic() - t0:.1f}s (logs: {stack.logs})")
+        with Client(stack.gateway_address) as client:
+            task = client.submit(video, pose_model=args.pose_model)
+            print(task_line(task))
+            task = follow(client, task.task_id)
+            print(task_line(task))
+            if task.state != tpb.TASK_STATE_COMPLETED:
+                return 1
+            for path in fetch_results(client, task, Path(args.out)):
+                print(f"wrote {path}")
+        return 0
+    finally:
+        stack.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="posemesh", description="pose tracks and annotated video from uploads")
+    parser.add_argument("--address", default=None, help="gateway host:port (default $POSEMESH_ADDRESS or 127.0.0.1:50051)")
+    parser.add_argument("--api-key", default=None, help="default $POSEMESH_API_KEY or the development key")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="upload a video")
+    p.add_argument("video")
+    p.add_argument("--pose-model", choices=sorted(POSE_MODELS), default="default")
+    p.add_argument("--outputs", nargs="*", choices=sorted(ARTIFACTS))
+    p.add_argument("--min-person-score", type=float, default=0.0)
+    p.add_argument("--wait", action="store_true", help="show progress and download the results")
+    p.add_argument("--out", default=".", help="where --wait writes the results")
+    p.add_argument("--quiet", action="store_true")
+    for name in ("status", "watch", "cancel", "delete"):
+        p = sub.add_parser(name)
+        p.add_argument("task_id")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+    p = sub.add_parser("list")
+    p.add_argument("--state", choices=[state_name(s) for s in tpb.TaskState.values() if s])
+    p = sub.add_parser("download")
+    p.add_argument("task_id")
+    p.add_argument("kind", choices=sorted(ARTIFACTS))
+    p.add_argument("dest", help="file or directory")
+
+    p = sub.add_parser("up", help="start the local stack in the foreground")
+    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack"))
+    p.add_argument("--gateway-port", type=int, default=50051)
+    p.add_argument("--kafka-port", type=int, default=0, help="local broker port (0: any free)")
+    p.add_argument("--kafka", default="", help="use this Kafka instead of the local broker")
+    p.add_argument("--triton-url", default="", help="use this Triton instead of the local one")
+    p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage)")
+    p = sub.add_parser("down", help="stop the stack started by `up`")
+    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack"))
+    p = sub.add_parser("run", help="start the stack, process one video, stop")
+    p.add_argument("video")
+    p.add_argument("--out", default=str(REPO_ROOT / "run" / "output"))
+    p.add_argument("--pose-model", choices=sorted(POSE_MODELS), default="default")
+    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack-once"))
+    p = sub.add_parser("models", help="verify, prepare, pull models; regenerate Triton configs")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+
+    args = parser.parse_args(argv)
+    if args.command == "models":
+        from posemesh import models
+        return models.main(args.rest)
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command in ("up", "down"):
+        from posemesh import stack
+        if args.command == "down":
+            return stack.down(Path(args.run_dir))
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        workers = {s: 1 for s in stack.STAGES}
+        for item in filter(None, args.workers.split(",")):
+            name, _, n = item.partition("=")
+            workers[name] = int(n)
+        stack.up(stack.StackConfig(run_dir=Path(args.run_dir), kafka=args.kafka, kafka_port=args.kafka_port,
+                                   triton_url=args.triton_url, gateway_port=args.gateway_port, workers=workers))
+        return 0
+
+    client = Client(args.address, args.api_key)
+    try:
+        if args.command == "submit":
+            return cmd_submit(args, client)
+        if args.command == "status":
+            task = client.get(args.task_id)
+            print(task_json(task) if args.json else task_line(task))
+        elif args.command == "list":
+            state = getattr(tpb, f"TASK_STATE_{args.state.upper()}") if args.state else 0
+            for task in client.list(state=state):
+                print(task_line(task))
+        elif args.command == "watch":
+            for task in client.watch(args.task_id):
+                print(task_line(task), flush=True)
+        elif args.command == "cancel":
+            print(task_line(client.cancel(args.task_id)))
+        elif args.command == "delete":
+            client.delete(args.task_id)
+            print(f"deleted {args.task_id}")
+        elif args.command == "download":
+            artifact = client.download(args.task_id, args.kind, Path(args.dest))
+            print(f"{artifact.file_name}: {artifact.size_bytes} bytes, sha256 {artifact.sha256}")
+        return 0
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Python SDK: a thin, retrying client over the generated TaskService stub.
+
+    from posemesh.client import Client
+
+    with Client("127.0.0.1:50051", api_key="posemesh-dev-key") as pm:
+        task = pm.submit("match.mp4", pose_model="blazepose_full")
+        task = pm.wait(task.task_id, on_update=lambda t: print(t.state))
+        pm.download(task.task_id, "video", "match.annotated.mp4")
+
+Retries: calls that are safe to repeat are retried with exponential back-off on UNAVAILABLE (and on
+DEADLINE_EXCEEDED for reads). Uploads are safe to repeat because each gets an idempotency key.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import time
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+import grpc
+
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+
+CHUNK = 1024 * 1024  # the gateway's largest accepted chunk
+POSE_MODELS = {"default": tpb.POSE_MODEL_UNSPECIFIED, "blazepose_lite": tpb.POSE_MODEL_BLAZEPOSE_LITE,
+               "blazepose_full": tpb.POSE_MODEL_BLAZEPOSE_FULL, "rtmpose": tpb.POSE_MODEL_RTMPOSE}
+ARTIFACTS = {"video": tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, "keypoints": tpb.ARTIFACT_KIND_KEYPOINTS}
+TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+def state_name(state: int) -> str:
+    return tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
+
+
+class Client:
+    def __init__(self, address: str | None = None, api_key: str | None = None, retries: int = 5,
+                 backoff_s: float = 0.2, timeout_s: float = 30.0, channel: grpc.Channel | None = None):
+        self.address = address or os.environ.get("POSEMESH_ADDRESS", "127.0.0.1:50051")
+        self.api_key = api_key or os.environ.get("POSEMESH_API_KEY", "posemesh-dev-key")
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.channel = channel or grpc.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+        self.stub = tpb_grpc.TaskServiceStub(self.channel)
+
+    @property
+    def metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.api_key}")]
+
+    def _retry(self, call: Callable, reads: bool = False):
+        retryable = {grpc.StatusCode.UNAVAILABLE} | ({grpc.StatusCode.DEADLINE_EXCEEDED} if reads else set())
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                if exc.code() not in retryable or attempt == self.retries:
+                    raise
+                time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random()))
+
+    # ------------------------------------------------------------------ calls
+
+    def submit(self, video: str | Path | BinaryIO, pose_model: str | int = "default", outputs: list[str] | None = None,
+               min_person_score: float = 0.0, idempotency_key: str | None = None, file_name: str | None = None,
+               on_bytes: Callable[[int], None] | None = None) -> tpb.Task:
+        """Upload a video (a path or a binary file object) and return the task at once."""
+        if isinstance(video, (str, Path)):
+            path = Path(video)
+            opener = lambda: open(path, "rb")  # noqa: E731
+            file_name = file_name or path.name
+        else:
+            start = video.tell() if video.seekable() else None
+
+            def opener():
+                if start is not None:
+                    video.seek(start)
+                return _NoClose(video)
+            file_name = file_name or getattr(video, "name", "upload")
+        options = tpb.TaskOptions(
+            pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
+            outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score)
+        metadata = tpb.UploadMetadata(file_name=str(Path(file_name).name), options=options,
+                                      idempotency_key=idempotency_key or uuid.uuid4().hex)
+
+        def requests(f) -> Iterator[tpb.UploadRequest]:
+            yield tpb.UploadRequest(metadata=metadata)
+            while chunk := f.read(CHUNK):
+                if on_bytes:
+                    on_bytes(len(chunk))
+                yield tpb.UploadRequest(chunk=chunk)
+
+        def call():
+            with opener() as f:
+                return self.stub.Upload(requests(f), metadata=self.metadata).task
+        return self._retry(call)
+
+    def get(self, task_id: str) -> tpb.Task:
+        return self._retry(lambda: self.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=self.metadata,
+                                                     timeout=self.timeout_s).task, reads=True)
+
+    def list(self, state: int = tpb.TASK_STATE_UNSPECIFIED, page_size: int = 50) -> Iterator[tpb.Task]:
+        token = ""
+        while True:
+            page = self._retry(lambda: self.stub.ListTasks(
+                tpb.ListTasksRequest(page_size=page_size, page_token=token, state=state),
+                metadata=self.metadata, timeout=self.timeout_s), reads=True)
+            yield from page.tasks
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def watch(self, task_id: str) -> Iterator[tpb.Task]:
+        """Task snapshots as they change, until a terminal state; reconnects if the stream breaks."""
+        while True:
+            try:
+                for event in self.stub.WatchTask(tpb.WatchTaskRequest(task_id=task_id), metadata=self.metadata):
+                    yield event.task
+                    if event.task.state in TERMINAL:
+                        return
+                return
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(self.backoff_s)
+
+    def wait(self, task_id: str, timeout_s: float | None = None,
+             on_update: Callable[[tpb.Task], None] | None = None) -> tpb.Task:
+        deadline = time.monotonic() + timeout_s if timeout_s else None
+        task = None
+        for task in self.watch(task_id):
+            if on_update:
+                on_update(task)
+            if deadline and time.monotonic() > deadline:
+                raise TimeoutError(f"task {task_id} still {state_name(task.state)} after {timeout_s}s")
+        return task or self.get(task_id)
+
+    def cancel(self, task_id: str) -> tpb.Task:
+        return self._retry(lambda: self.stub.CancelTask(tpb.CancelTaskRequest(task_id=task_id),
+                                                        metadata=self.metadata, timeout=self.timeout_s).task)
+
+    def delete(self, task_id: str) -> None:
+        self._retry(lambda: self.stub.DeleteTask(tpb.DeleteTaskRequest(task_id=task_id), metadata=self.metadata,
+                                                 timeout=self.timeout_s))
+
+    def download(self, task_id: str, kind: str | int, dest: str | Path | BinaryIO) -> tpb.Artifact:
+        """Stream an artifact to a path (written atomically) or a binary file object."""
+        kind = ARTIFACTS[kind] if isinstance(kind, str) else kind
+
+        def call():
+            stream = self.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task_id, kind=kind),
+                                              metadata=self.metadata)
+            first = next(stream)
+            artifact = first.artifact
+            if isinstance(dest, (str, Path)):
+                target = Path(dest)
+                if target.is_dir():
+                    target = target / artifact.file_name
+                tmp = target.with_name(f".{target.name}.part")
+                with open(tmp, "wb") as f:
+                    for msg in stream:
+                        f.write(msg.chunk)
+                os.replace(tmp, target)
+            else:
+                for msg in stream:
+                    dest.write(msg.chunk)
+            return artifact
+        return self._retry(call, reads=True)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _NoClose(io.RawIOBase):
+    """Lets `with` wrap a caller's file object without closing it."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, n=-1):
+        return self.f.read(n)
+
+    def readable(self):
+        return True
+
+    def close(self):
+        pass

@@ -1,0 +1,257 @@
+"""The local stack: broker, Triton, gateway and stage workers as supervised processes.
+
+    posemesh up                # start everything, stay in the foreground; Ctrl-C stops it cleanly
+    posemesh down              # stop a stack started by `up` in another terminal
+    posemesh run VIDEO         # start, process one video, write the results, stop
+
+Start order is health-checked: broker (port open) -> Triton (models ready) -> gateway (gRPC health)
+-> workers (gRPC health). A process that dies is restarted with back-off, into the same log file
+(RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave their consumer groups first,
+the gateway next; the memory-only broker takes every topic with it. With an external Kafka
+(--kafka HOST:PORT) topics of unfinished tasks are kept on purpose: the gateway resumes them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+
+from posemesh.broker import broker_command, free_port, stop_process, wait_for_port
+from posemesh.settings import REPO_ROOT
+
+log = logging.getLogger("posemesh.stack")
+
+STAGES = ("detect", "pose", "track", "annotate")
+
+
+def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+            return status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+@dataclass
+class Service:
+    name: str
+    command: list[str]
+    env: dict
+    healthy: Callable[[], bool]
+    log_path: Path
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    stopping: bool = False
+
+    def start(self) -> None:
+        log_file = open(self.log_path, "ab")
+        log_file.write(f"\n=== {time.strftime('%H:%M:%S')} starting {self.name}: {' '.join(self.command)}\n".encode())
+        log_file.flush()
+        # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
+                                     cwd=REPO_ROOT, start_new_session=True)
+        self.started_at = time.monotonic()
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; see {self.log_path}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name} not healthy after {timeout}s; see {self.log_path}")
+            time.sleep(0.1)
+
+
+@dataclass
+class StackConfig:
+    run_dir: Path = REPO_ROOT / "run" / "stack"
+    kafka: str = ""  # external bootstrap servers; empty: start the local broker
+    kafka_port: int = 0
+    triton_url: str = ""  # external Triton; empty: start the local one
+    triton_grpc_port: int = 0
+    gateway_port: int = 0
+    workers: dict = field(default_factory=lambda: {s: 1 for s in STAGES})
+    ort_threads: int = 1
+
+    def ports(self) -> None:
+        """0 means any free port."""
+        self.kafka_port = self.kafka_port or free_port()
+        self.triton_grpc_port = self.triton_grpc_port or free_port()
+        self.gateway_port = self.gateway_port or free_port()
+
+
+class Stack:
+    def __init__(self, config: StackConfig):
+        self.config = config
+        config.ports()
+        self.run_dir = config.run_dir
+        self.logs = self.run_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.services: list[Service] = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.bootstrap = config.kafka or f"127.0.0.1:{config.kafka_port}"
+        self.triton_url = config.triton_url or f"127.0.0.1:{config.triton_grpc_port}"
+        self.gateway_address = f"127.0.0.1:{config.gateway_port}"
+        self.env = dict(os.environ)
+        self.env.update({
+            "POSEMESH_KAFKA_BOOTSTRAP": self.bootstrap,
+            "POSEMESH_TRITON_URL": self.triton_url,
+            "POSEMESH_DATA_DIR": str(self.run_dir / "data"),
+            "POSEMESH_GATEWAY_LISTEN": self.gateway_address,
+            # The stack shares the broker with nothing else: the one session timeout for every client.
+            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": os.environ.get("POSEMESH_KAFKA_SESSION_TIMEOUT_MS", "2000"),
+            "POSEMESH_KAFKA_HEARTBEAT_MS": os.environ.get("POSEMESH_KAFKA_HEARTBEAT_MS", "200"),
+            "PYTHONUNBUFFERED": "1",
+        })
+
+    def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None) -> Service:
+        service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log")
+        service.start()
+        with self.lock:
+            self.services.append(service)
+        service.wait_healthy(timeout)
+        log.info("%-12s healthy (pid %d)", name, service.proc.pid)
+        return service
+
+    def start(self) -> "Stack":
+        from posemesh.models import prepare
+        from posemesh.triton_server import TritonServer
+
+        try:
+            if not self.config.kafka:
+                self._add("broker", broker_command(self.config.kafka_port),
+                          lambda: _port_open(self.config.kafka_port), 15)
+            if not self.config.triton_url:
+                onnx_dir = REPO_ROOT / "run" / "onnx"
+                prepare(onnx_dir)
+                triton = TritonServer(onnx_dir, self.run_dir / "triton", grpc_port=self.config.triton_grpc_port,
+                                      ort_threads=self.config.ort_threads)
+                from posemesh.triton_server import TritonInstall
+
+                cmd, env = triton.command(TritonInstall.find())
+                self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
+            self._add("gateway", [sys.executable, "-m", "gateway"], lambda: grpc_healthy(self.gateway_address), 60)
+            for stage, count in self.config.workers.items():
+                for i in range(count):
+                    port = free_port()
+                    self._add(f"{stage}-{i}", [sys.executable, "-m", "stages", stage, "--control-port", str(port),
+                                               "--metrics-port", str(free_port())],
+                              lambda p=port: grpc_healthy(f"127.0.0.1:{p}"), 120)
+        except BaseException:
+            self.stop()
+            raise
+        self._write_state()
+        threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
+        return self
+
+    def _write_state(self) -> None:
+        state = {"pid": os.getpid(), "gateway": self.gateway_address, "kafka": self.bootstrap,
+                 "triton": self.triton_url, "logs": str(self.logs),
+                 "services": {s.name: s.proc.pid for s in self.services}}
+        (self.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
+
+    def _supervise(self) -> None:
+        """Restart what dies, with back-off (1, 2, 4 ... 30 s); a process that ran a minute starts over at 1 s."""
+        while not self.stopping.is_set():
+            with self.lock:
+                dead = [s for s in self.services if s.proc.poll() is not None and not s.stopping]
+            for service in dead:
+                if self.stopping.is_set():
+                    return
+                ran = time.monotonic() - service.started_at
+                service.restarts = 0 if ran > 60 else service.restarts + 1
+                delay = min(30.0, 2 ** max(service.restarts - 1, 0)) if service.restarts else 1.0
+                log.warning("%s exited with %s after %.0fs; restarting in %.0fs (see %s)", service.name,
+                            service.proc.returncode, ran, delay, service.log_path)
+                time.sleep(delay)
+                if not self.stopping.is_set():
+                    service.start()
+            self._write_state() if dead else None
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """Reverse start order: workers, gateway, Triton, broker. Nothing is left running."""
+        self.stopping.set()
+        with self.lock:
+            services = list(reversed(self.services))
+        for s in services:
+            s.stopping = True
+        workers = [s for s in services if s.name.split("-")[0] in STAGES]
+        for s in workers:  # workers in parallel: each leaves its group and drops partial outputs
+            if s.proc.poll() is None:
+                s.proc.send_signal(signal.SIGTERM)
+        for s in workers:
+            stop_process(s.proc, grace=15)
+        for s in services:
+            if s not in workers:
+                stop_process(s.proc, grace=15)
+        state = self.run_dir / "stack.json"
+        state.unlink(missing_ok=True)
+        log.info("stack stopped")
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _triton_ready(url: str) -> bool:
+    import tritonclient.grpc as grpcclient
+
+    try:
+        return grpcclient.InferenceServerClient(url).is_server_ready()
+    except Exception:
+        return False
+
+
+def up(config: StackConfig) -> None:
+    stack = Stack(config)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stack.start()
+    print(f"posemesh is up: gateway {stack.gateway_address} (API key posemesh-dev-key unless POSEMESH_API_KEYS is set)")
+    print(f"logs in {stack.logs}; Ctrl-C or `posemesh down` stops it")
+    stop.wait()
+    stack.stop()
+
+
+def down(run_dir: Path) -> int:
+    state_file = run_dir / "stack.json"
+    if not state_file.exists():
+        print(f"no stack running from {run_dir}")
+        return 1
+    pid = json.loads(state_file.read_text())["pid"]
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        state_file.unlink(missing_ok=True)
+        print("the stack's supervisor was not running; removed its stale state file")
+        return 1
+    for _ in range(300):
+        if not state_file.exists():
+            print("stack stopped")
+            return 0
+        time.sleep(0.1)
+    print("the stack did not stop within 30 s")
+    return 1
