@@ -107,7 +107,7 @@ class AnnotateStage(Stage):
         self.results_dir = settings.results_dir
         self.outputs: dict[str, TaskOutput] = {}
 
-    def _open(self, task: TaskContext, first: pb.Frame) -> TaskOutput:
+    def open_task(self, task: TaskContext, first: pb.Frame) -> TaskOutput:
         final = self.results_dir / task.task_id
         partial = self.results_dir / f".partial-{task.task_id}-{os.getpid()}"
         shutil.rmtree(partial, ignore_errors=True)
@@ -129,19 +129,23 @@ class AnnotateStage(Stage):
     def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
         for item in items:  # in index order within each task
             frame = item.frame
-            out = self.outputs.get(item.task_id) or self._open(tasks[item.task_id], frame)
-            if out.stream is not None:
-                image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
-                if image.shape[1] != out.stream.width or image.shape[0] != out.stream.height:
-                    image = cv2.copyMakeBorder(image, 0, out.stream.height - image.shape[0], 0,
-                                               out.stream.width - image.shape[1], cv2.BORDER_REPLICATE)
-                video_frame = av.VideoFrame.from_ndarray(draw(image, frame.persons), format="bgr24")
-                video_frame.pts = out.frames
-                for packet in out.stream.encode(video_frame):
-                    out.container.mux(packet)
-            if out.jsonl is not None:
-                out.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
-            out.frames += 1
+            out = self.outputs.get(item.task_id) or self.open_task(tasks[item.task_id], frame)
+            image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR) if out.stream else None
+            self.write(out, frame, image)
+
+    def write(self, out: TaskOutput, frame: pb.Frame, image: np.ndarray | None) -> None:
+        """Append one frame (its decoded image, for the video) to a task's outputs."""
+        if out.stream is not None:
+            if image.shape[1] != out.stream.width or image.shape[0] != out.stream.height:
+                image = cv2.copyMakeBorder(image, 0, out.stream.height - image.shape[0], 0,
+                                           out.stream.width - image.shape[1], cv2.BORDER_REPLICATE)
+            video_frame = av.VideoFrame.from_ndarray(draw(image, frame.persons), format="bgr24")
+            video_frame.pts = out.frames
+            for packet in out.stream.encode(video_frame):
+                out.container.mux(packet)
+        if out.jsonl is not None:
+            out.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
+        out.frames += 1
 
     def finish_task(self, task: TaskContext) -> pb.TaskResult:
         out = self.outputs.pop(task.task_id, None)

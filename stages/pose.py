@@ -84,9 +84,10 @@ def decode_blazepose(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 class PoseEstimator:
     """Crops, Triton calls and decoding for one pose model; images are BGR."""
 
-    def __init__(self, url: str, name: str):
+    def __init__(self, name: str, model):
+        """model: a callable taking the input tensor by name, like TritonModel (or ONNX Runtime in bench/)."""
         self.name = name
-        self.model = TritonModel(url, name)
+        self.model = model
         self.rtmpose = name == "rtmpose"
         self.size = (RTMPOSE_W, RTMPOSE_H) if self.rtmpose else (BLAZEPOSE_SIZE, BLAZEPOSE_SIZE)
 
@@ -120,7 +121,7 @@ class PoseStage(Stage):
 
     def estimator(self, name: str) -> PoseEstimator:
         if name not in self.estimators:
-            self.estimators[name] = PoseEstimator(self.url, name)
+            self.estimators[name] = PoseEstimator(name, TritonModel(self.url, name))
         return self.estimators[name]
 
     def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:

@@ -136,6 +136,7 @@ class StageWorker:
         self._reported: dict[str, int] = {}
         self._delivery_errors: list = []
         self._partition_cache: dict[str, int] = {}
+        self._first_frames: list[TaskContext] = []
 
     # ------------------------------------------------------------------ set-up and shutdown
 
@@ -154,7 +155,7 @@ class StageWorker:
         control_thread.start()
         server = self._start_control_server()
         if self.metrics_port:
-            start_http_server(self.metrics_port, addr="127.0.0.1")
+            start_http_server(self.metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
         log.info("%s ready (control port %s)", self.worker_id, self.control_port)
         last_report = 0.0
         try:
@@ -191,7 +192,8 @@ class StageWorker:
         spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(self), server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        self.control_port = server.add_insecure_port(f"127.0.0.1:{self.control_port}")
+        host = os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1")  # 0.0.0.0 under Kubernetes probes
+        self.control_port = server.add_insecure_port(f"{host}:{self.control_port}")
         server.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set("posemesh.v1.StageService", health_pb2.HealthCheckResponse.SERVING)
@@ -353,8 +355,11 @@ class StageWorker:
             for tp, offset in task.held + ([task.eos_offset] if task.eos_offset else []):
                 self.book.done(tp, offset)
             task.held.clear()
-        for task in finished:  # the final count goes out before the result, so the task reads 100%
+        # A task's first frame and its final count are reported at once (time to first result is
+        # what a user waits on); the rest every 0.5 s.
+        for task in self._first_frames + finished:
             self._report_progress(task)
+        self._first_frames = []
         for result in results:
             self._event(result=result)
         if results:
@@ -378,13 +383,17 @@ class StageWorker:
         FRAMES.labels(self.stage.name).inc(len(items))
         self.frames_processed += len(items)
         self.batches += 1
+        first_frames = []
         for item, tp, offset in ready:
             task = self.tasks[item.task_id]
             task.frames_done += 1
+            if task.frames_done == 1:
+                first_frames.append(task)
             if self.stage.commit_at_task_end:
                 task.held.append((tp, offset))
             if self.stage.output_prefix:
                 self._produce(pb.StageRecord(task_id=item.task_id, options=item.options, frame=item.frame))
+        self._first_frames = first_frames
 
     def _produce(self, record: pb.StageRecord) -> None:
         topic = kafka.task_topic(self.stage.output_prefix, record.task_id)

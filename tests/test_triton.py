@@ -14,6 +14,7 @@ from stages.detect import Detector
 from stages.pose import PoseEstimator
 from stages.triton import TritonModel
 from tests.conftest import MODELS, media
+from tests.helpers import wait_for
 
 STILLS = {"coco_000000000785.jpg": 1, "coco_000000197388.jpg": 4}
 
@@ -37,7 +38,7 @@ def test_detector_finds_the_manifest_persons(detector, name, count):
 
 @pytest.mark.parametrize("model", ["blazepose_full", "blazepose_lite"])
 def test_pose_keypoints_are_plausible(detector, triton, model):
-    estimator = PoseEstimator(triton.url, model)
+    estimator = PoseEstimator(model, TritonModel(triton.url, model))
     for name in STILLS:
         image = cv2.imread(str(media(name)))
         [(boxes, _scores)] = detector([image], [0.5])
@@ -59,7 +60,7 @@ def test_pose_keypoints_are_plausible(detector, triton, model):
 
 def test_rtmpose_path_through_triton(triton):
     """No RTMPose weights offline: the stand-in with RTMPose's signature exercises crop, Triton and SimCC."""
-    estimator = PoseEstimator(triton.url, "rtmpose")
+    estimator = PoseEstimator("rtmpose", TritonModel(triton.url, "rtmpose"))
     image = cv2.imread(str(media("coco_000000000785.jpg")))
     box = (200.0, 40.0, 440.0, 400.0)
     crop, matrix = estimator.crop(image, box)
@@ -133,9 +134,11 @@ def test_dynamic_batching_merges_concurrent_requests(triton):
     for _ in range(n):
         done.acquire()
     assert not errors
-    after = client.get_inference_statistics("yolox").model_stats[0]
-    inferences = after.inference_count - before.inference_count
-    executions = after.execution_count - before.execution_count
+    # Triton updates its statistics just after releasing the responses: let them settle.
+    def counts():
+        after = client.get_inference_statistics("yolox").model_stats[0]
+        return after.inference_count - before.inference_count, after.execution_count - before.execution_count
+    inferences, executions = wait_for(lambda: counts() if counts()[0] >= n else None, 10, 0.05, "statistics")
     assert inferences == n
     assert executions < inferences, f"{executions} executions for {inferences} inferences: no batching"
     assert SERVED["yolox"].max_batch_cpu >= 2
