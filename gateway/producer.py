@@ -22,8 +22,10 @@ PROGRESS_EVERY = 10
 
 class FrameProducer(threading.Thread):
     def __init__(self, task: tpb.Task, path: Path, producer: Producer, partitions: int, jpeg_quality: int,
-                 on_progress, on_done, on_error):
+                 on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
+        # Backpressure: frames_consumed() says how many frames the first stage has taken.
+        self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
         self.task, self.path, self.producer = task, path, producer
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
@@ -51,6 +53,9 @@ class FrameProducer(threading.Thread):
             for frame in media.frames(self.path, self.task.video.fps):
                 if self.cancelled.is_set():
                     return
+                while (self.max_ahead and self.frames_consumed and frame.index % 8 == 0
+                       and frame.index - self.frames_consumed() > self.max_ahead and not self.cancelled.is_set()):
+                    self.producer.poll(0.05)
                 ok, jpeg = cv2.imencode(".jpg", frame.image, params)
                 if not ok:
                     raise RuntimeError(f"JPEG encoding failed at frame {frame.index}")

@@ -59,6 +59,7 @@ class Gateway:
         self.topics.publish_started(task)
         self.store.transition(task.task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
         self._start_producer(task, path)
+        log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
 
     def _start_producer(self, task: tpb.Task, path: Path) -> None:
         task_id = task.task_id
@@ -70,7 +71,9 @@ class Gateway:
             task, path, self.producer, kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
             self.settings.jpeg_quality,
             on_progress=lambda n: self.store.add_progress(task_id, "decode", "gateway", n),
-            on_done=on_done, on_error=lambda msg: self.fail(task_id, msg))
+            on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
+            frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
+            max_ahead=self.settings.max_frames_ahead)
         with self.lock:
             self.frame_producers[task_id] = producer
         producer.start()
@@ -120,15 +123,18 @@ class Gateway:
 
     def recover(self) -> None:
         """After a restart: resume what can be resumed, fail what cannot. Nothing stays RUNNING forever."""
+        on_broker = kafka.list_task_topics(self.topics.admin)
         for row in self.store.rows("state IN (?, ?) AND deleted = 0", tuple(ACTIVE)):
             task = tpb.Task.FromString(row["task"])
             path = next((self.settings.jobs_dir / task.task_id).glob("upload*"), None)
             path = path if path and not path.name.endswith(".partial") else None
-            if row["produced"]:
+            topics_intact = len(on_broker.get(task.task_id, [])) == len(kafka.TASK_TOPIC_PREFIXES)
+            if row["produced"] and topics_intact:
                 log.info("task %s: frames all published before the restart; waiting for the stages", task.task_id)
                 self.topics.publish_started(task)
             elif path is not None:
-                # Republish from frame 0: the stages drop frames they have already seen, by index.
+                # Republish from frame 0: the stages drop frames they have already seen, by index. If the
+                # broker lost the topics (the local one keeps them in memory only), they are made anew.
                 log.info("task %s: resuming the frame producer after a restart", task.task_id)
                 self.topics.create(task.task_id)
                 self.topics.publish_started(task)

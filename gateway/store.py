@@ -101,6 +101,11 @@ class TaskStore:
                 return None
             return self._task(row)
 
+    def frames_done(self, task_id: str, stage: str) -> int:
+        with self.lock:
+            row = self.db.execute("SELECT progress FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+        return sum(json.loads(row[0]).get(stage, {}).values()) if row else 0
+
     def owner(self, task_id: str) -> str | None:
         with self.lock:
             row = self._row(task_id)

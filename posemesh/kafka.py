@@ -82,8 +82,14 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
         "heartbeat.interval.ms": settings.kafka_heartbeat_ms,
         "partition.assignment.strategy": "range",  # eager: cooperative-sticky stalls on the local broker
         "fetch.wait.max.ms": 50,
-        "fetch.message.max.bytes": MAX_MESSAGE_BYTES,
-        "max.partition.fetch.bytes": MAX_MESSAGE_BYTES,
+        # Shallow fetches, a few frames each: librdkafka rotates the partition it starts a fetch with,
+        # so consumption interleaves the partitions (and tasks) finely and frames flow roughly in index
+        # order. The local broker ignores the per-partition limit and fills a fetch from one partition,
+        # so the whole-fetch limit must be small too. A larger single message is still fetched whole.
+        "max.partition.fetch.bytes": 512 * 1024,
+        "fetch.max.bytes": 1024 * 1024,
+        "queued.max.messages.kbytes": 2048,
+        "receive.message.max.bytes": MAX_MESSAGE_BYTES + 4 * 1024 * 1024,
         "max.poll.interval.ms": 300000,
     }
 

@@ -55,6 +55,9 @@ class Settings:
     max_active_tasks_per_user: int = field(default_factory=lambda: int(_env("MAX_ACTIVE_TASKS_PER_USER", "8")))
     api_keys_file: str = field(default_factory=lambda: _env("API_KEYS_FILE", ""))
     api_keys: str = field(default_factory=lambda: _env("API_KEYS", ""))
+    # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
+    # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
+    max_frames_ahead: int = field(default_factory=lambda: int(_env("MAX_FRAMES_AHEAD", "64")))
     jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
 
     @property

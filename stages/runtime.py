@@ -46,6 +46,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 
 log = logging.getLogger("posemesh.stage")
 
+HOLD_S = 0.25
 FRAMES = Counter("posemesh_stage_frames_total", "Frames processed", ["stage"])
 DUPLICATES = Counter("posemesh_stage_duplicates_total", "Redelivered frames dropped by index", ["stage"])
 BATCH = Histogram("posemesh_stage_batch_frames", "Frames per processed batch", ["stage"],
@@ -72,8 +73,10 @@ class TaskContext:
     total: int | None = None  # from end-of-stream
     fps: float = 0.0
     next_index: int = 0  # ordered stages: the next index to process
-    buffer: dict = field(default_factory=dict)  # ordered stages: index -> (frame item, tp, offset)
-    seen: set = field(default_factory=set)  # unordered stages: indices already processed
+    buffer: dict = field(default_factory=dict)  # index -> (frame item, tp, offset): consumed, not processed
+    seen: set = field(default_factory=set)  # unordered stages: indices already consumed
+    low: int = 0  # unordered stages: the lowest index not consumed yet
+    pool_since: float = 0.0  # when the oldest frame now in `buffer` arrived
     held: list = field(default_factory=list)  # offsets whose output exists only when the task finishes
     eos_offset: tuple | None = None
     frames_done: int = 0
@@ -92,6 +95,11 @@ class Stage(ABC):
     # Offsets are committed when finish_task returns, not per frame (the output is a whole file).
     commit_at_task_end: bool = False
     max_batch: int = 16
+
+    def batch_frames(self) -> int:
+        """Frames per batch: POSEMESH_<STAGE>_MAX_BATCH or the class default. Bigger batches feed the
+        model better (GPUs); smaller ones reach the first result sooner (CPUs)."""
+        return int(os.environ.get(f"POSEMESH_{self.name.upper()}_MAX_BATCH", self.max_batch))
 
     def setup(self, settings: Settings) -> None:
         """Connect to Triton and the like; called once before the first frame."""
@@ -158,14 +166,21 @@ class StageWorker:
             start_http_server(self.metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
         log.info("%s ready (control port %s)", self.worker_id, self.control_port)
         last_report = 0.0
+        batch = self.stage.batch_frames()
         try:
             while self.running.is_set():
                 self._apply_subscription()
-                msgs = self.consumer.consume(num_messages=self.stage.max_batch, timeout=0.05) if self.subscribed else []
                 if not self.subscribed:
                     time.sleep(0.05)
-                if msgs:
-                    self._handle(msgs)
+                    msgs = []
+                else:
+                    # Keep a pool of up to 4 batches to choose from; wait for more only when short of one.
+                    pooled = self.pooled()
+                    full = pooled >= batch and self.ready_to_run(batch)
+                    msgs = self.consumer.consume(num_messages=max(4 * batch - pooled, 1),
+                                                 timeout=0 if full else 0.02 if pooled else 0.05)
+                if msgs or self.pooled():
+                    self._handle(msgs, batch)
                 if time.monotonic() - last_report > 0.5:
                     self._report()
                     last_report = time.monotonic()
@@ -286,8 +301,45 @@ class StageWorker:
             self.tasks[task_id] = task
         return task
 
-    def _handle(self, msgs) -> None:
-        ready: list[tuple[FrameItem, tuple, int]] = []
+    def _select(self, batch: int) -> list[tuple[FrameItem, tuple, int]]:
+        """The frames to process now. Ordered stages: every frame that continues its task's sequence.
+        Others: up to `batch` frames from the pool, the lowest indices of each task first, taking from
+        the tasks in turn. Kafka interleaves partitions (and tasks) arbitrarily; this puts the frames a
+        user waits for next (and every task) first."""
+        ready = []
+        if self.stage.ordered:
+            for task in self.tasks.values():
+                while task.next_index in task.buffer:
+                    ready.append(task.buffer.pop(task.next_index))
+                    task.next_index += 1
+            return ready
+        now = time.monotonic()
+        # A lower frame of the task has not arrived yet (another partition is behind): hold the task's
+        # frames a little, up to HOLD_S, so the frame a user waits for next is not overtaken.
+        waiting = [t for t in self.tasks.values() if t.buffer
+                   and (min(t.buffer) < t.low or now - t.pool_since >= HOLD_S)]
+        # A task that has produced nothing yet sends its first frame alone: its first result comes one
+        # model call after the frame, not one batch of crops after it.
+        starting = [t for t in waiting if t.frames_done == 0 and min(t.buffer) == 0]
+        if starting:
+            return [t.buffer.pop(0) for t in starting]
+        while waiting and len(ready) < batch:
+            for task in list(waiting):
+                ready.append(task.buffer.pop(min(task.buffer)))
+                if not task.buffer:
+                    waiting.remove(task)
+                if len(ready) == batch:
+                    break
+        return ready
+
+    def ready_to_run(self, batch: int) -> bool:
+        return any(t.buffer and (min(t.buffer) < t.low or time.monotonic() - t.pool_since >= HOLD_S)
+                   for t in self.tasks.values()) if not self.stage.ordered else False
+
+    def pooled(self) -> int:
+        return 0 if self.stage.ordered else sum(len(t.buffer) for t in self.tasks.values())
+
+    def _handle(self, msgs, batch: int) -> None:
         forward_eos: list[tuple[pb.StageRecord, tuple, int]] = []
         for msg in msgs:
             if msg.error():
@@ -323,12 +375,14 @@ class StageWorker:
                 self._duplicate(task, tp, offset)
             else:
                 task.seen.add(index)
-                ready.append((item, tp, offset))
-        if self.stage.ordered:
-            for task in list(self.tasks.values()):
-                while task.next_index in task.buffer:
-                    ready.append(task.buffer.pop(task.next_index))
-                    task.next_index += 1
+                while task.low in task.seen:
+                    task.low += 1
+                if not task.buffer:
+                    task.pool_since = time.monotonic()
+                task.buffer[index] = (item, tp, offset)
+        ready = self._select(batch)
+        if ready and os.environ.get("POSEMESH_DEBUG_BATCHES") and self.batches < 12:
+            log.info("batch %d: %s (pool %d)", self.batches, [i.frame.index for i, _t, _o in ready], self.pooled())
         if ready:
             self._process(ready)
         for record, tp, offset in forward_eos:
@@ -389,6 +443,8 @@ class StageWorker:
             task.frames_done += 1
             if task.frames_done == 1:
                 first_frames.append(task)
+                log.info("task %s: first frame processed (index %d, batch of %d)", task.task_id,
+                         item.frame.index, len(items))
             if self.stage.commit_at_task_end:
                 task.held.append((tp, offset))
             if self.stage.output_prefix:

@@ -74,3 +74,24 @@ def read_topic(bootstrap: str, topic: str, until_eos: bool = True, timeout: floa
     finally:
         consumer.close()
     return records
+
+
+def make_clip(src: Path, dst: Path, frames: int, fps: int | None = None) -> Path:
+    """The first `frames` frames of a real clip, re-encoded as H.264 (a shorter real video for a test)."""
+    import av
+
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream = out.add_stream("libx264", rate=fps or int(round(float(stream_in.average_rate))))
+        stream.width, stream.height, stream.pix_fmt = stream_in.width, stream_in.height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for i, frame in enumerate(inp.decode(stream_in)):
+            if i == frames:
+                break
+            new = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
+            new.pts = i
+            for packet in stream.encode(new):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    return dst

@@ -77,3 +77,43 @@ def test_clip_through_all_stages(pipeline, tmp_path):
     wait_for(lambda: not set(kafka.task_topics(task.task_id)) & topics(gw.settings.kafka_bootstrap), 60,
              what="topic deletion after completion")
     assert workers.alive()
+
+
+def test_a_worker_killed_mid_task_loses_no_frame_and_duplicates_none(pipeline, tmp_path):
+    """Two pose workers share a task; one is SIGKILLed mid-task. Its partitions move to the other, which
+    resumes from the committed offsets; whatever was redone is dropped by index downstream."""
+    import signal
+    import time
+
+    from tests.helpers import make_clip
+
+    gw, workers = pipeline
+    survivor_port = workers.start("pose")
+    workers.wait_healthy()
+    clip = make_clip(media("vtest_opencv_480x360.mp4"), tmp_path / "vtest60.mp4", 60)
+    pose_workers = [(port, proc) for stage, port, proc in workers.procs if stage == "pose"]
+    time.sleep(3)  # both pose workers in the group before the task starts
+
+    def status(port):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            return spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest(), timeout=5)
+
+    task = upload(gw.stub, clip, auth())
+    victim = wait_for(lambda: next(((port, proc) for port, proc in pose_workers
+                                    if port != survivor_port and status(port).frames_processed >= 5), None),
+                      120, 0.05, "the first pose worker to process frames")
+    busy_survivor = status(survivor_port).frames_processed
+    victim[1].send_signal(signal.SIGKILL)
+    done = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED}, 240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+
+    records = [json.loads(line) for line in
+               download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()]
+    assert [r["index"] for r in records] == list(range(60))  # every frame once, in order
+    assert all(len(p["keypoints"]) == 17 for r in records for p in r["persons"])
+    video = tmp_path / "out.mp4"
+    video.write_bytes(download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_ANNOTATED_VIDEO))
+    assert decoded_frames(video) == 60
+    # The survivor took over: it processed frames after the kill, and shared the work before it.
+    assert status(survivor_port).frames_processed > busy_survivor
+    assert all(proc.poll() is None for _stage, _port, proc in workers.procs if proc is not victim[1])
