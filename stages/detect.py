@@ -95,7 +95,7 @@ class DetectStage(Stage):
     name = "detect"
     input_prefix = kafka.RAW_FRAMES
     output_prefix = kafka.YOLOX
-    max_batch = 8
+    max_batch = 16
 
     def setup(self, settings) -> None:
         self.detector = Detector(TritonModel(settings.triton_url, "yolox"))

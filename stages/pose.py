@@ -113,7 +113,7 @@ class PoseStage(Stage):
     name = "pose"
     input_prefix = kafka.YOLOX
     output_prefix = kafka.RTMPOSE
-    max_batch = 4  # frames; each brings ~1-12 crops, and the model's own max batch splits the rest
+    max_batch = 8  # frames; each brings ~1-12 crops, and the model's own max batch splits the rest
 
     def setup(self, settings) -> None:
         self.url = settings.triton_url

@@ -76,8 +76,9 @@ def read_topic(bootstrap: str, topic: str, until_eos: bool = True, timeout: floa
     return records
 
 
-def make_clip(src: Path, dst: Path, frames: int, fps: int | None = None) -> Path:
-    """The first `frames` frames of a real clip, re-encoded as H.264 (a shorter real video for a test)."""
+def make_clip(src: Path, dst: Path, frames: int, fps: int | None = None, rotation: int = 0) -> Path:
+    """The first `frames` frames of a real clip, re-encoded as H.264 (a shorter real video for a test);
+    `rotation` (degrees counter-clockwise) is written as the container's display matrix, as phones do."""
     import av
 
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
@@ -85,6 +86,8 @@ def make_clip(src: Path, dst: Path, frames: int, fps: int | None = None) -> Path
         stream = out.add_stream("libx264", rate=fps or int(round(float(stream_in.average_rate))))
         stream.width, stream.height, stream.pix_fmt = stream_in.width, stream_in.height, "yuv420p"
         stream.options = {"preset": "ultrafast"}
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i, frame in enumerate(inp.decode(stream_in)):
             if i == frames:
                 break

@@ -214,3 +214,27 @@ def test_health_and_reflection(gateway):
     answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in answer.list_services_response.service}
     assert "posemesh.v1.TaskService" in names and "grpc.health.v1.Health" in names
+
+
+def test_rotation_metadata_is_honoured(gateway, tmp_path):
+    """A phone-style clip: pixels stored landscape, display matrix says rotate 90 degrees. The frames on
+    raw_frames_<task> must be upright: portrait, and turned the way the display matrix says."""
+    import cv2
+    import numpy as np
+
+    from tests.helpers import make_clip
+
+    source = media("mmpose_demo_960x540_5f.mp4")
+    clip = make_clip(source, tmp_path / "rotated.mp4", 3, rotation=90)
+    task = upload(gateway.stub, clip, auth())
+    assert (task.video.width, task.video.height, task.video.rotation) == (540, 960, 270)
+    records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id))
+    frame0 = next(r.frame for r in records if r.HasField("frame") and r.frame.index == 0)
+    image = cv2.imdecode(np.frombuffer(frame0.jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape[:2] == (960, 540) and (frame0.width, frame0.height) == (540, 960)
+    with av.open(str(source)) as c:
+        original = next(c.decode(video=0)).to_ndarray(format="bgr24")
+    ccw = cv2.rotate(original, cv2.ROTATE_90_COUNTERCLOCKWISE).astype(np.float32)
+    cw = cv2.rotate(original, cv2.ROTATE_90_CLOCKWISE).astype(np.float32)
+    assert np.abs(image - ccw).mean() < 0.3 * np.abs(image - cw).mean()
+    gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
