@@ -76,11 +76,16 @@ def cmd_submit(args, client: Client) -> int:
     print(task.task_id if args.quiet else task_line(task))
     if not args.wait:
         return 0
-    task = follow(client, task.task_id, quiet=args.quiet)
+    return follow_and_fetch(client, task.task_id, Path(args.out), quiet=args.quiet)
+
+
+def follow_and_fetch(client: Client, task_id: str, out: Path, quiet: bool = False) -> int:
+    """Progress bar until the task ends; then download its results into `out`. Exit status."""
+    task = follow(client, task_id, quiet=quiet)
     print(task_line(task))
     if task.state != tpb.TASK_STATE_COMPLETED:
         return 1
-    for path in fetch_results(client, task, Path(args.out)):
+    for path in fetch_results(client, task, out):
         print(f"wrote {path}")
     return 0
 
@@ -102,13 +107,7 @@ def cmd_run(args) -> int:
         with Client(stack.gateway_address) as client:
             task = client.submit(video, pose_model=args.pose_model)
             print(task_line(task))
-            task = follow(client, task.task_id)
-            print(task_line(task))
-            if task.state != tpb.TASK_STATE_COMPLETED:
-                return 1
-            for path in fetch_results(client, task, Path(args.out)):
-                print(f"wrote {path}")
-        return 0
+            return follow_and_fetch(client, task.task_id, Path(args.out))
     finally:
         stack.stop()
 

@@ -7,7 +7,6 @@ committed only then (`commit_at_task_end`): a crash mid-task redoes the task fro
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import cv2
 import numpy as np
 
 from posemesh import kafka
+from posemesh.models import sha256_of
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from stages.pose import COCO_SKELETON
@@ -82,14 +82,6 @@ class TaskOutput:
     stream: object = None
     jsonl: object = None
     frames: int = 0
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 class AnnotateStage(Stage):
@@ -168,7 +160,7 @@ class AnnotateStage(Stage):
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
             artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
-                                          content_type=content_type, sha256=file_sha256(path)))
+                                          content_type=content_type, sha256=sha256_of(path)))
         # One rename makes the whole result visible at once.
         shutil.rmtree(out.final, ignore_errors=True)
         os.replace(out.partial, out.final)

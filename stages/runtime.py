@@ -145,6 +145,7 @@ class StageWorker:
         self._delivery_errors: list = []
         self._partition_cache: dict[str, int] = {}
         self._first_frames: list[TaskContext] = []
+        self.paused: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ set-up and shutdown
 
@@ -181,6 +182,7 @@ class StageWorker:
                                                  timeout=0 if full else 0.02 if pooled else 0.05)
                 if msgs or self.pooled():
                     self._handle(msgs, batch)
+                    self._flow_control(batch)
                 if time.monotonic() - last_report > 0.5:
                     self._report()
                     last_report = time.monotonic()
@@ -256,6 +258,7 @@ class StageWorker:
         else:
             self.consumer.unsubscribe()
             self.owned = set()
+            self.paused = set()
         self.subscribed = wanted
         log.info("reading %d task topics", len(wanted))
         self._heartbeat()
@@ -280,6 +283,7 @@ class StageWorker:
             if self.stage.ordered and task_id in self.tasks:
                 self._forget_task(task_id)
         self.owned = now
+        self.paused = set()  # a new assignment starts unpaused
         consumer.assign(partitions)
 
     def _forget_task(self, task_id: str) -> None:
@@ -335,6 +339,27 @@ class StageWorker:
     def ready_to_run(self, batch: int) -> bool:
         return any(t.buffer and (min(t.buffer) < t.low or time.monotonic() - t.pool_since >= HOLD_S)
                    for t in self.tasks.values()) if not self.stage.ordered else False
+
+    def _flow_control(self, batch: int) -> None:
+        """Fair share between partitions (and so tasks), whatever order the broker fills fetches in: the
+        local broker fills each fetch from one partition at a time, and a partition late in its order
+        starved for 10+ s under four uploads. A partition with frames waiting in the pool stops being
+        fetched (pause) until they are processed (resume). Pausing keeps the position; nothing is skipped."""
+        if self.stage.ordered:
+            return
+        waiting: dict[tuple, int] = defaultdict(int)
+        for task in self.tasks.values():
+            for _item, tp, _offset in task.buffer.values():
+                waiting[tp] += 1
+        cap = max(2, batch // 4)
+        pause = [tp for tp in self.owned if waiting.get(tp, 0) >= cap and tp not in self.paused]
+        resume = [tp for tp in self.paused if waiting.get(tp, 0) == 0 and tp in self.owned]
+        if pause:
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self.paused.update(pause)
+        if resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+            self.paused.difference_update(resume)
 
     def pooled(self) -> int:
         return 0 if self.stage.ordered else sum(len(t.buffer) for t in self.tasks.values())
