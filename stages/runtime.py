@@ -283,8 +283,12 @@ class StageWorker:
             if self.stage.ordered and task_id in self.tasks:
                 self._forget_task(task_id)
         self.owned = now
-        self.paused = set()  # a new assignment starts unpaused
         consumer.assign(partitions)
+        # librdkafka keeps a partition's pause flag through an eager revoke and re-assign; our flow
+        # control starts afresh with every assignment, so every assigned partition starts resumed.
+        if partitions:
+            consumer.resume(partitions)
+        self.paused = set()
 
     def _forget_task(self, task_id: str) -> None:
         if self.tasks.pop(task_id, None) is not None:

@@ -117,3 +117,22 @@ def test_a_worker_killed_mid_task_loses_no_frame_and_duplicates_none(pipeline, t
     # The survivor took over: it processed frames after the kill, and shared the work before it.
     assert status(survivor_port).frames_processed > busy_survivor
     assert all(proc.poll() is None for _stage, _port, proc in workers.procs if proc is not victim[1])
+
+
+def test_tasks_starting_and_ending_mid_task_do_not_stall_others(pipeline, tmp_path):
+    """Each task start or end makes every worker re-subscribe (a rebalance) while other tasks are in
+    flight, with partitions paused by flow control and frames pooled. Nothing may stall or be lost."""
+    from tests.helpers import make_clip
+
+    gw, _workers = pipeline
+    long_clip = make_clip(media("vtest_opencv_480x360.mp4"), tmp_path / "vtest40.mp4", 40)
+    first = upload(gw.stub, long_clip, auth())
+    wait_for(lambda: next(p.frames_done for p in gw.stub.GetTask(tpb.GetTaskRequest(task_id=first.task_id),
+                                                                 metadata=auth()).task.progress
+                          if p.stage == "pose") >= 4, 120, 0.05, "the first task to be under way")
+    second = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())
+    for task, frames in ((second, 5), (first, 40)):
+        done = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED}, 180)
+        assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+        lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
+        assert [json.loads(line)["index"] for line in lines] == list(range(frames))
