@@ -25,7 +25,7 @@ from gateway.auth import Authenticator, load_keys
 from gateway.events import EventReader
 from gateway.producer import FrameProducer
 from gateway.service import TaskService
-from gateway.store import ACTIVE, TERMINAL, TaskStore, now_us
+from gateway.store import ACTIVE, TaskStore, now_us
 from gateway.topics import TopicManager
 
 log = logging.getLogger("posemesh.gateway")

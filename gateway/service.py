@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 
-from posemesh import kafka
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from gateway import media

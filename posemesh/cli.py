@@ -11,7 +11,6 @@ Stack commands run the local stack:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from posemesh.client import ARTIFACTS, POSE_MODELS, TERMINAL, Client, state_name
+from posemesh.client import ARTIFACTS, POSE_MODELS, Client, state_name
 from posemesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 

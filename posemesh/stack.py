@@ -28,7 +28,7 @@ from typing import Callable
 
 import grpc
 
-from posemesh.broker import broker_command, free_port, stop_process, wait_for_port
+from posemesh.broker import broker_command, free_port, stop_process
 from posemesh.settings import REPO_ROOT
 
 log = logging.getLogger("posemesh.stack")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 from posemesh.broker import free_port
 from posemesh.client import Client
