@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from posemesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from gateway import media
@@ -19,6 +20,7 @@ from gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 
 log = logging.getLogger("posemesh.gateway")
 
+POSE_MODEL_NAMES = pose_model_names()
 MAX_CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 256 * 1024
 MAX_PAGE = 100
@@ -121,6 +123,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output kind {kind}")
         if not 0.0 <= options.min_person_score < 1.0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "min_person_score must be in [0, 1)")
+        disabled = {m.strip() for m in self.settings.disabled_pose_models.split(",") if m.strip()}
+        chosen = POSE_MODEL_NAMES.get(options.pose_model)
+        if chosen in disabled:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"pose model {chosen} is not available on this server: its weights are not installed "
+                          f"(`posemesh models pull {chosen} --pin` where a network exists). Choose "
+                          f"{' or '.join(sorted(set(POSE_MODEL_NAMES.values()) - disabled))}.")
         return options
 
     def _receive(self, request_iterator, job_dir: Path, file_name: str, context) -> tuple[Path, int]:

@@ -118,6 +118,14 @@ MODELS: dict[str, ServedModel] = {m.name: m for m in [
 ]}
 
 
+def pose_model_names():
+    """TaskOptions.pose_model -> served model name (UNSPECIFIED means the server's default)."""
+    from posemesh.v1 import task_service_pb2 as tpb
+
+    return {tpb.POSE_MODEL_BLAZEPOSE_LITE: "blazepose_lite", tpb.POSE_MODEL_BLAZEPOSE_FULL: "blazepose_full",
+            tpb.POSE_MODEL_RTMPOSE: "rtmpose"}
+
+
 class ModelError(RuntimeError):
     pass
 

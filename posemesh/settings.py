@@ -58,6 +58,9 @@ class Settings:
     # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
     # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
     max_frames_ahead: int = field(default_factory=lambda: int(_env("MAX_FRAMES_AHEAD", "64")))
+    # Pose models this server refuses (comma-separated, e.g. "rtmpose" when only the untrained stand-in
+    # is installed): a task asking for one fails at once instead of producing meaningless keypoints.
+    disabled_pose_models: str = field(default_factory=lambda: _env("DISABLED_POSE_MODELS", ""))
     jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
 
     @property

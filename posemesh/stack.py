@@ -131,7 +131,7 @@ class Stack:
         return service
 
     def start(self) -> "Stack":
-        from posemesh.models import prepare
+        from posemesh.models import MODELS, is_stand_in, prepare
         from posemesh.triton_server import TritonServer
 
         try:
@@ -141,6 +141,10 @@ class Stack:
             if not self.config.triton_url:
                 onnx_dir = REPO_ROOT / "run" / "onnx"
                 prepare(onnx_dir)
+                stand_ins = [name for name in MODELS if is_stand_in(onnx_dir, name)]
+                if stand_ins:  # served (the tests use them) but refused for users' tasks
+                    self.env["POSEMESH_DISABLED_POSE_MODELS"] = ",".join(stand_ins)
+                    log.warning("untrained stand-in served for %s: tasks asking for it are refused", stand_ins)
                 triton = TritonServer(onnx_dir, self.run_dir / "triton", grpc_port=self.config.triton_grpc_port,
                                       ort_threads=self.config.ort_threads)
                 from posemesh.triton_server import TritonInstall

@@ -17,8 +17,7 @@ import cv2
 import numpy as np
 
 from posemesh import kafka
-from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W
-from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
 from stages.runtime import FrameItem, Stage, TaskContext
 from stages.triton import TritonModel
 
@@ -29,11 +28,7 @@ COCO_SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 
 SIMCC_SPLIT = 2.0
 PADDING = 1.25
 
-MODEL_NAMES = {
-    tpb.POSE_MODEL_BLAZEPOSE_LITE: "blazepose_lite",
-    tpb.POSE_MODEL_BLAZEPOSE_FULL: "blazepose_full",
-    tpb.POSE_MODEL_RTMPOSE: "rtmpose",
-}
+MODEL_NAMES = pose_model_names()
 
 
 def default_pose_model() -> str:

@@ -237,3 +237,14 @@ def test_rotation_metadata_is_honoured(gateway, tmp_path):
     cw = cv2.rotate(original, cv2.ROTATE_90_CLOCKWISE).astype(np.float32)
     assert np.abs(image - ccw).mean() < 0.3 * np.abs(image - cw).mean()
     gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
+
+
+def test_a_pose_model_without_weights_is_refused_up_front(gateway_factory):
+    gw = gateway_factory(disabled_pose_models="rtmpose")
+    msg = _expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: gw.stub.Upload(upload_requests(
+        media("mmpose_demo_960x540_5f.mp4").read_bytes(), options=tpb.TaskOptions(pose_model=tpb.POSE_MODEL_RTMPOSE)),
+        metadata=auth()))
+    assert "rtmpose" in msg and "blazepose_full or blazepose_lite" in msg
+    assert gw.stub.ListTasks(tpb.ListTasksRequest(), metadata=auth()).tasks == [] and job_files(gw) == []
+    upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth(),
+           options=tpb.TaskOptions(pose_model=tpb.POSE_MODEL_BLAZEPOSE_FULL))
