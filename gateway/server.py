@@ -4,6 +4,7 @@ the gRPC server with health and reflection, start-up recovery and the periodic s
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import threading
@@ -15,6 +16,7 @@ import grpc
 from confluent_kafka import Producer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, start_http_server
 
 from posemesh import kafka
 from posemesh.settings import Settings
@@ -29,6 +31,12 @@ from gateway.store import ACTIVE, TaskStore, now_us
 from gateway.topics import TopicManager
 
 log = logging.getLogger("posemesh.gateway")
+
+UPLOADS = Counter("posemesh_gateway_uploads_total", "Uploads by outcome (accepted or the gRPC status code)",
+                  ["outcome"])
+UPLOAD_BYTES = Counter("posemesh_gateway_upload_bytes_total", "Bytes of accepted uploads")
+TASKS_ENDED = Counter("posemesh_gateway_tasks_ended_total", "Tasks that reached a terminal state", ["state"])
+TOPICS_DELETED = Counter("posemesh_gateway_task_topics_deleted_total", "Tasks whose topics were deleted")
 
 SERVICE_NAME = tpb.DESCRIPTOR.services_by_name["TaskService"].full_name
 # A running task with no progress from any stage for this long is failed rather than left running.
@@ -92,6 +100,7 @@ class Gateway:
             log.exception("could not announce the end of %s; the sweep retries", task_id)
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more
         log.info("task %s %s %s", task_id, tpb.TaskState.Name(state), message)
+        TASKS_ENDED.labels(tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()).inc()
         return task
 
     def cancel(self, task_id: str, reason: str) -> tpb.Task | None:
@@ -148,7 +157,7 @@ class Gateway:
             log.info("found %d tasks' topics without a live task; they will be deleted", len(orphans))
 
     def sweep_once(self) -> None:
-        self.topics.sweep()
+        TOPICS_DELETED.inc(len(self.topics.sweep()))
         stalled_before = now_us() - int(STALL_TIMEOUT_S * 1e6)
         for row in self.store.rows("state = ? AND last_progress_us < ?", (tpb.TASK_STATE_RUNNING, stalled_before)):
             self.fail(row["task_id"], f"no stage made progress for {STALL_TIMEOUT_S:.0f} s")
@@ -181,6 +190,8 @@ class Gateway:
         if not self.port:
             raise RuntimeError(f"cannot listen on {listen or self.settings.gateway_listen}")
         self.server.start()
+        if self.settings.gateway_metrics_port:
+            start_http_server(self.settings.gateway_metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("gateway listening on port %d", self.port)

@@ -64,6 +64,19 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     # ------------------------------------------------------------------ Upload
 
     def Upload(self, request_iterator, context):
+        from gateway.server import UPLOAD_BYTES, UPLOADS
+
+        try:
+            response = self._upload(request_iterator, context)
+        except Exception:
+            code = context.code() if hasattr(context, "code") else None
+            UPLOADS.labels(code.name.lower() if code else "error").inc()
+            raise
+        UPLOADS.labels("accepted").inc()
+        UPLOAD_BYTES.inc(response.task.upload_bytes)
+        return response
+
+    def _upload(self, request_iterator, context):
         user = self.auth.user(context)
         first = next(request_iterator, None)
         if first is None:

@@ -51,6 +51,7 @@ class Settings:
     models_dir: Path = field(default_factory=default_models_dir)
     # Gateway
     gateway_listen: str = field(default_factory=lambda: _env("GATEWAY_LISTEN", "127.0.0.1:50051"))
+    gateway_metrics_port: int = field(default_factory=lambda: int(_env("GATEWAY_METRICS_PORT", "0")))  # 0: off
     max_upload_bytes: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
     max_active_tasks_per_user: int = field(default_factory=lambda: int(_env("MAX_ACTIVE_TASKS_PER_USER", "8")))
     api_keys_file: str = field(default_factory=lambda: _env("API_KEYS_FILE", ""))

@@ -104,6 +104,7 @@ class Stack:
         self.logs = self.run_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.services: list[Service] = []
+        self.metrics_ports: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.bootstrap = config.kafka or f"127.0.0.1:{config.kafka_port}"
@@ -151,12 +152,15 @@ class Stack:
 
                 cmd, env = triton.command(TritonInstall.find())
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
-            self._add("gateway", [sys.executable, "-m", "gateway"], lambda: grpc_healthy(self.gateway_address), 60)
+            self.metrics_ports = {"gateway": free_port()}
+            self._add("gateway", [sys.executable, "-m", "gateway"], lambda: grpc_healthy(self.gateway_address), 60,
+                      env={**self.env, "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports["gateway"])})
             for stage, count in self.config.workers.items():
                 for i in range(count):
                     port = free_port()
+                    self.metrics_ports[f"{stage}-{i}"] = free_port()
                     self._add(f"{stage}-{i}", [sys.executable, "-m", "stages", stage, "--control-port", str(port),
-                                               "--metrics-port", str(free_port())],
+                                               "--metrics-port", str(self.metrics_ports[f"{stage}-{i}"])],
                               lambda p=port: grpc_healthy(f"127.0.0.1:{p}"), 120)
         except BaseException:
             self.stop()
@@ -168,7 +172,8 @@ class Stack:
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "gateway": self.gateway_address, "kafka": self.bootstrap,
                  "triton": self.triton_url, "logs": str(self.logs),
-                 "services": {s.name: s.proc.pid for s in self.services}}
+                 "services": {s.name: s.proc.pid for s in self.services},
+                 "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}}
         (self.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
 
     def _supervise(self) -> None:

@@ -110,6 +110,12 @@ def _expect(code, call):
 
 
 def test_bad_uploads_get_precise_codes_and_leave_nothing_behind(gateway, tmp_path):
+    from prometheus_client import REGISTRY
+
+    def refused(code: str) -> float:
+        return REGISTRY.get_sample_value("posemesh_gateway_uploads_total", {"outcome": code}) or 0.0
+
+    invalid_before, exhausted_before = refused("invalid_argument"), refused("resource_exhausted")
     stub = gateway.stub
     before = topics(gateway.settings.kafka_bootstrap)
     clip = media("mmpose_demo_960x540_5f.mp4").read_bytes()
@@ -134,6 +140,8 @@ def test_bad_uploads_get_precise_codes_and_leave_nothing_behind(gateway, tmp_pat
     # A chunk over 1 MiB.
     _expect(grpc.StatusCode.INVALID_ARGUMENT,
             lambda: stub.Upload(upload_requests(clip + bytes(2 << 20), "x.mp4", chunk=2 << 20), metadata=auth()))
+    # Counted on the gateway's metrics, by status code.
+    assert refused("invalid_argument") - invalid_before == 5 and refused("resource_exhausted") - exhausted_before == 1
     # Nothing left behind: no task, no topic, no temp file.
     assert stub.ListTasks(tpb.ListTasksRequest(), metadata=auth()).tasks == []
     assert topics(gateway.settings.kafka_bootstrap) - before == set()

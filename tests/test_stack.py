@@ -41,6 +41,13 @@ def test_up_restarts_crashed_processes_and_stops_cleanly(tmp_path):
         assert set(state["services"]) == {"broker", "triton", "gateway", "detect-0", "pose-0", "track-0", "annotate-0"}
         with Client(f"127.0.0.1:{port}") as client:  # the development key
             assert list(client.list()) == []
+        # Prometheus metrics from the gateway and every worker.
+        import urllib.request
+        assert set(state["metrics"]) == {"gateway", "detect-0", "pose-0", "track-0", "annotate-0"}
+        text = urllib.request.urlopen(state["metrics"]["gateway"], timeout=10).read().decode()
+        assert "posemesh_gateway_uploads_total" in text
+        text = urllib.request.urlopen(state["metrics"]["pose-0"], timeout=10).read().decode()
+        assert "posemesh_stage_frames_total" in text
         # One log per process.
         assert {p.stem for p in (run_dir / "logs").glob("*.log")} >= set(state["services"])
 
