@@ -33,8 +33,7 @@ class EventReader(threading.Thread):
 
     def run(self) -> None:
         consumer = Consumer(kafka.consumer_config(self.settings, "posemesh-gateway", "gateway-events"))
-        saved = self.store.get_meta(OFFSET_KEY)
-        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, int(saved) if saved else OFFSET_BEGINNING)])
+        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, self.start_offset(consumer))])
         try:
             while self.running.is_set():
                 msgs = consumer.consume(num_messages=500, timeout=0.1)
@@ -51,6 +50,20 @@ class EventReader(threading.Thread):
                     self.store.set_meta(OFFSET_KEY, str(last + 1))
         finally:
             consumer.close()
+
+    def start_offset(self, consumer: Consumer) -> int:
+        """Where the last run stopped, unless that is past the end of the topic: then the topic is not the
+        one the offset was saved against (the memory-only local broker restarted, or someone re-created
+        it), and the whole of it is read. Replaying is safe: every handler is idempotent."""
+        saved = self.store.get_meta(OFFSET_KEY)
+        if not saved:
+            return OFFSET_BEGINNING
+        _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.EVENTS_TOPIC, 0), timeout=10)
+        if int(saved) > high:
+            log.warning("saved events offset %s is past the end of %s (%d): reading it from the start",
+                        saved, kafka.EVENTS_TOPIC, high)
+            return OFFSET_BEGINNING
+        return int(saved)
 
     def handle(self, event: pb.WorkerEvent, sent_at: float) -> None:
         kind = event.WhichOneof("event")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -98,6 +99,8 @@ def cmd_run(args) -> int:
     if not video.exists():
         print(f"no such video: {video}", file=sys.stderr)
         return 2
+    # SIGTERM (a CI timeout, `kill`) must stop the stack too: SystemExit runs the `finally` below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stack = Stack(StackConfig(run_dir=Path(args.run_dir)))
     t0 = time.monotonic()
     try:

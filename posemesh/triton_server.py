@@ -53,13 +53,15 @@ class TritonInstall:
         python_dir = into / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         src = self.site / "pytriton" / "tritonserver"
-        for f in (src / "backends" / "python").iterdir():
-            if f.is_file():
-                shutil.copy2(f, python_dir / f.name)
         stub = src / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
         if not stub.exists():
             stub = next((src / "python_backend_stubs").glob("*/triton_python_backend_stub"))
-        shutil.copy2(stub, python_dir / "triton_python_backend_stub")
+        files = [f for f in (src / "backends" / "python").iterdir() if f.is_file()] + [stub]
+        for f in files:
+            # Copy then rename: a stub still running from another server cannot be overwritten in place.
+            tmp = python_dir / f".{f.name}.tmp"
+            shutil.copy2(f, tmp)
+            os.replace(tmp, python_dir / f.name)
         return into
 
 

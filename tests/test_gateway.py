@@ -256,3 +256,26 @@ def test_a_pose_model_without_weights_is_refused_up_front(gateway_factory):
     assert gw.stub.ListTasks(tpb.ListTasksRequest(), metadata=auth()).tasks == [] and job_files(gw) == []
     upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth(),
            options=tpb.TaskOptions(pose_model=tpb.POSE_MODEL_BLAZEPOSE_FULL))
+
+
+def test_a_gateway_whose_saved_events_offset_belongs_to_an_older_broker_still_hears_workers(gateway_factory, tmp_path):
+    """The local broker keeps topics in memory: after it restarts, the offset the gateway saved for
+    posemesh.events points past the new topic's end. The gateway must notice and read from the start."""
+    from confluent_kafka import Producer
+
+    from gateway.events import OFFSET_KEY
+    from gateway.store import TaskStore
+
+    data = tmp_path / "data"
+    store = TaskStore(data / "tasks.sqlite3")
+    store.set_meta(OFFSET_KEY, str(10**9))
+    store.close()
+    gw = gateway_factory(data)
+    task = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())
+    event = pb.WorkerEvent(worker_id="detect-test", stage="detect",
+                           progress=pb.TaskProgress(task_id=task.task_id, frames_done=3, frames_total=5))
+    producer = Producer({"bootstrap.servers": gw.settings.kafka_bootstrap})
+    producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
+    producer.flush(10)
+    wait_for(lambda: any(p.stage == "detect" and p.frames_done == 3 for p in gw.stub.GetTask(
+        tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task.progress), 20, what="the worker's progress")

@@ -65,3 +65,20 @@ def test_up_restarts_crashed_processes_and_stops_cleanly(tmp_path):
     assert up.returncode == 0
     assert not state_file.exists()
     assert [p for p in pids if alive(p)] == []
+
+
+def test_run_stops_its_stack_when_terminated(tmp_path):
+    """`posemesh run` killed with SIGTERM (a CI timeout, say) stops everything it started."""
+    from tests.conftest import media
+
+    run_dir = tmp_path / "once"
+    proc = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "run", str(media("vtest_opencv_480x360.mp4")),
+                             "--run-dir", str(run_dir), "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
+                            stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT)
+    state_file = run_dir / "stack.json"
+    wait_for(state_file.exists, 240, 0.2, "the stack of `posemesh run` to come up")
+    pids = list(json.loads(state_file.read_text())["services"].values())
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(90)
+    assert not state_file.exists()
+    assert [p for p in pids if alive(p)] == []
