@@ -177,7 +177,7 @@ class StageWorker:
                 else:
                     # Keep a pool of up to 4 batches to choose from; wait for more only when short of one.
                     pooled = self.pooled()
-                    full = pooled >= batch and self.ready_to_run(batch)
+                    full = pooled >= batch and self.ready_to_run()
                     msgs = self.consumer.consume(num_messages=max(4 * batch - pooled, 1),
                                                  timeout=0 if full else 0.02 if pooled else 0.05)
                 if msgs or self.pooled():
@@ -340,7 +340,7 @@ class StageWorker:
                     break
         return ready
 
-    def ready_to_run(self, batch: int) -> bool:
+    def ready_to_run(self) -> bool:
         return any(t.buffer and (min(t.buffer) < t.low or time.monotonic() - t.pool_since >= HOLD_S)
                    for t in self.tasks.values()) if not self.stage.ordered else False
 
