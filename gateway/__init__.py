@@ -2,5 +2,5 @@
 
 Modules, one concern each: auth (API keys), store (SQLite task store), media (probe and decode
 uploads), producer (frames onto raw_frames_<task>), topics (create, hand-off, delete), events (worker
-progress and results), service (the TaskService API), server (wiring, health, reflection).
+progress and results), metrics (Prometheus), service (the TaskService API), server (wiring, health, reflection).
 """

@@ -16,7 +16,7 @@ import grpc
 from confluent_kafka import Producer
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, start_http_server
+from prometheus_client import start_http_server
 
 from posemesh import kafka
 from posemesh.settings import Settings
@@ -25,18 +25,13 @@ from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from gateway.auth import Authenticator, load_keys
 from gateway.events import EventReader
+from gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from gateway.producer import FrameProducer
 from gateway.service import TaskService
 from gateway.store import ACTIVE, TaskStore, now_us
 from gateway.topics import TopicManager
 
 log = logging.getLogger("posemesh.gateway")
-
-UPLOADS = Counter("posemesh_gateway_uploads_total", "Uploads by outcome (accepted or the gRPC status code)",
-                  ["outcome"])
-UPLOAD_BYTES = Counter("posemesh_gateway_upload_bytes_total", "Bytes of accepted uploads")
-TASKS_ENDED = Counter("posemesh_gateway_tasks_ended_total", "Tasks that reached a terminal state", ["state"])
-TOPICS_DELETED = Counter("posemesh_gateway_task_topics_deleted_total", "Tasks whose topics were deleted")
 
 SERVICE_NAME = tpb.DESCRIPTOR.services_by_name["TaskService"].full_name
 # A running task with no progress from any stage for this long is failed rather than left running.

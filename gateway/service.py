@@ -16,6 +16,7 @@ from posemesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from gateway import media
+from gateway.metrics import UPLOAD_BYTES, UPLOADS
 from gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 
 log = logging.getLogger("posemesh.gateway")
@@ -64,8 +65,6 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     # ------------------------------------------------------------------ Upload
 
     def Upload(self, request_iterator, context):
-        from gateway.server import UPLOAD_BYTES, UPLOADS
-
         try:
             response = self._upload(request_iterator, context)
         except Exception:

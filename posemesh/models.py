@@ -22,7 +22,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +64,6 @@ class ServedModel:
     queue_delay_us: int = 2000
     # Built by posemesh when the published file is absent (RTMPose offline): right signature, no training.
     stand_in: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def served_file(self) -> str:

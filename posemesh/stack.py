@@ -192,7 +192,8 @@ class Stack:
                 time.sleep(delay)
                 if not self.stopping.is_set():
                     service.start()
-            self._write_state() if dead else None
+            if dead:
+                self._write_state()
             time.sleep(0.5)
 
     def stop(self) -> None:

@@ -43,6 +43,7 @@ from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
+from stages.offsets import OffsetBook
 
 log = logging.getLogger("posemesh.stage")
 
@@ -126,7 +127,6 @@ class StageWorker:
         self.worker_id = worker_id or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.control_port, self.metrics_port = control_port, metrics_port
         self.running = threading.Event()
-        self.stopped = threading.Event()
         self.lock = threading.Lock()
         self.tasks: dict[str, TaskContext] = {}
         self.live: dict[str, pb.TaskStarted] = {}  # from the control topic: tasks that have not ended
@@ -136,7 +136,7 @@ class StageWorker:
         self.owned: set[tuple[str, int]] = set()
         self.positions: dict[tuple, int] = {}
         self.previously_owned: set = set()
-        self.book = None
+        self.book = OffsetBook()
         self.frames_processed = 0
         self.batches = 0
         self.started_at = time.time()
@@ -144,15 +144,11 @@ class StageWorker:
         self._reported: dict[str, int] = {}
         self._delivery_errors: list = []
         self._partition_cache: dict[str, int] = {}
-        self._first_frames: list[TaskContext] = []
         self.paused: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ set-up and shutdown
 
     def run(self) -> None:
-        from stages.offsets import OffsetBook
-
-        self.book = OffsetBook()
         kafka.ensure_shared_topics(self.settings)
         self.stage.setup(self.settings)
         group = f"{self.settings.group_prefix}-{self.stage.name}"
@@ -199,7 +195,6 @@ class StageWorker:
                 self.producer.flush(5)
                 self.stage.close()
                 server.stop(1)
-                self.stopped.set()
 
     def stop(self, *_args) -> None:
         self.running.clear()
@@ -322,10 +317,7 @@ class StageWorker:
                     task.next_index += 1
             return ready
         now = time.monotonic()
-        # A lower frame of the task has not arrived yet (another partition is behind): hold the task's
-        # frames a little, up to HOLD_S, so the frame a user waits for next is not overtaken.
-        waiting = [t for t in self.tasks.values() if t.buffer
-                   and (min(t.buffer) < t.low or now - t.pool_since >= HOLD_S)]
+        waiting = [t for t in self.tasks.values() if self._runnable(t, now)]
         # A task that has produced nothing yet sends its first frame alone: its first result comes one
         # model call after the frame, not one batch of crops after it.
         starting = [t for t in waiting if t.frames_done == 0 and min(t.buffer) == 0]
@@ -340,9 +332,16 @@ class StageWorker:
                     break
         return ready
 
+    @staticmethod
+    def _runnable(task: TaskContext, now: float) -> bool:
+        """Unordered stages: the task has pooled frames that may go now. While a lower frame of the task
+        has not arrived (another partition is behind), its frames wait up to HOLD_S, so the frame a user
+        waits for next is not overtaken."""
+        return bool(task.buffer) and (min(task.buffer) < task.low or now - task.pool_since >= HOLD_S)
+
     def ready_to_run(self) -> bool:
-        return any(t.buffer and (min(t.buffer) < t.low or time.monotonic() - t.pool_since >= HOLD_S)
-                   for t in self.tasks.values()) if not self.stage.ordered else False
+        now = time.monotonic()
+        return not self.stage.ordered and any(self._runnable(t, now) for t in self.tasks.values())
 
     def _flow_control(self, batch: int) -> None:
         """Fair share between partitions (and so tasks), whatever order the broker fills fetches in: the
@@ -412,8 +411,7 @@ class StageWorker:
         ready = self._select(batch)
         if ready and os.environ.get("POSEMESH_DEBUG_BATCHES") and self.batches < 12:
             log.info("batch %d: %s (pool %d)", self.batches, [i.frame.index for i, _t, _o in ready], self.pooled())
-        if ready:
-            self._process(ready)
+        first_frames = self._process(ready) if ready else []
         for record, tp, offset in forward_eos:
             self._produce(record)
         finished = [t for t in self.tasks.values() if self.stage.ordered and not t.finished
@@ -440,9 +438,8 @@ class StageWorker:
             task.held.clear()
         # A task's first frame and its final count are reported at once (time to first result is
         # what a user waits on); the rest every 0.5 s.
-        for task in self._first_frames + finished:
+        for task in first_frames + finished:
             self._report_progress(task)
-        self._first_frames = []
         for result in results:
             self._event(result=result)
         if results:
@@ -457,7 +454,8 @@ class StageWorker:
         else:
             self.book.done(tp, offset)
 
-    def _process(self, ready) -> None:
+    def _process(self, ready) -> list[TaskContext]:
+        """Run the stage on a batch and produce its outputs; returns the tasks whose first frame this was."""
         items = [item for item, _tp, _off in ready]
         t0 = time.perf_counter()
         self.stage.process(items, self.tasks)
@@ -478,7 +476,7 @@ class StageWorker:
                 task.held.append((tp, offset))
             if self.stage.output_prefix:
                 self._produce(pb.StageRecord(task_id=item.task_id, options=item.options, frame=item.frame))
-        self._first_frames = first_frames
+        return first_frames
 
     def _produce(self, record: pb.StageRecord) -> None:
         topic = kafka.task_topic(self.stage.output_prefix, record.task_id)
