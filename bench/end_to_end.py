@@ -27,18 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from gateway import media  # noqa: E402
+from posemesh.gateway import media  # noqa: E402
 from posemesh.client import Client  # noqa: E402
 from posemesh.models import prepare  # noqa: E402
 from posemesh.settings import REPO_ROOT, Settings, default_media_dir  # noqa: E402
 from posemesh.stack import Stack, StackConfig  # noqa: E402
 from posemesh.v1 import pipeline_pb2 as pb  # noqa: E402
 from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
-from stages.annotate import AnnotateStage  # noqa: E402
-from stages.detect import DEFAULT_MIN_SCORE, Detector  # noqa: E402
-from stages.pose import PoseEstimator  # noqa: E402
-from stages.runtime import FrameItem, TaskContext  # noqa: E402
-from stages.track import TrackStage  # noqa: E402
+from posemesh.stages.annotate import AnnotateStage  # noqa: E402
+from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector  # noqa: E402
+from posemesh.stages.pose import PoseEstimator  # noqa: E402
+from posemesh.stages.runtime import FrameItem, TaskContext  # noqa: E402
+from posemesh.stages.track import TrackStage  # noqa: E402
 
 
 class OrtModel:

@@ -1,3 +1,3 @@
-from gateway.server import main
+from posemesh.gateway.server import main
 
 main()

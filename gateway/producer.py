@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 from posemesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from gateway import media
+from posemesh.gateway import media
 
 log = logging.getLogger("posemesh.gateway")
 

@@ -23,13 +23,13 @@ from posemesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
-from gateway.auth import Authenticator, load_keys
-from gateway.events import EventReader
-from gateway.metrics import TASKS_ENDED, TOPICS_DELETED
-from gateway.producer import FrameProducer
-from gateway.service import TaskService
-from gateway.store import ACTIVE, TaskStore, now_us
-from gateway.topics import TopicManager
+from posemesh.gateway.auth import Authenticator, load_keys
+from posemesh.gateway.events import EventReader
+from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
+from posemesh.gateway.producer import FrameProducer
+from posemesh.gateway.service import TaskService
+from posemesh.gateway.store import ACTIVE, TaskStore, now_us
+from posemesh.gateway.topics import TopicManager
 
 log = logging.getLogger("posemesh.gateway")
 

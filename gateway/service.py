@@ -15,9 +15,9 @@ import grpc
 from posemesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
-from gateway import media
-from gateway.metrics import UPLOAD_BYTES, UPLOADS
-from gateway.store import ACTIVE, TERMINAL, now_us, timestamp
+from posemesh.gateway import media
+from posemesh.gateway.metrics import UPLOAD_BYTES, UPLOADS
+from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 
 log = logging.getLogger("posemesh.gateway")
 

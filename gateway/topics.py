@@ -23,7 +23,7 @@ from posemesh import kafka
 from posemesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from gateway.store import TERMINAL, TaskStore, now_us
+from posemesh.gateway.store import TERMINAL, TaskStore, now_us
 
 log = logging.getLogger("posemesh.gateway")
 

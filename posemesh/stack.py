@@ -153,13 +153,13 @@ class Stack:
                 cmd, env = triton.command(TritonInstall.find())
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
             self.metrics_ports = {"gateway": free_port()}
-            self._add("gateway", [sys.executable, "-m", "gateway"], lambda: grpc_healthy(self.gateway_address), 60,
+            self._add("gateway", [sys.executable, "-m", "posemesh.gateway"], lambda: grpc_healthy(self.gateway_address), 60,
                       env={**self.env, "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports["gateway"])})
             for stage, count in self.config.workers.items():
                 for i in range(count):
                     port = free_port()
                     self.metrics_ports[f"{stage}-{i}"] = free_port()
-                    self._add(f"{stage}-{i}", [sys.executable, "-m", "stages", stage, "--control-port", str(port),
+                    self._add(f"{stage}-{i}", [sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port),
                                                "--metrics-port", str(self.metrics_ports[f"{stage}-{i}"])],
                               lambda p=port: grpc_healthy(f"127.0.0.1:{p}"), 120)
         except BaseException:

@@ -1,4 +1,4 @@
-"""python -m stages NAME [--control-port P] [--metrics-port P]: run one stage worker."""
+"""python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import argparse
 import logging
 
 from posemesh.settings import Settings
-from stages.runtime import serve
+from posemesh.stages.runtime import serve
 
 STAGES = {
-    "detect": "stages.detect:DetectStage",
-    "pose": "stages.pose:PoseStage",
-    "track": "stages.track:TrackStage",
-    "annotate": "stages.annotate:AnnotateStage",
+    "detect": "posemesh.stages.detect:DetectStage",
+    "pose": "posemesh.stages.pose:PoseStage",
+    "track": "posemesh.stages.track:TrackStage",
+    "annotate": "posemesh.stages.annotate:AnnotateStage",
 }
 
 
@@ -24,7 +24,7 @@ def load(name: str):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m stages")
+    parser = argparse.ArgumentParser(prog="python -m posemesh.stages")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--control-port", type=int, default=0, help="StageService + health (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics (0: off)")

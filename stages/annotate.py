@@ -22,8 +22,8 @@ from posemesh import kafka
 from posemesh.models import sha256_of
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from stages.pose import COCO_SKELETON
-from stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.pose import COCO_SKELETON
+from posemesh.stages.runtime import FrameItem, Stage, TaskContext
 
 VIDEO_FILE, KEYPOINTS_FILE = "annotated.mp4", "keypoints.jsonl"
 ARTIFACT_FILES = {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO: (VIDEO_FILE, "video/mp4"),

@@ -13,8 +13,8 @@ import numpy as np
 from posemesh import kafka
 from posemesh.models import YOLOX_SIZE
 from posemesh.v1 import pipeline_pb2 as pb
-from stages.runtime import FrameItem, Stage, TaskContext
-from stages.triton import TritonModel
+from posemesh.stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.triton import TritonModel
 
 DEFAULT_MIN_SCORE = 0.5
 NMS_IOU = 0.45

@@ -18,8 +18,8 @@ import numpy as np
 
 from posemesh import kafka
 from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
-from stages.runtime import FrameItem, Stage, TaskContext
-from stages.triton import TritonModel
+from posemesh.stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.triton import TritonModel
 
 # BlazePose-33 indices of the COCO-17 keypoints, in COCO order (left before right).
 BLAZEPOSE_TO_COCO = np.array([0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28])

@@ -43,7 +43,7 @@ from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
-from stages.offsets import OffsetBook
+from posemesh.stages.offsets import OffsetBook
 
 log = logging.getLogger("posemesh.stage")
 

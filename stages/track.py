@@ -11,7 +11,7 @@ import supervision as sv
 from trackers import ByteTrackTracker
 
 from posemesh import kafka
-from stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.runtime import FrameItem, Stage, TaskContext
 
 
 class TrackStage(Stage):

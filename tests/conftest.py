@@ -66,7 +66,7 @@ def settings_env(s: Settings) -> dict:
 
 class RunningGateway:
     def __init__(self, settings: Settings):
-        from gateway.server import Gateway
+        from posemesh.gateway.server import Gateway
 
         self.settings = settings
         self.gateway = Gateway(settings)
@@ -128,7 +128,7 @@ def triton(onnx_dir, tmp_path_factory):
 
 
 class Workers:
-    """Stage workers as real processes (python -m stages NAME), like the stack runs them."""
+    """Stage workers as real processes (python -m posemesh.stages NAME), like the stack runs them."""
 
     def __init__(self, settings: Settings, log_dir: Path):
         self.settings, self.log_dir = settings, log_dir
@@ -137,7 +137,7 @@ class Workers:
     def start(self, stage: str) -> int:
         port = free_port()
         log = open(self.log_dir / f"{stage}-{port}.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "stages", stage, "--control-port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port)],
                                 cwd=REPO_ROOT, env=settings_env(self.settings), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((stage, port, proc))

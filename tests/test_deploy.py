@@ -6,7 +6,7 @@ import yaml
 
 from posemesh.models import MODELS
 from posemesh.settings import REPO_ROOT
-from stages.__main__ import STAGES
+from posemesh.stages.__main__ import STAGES
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -16,7 +16,7 @@ def test_compose_runs_every_stage_and_the_gateway():
     services = compose["services"]
     assert set(STAGES) | {"gateway", "kafka", "triton"} <= set(services)
     for stage in STAGES:
-        assert services[stage]["command"][:4] == ["python", "-m", "stages", stage]
+        assert services[stage]["command"][:4] == ["python", "-m", "posemesh.stages", stage]
 
 
 def test_kubernetes_manifests_have_a_deployment_per_stage_with_grpc_probes():

@@ -263,8 +263,8 @@ def test_a_gateway_whose_saved_events_offset_belongs_to_an_older_broker_still_he
     posemesh.events points past the new topic's end. The gateway must notice and read from the start."""
     from confluent_kafka import Producer
 
-    from gateway.events import OFFSET_KEY
-    from gateway.store import TaskStore
+    from posemesh.gateway.events import OFFSET_KEY
+    from posemesh.gateway.store import TaskStore
 
     data = tmp_path / "data"
     store = TaskStore(data / "tasks.sqlite3")

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 from posemesh import models
-from stages import pose
+from posemesh.stages import pose
 from tests.conftest import MODELS
 
 

@@ -1,6 +1,6 @@
 """OffsetBook: which offsets may be committed (pure logic)."""
 
-from stages.offsets import OffsetBook
+from posemesh.stages.offsets import OffsetBook
 
 
 def test_commit_stops_at_the_first_offset_whose_output_does_not_exist():

@@ -7,8 +7,8 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from posemesh import kafka
-from stages.offsets import OffsetBook
-from stages.runtime import Stage, StageWorker
+from posemesh.stages.offsets import OffsetBook
+from posemesh.stages.runtime import Stage, StageWorker
 from tests.conftest import make_settings
 
 

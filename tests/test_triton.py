@@ -10,9 +10,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from posemesh.models import MODELS as SERVED
-from stages.detect import Detector
-from stages.pose import PoseEstimator
-from stages.triton import TritonModel
+from posemesh.stages.detect import Detector
+from posemesh.stages.pose import PoseEstimator
+from posemesh.stages.triton import TritonModel
 from tests.conftest import MODELS, media
 from tests.helpers import wait_for
 
