@@ -27,14 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from posemesh.gateway import media  # noqa: E402
+from posemesh import media  # noqa: E402
 from posemesh.client import Client  # noqa: E402
 from posemesh.models import prepare  # noqa: E402
 from posemesh.settings import REPO_ROOT, Settings, default_media_dir  # noqa: E402
 from posemesh.stack import Stack, StackConfig  # noqa: E402
 from posemesh.v1 import pipeline_pb2 as pb  # noqa: E402
 from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
-from posemesh.stages.annotate import AnnotateStage  # noqa: E402
+from posemesh.stages.annotate import AnnotateStage, draw  # noqa: E402
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector  # noqa: E402
 from posemesh.stages.pose import PoseEstimator  # noqa: E402
 from posemesh.stages.runtime import FrameItem, TaskContext  # noqa: E402
@@ -83,11 +83,10 @@ def in_process(clip: Path, onnx_dir: Path, pose_model: str, threads: int, out_di
                     person.keypoints.add(x=x, y=y, score=s)
         item = FrameItem("ceiling", task.options, frame)
         tracker.process([item], tasks)
-        out = out or annotate.open_task(task, frame)
-        annotate.write(out, frame, image)
+        out = out or annotate.writer(task, frame)
+        out.write(frame, draw(image, frame.persons))
         count += 1
     task.total = count
-    annotate.outputs["ceiling"] = out
     annotate.finish_task(task)
     return count, time.perf_counter() - t0
 

@@ -1,21 +1,23 @@
 """API keys: `authorization: Bearer <key>` call metadata, mapped to a user.
 
 Keys come from POSEMESH_API_KEYS ("user:key,user2:key2") and/or a file named by POSEMESH_API_KEYS_FILE
-(one `user:key` per line, # comments). With neither set, the local stack's development key
-`dev:posemesh-dev-key` is accepted (and the gateway says so in its log).
+(one `user:key` per line, # comments). It fails closed: with no key configured, or a keys file that is
+missing, unreadable or empty, the gateway refuses to start. The local stack (`posemesh up`) configures
+the development key `dev:posemesh-dev-key` itself when nothing else is set.
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
 from pathlib import Path
 
 import grpc
 
-log = logging.getLogger("posemesh.gateway")
-
 DEV_USER, DEV_KEY = "dev", "posemesh-dev-key"
+
+
+class KeyConfigError(RuntimeError):
+    """The API keys are not configured usably; the gateway must not start."""
 
 
 def parse_keys(text: str) -> dict[str, str]:
@@ -27,7 +29,7 @@ def parse_keys(text: str) -> dict[str, str]:
             continue
         user, sep, key = item.partition(":")
         if not sep or not user.strip() or not key.strip():
-            raise ValueError(f"bad API key entry {item!r}: expected user:key")
+            raise KeyConfigError(f"bad API key entry: expected user:key, got an entry of {len(item)} characters")
         keys[key.strip()] = user.strip()
     return keys
 
@@ -35,10 +37,17 @@ def parse_keys(text: str) -> dict[str, str]:
 def load_keys(env_keys: str, keys_file: str) -> dict[str, str]:
     keys = parse_keys(env_keys) if env_keys else {}
     if keys_file:
-        keys.update(parse_keys(Path(keys_file).read_text()))
+        try:
+            text = Path(keys_file).read_text()
+        except OSError as exc:
+            raise KeyConfigError(f"cannot read the API keys file {keys_file} ({exc.strerror}): refusing to start") from None
+        from_file = parse_keys(text)
+        if not from_file:
+            raise KeyConfigError(f"the API keys file {keys_file} holds no keys: refusing to start")
+        keys.update(from_file)
     if not keys:
-        log.warning("no API keys configured: accepting the development key for user %r", DEV_USER)
-        keys = {DEV_KEY: DEV_USER}
+        raise KeyConfigError("no API keys configured: set POSEMESH_API_KEYS=user:key[,user:key] or "
+                             "POSEMESH_API_KEYS_FILE (`posemesh up` sets a development key by itself)")
     return keys
 
 
@@ -46,16 +55,26 @@ class Authenticator:
     def __init__(self, keys: dict[str, str]):
         self.keys = keys
 
+    def user_of(self, metadata) -> tuple[str | None, str]:
+        """(user, "") for a good key, else (None, a message for UNAUTHENTICATED)."""
+        values = [v for k, v in (metadata or ()) if k == "authorization"]
+        if not values:
+            return None, "missing API key: send call metadata 'authorization: Bearer <key>'"
+        if len(values) > 1:
+            return None, f"{len(values)} authorization headers: send exactly one"
+        header = values[0] if isinstance(values[0], str) else ""
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None, "malformed authorization metadata: expected 'Bearer <key>'"
+        found = None
+        for known, user in self.keys.items():  # compare with every key: constant time per key
+            if hmac.compare_digest(known.encode(), key.strip().encode()):
+                found = user
+        return (found, "") if found else (None, "unknown API key")
+
     def user(self, context: grpc.ServicerContext) -> str:
         """The caller's user, or abort UNAUTHENTICATED."""
-        header = dict(context.invocation_metadata()).get("authorization", "")
-        if not header:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing API key: send call metadata 'authorization: Bearer <key>'")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "malformed authorization metadata: expected 'Bearer <key>'")
-        for known, user in self.keys.items():  # constant-time per key
-            if hmac.compare_digest(known.encode(), key.strip().encode()):
-                return user
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown API key")
+        user, problem = self.user_of(context.invocation_metadata())
+        if user is None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        return user

@@ -13,7 +13,7 @@ from confluent_kafka import Producer
 from posemesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from posemesh.gateway import media
+from posemesh import media
 
 log = logging.getLogger("posemesh.gateway")
 
@@ -22,13 +22,15 @@ PROGRESS_EVERY = 10
 
 class FrameProducer(threading.Thread):
     def __init__(self, task: tpb.Task, path: Path, producer: Producer, partitions: int, jpeg_quality: int,
-                 on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0):
+                 on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
+                 limits: media.Limits = media.Limits()):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
         self.task, self.path, self.producer = task, path, producer
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
+        self.limits = limits
         self.cancelled = threading.Event()
         self.errors: list = []
 
@@ -49,8 +51,9 @@ class FrameProducer(threading.Thread):
     def run(self) -> None:
         task_id, count = self.task.task_id, 0
         params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
+        reader = media.FrameReader(self.path, self.task.video.fps, self.limits)
         try:
-            for frame in media.frames(self.path, self.task.video.fps):
+            for frame in reader:
                 if self.cancelled.is_set():
                     return
                 while (self.max_ahead and self.frames_consumed and frame.index % 8 == 0
@@ -72,7 +75,9 @@ class FrameProducer(threading.Thread):
             if self.producer.flush(60) or self.errors:
                 raise RuntimeError(f"frames not delivered to Kafka: {self.errors[:1]}")
             self.on_progress(count)
-            self.on_done(count)
-        except Exception as exc:  # the task fails; the gateway and every other task go on
+            self.on_done(count, reader.skipped)
+        except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
+            self.on_error(f"frame {count} of the upload: {exc}")
+        except Exception:  # the task fails; the gateway and every other task go on
             log.exception("frame producer of %s failed", task_id)
-            self.on_error(f"decoding the upload failed after {count} frames: {exc}")
+            self.on_error(f"decoding the upload failed after {count} frames")

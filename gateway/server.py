@@ -23,11 +23,13 @@ from posemesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
-from posemesh.gateway.auth import Authenticator, load_keys
+from posemesh import media
+from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
+from posemesh.gateway.limits import UserLimits
 from posemesh.gateway.events import EventReader
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
-from posemesh.gateway.service import TaskService
+from posemesh.gateway.service import UPLOAD_FILE, TaskService
 from posemesh.gateway.store import ACTIVE, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
 
@@ -45,6 +47,8 @@ class Gateway:
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(load_keys(self.settings.api_keys, self.settings.api_keys_file))
         self.store = TaskStore(self.settings.db_path)
+        self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,
+                                 self.store.count_active)
         self.producer = Producer(kafka.producer_config(self.settings, "gateway"))
         self.topics = TopicManager(self.settings, self.producer, self.store)
         self.events = EventReader(self.settings, self.store, self.topics, self.complete, self.fail)
@@ -67,8 +71,11 @@ class Gateway:
     def _start_producer(self, task: tpb.Task, path: Path) -> None:
         task_id = task.task_id
 
-        def on_done(count: int) -> None:
+        def on_done(count: int, skipped: int) -> None:
             self.store.set_columns(task_id, produced=1, frames_total=count)
+            if skipped:
+                warning = f"{skipped} damaged packets of the video could not be decoded and were skipped"
+                self.store.update(task_id, lambda t: None if warning in t.warnings else t.warnings.append(warning))
 
         producer = FrameProducer(
             task, path, self.producer, kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
@@ -76,7 +83,7 @@ class Gateway:
             on_progress=lambda n: self.store.add_progress(task_id, "decode", "gateway", n),
             on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
-            max_ahead=self.settings.max_frames_ahead)
+            max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings))
         with self.lock:
             self.frame_producers[task_id] = producer
         producer.start()
@@ -97,6 +104,19 @@ class Gateway:
         log.info("task %s %s %s", task_id, tpb.TaskState.Name(state), message)
         TASKS_ENDED.labels(tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()).inc()
         return task
+
+    def abandon(self, task_id: str) -> None:
+        """Undo a task that could not be started (the broker is down): no row, no topic, no file remains."""
+        with self.lock:
+            producer = self.frame_producers.pop(task_id, None)
+        if producer:
+            producer.cancelled.set()
+        try:
+            kafka.delete_topics(self.topics.admin, kafka.task_topics(task_id), timeout=5)
+        except Exception:  # the broker is down: nobody read them, the orphan sweep deletes them later
+            log.warning("could not delete the topics of abandoned task %s now; the orphan sweep will", task_id)
+        self.store.purge(task_id)
+        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
 
     def cancel(self, task_id: str, reason: str) -> tpb.Task | None:
         return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
@@ -121,7 +141,7 @@ class Gateway:
         if row and row[0]["topics_deleted"]:
             self.store.purge(task_id)
         else:  # hidden now; the sweep removes the row once the topics are gone
-            self.store.set_columns(task_id, deleted=1)
+            self.store.set_columns(task_id, deleted=1, idempotency_key=None)  # the key may be used again
 
     # ------------------------------------------------------------------ recovery and the sweep
 
@@ -130,8 +150,8 @@ class Gateway:
         on_broker = kafka.list_task_topics(self.topics.admin)
         for row in self.store.rows("state IN (?, ?) AND deleted = 0", tuple(ACTIVE)):
             task = tpb.Task.FromString(row["task"])
-            path = next((self.settings.jobs_dir / task.task_id).glob("upload*"), None)
-            path = path if path and not path.name.endswith(".partial") else None
+            path = self.settings.jobs_dir / task.task_id / UPLOAD_FILE
+            path = path if path.exists() else None
             topics_intact = len(on_broker.get(task.task_id, [])) == len(kafka.TASK_TOPIC_PREFIXES)
             if row["produced"] and topics_intact:
                 log.info("task %s: frames all published before the restart; waiting for the stages", task.task_id)
@@ -152,7 +172,10 @@ class Gateway:
             log.info("found %d tasks' topics without a live task; they will be deleted", len(orphans))
 
     def sweep_once(self) -> None:
-        TOPICS_DELETED.inc(len(self.topics.sweep()))
+        deleted = self.topics.sweep()
+        TOPICS_DELETED.inc(len(deleted))
+        for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
+            shutil.rmtree(self.settings.results_dir / f".partial-{task_id}", ignore_errors=True)
         stalled_before = now_us() - int(STALL_TIMEOUT_S * 1e6)
         for row in self.store.rows("state = ? AND last_progress_us < ?", (tpb.TASK_STATE_RUNNING, stalled_before)):
             self.fail(row["task_id"], f"no stage made progress for {STALL_TIMEOUT_S:.0f} s")
@@ -211,7 +234,11 @@ class Gateway:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
-    gateway = Gateway()
+    try:
+        gateway = Gateway()
+    except KeyConfigError as exc:  # fail closed, with the reason, and no traceback to wade through
+        log.error("%s", exc)
+        raise SystemExit(2) from None
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import base64
+import contextlib
+import hashlib
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import uuid
 from pathlib import Path
@@ -15,7 +17,9 @@ import grpc
 from posemesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
-from posemesh.gateway import media
+from posemesh import media
+from posemesh.gateway import validation
+from posemesh.gateway.limits import LimitExceeded
 from posemesh.gateway.metrics import UPLOAD_BYTES, UPLOADS
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 
@@ -25,23 +29,10 @@ POSE_MODEL_NAMES = pose_model_names()
 MAX_CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 256 * 1024
 MAX_PAGE = 100
+# The stored upload's name: never derived from the user's file name (FFmpeg must not guess by it).
+UPLOAD_FILE = "upload"
 TERMINAL_NAMES = {tpb.TASK_STATE_COMPLETED: "completed", tpb.TASK_STATE_FAILED: "failed",
                   tpb.TASK_STATE_CANCELLED: "cancelled"}
-
-
-def _page_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
-
-
-def _page_offset(token: str) -> int | None:
-    if not token:
-        return 0
-    try:
-        kind, _, value = base64.urlsafe_b64decode(token.encode()).decode().partition(":")
-        offset = int(value)
-        return offset if kind == "o" and offset >= 0 else None
-    except (ValueError, UnicodeDecodeError):
-        return None
 
 
 class TaskService(tpb_grpc.TaskServiceServicer):
@@ -50,16 +41,16 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         self.auth = gateway.auth
         self.store = gateway.store
         self.settings = gateway.settings
+        self.limits = gateway.limits
 
     # ------------------------------------------------------------------ helpers
 
     def _owned_task(self, request, context) -> tuple[str, tpb.Task]:
         user = self.auth.user(context)
-        if not request.task_id:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
-        task = self.store.get(request.task_id, user)
+        task_id = validation.task_id(request.task_id, context)
+        task = self.store.get(task_id, user)
         if task is None:  # someone else's task looks exactly like a missing one
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no task {request.task_id!r}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no task {task_id}")
         return user, task
 
     # ------------------------------------------------------------------ Upload
@@ -85,47 +76,69 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           "the first upload message must be `metadata` (file name and options), then `chunk`s")
         meta = first.metadata
         options = self._validated_options(meta.options, context)
-        if meta.idempotency_key:
-            existing = self.store.by_idempotency_key(user, meta.idempotency_key)
-            if existing is not None:
-                return tpb.UploadResponse(task=existing)
-        if self.store.count_active(user) >= self.settings.max_active_tasks_per_user:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"you have {self.settings.max_active_tasks_per_user} tasks queued or running, the most "
-                          "allowed: wait for one to finish or cancel one")
+        key = validation.idempotency_key(meta.idempotency_key, context)
+        file_name = validation.display_file_name(meta.file_name)
+        previous = self.store.by_idempotency_key(user, key) if key else None
+        if previous is not None and previous[0].options != options:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._key_reused(key, previous[0], "different options"))
+        try:
+            with self.limits.stream_slot(user, "another upload"), \
+                    (contextlib.nullcontext() if previous else self.limits.upload_slot(user)):
+                return self._receive_and_start(user, meta, options, key, file_name, previous, request_iterator, context)
+        except LimitExceeded as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
+    def _receive_and_start(self, user, meta, options, key, file_name, previous, request_iterator, context):
         task_id = uuid.uuid4().hex
         job_dir = self.settings.jobs_dir / task_id
         job_dir.mkdir(parents=True)
         created = False
         try:
-            path, size = self._receive(request_iterator, job_dir, meta.file_name, context)
+            path, size, digest = self._receive(request_iterator, job_dir, context)
+            if previous is not None:  # a retry of an upload that made a task already
+                return self._same_upload(key, previous, digest, context)
             try:
-                video = media.probe(path)
+                probed = media.probe(path, media.Limits.from_settings(self.settings))
             except media.NotAVideo as exc:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{meta.file_name or 'upload'}: {exc}")
-            task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=Path(meta.file_name).name,
-                            options=options, video=video, created_at=timestamp(now_us()), upload_bytes=size)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{validation.shorten(file_name, 60)}: {exc}")
+            task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=file_name, options=options,
+                            video=probed.video, created_at=timestamp(now_us()), upload_bytes=size,
+                            warnings=probed.warnings)
             try:
-                self.store.create(task, user, meta.idempotency_key)
-            except Exception:
-                # A concurrent upload with the same idempotency key won the race: answer with its task.
-                existing = meta.idempotency_key and self.store.by_idempotency_key(user, meta.idempotency_key)
-                if existing:
-                    return tpb.UploadResponse(task=existing)
-                raise
+                self.store.create(task, user, key, digest)
+            except sqlite3.IntegrityError:
+                # A concurrent upload with the same idempotency key won the race.
+                winner = self.store.by_idempotency_key(user, key) if key else None
+                if winner is None:
+                    raise
+                if winner[0].options != options:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._key_reused(key, winner[0], "different options"))
+                return self._same_upload(key, winner, digest, context)
             created = True
             try:
                 self.gw.start_task(task, path)
-            except Exception as exc:
-                log.exception("could not start task %s", task_id)
-                self.gw.fail(task_id, f"could not start processing: {exc}")
+            except Exception:
+                log.exception("could not start task %s; removing it", task_id)
+                self.gw.abandon(task_id)
+                created = False
                 context.abort(grpc.StatusCode.UNAVAILABLE,
-                              f"the message broker is unavailable ({exc}); the task was not started, try again")
+                              "the message broker is unavailable: the upload was not kept and no task was made; "
+                              "try again in a moment")
             return tpb.UploadResponse(task=self.store.get(task_id))
         finally:
             if not created:
                 shutil.rmtree(job_dir, ignore_errors=True)
+
+    def _same_upload(self, key, previous, digest, context):
+        task, previous_digest = previous
+        if previous_digest and previous_digest != digest:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, self._key_reused(key, task, "a different file"))
+        return tpb.UploadResponse(task=task)
+
+    @staticmethod
+    def _key_reused(key: str, task: tpb.Task, what: str) -> str:
+        return (f"idempotency key {validation.shorten(key)} was used for task {task.task_id} with {what}: "
+                "use a new key for a new upload, or retry with exactly the same file and options")
 
     def _validated_options(self, options: tpb.TaskOptions, context) -> tpb.TaskOptions:
         if options.pose_model not in tpb.PoseModel.values():
@@ -144,11 +157,11 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           f"{' or '.join(sorted(set(POSE_MODEL_NAMES.values()) - disabled))}.")
         return options
 
-    def _receive(self, request_iterator, job_dir: Path, file_name: str, context) -> tuple[Path, int]:
-        """Stream the chunks to disk, enforcing the size limit as they come. Returns path and size."""
+    def _receive(self, request_iterator, job_dir: Path, context) -> tuple[Path, int, str]:
+        """Stream the chunks to disk, enforcing the size limit as they come. Returns path, size, sha256."""
         limit = self.settings.max_upload_bytes
-        suffix = Path(file_name).suffix.lower()[:10] if file_name else ""
         size = 0
+        digest = hashlib.sha256()
         with tempfile.NamedTemporaryFile(dir=job_dir, prefix="upload-", suffix=".partial", delete=False) as out:
             for message in request_iterator:
                 if message.WhichOneof("payload") != "chunk":
@@ -160,12 +173,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 if size > limit:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                   f"upload exceeds the limit of {limit} bytes; nothing was kept")
+                digest.update(message.chunk)
                 out.write(message.chunk)
         if size == 0:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the upload has no bytes: send the video in `chunk` messages")
-        path = job_dir / f"upload{suffix}"
+        path = job_dir / UPLOAD_FILE
         os.replace(out.name, path)
-        return path, size
+        return path, size, digest.hexdigest()
 
     # ------------------------------------------------------------------ reads
 
@@ -179,12 +193,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         if request.state not in tpb.TaskState.values():
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown state {request.state}")
-        offset = _page_offset(request.page_token)
+        offset = validation.page_offset(request.page_token)
         if offset is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token: pass one from a ListTasks response")
         limit = min(request.page_size or 20, MAX_PAGE)
         tasks, more = self.store.list(user, offset, limit, request.state)
-        return tpb.ListTasksResponse(tasks=tasks, next_page_token=_page_token(offset + limit) if more else "")
+        return tpb.ListTasksResponse(tasks=tasks, next_page_token=validation.page_token(offset + limit) if more else "")
 
     def WatchTask(self, request, context):
         user, task = self._owned_task(request, context)
@@ -193,7 +207,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         while context.is_active():
             task = self.store.get(request.task_id, user)
             if task is None:  # deleted while watched
-                context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id!r} was deleted")
+                context.abort(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} was deleted")
             if task != last:
                 yield tpb.WatchTaskResponse(task=task)
                 last = task

@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     produced INTEGER NOT NULL DEFAULT 0,   -- every frame is on raw_frames_<task>
     last_progress_us INTEGER,
     topics_deleted INTEGER NOT NULL DEFAULT 0,
-    deleted INTEGER NOT NULL DEFAULT 0     -- removed by the user; the row goes once its topics are gone
+    deleted INTEGER NOT NULL DEFAULT 0,    -- removed by the user; the row goes once its topics are gone
+    upload_sha256 TEXT                     -- what an idempotency key was used for
 );
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(user, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user, created_us DESC);
@@ -53,6 +54,10 @@ def timestamp(us: int) -> Timestamp:
     return ts
 
 
+# Columns added after the first release: (name, definition), added to older databases at start-up.
+ADDED_COLUMNS = [("upload_sha256", "TEXT")]
+
+
 class TaskStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,6 +65,10 @@ class TaskStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        present = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
+        for name, definition in ADDED_COLUMNS:
+            if name not in present:
+                self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
         self.version = 0
@@ -111,12 +120,13 @@ class TaskStore:
             row = self._row(task_id)
             return row["user"] if row else None
 
-    def by_idempotency_key(self, user: str, key: str) -> tpb.Task | None:
+    def by_idempotency_key(self, user: str, key: str) -> tuple[tpb.Task, str] | None:
+        """The task an idempotency key was used for, and the sha256 of that upload."""
         with self.lock:
             cur = self.db.execute("SELECT * FROM tasks WHERE user = ? AND idempotency_key = ? AND deleted = 0", (user, key))
             cur.row_factory = sqlite3.Row
             row = cur.fetchone()
-            return self._task(row) if row else None
+            return (self._task(row), row["upload_sha256"] or "") if row else None
 
     def list(self, user: str, offset: int, limit: int, state: int = 0) -> tuple[list[tpb.Task], bool]:
         with self.lock:
@@ -144,12 +154,12 @@ class TaskStore:
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, task: tpb.Task, user: str, idempotency_key: str | None) -> None:
+    def create(self, task: tpb.Task, user: str, idempotency_key: str | None, upload_sha256: str = "") -> None:
         with self.transaction() as db:
-            db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us)"
-                       " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us,"
+                       " upload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
-                        task.SerializeToString(), now_us()))
+                        task.SerializeToString(), now_us(), upload_sha256 or None))
 
     def update(self, task_id: str, fn) -> tpb.Task | None:
         """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""

@@ -54,6 +54,8 @@ class Settings:
     gateway_metrics_port: int = field(default_factory=lambda: int(_env("GATEWAY_METRICS_PORT", "0")))  # 0: off
     max_upload_bytes: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
     max_active_tasks_per_user: int = field(default_factory=lambda: int(_env("MAX_ACTIVE_TASKS_PER_USER", "8")))
+    # Streams (uploads, WatchTask, DownloadResult) one user may hold open at once.
+    max_streams_per_user: int = field(default_factory=lambda: int(_env("MAX_STREAMS_PER_USER", "64")))
     api_keys_file: str = field(default_factory=lambda: _env("API_KEYS_FILE", ""))
     api_keys: str = field(default_factory=lambda: _env("API_KEYS", ""))
     # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
@@ -63,6 +65,13 @@ class Settings:
     # is installed): a task asking for one fails at once instead of producing meaningless keypoints.
     disabled_pose_models: str = field(default_factory=lambda: _env("DISABLED_POSE_MODELS", ""))
     jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
+    # Caps on what an upload may be, checked before any work starts (INVALID_ARGUMENT naming the cap).
+    # They bound every process's memory: a frame is at most max_frame_pixels (4K UHD by default).
+    max_frame_pixels: int = field(default_factory=lambda: int(_env("MAX_FRAME_PIXELS", str(3840 * 2160))))
+    max_frame_side: int = field(default_factory=lambda: int(_env("MAX_FRAME_SIDE", "4096")))
+    max_frames: int = field(default_factory=lambda: int(_env("MAX_FRAMES", str(60 * 60 * 30))))
+    max_duration_s: float = field(default_factory=lambda: float(_env("MAX_DURATION_S", "3600")))
+    max_fps: float = field(default_factory=lambda: float(_env("MAX_FPS", "120")))
 
     @property
     def jobs_dir(self) -> Path:

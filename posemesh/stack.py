@@ -121,6 +121,9 @@ class Stack:
             "POSEMESH_KAFKA_HEARTBEAT_MS": os.environ.get("POSEMESH_KAFKA_HEARTBEAT_MS", "200"),
             "PYTHONUNBUFFERED": "1",
         })
+        if not self.env.get("POSEMESH_API_KEYS") and not self.env.get("POSEMESH_API_KEYS_FILE"):
+            # The gateway fails closed without keys; the local stack opts in to the development key.
+            self.env["POSEMESH_API_KEYS"] = "dev:posemesh-dev-key"
 
     def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None) -> Service:
         service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log")

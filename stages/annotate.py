@@ -1,38 +1,28 @@
-"""Annotate stage: bytetrack_<task> -> results. Draws, encodes H.264 MP4 and writes keypoints JSON lines.
+"""Annotate stage: bytetrack_<task> -> results. Draws boxes, track ids and skeletons on each frame and
+writes the task's annotated H.264 MP4 and keypoints JSON lines (stages/results.py says how the files
+keep the upload's timing, size and audio, and how they appear all at once).
 
-Frames arrive in index order (runtime). Output files grow in a hidden partial folder and are moved into
-results/<task>/ only when complete, so a reader never sees half a result; the input offsets are
-committed only then (`commit_at_task_end`): a crash mid-task redoes the task from its first frame.
+Frames arrive in index order (runtime). Input offsets are committed when the task's files are final
+(`commit_at_task_end`): a crash mid-task redoes the task from its first frame.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from dataclasses import dataclass
-from fractions import Fraction
+import socket
 from pathlib import Path
 
-import av
 import cv2
 import numpy as np
 
 from posemesh import kafka
-from posemesh.models import sha256_of
 from posemesh.v1 import pipeline_pb2 as pb
-from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.stages.pose import COCO_SKELETON
+from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
 from posemesh.stages.runtime import FrameItem, Stage, TaskContext
 
-VIDEO_FILE, KEYPOINTS_FILE = "annotated.mp4", "keypoints.jsonl"
-ARTIFACT_FILES = {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO: (VIDEO_FILE, "video/mp4"),
-                  tpb.ARTIFACT_KIND_KEYPOINTS: (KEYPOINTS_FILE, "application/jsonl")}
 KEYPOINT_MIN_SCORE = 0.3
-
-
-def wanted_outputs(options: tpb.TaskOptions) -> set[int]:
-    return set(options.outputs) - {tpb.ARTIFACT_KIND_UNSPECIFIED} or set(ARTIFACT_FILES)
+UPLOAD_FILE = "upload"  # the gateway's name for a task's upload, under jobs/<task>/ (shared data volume)
 
 
 def colour(track_id: int) -> tuple[int, int, int]:
@@ -60,30 +50,6 @@ def draw(image: np.ndarray, persons) -> np.ndarray:
     return image
 
 
-def keypoints_record(frame: pb.Frame) -> dict:
-    return {
-        "index": frame.index,
-        "timestamp_s": round(frame.timestamp_s, 6),
-        "persons": [{
-            "track_id": p.track_id,
-            "box": [round(p.box.x1, 2), round(p.box.y1, 2), round(p.box.x2, 2), round(p.box.y2, 2)],
-            "score": round(p.score, 4),
-            "keypoints": [[round(k.x, 2), round(k.y, 2), round(k.score, 4)] for k in p.keypoints],
-        } for p in frame.persons],
-    }
-
-
-@dataclass
-class TaskOutput:
-    partial: Path
-    final: Path
-    outputs: set
-    container: object = None
-    stream: object = None
-    jsonl: object = None
-    frames: int = 0
-
-
 class AnnotateStage(Stage):
     name = "annotate"
     input_prefix = kafka.BYTETRACK
@@ -93,91 +59,47 @@ class AnnotateStage(Stage):
     max_batch = 16
 
     def __init__(self, x264_preset: str | None = None):
-        self.preset = x264_preset or os.environ.get("POSEMESH_X264_PRESET", "veryfast")
+        self.encoder = EncoderSettings(preset=x264_preset or os.environ.get("POSEMESH_X264_PRESET", "veryfast"),
+                                       segment_frames=int(os.environ.get("POSEMESH_SEGMENT_FRAMES", "120")))
 
     def setup(self, settings) -> None:
-        self.results_dir = settings.results_dir
-        self.outputs: dict[str, TaskOutput] = {}
+        self.results_dir: Path = settings.results_dir
+        self.jobs_dir: Path = settings.jobs_dir
+        self.worker = f"{socket.gethostname()}-{os.getpid()}"  # unique on a volume shared by hosts
+        self.writers: dict[str, ResultWriter] = {}
 
-    def open_task(self, task: TaskContext, first: pb.Frame) -> TaskOutput:
-        final = self.results_dir / task.task_id
-        partial = self.results_dir / f".partial-{task.task_id}-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        out = TaskOutput(partial, final, wanted_outputs(task.options))
-        if tpb.ARTIFACT_KIND_ANNOTATED_VIDEO in out.outputs:
-            out.container = av.open(str(partial / VIDEO_FILE), "w")
-            fps = Fraction(task.fps or 30.0).limit_denominator(1001)
-            out.stream = out.container.add_stream("libx264", rate=fps)
-            # yuv420p needs even sizes: odd ones are padded by one pixel.
-            out.stream.width, out.stream.height = first.width + first.width % 2, first.height + first.height % 2
-            out.stream.pix_fmt = "yuv420p"
-            out.stream.options = {"preset": self.preset, "crf": "23"}
-        if tpb.ARTIFACT_KIND_KEYPOINTS in out.outputs:
-            out.jsonl = open(partial / KEYPOINTS_FILE, "w")
-        self.outputs[task.task_id] = out
-        return out
+    def writer(self, task: TaskContext, first: pb.Frame) -> ResultWriter:
+        writer = self.writers.get(task.task_id)
+        if writer is None:
+            writer = ResultWriter(task.task_id, self.results_dir, wanted_outputs(task.options),
+                                  (first.width, first.height), task.fps, self.encoder, self.worker)
+            self.writers[task.task_id] = writer
+        return writer
 
     def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
         for item in items:  # in index order within each task
             frame = item.frame
-            out = self.outputs.get(item.task_id) or self.open_task(tasks[item.task_id], frame)
-            image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR) if out.stream else None
-            self.write(out, frame, image)
-
-    def write(self, out: TaskOutput, frame: pb.Frame, image: np.ndarray | None) -> None:
-        """Append one frame (its decoded image, for the video) to a task's outputs."""
-        if out.stream is not None:
-            if image.shape[1] != out.stream.width or image.shape[0] != out.stream.height:
-                image = cv2.copyMakeBorder(image, 0, out.stream.height - image.shape[0], 0,
-                                           out.stream.width - image.shape[1], cv2.BORDER_REPLICATE)
-            video_frame = av.VideoFrame.from_ndarray(draw(image, frame.persons), format="bgr24")
-            video_frame.pts = out.frames
-            for packet in out.stream.encode(video_frame):
-                out.container.mux(packet)
-        if out.jsonl is not None:
-            out.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
-        out.frames += 1
+            writer = self.writer(tasks[item.task_id], frame)
+            image = None
+            if writer.video:
+                image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
+                if image is None:
+                    raise ValueError(f"frame {frame.index}: undecodable JPEG")
+                draw(image, frame.persons)
+            writer.write(frame, image)
 
     def finish_task(self, task: TaskContext) -> pb.TaskResult:
-        out = self.outputs.pop(task.task_id, None)
-        if out is None:  # a video of zero frames
-            out = TaskOutput(self.results_dir / f".partial-{task.task_id}-{os.getpid()}",
-                             self.results_dir / task.task_id, wanted_outputs(task.options))
-            out.partial.mkdir(parents=True, exist_ok=True)
-        if out.stream is not None:
-            for packet in out.stream.encode(None):
-                out.container.mux(packet)
-            out.container.close()
-        if out.jsonl is not None:
-            out.jsonl.close()
-        artifacts = []
-        for kind in sorted(out.outputs):
-            name, content_type = ARTIFACT_FILES[kind]
-            path = out.partial / name
-            if not path.exists():
-                continue
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
-                                          content_type=content_type, sha256=sha256_of(path)))
-        # One rename makes the whole result visible at once.
-        shutil.rmtree(out.final, ignore_errors=True)
-        os.replace(out.partial, out.final)
-        return pb.TaskResult(task_id=task.task_id, artifacts=artifacts, frames_written=out.frames)
+        writer = self.writers.pop(task.task_id, None) or ResultWriter(
+            task.task_id, self.results_dir, wanted_outputs(task.options), (task.video.width, task.video.height),
+            task.fps, self.encoder, self.worker)
+        upload = self.jobs_dir / task.task_id / UPLOAD_FILE
+        return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
 
     def drop_task(self, task_id: str) -> None:
-        out = self.outputs.pop(task_id, None)
-        if out is None:
-            return
-        try:
-            if out.container is not None:
-                out.container.close()
-            if out.jsonl is not None:
-                out.jsonl.close()
-        finally:
-            shutil.rmtree(out.partial, ignore_errors=True)
+        writer = self.writers.pop(task_id, None)
+        if writer is not None:
+            writer.abandon()
 
     def close(self) -> None:
-        for task_id in list(self.outputs):
+        for task_id in list(self.writers):
             self.drop_task(task_id)

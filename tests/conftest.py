@@ -182,3 +182,20 @@ def pipeline(broker, triton, tmp_path, gateway_factory):
     workers.wait_healthy()
     yield gw, workers
     workers.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_pipeline(broker, triton, tmp_path_factory):
+    """One gateway and one worker per stage for a whole test module (their start-up is the slow part)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    gw = RunningGateway(make_settings(broker, root / "data", triton_url=triton.url,
+                                      group_prefix=f"test{time.monotonic_ns()}"))
+    workers = Workers(gw.settings, root)
+    for stage in ("detect", "pose", "track", "annotate"):
+        workers.start(stage)
+    try:
+        workers.wait_healthy()
+        yield gw, workers
+    finally:
+        workers.stop()
+        gw.stop()

@@ -112,14 +112,16 @@ class TaskProgress(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "artifacts", "frames_written")
+    __slots__ = ("task_id", "artifacts", "frames_written", "warnings")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     artifacts: _containers.RepeatedCompositeFieldContainer[_task_service_pb2.Artifact]
     frames_written: int
-    def __init__(self, task_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_task_service_pb2.Artifact, _Mapping]]] = ..., frames_written: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_task_service_pb2.Artifact, _Mapping]]] = ..., frames_written: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
     __slots__ = ("task_id", "error_message")

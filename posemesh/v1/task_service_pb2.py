@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eposemesh/v1/task_service.proto\x12\x0bposemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x0bTaskOptions\x12*\n\npose_model\x18\x01 \x01(\x0e\x32\x16.posemesh.v1.PoseModel\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.posemesh.v1.ArtifactKind\x12\x18\n\x10min_person_score\x18\x03 \x01(\x02\"g\n\x0eUploadMetadata\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\\\n\rUploadRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.posemesh.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"1\n\x0eUploadResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"I\n\rStageProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\"\x80\x01\n\x08\x41rtifact\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.posemesh.v1.ArtifactKind\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"m\n\tVideoInfo\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x13\n\x0b\x66rame_count\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x10\n\x08rotation\x18\x06 \x01(\x05\"\xb9\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.posemesh.v1.TaskState\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12%\n\x05video\x18\x05 \x01(\x0b\x32\x16.posemesh.v1.VideoInfo\x12,\n\x08progress\x18\x06 \x03(\x0b\x32\x1a.posemesh.v1.StageProgress\x12(\n\tartifacts\x18\x07 \x03(\x0b\x32\x15.posemesh.v1.Artifact\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cupload_bytes\x18\x0c \x01(\x03\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"`\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.posemesh.v1.TaskState\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.posemesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteTaskResponse\"Q\n\x15\x44ownloadResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.posemesh.v1.ArtifactKind\"_\n\x16\x44ownloadResultResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.posemesh.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*}\n\tPoseModel\x12\x1a\n\x16POSE_MODEL_UNSPECIFIED\x10\x00\x12\x1d\n\x19POSE_MODEL_BLAZEPOSE_LITE\x10\x01\x12\x1d\n\x19POSE_MODEL_BLAZEPOSE_FULL\x10\x02\x12\x16\n\x12POSE_MODEL_RTMPOSE\x10\x03*m\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12!\n\x1d\x41RTIFACT_KIND_ANNOTATED_VIDEO\x10\x01\x12\x1b\n\x17\x41RTIFACT_KIND_KEYPOINTS\x10\x02\x32\xad\x04\n\x0bTaskService\x12\x43\n\x06Upload\x12\x1a.posemesh.v1.UploadRequest\x1a\x1b.posemesh.v1.UploadResponse(\x01\x12\x44\n\x07GetTask\x12\x1b.posemesh.v1.GetTaskRequest\x1a\x1c.posemesh.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.posemesh.v1.ListTasksRequest\x1a\x1e.posemesh.v1.ListTasksResponse\x12L\n\tWatchTask\x12\x1d.posemesh.v1.WatchTaskRequest\x1a\x1e.posemesh.v1.WatchTaskResponse0\x01\x12M\n\nCancelTask\x12\x1e.posemesh.v1.CancelTaskRequest\x1a\x1f.posemesh.v1.CancelTaskResponse\x12M\n\nDeleteTask\x12\x1e.posemesh.v1.DeleteTaskRequest\x1a\x1f.posemesh.v1.DeleteTaskResponse\x12[\n\x0e\x44ownloadResult\x12\".posemesh.v1.DownloadResultRequest\x1a#.posemesh.v1.DownloadResultResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eposemesh/v1/task_service.proto\x12\x0bposemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x7f\n\x0bTaskOptions\x12*\n\npose_model\x18\x01 \x01(\x0e\x32\x16.posemesh.v1.PoseModel\x12*\n\x07outputs\x18\x02 \x03(\x0e\x32\x19.posemesh.v1.ArtifactKind\x12\x18\n\x10min_person_score\x18\x03 \x01(\x02\"g\n\x0eUploadMetadata\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"\\\n\rUploadRequest\x12/\n\x08metadata\x18\x01 \x01(\x0b\x32\x1b.posemesh.v1.UploadMetadataH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"1\n\x0eUploadResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"I\n\rStageProgress\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\"\x80\x01\n\x08\x41rtifact\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.posemesh.v1.ArtifactKind\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\"\xa7\x01\n\tVideoInfo\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\x0b\n\x03\x66ps\x18\x03 \x01(\x01\x12\x13\n\x0b\x66rame_count\x18\x04 \x01(\x03\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x10\n\x08rotation\x18\x06 \x01(\x05\x12\x12\n\nduration_s\x18\x07 \x01(\x01\x12\x13\n\x0b\x61udio_codec\x18\x08 \x01(\t\x12\x0f\n\x07start_s\x18\t \x01(\x01\"\xcb\x03\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.posemesh.v1.TaskState\x12\x11\n\tfile_name\x18\x03 \x01(\t\x12)\n\x07options\x18\x04 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12%\n\x05video\x18\x05 \x01(\x0b\x32\x16.posemesh.v1.VideoInfo\x12,\n\x08progress\x18\x06 \x03(\x0b\x32\x1a.posemesh.v1.StageProgress\x12(\n\tartifacts\x18\x07 \x03(\x0b\x32\x15.posemesh.v1.Artifact\x12\x15\n\rerror_message\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cupload_bytes\x18\x0c \x01(\x03\x12\x10\n\x08warnings\x18\r \x03(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"2\n\x0fGetTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"`\n\x10ListTasksRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.posemesh.v1.TaskState\"N\n\x11ListTasksResponse\x12 \n\x05tasks\x18\x01 \x03(\x0b\x32\x11.posemesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"4\n\x11WatchTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"5\n\x12\x43\x61ncelTaskResponse\x12\x1f\n\x04task\x18\x01 \x01(\x0b\x32\x11.posemesh.v1.Task\"$\n\x11\x44\x65leteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteTaskResponse\"Q\n\x15\x44ownloadResultRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x04kind\x18\x02 \x01(\x0e\x32\x19.posemesh.v1.ArtifactKind\"_\n\x16\x44ownloadResultResponse\x12)\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x15.posemesh.v1.ArtifactH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_COMPLETED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*}\n\tPoseModel\x12\x1a\n\x16POSE_MODEL_UNSPECIFIED\x10\x00\x12\x1d\n\x19POSE_MODEL_BLAZEPOSE_LITE\x10\x01\x12\x1d\n\x19POSE_MODEL_BLAZEPOSE_FULL\x10\x02\x12\x16\n\x12POSE_MODEL_RTMPOSE\x10\x03*m\n\x0c\x41rtifactKind\x12\x1d\n\x19\x41RTIFACT_KIND_UNSPECIFIED\x10\x00\x12!\n\x1d\x41RTIFACT_KIND_ANNOTATED_VIDEO\x10\x01\x12\x1b\n\x17\x41RTIFACT_KIND_KEYPOINTS\x10\x02\x32\xad\x04\n\x0bTaskService\x12\x43\n\x06Upload\x12\x1a.posemesh.v1.UploadRequest\x1a\x1b.posemesh.v1.UploadResponse(\x01\x12\x44\n\x07GetTask\x12\x1b.posemesh.v1.GetTaskRequest\x1a\x1c.posemesh.v1.GetTaskResponse\x12J\n\tListTasks\x12\x1d.posemesh.v1.ListTasksRequest\x1a\x1e.posemesh.v1.ListTasksResponse\x12L\n\tWatchTask\x12\x1d.posemesh.v1.WatchTaskRequest\x1a\x1e.posemesh.v1.WatchTaskResponse0\x01\x12M\n\nCancelTask\x12\x1e.posemesh.v1.CancelTaskRequest\x1a\x1f.posemesh.v1.CancelTaskResponse\x12M\n\nDeleteTask\x12\x1e.posemesh.v1.DeleteTaskRequest\x1a\x1f.posemesh.v1.DeleteTaskResponse\x12[\n\x0e\x44ownloadResult\x12\".posemesh.v1.DownloadResultRequest\x1a#.posemesh.v1.DownloadResultResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'posemesh.v1.task_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKSTATE']._serialized_start=1910
-  _globals['_TASKSTATE']._serialized_end=2071
-  _globals['_POSEMODEL']._serialized_start=2073
-  _globals['_POSEMODEL']._serialized_end=2198
-  _globals['_ARTIFACTKIND']._serialized_start=2200
-  _globals['_ARTIFACTKIND']._serialized_end=2309
+  _globals['_TASKSTATE']._serialized_start=1987
+  _globals['_TASKSTATE']._serialized_end=2148
+  _globals['_POSEMODEL']._serialized_start=2150
+  _globals['_POSEMODEL']._serialized_end=2275
+  _globals['_ARTIFACTKIND']._serialized_start=2277
+  _globals['_ARTIFACTKIND']._serialized_end=2386
   _globals['_TASKOPTIONS']._serialized_start=80
   _globals['_TASKOPTIONS']._serialized_end=207
   _globals['_UPLOADMETADATA']._serialized_start=209
@@ -50,34 +50,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGEPROGRESS']._serialized_end=532
   _globals['_ARTIFACT']._serialized_start=535
   _globals['_ARTIFACT']._serialized_end=663
-  _globals['_VIDEOINFO']._serialized_start=665
-  _globals['_VIDEOINFO']._serialized_end=774
-  _globals['_TASK']._serialized_start=777
-  _globals['_TASK']._serialized_end=1218
-  _globals['_GETTASKREQUEST']._serialized_start=1220
-  _globals['_GETTASKREQUEST']._serialized_end=1253
-  _globals['_GETTASKRESPONSE']._serialized_start=1255
-  _globals['_GETTASKRESPONSE']._serialized_end=1305
-  _globals['_LISTTASKSREQUEST']._serialized_start=1307
-  _globals['_LISTTASKSREQUEST']._serialized_end=1403
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1405
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1483
-  _globals['_WATCHTASKREQUEST']._serialized_start=1485
-  _globals['_WATCHTASKREQUEST']._serialized_end=1520
-  _globals['_WATCHTASKRESPONSE']._serialized_start=1522
-  _globals['_WATCHTASKRESPONSE']._serialized_end=1574
-  _globals['_CANCELTASKREQUEST']._serialized_start=1576
-  _globals['_CANCELTASKREQUEST']._serialized_end=1612
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1614
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1667
-  _globals['_DELETETASKREQUEST']._serialized_start=1669
-  _globals['_DELETETASKREQUEST']._serialized_end=1705
-  _globals['_DELETETASKRESPONSE']._serialized_start=1707
-  _globals['_DELETETASKRESPONSE']._serialized_end=1727
-  _globals['_DOWNLOADRESULTREQUEST']._serialized_start=1729
-  _globals['_DOWNLOADRESULTREQUEST']._serialized_end=1810
-  _globals['_DOWNLOADRESULTRESPONSE']._serialized_start=1812
-  _globals['_DOWNLOADRESULTRESPONSE']._serialized_end=1907
-  _globals['_TASKSERVICE']._serialized_start=2312
-  _globals['_TASKSERVICE']._serialized_end=2869
+  _globals['_VIDEOINFO']._serialized_start=666
+  _globals['_VIDEOINFO']._serialized_end=833
+  _globals['_TASK']._serialized_start=836
+  _globals['_TASK']._serialized_end=1295
+  _globals['_GETTASKREQUEST']._serialized_start=1297
+  _globals['_GETTASKREQUEST']._serialized_end=1330
+  _globals['_GETTASKRESPONSE']._serialized_start=1332
+  _globals['_GETTASKRESPONSE']._serialized_end=1382
+  _globals['_LISTTASKSREQUEST']._serialized_start=1384
+  _globals['_LISTTASKSREQUEST']._serialized_end=1480
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1482
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1560
+  _globals['_WATCHTASKREQUEST']._serialized_start=1562
+  _globals['_WATCHTASKREQUEST']._serialized_end=1597
+  _globals['_WATCHTASKRESPONSE']._serialized_start=1599
+  _globals['_WATCHTASKRESPONSE']._serialized_end=1651
+  _globals['_CANCELTASKREQUEST']._serialized_start=1653
+  _globals['_CANCELTASKREQUEST']._serialized_end=1689
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1691
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1744
+  _globals['_DELETETASKREQUEST']._serialized_start=1746
+  _globals['_DELETETASKREQUEST']._serialized_end=1782
+  _globals['_DELETETASKRESPONSE']._serialized_start=1784
+  _globals['_DELETETASKRESPONSE']._serialized_end=1804
+  _globals['_DOWNLOADRESULTREQUEST']._serialized_start=1806
+  _globals['_DOWNLOADRESULTREQUEST']._serialized_end=1887
+  _globals['_DOWNLOADRESULTRESPONSE']._serialized_start=1889
+  _globals['_DOWNLOADRESULTRESPONSE']._serialized_end=1984
+  _globals['_TASKSERVICE']._serialized_start=2389
+  _globals['_TASKSERVICE']._serialized_end=2946
 # @@protoc_insertion_point(module_scope)

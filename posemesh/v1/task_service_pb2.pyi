@@ -104,23 +104,29 @@ class Artifact(_message.Message):
     def __init__(self, kind: _Optional[_Union[ArtifactKind, str]] = ..., file_name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., content_type: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class VideoInfo(_message.Message):
-    __slots__ = ("width", "height", "fps", "frame_count", "codec", "rotation")
+    __slots__ = ("width", "height", "fps", "frame_count", "codec", "rotation", "duration_s", "audio_codec", "start_s")
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     FPS_FIELD_NUMBER: _ClassVar[int]
     FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     ROTATION_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_CODEC_FIELD_NUMBER: _ClassVar[int]
+    START_S_FIELD_NUMBER: _ClassVar[int]
     width: int
     height: int
     fps: float
     frame_count: int
     codec: str
     rotation: int
-    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., frame_count: _Optional[int] = ..., codec: _Optional[str] = ..., rotation: _Optional[int] = ...) -> None: ...
+    duration_s: float
+    audio_codec: str
+    start_s: float
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., frame_count: _Optional[int] = ..., codec: _Optional[str] = ..., rotation: _Optional[int] = ..., duration_s: _Optional[float] = ..., audio_codec: _Optional[str] = ..., start_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes")
+    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FILE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +139,7 @@ class Task(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     file_name: str
@@ -145,7 +152,8 @@ class Task(_message.Message):
     started_at: _timestamp_pb2.Timestamp
     finished_at: _timestamp_pb2.Timestamp
     upload_bytes: int
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("task_id",)

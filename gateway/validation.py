@@ -1,0 +1,72 @@
+"""The fields of requests: what a valid one looks like, and how user input is echoed in errors.
+
+Anything a user sent comes back in an error message only shortened (a 10,000-character id echoed whole
+would overflow the caller's metadata limit) and never with a server path.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import unicodedata
+
+import grpc
+
+TASK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_IDEMPOTENCY_KEY = 128
+MAX_FILE_NAME = 255
+MAX_PAGE_TOKEN = 64
+MAX_OFFSET = 10**9
+
+
+def shorten(text: str, limit: int = 40) -> str:
+    """A quoted, printable, at most `limit`-character rendering of user input for messages."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
+    if len(text) > limit:
+        return repr(clean[:limit]) + f"... ({len(text)} characters)"
+    return repr(clean)
+
+
+def task_id(value: str, context) -> str:
+    if not value:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+    if not TASK_ID_RE.match(value):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"task_id {shorten(value)} is not a task id: task ids are 32 lowercase hex characters")
+    return value
+
+
+def display_file_name(value: str) -> str:
+    """The upload's name as shown back to its owner: the last path component, printable, bounded.
+    It is never used to name anything on the server."""
+    name = value.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c for c in unicodedata.normalize("NFC", name) if c.isprintable())
+    return name[:MAX_FILE_NAME] or "upload"
+
+
+def idempotency_key(value: str, context) -> str:
+    if len(value) > MAX_IDEMPOTENCY_KEY or not value.isprintable():
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                      f"idempotency_key must be at most {MAX_IDEMPOTENCY_KEY} printable characters")
+    return value
+
+
+def page_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(f"o:{offset}".encode()).decode()
+
+
+def page_offset(token: str) -> int | None:
+    """The list offset a page token stands for, or None when it is not a token we issued."""
+    if not token:
+        return 0
+    if len(token) > MAX_PAGE_TOKEN:
+        return None
+    try:
+        kind, _, value = base64.urlsafe_b64decode(token.encode("ascii")).decode("ascii").partition(":")
+        if kind != "o" or not value.isdigit() or len(value) > 10:
+            return None
+        offset = int(value)
+    except (ValueError, UnicodeError, binascii.Error):
+        return None
+    return offset if offset <= MAX_OFFSET else None

@@ -1,0 +1,365 @@
+"""A task's result files: written in segments while its frames arrive, assembled once when it ends.
+
+Layout under the results directory (a volume the annotate workers and the gateway share):
+
+    .partial-<task>/                      grows while the task runs; any annotate worker may continue it
+        seg-00000000-00000119.mp4         a finished segment: frames 0..119 as H.264, an IDR frame first
+        seg-00000000-00000119.jsonl       their keypoints, one JSON line a frame
+        .open-<worker>.mp4 / .jsonl       the segment being written: not part of the result yet
+    <task>/                               the result, made visible by one rename when the task ends
+        annotated.mp4                     every segment's packets in one MP4, moov first, with the audio
+        keypoints.jsonl
+
+Segments are what let a replacement worker continue a task instead of redoing it: a finished segment is
+durable (written, then renamed into place), so its frames' input offsets may be committed.
+
+What the MP4 keeps from the upload:
+- each frame's presentation time (variable frame rate included), counted from the first frame, the same
+  origin as keypoints' `timestamp_s`; the time base is 1/90000 s;
+- the exact picture size: even sizes are H.264 High (4:2:0, plays everywhere); an odd width or height
+  cannot be coded in 4:2:0 (chroma is subsampled by two and H.264 crops in steps of two), so odd sizes are
+  coded 4:4:4 (High 4:4:4 Predictive profile), which FFmpeg-based players, VLC and Chrome play but some
+  hardware decoders (Safari, phones) do not;
+- the audio: copied when MP4 can carry the codec, else re-encoded to AAC;
+- moov first ("faststart"), so a browser starts playing before the download ends.
+A frame whose size differs from the first frame's (a mid-stream resolution change) is scaled into the
+first frame's size, aspect kept, padded with black; its keypoints stay in its own pixels.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+from posemesh import media
+from posemesh.models import sha256_of
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+
+log = logging.getLogger("posemesh.stage")
+
+VIDEO_FILE, KEYPOINTS_FILE = "annotated.mp4", "keypoints.jsonl"
+ARTIFACT_FILES = {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO: (VIDEO_FILE, "video/mp4"),
+                  tpb.ARTIFACT_KIND_KEYPOINTS: (KEYPOINTS_FILE, "application/jsonl")}
+TIME_BASE = Fraction(1, 90000)
+SEGMENT_RE = re.compile(r"^seg-(\d{8})-(\d{8})\.(mp4|jsonl)$")
+# Audio codecs an MP4 carries as they are; anything else is re-encoded to AAC.
+MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "alac"}
+
+
+def wanted_outputs(options: tpb.TaskOptions) -> set[int]:
+    return set(options.outputs) - {tpb.ARTIFACT_KIND_UNSPECIFIED} or set(ARTIFACT_FILES)
+
+
+def keypoints_record(frame: pb.Frame) -> dict:
+    return {
+        "index": frame.index,
+        "timestamp_s": round(frame.timestamp_s, 6),
+        "width": frame.width,
+        "height": frame.height,
+        "persons": [{
+            "track_id": p.track_id,
+            "box": [round(p.box.x1, 2), round(p.box.y1, 2), round(p.box.x2, 2), round(p.box.y2, 2)],
+            "score": round(p.score, 4),
+            "keypoints": [[round(k.x, 2), round(k.y, 2), round(k.score, 4)] for k in p.keypoints],
+        } for p in frame.persons],
+    }
+
+
+def fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """The image scaled into width x height, aspect kept, centred on black (a mid-stream size change)."""
+    h, w = image.shape[:2]
+    if (w, h) == (width, height):
+        return image
+    scale = min(width / w, height / h)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    canvas = np.zeros((height, width, 3), np.uint8)
+    x, y = (width - nw) // 2, (height - nh) // 2
+    canvas[y:y + nh, x:x + nw] = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    return canvas
+
+
+@dataclass
+class EncoderSettings:
+    preset: str = "veryfast"
+    crf: int = 23
+    segment_frames: int = 120
+
+
+@dataclass
+class Segment:
+    """The segment being written by this worker."""
+
+    first: int
+    video: av.container.OutputContainer | None
+    stream: object
+    jsonl: object
+    video_tmp: Path
+    jsonl_tmp: Path
+    last: int = -1
+
+
+@dataclass
+class ResultWriter:
+    """One task's outputs on this worker."""
+
+    task_id: str
+    results_dir: Path
+    outputs: set
+    size: tuple[int, int]  # the first frame's width, height: the video's size
+    fps: float
+    settings: EncoderSettings
+    worker: str
+    segment: Segment | None = None
+    frames: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def partial(self) -> Path:
+        return self.results_dir / f".partial-{self.task_id}"
+
+    @property
+    def final(self) -> Path:
+        return self.results_dir / self.task_id
+
+    @property
+    def video(self) -> bool:
+        return tpb.ARTIFACT_KIND_ANNOTATED_VIDEO in self.outputs
+
+    # ------------------------------------------------------------------ segments
+
+    def finished_through(self) -> int:
+        """The last index of the unbroken run of finished segments from frame 0 (-1: none)."""
+        return _chain_end(self.partial)
+
+    def _open_segment(self, first: int) -> Segment:
+        self.partial.mkdir(parents=True, exist_ok=True)
+        video_tmp = self.partial / f".open-{self.worker}.mp4"
+        jsonl_tmp = self.partial / f".open-{self.worker}.jsonl"
+        container = stream = None
+        if self.video:
+            container = av.open(str(video_tmp), "w", format="mp4")
+            width, height = self.size
+            stream = container.add_stream("libx264", rate=Fraction(self.fps or 30.0).limit_denominator(1001))
+            stream.width, stream.height = width, height
+            stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
+            stream.codec_context.time_base = TIME_BASE
+            # No B-frames: every packet's decode time equals its presentation time, so segments coded
+            # apart join into one stream with times that only grow, and a live viewer waits for no reordering.
+            stream.options = {"preset": self.settings.preset, "crf": str(self.settings.crf), "bf": "0"}
+        return Segment(first, container, stream, open(jsonl_tmp, "w"), video_tmp, jsonl_tmp)
+
+    def write(self, frame: pb.Frame, image: np.ndarray | None) -> None:
+        """Append one frame (index order); `image` is the drawn picture when the video is wanted."""
+        if self.segment is None:
+            self.segment = self._open_segment(frame.index)
+        seg = self.segment
+        if seg.video is not None:
+            picture = av.VideoFrame.from_ndarray(fit(image, *self.size), format="bgr24")
+            picture.pts = round(frame.timestamp_s / TIME_BASE)
+            picture.time_base = TIME_BASE
+            for packet in seg.stream.encode(picture):
+                seg.video.mux(packet)
+        seg.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
+        seg.last = frame.index
+        self.frames += 1
+        if seg.last - seg.first + 1 >= self.settings.segment_frames:
+            self.close_segment()
+
+    def close_segment(self) -> int | None:
+        """Finish the open segment and put it in place; returns its last index (None: nothing open)."""
+        seg, self.segment = self.segment, None
+        if seg is None:
+            return None
+        if seg.video is not None:
+            for packet in seg.stream.encode(None):
+                seg.video.mux(packet)
+            seg.video.close()
+        seg.jsonl.close()
+        name = f"seg-{seg.first:08d}-{seg.last:08d}"
+        if seg.video is not None:
+            os.replace(seg.video_tmp, self.partial / f"{name}.mp4")
+        os.replace(seg.jsonl_tmp, self.partial / f"{name}.jsonl")
+        return seg.last
+
+    def abandon(self) -> None:
+        """Stop writing (the task moved away or ended): the open segment goes, finished ones stay."""
+        seg, self.segment = self.segment, None
+        if seg is None:
+            return
+        try:
+            if seg.video is not None:
+                seg.video.close()
+            seg.jsonl.close()
+        except Exception:  # a half-written file is deleted either way
+            log.debug("closing an abandoned segment of %s", self.task_id, exc_info=True)
+        seg.video_tmp.unlink(missing_ok=True)
+        seg.jsonl_tmp.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ the end
+
+    def publish(self, total: int, upload: Path | None, start_s: float) -> pb.TaskResult:
+        """All frames are written: join the segments, add the audio, and make the result visible at once."""
+        self.close_segment()
+        self.partial.mkdir(parents=True, exist_ok=True)
+        segments = _chain(self.partial)
+        if total and (not segments or segments[-1][1] != total - 1):
+            raise RuntimeError(f"segments of task {self.task_id} end at {segments[-1][1] if segments else -1}, "
+                               f"not at its last frame {total - 1}")
+        assembly = self.partial / ".assembly"
+        shutil.rmtree(assembly, ignore_errors=True)
+        assembly.mkdir()
+        names = [f"seg-{a:08d}-{b:08d}" for a, b in segments]
+        if tpb.ARTIFACT_KIND_KEYPOINTS in self.outputs:
+            with open(assembly / KEYPOINTS_FILE, "wb") as out:
+                for name in names:
+                    with open(self.partial / f"{name}.jsonl", "rb") as part:
+                        shutil.copyfileobj(part, out)
+        if self.video:
+            self.warnings += join_video([self.partial / f"{n}.mp4" for n in names], assembly / VIDEO_FILE,
+                                        upload, start_s, self.size)
+        artifacts = []
+        for kind in sorted(self.outputs):
+            name, content_type = ARTIFACT_FILES[kind]
+            path = assembly / name
+            if not path.exists():
+                continue
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+            artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
+                                          content_type=content_type, sha256=sha256_of(path)))
+        # One rename makes the whole result visible at once; the segments go with the partial folder.
+        shutil.rmtree(self.final, ignore_errors=True)
+        os.replace(assembly, self.final)
+        shutil.rmtree(self.partial, ignore_errors=True)
+        return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=total,
+                             warnings=self.warnings)
+
+
+def _chain(partial: Path) -> list[tuple[int, int]]:
+    """The finished segments that continue each other from frame 0: [(first, last), ...]."""
+    found: dict[int, int] = {}
+    if partial.exists():
+        for p in partial.iterdir():
+            m = SEGMENT_RE.match(p.name)
+            if m and m.group(3) == "jsonl":
+                found[int(m.group(1))] = max(found.get(int(m.group(1)), -1), int(m.group(2)))
+    chain, nxt = [], 0
+    while nxt in found:
+        chain.append((nxt, found[nxt]))
+        nxt = found[nxt] + 1
+    return chain
+
+
+def _chain_end(partial: Path) -> int:
+    chain = _chain(partial)
+    return chain[-1][1] if chain else -1
+
+
+def join_video(segments: list[Path], out_path: Path, upload: Path | None, start_s: float,
+               size: tuple[int, int]) -> list[str]:
+    """The segments' H.264 packets in one MP4 (moov first), interleaved with the upload's audio shifted
+    to the same origin. Returns warnings for the task."""
+    warnings: list[str] = []
+    inputs = [av.open(str(p)) for p in segments]
+    audio_file = None
+    try:
+        out = av.open(str(out_path), "w", format="mp4", options={"movflags": "+faststart"})
+        if not inputs:  # a video of no frames: an empty, valid MP4 is still a truthful answer
+            out.close()
+            return warnings
+        video_out = out.add_stream_from_template(inputs[0].streams.video[0])
+        video_out.time_base = TIME_BASE
+        packets = [_video_packets(c) for c in inputs]
+        audio_packets = iter(())
+        if upload is not None and upload.exists():
+            try:
+                audio_file = media.MediaFile(upload, 1)
+                if audio_file.container.streams.audio:
+                    audio_packets, note = _audio(audio_file, out, start_s)
+                    if note:
+                        warnings.append(note)
+            except (media.NotAVideo, av.FFmpegError):
+                warnings.append("the upload's audio could not be read; the annotated video has none")
+        video_end = _last_time(segments[-1]) + 1.0
+        merged = heapq.merge(*(((t, 0, p) for t, p in seq) for seq in packets),
+                             ((t, 1, p) for t, p in audio_packets), key=lambda x: (x[0], x[1]))
+        for t, kind, packet in merged:
+            if kind == 0:
+                packet.stream = video_out
+            elif t > video_end:
+                continue  # audio running past the last frame (a file cut short): stop with the picture
+            out.mux(packet)
+        out.close()
+    finally:
+        for c in inputs:
+            c.close()
+        if audio_file is not None:
+            audio_file.__exit__(None, None, None)
+    return warnings
+
+
+def _last_time(segment: Path) -> float:
+    """The presentation time of a segment's last frame, from its keypoints file."""
+    last = b""
+    with open(segment.with_suffix(".jsonl"), "rb") as f:
+        for line in f:
+            last = line or last
+    return float(json.loads(last)["timestamp_s"]) if last.strip() else 0.0
+
+
+def _video_packets(container):
+    stream = container.streams.video[0]
+    for packet in container.demux(stream):
+        if packet.dts is None:
+            continue
+        yield float(packet.pts * packet.time_base), packet
+
+
+def _audio(audio_file: media.MediaFile, out, start_s: float):
+    """(time-ordered audio packets for `out`, a warning or "") from the upload's first audio stream."""
+    source = audio_file.container.streams.audio[0]
+    name = source.codec_context.name
+    if name in MP4_AUDIO:
+        stream = out.add_stream_from_template(source)
+        return _copied_audio(audio_file.container, source, stream, start_s), ""
+    stream = out.add_stream("aac", rate=source.codec_context.sample_rate or 48000)
+    stream.layout = source.codec_context.layout.name if source.codec_context.layout else "stereo"
+    return _encoded_audio(audio_file.container, source, stream, start_s), f"the audio ({name}) was re-encoded to AAC"
+
+
+def _copied_audio(container, source, stream, start_s: float):
+    shift = round(start_s / source.time_base) if source.time_base else 0
+    for packet in container.demux(source):
+        if packet.dts is None or packet.pts is None:
+            continue
+        packet.pts -= shift
+        packet.dts -= shift
+        if packet.pts < 0:
+            continue
+        packet.stream = stream
+        yield float(packet.pts * packet.time_base), packet
+
+
+def _encoded_audio(container, source, stream, start_s: float):
+    resampler = av.AudioResampler(format="fltp", layout=stream.layout, rate=stream.rate)
+    for frame in container.decode(source):
+        if frame.time is None or frame.time < start_s:
+            continue
+        for out_frame in resampler.resample(frame):
+            out_frame.pts = None
+            for packet in stream.encode(out_frame):
+                yield float(packet.pts * packet.time_base) if packet.pts is not None else 0.0, packet
+    for packet in stream.encode(None):
+        yield float(packet.pts * packet.time_base) if packet.pts is not None else 0.0, packet

@@ -1,0 +1,106 @@
+"""The results keep the upload's truth: frame times (variable frame rate), origin, audio, exact size,
+rotation, and a size change mid-stream. Generated clips through the real gateway, broker, Triton and
+the four workers; the annotated MP4 is read back with PyAV."""
+
+from __future__ import annotations
+
+import json
+
+import av
+import cv2
+import numpy as np
+import pytest
+
+from posemesh.v1 import task_service_pb2 as tpb
+from tests import clips
+from tests.conftest import auth
+from tests.helpers import upload, wait_state
+
+DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+def results(gw, path, tmp_path):
+    task = upload(gw.stub, path, auth())
+    done = wait_state(gw.stub, task.task_id, auth(), DONE, timeout=240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    out = {}
+    for kind, name in ((tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, "video"), (tpb.ARTIFACT_KIND_KEYPOINTS, "keypoints")):
+        chunks = list(gw.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task.task_id, kind=kind), metadata=auth()))
+        out[name] = b"".join(c.chunk for c in chunks[1:])
+    video = tmp_path / f"{path.stem}.annotated.mp4"
+    video.write_bytes(out["video"])
+    records = [json.loads(line) for line in out["keypoints"].decode().splitlines()]
+    return done, video, records
+
+
+def frame_times(path) -> list[float]:
+    with av.open(str(path)) as c:
+        return [round(f.time, 4) for f in c.decode(video=0)]
+
+
+@pytest.fixture(scope="module")
+def pipeline_once(shared_pipeline):
+    return shared_pipeline
+
+
+def test_variable_frame_rate_audio_odd_size_and_faststart(pipeline_once, tmp_path):
+    """30 frames at 25 fps with a 0.3 s gap after frame 20, a stream starting at 1.5 s (not 0), AAC audio,
+    and an odd size. Each frame keeps its time (from the same origin as timestamp_s), the audio comes
+    along, the size is exact, and the index (moov) comes before the media so playback starts at once."""
+    gw, _workers = pipeline_once
+    times = [i / 25 for i in range(21)] + [20 / 25 + 0.3 + k / 25 for k in range(1, 10)]
+    clip = clips.synth(tmp_path / "vfr.mp4", 30, size=(641, 361), times=times, audio_s=1.6, start_s=1.5)
+    task, video, records = results(gw, clip, tmp_path)
+    expected = [round(t, 4) for t in times]
+    assert [round(r["timestamp_s"], 4) for r in records] == expected
+    assert frame_times(video) == expected  # the MP4 keeps each frame's time, not a constant rate
+    with av.open(str(video)) as c:
+        v = c.streams.video[0]
+        assert (v.codec_context.width, v.codec_context.height) == (641, 361)
+        assert [f.width for f in c.decode(video=0)][:1] == [641]
+    with av.open(str(video)) as c:
+        assert c.streams.audio and c.streams.audio[0].codec_context.name == "aac"
+        audio_end = max(float(p.pts * p.time_base) for p in c.demux(c.streams.audio[0]) if p.pts is not None)
+        assert 1.2 < audio_end < 1.8  # the tone, shifted to the video's origin
+    head = video.read_bytes()[:4096]
+    assert 0 <= head.find(b"moov") < head.find(b"mdat") or b"mdat" not in head
+    assert records[0]["width"] == 641 and records[0]["height"] == 361
+    assert task.video.audio_codec == "aac"
+
+
+@pytest.mark.parametrize("ccw", [90, 180, 270])
+def test_rotated_uploads_come_out_upright(pipeline_once, tmp_path, ccw):
+    gw, _workers = pipeline_once
+    clip = clips.synth(tmp_path / f"rot{ccw}.mp4", 3, size=(320, 180), fps=5, rotation=ccw)
+    _task, video, records = results(gw, clip, tmp_path)
+    with av.open(str(video)) as c:
+        first = next(c.decode(video=0)).to_ndarray(format="bgr24")
+    upright = (180, 320) if ccw == 180 else (320, 180)
+    assert first.shape[:2] == upright
+    assert (records[0]["width"], records[0]["height"]) == (upright[1], upright[0])
+    source = clips.source_frames((320, 180))[0].astype(np.float32)
+    turn = {90: cv2.ROTATE_90_COUNTERCLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_CLOCKWISE}
+    wrong = {90: cv2.ROTATE_90_CLOCKWISE, 180: None, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
+    right_diff = np.abs(first - cv2.rotate(source, turn[ccw])).mean()
+    wrong_diff = np.abs(first - (cv2.rotate(source, wrong[ccw]) if wrong[ccw] is not None else source)).mean()
+    assert right_diff < 0.5 * wrong_diff
+
+
+def test_resolution_change_mid_stream_is_fitted_not_fatal(pipeline_once, tmp_path):
+    gw, workers = pipeline_once
+    _task, video, records = results(gw, clips.resolution_change(tmp_path / "change.ts"), tmp_path)
+    assert [(r["width"], r["height"]) for r in records] == [(320, 180)] * 5 + [(480, 270)] * 5
+    with av.open(str(video)) as c:
+        sizes = {(f.width, f.height) for f in c.decode(video=0)}
+    assert sizes == {(320, 180)}
+    assert len(frame_times(video)) == 10
+    assert workers.alive()
+
+
+def test_avi_with_gaps_completes_with_every_decodable_frame_and_its_audio(pipeline_once, tmp_path):
+    gw, _workers = pipeline_once
+    _task, video, records = results(gw, clips.avi_with_gaps(tmp_path / "gaps.avi", 20), tmp_path)
+    assert [r["index"] for r in records] == list(range(20))
+    assert len(frame_times(video)) == 20
+    with av.open(str(video)) as c:
+        assert c.streams.audio
