@@ -37,7 +37,7 @@ from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
 from posemesh.stages.annotate import AnnotateStage, draw  # noqa: E402
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector  # noqa: E402
 from posemesh.stages.pose import PoseEstimator  # noqa: E402
-from posemesh.stages.runtime import FrameItem, TaskContext  # noqa: E402
+from posemesh.stages.base import FrameItem, TaskInfo  # noqa: E402
 from posemesh.stages.track import TrackStage  # noqa: E402
 
 
@@ -57,6 +57,7 @@ class OrtModel:
 def in_process(clip: Path, onnx_dir: Path, pose_model: str, threads: int, out_dir: Path) -> tuple[int, float]:
     """Decode -> detect -> pose -> track -> annotate, frame by frame in one process. Returns (frames, s)."""
     info = media.probe(clip)
+    fps = info.video.fps
     detector = Detector(OrtModel(onnx_dir / "yolox.onnx", threads))
     estimator = PoseEstimator(pose_model, OrtModel(onnx_dir / f"{pose_model}.onnx", threads))
     tracker, annotate = TrackStage(), AnnotateStage()
@@ -64,12 +65,11 @@ def in_process(clip: Path, onnx_dir: Path, pose_model: str, threads: int, out_di
     settings.data_dir = out_dir
     tracker.setup(settings)
     annotate.setup(settings)
-    task = TaskContext("ceiling", video=info, fps=info.fps)
-    tasks = {"ceiling": task}
+    task = TaskInfo("ceiling00000000000000000000000000"[:32], video=info.video)
     out = None
     t0 = time.perf_counter()
     count = 0
-    for decoded in media.frames(clip, info.fps):
+    for decoded in media.frames(clip, fps):
         image = decoded.image
         [(boxes, scores)] = detector([image], [DEFAULT_MIN_SCORE])
         frame = pb.Frame(index=decoded.index, timestamp_s=decoded.timestamp_s, width=image.shape[1],
@@ -81,8 +81,7 @@ def in_process(clip: Path, onnx_dir: Path, pose_model: str, threads: int, out_di
                 person = frame.persons.add(box=pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)
                 for (x, y), s in zip(pts, sc):
                     person.keypoints.add(x=x, y=y, score=s)
-        item = FrameItem("ceiling", task.options, frame)
-        tracker.process([item], tasks)
+        tracker.process([FrameItem(task, frame)])
         out = out or annotate.writer(task, frame)
         out.write(frame, draw(image, frame.persons))
         count += 1

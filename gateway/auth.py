@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 
+from posemesh.gateway.validation import Refused
+
 DEV_USER, DEV_KEY = "dev", "posemesh-dev-key"
 
 
@@ -72,9 +74,9 @@ class Authenticator:
                 found = user
         return (found, "") if found else (None, "unknown API key")
 
-    def user(self, context: grpc.ServicerContext) -> str:
-        """The caller's user, or abort UNAUTHENTICATED."""
+    def user(self, context) -> str:
+        """The caller's user; raises Refused(UNAUTHENTICATED) saying what is wrong."""
         user, problem = self.user_of(context.invocation_metadata())
         if user is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, problem)
         return user

@@ -21,19 +21,23 @@ from posemesh.v1 import pipeline_pb2 as pb
 log = logging.getLogger("posemesh.gateway")
 
 OFFSET_KEY = "events_offset"
+INCARNATION_KEY = "events_incarnation"
 
 
 class EventReader(threading.Thread):
-    def __init__(self, settings: Settings, store, topics, on_result, on_failure):
+    def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None):
         super().__init__(name="events", daemon=True)
         self.settings, self.store, self.topics = settings, store, topics
         self.on_result, self.on_failure = on_result, on_failure
+        self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
         self.running = threading.Event()
         self.running.set()
 
     def run(self) -> None:
         consumer = Consumer(kafka.consumer_config(self.settings, "posemesh-gateway", "gateway-events"))
         consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, self.start_offset(consumer))])
+        if self.incarnation:
+            self.store.set_meta(INCARNATION_KEY, self.incarnation)
         try:
             while self.running.is_set():
                 msgs = consumer.consume(num_messages=500, timeout=0.1)
@@ -58,6 +62,11 @@ class EventReader(threading.Thread):
         saved = self.store.get_meta(OFFSET_KEY)
         if not saved:
             return OFFSET_BEGINNING
+        known = self.store.get_meta(INCARNATION_KEY)
+        if self.incarnation and known and known != self.incarnation:
+            log.warning("the broker's data is not the one the saved events offset belongs to: reading %s from "
+                        "the start", kafka.EVENTS_TOPIC)
+            return OFFSET_BEGINNING
         _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.EVENTS_TOPIC, 0), timeout=10)
         if int(saved) > high:
             log.warning("saved events offset %s is past the end of %s (%d): reading it from the start",
@@ -71,11 +80,14 @@ class EventReader(threading.Thread):
             self.topics.heartbeat(event.worker_id, sent_at, list(event.heartbeat.reading_tasks))
         elif kind == "progress":
             p = event.progress
-            self.store.add_progress(p.task_id, event.stage, event.worker_id, p.frames_done, p.frames_total)
+            self.store.add_done(p.task_id, event.stage, [(r.first, r.last) for r in p.done], p.epoch, p.frames_total)
         elif kind == "result":
-            self.on_result(event.result)
+            if event.result.epoch >= self.store.epoch(event.result.task_id):
+                self.on_result(event.result)
         elif kind == "failure":
-            self.on_failure(event.failure.task_id, f"{event.stage}: {event.failure.error_message}")
+            f = event.failure
+            if f.epoch >= self.store.epoch(f.task_id):
+                self.on_failure(f.task_id, f"{event.stage} failed: {f.error_message}")
 
     def stop(self) -> None:
         self.running.clear()

@@ -23,14 +23,14 @@ PROGRESS_EVERY = 10
 class FrameProducer(threading.Thread):
     def __init__(self, task: tpb.Task, path: Path, producer: Producer, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
-                 limits: media.Limits = media.Limits()):
+                 limits: media.Limits = media.Limits(), epoch: int = 0):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
         self.task, self.path, self.producer = task, path, producer
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
-        self.limits = limits
+        self.limits, self.epoch = limits, epoch
         self.cancelled = threading.Event()
         self.errors: list = []
 
@@ -49,7 +49,7 @@ class FrameProducer(threading.Thread):
             self.errors.append(err)
 
     def run(self) -> None:
-        task_id, count = self.task.task_id, 0
+        task_id, count, reported = self.task.task_id, 0, 0
         params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
         reader = media.FrameReader(self.path, self.task.video.fps, self.limits)
         try:
@@ -63,18 +63,20 @@ class FrameProducer(threading.Thread):
                 if not ok:
                     raise RuntimeError(f"JPEG encoding failed at frame {frame.index}")
                 h, w = frame.image.shape[:2]
-                self._send(pb.StageRecord(task_id=task_id, options=self.task.options, frame=pb.Frame(
+                self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch, frame=pb.Frame(
                     index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=jpeg.tobytes())),
                     frame.index % self.partitions)
                 count = frame.index + 1
                 if count % PROGRESS_EVERY == 0:
                     self.producer.poll(0)
-                    self.on_progress(count)
-            self._send(pb.StageRecord(task_id=task_id, options=self.task.options,
+                    self.on_progress(reported, count - 1)
+                    reported = count
+            self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch,
                                       end_of_stream=pb.EndOfStream(total_frames=count, fps=self.task.video.fps)), 0)
             if self.producer.flush(60) or self.errors:
                 raise RuntimeError(f"frames not delivered to Kafka: {self.errors[:1]}")
-            self.on_progress(count)
+            if count > reported:
+                self.on_progress(reported, count - 1)
             self.on_done(count, reader.skipped)
         except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
             self.on_error(f"frame {count} of the upload: {exc}")

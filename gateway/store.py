@@ -15,11 +15,12 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from posemesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
 
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 ACTIVE = {tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING}
-STAGES = ("decode", "detect", "pose", "track", "annotate")
+STAGES = PROGRESS_STEPS
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -30,7 +31,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     finished_us INTEGER,
     idempotency_key TEXT,
     task BLOB NOT NULL,             -- serialized posemesh.v1.Task
-    progress TEXT NOT NULL DEFAULT '{}',   -- {stage: {worker: frames_done}}
+    progress TEXT NOT NULL DEFAULT '{}',   -- {step: distinct frames done}, from the bitmaps in `done`
     frames_total INTEGER NOT NULL DEFAULT 0,
     produced INTEGER NOT NULL DEFAULT 0,   -- every frame is on raw_frames_<task>
     last_progress_us INTEGER,
@@ -41,6 +42,14 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(user, idempotency_key) WHERE idempotency_key IS NOT NULL;
 CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user, created_us DESC);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- Which frame indices each step (decode, then every stage) has done for a task: a bitmap, so a frame
+-- redone after a crash or a rebalance counts once, whichever worker did it.
+CREATE TABLE IF NOT EXISTS done (
+    task_id TEXT NOT NULL,
+    step TEXT NOT NULL,
+    bitmap BLOB NOT NULL,
+    PRIMARY KEY (task_id, step)
+);
 """
 
 
@@ -55,7 +64,7 @@ def timestamp(us: int) -> Timestamp:
 
 
 # Columns added after the first release: (name, definition), added to older databases at start-up.
-ADDED_COLUMNS = [("upload_sha256", "TEXT")]
+ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 0")]
 
 
 class TaskStore:
@@ -70,11 +79,11 @@ class TaskStore:
             if name not in present:
                 self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
         self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)
         self.version = 0
+        self.listeners: list = []  # callables(task_id | None), told after every committed change
 
     @contextmanager
-    def transaction(self):
+    def transaction(self, task_id: str | None = None):
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -84,7 +93,8 @@ class TaskStore:
                 self.db.execute("ROLLBACK")
                 raise
             self.version += 1
-            self.changed.notify_all()
+        for listener in self.listeners:
+            listener(task_id)
 
     # ------------------------------------------------------------------ reads
 
@@ -94,7 +104,7 @@ class TaskStore:
         total = row["frames_total"] or task.video.frame_count
         del task.progress[:]
         for stage in STAGES:
-            done = sum(progress.get(stage, {}).values())
+            done = int(progress.get(stage, 0))
             task.progress.add(stage=stage, frames_done=min(done, total) if total else done, frames_total=total)
         return task
 
@@ -113,7 +123,7 @@ class TaskStore:
     def frames_done(self, task_id: str, stage: str) -> int:
         with self.lock:
             row = self.db.execute("SELECT progress FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-        return sum(json.loads(row[0]).get(stage, {}).values()) if row else 0
+        return int(json.loads(row[0]).get(stage, 0)) if row else 0
 
     def owner(self, task_id: str) -> str | None:
         with self.lock:
@@ -155,7 +165,7 @@ class TaskStore:
     # ------------------------------------------------------------------ writes
 
     def create(self, task: tpb.Task, user: str, idempotency_key: str | None, upload_sha256: str = "") -> None:
-        with self.transaction() as db:
+        with self.transaction(task.task_id) as db:
             db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us,"
                        " upload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
@@ -163,7 +173,7 @@ class TaskStore:
 
     def update(self, task_id: str, fn) -> tpb.Task | None:
         """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""
-        with self.transaction() as db:
+        with self.transaction(task_id) as db:
             cur = db.execute("SELECT task FROM tasks WHERE task_id = ?", (task_id,))
             row = cur.fetchone()
             if row is None:
@@ -196,18 +206,52 @@ class TaskStore:
         task = self.update(task_id, apply)
         return task if moved else None
 
-    def add_progress(self, task_id: str, stage: str, worker: str, frames_done: int, frames_total: int = 0) -> None:
-        with self.transaction() as db:
-            row = db.execute("SELECT progress, frames_total FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
-            if row is None:
-                return
+    def add_done(self, task_id: str, step: str, ranges: list[tuple[int, int]], epoch: int | None = None,
+                 frames_total: int = 0) -> bool:
+        """Mark frame indices done for a step (a union: repeats change nothing). Progress of an older run
+        of the task (epoch) is ignored. Returns whether the step's count grew (real progress)."""
+        with self.transaction(task_id) as db:
+            row = db.execute("SELECT progress, frames_total, epoch FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row is None or (epoch is not None and epoch < row[2]):
+                return False
+            found = db.execute("SELECT bitmap FROM done WHERE task_id = ? AND step = ?", (task_id, step)).fetchone()
+            bits = int.from_bytes(found[0], "little") if found else 0
+            for first, last in ranges:
+                if 0 <= first <= last:
+                    bits |= ((1 << (last - first + 1)) - 1) << first
+            count = bits.bit_count()
             progress = json.loads(row[0])
-            progress.setdefault(stage, {})[worker] = frames_done
-            db.execute("UPDATE tasks SET progress = ?, frames_total = ?, last_progress_us = ? WHERE task_id = ?",
-                       (json.dumps(progress), frames_total or row[1], now_us(), task_id))
+            grew = count > int(progress.get(step, 0))
+            total = frames_total or row[1]
+            if not grew and total == row[1]:
+                return False
+            progress[step] = count
+            db.execute("INSERT INTO done (task_id, step, bitmap) VALUES (?, ?, ?) ON CONFLICT(task_id, step) "
+                       "DO UPDATE SET bitmap = excluded.bitmap",
+                       (task_id, step, bits.to_bytes((bits.bit_length() + 7) // 8 or 1, "little")))
+            db.execute("UPDATE tasks SET progress = ?, frames_total = ?" + (", last_progress_us = ?" if grew else "") +
+                       " WHERE task_id = ?", (json.dumps(progress), total, *((now_us(),) if grew else ()), task_id))
+            return grew
+
+    def new_run(self, task_id: str, warning: str) -> int:
+        """The task runs again from its first frame (the broker lost its topics): a new epoch, no progress."""
+        with self.transaction(task_id) as db:
+            row = db.execute("SELECT epoch, task FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            epoch = row[0] + 1
+            task = tpb.Task.FromString(row[1])
+            task.warnings.append(warning)
+            db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
+            db.execute("UPDATE tasks SET epoch = ?, progress = '{}', produced = 0, frames_total = 0, task = ?, "
+                       "last_progress_us = ? WHERE task_id = ?", (epoch, task.SerializeToString(), now_us(), task_id))
+            return epoch
+
+    def epoch(self, task_id: str) -> int:
+        with self.lock:
+            row = self.db.execute("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            return row[0] if row else 0
 
     def set_columns(self, task_id: str, **columns) -> None:
-        with self.transaction() as db:
+        with self.transaction(task_id) as db:
             sets = ", ".join(f"{k} = ?" for k in columns)
             db.execute(f"UPDATE tasks SET {sets} WHERE task_id = ?", (*columns.values(), task_id))
 
@@ -222,14 +266,9 @@ class TaskStore:
                             (key, value, value))
 
     def purge(self, task_id: str) -> None:
-        with self.transaction() as db:
+        with self.transaction(task_id) as db:
             db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-
-    def wait_for_change(self, version: int, timeout: float) -> int:
-        with self.changed:
-            if self.version == version:
-                self.changed.wait(timeout)
-            return self.version
+            db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
 
     def close(self) -> None:
         with self.lock:

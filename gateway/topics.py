@@ -48,9 +48,9 @@ class TopicManager:
         if remaining:
             raise RuntimeError("could not publish to posemesh.control")
 
-    def publish_started(self, task: tpb.Task) -> None:
+    def publish_started(self, task: tpb.Task, epoch: int) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id,
-                                      started=pb.TaskStarted(options=task.options, video=task.video)))
+                                      started=pb.TaskStarted(options=task.options, video=task.video, epoch=epoch)))
 
     def publish_ended(self, task_id: str, state: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
@@ -60,6 +60,12 @@ class TopicManager:
             known = self.readers.get(worker)
             if known is None or known[0] <= sent_at:
                 self.readers[worker] = (sent_at, set(tasks))
+
+    def forget_readers(self) -> None:
+        """The broker lost its data: what workers said before is about topics that are gone."""
+        with self.lock:
+            self.readers.clear()
+            self.orphans.clear()
 
     def read_by_live_worker(self) -> set[str]:
         cutoff = time.time() - LIVENESS_S

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
+import time
 import unicodedata
 
 import grpc
@@ -20,6 +22,21 @@ MAX_PAGE_TOKEN = 64
 MAX_OFFSET = 10**9
 
 
+class Refused(Exception):
+    """A request the gateway answers with `code` and `message` (the service turns it into the status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def new_task_id() -> str:
+    """32 lowercase hex characters: milliseconds since the epoch, then 80 random bits. Ids (and so topic
+    names) sort by creation time, which keeps the consumer groups' round-robin assignment of older tasks
+    where it was when a new task starts."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
+
+
 def shorten(text: str, limit: int = 40) -> str:
     """A quoted, printable, at most `limit`-character rendering of user input for messages."""
     clean = "".join(c if c.isprintable() else "?" for c in text[: limit + 1])
@@ -28,11 +45,11 @@ def shorten(text: str, limit: int = 40) -> str:
     return repr(clean)
 
 
-def task_id(value: str, context) -> str:
+def task_id(value: str) -> str:
     if not value:
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "task_id is required")
     if not TASK_ID_RE.match(value):
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                       f"task_id {shorten(value)} is not a task id: task ids are 32 lowercase hex characters")
     return value
 
@@ -45,9 +62,9 @@ def display_file_name(value: str) -> str:
     return name[:MAX_FILE_NAME] or "upload"
 
 
-def idempotency_key(value: str, context) -> str:
+def idempotency_key(value: str) -> str:
     if len(value) > MAX_IDEMPOTENCY_KEY or not value.isprintable():
-        context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+        raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                       f"idempotency_key must be at most {MAX_IDEMPOTENCY_KEY} printable characters")
     return value
 

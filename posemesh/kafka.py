@@ -10,14 +10,13 @@ import re
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from posemesh import pipeline
+from posemesh.pipeline import BYTETRACK, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
 from posemesh.settings import Settings
 
-# The four per-task topics, in pipeline order. The prefix of each is what the stage reading it consumes.
-RAW_FRAMES, YOLOX, RTMPOSE, BYTETRACK = "raw_frames", "yolox", "rtmpose", "bytetrack"
-TASK_TOPIC_PREFIXES = (RAW_FRAMES, YOLOX, RTMPOSE, BYTETRACK)
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
 CONTROL_TOPIC = "posemesh.control"
 EVENTS_TOPIC = "posemesh.events"
@@ -41,10 +40,9 @@ def task_of_topic(topic: str) -> str | None:
 
 
 def partitions_for(prefix: str, settings: Settings) -> int:
-    # Frames and detections are stateless per frame: several partitions let several detect and pose
-    # workers share one task. Tracking and annotation are sequential per task: one partition, so one
-    # worker owns a task's tracker and encoder while other tasks go to other workers.
-    return settings.frame_partitions if prefix in (RAW_FRAMES, YOLOX) else 1
+    """Several partitions where the reading stage treats frames independently (replicas share a task),
+    one where it needs them in order (one replica owns the task): posemesh.pipeline decides."""
+    return pipeline.partitions(prefix, settings.frame_partitions)
 
 
 def base_config(settings: Settings) -> dict:
@@ -80,7 +78,9 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
         "auto.offset.reset": "earliest",  # 'latest' replays a tail on the local broker
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": settings.kafka_heartbeat_ms,
-        "partition.assignment.strategy": "range",  # eager: cooperative-sticky stalls on the local broker
+        # Eager round-robin: spreads one-partition task topics over every member ("range" gives each such
+        # topic to the first member, so other replicas idled); cooperative-sticky stalls on the local broker.
+        "partition.assignment.strategy": "roundrobin",
         "fetch.wait.max.ms": 50,
         # Shallow fetches, a few frames each: librdkafka rotates the partition it starts a fetch with,
         # so consumption interleaves the partitions (and tasks) finely and frames flow roughly in index
@@ -167,6 +167,23 @@ def list_task_topics(client: AdminClient, timeout: float = 15.0) -> dict[str, li
     return out
 
 
-def ensure_shared_topics(settings: Settings) -> None:
+def ensure_shared_topics(settings: Settings, client: AdminClient | None = None) -> None:
     cfg = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-    create_topics(admin(settings), [TopicSpec(CONTROL_TOPIC, 1, cfg), TopicSpec(EVENTS_TOPIC, 1, cfg)])
+    # Control events are keyed by task: on Apache Kafka compaction keeps the topic to one record per task.
+    control = {**cfg, "cleanup.policy": "compact"}
+    create_topics(client or admin(settings), [TopicSpec(CONTROL_TOPIC, 1, control), TopicSpec(EVENTS_TOPIC, 1, cfg)])
+
+
+def incarnation(client: AdminClient, timeout: float = 5.0) -> str | None:
+    """Which life of the broker's data this is: the topic id of posemesh.control (None while it does not
+    exist). A broker that lost its data (the memory-only local broker after a restart; a wiped cluster)
+    gives a re-created topic a new id, and every client must then start over: an idempotent producer
+    never delivers again, and a consumer's old position silently skips the new topic's first records.
+    Raises KafkaException when the broker cannot be reached."""
+    future = client.describe_topics(TopicCollection([CONTROL_TOPIC]), request_timeout=timeout)[CONTROL_TOPIC]
+    try:
+        return str(future.result(timeout).topic_id)
+    except KafkaException as exc:
+        if exc.args[0].name() in ("UNKNOWN_TOPIC_OR_PART", "UNKNOWN_TOPIC_ID"):
+            return None
+        raise

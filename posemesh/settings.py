@@ -46,6 +46,10 @@ class Settings:
     topic_delete_delay_s: float = field(default_factory=lambda: float(_env("TOPIC_DELETE_DELAY_S", "60")))
     # Triton
     triton_url: str = field(default_factory=lambda: _env("TRITON_URL", "127.0.0.1:8001"))
+    # Deadline of one inference request; and how long Triton may fail (down, restarting, hung) before the
+    # tasks waiting on it are failed with that reason instead of waiting on.
+    triton_timeout_s: float = field(default_factory=lambda: float(_env("TRITON_TIMEOUT_S", "10")))
+    triton_outage_s: float = field(default_factory=lambda: float(_env("TRITON_OUTAGE_S", "60")))
     # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
     data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(REPO_ROOT / "run" / "data"))))
     models_dir: Path = field(default_factory=default_models_dir)
@@ -65,6 +69,8 @@ class Settings:
     # is installed): a task asking for one fails at once instead of producing meaningless keypoints.
     disabled_pose_models: str = field(default_factory=lambda: _env("DISABLED_POSE_MODELS", ""))
     jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
+    # A running task none of whose frames got further through any step for this long is failed.
+    stall_timeout_s: float = field(default_factory=lambda: float(_env("STALL_TIMEOUT_S", "300")))
     # Caps on what an upload may be, checked before any work starts (INVALID_ARGUMENT naming the cap).
     # They bound every process's memory: a frame is at most max_frame_pixels (4K UHD by default).
     max_frame_pixels: int = field(default_factory=lambda: int(_env("MAX_FRAME_PIXELS", str(3840 * 2160))))

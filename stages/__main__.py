@@ -1,24 +1,21 @@
-"""python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker."""
+"""python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker.
+
+The stages and their classes are declared in posemesh/pipeline.py."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 
+from posemesh.pipeline import SPECS
 from posemesh.settings import Settings
-from posemesh.stages.runtime import serve
+from posemesh.stages.worker import serve
 
-STAGES = {
-    "detect": "posemesh.stages.detect:DetectStage",
-    "pose": "posemesh.stages.pose:PoseStage",
-    "track": "posemesh.stages.track:TrackStage",
-    "annotate": "posemesh.stages.annotate:AnnotateStage",
-}
+STAGES = {name: spec.entry for name, spec in SPECS.items()}
 
 
 def load(name: str):
-    import importlib
-
     module, cls = STAGES[name].split(":")
     return getattr(importlib.import_module(module), cls)()
 

@@ -2,8 +2,9 @@
 writes the task's annotated H.264 MP4 and keypoints JSON lines (stages/results.py says how the files
 keep the upload's timing, size and audio, and how they appear all at once).
 
-Frames arrive in index order (runtime). Input offsets are committed when the task's files are final
-(`commit_at_task_end`): a crash mid-task redoes the task from its first frame.
+Frames arrive in index order. Recovery.RESUME: input offsets are committed as segments are finished, and
+a replica that takes a task over (crash, rebalance, scale-up) continues after the last finished segment
+(`resume_index`), so at most one segment is redone.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from posemesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
 from posemesh.stages.pose import COCO_SKELETON
 from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
-from posemesh.stages.runtime import FrameItem, Stage, TaskContext
 
 KEYPOINT_MIN_SCORE = 0.3
 UPLOAD_FILE = "upload"  # the gateway's name for a task's upload, under jobs/<task>/ (shared data volume)
@@ -52,15 +52,11 @@ def draw(image: np.ndarray, persons) -> np.ndarray:
 
 class AnnotateStage(Stage):
     name = "annotate"
-    input_prefix = kafka.BYTETRACK
-    output_prefix = None
-    ordered = True
-    commit_at_task_end = True
     max_batch = 16
 
     def __init__(self, x264_preset: str | None = None):
         self.encoder = EncoderSettings(preset=x264_preset or os.environ.get("POSEMESH_X264_PRESET", "veryfast"),
-                                       segment_frames=int(os.environ.get("POSEMESH_SEGMENT_FRAMES", "120")))
+                                       segment_frames=int(os.environ.get("POSEMESH_SEGMENT_FRAMES", "60")))
 
     def setup(self, settings) -> None:
         self.results_dir: Path = settings.results_dir
@@ -68,30 +64,40 @@ class AnnotateStage(Stage):
         self.worker = f"{socket.gethostname()}-{os.getpid()}"  # unique on a volume shared by hosts
         self.writers: dict[str, ResultWriter] = {}
 
-    def writer(self, task: TaskContext, first: pb.Frame) -> ResultWriter:
+    def writer(self, task: TaskInfo, first: pb.Frame | None = None) -> ResultWriter:
         writer = self.writers.get(task.task_id)
         if writer is None:
-            writer = ResultWriter(task.task_id, self.results_dir, wanted_outputs(task.options),
-                                  (first.width, first.height), task.fps, self.encoder, self.worker)
+            # The video's size is its first frame's (from the probe): a replica resuming mid-task agrees.
+            size = (task.video.width, task.video.height)
+            if not all(size) and first is not None:
+                size = (first.width, first.height)
+            writer = ResultWriter(task.task_id, self.results_dir, wanted_outputs(task.options), size, task.fps,
+                                  self.encoder, self.worker, epoch=task.epoch)
             self.writers[task.task_id] = writer
         return writer
 
-    def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
+    def resume_index(self, task: TaskInfo) -> int:
+        return self.writer(task).durable + 1
+
+    def durable_index(self, task_id: str) -> int:
+        writer = self.writers.get(task_id)
+        return writer.durable if writer else -1
+
+    def process(self, items: list[FrameItem]) -> None:
         for item in items:  # in index order within each task
             frame = item.frame
-            writer = self.writer(tasks[item.task_id], frame)
+            writer = self.writer(item.task, frame)
             image = None
             if writer.video:
                 image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
                 if image is None:
-                    raise ValueError(f"frame {frame.index}: undecodable JPEG")
+                    raise StageError("undecodable JPEG")
                 draw(image, frame.persons)
             writer.write(frame, image)
 
-    def finish_task(self, task: TaskContext) -> pb.TaskResult:
-        writer = self.writers.pop(task.task_id, None) or ResultWriter(
-            task.task_id, self.results_dir, wanted_outputs(task.options), (task.video.width, task.video.height),
-            task.fps, self.encoder, self.worker)
+    def finish_task(self, task: TaskInfo) -> pb.TaskResult:
+        writer = self.writers.pop(task.task_id, None) or self.writer(task)
+        self.writers.pop(task.task_id, None)
         upload = self.jobs_dir / task.task_id / UPLOAD_FILE
         return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
 

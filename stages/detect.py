@@ -10,10 +10,9 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from posemesh import kafka
 from posemesh.models import YOLOX_SIZE
 from posemesh.v1 import pipeline_pb2 as pb
-from posemesh.stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
 
 DEFAULT_MIN_SCORE = 0.5
@@ -75,7 +74,7 @@ def decode_for_detection(jpeg: bytes, width: int, height: int) -> tuple[np.ndarr
             break
     image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flag)
     if image is None:
-        raise ValueError("undecodable JPEG")
+        raise StageError("undecodable JPEG")
     return image, (width / image.shape[1]) if width else 1.0
 
 
@@ -93,16 +92,19 @@ class Detector:
 
 class DetectStage(Stage):
     name = "detect"
-    input_prefix = kafka.RAW_FRAMES
-    output_prefix = kafka.YOLOX
     max_batch = 16
 
     def setup(self, settings) -> None:
-        self.detector = Detector(TritonModel(settings.triton_url, "yolox"))
+        self.model = TritonModel(settings.triton_url, "yolox", settings.triton_timeout_s, settings.triton_outage_s)
+        self.model.wait_ready(120)
+        self.detector = Detector(self.model)
 
-    def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
+    def problem(self) -> str:
+        return self.model.problem
+
+    def process(self, items: list[FrameItem]) -> None:
         decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
-        min_scores = [it.options.min_person_score or DEFAULT_MIN_SCORE for it in items]
+        min_scores = [it.task.options.min_person_score or DEFAULT_MIN_SCORE for it in items]
         results = self.detector([img for img, _f in decoded], min_scores)
         for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
             del item.frame.persons[:]

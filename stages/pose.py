@@ -16,9 +16,8 @@ from collections import defaultdict
 import cv2
 import numpy as np
 
-from posemesh import kafka
 from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
-from posemesh.stages.runtime import FrameItem, Stage, TaskContext
+from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
 
 # BlazePose-33 indices of the COCO-17 keypoints, in COCO order (left before right).
@@ -106,27 +105,32 @@ class PoseEstimator:
 
 class PoseStage(Stage):
     name = "pose"
-    input_prefix = kafka.YOLOX
-    output_prefix = kafka.RTMPOSE
     max_batch = 8  # frames; each brings ~1-12 crops, and the model's own max batch splits the rest
 
     def setup(self, settings) -> None:
-        self.url = settings.triton_url
+        self.settings = settings
         self.estimators: dict[str, PoseEstimator] = {}
 
     def estimator(self, name: str) -> PoseEstimator:
         if name not in self.estimators:
-            self.estimators[name] = PoseEstimator(name, TritonModel(self.url, name))
+            s = self.settings
+            self.estimators[name] = PoseEstimator(name, TritonModel(s.triton_url, name, s.triton_timeout_s,
+                                                                    s.triton_outage_s))
         return self.estimators[name]
 
-    def process(self, items: list[FrameItem], tasks: dict[str, TaskContext]) -> None:
+    def problem(self) -> str:
+        return next((e.model.problem for e in self.estimators.values() if e.model.problem), "")
+
+    def process(self, items: list[FrameItem]) -> None:
         # Crops grouped by model across all frames and tasks of the batch: one Triton call per model.
         crops, where = defaultdict(list), defaultdict(list)
         for item in items:
             if not item.frame.persons:
                 continue
             image = cv2.imdecode(np.frombuffer(item.frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
-            estimator = self.estimator(model_name(item.options.pose_model))
+            if image is None:
+                raise StageError(f"frame {item.frame.index}: undecodable JPEG")
+            estimator = self.estimator(model_name(item.task.options.pose_model))
             for person in item.frame.persons:
                 b = person.box
                 crop, matrix = estimator.crop(image, (b.x1, b.y1, b.x2, b.y2))

@@ -2,7 +2,7 @@
 
 Layout under the results directory (a volume the annotate workers and the gateway share):
 
-    .partial-<task>/                      grows while the task runs; any annotate worker may continue it
+    .partial-<task>-e<epoch>/             grows while the task runs; any annotate worker may continue it
         seg-00000000-00000119.mp4         a finished segment: frames 0..119 as H.264, an IDR frame first
         seg-00000000-00000119.jsonl       their keypoints, one JSON line a frame
         .open-<worker>.mp4 / .jsonl       the segment being written: not part of the result yet
@@ -121,13 +121,18 @@ class ResultWriter:
     fps: float
     settings: EncoderSettings
     worker: str
+    epoch: int = 0
     segment: Segment | None = None
     frames: int = 0
     warnings: list[str] = field(default_factory=list)
+    durable: int = -1  # the last index of the finished segments (those of earlier owners included)
+
+    def __post_init__(self) -> None:
+        self.durable = _chain_end(self.partial)
 
     @property
     def partial(self) -> Path:
-        return self.results_dir / f".partial-{self.task_id}"
+        return self.results_dir / f".partial-{self.task_id}-e{self.epoch}"
 
     @property
     def final(self) -> Path:
@@ -138,10 +143,6 @@ class ResultWriter:
         return tpb.ARTIFACT_KIND_ANNOTATED_VIDEO in self.outputs
 
     # ------------------------------------------------------------------ segments
-
-    def finished_through(self) -> int:
-        """The last index of the unbroken run of finished segments from frame 0 (-1: none)."""
-        return _chain_end(self.partial)
 
     def _open_segment(self, first: int) -> Segment:
         self.partial.mkdir(parents=True, exist_ok=True)
@@ -190,7 +191,8 @@ class ResultWriter:
         name = f"seg-{seg.first:08d}-{seg.last:08d}"
         if seg.video is not None:
             os.replace(seg.video_tmp, self.partial / f"{name}.mp4")
-        os.replace(seg.jsonl_tmp, self.partial / f"{name}.jsonl")
+        os.replace(seg.jsonl_tmp, self.partial / f"{name}.jsonl")  # last: a segment counts once this exists
+        self.durable = max(self.durable, seg.last)
         return seg.last
 
     def abandon(self) -> None:

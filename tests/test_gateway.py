@@ -272,8 +272,8 @@ def test_a_gateway_whose_saved_events_offset_belongs_to_an_older_broker_still_he
     store.close()
     gw = gateway_factory(data)
     task = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())
-    event = pb.WorkerEvent(worker_id="detect-test", stage="detect",
-                           progress=pb.TaskProgress(task_id=task.task_id, frames_done=3, frames_total=5))
+    event = pb.WorkerEvent(worker_id="detect-test", stage="detect", progress=pb.TaskProgress(
+        task_id=task.task_id, frames_done=3, frames_total=5, done=[pb.IndexRange(first=0, last=2)]))
     producer = Producer({"bootstrap.servers": gw.settings.kafka_bootstrap})
     producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
     producer.flush(10)

@@ -1,32 +1,21 @@
-"""The stage runtime's Kafka handling, with a real consumer on the real broker (no Triton needed)."""
+"""The worker's Kafka handling with a real consumer on the real broker (no Triton needed)."""
 
 from __future__ import annotations
 
 import time
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer, TopicPartition
 
 from posemesh import kafka
-from posemesh.stages.offsets import OffsetBook
-from posemesh.stages.runtime import Stage, StageWorker
+from posemesh.stages.base import Recovery
+from posemesh.stages.reading import InputReader
 from tests.conftest import make_settings
 
 
-class Discard(Stage):
-    name = "discard"
-    input_prefix = kafka.RAW_FRAMES
-
-    def process(self, items, tasks):
-        pass
-
-
-def consume(consumer, worker, want: int, seconds: float) -> int:
+def consume(reader: InputReader, want: int, seconds: float) -> int:
     got, deadline = 0, time.monotonic() + seconds
     while got < want and time.monotonic() < deadline:
-        msg = consumer.poll(0.1)
-        if msg is not None and not msg.error():
-            worker.positions[(msg.topic(), msg.partition())] = msg.offset() + 1
-            got += 1
+        got += sum(1 for m in reader.poll(1, 0.1) if m.error() is None)
     return got
 
 
@@ -41,15 +30,47 @@ def test_partitions_paused_by_flow_control_resume_after_a_rebalance(broker, tmp_
     for i in range(10):
         producer.produce("pausetest_a", b"%d" % i)
     producer.flush(10)
+    reader = InputReader(settings, f"pausetest{time.monotonic_ns()}", "w", Recovery.REDO, lambda tps: None,
+                         lambda tps: None)
+    reader.subscribe(["pausetest_a"])
+    assert consume(reader, 3, 15) == 3
+    reader.flow_control({("pausetest_a", 0): 5}, cap=2)
+    assert reader.paused == {("pausetest_a", 0)}
+    reader.subscribe(["pausetest_a", "pausetest_b"])
+    assert consume(reader, 7, 15) == 7  # the rest, after the rebalance, from where it was
+    assert reader.paused == set()
+    reader.close()
 
-    worker = StageWorker(Discard(), settings)
-    worker.book = OffsetBook()
-    consumer = worker.consumer = Consumer(kafka.consumer_config(settings, f"pausetest{time.monotonic_ns()}", "w"))
-    consumer.subscribe(["pausetest_a"], on_assign=worker._on_assign, on_revoke=worker._on_revoke)
-    assert consume(consumer, worker, 3, 15) == 3
-    consumer.pause([TopicPartition("pausetest_a", 0)])
-    worker.paused.add(("pausetest_a", 0))
-    consumer.subscribe(["pausetest_a", "pausetest_b"], on_assign=worker._on_assign, on_revoke=worker._on_revoke)
-    assert consume(consumer, worker, 7, 15) == 7  # the rest, after the rebalance, from where it was
-    assert worker.paused == set()
-    consumer.close()
+
+def test_replay_recovery_reads_a_new_partition_from_its_first_record(broker, tmp_path):
+    """Recovery.REPLAY (track): a partition new to this member starts at offset 0 whatever was committed,
+    so the task's state is rebuilt from its first frame."""
+    settings = make_settings(broker, tmp_path)
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec("replaytest", 1, {})])
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(6):
+        producer.produce("replaytest", b"%d" % i)
+    producer.flush(10)
+    group = f"replaytest{time.monotonic_ns()}"
+    first = InputReader(settings, group, "a", Recovery.REDO, lambda tps: None, lambda tps: None)
+    first.subscribe(["replaytest"])
+    assert consume(first, 6, 15) == 6
+    first.consumer.commit(offsets=[TopicPartition("replaytest", 0, 4)], asynchronous=False)
+    first.close()
+    fresh: list = []
+    replay = InputReader(settings, group, "b", Recovery.REPLAY, lambda tps: None, fresh.extend)
+    replay.subscribe(["replaytest"])
+    values = []
+    deadline = time.monotonic() + 15
+    while len(values) < 6 and time.monotonic() < deadline:
+        values += [m.value() for m in replay.poll(10, 0.1) if m.error() is None]
+    assert values == [b"%d" % i for i in range(6)] and fresh == [("replaytest", 0)]
+    redo = InputReader(settings, group, "c", Recovery.REDO, lambda tps: None, lambda tps: None)
+    replay.close()
+    redo.subscribe(["replaytest"])
+    values = []
+    deadline = time.monotonic() + 15
+    while len(values) < 2 and time.monotonic() < deadline:
+        values += [m.value() for m in redo.poll(10, 0.1) if m.error() is None]
+    assert values == [b"4", b"5"]  # the other recoveries start at the committed offset
+    redo.close()

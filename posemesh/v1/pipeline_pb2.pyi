@@ -66,24 +66,28 @@ class EndOfStream(_message.Message):
     def __init__(self, total_frames: _Optional[int] = ..., fps: _Optional[float] = ...) -> None: ...
 
 class StageRecord(_message.Message):
-    __slots__ = ("task_id", "options", "frame", "end_of_stream")
+    __slots__ = ("task_id", "options", "frame", "end_of_stream", "epoch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     END_OF_STREAM_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     options: _task_service_pb2.TaskOptions
     frame: Frame
     end_of_stream: EndOfStream
-    def __init__(self, task_id: _Optional[str] = ..., options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, task_id: _Optional[str] = ..., options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TaskStarted(_message.Message):
-    __slots__ = ("options", "video")
+    __slots__ = ("options", "video", "epoch")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     options: _task_service_pb2.TaskOptions
     video: _task_service_pb2.VideoInfo
-    def __init__(self, options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., video: _Optional[_Union[_task_service_pb2.VideoInfo, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., video: _Optional[_Union[_task_service_pb2.VideoInfo, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TaskEnded(_message.Message):
     __slots__ = ("state",)
@@ -101,35 +105,51 @@ class ControlEvent(_message.Message):
     ended: TaskEnded
     def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ...) -> None: ...
 
+class IndexRange(_message.Message):
+    __slots__ = ("first", "last")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    last: int
+    def __init__(self, first: _Optional[int] = ..., last: _Optional[int] = ...) -> None: ...
+
 class TaskProgress(_message.Message):
-    __slots__ = ("task_id", "frames_done", "frames_total")
+    __slots__ = ("task_id", "frames_done", "frames_total", "done", "epoch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     frames_done: int
     frames_total: int
-    def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ...) -> None: ...
+    done: _containers.RepeatedCompositeFieldContainer[IndexRange]
+    epoch: int
+    def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ..., done: _Optional[_Iterable[_Union[IndexRange, _Mapping]]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TaskResult(_message.Message):
-    __slots__ = ("task_id", "artifacts", "frames_written", "warnings")
+    __slots__ = ("task_id", "artifacts", "frames_written", "warnings", "epoch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     artifacts: _containers.RepeatedCompositeFieldContainer[_task_service_pb2.Artifact]
     frames_written: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_task_service_pb2.Artifact, _Mapping]]] = ..., frames_written: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, task_id: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_task_service_pb2.Artifact, _Mapping]]] = ..., frames_written: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TaskFailure(_message.Message):
-    __slots__ = ("task_id", "error_message")
+    __slots__ = ("task_id", "error_message", "epoch")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     error_message: str
-    def __init__(self, task_id: _Optional[str] = ..., error_message: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, task_id: _Optional[str] = ..., error_message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("reading_tasks",)

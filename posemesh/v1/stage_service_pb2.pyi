@@ -7,23 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StageTask(_message.Message):
-    __slots__ = ("task_id", "frames_done", "frames_total", "duplicates_dropped")
+    __slots__ = ("task_id", "frames_done", "frames_total", "duplicates_dropped", "failure")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FRAMES_DONE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     DUPLICATES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     frames_done: int
     frames_total: int
     duplicates_dropped: int
-    def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ...) -> None: ...
+    failure: str
+    def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ..., duplicates_dropped: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s")
+    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +33,9 @@ class GetStatusResponse(_message.Message):
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    SERVING_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    RESETS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     frames_processed: int
@@ -38,7 +43,10 @@ class GetStatusResponse(_message.Message):
     mean_batch_size: float
     tasks: _containers.RepeatedCompositeFieldContainer[StageTask]
     uptime_s: float
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    serving: bool
+    problem: str
+    resets: int
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ...) -> None: ...
 
 class ListStageTasksRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,65 @@
+"""The gateway's view of the broker: can it be reached, and is its data the data we started with.
+
+Every second the watch describes posemesh.control:
+- unreachable: `available` turns False. Uploads are answered UNAVAILABLE at once (nothing is received or
+  kept) and the gateway's health turns NOT_SERVING until the broker answers again.
+- the topic is gone, or has a new topic id: the broker lost its data (the memory-only local broker after a
+  restart, a wiped cluster). The shared topics are made again and `on_reset` runs: the gateway replaces its
+  Kafka clients and runs every active task again from its first frame under a new epoch. Apache Kafka keeps
+  its data across broker restarts, so there this only happens after a real loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from confluent_kafka import KafkaException
+
+from posemesh import kafka
+from posemesh.settings import Settings
+
+log = logging.getLogger("posemesh.gateway")
+
+EVERY_S = 1.0
+
+
+class BrokerWatch(threading.Thread):
+    def __init__(self, settings: Settings, on_reset, incarnation: str | None):
+        super().__init__(name="broker-watch", daemon=True)
+        self.settings, self.on_reset = settings, on_reset
+        self.admin = kafka.admin(settings)
+        self.incarnation = incarnation
+        self.available = True
+        self.problem = ""
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(EVERY_S):
+            try:
+                self.check_once()
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("broker check failed")
+
+    def check_once(self) -> None:
+        try:
+            current = kafka.incarnation(self.admin, timeout=3)
+        except (KafkaException, TimeoutError) as exc:
+            if self.available:
+                log.warning("the message broker cannot be reached (%s)", exc.__class__.__name__)
+            self.available, self.problem = False, "the message broker cannot be reached"
+            return
+        if current is None:  # posemesh.control is gone: the broker lost its data
+            kafka.ensure_shared_topics(self.settings, self.admin)
+            current = kafka.incarnation(self.admin, timeout=3)
+        if not self.available:
+            log.info("the message broker answers again")
+        self.available, self.problem = True, ""
+        if current and current != self.incarnation:
+            previous, self.incarnation = self.incarnation, current
+            if previous is not None:
+                log.warning("the broker lost its data (posemesh.control is a new topic): running active tasks again")
+                self.on_reset(current)
+
+    def stop(self) -> None:
+        self.halt.set()

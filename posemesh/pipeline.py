@@ -1,0 +1,57 @@
+"""The pipeline, declared once: the stages in order, the per-task topics between them, their partitions.
+
+    upload -> raw_frames_<task> -> detect -> yolox_<task> -> pose -> rtmpose_<task> -> track
+           -> bytetrack_<task> -> annotate -> results/<task>/
+
+Everything else derives from this table: topic names and partition counts (posemesh.kafka and the
+gateway's topic manager), what each worker reads and writes (posemesh.stages), the workers the local
+stack starts, and the checks on deploy/. Adding a stage is one line here and one class in stages/.
+
+Partitions follow from who reads a topic. A stage that treats frames independently (`ordered=False`)
+reads topics with FRAME_PARTITIONS partitions, so several replicas share one task. A stage that needs a
+task's frames in order and keeps state across them (`ordered=True`) reads one-partition topics: one
+replica owns a task at a time, and different tasks spread over the replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+RAW_FRAMES, YOLOX, RTMPOSE, BYTETRACK = "raw_frames", "yolox", "rtmpose", "bytetrack"
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    reads: str  # topic prefix of its input
+    writes: str | None  # topic prefix of its output (None: the stage writes files)
+    ordered: bool
+    entry: str  # "module:Class" of its Stage
+    # How a replica that takes over an ordered task catches up (see posemesh.stages.base.Recovery).
+    recovery: str = "redo"
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("detect", RAW_FRAMES, YOLOX, ordered=False, entry="posemesh.stages.detect:DetectStage"),
+    StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage"),
+    StageSpec("track", RTMPOSE, BYTETRACK, ordered=True, entry="posemesh.stages.track:TrackStage",
+              recovery="replay"),
+    StageSpec("annotate", BYTETRACK, None, ordered=True, entry="posemesh.stages.annotate:AnnotateStage",
+              recovery="resume"),
+)
+SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
+STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+
+# Every per-task topic, in pipeline order: the gateway writes the first, each stage the next.
+TASK_TOPIC_PREFIXES: tuple[str, ...] = (STAGES[0].reads,) + tuple(s.writes for s in STAGES if s.writes)
+# Progress is reported per step a frame takes: the gateway's decode, then every stage.
+PROGRESS_STEPS: tuple[str, ...] = ("decode",) + STAGE_NAMES
+
+
+def reader_of(prefix: str) -> StageSpec | None:
+    return next((s for s in STAGES if s.reads == prefix), None)
+
+
+def partitions(prefix: str, frame_partitions: int) -> int:
+    reader = reader_of(prefix)
+    return 1 if reader is not None and reader.ordered else frame_partitions

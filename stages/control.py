@@ -1,0 +1,116 @@
+"""Which tasks exist: a worker's view of posemesh.control, and of the broker's life.
+
+The follower replays posemesh.control from its start, then follows it: `live` holds every task that has
+started (with its options, video and epoch) and not ended, `ended` the ones that have. Every second it also
+checks the broker's incarnation (posemesh.kafka.incarnation): when posemesh.control has become a new
+topic, the broker lost its data, so the follower starts over on the new topic and bumps `generation`; the
+worker then throws away every task's state and its Kafka clients (they cannot recover by themselves).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from posemesh import kafka
+from posemesh.settings import Settings
+from posemesh.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger("posemesh.stage")
+
+CHECK_EVERY_S = 1.0
+
+
+class ControlFollower(threading.Thread):
+    def __init__(self, settings: Settings, client_id: str):
+        super().__init__(name="control", daemon=True)
+        self.settings, self.client_id = settings, client_id
+        self.lock = threading.Lock()
+        self.live: dict[str, pb.TaskStarted] = {}
+        self.ended: dict[str, int] = {}
+        self.generation = 0
+        self.broker_problem = ""  # non-empty while the broker cannot be reached
+        self.changed = threading.Event()
+        self.running = threading.Event()
+        self.running.set()
+
+    def started(self, task_id: str) -> pb.TaskStarted | None:
+        with self.lock:
+            return self.live.get(task_id)
+
+    def snapshot(self) -> tuple[dict[str, pb.TaskStarted], set[str]]:
+        with self.lock:
+            return dict(self.live), set(self.ended)
+
+    def stop(self) -> None:
+        self.running.clear()
+
+    def run(self) -> None:
+        admin = kafka.admin(self.settings)
+        incarnation = self._wait_for_incarnation(admin)
+        while self.running.is_set():
+            consumer = Consumer({**kafka.consumer_config(self.settings, f"{self.client_id}-control", self.client_id),
+                                 "enable.auto.commit": False})
+            consumer.assign([TopicPartition(kafka.CONTROL_TOPIC, 0, OFFSET_BEGINNING)])
+            try:
+                incarnation = self._follow(consumer, admin, incarnation)
+            finally:
+                consumer.close()
+
+    def _wait_for_incarnation(self, admin) -> str | None:
+        while self.running.is_set():
+            current = self._incarnation(admin)
+            if current:
+                return current
+            time.sleep(0.2)
+        return None
+
+    def _incarnation(self, admin) -> str | None:
+        try:
+            current = kafka.incarnation(admin, timeout=3)
+            self.broker_problem = ""
+            return current
+        except (KafkaException, TimeoutError) as exc:
+            self.broker_problem = f"the message broker cannot be reached ({exc.__class__.__name__})"
+            return None
+
+    def _follow(self, consumer, admin, incarnation: str | None) -> str | None:
+        """Read until the broker's incarnation changes; returns the new one."""
+        checked = time.monotonic()
+        while self.running.is_set():
+            msg = consumer.poll(0.1)
+            if msg is not None and not msg.error():
+                self._apply(pb.ControlEvent.FromString(msg.value()))
+            if time.monotonic() - checked >= CHECK_EVERY_S:
+                checked = time.monotonic()
+                current = self._incarnation(admin)
+                if current is None and not self.broker_problem:
+                    # posemesh.control is gone: the broker lost its data. Make it again; the gateway may too.
+                    try:
+                        kafka.ensure_shared_topics(self.settings, admin)
+                    except Exception:  # noqa: BLE001 - next check tries again
+                        log.warning("could not re-create the shared topics yet")
+                    continue
+                if current and current != incarnation:
+                    log.warning("the broker lost its data (posemesh.control is a new topic): starting over")
+                    with self.lock:
+                        self.live.clear()
+                        self.ended.clear()
+                        self.generation += 1
+                    self.changed.set()
+                    return current
+        return incarnation
+
+    def _apply(self, event: pb.ControlEvent) -> None:
+        with self.lock:
+            if event.HasField("started") and event.task_id not in self.ended:
+                known = self.live.get(event.task_id)
+                if known is None or event.started.epoch >= known.epoch:
+                    self.live[event.task_id] = event.started
+            elif event.HasField("ended"):
+                self.live.pop(event.task_id, None)
+                self.ended[event.task_id] = event.ended.state
+        self.changed.set()

@@ -1,0 +1,72 @@
+"""The control API every worker serves: StageService (status, tasks, stop one task here) and gRPC health.
+
+Health says whether the worker can do its work, not merely that the process runs: NOT_SERVING while Triton
+fails its calls, while the broker cannot be reached, or when the work loop has not turned for a long time.
+A health thread re-evaluates it twice a second.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from posemesh import kafka
+from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
+
+SERVICE = "posemesh.v1.StageService"
+
+
+class StageServiceServicer(spb_grpc.StageServiceServicer):
+    def __init__(self, worker):
+        self.worker = worker
+
+    def GetStatus(self, request, context):
+        return self.worker.status()
+
+    def ListStageTasks(self, request, context):
+        return spb.ListStageTasksResponse(tasks=self.worker.status().tasks)
+
+    def StopTask(self, request, context):
+        if not kafka.TASK_ID_RE.match(request.task_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a task id: task ids are 32 lowercase hex characters")
+        return spb.StopTaskResponse(was_active=self.worker.stop_task_here(request.task_id))
+
+
+class ControlApi:
+    def __init__(self, worker, port: int):
+        self.worker = worker
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(worker), self.server)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        host = os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1")  # 0.0.0.0 under Kubernetes probes
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.halt = threading.Event()
+        self.serving: bool | None = None
+
+    def start(self) -> None:
+        self.server.start()
+        self._update()
+        threading.Thread(target=self._watch, name="health", daemon=True).start()
+
+    def _update(self) -> None:
+        serving = not self.worker.problem()
+        if serving != self.serving:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            self.health.set("", status)
+            self.health.set(SERVICE, status)
+            self.serving = serving
+
+    def _watch(self) -> None:
+        while not self.halt.wait(0.5):
+            self._update()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(1)

@@ -1,0 +1,133 @@
+"""A worker's input: its consumer-group membership, which partitions it owns, where it reads from.
+
+- Subscription: the input topic of every live task (the worker tells it which).
+- Assignment (eager round-robin, see posemesh.kafka): a partition this worker keeps through a rebalance
+  continues at its position (its frames are in our pool or our open files). A partition new to us starts
+  where the stage's recovery says: Recovery.REPLAY from the topic's beginning (the state is rebuilt from
+  the task's first frame), the others from the group's committed offset.
+- Flow control (unordered stages): a partition with frames waiting in the pool is paused until they are
+  processed, so one task's backlog cannot crowd out the others (the local broker fills a fetch from one
+  partition at a time).
+- Commits: only offsets whose output exists (OffsetBook), only for partitions we own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from posemesh import kafka
+from posemesh.settings import Settings
+from posemesh.stages.base import Recovery
+from posemesh.stages.offsets import OffsetBook
+
+log = logging.getLogger("posemesh.stage")
+
+TP = tuple[str, int]
+
+
+class InputReader:
+    def __init__(self, settings: Settings, group: str, client_id: str, recovery: Recovery,
+                 on_revoked: Callable[[set[TP]], None], on_assigned: Callable[[set[TP]], None]):
+        self.recovery = recovery
+        self.on_revoked, self.on_assigned = on_revoked, on_assigned
+        self.consumer = Consumer(kafka.consumer_config(settings, group, client_id))
+        self.subscribed: list[str] = []
+        self.owned: set[TP] = set()
+        self.positions: dict[TP, int] = {}
+        self.paused: set[TP] = set()
+        self.book = OffsetBook()
+        self._previously: set[TP] = set()
+
+    # ------------------------------------------------------------------ subscription and assignment
+
+    def subscribe(self, topics: list[str]) -> bool:
+        """Read exactly these topics; True when that changed the subscription."""
+        topics = sorted(topics)
+        if topics == self.subscribed:
+            return False
+        if topics:
+            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        else:
+            self.consumer.unsubscribe()
+            self._lose(set(self.owned))
+            self.owned, self.paused = set(), set()
+        self.subscribed = topics
+        return True
+
+    def _on_revoke(self, _consumer, partitions) -> None:
+        self._previously = {(p.topic, p.partition) for p in partitions}
+
+    def _on_assign(self, consumer, partitions) -> None:
+        now = {(p.topic, p.partition) for p in partitions}
+        fresh = now - self._previously
+        for p in partitions:
+            tp = (p.topic, p.partition)
+            if tp in self._previously and tp in self.positions:
+                p.offset = self.positions[tp]  # kept: continue where we were, not at the last commit
+            elif tp in fresh and self.recovery is Recovery.REPLAY:
+                p.offset = OFFSET_BEGINNING  # rebuild the task's state from its first frame
+        self._lose(self._previously - now)
+        self.owned = now
+        consumer.assign(partitions)
+        # librdkafka keeps a partition's pause flag through an eager revoke and re-assign; flow control
+        # starts afresh with every assignment, so every assigned partition starts resumed.
+        if partitions:
+            consumer.resume(partitions)
+        self.paused = set()
+        if fresh:
+            self.on_assigned(fresh)
+
+    def _lose(self, gone: set[TP]) -> None:
+        if not gone:
+            return
+        for tp in gone:
+            self.book.forget(tp)
+            self.positions.pop(tp, None)
+        self.on_revoked(gone)
+
+    # ------------------------------------------------------------------ reading
+
+    def poll(self, max_messages: int, timeout: float) -> list:
+        msgs = self.consumer.consume(num_messages=max_messages, timeout=timeout)
+        for msg in msgs:
+            if msg.error() is None:
+                tp = (msg.topic(), msg.partition())
+                self.positions[tp] = msg.offset() + 1
+                self.book.add(tp, msg.offset())
+        return msgs
+
+    def flow_control(self, waiting: dict[TP, int], cap: int) -> None:
+        pause = [tp for tp in self.owned if waiting.get(tp, 0) >= cap and tp not in self.paused]
+        resume = [tp for tp in self.paused if waiting.get(tp, 0) == 0 and tp in self.owned]
+        if pause:
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+            self.paused.update(pause)
+        if resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+            self.paused.difference_update(resume)
+
+    def done(self, tp: TP, offset: int) -> None:
+        self.book.done(tp, offset)
+
+    def commit(self) -> None:
+        offsets = [tp for tp in self.book.committable() if (tp.topic, tp.partition) in self.owned]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:  # e.g. a rebalance took the partition: its new owner redoes the rest
+            log.warning("commit failed: %s", exc)
+
+    def reading_tasks(self) -> list[str]:
+        topics = set(self.subscribed) | {tp[0] for tp in self.owned}
+        return sorted({kafka.task_of_topic(t) for t in topics} - {None})
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()  # leaves the group: partitions move to the other replicas at once
+        except Exception:  # noqa: BLE001 - closing after the broker vanished
+            log.debug("consumer close failed", exc_info=True)
+        self.subscribed, self.owned = [], set()

@@ -1,0 +1,134 @@
+"""What a worker tells the gateway, on posemesh.events: progress, results, failures and heartbeats.
+
+Progress names the frame indices finished since the last report (as ranges), not a running count: the
+gateway counts the union over all workers of a stage, so a frame redone after a crash or a rebalance is
+counted once. Reports go out every 0.5 s, and at once for a task's first frame and its last.
+
+Heartbeats (every 0.5 s) list the tasks whose topics the worker reads. They come from their own thread,
+so a worker busy in a long call (Triton retrying through an outage) still says which topics it holds:
+the gateway never deletes a topic under a live reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+from posemesh import kafka
+from posemesh.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger("posemesh.stage")
+
+EVERY_S = 0.5
+
+
+def ranges(indices: list[int]) -> list[pb.IndexRange]:
+    out: list[pb.IndexRange] = []
+    for i in sorted(set(indices)):
+        if out and out[-1].last == i - 1:
+            out[-1].last = i
+        else:
+            out.append(pb.IndexRange(first=i, last=i))
+    return out
+
+
+class Reporter:
+    def __init__(self, worker_id: str, stage: str):
+        self.worker_id, self.stage = worker_id, stage
+        self.lock = threading.Lock()
+        self.producer = None
+        self.new: dict[str, list[int]] = defaultdict(list)  # task -> indices finished since the last report
+        self.totals: dict[str, int] = {}
+        self.epochs: dict[str, int] = {}
+        self.done_count: dict[str, int] = defaultdict(int)
+        self.reading: list[str] = []
+        self.halt = threading.Event()
+        self.thread: threading.Thread | None = None
+
+    def attach(self, producer) -> None:
+        """The producer to send with (replaced when the worker resets its Kafka clients)."""
+        with self.lock:
+            self.producer = producer
+
+    def start(self) -> None:
+        self.halt.clear()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        if self.thread:
+            self.thread.join(2)
+
+    # ------------------------------------------------------------------ from the worker's loop
+
+    def done(self, task_id: str, index: int, epoch: int, total: int | None) -> None:
+        with self.lock:
+            self.new[task_id].append(index)
+            self.done_count[task_id] += 1
+            self.epochs[task_id] = epoch
+            if total:
+                self.totals[task_id] = total
+
+    def set_total(self, task_id: str, total: int) -> None:
+        with self.lock:
+            self.totals[task_id] = total
+
+    def reading_tasks(self, tasks: list[str]) -> None:
+        with self.lock:
+            self.reading = sorted(tasks)
+
+    def forget(self, task_id: str) -> None:
+        with self.lock:
+            for table in (self.new, self.totals, self.epochs, self.done_count):
+                table.pop(task_id, None)
+
+    def flush_progress(self, task_ids=None) -> None:
+        """Send progress now: for the given tasks, or for every task with news."""
+        with self.lock:
+            wanted = [t for t in (task_ids if task_ids is not None else list(self.new)) if self.new.get(t)]
+            events = []
+            for task_id in wanted:
+                indices = self.new.pop(task_id)
+                events.append(pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage, progress=pb.TaskProgress(
+                    task_id=task_id, frames_done=self.done_count[task_id], frames_total=self.totals.get(task_id, 0),
+                    done=ranges(indices), epoch=self.epochs.get(task_id, 0))))
+            self._send(events)
+
+    def result(self, result: pb.TaskResult) -> None:
+        with self.lock:
+            self._send([pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage, result=result)])
+
+    def failure(self, task_id: str, epoch: int, message: str) -> None:
+        with self.lock:
+            self._send([pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage, failure=pb.TaskFailure(
+                task_id=task_id, error_message=message, epoch=epoch))])
+
+    def heartbeat(self) -> None:
+        with self.lock:
+            self._send([pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage,
+                                       heartbeat=pb.Heartbeat(reading_tasks=self.reading))])
+
+    # ------------------------------------------------------------------ sending
+
+    def _send(self, events: list[pb.WorkerEvent]) -> None:
+        if self.producer is None or not events:
+            return
+        for event in events:
+            try:
+                self.producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
+            except BufferError:
+                self.producer.poll(0.1)
+                self.producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
+            except Exception:  # noqa: BLE001 - the broker is away; what it loses is redone and reported again
+                log.debug("could not send a worker event", exc_info=True)
+        self.producer.poll(0)
+
+    def _beat(self) -> None:
+        while not self.halt.wait(EVERY_S):
+            try:
+                self.flush_progress()
+                self.heartbeat()
+            except Exception:  # noqa: BLE001
+                log.debug("heartbeat failed", exc_info=True)

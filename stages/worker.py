@@ -1,0 +1,533 @@
+"""A stage worker: one member of its stage's consumer group, running one Stage.
+
+One frame's way through a worker:
+
+1. The ControlFollower says which tasks are live; the worker reads their input topics (InputReader).
+2. A record arrives from any of them. It is kept if its task is live here and the record belongs to the
+   task's current run (epoch); its index is de-duplicated as it enters a pool (posemesh.stages.pools).
+3. A batch leaves the pool and `Stage.process` does the work. An exception is narrowed down to its task
+   and frame: that task is failed (TaskFailure, naming the stage and frame), the rest goes on, and the
+   task's records are skipped from then on (never retried forever).
+4. Outputs go to the next topic and are flushed; only then are their inputs' offsets committed
+   (Recovery.RESUME stages: once the stage's checkpoint covers them). Output that cannot be delivered
+   makes the worker start over from the committed offsets, as a crash would, without dying.
+5. Ordered stages finish a task when its last frame is through (`finish_task`) and pass end-of-stream on.
+6. Progress (frame indices), results and failures go to posemesh.events (Reporter).
+
+When the broker loses its data (ControlFollower.generation changes) the worker drops every task's state
+and its Kafka clients and starts over: the gateway runs those tasks again under a new epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+
+from confluent_kafka import KafkaError, Producer
+from google.protobuf.message import DecodeError
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Histogram, start_http_server
+
+from posemesh import kafka
+from posemesh.settings import Settings
+from posemesh.stages.base import FrameItem, Recovery, Stage, TaskInfo
+from posemesh.stages.control import ControlFollower
+from posemesh.stages.control_api import ControlApi
+from posemesh.stages.pools import LowestFirstPool, Pooled, SequencePool
+from posemesh.stages.reading import InputReader
+from posemesh.stages.reporting import Reporter
+from posemesh.stages.triton import TritonUnavailable
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import stage_service_pb2 as spb
+
+log = logging.getLogger("posemesh.stage")
+
+FRAMES = PromCounter("posemesh_stage_frames_total", "Frames processed", ["stage"])
+DUPLICATES = PromCounter("posemesh_stage_duplicates_total", "Redelivered frames dropped by index", ["stage"])
+FAILURES = PromCounter("posemesh_stage_task_failures_total", "Tasks this worker failed", ["stage"])
+RESETS = PromCounter("posemesh_stage_resets_total", "Times the worker started over", ["stage", "reason"])
+BATCH = Histogram("posemesh_stage_batch_frames", "Frames per processed batch", ["stage"],
+                  buckets=(1, 2, 4, 8, 16, 32, 64))
+PROCESS_SECONDS = Histogram("posemesh_stage_process_seconds", "Stage.process time per batch", ["stage"])
+LOOP_STALL_S = 120.0
+FLUSH_TIMEOUT_S = 30.0
+
+
+class StageWorker:
+    def __init__(self, stage: Stage, settings: Settings, control_port: int = 0, metrics_port: int = 0,
+                 worker_id: str | None = None):
+        self.stage, self.settings = stage, settings
+        self.spec = stage.spec
+        self.worker_id = worker_id or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+        self.metrics_port = metrics_port
+        self.group = f"{settings.group_prefix}-{stage.name}"
+        self.batch = int(os.environ.get(f"POSEMESH_{stage.name.upper()}_MAX_BATCH", stage.max_batch))
+        self.running = threading.Event()
+        self.control = ControlFollower(settings, self.worker_id)
+        self.reporter = Reporter(self.worker_id, stage.name)
+        self.api = ControlApi(self, control_port)
+        self.control_port = self.api.port
+        self.generation = 0
+        self.resets = 0
+        self.frames_processed = 0
+        self.batches = 0
+        self.started_at = time.time()
+        self.loop_seen = time.monotonic()
+        self.locally_stopped: set[str] = set()
+        self._clear_state()
+
+    def _clear_state(self) -> None:
+        self.tasks: dict[str, TaskInfo] = {}
+        self.pool = SequencePool() if self.stage.ordered else LowestFirstPool()
+        self.finished: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.duplicates: Counter = Counter()
+        self.eos_held: dict[str, tuple] = {}  # ordered stages: a task's end-of-stream offset, done at finish
+        self.held: dict[str, list[tuple[int, tuple, int]]] = defaultdict(list)  # RESUME: (index, tp, offset)
+        self.forward_eos: list[tuple[pb.StageRecord, tuple, int]] = []
+        self.to_mark: list[tuple[tuple, int]] = []  # inputs whose outputs are produced, done once flushed
+        self.first_frames: list[str] = []
+        self.results: list[pb.TaskResult] = []
+        self.produced = False
+        self.delivery_errors: list = []
+
+    # ------------------------------------------------------------------ life
+
+    def run(self) -> None:
+        kafka.ensure_shared_topics(self.settings)
+        self.stage.setup(self.settings)
+        self.control.start()
+        self.api.start()
+        if self.metrics_port:
+            start_http_server(self.metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
+        self._open_kafka()
+        self.reporter.start()
+        self.running.set()
+        log.info("%s ready (control port %s)", self.worker_id, self.control_port)
+        try:
+            while self.running.is_set():
+                self.loop_seen = time.monotonic()
+                if self.control.generation != self.generation:
+                    self._reset("broker_lost", "the broker lost its data")
+                    continue
+                self._apply_subscription()
+                if not self.reader.subscribed:
+                    time.sleep(0.05)
+                    continue
+                self._take_in(self._poll())
+                self._step()
+        finally:
+            self._shutdown()
+
+    def stop(self, *_args) -> None:
+        self.running.clear()
+
+    def _open_kafka(self) -> None:
+        self.producer = Producer({**kafka.producer_config(self.settings, self.worker_id),
+                                  "error_cb": lambda err: log.warning("producer: %s", err)})
+        self.reader = InputReader(self.settings, self.group, self.worker_id, self.stage.recovery,
+                                  self._on_revoked, self._on_assigned)
+        self.reporter.attach(self.producer)
+        self.control.changed.set()  # subscribe afresh
+
+    def _reset(self, reason: str, why: str) -> None:
+        """Start over as a restarted process would: no task state, new Kafka clients, inputs read again
+        from the committed offsets (or from the start, when the broker lost its data)."""
+        log.warning("%s: starting over (%s)", self.worker_id, why)
+        RESETS.labels(self.stage.name, reason).inc()
+        self.resets += 1
+        for task_id in list(self.tasks):
+            self.stage.drop_task(task_id)
+        self._clear_state()
+        self.reader.close()
+        self.reporter.attach(None)
+        try:
+            self.producer.flush(1)
+        except Exception:  # noqa: BLE001
+            pass
+        self.generation = self.control.generation
+        self._open_kafka()
+
+    def _shutdown(self) -> None:
+        self.running.clear()
+        self.api.stop()
+        for task_id in list(self.tasks):
+            self.stage.drop_task(task_id)
+        try:
+            self.reader.close()
+        finally:
+            self.reporter.reading_tasks([])
+            self.reporter.flush_progress()
+            self.reporter.heartbeat()
+            self.reporter.stop()
+            self.producer.flush(5)
+            self.control.stop()
+            self.stage.close()
+
+    # ------------------------------------------------------------------ which topics to read
+
+    def _apply_subscription(self) -> None:
+        if not self.control.changed.is_set():
+            return
+        self.control.changed.clear()
+        live, _ended = self.control.snapshot()
+        wanted_tasks = [t for t in live if t not in self.locally_stopped]
+        for task_id in [t for t in set(self.tasks) | set(self.failed) | self.finished
+                        if t not in live or t in self.locally_stopped]:
+            self._forget(task_id)
+        wanted = [kafka.task_topic(self.spec.reads, t) for t in wanted_tasks]
+        if wanted:
+            try:
+                existing = set(self.producer.list_topics(timeout=5).topics)
+            except Exception:  # noqa: BLE001 - the broker is away; look again shortly
+                existing = set()
+            missing = [t for t in wanted if t not in existing]
+            wanted = [t for t in wanted if t in existing]
+            if missing:  # a topic not visible yet: look again shortly
+                threading.Timer(0.2, self.control.changed.set).start()
+        if self.reader.subscribe(wanted):
+            log.info("reading %d task topics", len(wanted))
+        self.reporter.reading_tasks(self.reader.reading_tasks())
+
+    def _on_revoked(self, tps: set) -> None:
+        """Partitions moved to another replica (or their task ended): their frames are its now."""
+        if self.stage.ordered:
+            for task_id in {kafka.task_of_topic(t) for t, _p in tps} - {None}:
+                self._drop_task_state(task_id)
+        else:
+            self.pool.discard_partitions(tps)
+        self.reporter.reading_tasks(self.reader.reading_tasks())
+
+    def _on_assigned(self, fresh: set) -> None:
+        if self.stage.ordered:  # a task new to this replica starts from scratch (REPLAY) or its checkpoint
+            for task_id in {kafka.task_of_topic(t) for t, _p in fresh} - {None}:
+                self._drop_task_state(task_id)
+        self.reporter.reading_tasks(self.reader.reading_tasks())
+
+    def _drop_task_state(self, task_id: str) -> None:
+        if self.tasks.pop(task_id, None) is not None:
+            self.stage.drop_task(task_id)
+        self.pool.drop_task(task_id)
+        self.eos_held.pop(task_id, None)
+        self.held.pop(task_id, None)
+        self.finished.discard(task_id)
+
+    def _forget(self, task_id: str) -> None:
+        """The task ended (or was stopped here): nothing of it stays on this worker."""
+        self._drop_task_state(task_id)
+        self.failed.pop(task_id, None)
+        self.duplicates.pop(task_id, None)
+        self.reporter.forget(task_id)
+
+    def stop_task_here(self, task_id: str) -> bool:
+        was_active = self.control.started(task_id) is not None and task_id not in self.locally_stopped
+        self.locally_stopped.add(task_id)
+        self.control.changed.set()
+        return was_active
+
+    # ------------------------------------------------------------------ records in
+
+    def _poll(self) -> list:
+        if self.stage.ordered:
+            return self.reader.poll(4 * self.batch, 0.05)
+        pooled = self.pool.pooled()
+        full = pooled >= self.batch and self.pool.ready()
+        return self.reader.poll(max(4 * self.batch - pooled, 1), 0 if full else 0.02 if pooled else 0.05)
+
+    def _take_in(self, msgs) -> None:
+        for msg in msgs:
+            error = msg.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consume: %s", error)
+                continue
+            tp, offset = (msg.topic(), msg.partition()), msg.offset()
+            try:
+                record = pb.StageRecord.FromString(msg.value())
+            except DecodeError:
+                log.error("undecodable record at %s[%d]@%d: skipped", tp[0], tp[1], offset)
+                self.reader.done(tp, offset)
+                continue
+            task = self._task_for(record)
+            if task is None:
+                self.reader.done(tp, offset)  # ended, stopped, failed, or a record of an older run
+                continue
+            if record.HasField("end_of_stream"):
+                task.total = record.end_of_stream.total_frames
+                self.reporter.set_total(task.task_id, task.total)
+                if self.stage.ordered:
+                    self.eos_held[task.task_id] = (tp, offset)
+                else:
+                    self.forward_eos.append((record, tp, offset))
+                continue
+            if task.task_id in self.finished:
+                self._duplicate(task.task_id, tp, offset)
+                continue
+            if not self.pool.add(Pooled(FrameItem(task, record.frame), tp, offset)):
+                self._duplicate(task.task_id, tp, offset)
+
+    def _task_for(self, record: pb.StageRecord) -> TaskInfo | None:
+        task_id = record.task_id
+        if task_id in self.locally_stopped or task_id in self.failed:
+            return None
+        started = self.control.started(task_id)
+        if started is None or record.epoch < started.epoch:
+            return None
+        task = self.tasks.get(task_id)
+        if task is not None and task.epoch >= record.epoch:
+            return task
+        if task is not None:  # the task runs again (the broker lost its topics): nothing of the old run counts
+            log.info("task %s: run %d replaces run %d", task_id, record.epoch, task.epoch)
+            self._drop_task_state(task_id)
+        task = TaskInfo(task_id, epoch=record.epoch, options=started.options, video=started.video)
+        self.tasks[task_id] = task
+        if self.stage.ordered:
+            start = self.stage.resume_index(task) if self.stage.recovery is Recovery.RESUME else 0
+            self.pool.start_at(task_id, start)
+            if start:
+                log.info("task %s: continuing from frame %d (checkpoint)", task_id, start)
+        return task
+
+    def _duplicate(self, task_id: str, tp, offset: int) -> None:
+        self.duplicates[task_id] += 1
+        DUPLICATES.labels(self.stage.name).inc()
+        self.reader.done(tp, offset)
+
+    # ------------------------------------------------------------------ one step of work
+
+    def _step(self) -> None:
+        ready = self.pool.take() if self.stage.ordered else self.pool.take(self.batch)
+        if ready:
+            self._process(ready)
+        if self.stage.ordered:
+            self._finish_tasks()
+        for record, _tp, _offset in self.forward_eos:
+            self._produce(record)
+        if self.produced and not self._flush():
+            return
+        for tp, offset in self.to_mark:
+            self.reader.done(tp, offset)
+        for _record, tp, offset in self.forward_eos:
+            self.reader.done(tp, offset)
+        self.to_mark, self.forward_eos = [], []
+        if self.stage.recovery is Recovery.RESUME:
+            self._mark_durable()
+        if self.first_frames:
+            self.reporter.flush_progress(self.first_frames)
+            self.first_frames = []
+        for result in self.results:
+            self.reporter.flush_progress([result.task_id])
+            self.reporter.result(result)
+        if self.results:
+            self.producer.flush(10)
+            self.results = []
+        self.reader.commit()
+        if not self.stage.ordered:
+            self.reader.flow_control(self.pool.waiting_by_partition(), max(2, self.batch // 4))
+
+    def _process(self, ready: list[Pooled]) -> None:
+        done = self._run_isolated(ready)
+        self.frames_processed += len(done)
+        self.batches += 1
+        FRAMES.labels(self.stage.name).inc(len(done))
+        BATCH.labels(self.stage.name).observe(len(ready))
+        for entry in done:
+            task = entry.item.task
+            if self.reporter.done_count.get(task.task_id, 0) == 0:
+                self.first_frames.append(task.task_id)
+                log.info("task %s: first frame processed (index %d, batch of %d)", task.task_id, entry.index,
+                         len(ready))
+            self.reporter.done(task.task_id, entry.index, task.epoch, task.total)
+            if self.spec.writes:
+                self._produce(pb.StageRecord(task_id=task.task_id, options=task.options, frame=entry.item.frame,
+                                             epoch=task.epoch))
+            if self.stage.recovery is Recovery.RESUME:
+                self.held[task.task_id].append((entry.index, entry.tp, entry.offset))
+            else:
+                self.to_mark.append((entry.tp, entry.offset))
+
+    def _run_isolated(self, ready: list[Pooled]) -> list[Pooled]:
+        """Run the stage; returns the entries done. A failure is narrowed down to a task and a frame:
+        ordered stages go frame by frame (their state must see each frame once); unordered ones try the
+        whole batch, then task by task, then frame by frame within the failing task."""
+        t0 = time.perf_counter()
+        try:
+            if self.stage.ordered:
+                return self._run_in_order(ready)
+            try:
+                self.stage.process([e.item for e in ready])
+                return ready
+            except TritonUnavailable as exc:
+                for task_id in dict.fromkeys(e.item.task_id for e in ready):
+                    self._fail(task_id, str(exc))
+                return []
+            except Exception:  # noqa: BLE001 - narrowed down below
+                log.warning("a batch of %d frames failed; retrying task by task", len(ready), exc_info=True)
+            done = []
+            for task_id, entries in _by_task(ready).items():
+                try:
+                    self.stage.process([e.item for e in entries])
+                    done += entries
+                    continue
+                except TritonUnavailable as exc:
+                    self._fail(task_id, str(exc))
+                    continue
+                except Exception:  # noqa: BLE001
+                    pass
+                for entry in entries:
+                    try:
+                        self.stage.process([entry.item])
+                        done.append(entry)
+                    except Exception as exc:  # noqa: BLE001 - this frame is the culprit
+                        self._fail(task_id, f"frame {entry.index}: {_describe(exc)}")
+                        break
+            return done
+        finally:
+            PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t0)
+
+    def _run_in_order(self, ready: list[Pooled]) -> list[Pooled]:
+        done = []
+        for entry in ready:
+            task_id = entry.item.task_id
+            if task_id in self.failed:
+                continue
+            try:
+                self.stage.process([entry.item])
+                done.append(entry)
+            except Exception as exc:  # noqa: BLE001 - fails this task only
+                message = str(exc) if isinstance(exc, TritonUnavailable) else f"frame {entry.index}: {_describe(exc)}"
+                self._fail(task_id, message)
+        return done
+
+    def _finish_tasks(self) -> None:
+        for task_id, task in list(self.tasks.items()):
+            if task_id in self.finished or task_id in self.failed or task.total is None:
+                continue
+            if self.pool.next_index(task_id) < task.total:
+                continue
+            try:
+                result = self.stage.finish_task(task)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("finishing task %s failed", task_id)
+                self._fail(task_id, f"finishing the task: {_describe(exc)}")
+                continue
+            self.finished.add(task_id)
+            if self.spec.writes:
+                self._produce(pb.StageRecord(task_id=task_id, options=task.options, epoch=task.epoch,
+                                             end_of_stream=pb.EndOfStream(total_frames=task.total, fps=task.fps)))
+            for _index, tp, offset in self.held.pop(task_id, []):
+                self.to_mark.append((tp, offset))
+            if task_id in self.eos_held:
+                self.to_mark.append(self.eos_held.pop(task_id))
+            if result is not None:
+                result.epoch = task.epoch
+                self.results.append(result)
+            self.first_frames.append(task_id)  # its final count goes out at once
+
+    def _mark_durable(self) -> None:
+        for task_id, entries in self.held.items():
+            if not entries:
+                continue
+            durable = self.stage.durable_index(task_id)
+            keep = []
+            for index, tp, offset in entries:
+                if index <= durable:
+                    self.reader.done(tp, offset)
+                else:
+                    keep.append((index, tp, offset))
+            self.held[task_id] = keep
+
+    def _fail(self, task_id: str, message: str) -> None:
+        """This task cannot go on: tell the gateway, drop its state, skip its records from now on."""
+        if task_id in self.failed:
+            return
+        task = self.tasks.get(task_id)
+        epoch = task.epoch if task else 0
+        log.error("task %s failed in %s: %s", task_id, self.stage.name, message)
+        FAILURES.labels(self.stage.name).inc()
+        self.failed[task_id] = message
+        self.reporter.failure(task_id, epoch, message)
+        for _index, tp, offset in self.held.pop(task_id, []):
+            self.reader.done(tp, offset)
+        self._drop_task_state(task_id)
+
+    # ------------------------------------------------------------------ records out
+
+    def _produce(self, record: pb.StageRecord) -> None:
+        topic = kafka.task_topic(self.spec.writes, record.task_id)
+        partitions = kafka.partitions_for(self.spec.writes, self.settings)
+        partition = record.frame.index % partitions if record.HasField("frame") else 0
+        data = record.SerializeToString()
+        while True:
+            try:
+                self.producer.produce(topic, data, partition=partition, on_delivery=self._on_delivery)
+                self.produced = True
+                return
+            except BufferError:  # the local queue is full: let deliveries drain
+                self.producer.poll(0.05)
+
+    def _on_delivery(self, err, _msg) -> None:
+        if err is not None:
+            self.delivery_errors.append(err)
+
+    def _flush(self) -> bool:
+        """Wait until every output is acknowledged. If that fails (the broker is away), start over from the
+        committed offsets rather than die: nothing is committed past an undelivered output."""
+        remaining = self.producer.flush(FLUSH_TIMEOUT_S)
+        self.produced = False
+        if remaining or self.delivery_errors:
+            self._reset("undelivered", f"{remaining} outputs undelivered, errors {self.delivery_errors[:2]}")
+            return False
+        return True
+
+    # ------------------------------------------------------------------ status
+
+    def problem(self) -> str:
+        """Why this worker cannot do its work now ("" when it can)."""
+        if self.control.broker_problem:
+            return self.control.broker_problem
+        stage_problem = self.stage.problem()
+        if stage_problem:
+            return stage_problem
+        stalled = time.monotonic() - self.loop_seen
+        if self.running.is_set() and stalled > LOOP_STALL_S:
+            return f"the work loop has not turned for {stalled:.0f} s"
+        return ""
+
+    def status(self) -> spb.GetStatusResponse:
+        tasks = [spb.StageTask(task_id=t, frames_done=self.reporter.done_count.get(t, 0),
+                               frames_total=info.total or 0, duplicates_dropped=self.duplicates.get(t, 0))
+                 for t, info in list(self.tasks.items())]
+        tasks += [spb.StageTask(task_id=t, failure=m) for t, m in list(self.failed.items())]
+        problem = self.problem()
+        return spb.GetStatusResponse(
+            worker_id=self.worker_id, stage=self.stage.name, frames_processed=self.frames_processed,
+            batches=self.batches, mean_batch_size=self.frames_processed / self.batches if self.batches else 0.0,
+            tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem, problem=problem,
+            resets=self.resets)
+
+
+def _by_task(entries: list[Pooled]) -> dict[str, list[Pooled]]:
+    out: dict[str, list[Pooled]] = {}
+    for entry in entries:
+        out.setdefault(entry.item.task_id, []).append(entry)
+    return out
+
+
+def _describe(exc: Exception) -> str:
+    text = str(exc) or exc.__class__.__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
+    """Run a worker until SIGTERM/SIGINT."""
+    worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    worker.run()
