@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -21,13 +22,18 @@ PROGRESS_EVERY = 10
 
 
 class FrameProducer(threading.Thread):
-    def __init__(self, task: tpb.Task, path: Path, producer: Producer, partitions: int, jpeg_quality: int,
+    """One task's frames onto its raw_frames topic, from a thread with a Kafka producer of its own: a
+    producer's delivery callbacks must be served by one thread, and a cancelled task's producer (the broker
+    lost its data) is thrown away with whatever it still holds."""
+
+    def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
                  limits: media.Limits = media.Limits(), epoch: int = 0):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
-        self.task, self.path, self.producer = task, path, producer
+        self.task, self.path = task, path
+        self.producer = Producer({**producer_config, "client.id": f"gateway-frames-{task.task_id[:12]}"})
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
         self.limits, self.epoch = limits, epoch
@@ -47,6 +53,14 @@ class FrameProducer(threading.Thread):
     def _delivered(self, err, _msg) -> None:
         if err is not None:
             self.errors.append(err)
+
+    def _flush(self, timeout: float) -> int:
+        """flush() that gives up early when the task is cancelled; returns what is left undelivered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = self.producer.flush(0.5)
+            if not remaining or self.cancelled.is_set() or time.monotonic() > deadline:
+                return remaining
 
     def run(self) -> None:
         task_id, count, reported = self.task.task_id, 0, 0
@@ -73,13 +87,19 @@ class FrameProducer(threading.Thread):
                     reported = count
             self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch,
                                       end_of_stream=pb.EndOfStream(total_frames=count, fps=self.task.video.fps)), 0)
-            if self.producer.flush(60) or self.errors:
+            if self._flush(60) or self.errors:
                 raise RuntimeError(f"frames not delivered to Kafka: {self.errors[:1]}")
             if count > reported:
                 self.on_progress(reported, count - 1)
             self.on_done(count, reader.skipped)
         except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
-            self.on_error(f"frame {count} of the upload: {exc}")
+            if not self.cancelled.is_set():
+                self.on_error(f"frame {count} of the upload: {exc}")
         except Exception:  # the task fails; the gateway and every other task go on
+            if self.cancelled.is_set():
+                return  # stopped on purpose: whatever failed after that does not matter
             log.exception("frame producer of %s failed", task_id)
             self.on_error(f"decoding the upload failed after {count} frames")
+        finally:
+            if self.cancelled.is_set():
+                self.producer.purge()

@@ -96,7 +96,7 @@ class Gateway:
                 self.store.update(task_id, lambda t: None if warning in t.warnings else t.warnings.append(warning))
 
         producer = FrameProducer(
-            task, path, self.producer, kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
+            task, path, kafka.producer_config(self.settings, "gateway"), kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
             self.settings.jpeg_quality, epoch=epoch,
             on_progress=lambda first, last: self.store.add_done(task_id, "decode", [(first, last)], epoch),
             on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
@@ -216,10 +216,11 @@ class Gateway:
             producers, self.frame_producers = list(self.frame_producers.values()), {}
         for p in producers:
             p.cancelled.set()
-        old = self.producer
-        self.producer = self._new_producer()
-        self.topics.producer = self.producer
-        old.purge()
+        with self.topics.publish_lock:
+            old = self.producer
+            self.producer = self._new_producer()
+            self.topics.producer = self.producer
+            old.purge()
         self.topics.forget_readers()
         if self.events is not None:
             self.events.stop()

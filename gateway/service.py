@@ -166,8 +166,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             created = True
             try:
                 await asyncio.to_thread(self.gw.start_task, task, path)
-            except Exception:
-                log.exception("could not start task %s; removing it", task_id)
+            except Exception as exc:
+                log.warning("could not start task %s (%s); removing it", task_id, exc)
                 await asyncio.to_thread(self.gw.abandon, task_id)
                 created = False
                 raise Refused(grpc.StatusCode.UNAVAILABLE,

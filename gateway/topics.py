@@ -35,6 +35,7 @@ class TopicManager:
         self.settings, self.producer, self.store = settings, producer, store
         self.admin = kafka.admin(settings)
         self.lock = threading.Lock()
+        self.publish_lock = threading.Lock()
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
         self.started = time.time()
@@ -43,10 +44,16 @@ class TopicManager:
         kafka.create_topics(self.admin, kafka.task_topic_specs(task_id, self.settings))
 
     def _control(self, event: pb.ControlEvent) -> None:
-        self.producer.produce(kafka.CONTROL_TOPIC, event.SerializeToString(), key=event.task_id)
-        remaining = self.producer.flush(10)
-        if remaining:
-            raise RuntimeError("could not publish to posemesh.control")
+        # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
+        # and a producer's flush must not run on two threads at once.
+        with self.publish_lock:
+            self.producer.produce(kafka.CONTROL_TOPIC, event.SerializeToString(), key=event.task_id)
+            try:
+                remaining = self.producer.flush(10)
+            except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
+                raise RuntimeError(f"could not publish to posemesh.control ({exc})") from None
+            if remaining:
+                raise RuntimeError("could not publish to posemesh.control")
 
     def publish_started(self, task: tpb.Task, epoch: int) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id,

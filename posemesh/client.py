@@ -112,30 +112,42 @@ class Client:
                 return
             token = page.next_page_token
 
-    def watch(self, task_id: str) -> Iterator[tpb.Task]:
-        """Task snapshots as they change, until a terminal state; reconnects if the stream breaks."""
+    def watch(self, task_id: str, timeout_s: float | None = None) -> Iterator[tpb.Task]:
+        """Task snapshots as they change, until a terminal state; reconnects if the stream breaks. With
+        `timeout_s` the stream ends (DEADLINE_EXCEEDED is swallowed) when that much time has passed, whether
+        or not anything changed."""
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
             try:
-                for event in self.stub.WatchTask(tpb.WatchTaskRequest(task_id=task_id), metadata=self.metadata):
+                for event in self.stub.WatchTask(tpb.WatchTaskRequest(task_id=task_id), metadata=self.metadata,
+                                                 timeout=remaining):
                     yield event.task
                     if event.task.state in TERMINAL:
                         return
                 return
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and deadline is not None:
+                    return
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(self.backoff_s)
 
     def wait(self, task_id: str, timeout_s: float | None = None,
              on_update: Callable[[tpb.Task], None] | None = None) -> tpb.Task:
-        deadline = time.monotonic() + timeout_s if timeout_s else None
+        """Block until the task is completed, failed or cancelled and return it. With `timeout_s`, raise
+        TimeoutError once that much time has passed without a terminal state, even if no update came."""
         task = None
-        for task in self.watch(task_id):
+        for task in self.watch(task_id, timeout_s):
             if on_update:
                 on_update(task)
-            if deadline and time.monotonic() > deadline:
-                raise TimeoutError(f"task {task_id} still {state_name(task.state)} after {timeout_s}s")
-        return task or self.get(task_id)
+        if task is None or task.state not in TERMINAL:
+            task = self.get(task_id)  # a terminal state that came just at the deadline still counts
+        if task.state not in TERMINAL:
+            raise TimeoutError(f"task {task_id} still {state_name(task.state)} after {timeout_s}s")
+        return task
 
     def cancel(self, task_id: str) -> tpb.Task:
         return self._retry(lambda: self.stub.CancelTask(tpb.CancelTaskRequest(task_id=task_id),

@@ -20,6 +20,10 @@ from posemesh.settings import Settings
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
 CONTROL_TOPIC = "posemesh.control"
 EVENTS_TOPIC = "posemesh.events"
+# Never written to: every worker stays subscribed to it, so a worker with no task left keeps its group
+# membership instead of leaving and re-joining. On the local broker, two members of a round-robin group
+# that unsubscribed and subscribed again at about the same time were never given partitions again.
+IDLE_TOPIC = "posemesh.idle"
 
 TASK_ID_RE = re.compile(r"^[a-z0-9]{8,40}$")
 TASK_TOPIC_RE = re.compile(rf"^({'|'.join(TASK_TOPIC_PREFIXES)})_([a-z0-9]{{8,40}})$")
@@ -171,7 +175,8 @@ def ensure_shared_topics(settings: Settings, client: AdminClient | None = None) 
     cfg = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
     # Control events are keyed by task: on Apache Kafka compaction keeps the topic to one record per task.
     control = {**cfg, "cleanup.policy": "compact"}
-    create_topics(client or admin(settings), [TopicSpec(CONTROL_TOPIC, 1, control), TopicSpec(EVENTS_TOPIC, 1, cfg)])
+    create_topics(client or admin(settings), [TopicSpec(CONTROL_TOPIC, 1, control), TopicSpec(EVENTS_TOPIC, 1, cfg),
+                                              TopicSpec(IDLE_TOPIC, 1, cfg)])
 
 
 def incarnation(client: AdminClient, timeout: float = 5.0) -> str | None:

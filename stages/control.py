@@ -32,6 +32,7 @@ class ControlFollower(threading.Thread):
         self.live: dict[str, pb.TaskStarted] = {}
         self.ended: dict[str, int] = {}
         self.generation = 0
+        self.incarnation: str | None = None  # of the broker's data (posemesh.kafka.incarnation)
         self.broker_problem = ""  # non-empty while the broker cannot be reached
         self.changed = threading.Event()
         self.running = threading.Event()
@@ -50,7 +51,7 @@ class ControlFollower(threading.Thread):
 
     def run(self) -> None:
         admin = kafka.admin(self.settings)
-        incarnation = self._wait_for_incarnation(admin)
+        incarnation = self.incarnation = self._wait_for_incarnation(admin)
         while self.running.is_set():
             consumer = Consumer({**kafka.consumer_config(self.settings, f"{self.client_id}-control", self.client_id),
                                  "enable.auto.commit": False})
@@ -99,6 +100,7 @@ class ControlFollower(threading.Thread):
                     with self.lock:
                         self.live.clear()
                         self.ended.clear()
+                        self.incarnation = current
                         self.generation += 1
                     self.changed.set()
                     return current

@@ -44,18 +44,18 @@ class InputReader:
     # ------------------------------------------------------------------ subscription and assignment
 
     def subscribe(self, topics: list[str]) -> bool:
-        """Read exactly these topics; True when that changed the subscription."""
-        topics = sorted(topics)
+        """Read exactly these topics (and the idle topic, always: see posemesh.kafka.IDLE_TOPIC); True when
+        that changed the subscription."""
+        topics = sorted(set(topics) | {kafka.IDLE_TOPIC})
         if topics == self.subscribed:
             return False
-        if topics:
-            self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
-        else:
-            self.consumer.unsubscribe()
-            self._lose(set(self.owned))
-            self.owned, self.paused = set(), set()
+        self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self.subscribed = topics
         return True
+
+    @property
+    def task_topics(self) -> list[str]:
+        return [t for t in self.subscribed if t != kafka.IDLE_TOPIC]
 
     def _on_revoke(self, _consumer, partitions) -> None:
         self._previously = {(p.topic, p.partition) for p in partitions}
@@ -69,8 +69,8 @@ class InputReader:
                 p.offset = self.positions[tp]  # kept: continue where we were, not at the last commit
             elif tp in fresh and self.recovery is Recovery.REPLAY:
                 p.offset = OFFSET_BEGINNING  # rebuild the task's state from its first frame
-        self._lose(self._previously - now)
         self.owned = now
+        self._lose(self._previously - now)
         consumer.assign(partitions)
         # librdkafka keeps a partition's pause flag through an eager revoke and re-assign; flow control
         # starts afresh with every assignment, so every assigned partition starts resumed.

@@ -2,7 +2,8 @@
 
 Progress names the frame indices finished since the last report (as ranges), not a running count: the
 gateway counts the union over all workers of a stage, so a frame redone after a crash or a rebalance is
-counted once. Reports go out every 0.5 s, and at once for a task's first frame and its last.
+counted once. The worker queues a report with every batch's outputs, so one flush delivers both before
+the inputs are committed.
 
 Heartbeats (every 0.5 s) list the tasks whose topics the worker reads. They come from their own thread,
 so a worker busy in a long call (Triton retrying through an outage) still says which topics it holds:
@@ -76,20 +77,20 @@ class Reporter:
             self.totals[task_id] = total
 
     def reading_tasks(self, tasks: list[str]) -> None:
-        with self.lock:
-            self.reading = sorted(tasks)
+        if tasks != self.reading:
+            with self.lock:
+                self.reading = list(tasks)
 
     def forget(self, task_id: str) -> None:
         with self.lock:
             for table in (self.new, self.totals, self.epochs, self.done_count):
                 table.pop(task_id, None)
 
-    def flush_progress(self, task_ids=None) -> None:
-        """Send progress now: for the given tasks, or for every task with news."""
+    def flush_progress(self) -> None:
+        """Queue a progress event for every task with frames finished since the last one."""
         with self.lock:
-            wanted = [t for t in (task_ids if task_ids is not None else list(self.new)) if self.new.get(t)]
             events = []
-            for task_id in wanted:
+            for task_id in [t for t, indices in self.new.items() if indices]:
                 indices = self.new.pop(task_id)
                 events.append(pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage, progress=pb.TaskProgress(
                     task_id=task_id, frames_done=self.done_count[task_id], frames_total=self.totals.get(task_id, 0),
@@ -113,17 +114,16 @@ class Reporter:
     # ------------------------------------------------------------------ sending
 
     def _send(self, events: list[pb.WorkerEvent]) -> None:
+        """Enqueue only. librdkafka sends from its own threads; polling and flushing (which run delivery
+        callbacks) belong to the worker's loop alone: callbacks served on two threads at once surfaced as
+        SystemError inside flush()."""
         if self.producer is None or not events:
             return
         for event in events:
             try:
                 self.producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
-            except BufferError:
-                self.producer.poll(0.1)
-                self.producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
-            except Exception:  # noqa: BLE001 - the broker is away; what it loses is redone and reported again
+            except Exception:  # noqa: BLE001 - queue full or the broker away: the next report repeats it
                 log.debug("could not send a worker event", exc_info=True)
-        self.producer.poll(0)
 
     def _beat(self) -> None:
         while not self.halt.wait(EVERY_S):

@@ -20,6 +20,7 @@ and its Kafka clients and starts over: the gateway runs those tasks again under 
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram, start_http_server
@@ -66,7 +67,6 @@ class StageWorker:
         self.spec = stage.spec
         self.worker_id = worker_id or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.metrics_port = metrics_port
-        self.group = f"{settings.group_prefix}-{stage.name}"
         self.batch = int(os.environ.get(f"POSEMESH_{stage.name.upper()}_MAX_BATCH", stage.max_batch))
         self.running = threading.Event()
         self.control = ControlFollower(settings, self.worker_id)
@@ -92,7 +92,6 @@ class StageWorker:
         self.held: dict[str, list[tuple[int, tuple, int]]] = defaultdict(list)  # RESUME: (index, tp, offset)
         self.forward_eos: list[tuple[pb.StageRecord, tuple, int]] = []
         self.to_mark: list[tuple[tuple, int]] = []  # inputs whose outputs are produced, done once flushed
-        self.first_frames: list[str] = []
         self.results: list[pb.TaskResult] = []
         self.produced = False
         self.delivery_errors: list = []
@@ -117,11 +116,11 @@ class StageWorker:
                     self._reset("broker_lost", "the broker lost its data")
                     continue
                 self._apply_subscription()
-                if not self.reader.subscribed:
-                    time.sleep(0.05)
-                    continue
                 self._take_in(self._poll())
                 self._step()
+                # What the heartbeats say this worker reads follows every (re)assignment at once: the
+                # gateway deletes a finished task's topics as soon as nobody lists it.
+                self.reporter.reading_tasks(self.reader.reading_tasks())
         finally:
             self._shutdown()
 
@@ -129,12 +128,22 @@ class StageWorker:
         self.running.clear()
 
     def _open_kafka(self) -> None:
+        while self.control.incarnation is None and self.running.is_set():
+            time.sleep(0.1)  # the broker is not there yet
+        self.generation = self.control.generation
         self.producer = Producer({**kafka.producer_config(self.settings, self.worker_id),
                                   "error_cb": lambda err: log.warning("producer: %s", err)})
-        self.reader = InputReader(self.settings, self.group, self.worker_id, self.stage.recovery,
+        self.reader = InputReader(self.settings, self.group_name(), self.worker_id, self.stage.recovery,
                                   self._on_revoked, self._on_assigned)
         self.reporter.attach(self.producer)
         self.control.changed.set()  # subscribe afresh
+
+    def group_name(self) -> str:
+        """The stage's consumer group: one per stage and per life of the broker's data. After the local
+        broker lost its data, the old members' re-joins and departures could leave a group of the old
+        name without partitions for good; a fresh name sidesteps that. On Apache Kafka the name never
+        changes unless posemesh.control itself is re-created."""
+        return f"{self.settings.group_prefix}-{self.stage.name}-{(self.control.incarnation or '')[:8]}"
 
     def _reset(self, reason: str, why: str) -> None:
         """Start over as a restarted process would: no task state, new Kafka clients, inputs read again
@@ -144,15 +153,29 @@ class StageWorker:
         self.resets += 1
         for task_id in list(self.tasks):
             self.stage.drop_task(task_id)
-        self._clear_state()
-        self.reader.close()
         self.reporter.attach(None)
-        try:
-            self.producer.flush(1)
+        try:  # what the old producer still holds is dropped, not delivered: those inputs are redone
+            self.producer.purge(blocking=False)
         except Exception:  # noqa: BLE001
             pass
-        self.generation = self.control.generation
+        self._close_reader(self.reader)
+        self._clear_state()
         self._open_kafka()
+        log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
+
+    @staticmethod
+    def _close_reader(reader: InputReader, timeout: float = 15.0) -> None:
+        """Close a consumer, waiting at most `timeout`: leaving a group whose broker just lost its data can
+        hang, and a worker must not hang with it. After a broker loss the new consumer joins a group of a
+        new name, so an old member that lingers disturbs nobody."""
+        closer = threading.Thread(target=reader.close, name="close-consumer", daemon=True)
+        t0 = time.monotonic()
+        closer.start()
+        closer.join(timeout)
+        if closer.is_alive():
+            log.error("the old consumer did not close within %.0f s; leaving it behind", timeout)
+        else:
+            log.info("old consumer closed in %.1f s", time.monotonic() - t0)
 
     def _shutdown(self) -> None:
         self.running.clear()
@@ -192,7 +215,7 @@ class StageWorker:
             if missing:  # a topic not visible yet: look again shortly
                 threading.Timer(0.2, self.control.changed.set).start()
         if self.reader.subscribe(wanted):
-            log.info("reading %d task topics", len(wanted))
+            log.info("reading %d task topics", len(self.reader.task_topics))
         self.reporter.reading_tasks(self.reader.reading_tasks())
 
     def _on_revoked(self, tps: set) -> None:
@@ -309,6 +332,14 @@ class StageWorker:
             self._finish_tasks()
         for record, _tp, _offset in self.forward_eos:
             self._produce(record)
+        # Progress and results travel in the same flush as the outputs, before the commit: a report can
+        # be repeated (the union absorbs it) but never lost after its frames were committed.
+        if self.to_mark or self.results or self.produced:
+            self.reporter.flush_progress()
+            self.produced = True
+        for result in self.results:
+            self.reporter.result(result)
+        self.results = []
         if self.produced and not self._flush():
             return
         for tp, offset in self.to_mark:
@@ -318,15 +349,6 @@ class StageWorker:
         self.to_mark, self.forward_eos = [], []
         if self.stage.recovery is Recovery.RESUME:
             self._mark_durable()
-        if self.first_frames:
-            self.reporter.flush_progress(self.first_frames)
-            self.first_frames = []
-        for result in self.results:
-            self.reporter.flush_progress([result.task_id])
-            self.reporter.result(result)
-        if self.results:
-            self.producer.flush(10)
-            self.results = []
         self.reader.commit()
         if not self.stage.ordered:
             self.reader.flow_control(self.pool.waiting_by_partition(), max(2, self.batch // 4))
@@ -340,7 +362,6 @@ class StageWorker:
         for entry in done:
             task = entry.item.task
             if self.reporter.done_count.get(task.task_id, 0) == 0:
-                self.first_frames.append(task.task_id)
                 log.info("task %s: first frame processed (index %d, batch of %d)", task.task_id, entry.index,
                          len(ready))
             self.reporter.done(task.task_id, entry.index, task.epoch, task.total)
@@ -349,6 +370,7 @@ class StageWorker:
                                              epoch=task.epoch))
             if self.stage.recovery is Recovery.RESUME:
                 self.held[task.task_id].append((entry.index, entry.tp, entry.offset))
+                self.produced = True  # its progress report must be flushed
             else:
                 self.to_mark.append((entry.tp, entry.offset))
 
@@ -428,7 +450,6 @@ class StageWorker:
             if result is not None:
                 result.epoch = task.epoch
                 self.results.append(result)
-            self.first_frames.append(task_id)  # its final count goes out at once
 
     def _mark_durable(self) -> None:
         for task_id, entries in self.held.items():
@@ -475,16 +496,28 @@ class StageWorker:
     def _on_delivery(self, err, _msg) -> None:
         if err is not None:
             self.delivery_errors.append(err)
+        # A producer replaced by a reset is never polled again, so its late callbacks cannot land here.
 
     def _flush(self) -> bool:
-        """Wait until every output is acknowledged. If that fails (the broker is away), start over from the
-        committed offsets rather than die: nothing is committed past an undelivered output."""
-        remaining = self.producer.flush(FLUSH_TIMEOUT_S)
-        self.produced = False
-        if remaining or self.delivery_errors:
-            self._reset("undelivered", f"{remaining} outputs undelivered, errors {self.delivery_errors[:2]}")
-            return False
-        return True
+        """Wait until every output is acknowledged. If that fails (the broker is away, or lost its data),
+        start over from the committed offsets rather than die: nothing is committed past an undelivered
+        output. Waits in short slices so a broker reset is acted on at once."""
+        deadline = time.monotonic() + FLUSH_TIMEOUT_S
+        while True:
+            try:
+                remaining = self.producer.flush(0.5)
+            except (KafkaException, SystemError) as exc:  # a fatal producer error (e.g. the broker forgot us)
+                self._reset("undelivered", f"the producer failed: {exc}")
+                return False
+            if remaining == 0 and not self.delivery_errors:
+                self.produced = False
+                return True
+            if self.control.generation != self.generation:
+                self._reset("broker_lost", "the broker lost its data")
+                return False
+            if self.delivery_errors or time.monotonic() > deadline:
+                self._reset("undelivered", f"{remaining} outputs undelivered, errors {self.delivery_errors[:2]}")
+                return False
 
     # ------------------------------------------------------------------ status
 
@@ -526,7 +559,9 @@ def _describe(exc: Exception) -> str:
 
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
-    """Run a worker until SIGTERM/SIGINT."""
+    """Run a worker until SIGTERM/SIGINT. SIGUSR1 writes every thread's stack to the log (a worker that
+    seems stuck says where)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -1,0 +1,184 @@
+"""A whole mesh of real processes that tests can kill and restart: its own Tansu broker, its own Triton,
+the gateway (`python -m posemesh.gateway`) and N replicas of every stage (`python -m posemesh.stages`),
+each on fixed ports so a restarted process comes back where clients expect it."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from posemesh.broker import LocalBroker, free_port, stop_process
+from posemesh.pipeline import STAGE_NAMES
+from posemesh.settings import REPO_ROOT
+from posemesh.triton_server import TritonServer
+from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+from tests.conftest import USERS, auth, make_settings, settings_env
+from tests.helpers import wait_for
+
+DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+@dataclass
+class Worker:
+    stage: str
+    port: int
+    proc: subprocess.Popen
+
+    def status(self, timeout: float = 5) -> spb.GetStatusResponse:
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{self.port}") as ch:
+                return spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest(), timeout=timeout)
+        except grpc.RpcError:
+            if self.alive():  # stuck: have it write its threads' stacks to its log, for the failure report
+                self.proc.send_signal(signal.SIGUSR1)
+            raise
+
+    def frames_of(self, task_id: str) -> int:
+        try:
+            return next((t.frames_done for t in self.status().tasks if t.task_id == task_id), 0)
+        except grpc.RpcError:
+            return 0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+class Mesh:
+    def __init__(self, root: Path, onnx_dir: Path, replicas: int = 2, **settings):
+        self.root = root
+        self.logs = root / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.broker = LocalBroker(log_path=self.logs / "broker.log").start()
+        self.triton = TritonServer(onnx_dir, root / "triton", log_path=self.logs / "triton.log").start()
+        self.settings = make_settings(self.broker, root / "data", triton_url=self.triton.url,
+                                      group_prefix=f"mesh{time.monotonic_ns()}", **settings)
+        self.gateway_port = free_port()
+        self.gateway: subprocess.Popen | None = None
+        self.workers: list[Worker] = []
+        self.start_gateway()
+        for stage in STAGE_NAMES:
+            for _ in range(replicas):
+                self.start_worker(stage)
+        self.wait_healthy()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.gateway_port}")
+        self.stub = tpb_grpc.TaskServiceStub(self.channel)
+
+    @property
+    def env(self) -> dict:
+        env = settings_env(self.settings)
+        env.update({"POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
+                    "POSEMESH_MAX_FRAMES_AHEAD": str(self.settings.max_frames_ahead),
+                    "POSEMESH_STALL_TIMEOUT_S": str(self.settings.stall_timeout_s),
+                    "POSEMESH_TRITON_TIMEOUT_S": str(self.settings.triton_timeout_s),
+                    "POSEMESH_TRITON_OUTAGE_S": str(self.settings.triton_outage_s)})
+        return env
+
+    # ------------------------------------------------------------------ processes
+
+    def start_gateway(self) -> None:
+        log = open(self.logs / "gateway.log", "ab")
+        self.gateway = subprocess.Popen([sys.executable, "-m", "posemesh.gateway"], cwd=REPO_ROOT, env=self.env,
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: _healthy(f"127.0.0.1:{self.gateway_port}"), 60, 0.1, "the gateway to serve")
+
+    def kill_gateway(self) -> None:
+        self.gateway.send_signal(signal.SIGKILL)
+        self.gateway.wait()
+
+    def start_worker(self, stage: str) -> Worker:
+        port = free_port()
+        log = open(self.logs / f"{stage}-{port}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port)],
+                                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = Worker(stage, port, proc)
+        self.workers.append(worker)
+        return worker
+
+    def kill(self, worker: Worker) -> None:
+        worker.proc.send_signal(signal.SIGKILL)
+        worker.proc.wait()
+        self.workers.remove(worker)
+
+    def replicas(self, stage: str) -> list[Worker]:
+        return [w for w in self.workers if w.stage == stage]
+
+    def wait_healthy(self, timeout: float = 120) -> None:
+        for worker in self.workers:
+            wait_for(lambda w=worker: _healthy(f"127.0.0.1:{w.port}") or _dead(w), timeout, 0.2,
+                     f"{worker.stage} worker health")
+            assert worker.alive(), f"{worker.stage} worker exited; see {self.logs}"
+
+    def restart_broker(self, down_s: float = 1.0) -> None:
+        """SIGKILL the broker, then start a new one on the same port (memory-only: it comes back empty)."""
+        self.broker.proc.send_signal(signal.SIGKILL)
+        self.broker.proc.wait()
+        time.sleep(down_s)
+        self.broker = LocalBroker(self.broker.port, log_path=self.logs / "broker.log").start()
+
+    def restart_triton(self, down_s: float = 1.0) -> None:
+        self.triton.proc.send_signal(signal.SIGKILL)
+        self.triton.proc.wait()
+        time.sleep(down_s)
+        self.triton.start()
+
+    def stop(self) -> None:
+        try:
+            self.channel.close()
+        except Exception:  # noqa: BLE001
+            pass
+        for worker in self.workers:
+            stop_process(worker.proc, grace=10)
+        if self.gateway:
+            stop_process(self.gateway, grace=10)
+        self.triton.stop()
+        self.broker.stop()
+
+    # ------------------------------------------------------------------ tasks
+
+    def get(self, task_id: str, user: str = "alice") -> tpb.Task:
+        return self.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=auth(user), timeout=10).task
+
+    def wait_done(self, task_id: str, timeout: float = 240, user: str = "alice") -> tpb.Task:
+        def check():
+            try:
+                task = self.get(task_id, user)
+            except grpc.RpcError:
+                return None  # the gateway is restarting
+            return task if task.state in DONE else None
+        return wait_for(check, timeout, 0.2, f"task {task_id} to finish")
+
+    def results(self, task_id: str) -> tuple[list[dict], bytes]:
+        out = {}
+        for kind in (tpb.ARTIFACT_KIND_KEYPOINTS, tpb.ARTIFACT_KIND_ANNOTATED_VIDEO):
+            chunks = list(self.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task_id, kind=kind),
+                                                   metadata=auth(), timeout=60))
+            out[kind] = b"".join(c.chunk for c in chunks[1:])
+        records = [json.loads(line) for line in out[tpb.ARTIFACT_KIND_KEYPOINTS].decode().splitlines()]
+        return records, out[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO]
+
+
+def _healthy(address: str) -> bool:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    try:
+        with grpc.insecure_channel(address) as ch:
+            return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
+    except grpc.RpcError:
+        return False
+
+
+def _dead(worker: Worker) -> bool:
+    return not worker.alive()
+
+
+__all__ = ["Mesh", "Worker", "USERS"]
