@@ -59,7 +59,26 @@ class TritonModel:
         self.output_names: list[str] = []
         self.calls = 0
         self.seconds = 0.0
-        self.problem = ""  # non-empty while calls are failing
+        self._problem = ""  # non-empty while calls are failing
+        self._probed = 0.0
+
+    @property
+    def problem(self) -> str:
+        """What is wrong with Triton ("" when nothing is). While something is, a cheap readiness probe (at
+        most once a second, from the health thread) clears it as soon as the model answers again, so
+        health recovers even when no work is waiting."""
+        if self._problem and time.monotonic() - self._probed > 1.0:
+            self._probed = time.monotonic()
+            try:
+                if self.client.is_model_ready(self.name, client_timeout=1.0):
+                    self._problem = ""
+            except InferenceServerException:
+                pass
+        return self._problem
+
+    @problem.setter
+    def problem(self, value: str) -> None:
+        self._problem = value
 
     def _load_config(self) -> None:
         config = self.client.get_model_config(self.name, as_json=True, client_timeout=self.timeout_s)["config"]
