@@ -8,13 +8,12 @@ import threading
 import time
 from pathlib import Path
 
-import cv2
 from confluent_kafka import Producer
 
 from posemesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from posemesh import media
+from posemesh import jpeg, media
 
 log = logging.getLogger("posemesh.gateway")
 
@@ -64,7 +63,6 @@ class FrameProducer(threading.Thread):
 
     def run(self) -> None:
         task_id, count, reported = self.task.task_id, 0, 0
-        params = [cv2.IMWRITE_JPEG_QUALITY, self.quality]
         reader = media.FrameReader(self.path, self.task.video.fps, self.limits)
         try:
             for frame in reader:
@@ -73,12 +71,10 @@ class FrameProducer(threading.Thread):
                 while (self.max_ahead and self.frames_consumed and frame.index % 8 == 0
                        and frame.index - self.frames_consumed() > self.max_ahead and not self.cancelled.is_set()):
                     self.producer.poll(0.05)
-                ok, jpeg = cv2.imencode(".jpg", frame.image, params)
-                if not ok:
-                    raise RuntimeError(f"JPEG encoding failed at frame {frame.index}")
+                data = jpeg.encode(frame.image, self.quality)
                 h, w = frame.image.shape[:2]
                 self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch, frame=pb.Frame(
-                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=jpeg.tobytes())),
+                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data)),
                     frame.index % self.partitions)
                 count = frame.index + 1
                 if count % PROGRESS_EVERY == 0:

@@ -29,19 +29,25 @@ class StageSpec:
     entry: str  # "module:Class" of its Stage
     # How a replica that takes over an ordered task catches up (see posemesh.stages.base.Recovery).
     recovery: str = "redo"
+    # Whether the stage needs the frame's pixels. Only raw_frames carries them; a later stage that needs
+    # them reads them from there by reference (Frame.source), so the JPEG enters Kafka once.
+    pixels: bool = False
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("detect", RAW_FRAMES, YOLOX, ordered=False, entry="posemesh.stages.detect:DetectStage"),
-    StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage"),
+    StageSpec("detect", RAW_FRAMES, YOLOX, ordered=False, entry="posemesh.stages.detect:DetectStage",
+              pixels=True),
+    StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage", pixels=True),
     StageSpec("track", RTMPOSE, BYTETRACK, ordered=True, entry="posemesh.stages.track:TrackStage",
               recovery="replay"),
     StageSpec("annotate", BYTETRACK, None, ordered=True, entry="posemesh.stages.annotate:AnnotateStage",
-              recovery="resume"),
+              recovery="resume", pixels=True),
 )
 SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
+# The topic that carries the pixels.
+PIXELS_TOPIC = STAGES[0].reads
 # Every per-task topic, in pipeline order: the gateway writes the first, each stage the next.
 TASK_TOPIC_PREFIXES: tuple[str, ...] = (STAGES[0].reads,) + tuple(s.writes for s in STAGES if s.writes)
 # Progress is reported per step a frame takes: the gateway's decode, then every stage.

@@ -16,6 +16,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from posemesh import jpeg
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
 from posemesh.stages.pose import COCO_SKELETON
@@ -89,9 +90,10 @@ class AnnotateStage(Stage):
             writer = self.writer(item.task, frame)
             image = None
             if writer.video:
-                image = cv2.imdecode(np.frombuffer(frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
-                if image is None:
-                    raise StageError("undecodable JPEG")
+                try:
+                    image = jpeg.decode(frame.jpeg)
+                except jpeg.BadJpeg as exc:
+                    raise StageError(str(exc)) from None
                 draw(image, frame.persons)
             writer.write(frame, image)
 

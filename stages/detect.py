@@ -10,6 +10,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from posemesh import jpeg as jpeg_codec
 from posemesh.models import YOLOX_SIZE
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.stages.base import FrameItem, Stage, StageError
@@ -65,17 +66,10 @@ def decode_for_detection(jpeg: bytes, width: int, height: int) -> tuple[np.ndarr
     """Decode a JPEG at the smallest DCT scale that still covers the 416 input: a 1080p frame decodes at
     1/4 size several times faster, and the detector never sees more than 416 pixels anyway.
     Returns the image and the factor from decoded pixels back to frame pixels."""
-    longest = max(width, height) or YOLOX_SIZE
-    flag = cv2.IMREAD_COLOR
-    for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                            (2, cv2.IMREAD_REDUCED_COLOR_2)):
-        if longest / factor >= YOLOX_SIZE:
-            flag = reduced
-            break
-    image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), flag)
-    if image is None:
-        raise StageError("undecodable JPEG")
-    return image, (width / image.shape[1]) if width else 1.0
+    try:
+        return jpeg_codec.decode_for(jpeg, width, height, YOLOX_SIZE)
+    except jpeg_codec.BadJpeg as exc:
+        raise StageError(str(exc)) from None
 
 
 class Detector:

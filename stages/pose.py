@@ -16,6 +16,7 @@ from collections import defaultdict
 import cv2
 import numpy as np
 
+from posemesh import jpeg
 from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
 from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
@@ -127,9 +128,10 @@ class PoseStage(Stage):
         for item in items:
             if not item.frame.persons:
                 continue
-            image = cv2.imdecode(np.frombuffer(item.frame.jpeg, np.uint8), cv2.IMREAD_COLOR)
-            if image is None:
-                raise StageError(f"frame {item.frame.index}: undecodable JPEG")
+            try:
+                image = jpeg.decode(item.frame.jpeg)
+            except jpeg.BadJpeg as exc:
+                raise StageError(f"frame {item.frame.index}: {exc}") from None
             estimator = self.estimator(model_name(item.task.options.pose_model))
             for person in item.frame.persons:
                 b = person.box

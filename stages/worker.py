@@ -35,11 +35,12 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram, start_http_server
 
-from posemesh import kafka
+from posemesh import kafka, pipeline
 from posemesh.settings import Settings
 from posemesh.stages.base import FrameItem, Recovery, Stage, TaskInfo
 from posemesh.stages.control import ControlFollower
 from posemesh.stages.control_api import ControlApi
+from posemesh.stages.pixels import RawFrames
 from posemesh.stages.pools import LowestFirstPool, Pooled, SequencePool
 from posemesh.stages.reading import InputReader
 from posemesh.stages.reporting import Reporter
@@ -120,7 +121,7 @@ class StageWorker:
                 self._step()
                 # What the heartbeats say this worker reads follows every (re)assignment at once: the
                 # gateway deletes a finished task's topics as soon as nobody lists it.
-                self.reporter.reading_tasks(self.reader.reading_tasks())
+                self.reporter.reading_tasks(self._reading_tasks())
         finally:
             self._shutdown()
 
@@ -135,8 +136,14 @@ class StageWorker:
                                   "error_cb": lambda err: log.warning("producer: %s", err)})
         self.reader = InputReader(self.settings, self.group_name(), self.worker_id, self.stage.recovery,
                                   self._on_revoked, self._on_assigned)
+        # A stage after the first that needs pixels reads them from raw_frames by reference.
+        self.pixels = RawFrames(self.settings, self.worker_id) if self._fetches_pixels else None
         self.reporter.attach(self.producer)
         self.control.changed.set()  # subscribe afresh
+
+    @property
+    def _fetches_pixels(self) -> bool:
+        return self.spec.pixels and self.spec.reads != pipeline.PIXELS_TOPIC
 
     def group_name(self) -> str:
         """The stage's consumer group: one per stage and per life of the broker's data. After the local
@@ -159,6 +166,8 @@ class StageWorker:
         except Exception:  # noqa: BLE001
             pass
         self._close_reader(self.reader)
+        if self.pixels is not None:
+            self.pixels.close()
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
@@ -184,6 +193,8 @@ class StageWorker:
             self.stage.drop_task(task_id)
         try:
             self.reader.close()
+            if self.pixels is not None:
+                self.pixels.close()
         finally:
             self.reporter.reading_tasks([])
             self.reporter.flush_progress()
@@ -216,7 +227,7 @@ class StageWorker:
                 threading.Timer(0.2, self.control.changed.set).start()
         if self.reader.subscribe(wanted):
             log.info("reading %d task topics", len(self.reader.task_topics))
-        self.reporter.reading_tasks(self.reader.reading_tasks())
+        self.reporter.reading_tasks(self._reading_tasks())
 
     def _on_revoked(self, tps: set) -> None:
         """Partitions moved to another replica (or their task ended): their frames are its now."""
@@ -225,13 +236,19 @@ class StageWorker:
                 self._drop_task_state(task_id)
         else:
             self.pool.discard_partitions(tps)
-        self.reporter.reading_tasks(self.reader.reading_tasks())
+        self.reporter.reading_tasks(self._reading_tasks())
 
     def _on_assigned(self, fresh: set) -> None:
         if self.stage.ordered:  # a task new to this replica starts from scratch (REPLAY) or its checkpoint
             for task_id in {kafka.task_of_topic(t) for t, _p in fresh} - {None}:
                 self._drop_task_state(task_id)
-        self.reporter.reading_tasks(self.reader.reading_tasks())
+        self.reporter.reading_tasks(self._reading_tasks())
+
+    def _reading_tasks(self) -> list[str]:
+        tasks = set(self.reader.reading_tasks())
+        if self.pixels is not None:
+            tasks |= self.pixels.reading_tasks()
+        return sorted(tasks)
 
     def _drop_task_state(self, task_id: str) -> None:
         if self.tasks.pop(task_id, None) is not None:
@@ -244,6 +261,8 @@ class StageWorker:
     def _forget(self, task_id: str) -> None:
         """The task ended (or was stopped here): nothing of it stays on this worker."""
         self._drop_task_state(task_id)
+        if self.pixels is not None:  # before the gateway may delete its raw_frames topic
+            self.pixels.drop_task(task_id)
         self.failed.pop(task_id, None)
         self.duplicates.pop(task_id, None)
         self.reporter.forget(task_id)
@@ -354,6 +373,8 @@ class StageWorker:
             self.reader.flow_control(self.pool.waiting_by_partition(), max(2, self.batch // 4))
 
     def _process(self, ready: list[Pooled]) -> None:
+        if self.pixels is not None:
+            ready = self._fill_pixels(ready)
         done = self._run_isolated(ready)
         self.frames_processed += len(done)
         self.batches += 1
@@ -365,14 +386,34 @@ class StageWorker:
                 log.info("task %s: first frame processed (index %d, batch of %d)", task.task_id, entry.index,
                          len(ready))
             self.reporter.done(task.task_id, entry.index, task.epoch, task.total)
+            frame = entry.item.frame
+            if self.spec.reads == pipeline.PIXELS_TOPIC:  # where later stages find this frame's pixels
+                frame.source.partition, frame.source.offset = entry.tp[1], entry.offset
+            frame.ClearField("jpeg")  # the pixels enter Kafka once: only raw_frames carries them
             if self.spec.writes:
-                self._produce(pb.StageRecord(task_id=task.task_id, options=task.options, frame=entry.item.frame,
+                self._produce(pb.StageRecord(task_id=task.task_id, options=task.options, frame=frame,
                                              epoch=task.epoch))
             if self.stage.recovery is Recovery.RESUME:
                 self.held[task.task_id].append((entry.index, entry.tp, entry.offset))
                 self.produced = True  # its progress report must be flushed
             else:
                 self.to_mark.append((entry.tp, entry.offset))
+
+    def _fill_pixels(self, ready: list[Pooled]) -> list[Pooled]:
+        """Fetch the batch's pixels; a task whose pixels cannot be read fails, the others go on."""
+        try:
+            self.pixels.fill([e.item for e in ready])
+            return ready
+        except Exception:  # noqa: BLE001 - narrowed down to tasks below
+            log.warning("reading pixels for a batch failed; retrying task by task", exc_info=True)
+        kept = []
+        for task_id, entries in _by_task(ready).items():
+            try:
+                self.pixels.fill([e.item for e in entries])
+                kept += entries
+            except Exception as exc:  # noqa: BLE001
+                self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {_describe(exc)}")
+        return kept
 
     def _run_isolated(self, ready: list[Pooled]) -> list[Pooled]:
         """Run the stage; returns the entries done. A failure is narrowed down to a task and a frame:

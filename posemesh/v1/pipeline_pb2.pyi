@@ -41,21 +41,31 @@ class Person(_message.Message):
     track_id: int
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
+class FrameRef(_message.Message):
+    __slots__ = ("partition", "offset")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    offset: int
+    def __init__(self, partition: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
 class Frame(_message.Message):
-    __slots__ = ("index", "timestamp_s", "width", "height", "jpeg", "persons")
+    __slots__ = ("index", "timestamp_s", "width", "height", "jpeg", "persons", "source")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     JPEG_FIELD_NUMBER: _ClassVar[int]
     PERSONS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     index: int
     timestamp_s: float
     width: int
     height: int
     jpeg: bytes
     persons: _containers.RepeatedCompositeFieldContainer[Person]
-    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ...) -> None: ...
+    source: FrameRef
+    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., source: _Optional[_Union[FrameRef, _Mapping]] = ...) -> None: ...
 
 class EndOfStream(_message.Message):
     __slots__ = ("total_frames", "fps")

@@ -1,0 +1,166 @@
+"""Frames' pixels by reference: the JPEG of a frame, read from the raw_frames_<task> record that holds it.
+
+Only raw_frames_<task> carries pixels (see posemesh/pipeline.py); later topics carry metadata and a
+FrameRef (partition, offset). A stage that needs pixels after the first (pose, annotate) fetches them
+here, with a consumer of its own that joins no group: it assigns the partitions it needs, reads them
+forward, and keeps what it read ahead in a small cache, because the next batch usually wants the next
+offsets of the same partitions. A reference behind the read position is reached by a seek (a replica
+that took a task over, a replay from frame 0).
+
+Trade-offs, and what a multi-machine deployment sees: every pixel stage reads each frame's JPEG from
+the broker once (network reads; Kafka serves them from its page cache), while the broker stores and
+replicates it only once, and a redelivered or replayed metadata record costs a few hundred bytes, not
+a quarter of a megabyte. The raw_frames topic must stay readable until the task's last stage is done:
+the gateway's topic hand-off guarantees it (this reader's tasks are in the worker's heartbeats).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import OrderedDict, defaultdict
+
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+from posemesh import kafka, pipeline
+from posemesh.settings import Settings
+from posemesh.stages.base import FrameItem, StageError
+
+log = logging.getLogger("posemesh.stage")
+
+TP = tuple[str, int]
+CACHE_BYTES = 64 * 1024 * 1024  # read-ahead kept for the next batches
+FETCH_TIMEOUT_S = 30.0
+SEEK_AHEAD = 256  # a reference further ahead than this is sought, not read up to
+
+
+class RawFrames:
+    def __init__(self, settings: Settings, client_id: str):
+        self.consumer = Consumer({**kafka.consumer_config(settings, f"{client_id}-pixels-{uuid.uuid4().hex[:6]}",
+                                                          f"{client_id}-pixels"),
+                                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+        self.assigned: set[TP] = set()
+        self.paused: set[TP] = set()
+        self.position: dict[TP, int] = {}  # next offset this reader will get from the partition
+        self.cache: OrderedDict[tuple[TP, int], bytes] = OrderedDict()
+        self.cached_bytes = 0
+        self.fetches = 0
+        self.reads = 0
+
+    # ------------------------------------------------------------------ the public side
+
+    def fill(self, items: list[FrameItem]) -> None:
+        """Put each frame's JPEG into it (frame.jpeg), from its source reference."""
+        wanted: dict[tuple[TP, int], list[FrameItem]] = defaultdict(list)
+        for item in items:
+            if item.frame.jpeg:
+                continue
+            if not item.frame.HasField("source"):
+                raise StageError(f"frame {item.frame.index} has no pixels and no reference to them")
+            topic = kafka.task_topic(pipeline.PIXELS_TOPIC, item.task_id)
+            wanted[((topic, item.frame.source.partition), item.frame.source.offset)].append(item)
+        if not wanted:
+            return
+        found = self._fetch(set(wanted))
+        for key, users in wanted.items():
+            for item in users:
+                item.frame.jpeg = found[key]
+
+    def drop_task(self, task_id: str) -> None:
+        """Stop reading the task's raw frames (it ended, or left this worker): its topic may then go."""
+        topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
+        gone = [tp for tp in self.assigned if tp[0] == topic]
+        if gone:
+            self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in gone])
+        for tp in gone:
+            self.assigned.discard(tp)
+            self.paused.discard(tp)
+            self.position.pop(tp, None)
+        for key in [k for k in self.cache if k[0][0] == topic]:
+            self.cached_bytes -= len(self.cache.pop(key))
+
+    def reading_tasks(self) -> set[str]:
+        return {kafka.task_of_topic(t) for t, _p in self.assigned} - {None}
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except Exception:  # noqa: BLE001
+            log.debug("pixel consumer close failed", exc_info=True)
+
+    # ------------------------------------------------------------------ reading
+
+    def _fetch(self, keys: set[tuple[TP, int]]) -> dict[tuple[TP, int], bytes]:
+        self.fetches += 1
+        found = {k: self.cache.pop(k) for k in keys if k in self.cache}
+        for k in found:
+            self.cached_bytes -= len(found[k])
+        missing = keys - set(found)
+        if not missing:
+            return found
+        lowest: dict[TP, int] = {}
+        for tp, offset in missing:
+            lowest[tp] = min(offset, lowest.get(tp, offset))
+        self._position_for(lowest)
+        deadline = time.monotonic() + FETCH_TIMEOUT_S
+        while missing:
+            if time.monotonic() > deadline:
+                raise StageError(f"could not read {len(missing)} frames' pixels from {pipeline.PIXELS_TOPIC} "
+                                 f"within {FETCH_TIMEOUT_S:.0f} s")
+            for msg in self.consumer.consume(num_messages=64, timeout=0.1):
+                error = msg.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        log.debug("pixel read: %s", error)
+                    continue
+                self.reads += 1
+                tp, offset = (msg.topic(), msg.partition()), msg.offset()
+                self.position[tp] = offset + 1
+                key = (tp, offset)
+                if key in missing:
+                    found[key] = self._jpeg_of(msg.value())
+                    missing.discard(key)
+                elif key not in self.cache:
+                    jpeg = self._jpeg_of(msg.value())
+                    self.cache[key] = jpeg
+                    self.cached_bytes += len(jpeg)
+            self._bound_cache(set(tp for tp, _o in missing))
+        return found
+
+    @staticmethod
+    def _jpeg_of(value: bytes) -> bytes:
+        from posemesh.v1 import pipeline_pb2 as pb
+
+        return pb.StageRecord.FromString(value).frame.jpeg
+
+    def _position_for(self, lowest: dict[TP, int]) -> None:
+        """Make every partition with a missing frame read from (at most) that frame's offset."""
+        new = [TopicPartition(t, p, o) for (t, p), o in lowest.items() if (t, p) not in self.assigned]
+        if new:
+            self.consumer.incremental_assign(new)
+            for tp in new:
+                key = (tp.topic, tp.partition)
+                self.assigned.add(key)
+                self.position[key] = tp.offset
+        for tp, offset in lowest.items():
+            at = self.position.get(tp, offset)
+            if at > offset or offset - at > SEEK_AHEAD:
+                self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+                self.position[tp] = offset
+        resume = [tp for tp in self.paused if tp in lowest]
+        if resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+            self.paused.difference_update(resume)
+
+    def _bound_cache(self, busy: set[TP]) -> None:
+        """Keep the read-ahead bounded: pause partitions nobody waits on now, drop the oldest entries."""
+        if self.cached_bytes <= CACHE_BYTES:
+            return
+        idle = [tp for tp in self.assigned if tp not in busy and tp not in self.paused]
+        if idle:
+            self.consumer.pause([TopicPartition(t, p) for t, p in idle])
+            self.paused.update(idle)
+        while self.cached_bytes > CACHE_BYTES and self.cache:
+            _key, jpeg = self.cache.popitem(last=False)
+            self.cached_bytes -= len(jpeg)
