@@ -10,6 +10,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import simplejpeg
+from prometheus_client import Counter
+
+# How many JPEGs each process decodes and encodes (the benchmark divides by frames).
+DECODES = Counter("posemesh_jpeg_decodes_total", "JPEG decodes", ["scale"])
+ENCODES = Counter("posemesh_jpeg_encodes_total", "JPEG encodes")
 
 
 class BadJpeg(ValueError):
@@ -18,6 +23,7 @@ class BadJpeg(ValueError):
 
 def decode(jpeg: bytes) -> np.ndarray:
     """The whole picture, BGR."""
+    DECODES.labels("full").inc()
     try:
         return simplejpeg.decode_jpeg(jpeg, "BGR")
     except ValueError as exc:
@@ -29,6 +35,7 @@ def decode_for(jpeg: bytes, width: int, height: int, longest_side: int) -> tuple
     `longest_side`, and the factor from its pixels back to the frame's."""
     longest = max(width, height)
     scale = 1
+    DECODES.labels("reduced").inc()
     for factor in (8, 4, 2):
         if longest and longest / factor >= longest_side:
             scale = factor
@@ -42,6 +49,7 @@ def decode_for(jpeg: bytes, width: int, height: int, longest_side: int) -> tuple
 
 
 def encode(image: np.ndarray, quality: int) -> bytes:
+    ENCODES.inc()
     ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise BadJpeg("JPEG encoding failed")

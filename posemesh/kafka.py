@@ -93,6 +93,12 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
         "max.partition.fetch.bytes": 512 * 1024,
         "fetch.max.bytes": 1024 * 1024,
         "queued.max.messages.kbytes": 2048,
+        # librdkafka waits fetch.queue.backoff.ms (default 1 s) before fetching again once the local queue
+        # holds queued.max.messages.kbytes (eight 1080p frames here), and fetch.error.backoff.ms (default
+        # 500 ms) after a fetch that came back empty (short fetch.wait.max.ms makes those common). Both
+        # stalled a new task's first frames by 0.5-2 s.
+        "fetch.queue.backoff.ms": 20,
+        "fetch.error.backoff.ms": 20,
         "receive.message.max.bytes": MAX_MESSAGE_BYTES + 4 * 1024 * 1024,
         "max.poll.interval.ms": 300000,
     }

@@ -29,11 +29,12 @@ from typing import Callable
 import grpc
 
 from posemesh.broker import broker_command, free_port, stop_process
+from posemesh.pipeline import STAGE_NAMES
 from posemesh.settings import REPO_ROOT
 
 log = logging.getLogger("posemesh.stack")
 
-STAGES = ("detect", "pose", "track", "annotate")
+STAGES = STAGE_NAMES
 
 
 def grpc_healthy(address: str, timeout: float = 1.0) -> bool:

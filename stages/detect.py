@@ -96,6 +96,9 @@ class DetectStage(Stage):
     def problem(self) -> str:
         return self.model.problem
 
+    def close(self) -> None:
+        self.model.close()  # unregisters and frees its shared-memory regions
+
     def process(self, items: list[FrameItem]) -> None:
         decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
         min_scores = [it.task.options.min_person_score or DEFAULT_MIN_SCORE for it in items]

@@ -148,6 +148,7 @@ class LowestFirstPool:
 class _Sequence:
     next_index: int = 0
     waiting: dict[int, Pooled] = field(default_factory=dict)
+    taken: int = 0
 
 
 class SequencePool:
@@ -168,13 +169,21 @@ class SequencePool:
         task.waiting[entry.index] = entry
         return True
 
-    def take(self) -> list[Pooled]:
-        """Every frame that continues its task's sequence."""
-        taken = []
-        for task in self.tasks.values():
-            while task.next_index in task.waiting:
+    def take(self, batch: int) -> list[Pooled]:
+        """Up to `batch` frames that continue their tasks' sequences, taken from the tasks in turn, the
+        tasks that have had the fewest frames first: a new task's first frame does not wait behind
+        another task's backlog."""
+        taken: list[Pooled] = []
+        ready = sorted((t for t in self.tasks.values() if t.next_index in t.waiting), key=lambda t: t.taken)
+        while ready and len(taken) < batch:
+            for task in list(ready):
                 taken.append(task.waiting.pop(task.next_index))
                 task.next_index += 1
+                task.taken += 1
+                if task.next_index not in task.waiting:
+                    ready.remove(task)
+                if len(taken) == batch:
+                    break
         return taken
 
     def next_index(self, task_id: str) -> int:

@@ -122,6 +122,10 @@ class PoseStage(Stage):
     def problem(self) -> str:
         return next((e.model.problem for e in self.estimators.values() if e.model.problem), "")
 
+    def close(self) -> None:
+        for estimator in self.estimators.values():
+            estimator.model.close()  # unregisters and frees its shared-memory regions
+
     def process(self, items: list[FrameItem]) -> None:
         # Crops grouped by model across all frames and tasks of the batch: one Triton call per model.
         crops, where = defaultdict(list), defaultdict(list)

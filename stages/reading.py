@@ -40,6 +40,9 @@ class InputReader:
         self.paused: set[TP] = set()
         self.book = OffsetBook()
         self._previously: set[TP] = set()
+        # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
+        # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
+        self.joining = False
 
     # ------------------------------------------------------------------ subscription and assignment
 
@@ -51,6 +54,7 @@ class InputReader:
             return False
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         self.subscribed = topics
+        self.joining = True
         return True
 
     @property
@@ -61,6 +65,7 @@ class InputReader:
         self._previously = {(p.topic, p.partition) for p in partitions}
 
     def _on_assign(self, consumer, partitions) -> None:
+        self.joining = False
         now = {(p.topic, p.partition) for p in partitions}
         fresh = now - self._previously
         for p in partitions:

@@ -58,6 +58,8 @@ BATCH = Histogram("posemesh_stage_batch_frames", "Frames per processed batch", [
                   buckets=(1, 2, 4, 8, 16, 32, 64))
 PROCESS_SECONDS = Histogram("posemesh_stage_process_seconds", "Stage.process time per batch", ["stage"])
 LOOP_STALL_S = 120.0
+JOIN_PATIENCE_S = 10.0  # a join that takes longer than this is not waited for
+SUBSCRIBE_SETTLE_S = 0.15  # each join costs about a second on the local broker
 FLUSH_TIMEOUT_S = 30.0
 
 
@@ -81,6 +83,8 @@ class StageWorker:
         self.started_at = time.time()
         self.loop_seen = time.monotonic()
         self.locally_stopped: set[str] = set()
+        self.subscribed_at = 0.0
+        self.change_seen = 0.0
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -165,24 +169,28 @@ class StageWorker:
             self.producer.purge(blocking=False)
         except Exception:  # noqa: BLE001
             pass
-        self._close_reader(self.reader)
+        # After a broker loss the old consumer belongs to a group nobody will use again: it is closed on the
+        # side and not waited for. Otherwise it must be gone before the new one joins the same group.
+        self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0)
         if self.pixels is not None:
             self.pixels.close()
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
 
-    @staticmethod
-    def _close_reader(reader: InputReader, timeout: float = 15.0) -> None:
-        """Close a consumer, waiting at most `timeout`: leaving a group whose broker just lost its data can
-        hang, and a worker must not hang with it. After a broker loss the new consumer joins a group of a
-        new name, so an old member that lingers disturbs nobody."""
+    def _close_reader(self, reader: InputReader, wait_s: float) -> None:
+        """Close a consumer on the side, waiting at most `wait_s`: leaving a group whose broker just lost
+        its data can hang, and a worker must not hang with it. Its callbacks must not touch this worker's
+        new state, so they are cut off first."""
+        reader.on_revoked = reader.on_assigned = lambda _tps: None
         closer = threading.Thread(target=reader.close, name="close-consumer", daemon=True)
         t0 = time.monotonic()
         closer.start()
-        closer.join(timeout)
+        if wait_s <= 0:
+            return
+        closer.join(wait_s)
         if closer.is_alive():
-            log.error("the old consumer did not close within %.0f s; leaving it behind", timeout)
+            log.error("the old consumer did not close within %.0f s; leaving it behind", wait_s)
         else:
             log.info("old consumer closed in %.1f s", time.monotonic() - t0)
 
@@ -208,13 +216,24 @@ class StageWorker:
 
     def _apply_subscription(self) -> None:
         if not self.control.changed.is_set():
+            self.change_seen = 0.0
             return
+        now = time.monotonic()
+        self.change_seen = self.change_seen or now
+        if now - self.change_seen < SUBSCRIBE_SETTLE_S:
+            return  # tasks often start in bursts: one join for the burst, not one per task
+        if self.reader.joining and now - self.subscribed_at < JOIN_PATIENCE_S:
+            return  # a join is under way: the change goes in once it is done (all at once)
         self.control.changed.clear()
+        self.change_seen = 0.0
         live, _ended = self.control.snapshot()
         wanted_tasks = [t for t in live if t not in self.locally_stopped]
         for task_id in [t for t in set(self.tasks) | set(self.failed) | self.finished
                         if t not in live or t in self.locally_stopped]:
             self._forget(task_id)
+        if self.pixels is not None:
+            for task_id in wanted_tasks:
+                self.pixels.prepare(task_id, kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings))
         wanted = [kafka.task_topic(self.spec.reads, t) for t in wanted_tasks]
         if wanted:
             try:
@@ -226,11 +245,23 @@ class StageWorker:
             if missing:  # a topic not visible yet: look again shortly
                 threading.Timer(0.2, self.control.changed.set).start()
         if self.reader.subscribe(wanted):
+            self.subscribed_at = time.monotonic()
             log.info("reading %d task topics", len(self.reader.task_topics))
         self.reporter.reading_tasks(self._reading_tasks())
 
+    def _warm_pixels(self, tps: set, on: bool) -> None:
+        """Read ahead the raw frames behind the input partitions this replica now owns (or stop)."""
+        if self.pixels is None:
+            return
+        every = list(range(kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings)))
+        for topic, partition in tps:
+            task_id = kafka.task_of_topic(topic)
+            if task_id:  # an ordered stage needs all of a task's frames; others the same partition's
+                self.pixels.warm(task_id, every if self.stage.ordered else [partition], on)
+
     def _on_revoked(self, tps: set) -> None:
         """Partitions moved to another replica (or their task ended): their frames are its now."""
+        self._warm_pixels(tps, on=False)
         if self.stage.ordered:
             for task_id in {kafka.task_of_topic(t) for t, _p in tps} - {None}:
                 self._drop_task_state(task_id)
@@ -239,6 +270,7 @@ class StageWorker:
         self.reporter.reading_tasks(self._reading_tasks())
 
     def _on_assigned(self, fresh: set) -> None:
+        self._warm_pixels(fresh, on=True)
         if self.stage.ordered:  # a task new to this replica starts from scratch (REPLAY) or its checkpoint
             for task_id in {kafka.task_of_topic(t) for t, _p in fresh} - {None}:
                 self._drop_task_state(task_id)
@@ -344,7 +376,7 @@ class StageWorker:
     # ------------------------------------------------------------------ one step of work
 
     def _step(self) -> None:
-        ready = self.pool.take() if self.stage.ordered else self.pool.take(self.batch)
+        ready = self.pool.take(self.batch)
         if ready:
             self._process(ready)
         if self.stage.ordered:
@@ -373,9 +405,12 @@ class StageWorker:
             self.reader.flow_control(self.pool.waiting_by_partition(), max(2, self.batch // 4))
 
     def _process(self, ready: list[Pooled]) -> None:
+        t0 = time.perf_counter()
         if self.pixels is not None:
             ready = self._fill_pixels(ready)
+        t1 = time.perf_counter()
         done = self._run_isolated(ready)
+        t2 = time.perf_counter()
         self.frames_processed += len(done)
         self.batches += 1
         FRAMES.labels(self.stage.name).inc(len(done))
@@ -383,8 +418,8 @@ class StageWorker:
         for entry in done:
             task = entry.item.task
             if self.reporter.done_count.get(task.task_id, 0) == 0:
-                log.info("task %s: first frame processed (index %d, batch of %d)", task.task_id, entry.index,
-                         len(ready))
+                log.info("task %s: first frame processed (index %d, batch of %d; pixels %.0f ms, work %.0f ms)",
+                         task.task_id, entry.index, len(ready), (t1 - t0) * 1000, (t2 - t1) * 1000)
             self.reporter.done(task.task_id, entry.index, task.epoch, task.total)
             frame = entry.item.frame
             if self.spec.reads == pipeline.PIXELS_TOPIC:  # where later stages find this frame's pixels

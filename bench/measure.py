@@ -1,0 +1,148 @@
+"""What the benchmarks measure with: CPU seconds of process trees, Prometheus counters of the workers,
+the bytes a task left on the broker, the broker's memory, and uploads timed through the SDK."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import urllib.request
+from collections import defaultdict
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from posemesh import kafka
+from posemesh.client import Client
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+
+TICK = os.sysconf("SC_CLK_TCK")
+DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree[ppid].append(int(entry.name))
+    return tree
+
+
+def _cpu(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and every live descendant (Triton's Python-backend stubs)."""
+    tree, total, todo = _children(), 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += _cpu(p)
+        todo += tree.get(p, [])
+    return total
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def counters(url: str, name: str) -> dict[str, float]:
+    """Samples of one Prometheus counter: {label text: value}."""
+    out: dict[str, float] = {}
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key[len(name):] or "_"] = float(value)
+    return out
+
+
+def topic_bytes(bootstrap: str, topic: str, idle_s: float = 1.0) -> tuple[int, int, int]:
+    """(records, bytes of record values, bytes of frame JPEGs) on a topic, read to its end."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-{time.monotonic_ns()}",
+                         "enable.auto.commit": False, "fetch.message.max.bytes": kafka.MAX_MESSAGE_BYTES})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0, 0, 0
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        records = size = jpeg = 0
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s:
+            for msg in consumer.consume(500, 0.2):
+                if msg.error():
+                    continue
+                last = time.monotonic()
+                records += 1
+                size += len(msg.value())
+                record = pb.StageRecord.FromString(msg.value())
+                jpeg += len(record.frame.jpeg)
+        return records, size, jpeg
+    finally:
+        consumer.close()
+
+
+class Upload:
+    """One upload through the SDK, timed: upload done, first annotated frame, end."""
+
+    def __init__(self, client: Client, clip: Path, pose_model: str):
+        self.client, self.clip, self.pose_model = client, clip, pose_model
+        self.t: dict[str, float] = {}
+        self.task: tpb.Task | None = None
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        self.t["start"] = time.perf_counter()
+        task = self.client.submit(self.clip, pose_model=self.pose_model)
+        self.t["uploaded"] = time.perf_counter()
+        for snapshot in self.client.watch(task.task_id):
+            annotated = next((p.frames_done for p in snapshot.progress if p.stage == "annotate"), 0)
+            if annotated and "first" not in self.t:
+                self.t["first"] = time.perf_counter()
+            self.task = snapshot
+            if snapshot.state in DONE:
+                self.t["done"] = time.perf_counter()
+
+    @property
+    def frames(self) -> int:
+        return max(p.frames_total for p in self.task.progress) if self.task else 0
+
+    @property
+    def first_latency(self) -> float:
+        return self.t["first"] - self.t["uploaded"]
+
+    @property
+    def duration(self) -> float:
+        return self.t["done"] - self.t["uploaded"]
+
+
+def run_uploads(client: Client, clip: Path, n: int, pose_model: str) -> tuple[list[Upload], float]:
+    """n uploads at once; returns them and the wall time from the first start to the last end."""
+    uploads = [Upload(client, clip, pose_model) for _ in range(n)]
+    for u in uploads:
+        u.thread.start()
+    for u in uploads:
+        u.thread.join()
+    bad = [u.task.error_message if u.task else "no task" for u in uploads
+           if not u.task or u.task.state != tpb.TASK_STATE_COMPLETED]
+    if bad:
+        raise RuntimeError(f"uploads failed: {bad}")
+    return uploads, max(u.t["done"] for u in uploads) - min(u.t["start"] for u in uploads)
