@@ -6,14 +6,25 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 VIDEO ?= ../shared/media/mmpose_demo_960x540_5f.mp4
 
-.PHONY: venv run up test bench lint protos configs clean
+.PHONY: venv wheel run up test bench lint protos configs clean system-deps
 
 venv: $(VENV)/.installed $(TRITON_VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Debian packages (deploy/system-packages.txt): installed when missing, which needs root (CI runs as root).
+system-deps:
+	@missing=$$(grep -v '^#' deploy/system-packages.txt | xargs -n1 | while read p; do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" != 0 ]; then echo "missing Debian packages: $$missing (run as root: make system-deps)"; exit 1; fi; \
+		echo "installing $$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml deploy/install-server.sh deploy/requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	bash deploy/install-server.sh $(PY) --dev
 	touch $@
 
 $(TRITON_VENV)/.installed: deploy/triton-requirements.txt
@@ -30,8 +41,12 @@ run: venv
 up: venv
 	$(VENV)/bin/posemesh up
 
-test: venv
+# The wheel users install, checked alone in a clean venv (tests/test_packaging.py), then the suite.
+test: venv system-deps wheel
 	$(PY) -m pytest -q tests
+
+wheel: venv
+	rm -rf dist && $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 
 bench: venv
 	$(PY) bench/end_to_end.py

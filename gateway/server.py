@@ -28,6 +28,9 @@ from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
 from posemesh.gateway.events import EventReader
 from posemesh.gateway.limits import UserLimits
+from posemesh.gateway.live import LiveConfig, LiveSource
+from posemesh.gateway.live_view import LiveViews
+from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.service import UPLOAD_FILE, TaskService
@@ -42,6 +45,8 @@ log = logging.getLogger("posemesh.gateway")
 
 SERVICE_NAME = tpb.DESCRIPTOR.services_by_name["TaskService"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# How long an ending live task waits for annotate's results before it ends without them.
+LIVE_RESULTS_WAIT_S = 120.0
 
 
 class Gateway:
@@ -50,6 +55,12 @@ class Gateway:
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(load_keys(self.settings.api_keys, self.settings.api_keys_file))
+        try:
+            self.source_policy = SourcePolicy(self.settings.live_sources)
+        except ValueError as exc:
+            raise KeyConfigError(f"POSEMESH_LIVE_SOURCES: {exc}") from None
+        self.live_sources: dict[str, LiveSource] = {}
+        self.views: LiveViews | None = None
         self.store = TaskStore(self.settings.db_path)
         self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,
                                  self.store.count_active)
@@ -69,6 +80,18 @@ class Gateway:
         return Producer({**kafka.producer_config(self.settings, "gateway"),
                          "error_cb": lambda err: log.debug("producer: %s", err)})
 
+    def live_config(self, max_lag_s: float = 0.0) -> LiveConfig:
+        s = self.settings
+        return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s, jpeg_quality=s.jpeg_quality,
+                          partitions=kafka.partitions_for(kafka.RAW_FRAMES, s), limits=media.Limits.from_settings(s))
+
+    def publish_url(self, task_id: str) -> str:
+        return self.settings.live_publish_url.replace("{task}", task_id)
+
+    def stream_url(self, task_id: str) -> str:
+        template = self.settings.live_stream_url or self.settings.live_publish_url
+        return template.replace("{task}", task_id)
+
     def broker_available(self) -> bool:
         return self.watch is None or self.watch.available
 
@@ -82,6 +105,47 @@ class Gateway:
         self.store.transition(task.task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
         self._start_producer(task, path, epoch)
         log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
+
+    def start_live_task(self, task: tpb.Task, source: Source, transport: int) -> None:
+        """Like start_task, with the camera in place of the upload: topics, tell the workers, read."""
+        epoch = self.store.epoch(task.task_id)
+        self.store.set_columns(task.task_id, live_url=source.url, live_transport=transport)
+        self.topics.create(task.task_id)
+        self.topics.publish_started(task, epoch, self.publish_url(task.task_id))
+        self.store.transition(task.task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
+        self._start_live_source(task, source, transport, epoch)
+        log.info("live task %s started on %s", task.task_id, source.shown)
+
+    def _start_live_source(self, task: tpb.Task, source: Source, transport: int, epoch: int) -> None:
+        task_id = task.task_id
+
+        def on_status(status: tpb.LiveStatus, published: int) -> None:
+            def apply(t: tpb.Task):
+                if t.state not in ACTIVE:
+                    return False
+                t.live.CopyFrom(status)
+            self.store.update(task_id, apply)
+            if published:
+                self.store.add_done(task_id, "decode", [(0, published - 1)], epoch)
+
+        def on_end(state: int, message: str, total: int) -> None:
+            if self.store.epoch(task_id) != epoch:
+                return  # this run was replaced (the broker lost its data)
+            self.store.set_columns(task_id, produced=1, ending_state=state, ending_message=message, ending_us=now_us())
+            self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
+            with self.lock:
+                self.live_sources.pop(task_id, None)
+            log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
+
+        live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
+                          self.live_config(task.live.max_lag_s), lambda: self.store.frames_done(task_id, "annotate"),
+                          on_status, on_end)
+        with self.lock:
+            old = self.live_sources.pop(task_id, None)
+            self.live_sources[task_id] = live
+        if old:
+            old.stop()
+        live.start()
 
     def _start_producer(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
@@ -113,8 +177,12 @@ class Gateway:
         """Undo a task that could not be started (the broker is down): no row, no topic, no file remains."""
         with self.lock:
             producer = self.frame_producers.pop(task_id, None)
+            live = self.live_sources.pop(task_id, None)
         if producer:
             producer.cancelled.set()
+        if live:
+            live.on_end = lambda *_a: None
+            live.stop()
         try:
             kafka.delete_topics(self.topics.admin, kafka.task_topics(task_id), timeout=5)
         except Exception:  # noqa: BLE001 - the broker is down: nobody read them, the orphan sweep deletes them
@@ -128,8 +196,11 @@ class Gateway:
             return None  # already terminal: the first ending wins
         with self.lock:
             producer = self.frame_producers.pop(task_id, None)
+            live = self.live_sources.pop(task_id, None)
         if producer:
             producer.cancelled.set()
+        if live:
+            live.stop()
         self._announce_end(task_id, state)
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more
         log.info("task %s %s %s", task_id, tpb.TaskState.Name(state), message)
@@ -145,6 +216,11 @@ class Gateway:
             self.unannounced.add(task_id)
 
     def cancel(self, task_id: str, reason: str) -> tpb.Task | None:
+        with self.lock:
+            live = self.live_sources.get(task_id)
+        if live is not None:  # a live task stops reading and keeps its results: it ends when they are in
+            live.stop()
+            return self.store.get(task_id)
         return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
 
     def fail(self, task_id: str, reason: str) -> tpb.Task | None:
@@ -159,7 +235,12 @@ class Gateway:
             task.warnings.extend(w for w in result.warnings if w not in task.warnings)
 
         if self.store.update(result.task_id, attach) is not None:
-            self._end(result.task_id, tpb.TASK_STATE_COMPLETED)
+            row = self.store.rows("task_id = ?", (result.task_id,))
+            ending = row[0]["ending_state"] if row else None
+            if ending:  # a live task ends as its source did, results attached
+                self._end(result.task_id, ending, row[0]["ending_message"] or "")
+            else:
+                self._end(result.task_id, tpb.TASK_STATE_COMPLETED)
 
     def delete(self, task_id: str) -> None:
         shutil.rmtree(self.settings.results_dir / task_id, ignore_errors=True)
@@ -179,7 +260,9 @@ class Gateway:
             task = tpb.Task.FromString(row["task"])
             path = self._upload_of(task.task_id)
             topics_intact = len(on_broker.get(task.task_id, [])) == len(kafka.TASK_TOPIC_PREFIXES)
-            if row["produced"] and topics_intact:
+            if row["live_url"] and not row["produced"]:
+                self._close_live_after_restart(task, row, topics_intact)
+            elif row["produced"] and topics_intact:
                 log.info("task %s: frames all published before the restart; waiting for the stages", task.task_id)
                 self.topics.publish_started(task, row["epoch"])
             elif path is not None:
@@ -205,6 +288,24 @@ class Gateway:
         if orphans:
             log.info("found %d tasks' topics without a live task; they will be deleted", len(orphans))
 
+    def _close_live_after_restart(self, task: tpb.Task, row, topics_intact: bool) -> None:
+        """A live task whose gateway restarted: its camera connection is gone with the old process. What went
+        into the mesh is finished into results; the task then ends FAILED, saying so."""
+        message = ("the gateway restarted during the live task; the frames before that are in the results: "
+                   "start a new live task to continue")
+        if not topics_intact:
+            self.fail(task.task_id, message.split(";")[0] + " and the broker lost its frames")
+            return
+        total = self.store.frames_done(task.task_id, "decode")
+        producer = Producer(kafka.producer_config(self.settings, "gateway-recover"))
+        producer.produce(kafka.task_topic(kafka.RAW_FRAMES, task.task_id), pb.StageRecord(
+            task_id=task.task_id, options=task.options, epoch=row["epoch"],
+            end_of_stream=pb.EndOfStream(total_frames=total, fps=task.video.fps)).SerializeToString(), partition=0)
+        producer.flush(10)
+        self.store.set_columns(task.task_id, produced=1, ending_state=tpb.TASK_STATE_FAILED, ending_message=message,
+                               ending_us=now_us())
+        self.topics.publish_started(task, row["epoch"], self.publish_url(task.task_id))
+
     def _upload_of(self, task_id: str) -> Path | None:
         path = self.settings.jobs_dir / task_id / UPLOAD_FILE
         return path if path.exists() else None
@@ -227,8 +328,25 @@ class Gateway:
         self.events = EventReader(self.settings, self.store, self.topics, self.complete, self.fail, incarnation)
         self.events.start()
         when = time.strftime("%H:%M:%S")
+        with self.lock:
+            lives, self.live_sources = list(self.live_sources.values()), {}
+        for live in lives:
+            live.stop()
         for row in self.store.rows("state IN (?, ?) AND deleted = 0", tuple(ACTIVE)):
             task_id = row["task_id"]
+            if row["live_url"] and not row["ending_state"]:
+                epoch = self.store.new_run(task_id, f"the message broker lost its data at {when}; the live task "
+                                                    "started over from the frames after that")
+                task = self.store.get(task_id)
+                try:
+                    self.topics.create(task_id)
+                    self.topics.publish_started(task, epoch, self.publish_url(task_id))
+                    self._start_live_source(task, self.source_policy.check(row["live_url"]),
+                                            row["live_transport"] or 0, epoch)
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(task_id, f"the message broker lost this live task's frames and it could not "
+                                       f"start over ({exc})")
+                continue
             path = self._upload_of(task_id)
             if path is None:
                 self.fail(task_id, "the message broker lost this task's frames and the upload is no longer here; "
@@ -259,6 +377,11 @@ class Gateway:
                 self._announce_end(task_id, row[0]["state"])
             else:
                 self.unannounced.discard(task_id)
+        waited_until = now_us() - int(LIVE_RESULTS_WAIT_S * 1e6)
+        for row in self.store.rows("state = ? AND ending_state IS NOT NULL AND ending_us < ?",
+                                   (tpb.TASK_STATE_RUNNING, waited_until)):
+            self._end(row["task_id"], row["ending_state"], (row["ending_message"] or "") +
+                      f" (its results did not come within {LIVE_RESULTS_WAIT_S:.0f} s)")
         timeout = self.settings.stall_timeout_s
         stalled_before = now_us() - int(timeout * 1e6)
         for row in self.store.rows("state = ? AND last_progress_us < ?", (tpb.TASK_STATE_RUNNING, stalled_before)):
@@ -309,6 +432,8 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         self.changes = ChangeFeed(self.loop)
         self.store.listeners.append(self.changes.changed)
+        self.views = LiveViews(self.settings, self.loop, self.topics.publish_viewers)
+        self.topics.local_readers = self.views.reading
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)])
         tpb_grpc.add_TaskServiceServicer_to_server(TaskService(self), server)
         self.health = health.aio.HealthServicer()
@@ -344,6 +469,10 @@ class Gateway:
             self.watch.stop()
         with self.lock:
             producers = list(self.frame_producers.values())
+            lives = list(self.live_sources.values())
+        for live in lives:  # stopped without an end: recover() finishes them on the next start
+            live.on_end = lambda *_a: None
+            live.stop()
         for p in producers:  # their tasks stay RUNNING: recover() resumes them on the next start
             p.cancelled.set()
         for p in producers:
@@ -355,7 +484,20 @@ class Gateway:
         self.store.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m posemesh.gateway", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="The posemesh gRPC gateway: uploads, live tasks, task lifecycle, results.",
+        epilog="Configured by environment (posemesh/settings.py), chiefly:\n"
+               "  POSEMESH_GATEWAY_LISTEN      host:port to serve (default 127.0.0.1:50051)\n"
+               "  POSEMESH_KAFKA_BOOTSTRAP     Kafka bootstrap servers\n"
+               "  POSEMESH_DATA_DIR            uploads and results (shared with annotate workers)\n"
+               "  POSEMESH_API_KEYS_FILE       user:key per line (required: the gateway fails closed)\n"
+               "  POSEMESH_LIVE_SOURCES        camera URL allow-list, e.g. rtsp://10.0.0.*:554\n"
+               "  POSEMESH_GATEWAY_METRICS_PORT  Prometheus metrics (0: off)")
+    parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     try:
         gateway = Gateway()

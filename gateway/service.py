@@ -23,6 +23,7 @@ import grpc
 from posemesh import media
 from posemesh.gateway import validation
 from posemesh.gateway.limits import LimitExceeded
+from posemesh.gateway.live import probe_source
 from posemesh.gateway.metrics import UPLOAD_BYTES, UPLOADS
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
@@ -267,6 +268,63 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                     return
                 await self.changes.wait(task.task_id, WATCH_POLL_S)
 
+    @streaming
+    async def WatchFrames(self, request, context):
+        user, task = self._owned_task(request, context)
+        if task.state in TERMINAL:
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task {task.task_id} is {TERMINAL_NAMES[task.state]}: there are no more frames to watch")
+        with self.limits.stream_slot(user, "another frame watch"):
+            viewer = await self.gw.views.join(task.task_id)
+            try:
+                while True:
+                    try:
+                        frame = await asyncio.wait_for(viewer.queue.get(), WATCH_POLL_S)
+                    except asyncio.TimeoutError:
+                        current = self.store.get(task.task_id, user)
+                        if current is None or current.state in TERMINAL:
+                            return  # the task ended, and its last frames have been sent
+                        continue
+                    yield tpb.WatchFramesResponse(frame=frame, dropped=viewer.dropped)
+            finally:
+                await self.gw.views.leave(task.task_id, viewer)
+
+    @unary
+    async def StartLiveTask(self, request, context):
+        user = self.auth.user(context)
+        if not self.gw.broker_available():
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable, so no task can start: "
+                                                       "try again in a moment")
+        source = self.gw.source_policy.check(request.source.url)
+        if request.source.transport not in tpb.RtspTransport.values():
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown source.transport {request.source.transport}")
+        if not 0 <= request.max_lag_s <= 60:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "max_lag_s must be between 0 (the server's default) and 60")
+        options = self._validated_options(request.options)
+        name = validation.display_file_name(request.name) if request.name else source.shown[:255]
+        with self.limits.upload_slot(user):
+            try:
+                video = await asyncio.to_thread(probe_source, source, request.source.transport, 10.0)
+            except ValueError as exc:
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{source.shown[:200]}: {exc}; try again once it streams") from None
+            try:
+                media.Limits.from_settings(self.settings).check_size(video.width, video.height)
+            except media.NotAVideo as exc:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{source.shown[:200]}: {exc}") from None
+            task_id = validation.new_task_id()
+            live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
+            task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
+                            created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
+            self.store.create(task, user, None)
+            try:
+                await asyncio.to_thread(self.gw.start_live_task, task, source, request.source.transport)
+            except Exception as exc:
+                log.warning("could not start live task %s (%s); removing it", task_id, exc)
+                await asyncio.to_thread(self.gw.abandon, task_id)
+                raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable: no task was made; "
+                                                           "try again in a moment") from None
+        return tpb.StartLiveTaskResponse(task=self.store.get(task_id))
+
     # ------------------------------------------------------------------ changes
 
     @unary
@@ -295,9 +353,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if request.kind not in tpb.ArtifactKind.values() or request.kind == tpb.ARTIFACT_KIND_UNSPECIFIED:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "kind is required: ARTIFACT_KIND_ANNOTATED_VIDEO or ARTIFACT_KIND_KEYPOINTS")
-        if task.state != tpb.TASK_STATE_COMPLETED:
+        if task.state not in TERMINAL or not task.artifacts:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: results exist once it is COMPLETED")
+                          f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: results exist once it is COMPLETED "
+                          "(or, for a live task, once it has ended)")
         artifact = next((a for a in task.artifacts if a.kind == request.kind), None)
         if artifact is None:
             raise Refused(grpc.StatusCode.NOT_FOUND,

@@ -64,7 +64,11 @@ def timestamp(us: int) -> Timestamp:
 
 
 # Columns added after the first release: (name, definition), added to older databases at start-up.
-ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 0")]
+ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 0"),
+                 # Live tasks: the source to read (credentials included: server side only), and how the task
+                 # ends once annotate's results arrive (its source ended, broke off, or was stopped).
+                 ("live_url", "TEXT"), ("live_transport", "INTEGER"), ("ending_state", "INTEGER"),
+                 ("ending_message", "TEXT"), ("ending_us", "INTEGER")]
 
 
 class TaskStore:

@@ -38,6 +38,7 @@ class TopicManager:
         self.publish_lock = threading.Lock()
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
+        self.local_readers = set  # () -> tasks whose topics the gateway itself reads (live views)
         self.started = time.time()
 
     def create(self, task_id: str) -> None:
@@ -55,9 +56,12 @@ class TopicManager:
             if remaining:
                 raise RuntimeError("could not publish to posemesh.control")
 
-    def publish_started(self, task: tpb.Task, epoch: int) -> None:
-        self._control(pb.ControlEvent(task_id=task.task_id,
-                                      started=pb.TaskStarted(options=task.options, video=task.video, epoch=epoch)))
+    def publish_started(self, task: tpb.Task, epoch: int, publish_url: str = "") -> None:
+        self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(
+            options=task.options, video=task.video, epoch=epoch, live=task.HasField("live"), publish_url=publish_url)))
+
+    def publish_viewers(self, task_id: str, count: int) -> None:
+        self._control(pb.ControlEvent(task_id=task_id, viewers=pb.ViewersChanged(count=count)))
 
     def publish_ended(self, task_id: str, state: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
@@ -104,7 +108,7 @@ class TopicManager:
         candidates = [r["task_id"] for r in rows] + list(self.orphans)
         if not candidates:
             return []
-        busy = self.read_by_live_worker()
+        busy = self.read_by_live_worker() | self.local_readers()
         deleted = []
         for task_id in candidates:
             if task_id in busy:

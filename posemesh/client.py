@@ -97,6 +97,25 @@ class Client:
                 return self.stub.Upload(requests(f), metadata=self.metadata).task
         return self._retry(call)
 
+    def start_live(self, url: str, pose_model: str | int = "default", name: str = "", transport: str = "tcp",
+                   max_lag_s: float = 0.0, outputs: list[str] | None = None, min_person_score: float = 0.0) -> tpb.Task:
+        """Start a task on a live RTSP source; it runs until the stream ends or cancel() stops it."""
+        options = tpb.TaskOptions(
+            pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
+            outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score)
+        source = tpb.LiveSource(url=url, transport=tpb.RTSP_TRANSPORT_UDP if transport == "udp" else tpb.RTSP_TRANSPORT_TCP)
+        request = tpb.StartLiveTaskRequest(source=source, options=options, name=name, max_lag_s=max_lag_s)
+        return self._retry(lambda: self.stub.StartLiveTask(request, metadata=self.metadata, timeout=self.timeout_s).task)
+
+    def frames(self, task_id: str) -> Iterator[tpb.WatchFramesResponse]:
+        """The task's annotated frames as they are made (JPEG and persons), until it ends. A channel of its
+        own keeps gRPC from buffering many frames for a slow reader (HTTP/2's window grows with BDP probing):
+        a live view should show the newest frames, and the server drops the oldest for a reader that lags."""
+        with grpc.insecure_channel(self.address, options=[("grpc.http2.bdp_probe", 0),
+                                                          ("grpc.max_receive_message_length", 8 * 1024 * 1024)]) as ch:
+            stub = tpb_grpc.TaskServiceStub(ch)
+            yield from stub.WatchFrames(tpb.WatchFramesRequest(task_id=task_id), metadata=self.metadata)
+
     def get(self, task_id: str) -> tpb.Task:
         return self._retry(lambda: self.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=self.metadata,
                                                      timeout=self.timeout_s).task, reads=True)

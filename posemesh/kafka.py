@@ -14,7 +14,7 @@ from confluent_kafka import KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from posemesh import pipeline
-from posemesh.pipeline import BYTETRACK, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
+from posemesh.pipeline import BYTETRACK, LIVE_FRAMES, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
 from posemesh.settings import Settings
 
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.

@@ -25,8 +25,6 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from posemesh.settings import REPO_ROOT, default_models_dir
 
 
@@ -169,6 +167,7 @@ def _make_batch_dynamic(model, dim_name: str = "N") -> None:
 
 def _uint8_input(model, name: str, scale: float | None = None, mean=None, std=None, channel_axis: int = 1):
     """Replace float input `name` by a uint8 input of the same name, casting (and normalising) inside."""
+    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -196,6 +195,7 @@ def _uint8_input(model, name: str, scale: float | None = None, mean=None, std=No
 
 
 def yolox_surgery(model):
+    import numpy as np
     from onnx import numpy_helper
 
     _make_batch_dynamic(model)
@@ -209,6 +209,7 @@ def yolox_surgery(model):
 
 
 def blazepose_surgery(model):
+    import numpy as np
     from onnx import numpy_helper
 
     keep = {"Identity", "Identity_1"}  # landmarks and presence; the mask and heatmaps stay on the server
@@ -253,6 +254,7 @@ def build_rtmpose_stand_in(seed: int = 0):
     """An ONNX model with RTMPose's exact signature (input [N,3,256,192] float, normalised; outputs
     simcc_x [N,17,384] and simcc_y [N,17,512]) and fixed random weights. It is not trained: it exists so
     the RTMPose path (crop, Triton, SimCC decode) runs end to end where the real weights cannot be had."""
+    import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)

@@ -48,8 +48,12 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 
 # The topic that carries the pixels.
 PIXELS_TOPIC = STAGES[0].reads
-# Every per-task topic, in pipeline order: the gateway writes the first, each stage the next.
-TASK_TOPIC_PREFIXES: tuple[str, ...] = (STAGES[0].reads,) + tuple(s.writes for s in STAGES if s.writes)
+# Annotated frames (JPEG and persons) for clients watching a task live: written by the last stage only
+# while someone watches (see WatchFrames), read by the gateway.
+LIVE_FRAMES = "live"
+# Every per-task topic: the gateway writes the first, each stage the next; then the live frames.
+TASK_TOPIC_PREFIXES: tuple[str, ...] = ((STAGES[0].reads,) + tuple(s.writes for s in STAGES if s.writes)
+                                        + (LIVE_FRAMES,))
 # Progress is reported per step a frame takes: the gateway's decode, then every stage.
 PROGRESS_STEPS: tuple[str, ...] = ("decode",) + STAGE_NAMES
 
@@ -59,5 +63,7 @@ def reader_of(prefix: str) -> StageSpec | None:
 
 
 def partitions(prefix: str, frame_partitions: int) -> int:
+    if prefix == LIVE_FRAMES:
+        return 1  # viewers get the frames in index order
     reader = reader_of(prefix)
     return 1 if reader is not None and reader.ordered else frame_partitions

@@ -69,6 +69,17 @@ class Settings:
     # is installed): a task asking for one fails at once instead of producing meaningless keypoints.
     disabled_pose_models: str = field(default_factory=lambda: _env("DISABLED_POSE_MODELS", ""))
     jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
+    # Live tasks. Sources the server may read, as scheme://host:port patterns (gateway/sources.py); empty
+    # allows none. The lag bound (seconds the annotated output may trail the camera), how long a source may
+    # send nothing before the task fails, and where annotate publishes each live task's annotated video
+    # ("{task}" is replaced; empty: not published) and where players find it (default: the same URL).
+    live_sources: str = field(default_factory=lambda: _env("LIVE_SOURCES", ""))
+    live_max_lag_s: float = field(default_factory=lambda: float(_env("LIVE_MAX_LAG_S", "2.0")))
+    live_outage_s: float = field(default_factory=lambda: float(_env("LIVE_OUTAGE_S", "20")))
+    live_publish_url: str = field(default_factory=lambda: _env("LIVE_PUBLISH_URL", ""))
+    live_stream_url: str = field(default_factory=lambda: _env("LIVE_STREAM_URL", ""))
+    # Annotated frames a WatchFrames reader may have waiting before the oldest are dropped.
+    live_view_queue: int = field(default_factory=lambda: int(_env("LIVE_VIEW_QUEUE", "8")))
     # A running task none of whose frames got further through any step for this long is failed.
     stall_timeout_s: float = field(default_factory=lambda: float(_env("STALL_TIMEOUT_S", "300")))
     # Caps on what an upload may be, checked before any work starts (INVALID_ARGUMENT naming the cap).

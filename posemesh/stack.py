@@ -4,7 +4,7 @@
     posemesh down              # stop a stack started by `up` in another terminal
     posemesh run VIDEO         # start, process one video, write the results, stop
 
-Start order is health-checked: broker (port open) -> Triton (models ready) -> gateway (gRPC health)
+Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open) -> Triton (models ready) -> gateway (gRPC health)
 -> workers (gRPC health). A process that dies is restarted with back-off, into the same log file
 (RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave their consumer groups first,
 the gateway next; the memory-only broker takes every topic with it. With an external Kafka
@@ -29,23 +29,13 @@ from typing import Callable
 import grpc
 
 from posemesh.broker import broker_command, free_port, stop_process
+from posemesh.health import grpc_healthy
 from posemesh.pipeline import STAGE_NAMES
 from posemesh.settings import REPO_ROOT
 
 log = logging.getLogger("posemesh.stack")
 
 STAGES = STAGE_NAMES
-
-
-def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    try:
-        with grpc.insecure_channel(address) as ch:
-            status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
-            return status == health_pb2.HealthCheckResponse.SERVING
-    except grpc.RpcError:
-        return False
 
 
 @dataclass
@@ -89,12 +79,18 @@ class StackConfig:
     gateway_port: int = 0
     workers: dict = field(default_factory=lambda: {s: 1 for s in STAGES})
     ort_threads: int = 1
+    rtsp_port: int = 0  # the local RTSP relay for live output; -1: none
+    # Live sources the gateway may read; default: cameras on this machine only (an SSRF allow-list, see
+    # gateway/sources.py). POSEMESH_LIVE_SOURCES in the environment wins.
+    live_sources: str = "rtsp://127.0.0.1:*,rtsp://localhost:*"
 
     def ports(self) -> None:
         """0 means any free port."""
         self.kafka_port = self.kafka_port or free_port()
         self.triton_grpc_port = self.triton_grpc_port or free_port()
         self.gateway_port = self.gateway_port or free_port()
+        if self.rtsp_port == 0 or (self.rtsp_port > 0 and _port_open(self.rtsp_port)):
+            self.rtsp_port = free_port()  # 8554 taken (another stack, a camera): any free port
 
 
 class Stack:
@@ -122,6 +118,18 @@ class Stack:
             "POSEMESH_KAFKA_HEARTBEAT_MS": os.environ.get("POSEMESH_KAFKA_HEARTBEAT_MS", "200"),
             "PYTHONUNBUFFERED": "1",
         })
+        self.env.setdefault("POSEMESH_LIVE_SOURCES", config.live_sources)
+        self.rtsp_url = ""
+        if config.rtsp_port > 0 and not os.environ.get("POSEMESH_LIVE_PUBLISH_URL"):
+            from posemesh import rtsp
+
+            missing = rtsp.available()
+            if missing:
+                log.warning("no local RTSP relay (%s): live tasks run without RTSP output", missing)
+            else:
+                self.rtsp_url = f"rtsp://127.0.0.1:{config.rtsp_port}"
+                self.env["POSEMESH_LIVE_PUBLISH_URL"] = f"{self.rtsp_url}/publish/{{task}}"
+                self.env["POSEMESH_LIVE_STREAM_URL"] = f"{self.rtsp_url}/live/{{task}}"
         if not self.env.get("POSEMESH_API_KEYS") and not self.env.get("POSEMESH_API_KEYS_FILE"):
             # The gateway fails closed without keys; the local stack opts in to the development key.
             self.env["POSEMESH_API_KEYS"] = "dev:posemesh-dev-key"
@@ -140,6 +148,10 @@ class Stack:
         from posemesh.triton_server import TritonServer
 
         try:
+            if self.rtsp_url:
+                from posemesh import rtsp
+
+                self._add("rtsp", rtsp.command(self.config.rtsp_port), lambda: _port_open(self.config.rtsp_port), 20)
             if not self.config.kafka:
                 self._add("broker", broker_command(self.config.kafka_port),
                           lambda: _port_open(self.config.kafka_port), 15)
@@ -175,7 +187,7 @@ class Stack:
 
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "gateway": self.gateway_address, "kafka": self.bootstrap,
-                 "triton": self.triton_url, "logs": str(self.logs),
+                 "triton": self.triton_url, "rtsp": self.rtsp_url, "logs": str(self.logs),
                  "services": {s.name: s.proc.pid for s in self.services},
                  "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}}
         (self.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
@@ -245,6 +257,8 @@ def up(config: StackConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stack.start()
     print(f"posemesh is up: gateway {stack.gateway_address} (API key posemesh-dev-key unless POSEMESH_API_KEYS is set)")
+    if stack.rtsp_url:
+        print(f"live output: annotated live tasks play at {stack.rtsp_url}/live/<task>")
     print(f"logs in {stack.logs}; Ctrl-C or `posemesh down` stops it")
     stop.wait()
     stack.stop()

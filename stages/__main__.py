@@ -20,12 +20,16 @@ def load(name: str):
     return getattr(importlib.import_module(module), cls)()
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m posemesh.stages")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m posemesh.stages", description="Run one posemesh stage worker.")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--control-port", type=int, default=0, help="StageService + health (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics (0: off)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
     serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
 

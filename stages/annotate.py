@@ -16,13 +16,19 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from posemesh import jpeg
+import dataclasses
+import time
+
+from posemesh import jpeg, pipeline
 from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
 from posemesh.stages.pose import COCO_SKELETON
+from posemesh.stages.live_out import RtspPublisher
 from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
 
 KEYPOINT_MIN_SCORE = 0.3
+LIVE_JPEG_QUALITY = 80  # annotated frames for live viewers: small enough to stream, good enough to watch
 UPLOAD_FILE = "upload"  # the gateway's name for a task's upload, under jobs/<task>/ (shared data volume)
 
 
@@ -72,8 +78,12 @@ class AnnotateStage(Stage):
             size = (task.video.width, task.video.height)
             if not all(size) and first is not None:
                 size = (first.width, first.height)
+            settings = dataclasses.replace(self.encoder, live=task.live)
             writer = ResultWriter(task.task_id, self.results_dir, wanted_outputs(task.options), size, task.fps,
-                                  self.encoder, self.worker, epoch=task.epoch)
+                                  settings, self.worker, epoch=task.epoch)
+            if task.live and task.publish_url and writer.video:
+                writer.publisher = RtspPublisher(task.publish_url, task.task_id)
+                writer.publisher.start()
             self.writers[task.task_id] = writer
         return writer
 
@@ -89,24 +99,36 @@ class AnnotateStage(Stage):
             frame = item.frame
             writer = self.writer(item.task, frame)
             image = None
-            if writer.video:
+            watched = item.task.viewers > 0
+            if writer.video or watched:
                 try:
                     image = jpeg.decode(frame.jpeg)
                 except jpeg.BadJpeg as exc:
                     raise StageError(str(exc)) from None
                 draw(image, frame.persons)
-            writer.write(frame, image)
+            if watched:  # someone watches this task live: the annotated frame goes out now
+                live = tpb.AnnotatedFrame(index=frame.index, timestamp_s=frame.timestamp_s, width=frame.width,
+                                          height=frame.height, jpeg=jpeg.encode(image, LIVE_JPEG_QUALITY),
+                                          persons=frame.persons, annotated_at=time.time())
+                self.emit(pipeline.LIVE_FRAMES, item.task, live.SerializeToString())
+            writer.write(frame, image if writer.video else None)
 
     def finish_task(self, task: TaskInfo) -> pb.TaskResult:
         writer = self.writers.pop(task.task_id, None) or self.writer(task)
         self.writers.pop(task.task_id, None)
         upload = self.jobs_dir / task.task_id / UPLOAD_FILE
-        return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
+        try:
+            return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
+        finally:
+            if writer.publisher is not None:
+                writer.publisher.close()
 
     def drop_task(self, task_id: str) -> None:
         writer = self.writers.pop(task_id, None)
         if writer is not None:
             writer.abandon()
+            if writer.publisher is not None:
+                writer.publisher.close()
 
     def close(self) -> None:
         for task_id in list(self.writers):

@@ -42,6 +42,9 @@ class TaskInfo:
     options: tpb.TaskOptions = field(default_factory=tpb.TaskOptions)
     video: tpb.VideoInfo = field(default_factory=tpb.VideoInfo)
     total: int | None = None  # the frame count, once the end-of-stream record has been read
+    live: bool = False  # frames come from a camera: code for latency
+    publish_url: str = ""  # where a live task's annotated video is published (RTSP), if anywhere
+    viewers: int = 0  # clients watching the task's annotated frames (WatchFrames)
 
     @property
     def fps(self) -> float:
@@ -84,6 +87,11 @@ class Stage(ABC):
     @property
     def recovery(self) -> Recovery:
         return Recovery(self.spec.recovery)
+
+    def emit(self, prefix: str, task: TaskInfo, data: bytes) -> None:
+        """Write a record to the task's `prefix` topic besides the stage's own output (annotate's live
+        frames); delivered in the same flush as the outputs. The worker provides it."""
+        raise NotImplementedError("emit() is provided by the worker")
 
     def setup(self, settings: Settings) -> None:
         """Connect to Triton and the like; called once before the first frame."""

@@ -31,6 +31,7 @@ class ControlFollower(threading.Thread):
         self.lock = threading.Lock()
         self.live: dict[str, pb.TaskStarted] = {}
         self.ended: dict[str, int] = {}
+        self.viewers: dict[str, int] = {}  # task -> clients watching its annotated frames
         self.generation = 0
         self.incarnation: str | None = None  # of the broker's data (posemesh.kafka.incarnation)
         self.broker_problem = ""  # non-empty while the broker cannot be reached
@@ -100,6 +101,7 @@ class ControlFollower(threading.Thread):
                     with self.lock:
                         self.live.clear()
                         self.ended.clear()
+                        self.viewers.clear()
                         self.incarnation = current
                         self.generation += 1
                     self.changed.set()
@@ -114,5 +116,11 @@ class ControlFollower(threading.Thread):
                     self.live[event.task_id] = event.started
             elif event.HasField("ended"):
                 self.live.pop(event.task_id, None)
+                self.viewers.pop(event.task_id, None)
                 self.ended[event.task_id] = event.ended.state
+            elif event.HasField("viewers"):
+                if event.viewers.count > 0 and event.task_id not in self.ended:
+                    self.viewers[event.task_id] = event.viewers.count
+                else:
+                    self.viewers.pop(event.task_id, None)
         self.changed.set()

@@ -12,7 +12,7 @@ import numpy as np
 
 from posemesh import jpeg as jpeg_codec
 from posemesh.models import YOLOX_SIZE
-from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
 
@@ -110,4 +110,4 @@ class DetectStage(Stage):
             if w and h:
                 boxes = np.clip(boxes, 0, [w, h, w, h])
             for box, score in zip(boxes.tolist(), scores.tolist()):
-                item.frame.persons.add(box=pb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)
+                item.frame.persons.add(box=tpb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)

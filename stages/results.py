@@ -95,6 +95,9 @@ class EncoderSettings:
     preset: str = "veryfast"
     crf: int = 23
     segment_frames: int = 120
+    # A live task codes for latency: no lookahead, a keyframe at least every `live_keyframe_s`.
+    live: bool = False
+    live_keyframe_s: float = 2.0
 
 
 @dataclass
@@ -122,6 +125,7 @@ class ResultWriter:
     settings: EncoderSettings
     worker: str
     epoch: int = 0
+    publisher: object = None  # a live task's RtspPublisher: offered every coded packet
     segment: Segment | None = None
     frames: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -159,6 +163,9 @@ class ResultWriter:
             # No B-frames: every packet's decode time equals its presentation time, so segments coded
             # apart join into one stream with times that only grow, and a live viewer waits for no reordering.
             stream.options = {"preset": self.settings.preset, "crf": str(self.settings.crf), "bf": "0"}
+            if self.settings.live:
+                keyint = max(1, round((self.fps or 25.0) * self.settings.live_keyframe_s))
+                stream.options.update({"tune": "zerolatency", "g": str(keyint)})
         return Segment(first, container, stream, open(jsonl_tmp, "w"), video_tmp, jsonl_tmp)
 
     def write(self, frame: pb.Frame, image: np.ndarray | None) -> None:
@@ -172,6 +179,8 @@ class ResultWriter:
             picture.time_base = TIME_BASE
             for packet in seg.stream.encode(picture):
                 seg.video.mux(packet)
+                if self.publisher is not None:
+                    self.publisher.offer(packet, seg.stream)
         seg.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
         seg.last = frame.index
         self.frames += 1
@@ -186,6 +195,8 @@ class ResultWriter:
         if seg.video is not None:
             for packet in seg.stream.encode(None):
                 seg.video.mux(packet)
+                if self.publisher is not None:
+                    self.publisher.offer(packet, seg.stream)
             seg.video.close()
         seg.jsonl.close()
         name = f"seg-{seg.first:08d}-{seg.last:08d}"

@@ -75,6 +75,7 @@ class StageWorker:
         self.control = ControlFollower(settings, self.worker_id)
         self.reporter = Reporter(self.worker_id, stage.name)
         self.api = ControlApi(self, control_port)
+        stage.emit = self._emit
         self.control_port = self.api.port
         self.generation = 0
         self.resets = 0
@@ -359,7 +360,8 @@ class StageWorker:
         if task is not None:  # the task runs again (the broker lost its topics): nothing of the old run counts
             log.info("task %s: run %d replaces run %d", task_id, record.epoch, task.epoch)
             self._drop_task_state(task_id)
-        task = TaskInfo(task_id, epoch=record.epoch, options=started.options, video=started.video)
+        task = TaskInfo(task_id, epoch=record.epoch, options=started.options, video=started.video,
+                        live=started.live, publish_url=started.publish_url)
         self.tasks[task_id] = task
         if self.stage.ordered:
             start = self.stage.resume_index(task) if self.stage.recovery is Recovery.RESUME else 0
@@ -377,6 +379,8 @@ class StageWorker:
 
     def _step(self) -> None:
         ready = self.pool.take(self.batch)
+        for entry in ready:  # who watches a task's frames live, as of now
+            entry.item.task.viewers = self.control.viewers.get(entry.item.task_id, 0)
         if ready:
             self._process(ready)
         if self.stage.ordered:
@@ -567,6 +571,16 @@ class StageWorker:
                 self.produced = True
                 return
             except BufferError:  # the local queue is full: let deliveries drain
+                self.producer.poll(0.05)
+
+    def _emit(self, prefix: str, task: TaskInfo, data: bytes) -> None:
+        topic = kafka.task_topic(prefix, task.task_id)
+        while True:
+            try:
+                self.producer.produce(topic, data, partition=0, on_delivery=self._on_delivery)
+                self.produced = True
+                return
+            except BufferError:
                 self.producer.poll(0.05)
 
     def _on_delivery(self, err, _msg) -> None:

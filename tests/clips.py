@@ -164,3 +164,27 @@ def remux(src: Path, dst: Path, fmt: str) -> Path:
             packet.stream = streams[packet.stream.index]
             out.mux(packet)
     return dst
+
+
+def repeat(src: Path, dst: Path, times: int) -> Path:
+    """The clip `times` times in a row, as one MP4 (packets copied, timestamps shifted): a long camera."""
+    with av.open(str(src)) as first:
+        stream = first.streams.video[0]
+        packets = [p for p in first.demux(stream) if p.dts is not None]
+        step = packets[1].pts - packets[0].pts if len(packets) > 1 else 1
+        span = max(p.pts for p in packets) - min(p.pts for p in packets) + step
+    with av.open(str(dst), "w") as out:
+        target = None
+        for k in range(times):
+            with av.open(str(src)) as inp:
+                s = inp.streams.video[0]
+                if target is None:
+                    target = out.add_stream_from_template(s)
+                for packet in inp.demux(s):
+                    if packet.dts is None:
+                        continue
+                    packet.pts += k * span
+                    packet.dts += k * span
+                    packet.stream = target
+                    out.mux(packet)
+    return dst

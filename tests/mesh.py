@@ -80,7 +80,12 @@ class Mesh:
                     "POSEMESH_MAX_FRAMES_AHEAD": str(self.settings.max_frames_ahead),
                     "POSEMESH_STALL_TIMEOUT_S": str(self.settings.stall_timeout_s),
                     "POSEMESH_TRITON_TIMEOUT_S": str(self.settings.triton_timeout_s),
-                    "POSEMESH_TRITON_OUTAGE_S": str(self.settings.triton_outage_s)})
+                    "POSEMESH_TRITON_OUTAGE_S": str(self.settings.triton_outage_s),
+                    "POSEMESH_LIVE_SOURCES": self.settings.live_sources,
+                    "POSEMESH_LIVE_PUBLISH_URL": self.settings.live_publish_url,
+                    "POSEMESH_LIVE_STREAM_URL": self.settings.live_stream_url,
+                    "POSEMESH_LIVE_MAX_LAG_S": str(self.settings.live_max_lag_s),
+                    "POSEMESH_LIVE_OUTAGE_S": str(self.settings.live_outage_s)})
         return env
 
     # ------------------------------------------------------------------ processes

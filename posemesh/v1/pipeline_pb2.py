@@ -25,43 +25,39 @@ _sym_db = _symbol_database.Default()
 from posemesh.v1 import task_service_pb2 as posemesh_dot_v1_dot_task__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aposemesh/v1/pipeline.proto\x12\x0bposemesh.v1\x1a\x1eposemesh/v1/task_service.proto\"5\n\x03\x42ox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"/\n\x08Keypoint\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\x12\r\n\x05score\x18\x03 \x01(\x02\"r\n\x06Person\x12\x1d\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x10.posemesh.v1.Box\x12\r\n\x05score\x18\x02 \x01(\x02\x12(\n\tkeypoints\x18\x03 \x03(\x0b\x32\x15.posemesh.v1.Keypoint\x12\x10\n\x08track_id\x18\x04 \x01(\x03\"-\n\x08\x46rameRef\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xa5\x01\n\x05\x46rame\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04jpeg\x18\x05 \x01(\x0c\x12$\n\x07persons\x18\x06 \x03(\x0b\x32\x13.posemesh.v1.Person\x12%\n\x06source\x18\x07 \x01(\x0b\x32\x15.posemesh.v1.FrameRef\"0\n\x0b\x45ndOfStream\x12\x14\n\x0ctotal_frames\x18\x01 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\xbb\x01\n\x0bStageRecord\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12#\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x12.posemesh.v1.FrameH\x00\x12\x31\n\rend_of_stream\x18\x04 \x01(\x0b\x32\x18.posemesh.v1.EndOfStreamH\x00\x12\r\n\x05\x65poch\x18\x05 \x01(\rB\t\n\x07payload\"n\n\x0bTaskStarted\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12%\n\x05video\x18\x02 \x01(\x0b\x32\x16.posemesh.v1.VideoInfo\x12\r\n\x05\x65poch\x18\x03 \x01(\r\"2\n\tTaskEnded\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.posemesh.v1.TaskState\"~\n\x0c\x43ontrolEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskStartedH\x00\x12\'\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x16.posemesh.v1.TaskEndedH\x00\x42\x07\n\x05\x65vent\")\n\nIndexRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"\x80\x01\n\x0cTaskProgress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\x12%\n\x04\x64one\x18\x04 \x03(\x0b\x32\x17.posemesh.v1.IndexRange\x12\r\n\x05\x65poch\x18\x05 \x01(\r\"\x80\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12(\n\tartifacts\x18\x02 \x03(\x0b\x32\x15.posemesh.v1.Artifact\x12\x16\n\x0e\x66rames_written\x18\x03 \x01(\x03\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\r\"D\n\x0bTaskFailure\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\"\"\n\tHeartbeat\x12\x15\n\rreading_tasks\x18\x01 \x03(\t\"\xec\x01\n\x0bWorkerEvent\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.posemesh.v1.HeartbeatH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.posemesh.v1.TaskProgressH\x00\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x17.posemesh.v1.TaskResultH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.posemesh.v1.TaskFailureH\x00\x42\x07\n\x05\x65ventb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aposemesh/v1/pipeline.proto\x12\x0bposemesh.v1\x1a\x1eposemesh/v1/task_service.proto\"-\n\x08\x46rameRef\x12\x11\n\tpartition\x18\x01 \x01(\x05\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xa5\x01\n\x05\x46rame\x12\r\n\x05index\x18\x01 \x01(\x03\x12\x13\n\x0btimestamp_s\x18\x02 \x01(\x01\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0c\n\x04jpeg\x18\x05 \x01(\x0c\x12$\n\x07persons\x18\x06 \x03(\x0b\x32\x13.posemesh.v1.Person\x12%\n\x06source\x18\x07 \x01(\x0b\x32\x15.posemesh.v1.FrameRef\"0\n\x0b\x45ndOfStream\x12\x14\n\x0ctotal_frames\x18\x01 \x01(\x03\x12\x0b\n\x03\x66ps\x18\x02 \x01(\x01\"\xbb\x01\n\x0bStageRecord\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12)\n\x07options\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12#\n\x05\x66rame\x18\x03 \x01(\x0b\x32\x12.posemesh.v1.FrameH\x00\x12\x31\n\rend_of_stream\x18\x04 \x01(\x0b\x32\x18.posemesh.v1.EndOfStreamH\x00\x12\r\n\x05\x65poch\x18\x05 \x01(\rB\t\n\x07payload\"\x91\x01\n\x0bTaskStarted\x12)\n\x07options\x18\x01 \x01(\x0b\x32\x18.posemesh.v1.TaskOptions\x12%\n\x05video\x18\x02 \x01(\x0b\x32\x16.posemesh.v1.VideoInfo\x12\r\n\x05\x65poch\x18\x03 \x01(\r\x12\x0c\n\x04live\x18\x04 \x01(\x08\x12\x13\n\x0bpublish_url\x18\x05 \x01(\t\"\x1f\n\x0eViewersChanged\x12\r\n\x05\x63ount\x18\x01 \x01(\x05\"2\n\tTaskEnded\x12%\n\x05state\x18\x01 \x01(\x0e\x32\x16.posemesh.v1.TaskState\"\xae\x01\n\x0c\x43ontrolEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12+\n\x07started\x18\x02 \x01(\x0b\x32\x18.posemesh.v1.TaskStartedH\x00\x12\'\n\x05\x65nded\x18\x03 \x01(\x0b\x32\x16.posemesh.v1.TaskEndedH\x00\x12.\n\x07viewers\x18\x04 \x01(\x0b\x32\x1b.posemesh.v1.ViewersChangedH\x00\x42\x07\n\x05\x65vent\")\n\nIndexRange\x12\r\n\x05\x66irst\x18\x01 \x01(\x03\x12\x0c\n\x04last\x18\x02 \x01(\x03\"\x80\x01\n\x0cTaskProgress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\x12%\n\x04\x64one\x18\x04 \x03(\x0b\x32\x17.posemesh.v1.IndexRange\x12\r\n\x05\x65poch\x18\x05 \x01(\r\"\x80\x01\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12(\n\tartifacts\x18\x02 \x03(\x0b\x32\x15.posemesh.v1.Artifact\x12\x16\n\x0e\x66rames_written\x18\x03 \x01(\x03\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\r\"D\n\x0bTaskFailure\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\r\"\"\n\tHeartbeat\x12\x15\n\rreading_tasks\x18\x01 \x03(\t\"\xec\x01\n\x0bWorkerEvent\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12+\n\theartbeat\x18\x03 \x01(\x0b\x32\x16.posemesh.v1.HeartbeatH\x00\x12-\n\x08progress\x18\x04 \x01(\x0b\x32\x19.posemesh.v1.TaskProgressH\x00\x12)\n\x06result\x18\x05 \x01(\x0b\x32\x17.posemesh.v1.TaskResultH\x00\x12+\n\x07\x66\x61ilure\x18\x06 \x01(\x0b\x32\x18.posemesh.v1.TaskFailureH\x00\x42\x07\n\x05\x65ventb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'posemesh.v1.pipeline_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BOX']._serialized_start=75
-  _globals['_BOX']._serialized_end=128
-  _globals['_KEYPOINT']._serialized_start=130
-  _globals['_KEYPOINT']._serialized_end=177
-  _globals['_PERSON']._serialized_start=179
-  _globals['_PERSON']._serialized_end=293
-  _globals['_FRAMEREF']._serialized_start=295
-  _globals['_FRAMEREF']._serialized_end=340
-  _globals['_FRAME']._serialized_start=343
-  _globals['_FRAME']._serialized_end=508
-  _globals['_ENDOFSTREAM']._serialized_start=510
-  _globals['_ENDOFSTREAM']._serialized_end=558
-  _globals['_STAGERECORD']._serialized_start=561
-  _globals['_STAGERECORD']._serialized_end=748
-  _globals['_TASKSTARTED']._serialized_start=750
-  _globals['_TASKSTARTED']._serialized_end=860
-  _globals['_TASKENDED']._serialized_start=862
-  _globals['_TASKENDED']._serialized_end=912
-  _globals['_CONTROLEVENT']._serialized_start=914
-  _globals['_CONTROLEVENT']._serialized_end=1040
-  _globals['_INDEXRANGE']._serialized_start=1042
-  _globals['_INDEXRANGE']._serialized_end=1083
-  _globals['_TASKPROGRESS']._serialized_start=1086
-  _globals['_TASKPROGRESS']._serialized_end=1214
-  _globals['_TASKRESULT']._serialized_start=1217
-  _globals['_TASKRESULT']._serialized_end=1345
-  _globals['_TASKFAILURE']._serialized_start=1347
-  _globals['_TASKFAILURE']._serialized_end=1415
-  _globals['_HEARTBEAT']._serialized_start=1417
-  _globals['_HEARTBEAT']._serialized_end=1451
-  _globals['_WORKEREVENT']._serialized_start=1454
-  _globals['_WORKEREVENT']._serialized_end=1690
+  _globals['_FRAMEREF']._serialized_start=75
+  _globals['_FRAMEREF']._serialized_end=120
+  _globals['_FRAME']._serialized_start=123
+  _globals['_FRAME']._serialized_end=288
+  _globals['_ENDOFSTREAM']._serialized_start=290
+  _globals['_ENDOFSTREAM']._serialized_end=338
+  _globals['_STAGERECORD']._serialized_start=341
+  _globals['_STAGERECORD']._serialized_end=528
+  _globals['_TASKSTARTED']._serialized_start=531
+  _globals['_TASKSTARTED']._serialized_end=676
+  _globals['_VIEWERSCHANGED']._serialized_start=678
+  _globals['_VIEWERSCHANGED']._serialized_end=709
+  _globals['_TASKENDED']._serialized_start=711
+  _globals['_TASKENDED']._serialized_end=761
+  _globals['_CONTROLEVENT']._serialized_start=764
+  _globals['_CONTROLEVENT']._serialized_end=938
+  _globals['_INDEXRANGE']._serialized_start=940
+  _globals['_INDEXRANGE']._serialized_end=981
+  _globals['_TASKPROGRESS']._serialized_start=984
+  _globals['_TASKPROGRESS']._serialized_end=1112
+  _globals['_TASKRESULT']._serialized_start=1115
+  _globals['_TASKRESULT']._serialized_end=1243
+  _globals['_TASKFAILURE']._serialized_start=1245
+  _globals['_TASKFAILURE']._serialized_end=1313
+  _globals['_HEARTBEAT']._serialized_start=1315
+  _globals['_HEARTBEAT']._serialized_end=1349
+  _globals['_WORKEREVENT']._serialized_start=1352
+  _globals['_WORKEREVENT']._serialized_end=1588
 # @@protoc_insertion_point(module_scope)

@@ -7,40 +7,6 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class Box(_message.Message):
-    __slots__ = ("x1", "y1", "x2", "y2")
-    X1_FIELD_NUMBER: _ClassVar[int]
-    Y1_FIELD_NUMBER: _ClassVar[int]
-    X2_FIELD_NUMBER: _ClassVar[int]
-    Y2_FIELD_NUMBER: _ClassVar[int]
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
-
-class Keypoint(_message.Message):
-    __slots__ = ("x", "y", "score")
-    X_FIELD_NUMBER: _ClassVar[int]
-    Y_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    x: float
-    y: float
-    score: float
-    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
-
-class Person(_message.Message):
-    __slots__ = ("box", "score", "keypoints", "track_id")
-    BOX_FIELD_NUMBER: _ClassVar[int]
-    SCORE_FIELD_NUMBER: _ClassVar[int]
-    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
-    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
-    box: Box
-    score: float
-    keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
-    track_id: int
-    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
-
 class FrameRef(_message.Message):
     __slots__ = ("partition", "offset")
     PARTITION_FIELD_NUMBER: _ClassVar[int]
@@ -63,9 +29,9 @@ class Frame(_message.Message):
     width: int
     height: int
     jpeg: bytes
-    persons: _containers.RepeatedCompositeFieldContainer[Person]
+    persons: _containers.RepeatedCompositeFieldContainer[_task_service_pb2.Person]
     source: FrameRef
-    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., source: _Optional[_Union[FrameRef, _Mapping]] = ...) -> None: ...
+    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[_task_service_pb2.Person, _Mapping]]] = ..., source: _Optional[_Union[FrameRef, _Mapping]] = ...) -> None: ...
 
 class EndOfStream(_message.Message):
     __slots__ = ("total_frames", "fps")
@@ -90,14 +56,24 @@ class StageRecord(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., end_of_stream: _Optional[_Union[EndOfStream, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class TaskStarted(_message.Message):
-    __slots__ = ("options", "video", "epoch")
+    __slots__ = ("options", "video", "epoch", "live", "publish_url")
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    PUBLISH_URL_FIELD_NUMBER: _ClassVar[int]
     options: _task_service_pb2.TaskOptions
     video: _task_service_pb2.VideoInfo
     epoch: int
-    def __init__(self, options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., video: _Optional[_Union[_task_service_pb2.VideoInfo, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    live: bool
+    publish_url: str
+    def __init__(self, options: _Optional[_Union[_task_service_pb2.TaskOptions, _Mapping]] = ..., video: _Optional[_Union[_task_service_pb2.VideoInfo, _Mapping]] = ..., epoch: _Optional[int] = ..., live: _Optional[bool] = ..., publish_url: _Optional[str] = ...) -> None: ...
+
+class ViewersChanged(_message.Message):
+    __slots__ = ("count",)
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    def __init__(self, count: _Optional[int] = ...) -> None: ...
 
 class TaskEnded(_message.Message):
     __slots__ = ("state",)
@@ -106,14 +82,16 @@ class TaskEnded(_message.Message):
     def __init__(self, state: _Optional[_Union[_task_service_pb2.TaskState, str]] = ...) -> None: ...
 
 class ControlEvent(_message.Message):
-    __slots__ = ("task_id", "started", "ended")
+    __slots__ = ("task_id", "started", "ended", "viewers")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
+    VIEWERS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     started: TaskStarted
     ended: TaskEnded
-    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ...) -> None: ...
+    viewers: ViewersChanged
+    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ...) -> None: ...
 
 class IndexRange(_message.Message):
     __slots__ = ("first", "last")

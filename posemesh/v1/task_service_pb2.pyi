@@ -31,6 +31,12 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_KIND_UNSPECIFIED: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_ANNOTATED_VIDEO: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_KEYPOINTS: _ClassVar[ArtifactKind]
+
+class RtspTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RTSP_TRANSPORT_UNSPECIFIED: _ClassVar[RtspTransport]
+    RTSP_TRANSPORT_TCP: _ClassVar[RtspTransport]
+    RTSP_TRANSPORT_UDP: _ClassVar[RtspTransport]
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_RUNNING: TaskState
@@ -44,6 +50,43 @@ POSE_MODEL_RTMPOSE: PoseModel
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_ANNOTATED_VIDEO: ArtifactKind
 ARTIFACT_KIND_KEYPOINTS: ArtifactKind
+RTSP_TRANSPORT_UNSPECIFIED: RtspTransport
+RTSP_TRANSPORT_TCP: RtspTransport
+RTSP_TRANSPORT_UDP: RtspTransport
+
+class Box(_message.Message):
+    __slots__ = ("x1", "y1", "x2", "y2")
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    X2_FIELD_NUMBER: _ClassVar[int]
+    Y2_FIELD_NUMBER: _ClassVar[int]
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ...) -> None: ...
+
+class Keypoint(_message.Message):
+    __slots__ = ("x", "y", "score")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    score: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ..., score: _Optional[float] = ...) -> None: ...
+
+class Person(_message.Message):
+    __slots__ = ("box", "score", "keypoints", "track_id")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    KEYPOINTS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_ID_FIELD_NUMBER: _ClassVar[int]
+    box: Box
+    score: float
+    keypoints: _containers.RepeatedCompositeFieldContainer[Keypoint]
+    track_id: int
+    def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class TaskOptions(_message.Message):
     __slots__ = ("pose_model", "outputs", "min_person_score")
@@ -126,7 +169,7 @@ class VideoInfo(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., frame_count: _Optional[int] = ..., codec: _Optional[str] = ..., rotation: _Optional[int] = ..., duration_s: _Optional[float] = ..., audio_codec: _Optional[str] = ..., start_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings")
+    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings", "live", "stream_url")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FILE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -140,6 +183,8 @@ class Task(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_URL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     file_name: str
@@ -153,7 +198,85 @@ class Task(_message.Message):
     finished_at: _timestamp_pb2.Timestamp
     upload_bytes: int
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    live: LiveStatus
+    stream_url: str
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., live: _Optional[_Union[LiveStatus, _Mapping]] = ..., stream_url: _Optional[str] = ...) -> None: ...
+
+class LiveSource(_message.Message):
+    __slots__ = ("url", "transport")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    transport: RtspTransport
+    def __init__(self, url: _Optional[str] = ..., transport: _Optional[_Union[RtspTransport, str]] = ...) -> None: ...
+
+class LiveStatus(_message.Message):
+    __slots__ = ("source", "connected", "frames_received", "frames_dropped", "lag_s", "max_lag_s", "reconnects")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    LAG_S_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    RECONNECTS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    connected: bool
+    frames_received: int
+    frames_dropped: int
+    lag_s: float
+    max_lag_s: float
+    reconnects: int
+    def __init__(self, source: _Optional[str] = ..., connected: _Optional[bool] = ..., frames_received: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., lag_s: _Optional[float] = ..., max_lag_s: _Optional[float] = ..., reconnects: _Optional[int] = ...) -> None: ...
+
+class StartLiveTaskRequest(_message.Message):
+    __slots__ = ("source", "options", "name", "max_lag_s")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    source: LiveSource
+    options: TaskOptions
+    name: str
+    max_lag_s: float
+    def __init__(self, source: _Optional[_Union[LiveSource, _Mapping]] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., name: _Optional[str] = ..., max_lag_s: _Optional[float] = ...) -> None: ...
+
+class StartLiveTaskResponse(_message.Message):
+    __slots__ = ("task",)
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    task: Task
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ...) -> None: ...
+
+class WatchFramesRequest(_message.Message):
+    __slots__ = ("task_id",)
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+
+class AnnotatedFrame(_message.Message):
+    __slots__ = ("index", "timestamp_s", "width", "height", "jpeg", "persons", "annotated_at")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_S_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    JPEG_FIELD_NUMBER: _ClassVar[int]
+    PERSONS_FIELD_NUMBER: _ClassVar[int]
+    ANNOTATED_AT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    timestamp_s: float
+    width: int
+    height: int
+    jpeg: bytes
+    persons: _containers.RepeatedCompositeFieldContainer[Person]
+    annotated_at: float
+    def __init__(self, index: _Optional[int] = ..., timestamp_s: _Optional[float] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., jpeg: _Optional[bytes] = ..., persons: _Optional[_Iterable[_Union[Person, _Mapping]]] = ..., annotated_at: _Optional[float] = ...) -> None: ...
+
+class WatchFramesResponse(_message.Message):
+    __slots__ = ("frame", "dropped")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    frame: AnnotatedFrame
+    dropped: int
+    def __init__(self, frame: _Optional[_Union[AnnotatedFrame, _Mapping]] = ..., dropped: _Optional[int] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("task_id",)

@@ -69,6 +69,16 @@ class TaskServiceStub:
                 request_serializer=posemesh_dot_v1_dot_task__service__pb2.DownloadResultRequest.SerializeToString,
                 response_deserializer=posemesh_dot_v1_dot_task__service__pb2.DownloadResultResponse.FromString,
                 _registered_method=True)
+        self.StartLiveTask = channel.unary_unary(
+                '/posemesh.v1.TaskService/StartLiveTask',
+                request_serializer=posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskRequest.SerializeToString,
+                response_deserializer=posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskResponse.FromString,
+                _registered_method=True)
+        self.WatchFrames = channel.unary_stream(
+                '/posemesh.v1.TaskService/WatchFrames',
+                request_serializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.SerializeToString,
+                response_deserializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -118,7 +128,27 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadResult(self, request, context):
-        """Streams one artifact of a completed task: first an `artifact` message, then `chunk` messages.
+        """Streams one artifact of a task: first an `artifact` message, then `chunk` messages. A COMPLETED task
+        has its results; so has a live task that was stopped or whose source went away.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartLiveTask(self, request, context):
+        """Starts a task on a live source (an RTSP camera) instead of an upload. The URL must match the server's
+        allow-list (PERMISSION_DENIED otherwise); a file path or file: URL is never a source. The task runs
+        until the stream ends (COMPLETED), the source stays away longer than the server's outage limit
+        (FAILED), or CancelTask stops it (CANCELLED); each keeps the results of what was processed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchFrames(self, request, context):
+        """Each annotated frame of a task as soon as it is made, with its persons, in index order, for live and
+        file tasks, from now until the task ends. A reader slower than the task loses the oldest frames
+        (counted in `dropped`) and never slows the task down.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -161,6 +191,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.DownloadResult,
                     request_deserializer=posemesh_dot_v1_dot_task__service__pb2.DownloadResultRequest.FromString,
                     response_serializer=posemesh_dot_v1_dot_task__service__pb2.DownloadResultResponse.SerializeToString,
+            ),
+            'StartLiveTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartLiveTask,
+                    request_deserializer=posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskRequest.FromString,
+                    response_serializer=posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskResponse.SerializeToString,
+            ),
+            'WatchFrames': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchFrames,
+                    request_deserializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.FromString,
+                    response_serializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +392,60 @@ class TaskService:
             '/posemesh.v1.TaskService/DownloadResult',
             posemesh_dot_v1_dot_task__service__pb2.DownloadResultRequest.SerializeToString,
             posemesh_dot_v1_dot_task__service__pb2.DownloadResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartLiveTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/posemesh.v1.TaskService/StartLiveTask',
+            posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskRequest.SerializeToString,
+            posemesh_dot_v1_dot_task__service__pb2.StartLiveTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchFrames(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/posemesh.v1.TaskService/WatchFrames',
+            posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.SerializeToString,
+            posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,236 @@
+"""Live benchmark: glass-to-glass latency of a live task, from a frame leaving the camera to its annotated
+frame reaching a live-output client (WatchFrames), for a 1080p camera at 25 and at 5 frames/s.
+
+    .venv/bin/python bench/live.py [--fps 25,5] [--seconds 40] [--clip PATH] [--pose-model blazepose_lite]
+
+The stack is started as `posemesh up` starts it (broker, Triton, gateway, one worker per stage, the local
+RTSP relay). The camera is a separate process that publishes H.264 to the relay over RTSP (as a camera
+pushing to MediaMTX would); the live task reads it back from the relay. Its frames are encoded before the
+clock starts (a camera encodes in hardware), so the camera costs the 2 cores nothing but sending.
+
+Each camera frame carries its number as a 16-bit barcode of large black/white blocks in its top-left
+corner, which survives H.264 and JPEG. The camera records the wall-clock time each frame is handed to the
+network; the client reads the barcode from every annotated JPEG it receives, so latency is measured per
+frame and includes everything: relay, gateway decode, Kafka, detect, pose, track, annotate and delivery.
+
+Printed per frame rate: latency p50/p95/max (target p95 < 1.5 s), frames processed and dropped per second
+(dropped = skipped at the source to keep the lag bounded), the task's lag bound and its last lag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BITS, BLOCK, MARGIN = 16, 32, 16  # barcode: 2 reference blocks (white, black) then 16 data bits, MSB first
+
+
+def stamp(rgb: np.ndarray, number: int) -> None:
+    y0, x0 = MARGIN, MARGIN
+    rgb[y0 - 8:y0 + BLOCK + 8, x0 - 8:x0 + (BITS + 2) * BLOCK + 8] = 128  # grey frame around the code
+    values = [255, 0] + [255 if (number >> (BITS - 1 - b)) & 1 else 0 for b in range(BITS)]
+    for i, v in enumerate(values):
+        rgb[y0:y0 + BLOCK, x0 + i * BLOCK:x0 + (i + 1) * BLOCK] = v
+
+
+def read_stamp(gray: np.ndarray) -> int | None:
+    y = MARGIN + BLOCK // 2
+    centres = [gray[y - 4:y + 4, MARGIN + i * BLOCK + BLOCK // 2 - 4:MARGIN + i * BLOCK + BLOCK // 2 + 4].mean()
+               for i in range(BITS + 2)]
+    white, black = centres[0], centres[1]
+    if white - black < 100:
+        return None
+    threshold = (white + black) / 2
+    number = 0
+    for c in centres[2:]:
+        number = (number << 1) | (1 if c > threshold else 0)
+    return number
+
+
+# ---------------------------------------------------------------------------------------------- camera
+
+def encode_camera(clip: Path, fps: int, seconds: float) -> bytes:
+    """The camera's whole stream, encoded ahead: the clip looped, each frame stamped with its number."""
+    import av
+
+    count = int(fps * seconds)
+    out_buf = io.BytesIO()
+    with av.open(out_buf, "w", format="matroska") as out:
+        stream = None
+        n = 0
+        while n < count:
+            with av.open(str(clip)) as src:
+                for frame in src.decode(video=0):
+                    if n >= count:
+                        break
+                    rgb = frame.to_ndarray(format="rgb24")
+                    if stream is None:
+                        stream = out.add_stream("libx264", rate=fps)
+                        stream.width, stream.height = rgb.shape[1], rgb.shape[0]
+                        stream.pix_fmt = "yuv420p"
+                        # What an IP camera sends: no B-frames, a key frame every second.
+                        stream.options = {"preset": "ultrafast", "tune": "zerolatency", "g": str(fps)}
+                    stamp(rgb, n)
+                    vf = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+                    vf.pts = n
+                    vf.time_base = stream.codec_context.time_base
+                    for packet in stream.encode(vf):
+                        out.mux(packet)
+                    n += 1
+        for packet in stream.encode():
+            out.mux(packet)
+    return out_buf.getvalue()
+
+
+def run_camera(args) -> None:
+    """Publish the pre-encoded stream to the RTSP server in real time; write each frame's send time."""
+    import av
+
+    data = Path(args.stream).read_bytes()
+    sent: dict[int, float] = {}
+    with av.open(io.BytesIO(data)) as src:
+        in_stream = src.streams.video[0]
+        packets = [p for p in src.demux(in_stream) if p.size]
+        with av.open(args.camera, "w", format="rtsp", options={"rtsp_transport": "tcp"}) as out:
+            out_stream = out.add_stream_from_template(in_stream)
+            t0 = time.time() + 0.5
+            for n, packet in enumerate(sorted(packets, key=lambda p: p.pts)):
+                due = t0 + n / args.fps
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                packet.stream = out_stream
+                sent[n] = time.time()
+                out.mux(packet)
+    Path(args.sent).write_text(json.dumps(sent))
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: Path) -> dict:
+    import simplejpeg
+
+    from posemesh.client import Client
+    from posemesh.v1 import task_service_pb2 as tpb
+
+    stream_file = work / f"camera-{fps}.mkv"
+    t = time.monotonic()
+    stream_file.write_bytes(encode_camera(clip, fps, seconds))
+    print(f"  camera stream: {int(fps * seconds)} frames at {fps} fps encoded ahead in {time.monotonic() - t:.1f}s",
+          flush=True)
+    path = f"bench{fps}-{int(time.time())}"
+    sent_file = work / f"sent-{fps}.json"
+    camera = subprocess.Popen([sys.executable, __file__, "--camera", f"{stack.rtsp_url}/publish/{path}",
+                               "--stream", str(stream_file), "--sent", str(sent_file), "--fps", str(fps)])
+    time.sleep(1.0)  # the publish exists before the task connects to its /live/ side
+    client = Client(stack.gateway_address, "posemesh-dev-key")
+    task = client.start_live(f"{stack.rtsp_url}/live/{path}", pose_model=pose_model, name=f"camera {fps} fps")
+    received: dict[int, float] = {}
+    viewer_dropped = 0
+    undecoded = 0
+
+    def watch() -> None:
+        nonlocal viewer_dropped, undecoded
+        for response in client.frames(task.task_id):
+            now = time.time()
+            gray = simplejpeg.decode_jpeg(response.frame.jpeg, colorspace="GRAY")[..., 0]
+            number = read_stamp(gray)
+            if number is None:
+                undecoded += 1
+            else:
+                received.setdefault(number, now)
+            viewer_dropped = response.dropped
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    camera.wait()
+    final = client.wait(task.task_id, timeout=120)
+    watcher.join(30)
+    sent = {int(k): v for k, v in json.loads(sent_file.read_text()).items()}
+    latencies = [received[n] - sent[n] for n in sorted(received) if n in sent]
+    live = final.live
+    duration = max(sent.values()) - min(sent.values()) + 1 / fps
+    processed = live.frames_received - live.frames_dropped
+    steady = [received[n] - sent[n] for n in sorted(received) if n in sent and n >= 3 * fps]
+    return {
+        "fps": fps, "state": tpb.TaskState.Name(final.state), "sent": len(sent), "received": live.frames_received,
+        "processed": processed, "dropped": live.frames_dropped, "seen": len(received), "undecoded": undecoded,
+        "viewer_dropped": viewer_dropped, "duration_s": duration, "max_lag_s": live.max_lag_s, "lag_s": live.lag_s,
+        "p50": statistics.median(latencies) if latencies else float("nan"),
+        "p95": percentile(latencies, 0.95) if latencies else float("nan"),
+        "max": max(latencies) if latencies else float("nan"),
+        "steady_p95": percentile(steady, 0.95) if steady else float("nan"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fps", default="25,5")
+    parser.add_argument("--seconds", type=float, default=40.0)
+    parser.add_argument("--clip", default="")
+    parser.add_argument("--pose-model", default="blazepose_lite")
+    parser.add_argument("--camera", help=argparse.SUPPRESS)
+    parser.add_argument("--stream", help=argparse.SUPPRESS)
+    parser.add_argument("--sent", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.camera:
+        args.fps = int(args.fps)
+        return run_camera(args)
+
+    from posemesh import rtsp
+    from posemesh.settings import default_media_dir
+    from posemesh.stack import Stack, StackConfig
+
+    missing = rtsp.available()
+    if missing:
+        sys.exit(f"bench/live.py needs the local RTSP server: {missing}")
+    clip = Path(args.clip) if args.clip else default_media_dir() / "towncentre_1080p_302f.mp4"
+    rates = [int(f) for f in args.fps.split(",")]
+    with tempfile.TemporaryDirectory(prefix="posemesh-bench-live-") as tmp:
+        work = Path(tmp)
+        t = time.monotonic()
+        stack = Stack(StackConfig(run_dir=work / "stack")).start()
+        print(f"stack up in {time.monotonic() - t:.0f}s; camera: {clip.name} looped, 1080p, {args.seconds:.0f} s",
+              flush=True)
+        results = []
+        try:
+            for fps in rates:
+                print(f"camera at {fps} fps ...", flush=True)
+                results.append(measure(stack, clip, fps, args.seconds, args.pose_model, work))
+                r = results[-1]
+                print(f"  {r['state']}: {r['sent']} sent, {r['processed']} processed, {r['dropped']} dropped, "
+                      f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
+                      f"max {r['max']:.2f}s", flush=True)
+        finally:
+            stack.stop()
+    print()
+    print(f"glass-to-glass latency, 1080p camera ({clip.name}), pose model {args.pose_model}, "
+          f"{args.seconds:.0f} s per run")
+    print("| camera | latency p50 | p95 (target < 1.5 s) | max | processed / s | dropped / s | lag bound | met |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        met = "yes" if r["p95"] < 1.5 and r["max"] < r["max_lag_s"] + 1.5 else "no"
+        print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s (after 3 s: {r['steady_p95']:.2f} s) | "
+              f"{r['max']:.2f} s | {r['processed'] / r['duration_s']:.1f} | {r['dropped'] / r['duration_s']:.1f} | "
+              f"{r['max_lag_s']:.1f} s | {met} |")
+
+
+if __name__ == "__main__":
+    main()

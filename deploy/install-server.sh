@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install posemesh's server side into PYTHON's environment, the one way every environment is built:
+# deploy/Dockerfile (production image), `make venv` (--dev) and tests/test_packaging.py (the image's
+# environment rebuilt in a clean venv).
+#
+#   deploy/install-server.sh PYTHON [SOURCE]       SOURCE: a wheel or a source tree (default: .)
+#   deploy/install-server.sh PYTHON --dev          editable checkout with the dev extra (tests, bench)
+#
+# pip cannot drop one dependency of a dependency, so trackers and supervision (which declare the GUI
+# opencv-python) are installed --no-deps after the extra, which brings headless OpenCV and what they import.
+set -euo pipefail
+PY=$1
+SOURCE=${2:-.}
+HERE=$(cd "$(dirname "$0")" && pwd)
+PIP=("$PY" -m pip install --disable-pip-version-check --no-cache-dir -q)
+
+if [ "$SOURCE" = --dev ]; then
+    # An older environment may hold the GUI builds; removing them after the headless one is installed
+    # would delete files of the shared cv2/ folder, so they go first.
+    "$PY" -m pip uninstall -q -y opencv-python opencv-contrib-python >/dev/null 2>&1 || true
+    "${PIP[@]}" -e ".[dev]"
+    # rtmlib (tests only) declares both GUI builds too; it runs on the headless one.
+    "${PIP[@]}" --no-deps -r "$HERE/requirements-nodeps.txt" rtmlib==0.0.16
+    if ! "$PY" -c "import cv2" 2>/dev/null; then  # cv2/ damaged by an earlier mixed install
+        "${PIP[@]}" --force-reinstall --no-deps opencv-python-headless==5.0.0.93
+    fi
+else
+    case "$SOURCE" in *.whl) TARGET="posemesh[server] @ file://$(realpath "$SOURCE")" ;; *) TARGET="$SOURCE[server]" ;; esac
+    "${PIP[@]}" "$TARGET"
+    "${PIP[@]}" --no-deps -r "$HERE/requirements-nodeps.txt"
+fi
+
+for gui in opencv-python opencv-contrib-python; do
+    if "$PY" -m pip show -q "$gui" >/dev/null 2>&1; then
+        echo "install-server.sh: $gui got installed; only opencv-python-headless may be" >&2
+        exit 1
+    fi
+done
+"$PY" -c "import cv2, trackers, supervision" || { echo "install-server.sh: server imports fail" >&2; exit 1; }

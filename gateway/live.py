@@ -1,0 +1,256 @@
+"""A live task's frames: read from the camera, thinned to what the mesh keeps up with, published.
+
+One thread per live task (never one per frame). It reads the RTSP source with PyAV and publishes each
+frame it keeps to raw_frames_<task>, as the upload producer does, with dense indices.
+
+Bounded lag. The lag is how old the newest annotated frame is when it comes out: the time since that frame
+arrived from the camera. To keep it under `max_lag_s` when the mesh is slower than the camera, frames are
+dropped here, at the source, and counted. A frame goes in only while the frames already in flight (sent,
+not yet annotated) can be worked off within 70% of the bound at the mesh's measured rate (frames annotated
+per second over the last seconds; until the first is annotated, half the bound's worth of the camera's
+frames, at most 8, may wait). Admissions are also paced at that rate, on the stream's own clock
+(presentation times; a camera sends its first second in a burst, and the mesh finishes frames in
+batches): kept frames are spread evenly over the stream, and so are the drops. A frame that has waited past the bound stops every admission until the mesh
+catches up.
+
+Outages. The source is reconnected with back-off when it breaks. An end of stream from FFmpeg looks the
+same whether the camera finished or its server died, so the server is asked (a TCP connect): still
+answering means the stream ended (the task completes); gone means an outage. With no frame for
+`outage_s` the task ends FAILED with the reason. Either way, the frames processed so far become its
+results (the end-of-stream record closes the task's files).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import av
+from confluent_kafka import Producer
+
+from posemesh import jpeg, kafka, media
+from posemesh.gateway.sources import Source
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+
+log = logging.getLogger("posemesh.gateway")
+
+PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
+STATUS_EVERY_S = 0.5
+
+
+@dataclass
+class LiveConfig:
+    max_lag_s: float = 2.0
+    outage_s: float = 20.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 5.0
+    jpeg_quality: int = 90
+    partitions: int = 4
+    limits: media.Limits = field(default_factory=media.Limits)
+
+
+class LiveSource(threading.Thread):
+    def __init__(self, task: tpb.Task, source: Source, transport: int, producer_config: dict, epoch: int,
+                 config: LiveConfig, annotated, on_status, on_end):
+        """annotated(): frames the annotate stage has finished (distinct); on_status(LiveStatus, published);
+        on_end(state, message, total) once the end-of-stream record is out."""
+        super().__init__(name=f"live-{task.task_id[:12]}", daemon=True)
+        self.task, self.source, self.config, self.epoch = task, source, config, epoch
+        self.transport = "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp"
+        self.annotated, self.on_status, self.on_end = annotated, on_status, on_end
+        self.producer = Producer({**producer_config, "client.id": f"gateway-live-{task.task_id[:12]}"})
+        self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
+        self.stop_requested = threading.Event()
+        self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
+        self.index = 0
+        self.rate: float | None = None  # frames the mesh annotates a second (measured)
+        self.last_admitted = -1e9  # stream time of the last frame that went in
+        self.stream_time = 0.0
+        self.samples: deque[tuple[float, int]] = deque()  # (when, frames annotated): for the rate
+        self.arrivals: deque[tuple[int, float]] = deque()  # (index, arrival) of frames not yet annotated
+        self.done = 0
+        self.first_arrival: float | None = None
+        self.errors: list = []
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        state, message = tpb.TASK_STATE_FAILED, ""
+        try:
+            state, message = self._read()
+        except Exception as exc:  # noqa: BLE001 - the task ends with the reason; the gateway goes on
+            log.exception("live source of %s failed", self.task.task_id)
+            state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
+        self.status.connected = False
+        self._end(state, message)
+
+    def stop(self) -> None:
+        """CancelTask: stop reading; the frames so far are still processed into results."""
+        self.stop_requested.set()
+
+    def _read(self) -> tuple[int, str]:
+        last_frame = time.monotonic()
+        backoff = 0.5
+        while not self.stop_requested.is_set():
+            try:
+                container = av.open(self.source.url, format="rtsp", timeout=(self.config.connect_timeout_s,
+                                                                             self.config.read_timeout_s),
+                                    options={"rtsp_transport": self.transport, "protocol_whitelist": PROTOCOLS})
+            except av.FFmpegError as exc:
+                reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+                if time.monotonic() - last_frame > self.config.outage_s:
+                    return tpb.TASK_STATE_FAILED, (f"the live source sent no frame for {self.config.outage_s:.0f} s "
+                                                   f"({reason}); the frames before that are in the results")
+                self._publish_status(force=True)
+                self.stop_requested.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+                self.status.reconnects += 1
+                continue
+            backoff = 0.5
+            self.status.connected = True
+            try:
+                with container:
+                    stream = container.streams.video[0]
+                    stream.thread_type = "AUTO"
+                    for frame in container.decode(stream):
+                        last_frame = time.monotonic()
+                        self._frame(frame, last_frame)
+                        if self.stop_requested.is_set():
+                            break
+                ended = True
+            except av.FFmpegError:
+                ended = False  # broken off: an outage
+            except media.NotAVideo as exc:
+                return tpb.TASK_STATE_FAILED, f"the live source's frames: {exc}"
+            self.status.connected = False
+            if self.stop_requested.is_set():
+                break
+            if ended and self._server_answers():
+                return tpb.TASK_STATE_COMPLETED, "the live stream ended"
+            log.info("live source of %s broke off; reconnecting", self.task.task_id)
+        return tpb.TASK_STATE_CANCELLED, "stopped by the user"
+
+    def _server_answers(self) -> bool:
+        try:
+            with socket.create_connection((self.source.host, self.source.port), timeout=2):
+                return True
+        except OSError:
+            return False
+
+    # ------------------------------------------------------------------ one frame
+
+    def _frame(self, frame: av.VideoFrame, arrived: float) -> None:
+        self.status.frames_received += 1
+        if frame.width * frame.height > self.config.limits.max_frame_pixels:
+            self.config.limits.check_size(frame.width, frame.height)
+        self._follow_the_mesh(arrived)
+        step = 1.0 / (self.task.video.fps or 25.0)
+        t = frame.time  # RTSP gives no time to the first frames sometimes: count on from the last
+        self.stream_time = t if t is not None and t > self.stream_time else self.stream_time + step
+        if not self._keep(arrived, self.stream_time):
+            self.status.frames_dropped += 1
+            self._publish_status()
+            return
+        if self.first_arrival is None:
+            self.first_arrival = arrived
+        image = frame.to_ndarray(format="bgr24")
+        h, w = image.shape[:2]
+        record = pb.StageRecord(task_id=self.task.task_id, options=self.task.options, epoch=self.epoch,
+                                frame=pb.Frame(index=self.index, timestamp_s=arrived - self.first_arrival, width=w,
+                                               height=h, jpeg=jpeg.encode(image, self.config.jpeg_quality)))
+        self._send(record, self.index % self.config.partitions)
+        self.arrivals.append((self.index, arrived))
+        self.index += 1
+        self.producer.poll(0)
+        self._publish_status()
+
+    def _follow_the_mesh(self, now: float) -> None:
+        """What the annotate stage has finished, its rate, and the lag that leaves."""
+        done = self.annotated()
+        while self.arrivals and self.arrivals[0][0] < done:
+            _index, arrived = self.arrivals.popleft()
+            self.status.lag_s = max(0.0, now - arrived)  # the newest annotated frame's age
+        if done > self.done or not self.samples:
+            self.samples.append((now, done))
+            while len(self.samples) > 2 and now - self.samples[0][0] > 3.0:
+                self.samples.popleft()
+            (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
+            if t1 - t0 >= 0.5 and d1 > d0:
+                measured = (d1 - d0) / (t1 - t0)
+                self.rate = measured if self.rate is None else 0.5 * self.rate + 0.5 * measured
+        self.done = done
+        if self.arrivals and done == 0 and self.first_arrival is not None:
+            self.status.lag_s = now - self.first_arrival  # nothing annotated yet: the first frame's wait
+
+    def _keep(self, now: float, stream_time: float) -> bool:
+        bound = self.config.max_lag_s
+        if self.arrivals and now - self.arrivals[0][1] > bound:
+            return False  # the oldest frame in flight waited past the bound: none more until it is out
+        in_flight = self.index - self.done
+        if self.rate is None:  # nothing measured yet: a small start that the bound can absorb
+            cap = max(2, min(8, int((self.task.video.fps or 25.0) * bound * 0.5)))
+            pace = cap / bound
+        else:
+            cap, pace = max(1, int(self.rate * bound * 0.7)), self.rate * 1.1
+        if in_flight >= cap or stream_time - self.last_admitted < 0.999 / pace:
+            return False
+        self.last_admitted = stream_time
+        return True
+
+    def _send(self, record: pb.StageRecord, partition: int) -> None:
+        data = record.SerializeToString()
+        while True:
+            try:
+                self.producer.produce(self.topic, data, partition=partition, on_delivery=self._delivered)
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def _delivered(self, err, _msg) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+    def _publish_status(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - getattr(self, "_status_at", 0.0) >= STATUS_EVERY_S:
+            self._status_at = now
+            self.on_status(self.status, self.index)
+
+    # ------------------------------------------------------------------ the end
+
+    def _end(self, state: int, message: str) -> None:
+        """Close the stream for the stages (end-of-stream with the count of frames that went in); the task
+        ends with `state` once annotate reports its results."""
+        record = pb.StageRecord(task_id=self.task.task_id, options=self.task.options, epoch=self.epoch,
+                                end_of_stream=pb.EndOfStream(total_frames=self.index, fps=self.task.video.fps))
+        try:
+            self._send(record, 0)
+            self.producer.flush(30)
+        except Exception:  # noqa: BLE001 - the broker is away: the gateway fails the task after its wait
+            log.exception("could not close the live stream of %s", self.task.task_id)
+        self.on_status(self.status, self.index)
+        self.on_end(state, message, self.index)
+
+
+def probe_source(source: Source, transport: int, timeout_s: float) -> tpb.VideoInfo:
+    """Open the source once: it must answer and carry video. Raises ValueError saying why not."""
+    try:
+        container = av.open(source.url, format="rtsp", timeout=(timeout_s, timeout_s),
+                            options={"rtsp_transport": "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp",
+                                     "protocol_whitelist": PROTOCOLS})
+    except av.FFmpegError as exc:
+        raise ValueError(f"the live source does not answer ({getattr(exc, 'strerror', None) or 'no connection'})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError("the live source has no video stream")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        fps = float(stream.average_rate or stream.guessed_rate or 0) or 25.0
+        for frame in container.decode(stream):
+            return tpb.VideoInfo(width=frame.width, height=frame.height, fps=fps, codec=ctx.name)
+    raise ValueError("the live source sent no frame")

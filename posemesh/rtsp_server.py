@@ -1,0 +1,156 @@
+"""A local RTSP server for development and tests: cameras from clips, and a relay for live output.
+
+    /usr/bin/python3 posemesh/rtsp_server.py --port 8554 [--camera NAME=CLIP.mp4 ...]
+
+Runs with Debian's own python3 (GStreamer's gi bindings live there, not in a virtual environment; see
+deploy/system-packages.txt), so it imports nothing of posemesh. Production runs MediaMTX or any RTSP
+server that accepts a publish and serves it to players.
+
+- rtsp://HOST:PORT/cam/NAME plays CLIP (H.264 in MP4) as a camera would, in real time, to each viewer from
+  its start; the stream ends when the clip does.
+- rtsp://HOST:PORT/publish/PATH accepts a publish (RTSP RECORD, H.264), e.g. from the annotate worker, and
+  rtsp://HOST:PORT/live/PATH serves what is published there to any number of players. Paths are made on
+  first use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+H264 = "video/x-h264,stream-format=byte-stream,alignment=au"
+
+
+class Relay:
+    """What publishers send on /publish/PATH, handed to every player of /live/PATH."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sources: dict[str, list] = {}  # path -> appsrc elements of live players' media
+
+    def player_joined(self, path: str, appsrc) -> None:
+        with self.lock:
+            self.sources.setdefault(path, []).append(appsrc)
+
+    def player_left(self, path: str, appsrc) -> None:
+        with self.lock:
+            if appsrc in self.sources.get(path, []):
+                self.sources[path].remove(appsrc)
+
+    def sample(self, path: str, sample) -> None:
+        buffer = sample.get_buffer()
+        with self.lock:
+            targets = list(self.sources.get(path, []))
+        for appsrc in targets:
+            copy = buffer.copy()
+            copy.pts = copy.dts = Gst.CLOCK_TIME_NONE  # appsrc stamps it with its running time (live)
+            appsrc.emit("push-buffer", copy)
+
+
+class PublishFactory(GstRtspServer.RTSPMediaFactory):
+    def __init__(self, relay: Relay, path: str):
+        super().__init__()
+        self.relay, self.path = relay, path
+        self.set_transport_mode(GstRtspServer.RTSPTransportMode.RECORD)
+        self.set_launch(f"( rtph264depay name=depay0 ! h264parse config-interval=-1 ! {H264} ! "
+                        "appsink name=sink emit-signals=true sync=false max-buffers=30 drop=true )")
+        self.connect("media-configure", self._configure)
+
+    def _configure(self, _factory, media):
+        sink = media.get_element().get_by_name_recurse_up("sink")
+        sink.connect("new-sample", self._new_sample)
+
+    def _new_sample(self, sink):
+        self.relay.sample(self.path, sink.emit("pull-sample"))
+        return Gst.FlowReturn.OK
+
+
+class LiveFactory(GstRtspServer.RTSPMediaFactory):
+    def __init__(self, relay: Relay, path: str):
+        super().__init__()
+        self.relay, self.path = relay, path
+        self.set_shared(True)
+        self.set_launch(f"( appsrc name=src is-live=true format=time do-timestamp=true caps={H264} ! "
+                        "h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+        self.connect("media-configure", self._configure)
+
+    def _configure(self, _factory, media):
+        src = media.get_element().get_by_name_recurse_up("src")
+        self.relay.player_joined(self.path, src)
+        media.connect("unprepared", lambda _m: self.relay.player_left(self.path, src))
+
+
+class CameraFactory(GstRtspServer.RTSPMediaFactory):
+    def __init__(self, clip: str):
+        super().__init__()
+        # Every viewer gets a playback of its own, from the clip's start, in real time.
+        self.set_launch(f'( filesrc location="{clip}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 '
+                        "config-interval=1 )")
+
+
+class OnDemandMounts(GstRtspServer.RTSPMountPoints):
+    """Mount points that make /publish/PATH and /live/PATH on first use. GStreamer turns every request's
+    URL into a path with make_path before it looks the path up, so this is the place to add it."""
+
+    def __init__(self, relay: Relay):
+        super().__init__()
+        self.relay = relay
+        self.known: set[str] = set()
+        self.lock = threading.Lock()
+
+    def do_make_path(self, url):
+        path = url.abspath
+        for prefix, factory in (("/publish/", PublishFactory), ("/live/", LiveFactory)):
+            if path.startswith(prefix) and len(path) > len(prefix):
+                mount = path.split("/stream=")[0].rstrip("/")
+                with self.lock:
+                    if mount not in self.known:
+                        self.known.add(mount)
+                        self.add_factory(mount, factory(self.relay, mount[len(prefix):]))
+        return path
+
+
+class Server:
+    def __init__(self, port: int, cameras: dict[str, str]):
+        self.server = GstRtspServer.RTSPServer()
+        self.server.set_address("0.0.0.0")
+        self.server.set_service(str(port))
+        # Each client on a thread of its own: a player's media waits for data while it prepares, and a
+        # publisher's data over TCP arrives through its client; served from one context they wait forever.
+        self.server.get_thread_pool().set_max_threads(64)
+        self.relay = Relay()
+        self.mounts = OnDemandMounts(self.relay)
+        self.server.set_mount_points(self.mounts)
+        for name, clip in cameras.items():
+            self.mounts.add_factory(f"/cam/{name}", CameraFactory(clip))
+
+    def run(self) -> None:
+        if self.server.attach(None) == 0:
+            sys.exit(f"cannot listen on port {self.server.get_service()}")
+        loop = GLib.MainLoop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # handled inside GLib's C loop, where Python's would wait
+            GLib.unix_signal_add(GLib.PRIORITY_DEFAULT, sig, lambda *_: loop.quit() or GLib.SOURCE_REMOVE)
+        print(f"rtsp server on port {self.server.get_bound_port()}", flush=True)
+        loop.run()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8554)
+    parser.add_argument("--camera", action="append", default=[], help="NAME=CLIP.mp4 (H.264 in MP4)")
+    args = parser.parse_args()
+    Gst.init(None)
+    cameras = dict(item.split("=", 1) for item in args.camera)
+    Server(args.port, cameras).run()
+
+
+if __name__ == "__main__":
+    main()

