@@ -161,7 +161,7 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     camera.wait()
-    final = client.wait(task.task_id, timeout=120)
+    final = client.wait(task.task_id, timeout_s=120)
     watcher.join(30)
     sent = {int(k): v for k, v in json.loads(sent_file.read_text()).items()}
     latencies = [received[n] - sent[n] for n in sorted(received) if n in sent]

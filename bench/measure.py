@@ -41,14 +41,23 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def tree_cpu(pid: int) -> float:
-    """CPU seconds used so far by a process and every live descendant (Triton's Python-backend stubs)."""
+def _tree_sum(pid: int, measure) -> float:
     tree, total, todo = _children(), 0.0, [pid]
     while todo:
         p = todo.pop()
-        total += _cpu(p)
+        total += measure(p)
         todo += tree.get(p, [])
     return total
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds used so far by a process and every live descendant (Triton's Python-backend stubs)."""
+    return _tree_sum(pid, _cpu)
+
+
+def tree_rss(pid: int) -> float:
+    """Resident MB of a process and every live descendant."""
+    return _tree_sum(pid, rss_mb)
 
 
 def rss_mb(pid: int) -> float:

@@ -157,7 +157,7 @@ def cmd_run(args) -> int:
         return 2
     # SIGTERM (a CI timeout, `kill`) must stop the stack too: SystemExit runs the `finally` below.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    stack = Stack(StackConfig(run_dir=Path(args.run_dir)))
+    stack = Stack(StackConfig(run_dir=Path(args.run_dir), rtsp_port=-1))  # one file: no live output
     t0 = time.monotonic()
     try:
         stack.start()

@@ -125,7 +125,6 @@ def test_the_client_install_drives_a_task_through_the_image_environment(client_p
     env = {**settings_env(settings), "POSEMESH_API_KEYS": "alice:alice-key"}
     env.pop("PYTHONPATH", None)
     gateway_port = free_port()
-    bin_dir = image_python.parent
     procs = [subprocess.Popen([image_python, "-m", "posemesh.gateway"], cwd=tmp_path, start_new_session=True,
                               env={**env, "POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{gateway_port}"},
                               stdout=open(tmp_path / "gateway.log", "wb"), stderr=subprocess.STDOUT)]
@@ -146,7 +145,8 @@ def test_the_client_install_drives_a_task_through_the_image_environment(client_p
                         env={k: v for k, v in os.environ.items() if not k.startswith("POSEMESH_")})
         assert submitted.returncode == 0, submitted.stdout + submitted.stderr
         task_id = submitted.stdout.split()[0]
-        assert (out / f"{task_id}.mp4").stat().st_size > 0 or any(out.glob("*.mp4")), list(out.iterdir())
+        videos = list(out.glob("*.mp4"))
+        assert videos and all(v.stat().st_size > 0 for v in videos), list(out.iterdir())
         status = run([*cli, "status", task_id])
         assert status.returncode == 0 and "COMPLETED" in status.stdout.upper(), status.stdout + status.stderr
         assert task_id in run([*cli, "list"]).stdout
@@ -163,4 +163,3 @@ def test_the_client_install_drives_a_task_through_the_image_environment(client_p
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 p.kill()
-    _ = bin_dir

@@ -38,7 +38,9 @@ def test_up_restarts_crashed_processes_and_stops_cleanly(tmp_path):
         state_file = run_dir / "stack.json"
         wait_for(state_file.exists, 240, 0.2, "the stack to come up")
         state = json.loads(state_file.read_text())
-        assert set(state["services"]) == {"broker", "triton", "gateway", "detect-0", "pose-0", "track-0", "annotate-0"}
+        assert set(state["services"]) == {"rtsp", "broker", "triton", "gateway", "detect-0", "pose-0", "track-0",
+                                          "annotate-0"}
+        assert state["rtsp"].startswith("rtsp://127.0.0.1:")  # the relay live tasks publish to
         with Client(f"127.0.0.1:{port}") as client:  # the development key
             assert list(client.list()) == []
         # Prometheus metrics from the gateway and every worker.

@@ -1,0 +1,108 @@
+"""Memory of every process on the largest input the gateway accepts (3840x2160, the default
+POSEMESH_MAX_FRAME_PIXELS), next to a 1080p upload of the same scene, on one stack.
+
+    .venv/bin/python bench/memory.py [--frames 90]
+
+The 4K clip is towncentre scaled up (so detect and pose have real people to work on), encoded ahead.
+Each process's resident memory (with its children: Triton's Python-backend stubs) is sampled every 0.1 s;
+printed per process: before the uploads, the peak during the 1080p task and the peak during the 4K task.
+Bounded means the peak does not grow with the video's length (frames are processed in a window of
+POSEMESH_MAX_FRAMES_AHEAD; annotate writes segments), only with the frame size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import av  # noqa: E402
+
+from bench.measure import tree_rss  # noqa: E402
+from posemesh.client import Client  # noqa: E402
+from posemesh.settings import default_media_dir  # noqa: E402
+from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
+
+
+def scaled_clip(src: Path, dst: Path, width: int, height: int, frames: int) -> Path:
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for n, frame in enumerate(inp.decode(video=0)):
+            if n >= frames:
+                break
+            scaled = frame.reformat(width=width, height=height, format="yuv420p")
+            scaled.pts, scaled.time_base = n, Fraction(1, 25)
+            for packet in stream.encode(scaled):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return dst
+
+
+class Sampler:
+    def __init__(self, stack: Stack):
+        self.stack, self.peaks, self.stop = stack, {}, threading.Event()
+
+    def sample(self) -> dict[str, float]:
+        return {s.name: tree_rss(s.proc.pid) for s in self.stack.services}
+
+    def __enter__(self) -> "Sampler":
+        self.peaks = self.sample()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            for name, mb in self.sample().items():
+                self.peaks[name] = max(self.peaks.get(name, 0.0), mb)
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=90)
+    args = parser.parse_args()
+    src = default_media_dir() / "towncentre_1080p_302f.mp4"
+    with tempfile.TemporaryDirectory(prefix="posemesh-bench-memory-") as tmp:
+        work = Path(tmp)
+        clips = {"1080p": scaled_clip(src, work / "hd.mp4", 1920, 1080, args.frames),
+                 "4K": scaled_clip(src, work / "uhd.mp4", 3840, 2160, args.frames)}
+        stack = Stack(StackConfig(run_dir=work / "stack", rtsp_port=-1)).start()
+        try:
+            before = Sampler(stack).sample()
+            peaks = {}
+            client = Client(stack.gateway_address, "posemesh-dev-key")
+            for label, clip in clips.items():
+                with Sampler(stack) as sampler:
+                    t = time.monotonic()
+                    task = client.submit(clip)
+                    final = client.wait(task.task_id, timeout_s=900)
+                    assert final.state == tpb.TASK_STATE_COMPLETED, final.error_message
+                peaks[label] = sampler.peaks
+                print(f"{label}: {args.frames} frames in {time.monotonic() - t:.1f}s", flush=True)
+        finally:
+            stack.stop()
+    print(f"\nresident memory (MB, process and its children), {args.frames}-frame uploads, one stack")
+    print("| process | idle | peak, 1080p | peak, 3840x2160 |")
+    print("|---|---|---|---|")
+    for name in before:
+        print(f"| {name} | {before[name]:.0f} | {peaks['1080p'][name]:.0f} | {peaks['4K'][name]:.0f} |")
+    total = {k: sum(v.values()) for k, v in [("idle", before), *peaks.items()]}
+    print(f"| **all** | {total['idle']:.0f} | {total['1080p']:.0f} | {total['4K']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
