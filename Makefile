@@ -43,10 +43,10 @@ up: venv
 
 # The wheel users install, checked alone in a clean venv (tests/test_packaging.py), then the suite.
 test: venv system-deps wheel
-	$(PY) -m pytest -q tests
+	POSEMESH_WHEEL=$$(ls dist/posemesh-*.whl) $(PY) -m pytest -q tests
 
 wheel: venv
-	rm -rf dist && $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist .
 
 bench: venv
 	$(PY) bench/end_to_end.py

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,7 @@ def encode_camera(clip: Path, fps: int, seconds: float) -> bytes:
                     stamp(rgb, n)
                     vf = av.VideoFrame.from_ndarray(rgb, format="rgb24")
                     vf.pts = n
-                    vf.time_base = stream.codec_context.time_base
+                    vf.time_base = Fraction(1, fps)
                     for packet in stream.encode(vf):
                         out.mux(packet)
                     n += 1
@@ -168,15 +169,18 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
     live = final.live
     duration = max(sent.values()) - min(sent.values()) + 1 / fps
     processed = live.frames_received - live.frames_dropped
-    steady = [received[n] - sent[n] for n in sorted(received) if n in sent and n >= 3 * fps]
+    start = min(received) if received else 0  # the camera ran before the task connected
+    steady = [received[n] - sent[n] for n in sorted(received) if n in sent and n >= start + 3 * fps]
     return {
-        "fps": fps, "state": tpb.TaskState.Name(final.state), "sent": len(sent), "received": live.frames_received,
+        "fps": fps, "state": tpb.TaskState.Name(final.state), "message": final.error_message or "-", "sent": len(sent), "received": live.frames_received,
         "processed": processed, "dropped": live.frames_dropped, "seen": len(received), "undecoded": undecoded,
         "viewer_dropped": viewer_dropped, "duration_s": duration, "max_lag_s": live.max_lag_s, "lag_s": live.lag_s,
         "p50": statistics.median(latencies) if latencies else float("nan"),
         "p95": percentile(latencies, 0.95) if latencies else float("nan"),
         "max": max(latencies) if latencies else float("nan"),
         "steady_p95": percentile(steady, 0.95) if steady else float("nan"),
+        "steady_max": max(steady) if steady else float("nan"),
+        "first": received[min(received)] - sent[min(received)] if received else float("nan"),
     }
 
 
@@ -215,7 +219,7 @@ def main() -> None:
                 print(f"camera at {fps} fps ...", flush=True)
                 results.append(measure(stack, clip, fps, args.seconds, args.pose_model, work))
                 r = results[-1]
-                print(f"  {r['state']}: {r['sent']} sent, {r['processed']} processed, {r['dropped']} dropped, "
+                print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, {r['dropped']} dropped, "
                       f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
                       f"max {r['max']:.2f}s", flush=True)
         finally:
@@ -223,12 +227,15 @@ def main() -> None:
     print()
     print(f"glass-to-glass latency, 1080p camera ({clip.name}), pose model {args.pose_model}, "
           f"{args.seconds:.0f} s per run")
-    print("| camera | latency p50 | p95 (target < 1.5 s) | max | processed / s | dropped / s | lag bound | met |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| camera | latency p50 | p95 (target < 1.5 s) | max after the first 3 s | first frame | processed / s "
+          "| dropped / s | lag bound | met |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        met = "yes" if r["p95"] < 1.5 and r["max"] < r["max_lag_s"] + 1.5 else "no"
-        print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s (after 3 s: {r['steady_p95']:.2f} s) | "
-              f"{r['max']:.2f} s | {r['processed'] / r['duration_s']:.1f} | {r['dropped'] / r['duration_s']:.1f} | "
+        # Bounded lag: once the mesh has taken the task on (its first seconds include consumer-group joins),
+        # no frame comes out later than the bound plus one frame's trip through the mesh.
+        met = "yes" if r["p95"] < 1.5 and r["steady_max"] < r["max_lag_s"] + 0.5 else "no"
+        print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s | {r['steady_max']:.2f} s | {r['first']:.2f} s | "
+              f"{r['processed'] / r['duration_s']:.1f} | {r['dropped'] / r['duration_s']:.1f} | "
               f"{r['max_lag_s']:.1f} s | {met} |")
 
 

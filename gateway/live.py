@@ -5,13 +5,17 @@ frame it keeps to raw_frames_<task>, as the upload producer does, with dense ind
 
 Bounded lag. The lag is how old the newest annotated frame is when it comes out: the time since that frame
 arrived from the camera. To keep it under `max_lag_s` when the mesh is slower than the camera, frames are
-dropped here, at the source, and counted. A frame goes in only while the frames already in flight (sent,
-not yet annotated) can be worked off within 70% of the bound at the mesh's measured rate (frames annotated
-per second over the last seconds; until the first is annotated, half the bound's worth of the camera's
-frames, at most 8, may wait). Admissions are also paced at that rate, on the stream's own clock
-(presentation times; a camera sends its first second in a burst, and the mesh finishes frames in
-batches): kept frames are spread evenly over the stream, and so are the drops. A frame that has waited past the bound stops every admission until the mesh
-catches up.
+dropped here, at the source, and counted. What goes in is governed like a TCP congestion window, on the
+latency of each frame through the mesh (arrival here -> annotated): a window of frames may be in flight;
+it grows while frames come out close to the fastest latency seen (the mesh has room), and shrinks by a
+quarter, at most once per latency, when they come out later (frames are queueing in the mesh), never
+letting the latency climb past half the bound. Admissions are paced at window / latency on the stream's
+own clock (presentation times; a camera sends its first second in a burst, and the mesh finishes frames
+in batches), so kept frames and drops are spread evenly over the stream. A frame that has waited past the
+bound stops every admission until the mesh catches up. A window (rather than pacing at the measured
+rate) matters: the mesh's rate is only what it was given, so a rate-based pace never finds the room the
+mesh has, while a window fills a pipeline whose frames take 0.4 s each with enough frames to keep every
+stage busy.
 
 Outages. The source is reconnected with back-off when it breaks. An end of stream from FFmpeg looks the
 same whether the camera finished or its server died, so the server is asked (a TCP connect): still
@@ -41,6 +45,11 @@ log = logging.getLogger("posemesh.gateway")
 
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
+# FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
+# is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
+# takes the size from the first key frame, so half a second of probing is enough, and nothing is buffered.
+LIVE_OPTIONS = {"protocol_whitelist": PROTOCOLS, "analyzeduration": "500000", "probesize": "500000",
+                "fflags": "nobuffer"}
 
 
 @dataclass
@@ -68,10 +77,12 @@ class LiveSource(threading.Thread):
         self.stop_requested = threading.Event()
         self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
         self.index = 0
-        self.rate: float | None = None  # frames the mesh annotates a second (measured)
+        self.window = 4.0  # frames allowed in flight (sent, not yet annotated)
+        self.latency: float | None = None  # arrival -> annotated, smoothed
+        self.fastest: deque[tuple[float, float]] = deque()  # (when, latency): the fastest of the last seconds
+        self.last_cut = 0.0
         self.last_admitted = -1e9  # stream time of the last frame that went in
         self.stream_time = 0.0
-        self.samples: deque[tuple[float, int]] = deque()  # (when, frames annotated): for the rate
         self.arrivals: deque[tuple[int, float]] = deque()  # (index, arrival) of frames not yet annotated
         self.done = 0
         self.first_arrival: float | None = None
@@ -100,7 +111,7 @@ class LiveSource(threading.Thread):
             try:
                 container = av.open(self.source.url, format="rtsp", timeout=(self.config.connect_timeout_s,
                                                                              self.config.read_timeout_s),
-                                    options={"rtsp_transport": self.transport, "protocol_whitelist": PROTOCOLS})
+                                    options={"rtsp_transport": self.transport, **LIVE_OPTIONS})
             except av.FFmpegError as exc:
                 reason = getattr(exc, "strerror", None) or exc.__class__.__name__
                 if time.monotonic() - last_frame > self.config.outage_s:
@@ -170,35 +181,36 @@ class LiveSource(threading.Thread):
         self._publish_status()
 
     def _follow_the_mesh(self, now: float) -> None:
-        """What the annotate stage has finished, its rate, and the lag that leaves."""
+        """What the annotate stage has finished, each frame's latency, and the window that follows."""
         done = self.annotated()
+        bound = self.config.max_lag_s
         while self.arrivals and self.arrivals[0][0] < done:
             _index, arrived = self.arrivals.popleft()
-            self.status.lag_s = max(0.0, now - arrived)  # the newest annotated frame's age
-        if done > self.done or not self.samples:
-            self.samples.append((now, done))
-            while len(self.samples) > 2 and now - self.samples[0][0] > 3.0:
-                self.samples.popleft()
-            (t0, d0), (t1, d1) = self.samples[0], self.samples[-1]
-            if t1 - t0 >= 0.5 and d1 > d0:
-                measured = (d1 - d0) / (t1 - t0)
-                self.rate = measured if self.rate is None else 0.5 * self.rate + 0.5 * measured
+            latency = max(0.0, now - arrived)
+            self.status.lag_s = latency  # the newest annotated frame's age
+            self.latency = latency if self.latency is None else 0.8 * self.latency + 0.2 * latency
+            while self.fastest and (self.fastest[-1][1] >= latency or now - self.fastest[0][0] > 10.0):
+                self.fastest.pop() if self.fastest[-1][1] >= latency else self.fastest.popleft()
+            self.fastest.append((now, latency))
+            # Room while frames come out near the fastest latency seen; queueing (or half the bound) beyond.
+            room = min(0.5 * bound, 1.5 * self.fastest[0][1] + 0.15)
+            if latency <= room:
+                self.window = min(self.window + 0.5, max(4.0, (self.task.video.fps or 25.0) * bound))
+            elif now - self.last_cut > latency:
+                self.window, self.last_cut = max(1.0, self.window * 0.75), now
         self.done = done
         if self.arrivals and done == 0 and self.first_arrival is not None:
             self.status.lag_s = now - self.first_arrival  # nothing annotated yet: the first frame's wait
 
     def _keep(self, now: float, stream_time: float) -> bool:
-        bound = self.config.max_lag_s
-        if self.arrivals and now - self.arrivals[0][1] > bound:
+        if self.arrivals and now - self.arrivals[0][1] > self.config.max_lag_s:
             return False  # the oldest frame in flight waited past the bound: none more until it is out
-        in_flight = self.index - self.done
-        if self.rate is None:  # nothing measured yet: a small start that the bound can absorb
-            cap = max(2, min(8, int((self.task.video.fps or 25.0) * bound * 0.5)))
-            pace = cap / bound
-        else:
-            cap, pace = max(1, int(self.rate * bound * 0.7)), self.rate * 1.1
-        if in_flight >= cap or stream_time - self.last_admitted < 0.999 / pace:
+        if self.index - self.done >= int(self.window):
             return False
+        if self.latency is not None:  # spread what goes in evenly: window / latency frames a second
+            pace = self.window / max(self.latency, 0.05)
+            if stream_time - self.last_admitted < 0.999 / pace:
+                return False
         self.last_admitted = stream_time
         return True
 
@@ -242,7 +254,7 @@ def probe_source(source: Source, transport: int, timeout_s: float) -> tpb.VideoI
     try:
         container = av.open(source.url, format="rtsp", timeout=(timeout_s, timeout_s),
                             options={"rtsp_transport": "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp",
-                                     "protocol_whitelist": PROTOCOLS})
+                                     **LIVE_OPTIONS})
     except av.FFmpegError as exc:
         raise ValueError(f"the live source does not answer ({getattr(exc, 'strerror', None) or 'no connection'})") from None
     with container:

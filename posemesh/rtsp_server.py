@@ -45,6 +45,13 @@ class Relay:
             if appsrc in self.sources.get(path, []):
                 self.sources[path].remove(appsrc)
 
+    def publisher_left(self, path: str) -> None:
+        """The stream ended: players get an end of stream (RTCP BYE) rather than silence."""
+        with self.lock:
+            targets = list(self.sources.get(path, []))
+        for appsrc in targets:
+            appsrc.emit("end-of-stream")
+
     def sample(self, path: str, sample) -> None:
         buffer = sample.get_buffer()
         with self.lock:
@@ -67,6 +74,7 @@ class PublishFactory(GstRtspServer.RTSPMediaFactory):
     def _configure(self, _factory, media):
         sink = media.get_element().get_by_name_recurse_up("sink")
         sink.connect("new-sample", self._new_sample)
+        media.connect("unprepared", lambda _m: self.relay.publisher_left(self.path))
 
     def _new_sample(self, sink):
         self.relay.sample(self.path, sink.emit("pull-sample"))

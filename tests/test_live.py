@@ -68,8 +68,9 @@ def frame_count(video: bytes) -> int:
         return sum(1 for _ in c.decode(video=0))
 
 
-def test_a_camera_becomes_a_live_task_that_completes_when_its_stream_ends(client, cameras):
-    task = client.start_live(cameras.url("cam/short"), name="mall camera")
+@pytest.mark.parametrize("transport", ["tcp", "udp"])
+def test_a_camera_becomes_a_live_task_that_completes_when_its_stream_ends(client, cameras, transport):
+    task = client.start_live(cameras.url("cam/short"), name="mall camera", transport=transport)
     assert task.HasField("live") and task.live.source == cameras.url("cam/short")
     assert (task.video.width, task.video.height) == (960, 540) and task.file_name == "mall camera"
     done = client.wait(task.task_id, timeout_s=120)
