@@ -47,9 +47,9 @@ PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may o
 STATUS_EVERY_S = 0.5
 # FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
 # is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
-# takes the size from the first key frame, so half a second of probing is enough, and nothing is buffered.
-LIVE_OPTIONS = {"protocol_whitelist": PROTOCOLS, "analyzeduration": "500000", "probesize": "500000",
-                "fflags": "nobuffer"}
+# takes the size from the first key frame, so half a second of probing is enough. (Not `fflags nobuffer`:
+# it throws away the frames read while probing, all of a short stream's.)
+LIVE_OPTIONS = {"protocol_whitelist": PROTOCOLS, "analyzeduration": "500000", "probesize": "500000"}
 
 
 @dataclass

@@ -98,6 +98,8 @@ class AnnotateStage(Stage):
         for item in items:  # in index order within each task
             frame = item.frame
             writer = self.writer(item.task, frame)
+            if writer.final.is_dir():  # another replica already published this task (see ResultWriter.published)
+                continue
             image = None
             watched = item.task.viewers > 0
             if writer.video or watched:
@@ -111,7 +113,12 @@ class AnnotateStage(Stage):
                                           height=frame.height, jpeg=jpeg.encode(image, LIVE_JPEG_QUALITY),
                                           persons=frame.persons, annotated_at=time.time())
                 self.emit(pipeline.LIVE_FRAMES, item.task, live.SerializeToString())
-            writer.write(frame, image if writer.video else None)
+            try:
+                writer.write(frame, image if writer.video else None)
+            except OSError:
+                if not writer.final.is_dir():
+                    raise
+                writer.abandon()  # published meanwhile by the other writer: this frame is in it
 
     def finish_task(self, task: TaskInfo) -> pb.TaskResult:
         writer = self.writers.pop(task.task_id, None) or self.writer(task)

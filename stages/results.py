@@ -130,6 +130,7 @@ class ResultWriter:
     frames: int = 0
     warnings: list[str] = field(default_factory=list)
     durable: int = -1  # the last index of the finished segments (those of earlier owners included)
+    frames_total: int = 0
 
     def __post_init__(self) -> None:
         self.durable = _chain_end(self.partial)
@@ -222,15 +223,51 @@ class ResultWriter:
 
     # ------------------------------------------------------------------ the end
 
+    def published(self) -> pb.TaskResult | None:
+        """The task's result when one is already in place (None otherwise).
+
+        Two replicas may write one task at once (a member the broker dropped from the group still works
+        until it hears so; a rebalance on the local broker can overlap): both write equal segments, and
+        whoever publishes first wins. The other finds the result here and reports it instead of failing
+        or replacing it. Redelivered work on files gets the same treatment as redelivered frames."""
+        if not self.final.is_dir():
+            return None
+        artifacts = []
+        for kind in sorted(self.outputs):
+            name, content_type = ARTIFACT_FILES[kind]
+            path = self.final / name
+            if path.exists():
+                artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
+                                              content_type=content_type, sha256=sha256_of(path)))
+        return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=self.frames_total or 0,
+                             warnings=self.warnings)
+
     def publish(self, total: int, upload: Path | None, start_s: float) -> pb.TaskResult:
         """All frames are written: join the segments, add the audio, and make the result visible at once."""
+        self.frames_total = total
+        done = self.published()
+        if done is not None:
+            self.abandon()
+            shutil.rmtree(self.partial, ignore_errors=True)  # what this writer made after the other published
+            return done
+        try:
+            return self._publish(total, upload, start_s)
+        except OSError:
+            done = self.published()  # another replica published while this one assembled
+            if done is None:
+                raise
+            return done
+        finally:
+            shutil.rmtree(self.partial / f".assembly-{self.worker}", ignore_errors=True)
+
+    def _publish(self, total: int, upload: Path | None, start_s: float) -> pb.TaskResult:
         self.close_segment()
         self.partial.mkdir(parents=True, exist_ok=True)
         segments = _chain(self.partial)
         if total and (not segments or segments[-1][1] != total - 1):
             raise RuntimeError(f"segments of task {self.task_id} end at {segments[-1][1] if segments else -1}, "
                                f"not at its last frame {total - 1}")
-        assembly = self.partial / ".assembly"
+        assembly = self.partial / f".assembly-{self.worker}"  # a replica's own: two may assemble at once
         shutil.rmtree(assembly, ignore_errors=True)
         assembly.mkdir()
         names = [f"seg-{a:08d}-{b:08d}" for a, b in segments]
@@ -252,8 +289,8 @@ class ResultWriter:
                 os.fsync(f.fileno())
             artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
                                           content_type=content_type, sha256=sha256_of(path)))
-        # One rename makes the whole result visible at once; the segments go with the partial folder.
-        shutil.rmtree(self.final, ignore_errors=True)
+        # One rename makes the whole result visible at once; the segments go with the partial folder. A
+        # result already in place is never replaced (os.replace refuses a non-empty folder): first wins.
         os.replace(assembly, self.final)
         shutil.rmtree(self.partial, ignore_errors=True)
         return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=total,

@@ -47,7 +47,7 @@ def installed(python: Path) -> set[str]:
 def wheel(tmp_path_factory) -> Path:
     """The wheel `make wheel` built (make test passes it), else one built here the same way."""
     if os.environ.get("POSEMESH_WHEEL"):
-        return Path(os.environ["POSEMESH_WHEEL"])
+        return (REPO_ROOT / os.environ["POSEMESH_WHEEL"]).resolve()  # relative to the checkout
     out = tmp_path_factory.mktemp("dist")
     built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, REPO_ROOT])
     assert built.returncode == 0, built.stderr
