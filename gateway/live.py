@@ -77,7 +77,9 @@ class LiveSource(threading.Thread):
         self.stop_requested = threading.Event()
         self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
         self.index = 0
-        self.window = 4.0  # frames allowed in flight (sent, not yet annotated)
+        # Frames allowed in flight (sent, not yet annotated). The first window is half the bound's worth of
+        # the camera's frames (4 to 8), spread over the bound: the mesh takes a while to take a task on.
+        self.window = float(max(4, min(8, int((task.video.fps or 25.0) * config.max_lag_s * 0.5))))
         self.latency: float | None = None  # arrival -> annotated, smoothed
         self.fastest: deque[tuple[float, float]] = deque()  # (when, latency): the fastest of the last seconds
         self.last_cut = 0.0
@@ -207,10 +209,12 @@ class LiveSource(threading.Thread):
             return False  # the oldest frame in flight waited past the bound: none more until it is out
         if self.index - self.done >= int(self.window):
             return False
-        if self.latency is not None:  # spread what goes in evenly: window / latency frames a second
-            pace = self.window / max(self.latency, 0.05)
-            if stream_time - self.last_admitted < 0.999 / pace:
-                return False
+        # Spread what goes in evenly: window / latency frames a second; before any frame came out, the
+        # first window spread over the bound (the mesh may take that long to take a new task on).
+        latency = self.latency if self.latency is not None else self.config.max_lag_s
+        pace = self.window / max(latency, 0.05)
+        if stream_time - self.last_admitted < 0.999 / pace:
+            return False
         self.last_admitted = stream_time
         return True
 

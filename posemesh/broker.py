@@ -48,6 +48,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kill_group(pgid: int) -> None:
+    """SIGKILL a process group (a child started with start_new_session=True, and whatever it started)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM, wait up to `grace` seconds, then SIGKILL."""
     if proc.poll() is not None:

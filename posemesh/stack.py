@@ -28,7 +28,7 @@ from typing import Callable
 
 import grpc
 
-from posemesh.broker import broker_command, free_port, stop_process
+from posemesh.broker import broker_command, free_port, kill_group, stop_process
 from posemesh.health import grpc_healthy
 from posemesh.pipeline import STAGE_NAMES
 from posemesh.settings import REPO_ROOT
@@ -207,6 +207,7 @@ class Stack:
                             service.proc.returncode, ran, delay, service.log_path)
                 time.sleep(delay)
                 if not self.stopping.is_set():
+                    kill_group(service.proc.pid)  # what the dead process started (Triton's stubs) goes too
                     service.start()
             if dead:
                 self._write_state()
@@ -228,6 +229,7 @@ class Stack:
         for s in services:
             if s not in workers:
                 stop_process(s.proc, grace=15)
+            kill_group(s.proc.pid)  # nothing a service started outlives the stack
         state = self.run_dir / "stack.json"
         state.unlink(missing_ok=True)
         log.info("stack stopped")

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posemesh.broker import free_port, stop_process
+from posemesh.broker import free_port, kill_group, stop_process
 from posemesh.models import CPU_REPOSITORY
 from posemesh.settings import REPO_ROOT
 
@@ -131,6 +131,14 @@ class TritonServer:
     def stop(self) -> None:
         if self.proc:
             stop_process(self.proc, grace=15)
+            kill_group(self.proc.pid)
+
+    def kill(self) -> None:
+        """What a crash of Triton's container does: tritonserver and its Python-backend stubs die at once.
+        (SIGKILL of tritonserver alone leaves its stubs orphaned, each spinning on a core.)"""
+        if self.proc:
+            kill_group(self.proc.pid)
+            self.proc.wait()
 
     def __enter__(self) -> "TritonServer":
         return self.start()

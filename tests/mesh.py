@@ -131,8 +131,7 @@ class Mesh:
         self.broker = LocalBroker(self.broker.port, log_path=self.logs / "broker.log").start()
 
     def restart_triton(self, down_s: float = 1.0) -> None:
-        self.triton.proc.send_signal(signal.SIGKILL)
-        self.triton.proc.wait()
+        self.triton.kill()
         time.sleep(down_s)
         self.triton.start()
 
