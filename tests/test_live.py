@@ -97,7 +97,12 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     assert len(records) == live.frames_received - live.frames_dropped
     times = [r["timestamp_s"] for r in records]
     gaps = np.diff(times)
-    assert gaps.max() < 1.0, f"drops bunched together: a gap of {gaps.max():.2f} s"  # spread, not bursts
+    # Spread, not bursts. While the mesh takes the task on (consumer-group joins; seconds on a loaded
+    # machine) nothing more goes in once the first window is in flight: a gap, but within the lag bound.
+    # Once frames come out, admissions follow them evenly.
+    assert gaps.max() < MAX_LAG_S + 0.5, f"a gap of {gaps.max():.2f} s"
+    steady = gaps[np.asarray(times[1:]) > 2 * MAX_LAG_S]
+    assert len(steady) > 10 and steady.max() < 1.0, f"drops bunched together: a gap of {steady.max():.2f} s"
 
 
 def test_annotated_frames_reach_watchers_in_order_and_a_slow_watcher_loses_the_oldest(client, cameras):
