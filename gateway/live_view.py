@@ -35,6 +35,7 @@ class _Watched:
     viewers: list[Viewer] = field(default_factory=list)
     reader: threading.Thread | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    ready: threading.Event = field(default_factory=threading.Event)  # the reader is positioned
 
 
 class LiveViews:
@@ -55,10 +56,17 @@ class LiveViews:
             watched = self.tasks.setdefault(task_id, _Watched())
             watched.viewers.append(viewer)
             count = len(watched.viewers)
-            if watched.reader is None:
-                watched.reader = threading.Thread(target=self._read, args=(task_id, watched.stop),
+            first = watched.reader is None
+            if first:
+                watched.reader = threading.Thread(target=self._read, args=(task_id, watched.stop, watched.ready),
                                                   name=f"view-{task_id[:12]}", daemon=True)
-                watched.reader.start()
+        if first:
+            # The task's live topic is made for its first viewer (kafka.PIPELINE_TOPIC_PREFIXES says why),
+            # and read from before annotate is told to write to it.
+            await asyncio.to_thread(kafka.create_topics, kafka.admin(self.settings),
+                                    kafka.task_topic_specs(task_id, self.settings, (kafka.LIVE_FRAMES,)))
+            watched.reader.start()
+        await asyncio.to_thread(watched.ready.wait, 10)
         await asyncio.to_thread(self.publish_viewers, task_id, count)
         return viewer
 
@@ -81,11 +89,12 @@ class LiveViews:
         except Exception:  # noqa: BLE001 - the broker is away; annotate keeps making frames a while longer
             log.warning("could not tell the workers that %s has %d viewers", task_id, count)
 
-    def _read(self, task_id: str, stop: threading.Event) -> None:
+    def _read(self, task_id: str, stop: threading.Event, ready: threading.Event) -> None:
         topic = kafka.task_topic(kafka.LIVE_FRAMES, task_id)
         consumer = Consumer({**kafka.consumer_config(self.settings, f"gateway-view-{uuid.uuid4().hex[:8]}",
                                                      "gateway-view"), "enable.auto.commit": False})
         consumer.assign([TopicPartition(topic, 0, OFFSET_END)])  # from now on: a live view, not a replay
+        ready.set()
         try:
             while not stop.is_set():
                 for msg in consumer.consume(num_messages=16, timeout=0.05):

@@ -259,7 +259,8 @@ class Gateway:
         for row in self.store.rows("state IN (?, ?) AND deleted = 0", tuple(ACTIVE)):
             task = tpb.Task.FromString(row["task"])
             path = self._upload_of(task.task_id)
-            topics_intact = len(on_broker.get(task.task_id, [])) == len(kafka.TASK_TOPIC_PREFIXES)
+            topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
+                kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
             if row["live_url"] and not row["produced"]:
                 self._close_live_after_restart(task, row, topics_intact)
             elif row["produced"] and topics_intact:

@@ -34,7 +34,14 @@ def task_topic(prefix: str, task_id: str) -> str:
     return f"{prefix}_{task_id}"
 
 
+# The topics a task gets when it starts: the pipeline's. Its live-frames topic is made when the first
+# viewer asks for it (WatchFrames): most tasks are never watched, and every topic made costs the broker a
+# metadata change that every client's consumer group hears about while tasks are starting.
+PIPELINE_TOPIC_PREFIXES: tuple[str, ...] = tuple(p for p in TASK_TOPIC_PREFIXES if p != LIVE_FRAMES)
+
+
 def task_topics(task_id: str) -> list[str]:
+    """Every topic a task may have (what is deleted when it ends)."""
     return [task_topic(p, task_id) for p in TASK_TOPIC_PREFIXES]
 
 
@@ -115,9 +122,10 @@ class TopicSpec:
     config: dict
 
 
-def task_topic_specs(task_id: str, settings: Settings) -> list[TopicSpec]:
+def task_topic_specs(task_id: str, settings: Settings,
+                     prefixes: tuple[str, ...] = PIPELINE_TOPIC_PREFIXES) -> list[TopicSpec]:
     cfg = {"retention.ms": str(settings.topic_retention_ms), "max.message.bytes": str(MAX_MESSAGE_BYTES)}
-    return [TopicSpec(task_topic(p, task_id), partitions_for(p, settings), cfg) for p in TASK_TOPIC_PREFIXES]
+    return [TopicSpec(task_topic(p, task_id), partitions_for(p, settings), cfg) for p in prefixes]
 
 
 def create_topics(client: AdminClient, specs: list[TopicSpec], timeout: float = 15.0) -> None:

@@ -31,8 +31,9 @@ def test_upload_publishes_every_frame_in_order_then_end_of_stream(gateway):
     assert task.state in (tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING)
     assert task.video.width == 960 and task.video.height == 540 and task.video.codec == "h264"
     names = topics(gateway.settings.kafka_bootstrap)
-    for name in kafka.task_topics(task.task_id):
-        assert name in names
+    for prefix in kafka.PIPELINE_TOPIC_PREFIXES:
+        assert kafka.task_topic(prefix, task.task_id) in names
+    assert kafka.task_topic(kafka.LIVE_FRAMES, task.task_id) not in names  # made for a first viewer only
 
     records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id))
     frames = [r.frame for r in records if r.HasField("frame")]
