@@ -86,7 +86,9 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     task = client.start_live(cameras.url("cam/town"))
     lags, snapshot = [], None
     for snapshot in client.watch(task.task_id):
-        if snapshot.live.frames_received:
+        # The bound holds once the mesh has taken the task on; before its first annotated frame the lag is
+        # that frame's wait (consumer-group joins: seconds on a loaded machine), which no admission can help.
+        if snapshot.live.frames_received and snapshot.progress and snapshot.progress[-1].frames_done:
             lags.append(snapshot.live.lag_s)
     assert snapshot.state == tpb.TASK_STATE_COMPLETED, snapshot.error_message
     live = snapshot.live
