@@ -16,40 +16,17 @@ import os
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import av  # noqa: E402
 
 from bench.measure import rss_mb, run_uploads, topic_bytes, tree_cpu  # noqa: E402
 from posemesh import kafka  # noqa: E402
 from posemesh.client import Client  # noqa: E402
 from posemesh.settings import default_media_dir  # noqa: E402
 from posemesh.stack import Stack, StackConfig  # noqa: E402
-
-
-def concatenate(src: Path, dst: Path, times: int) -> Path:
-    """The clip `times` times in a row, as one MP4 (packets copied, timestamps shifted)."""
-    with av.open(str(src)) as first:
-        stream = first.streams.video[0]
-        span = int(stream.duration or 0) or int(stream.frames / float(stream.average_rate) / stream.time_base)
-    with av.open(str(dst), "w") as out:
-        target = None
-        for k in range(times):
-            with av.open(str(src)) as inp:
-                s = inp.streams.video[0]
-                if target is None:
-                    target = out.add_stream_from_template(s)
-                for packet in inp.demux(s):
-                    if packet.dts is None:
-                        continue
-                    packet.pts += k * span
-                    packet.dts += k * span
-                    packet.stream = target
-                    out.mux(packet)
-    return dst
+from tests.clips import repeat  # noqa: E402 - the same concatenation the live tests use for a long camera
 
 
 def run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str) -> dict:
@@ -90,7 +67,7 @@ def main() -> int:
     parser.add_argument("--pose-model", default="blazepose_lite")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="posemesh-scaling-"))
-    longer = concatenate(args.clip, work / f"{args.clip.stem}_x4.mp4", 4)
+    longer = repeat(args.clip, work / f"{args.clip.stem}_x4.mp4", 4)
     # Topics go 30 s after a task ends, once no worker reads them: time to count what they hold first.
     os.environ["POSEMESH_TOPIC_DELETE_DELAY_S"] = "30"
     stack = Stack(StackConfig(run_dir=work / "stack"))
