@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import limit as model_limit  # noqa: E402
-from bench.measure import counters, run_uploads, topic_bytes, tree_cpu  # noqa: E402
+from bench.measure import counters, idle_between_bursts, run_uploads, topic_bytes, tree_cpu  # noqa: E402
 from posemesh import kafka  # noqa: E402
 from posemesh.client import Client  # noqa: E402
 from posemesh.models import prepare  # noqa: E402
@@ -103,6 +103,7 @@ def bench_model(clip: Path, onnx_dir: Path, pose_model: str, work: Path) -> dict
             warm = default_media_dir() / "mmpose_demo_960x540_5f.mp4"
             run_uploads(client, warm, 1, pose_model)  # first calls, group joins
             for n in (1, 4, 1):
+                idle_between_bursts()
                 run = measured_run(stack, client, clip, n, pose_model)
                 runs.append(run)
                 print(f"[{pose_model}] stack, {n} upload(s): {run['frames']} frames in {run['wall']:.1f} s = "

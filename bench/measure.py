@@ -115,6 +115,7 @@ class Upload:
     def __init__(self, client: Client, clip: Path, pose_model: str):
         self.client, self.clip, self.pose_model = client, clip, pose_model
         self.t: dict[str, float] = {}
+        self.step_first: dict[str, float] = {}
         self.task: tpb.Task | None = None
         self.thread = threading.Thread(target=self._run)
 
@@ -123,9 +124,12 @@ class Upload:
         task = self.client.submit(self.clip, pose_model=self.pose_model)
         self.t["uploaded"] = time.perf_counter()
         for snapshot in self.client.watch(task.task_id):
-            annotated = next((p.frames_done for p in snapshot.progress if p.stage == "annotate"), 0)
-            if annotated and "first" not in self.t:
-                self.t["first"] = time.perf_counter()
+            now = time.perf_counter()
+            for step in snapshot.progress:  # when each step (decode, every stage) had its first frame
+                if step.frames_done and step.stage not in self.step_first:
+                    self.step_first[step.stage] = now
+            if "annotate" in self.step_first and "first" not in self.t:
+                self.t["first"] = self.step_first["annotate"]
             self.task = snapshot
             if snapshot.state in DONE:
                 self.t["done"] = time.perf_counter()
@@ -141,6 +145,14 @@ class Upload:
     @property
     def duration(self) -> float:
         return self.t["done"] - self.t["uploaded"]
+
+
+def idle_between_bursts() -> None:
+    """Wait as a stack between bursts of uploads does: the gateway makes its reserved task ids again once
+    no task has started for a while (gateway/reservations.py), and the workers let go of ended tasks."""
+    from posemesh.settings import Settings
+
+    time.sleep(Settings().reserve_quiet_s + 3.0)
 
 
 def run_uploads(client: Client, clip: Path, n: int, pose_model: str) -> tuple[list[Upload], float]:

@@ -4,6 +4,7 @@ raw_frames_<task>, in index order (spread over the topic's partitions by index),
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -18,6 +19,11 @@ from posemesh import jpeg, media
 log = logging.getLogger("posemesh.gateway")
 
 PROGRESS_EVERY = 10
+# Decoding runs ahead of the models by up to MAX_FRAMES_AHEAD frames a task. Right after a burst of uploads
+# that is seconds of CPU per task, taken exactly when the tasks' first frames need the models: at the same
+# priority, four uploads' read-ahead doubled the first frames' model time (pose: 0.3 -> 1.4 s for a frame).
+# The decode threads therefore yield the CPU to everything else (Linux: per-thread nice value).
+DECODE_NICE = 10
 
 
 class FrameProducer(threading.Thread):
@@ -62,6 +68,10 @@ class FrameProducer(threading.Thread):
                 return remaining
 
     def run(self) -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
+        except (OSError, AttributeError):  # not Linux: decode at the normal priority
+            pass
         task_id, count, reported = self.task.task_id, 0, 0
         reader = media.FrameReader(self.path, self.task.video.fps, self.limits)
         try:

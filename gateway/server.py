@@ -33,6 +33,7 @@ from posemesh.gateway.live_view import LiveViews
 from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
+from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.service import UPLOAD_FILE, TaskService
 from posemesh.gateway.store import ACTIVE, TERMINAL, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
@@ -66,6 +67,8 @@ class Gateway:
                                  self.store.count_active)
         self.producer = self._new_producer()
         self.topics = TopicManager(self.settings, self.producer, self.store)
+        self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s)
+        self.topics.is_reserved = self.reservations.__contains__
         self.events: EventReader | None = None
         self.watch: BrokerWatch | None = None
         self.frame_producers: dict[str, FrameProducer] = {}
@@ -100,8 +103,10 @@ class Gateway:
     def start_task(self, task: tpb.Task, path: Path) -> None:
         """Topics first (explicitly, with their partition counts), then tell the workers, then frames."""
         epoch = self.store.epoch(task.task_id)
-        self.topics.create(task.task_id)
+        if task.task_id not in self.reservations:  # a reserved id's topics exist, and are read already
+            self.topics.create(task.task_id)
         self.topics.publish_started(task, epoch)
+        self.reservations.used(task.task_id)
         self.store.transition(task.task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
         self._start_producer(task, path, epoch)
         log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
@@ -110,8 +115,10 @@ class Gateway:
         """Like start_task, with the camera in place of the upload: topics, tell the workers, read."""
         epoch = self.store.epoch(task.task_id)
         self.store.set_columns(task.task_id, live_url=source.url, live_transport=transport)
-        self.topics.create(task.task_id)
+        if task.task_id not in self.reservations:
+            self.topics.create(task.task_id)
         self.topics.publish_started(task, epoch, self.publish_url(task.task_id))
+        self.reservations.used(task.task_id)
         self.store.transition(task.task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
         self._start_live_source(task, source, transport, epoch)
         log.info("live task %s started on %s", task.task_id, source.shown)
@@ -183,6 +190,13 @@ class Gateway:
         if live:
             live.on_end = lambda *_a: None
             live.stop()
+        if task_id in self.reservations:  # workers read a reserved id's topics: they must let go first
+            self.reservations.used(task_id)
+            self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)
+            self.topics.orphans.setdefault(task_id, time.time())
+            self.store.purge(task_id)
+            shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+            return
         try:
             kafka.delete_topics(self.topics.admin, kafka.task_topics(task_id), timeout=5)
         except Exception:  # noqa: BLE001 - the broker is down: nobody read them, the orphan sweep deletes them
@@ -324,6 +338,7 @@ class Gateway:
             self.topics.producer = self.producer
             old.purge()
         self.topics.forget_readers()
+        self.reservations.forget()
         if self.events is not None:
             self.events.stop()
         self.events = EventReader(self.settings, self.store, self.topics, self.complete, self.fail, incarnation)
@@ -393,6 +408,7 @@ class Gateway:
             try:
                 if self.broker_available():
                     self.sweep_once()
+                    self.reservations.maintain()
             except Exception:  # noqa: BLE001
                 log.exception("sweep failed; retrying")
             time.sleep(0.5)
@@ -478,6 +494,8 @@ class Gateway:
             p.cancelled.set()
         for p in producers:
             p.join(5)
+        if self.broker_available():  # unused reservations: workers let go, the next gateway deletes them
+            self.reservations.release()
         if self.events:
             self.events.stop()
             self.events.join(5)

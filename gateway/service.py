@@ -137,11 +137,11 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 return await self._receive_and_start(user, options, key, file_name, None, messages)
 
     async def _receive_and_start(self, user, options, key, file_name, previous, messages) -> tpb.UploadResponse:
-        task_id = validation.new_task_id()
+        task_id = self.gw.reservations.take() or validation.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
-        job_dir.mkdir(parents=True)
         created = False
         try:
+            job_dir.mkdir(parents=True)
             path, size, digest = await self._receive(messages, job_dir)
             if previous is not None:
                 return self._same_upload(key, previous, digest)
@@ -178,6 +178,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         finally:
             if not created:
                 shutil.rmtree(job_dir, ignore_errors=True)
+                self.gw.reservations.give_back(task_id)  # no task was made: the id stays reserved
 
     def _same_upload(self, key, previous, digest) -> tpb.UploadResponse:
         task, previous_digest = previous
@@ -311,11 +312,15 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 media.Limits.from_settings(self.settings).check_size(video.width, video.height)
             except media.NotAVideo as exc:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{source.shown[:200]}: {exc}") from None
-            task_id = validation.new_task_id()
+            task_id = self.gw.reservations.take() or validation.new_task_id()
             live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
                             created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
-            self.store.create(task, user, None)
+            try:
+                self.store.create(task, user, None)
+            except BaseException:
+                self.gw.reservations.give_back(task_id)
+                raise
             try:
                 await asyncio.to_thread(self.gw.start_live_task, task, source, request.source.transport)
             except Exception as exc:

@@ -39,6 +39,7 @@ class TopicManager:
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
         self.local_readers = set  # () -> tasks whose topics the gateway itself reads (live views)
+        self.is_reserved = lambda _task_id: False  # a reserved task id (gateway/reservations.py): not an orphan
         self.started = time.time()
 
     def create(self, task_id: str) -> None:
@@ -59,6 +60,9 @@ class TopicManager:
     def publish_started(self, task: tpb.Task, epoch: int, publish_url: str = "") -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(
             options=task.options, video=task.video, epoch=epoch, live=task.HasField("live"), publish_url=publish_url)))
+
+    def publish_reserved(self, task_id: str) -> None:
+        self._control(pb.ControlEvent(task_id=task_id, reserved=pb.TaskReserved()))
 
     def publish_viewers(self, task_id: str, count: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, viewers=pb.ViewersChanged(count=count)))
@@ -89,6 +93,8 @@ class TopicManager:
         """Per-task topics on the broker whose task is not live: announce their end, delete them later."""
         found = []
         for task_id in kafka.list_task_topics(self.admin):
+            if self.is_reserved(task_id):
+                continue
             row = self.store.rows("task_id = ?", (task_id,))
             if row and row[0]["state"] not in TERMINAL:
                 continue

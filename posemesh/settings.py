@@ -43,6 +43,12 @@ class Settings:
     frame_partitions: int = field(default_factory=lambda: int(_env("FRAME_PARTITIONS", "4")))
     topic_retention_ms: int = field(default_factory=lambda: int(_env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
     # Seconds between a task's terminal state and the deletion of its topics.
+    # Task ids kept in reserve with their topics made and read by every stage (gateway/reservations.py):
+    # a task that takes one starts without waiting for consumer-group joins. Made again once no task has
+    # started for the quiet time (workers let go of ended tasks' topics a second after it, in the same
+    # rebalance). 0 turns reservations off.
+    reserved_tasks: int = field(default_factory=lambda: int(_env("RESERVED_TASKS", "4")))
+    reserve_quiet_s: float = field(default_factory=lambda: float(_env("RESERVE_QUIET_S", "5.0")))
     topic_delete_delay_s: float = field(default_factory=lambda: float(_env("TOPIC_DELETE_DELAY_S", "60")))
     # Triton
     triton_url: str = field(default_factory=lambda: _env("TRITON_URL", "127.0.0.1:8001"))

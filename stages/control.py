@@ -32,6 +32,9 @@ class ControlFollower(threading.Thread):
         self.live: dict[str, pb.TaskStarted] = {}
         self.ended: dict[str, int] = {}
         self.viewers: dict[str, int] = {}  # task -> clients watching its annotated frames
+        self.reserved: set[str] = set()  # task ids whose topics exist before their task (TaskReserved)
+        self.events = 0  # control events applied so far (the worker sees bursts settle by it)
+        self.last_start = 0.0  # monotonic time of the latest TaskStarted or TaskReserved
         self.generation = 0
         self.incarnation: str | None = None  # of the broker's data (posemesh.kafka.incarnation)
         self.broker_problem = ""  # non-empty while the broker cannot be reached
@@ -46,6 +49,14 @@ class ControlFollower(threading.Thread):
     def snapshot(self) -> tuple[dict[str, pb.TaskStarted], set[str]]:
         with self.lock:
             return dict(self.live), set(self.ended)
+
+    def reserved_tasks(self) -> set[str]:
+        with self.lock:
+            return set(self.reserved)
+
+    def is_reserved(self, task_id: str) -> bool:
+        with self.lock:
+            return task_id in self.reserved
 
     def stop(self) -> None:
         self.running.clear()
@@ -85,7 +96,12 @@ class ControlFollower(threading.Thread):
         while self.running.is_set():
             msg = consumer.poll(0.1)
             if msg is not None and not msg.error():
-                self._apply(pb.ControlEvent.FromString(msg.value()))
+                event = pb.ControlEvent.FromString(msg.value())
+                self._apply(event)
+                if event.HasField("started"):
+                    _kind, at_ms = msg.timestamp()
+                    log.info("task %s started (heard %.0f ms after it was published)", event.task_id,
+                             time.time() * 1000 - at_ms)
             if time.monotonic() - checked >= CHECK_EVERY_S:
                 checked = time.monotonic()
                 current = self._incarnation(admin)
@@ -102,6 +118,7 @@ class ControlFollower(threading.Thread):
                         self.live.clear()
                         self.ended.clear()
                         self.viewers.clear()
+                        self.reserved.clear()
                         self.incarnation = current
                         self.generation += 1
                     self.changed.set()
@@ -110,13 +127,21 @@ class ControlFollower(threading.Thread):
 
     def _apply(self, event: pb.ControlEvent) -> None:
         with self.lock:
+            self.events += 1
+            if event.HasField("started") or event.HasField("reserved"):
+                self.last_start = time.monotonic()
             if event.HasField("started") and event.task_id not in self.ended:
+                self.reserved.discard(event.task_id)
                 known = self.live.get(event.task_id)
                 if known is None or event.started.epoch >= known.epoch:
                     self.live[event.task_id] = event.started
+            elif event.HasField("reserved"):
+                if event.task_id not in self.ended and event.task_id not in self.live:
+                    self.reserved.add(event.task_id)
             elif event.HasField("ended"):
                 self.live.pop(event.task_id, None)
                 self.viewers.pop(event.task_id, None)
+                self.reserved.discard(event.task_id)
                 self.ended[event.task_id] = event.ended.state
             elif event.HasField("viewers"):
                 if event.viewers.count > 0 and event.task_id not in self.ended:

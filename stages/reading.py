@@ -43,6 +43,7 @@ class InputReader:
         # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
+        self.assignments = 0  # answers from the group so far (each one a rebalance)
 
     # ------------------------------------------------------------------ subscription and assignment
 
@@ -66,6 +67,7 @@ class InputReader:
 
     def _on_assign(self, consumer, partitions) -> None:
         self.joining = False
+        self.assignments += 1
         now = {(p.topic, p.partition) for p in partitions}
         fresh = now - self._previously
         for p in partitions:
@@ -104,7 +106,22 @@ class InputReader:
                 self.book.add(tp, msg.offset())
         return msgs
 
+    def poll_only(self, tps: set[TP], max_messages: int, timeout: float) -> list:
+        """Poll these partitions alone: the others are paused meanwhile (which drops what librdkafka had
+        fetched ahead for them; it is fetched again) and resumed after, unless flow control holds them."""
+        others = [tp for tp in self.owned if tp not in tps and tp not in self.paused]
+        if others:
+            self.consumer.pause([TopicPartition(t, p) for t, p in others])
+        try:
+            return self.poll(max_messages, timeout)
+        finally:
+            if others:
+                self.consumer.resume([TopicPartition(t, p) for t, p in others])
+
     def flow_control(self, waiting: dict[TP, int], cap: int) -> None:
+        """Pause partitions with `cap` frames waiting in the pool; resume them once those have left it.
+        Pausing drops what librdkafka had fetched ahead for the partition (fetched again on resume), so
+        the next fetches go to the partitions still running."""
         pause = [tp for tp in self.owned if waiting.get(tp, 0) >= cap and tp not in self.paused]
         resume = [tp for tp in self.paused if waiting.get(tp, 0) == 0 and tp in self.owned]
         if pause:
@@ -113,6 +130,14 @@ class InputReader:
         if resume:
             self.consumer.resume([TopicPartition(t, p) for t, p in resume])
             self.paused.difference_update(resume)
+
+    def owned_by_task(self) -> dict[str, list[TP]]:
+        out: dict[str, list[TP]] = {}
+        for tp in self.owned:
+            task_id = kafka.task_of_topic(tp[0])
+            if task_id:
+                out.setdefault(task_id, []).append(tp)
+        return out
 
     def done(self, tp: TP, offset: int) -> None:
         self.book.done(tp, offset)

@@ -59,7 +59,11 @@ BATCH = Histogram("posemesh_stage_batch_frames", "Frames per processed batch", [
 PROCESS_SECONDS = Histogram("posemesh_stage_process_seconds", "Stage.process time per batch", ["stage"])
 LOOP_STALL_S = 120.0
 JOIN_PATIENCE_S = 10.0  # a join that takes longer than this is not waited for
-SUBSCRIBE_SETTLE_S = 0.15  # each join costs about a second on the local broker
+# Each join costs about a second on the local broker: a burst of task starts is taken in one join, once
+# no control event came for SUBSCRIBE_SETTLE_S (and at most SUBSCRIBE_SETTLE_MAX_S after the first).
+SUBSCRIBE_SETTLE_S = 0.15
+SUBSCRIBE_SETTLE_MAX_S = 0.5
+NEW_TASK_BOOST_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
 
@@ -71,6 +75,7 @@ class StageWorker:
         self.worker_id = worker_id or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.metrics_port = metrics_port
         self.batch = int(os.environ.get(f"POSEMESH_{stage.name.upper()}_MAX_BATCH", stage.max_batch))
+        self.batch_now = self.batch  # smaller while a new task's first frames are awaited
         self.running = threading.Event()
         self.control = ControlFollower(settings, self.worker_id)
         self.reporter = Reporter(self.worker_id, stage.name)
@@ -79,13 +84,19 @@ class StageWorker:
         self.control_port = self.api.port
         self.generation = 0
         self.resets = 0
+        self.assignments = 0  # of the consumers before the latest reset
         self.frames_processed = 0
         self.batches = 0
         self.started_at = time.time()
         self.loop_seen = time.monotonic()
         self.locally_stopped: set[str] = set()
         self.subscribed_at = 0.0
-        self.change_seen = 0.0
+        self.change_seen = 0.0  # when the first control change not yet applied was seen
+        self.last_event = 0.0  # when the latest control event was seen
+        # Topics of ended tasks are let go of once no task has started (or been reserved) for this long: a
+        # little after the gateway makes new reservations (posemesh.gateway.reservations), so both go in one join.
+        self.removal_quiet_s = settings.reserve_quiet_s + 1.0
+        self.events_seen = 0
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -97,6 +108,10 @@ class StageWorker:
         self.eos_held: dict[str, tuple] = {}  # ordered stages: a task's end-of-stream offset, done at finish
         self.held: dict[str, list[tuple[int, tuple, int]]] = defaultdict(list)  # RESUME: (index, tp, offset)
         self.forward_eos: list[tuple[pb.StageRecord, tuple, int]] = []
+        # Records of a reserved task whose TaskStarted the control follower has not read yet (the frames
+        # can overtake it: two consumers): (task id, message), taken in once it has.
+        self.early: list[tuple[str, object]] = []
+        self.boost_since: dict[tuple, float] = {}  # partitions of started tasks not heard from yet: since when
         self.to_mark: list[tuple[tuple, int]] = []  # inputs whose outputs are produced, done once flushed
         self.results: list[pb.TaskResult] = []
         self.produced = False
@@ -122,6 +137,8 @@ class StageWorker:
                     self._reset("broker_lost", "the broker lost its data")
                     continue
                 self._apply_subscription()
+                if self.early:
+                    self._take_in_early()
                 self._take_in(self._poll())
                 self._step()
                 # What the heartbeats say this worker reads follows every (re)assignment at once: the
@@ -172,6 +189,7 @@ class StageWorker:
             pass
         # After a broker loss the old consumer belongs to a group nobody will use again: it is closed on the
         # side and not waited for. Otherwise it must be gone before the new one joins the same group.
+        self.assignments += self.reader.assignments
         self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0)
         if self.pixels is not None:
             self.pixels.close()
@@ -221,18 +239,23 @@ class StageWorker:
             return
         now = time.monotonic()
         self.change_seen = self.change_seen or now
-        if now - self.change_seen < SUBSCRIBE_SETTLE_S:
+        if self.control.events != self.events_seen:
+            self.events_seen, self.last_event = self.control.events, now
+        if now - self.last_event < SUBSCRIBE_SETTLE_S and now - self.change_seen < SUBSCRIBE_SETTLE_MAX_S:
             return  # tasks often start in bursts: one join for the burst, not one per task
         if self.reader.joining and now - self.subscribed_at < JOIN_PATIENCE_S:
             return  # a join is under way: the change goes in once it is done (all at once)
         self.control.changed.clear()
         self.change_seen = 0.0
         live, _ended = self.control.snapshot()
-        wanted_tasks = [t for t in live if t not in self.locally_stopped]
+        # Reserved task ids are read before their task starts: it then needs no join (gateway/reservations.py).
+        wanted_tasks = [t for t in [*live, *self.control.reserved_tasks()] if t not in self.locally_stopped]
         for task_id in [t for t in set(self.tasks) | set(self.failed) | self.finished
                         if t not in live or t in self.locally_stopped]:
             self._forget(task_id)
         if self.pixels is not None:
+            for task_id in self.pixels.reading_tasks() - set(wanted_tasks):
+                self.pixels.drop_task(task_id)  # ended (or a reservation given up) before its frames came here
             for task_id in wanted_tasks:
                 self.pixels.prepare(task_id, kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings))
         wanted = [kafka.task_topic(self.spec.reads, t) for t in wanted_tasks]
@@ -245,6 +268,14 @@ class StageWorker:
             wanted = [t for t in wanted if t in existing]
             if missing:  # a topic not visible yet: look again shortly
                 threading.Timer(0.2, self.control.changed.set).start()
+        current = set(self.reader.task_topics)
+        quiet = time.monotonic() - self.control.last_start
+        if set(wanted) < current and quiet < self.removal_quiet_s:
+            # Only ended tasks to let go of: that join can wait until tasks stop starting (it would stall
+            # every task of the group for a second right as new ones begin), and then usually rides along
+            # with the gateway's next reservations (one join for both).
+            threading.Timer(self.removal_quiet_s - quiet + 0.05, self.control.changed.set).start()
+            return
         if self.reader.subscribe(wanted):
             self.subscribed_at = time.monotonic()
             log.info("reading %d task topics", len(self.reader.task_topics))
@@ -263,6 +294,7 @@ class StageWorker:
     def _on_revoked(self, tps: set) -> None:
         """Partitions moved to another replica (or their task ended): their frames are its now."""
         self._warm_pixels(tps, on=False)
+        self.early = [(t, m) for t, m in self.early if (m.topic(), m.partition()) not in tps]
         if self.stage.ordered:
             for task_id in {kafka.task_of_topic(t) for t, _p in tps} - {None}:
                 self._drop_task_state(task_id)
@@ -313,7 +345,30 @@ class StageWorker:
             return self.reader.poll(4 * self.batch, 0.05)
         pooled = self.pool.pooled()
         full = pooled >= self.batch and self.pool.ready()
-        return self.reader.poll(max(4 * self.batch - pooled, 1), 0 if full else 0.02 if pooled else 0.05)
+        first = self._new_tasks_first()
+        return first + self.reader.poll(max(4 * self.batch - pooled, 1),
+                                        0 if full or first else 0.02 if pooled else 0.05)
+
+    def _new_tasks_first(self) -> list:
+        """A new task's first frames, fetched before anything else. The local broker fills each fetch from
+        one partition and librdkafka starts the next fetch at the following partition, so with tasks
+        already flowing a new task's first frame came after 50-150 others (measured: 1-3 s at detect, as
+        much again at pose). While a partition of a started task has given this replica nothing yet (for
+        at most NEW_TASK_BOOST_S), each step first reads those partitions alone; the frame 0 found there
+        then goes through alone (LowestFirstPool)."""
+        now = time.monotonic()
+        starving = set()
+        for task_id, tps in self.reader.owned_by_task().items():
+            if task_id in self.failed or task_id in self.finished or self.control.started(task_id) is None:
+                continue
+            starving.update(tp for tp in tps if tp not in self.reader.positions)
+        for tp in [tp for tp in self.boost_since if tp not in starving]:
+            del self.boost_since[tp]
+        boosted = {tp for tp in starving if now - self.boost_since.setdefault(tp, now) < NEW_TASK_BOOST_S}
+        # Meanwhile batches are small, so the step comes back to look soon (a full batch of the other tasks
+        # took 0.5-1 s here while the new task's first frame waited).
+        self.batch_now = max(1, self.batch // 4) if boosted else self.batch
+        return self.reader.poll_only(boosted, 4 * self.batch, 0.06) if boosted else []
 
     def _take_in(self, msgs) -> None:
         for msg in msgs:
@@ -328,6 +383,9 @@ class StageWorker:
             except DecodeError:
                 log.error("undecodable record at %s[%d]@%d: skipped", tp[0], tp[1], offset)
                 self.reader.done(tp, offset)
+                continue
+            if self.control.started(record.task_id) is None and self.control.is_reserved(record.task_id):
+                self.early.append((record.task_id, msg))  # its TaskStarted is on the way: kept, not dropped
                 continue
             task = self._task_for(record)
             if task is None:
@@ -347,6 +405,14 @@ class StageWorker:
             if not self.pool.add(Pooled(FrameItem(task, record.frame), tp, offset)):
                 self._duplicate(task.task_id, tp, offset)
 
+    def _take_in_early(self) -> None:
+        """Records that overtook their task's TaskStarted, once the control follower has read it."""
+        known = [(t, m) for t, m in self.early if not self.control.is_reserved(t)]
+        if known:
+            log.info("%d records taken in once their TaskStarted was read", len(known))
+            self.early = [(t, m) for t, m in self.early if self.control.is_reserved(t)]
+            self._take_in([m for _t, m in known])
+
     def _task_for(self, record: pb.StageRecord) -> TaskInfo | None:
         task_id = record.task_id
         if task_id in self.locally_stopped or task_id in self.failed:
@@ -363,6 +429,7 @@ class StageWorker:
         task = TaskInfo(task_id, epoch=record.epoch, options=started.options, video=started.video,
                         live=started.live, publish_url=started.publish_url)
         self.tasks[task_id] = task
+        log.info("task %s: first record in (index %d)", task_id, record.frame.index)
         if self.stage.ordered:
             start = self.stage.resume_index(task) if self.stage.recovery is Recovery.RESUME else 0
             self.pool.start_at(task_id, start)
@@ -378,7 +445,7 @@ class StageWorker:
     # ------------------------------------------------------------------ one step of work
 
     def _step(self) -> None:
-        ready = self.pool.take(self.batch)
+        ready = self.pool.take(self.batch_now)
         for entry in ready:  # who watches a task's frames live, as of now
             entry.item.task.viewers = self.control.viewers.get(entry.item.task_id, 0)
         if ready:
@@ -633,7 +700,7 @@ class StageWorker:
             worker_id=self.worker_id, stage=self.stage.name, frames_processed=self.frames_processed,
             batches=self.batches, mean_batch_size=self.frames_processed / self.batches if self.batches else 0.0,
             tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem, problem=problem,
-            resets=self.resets)
+            resets=self.resets, assignments=self.assignments + self.reader.assignments)
 
 
 def _by_task(entries: list[Pooled]) -> dict[str, list[Pooled]]:

@@ -47,6 +47,38 @@ def topics(bootstrap: str) -> set[str]:
     return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
 
 
+def reserved_task_ids(bootstrap: str) -> set[str]:
+    """Task ids the gateway holds in reserve (TaskReserved on posemesh.control, not started or ended since):
+    their topics exist before any task does (gateway/reservations.py)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-control", "enable.auto.commit": False})
+    reserved: set[str] = set()
+    try:
+        _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.CONTROL_TOPIC, 0), timeout=10)
+        consumer.assign([TopicPartition(kafka.CONTROL_TOPIC, 0, 0)])
+        deadline, last = time.monotonic() + 20, -1
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if last >= high - 1:  # the local broker's high mark points at the last batch's start
+                    break
+                continue
+            if msg.error():
+                continue
+            last = msg.offset()
+            event = pb.ControlEvent.FromString(msg.value())
+            if event.HasField("reserved"):
+                reserved.add(event.task_id)
+            elif event.HasField("started") or event.HasField("ended"):
+                reserved.discard(event.task_id)
+    finally:
+        consumer.close()
+    return reserved
+
+
+def reserved_topics(bootstrap: str) -> set[str]:
+    return {t for task_id in reserved_task_ids(bootstrap) for t in kafka.task_topics(task_id)}
+
+
 def read_topic(bootstrap: str, topic: str, until_eos: bool = True, timeout: float = 60.0) -> list[pb.StageRecord]:
     """Every record of a topic, read without a consumer group (assign), in partition order."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-reader", "enable.auto.commit": False,

@@ -85,7 +85,9 @@ class Mesh:
                     "POSEMESH_LIVE_PUBLISH_URL": self.settings.live_publish_url,
                     "POSEMESH_LIVE_STREAM_URL": self.settings.live_stream_url,
                     "POSEMESH_LIVE_MAX_LAG_S": str(self.settings.live_max_lag_s),
-                    "POSEMESH_LIVE_OUTAGE_S": str(self.settings.live_outage_s)})
+                    "POSEMESH_LIVE_OUTAGE_S": str(self.settings.live_outage_s),
+                    "POSEMESH_RESERVED_TASKS": str(self.settings.reserved_tasks),
+                    "POSEMESH_RESERVE_QUIET_S": str(self.settings.reserve_quiet_s)})
         return env
 
     # ------------------------------------------------------------------ processes

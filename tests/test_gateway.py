@@ -12,7 +12,7 @@ from posemesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
-from tests.helpers import read_topic, topics, upload, upload_requests, wait_for, wait_state
+from tests.helpers import read_topic, reserved_topics, topics, upload, upload_requests, wait_for, wait_state
 
 
 def count_frames(path) -> int:
@@ -118,6 +118,9 @@ def test_bad_uploads_get_precise_codes_and_leave_nothing_behind(gateway, tmp_pat
 
     invalid_before, exhausted_before = refused("invalid_argument"), refused("resource_exhausted")
     stub = gateway.stub
+    reservations = gateway.gateway.reservations
+    wait_for(lambda: len(reservations.ready) == gateway.settings.reserved_tasks, 30, 0.1, "the reserved task ids")
+    reserved = list(reservations.ready)
     before = topics(gateway.settings.kafka_bootstrap)
     clip = media("mmpose_demo_960x540_5f.mp4").read_bytes()
     # Random bytes named .mp4.
@@ -145,7 +148,9 @@ def test_bad_uploads_get_precise_codes_and_leave_nothing_behind(gateway, tmp_pat
     assert refused("invalid_argument") - invalid_before == 5 and refused("resource_exhausted") - exhausted_before == 1
     # Nothing left behind: no task, no topic, no temp file.
     assert stub.ListTasks(tpb.ListTasksRequest(), metadata=auth()).tasks == []
-    assert topics(gateway.settings.kafka_bootstrap) - before == set()
+    assert topics(gateway.settings.kafka_bootstrap) - before - reserved_topics(gateway.settings.kafka_bootstrap) == set()
+    # Each refused upload had taken a reserved task id (the uploads take one as they begin): all came back.
+    assert sorted(reservations.ready) == sorted(reserved) and not reservations.lent
     assert job_files(gateway) == []
 
 

@@ -22,7 +22,7 @@ from posemesh.client import Client
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media
-from tests.helpers import topics, wait_for
+from tests.helpers import reserved_task_ids, reserved_topics, topics, wait_for
 from tests.mesh import Mesh
 
 pytestmark = pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")
@@ -213,7 +213,7 @@ def test_sources_outside_the_allow_list_are_refused_and_leave_nothing(mesh, clie
         assert err.value.code() == code, (url, err.value.details())
         assert "passwd" not in err.value.details() or code == grpc.StatusCode.INVALID_ARGUMENT
     assert not [t for t in client.list() if t.state in (tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING)]
-    assert topics(mesh.settings.kafka_bootstrap) - before == set()
+    assert topics(mesh.settings.kafka_bootstrap) - before - reserved_topics(mesh.settings.kafka_bootstrap) == set()
 
 
 def _threads_and_rss(pid: int) -> tuple[int, float]:
@@ -225,7 +225,7 @@ def _threads_and_rss(pid: int) -> tuple[int, float]:
 def test_fifty_live_tasks_started_and_stopped_leave_nothing_behind(mesh, client, cameras):
     """Threads, memory and topics of the gateway come back to where they were."""
     def settled():
-        left = kafka.list_task_topics(kafka.admin(mesh.settings))
+        left = set(kafka.list_task_topics(kafka.admin(mesh.settings))) - reserved_task_ids(mesh.settings.kafka_bootstrap)
         running = [t for t in client.list() if t.state in (tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING)]
         return not left and not running
     wait_for(settled, 120, 0.5, "earlier tasks and topics to be gone")

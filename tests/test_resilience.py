@@ -20,7 +20,7 @@ import pytest
 from posemesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
-from tests.helpers import make_clip, upload, wait_for
+from tests.helpers import make_clip, reserved_task_ids, upload, wait_for
 from tests.mesh import Mesh
 
 FRAMES = 60
@@ -33,7 +33,8 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mesh(onnx_dir, tmp_path_factory):
-    m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=2, topic_delete_delay_s=1.0)
+    # Reservations are made again 10 s after a task took one: well after its first frame, even here.
+    m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=2, topic_delete_delay_s=1.0, reserve_quiet_s=10.0)
     yield m
     m.stop()
 
@@ -86,6 +87,29 @@ def test_every_replica_works_on_four_concurrent_tasks(mesh, clip, reference):
         assert_same_as_reference(mesh, task.task_id, reference)
     idle = [f"{w.stage}:{w.port}" for w in mesh.workers if w.status().frames_processed == before[w.port]]
     assert idle == [], f"replicas that processed nothing: {idle}"
+
+
+def test_a_task_on_a_reserved_id_starts_without_any_group_rejoining(mesh, clip, reference):
+    """The gateway keeps task ids in reserve whose topics every stage's group already holds: a task that
+    takes one gets its first annotated frame without a rebalance in any group, and the reference result."""
+    bootstrap = mesh.settings.kafka_bootstrap
+    wait_for(lambda: len(reserved_task_ids(bootstrap)) == mesh.settings.reserved_tasks, 90, 0.5, "the reservations")
+    seen: list[dict] = []
+
+    def groups_settled():  # the reserved topics are assigned (and ended tasks' let go): nothing changes for 3 s
+        seen.append({w.port: w.status().assignments for w in mesh.workers})
+        return len(seen) > 1 and seen[-1] == seen[-2]
+    wait_for(groups_settled, 90, 3.0, "the consumer groups to settle")
+    reserved, before = reserved_task_ids(bootstrap), seen[-1]
+    task = upload(mesh.stub, clip, auth())
+    assert task.task_id in reserved
+    while True:
+        now = {w.port: w.status().assignments for w in mesh.workers}
+        assert now == before, "a consumer group rebalanced before the task's first annotated frame"
+        if next(p.frames_done for p in mesh.get(task.task_id).progress if p.stage == "annotate"):
+            break
+        time.sleep(0.05)
+    assert_same_as_reference(mesh, task.task_id, reference)
 
 
 def _owner(mesh, stage: str, task_id: str, at_least: int, timeout: float = 120):

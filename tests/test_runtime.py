@@ -76,3 +76,37 @@ def test_replay_recovery_reads_a_new_partition_from_its_first_record(broker, tmp
         values += [m.value() for m in redo.poll(10, 0.1) if m.error() is None]
     assert values == [b"4", b"5"]  # the other recoveries start at the committed offset
     redo.close()
+
+
+def test_a_new_tasks_partitions_are_read_before_a_backlog_of_other_tasks(broker, tmp_path):
+    """The local broker fills a fetch from one partition: with three tasks' frames waiting, a fourth task's
+    first frame came after dozens of others. Reading the new task's partitions alone (what the worker does
+    while a started task has given it nothing) brings them in at once, and the others go on after."""
+    settings = make_settings(broker, tmp_path)
+    kafka.ensure_shared_topics(settings)
+    names = [f"raw_frames_{time.monotonic_ns()}{i}" for i in range(4)]
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(n, 4, {}) for n in names])
+    reader = InputReader(settings, f"intake{time.monotonic_ns()}", "w", Recovery.REDO, lambda tps: None,
+                         lambda tps: None)
+    reader.subscribe(names)
+    deadline = time.monotonic() + 15
+    while not reader.owned and time.monotonic() < deadline:
+        reader.poll(1, 0.1)
+    producer = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 2})
+    frame = bytes(150_000)  # about a 1080p JPEG
+    for index in range(40):  # three tasks far ahead
+        for name in names[:3]:
+            producer.produce(name, frame, partition=index % 4)
+    producer.flush(10)
+    assert consume(reader, 8, 15) == 8  # the backlog is flowing
+    for index in range(4):
+        producer.produce(names[3], frame, partition=index)
+    producer.flush(10)
+
+    new = {(names[3], p) for p in range(4)}
+    got, deadline = [], time.monotonic() + 10
+    while len(got) < 4 and time.monotonic() < deadline:
+        got += [m for m in reader.poll_only(new, 16, 0.06) if m.error() is None]
+    assert {(m.topic(), m.partition()) for m in got} == new  # the new task's four frames, nothing else
+    assert reader.paused == set() and consume(reader, 4, 15) == 4  # the others flow on
+    reader.close()

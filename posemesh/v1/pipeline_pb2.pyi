@@ -81,17 +81,23 @@ class TaskEnded(_message.Message):
     state: _task_service_pb2.TaskState
     def __init__(self, state: _Optional[_Union[_task_service_pb2.TaskState, str]] = ...) -> None: ...
 
+class TaskReserved(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ControlEvent(_message.Message):
-    __slots__ = ("task_id", "started", "ended", "viewers")
+    __slots__ = ("task_id", "started", "ended", "viewers", "reserved")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     VIEWERS_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     started: TaskStarted
     ended: TaskEnded
     viewers: ViewersChanged
-    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ...) -> None: ...
+    reserved: TaskReserved
+    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ..., reserved: _Optional[_Union[TaskReserved, _Mapping]] = ...) -> None: ...
 
 class IndexRange(_message.Message):
     __slots__ = ("first", "last")

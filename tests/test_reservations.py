@@ -1,0 +1,73 @@
+"""Reserved task ids (gateway/reservations.py): the bookkeeping, with a stand-in for the topic manager
+(the real topics and their readers are exercised in test_gateway and test_resilience)."""
+
+from __future__ import annotations
+
+import time
+
+from posemesh.gateway.reservations import Reservations
+from posemesh.v1 import task_service_pb2 as tpb
+
+
+class Topics:
+    """Records what Reservations asks of the topic manager."""
+
+    def __init__(self):
+        self.created, self.reserved, self.ended = [], [], []
+
+    def create(self, task_id):
+        self.created.append(task_id)
+
+    def publish_reserved(self, task_id):
+        self.reserved.append(task_id)
+
+    def publish_ended(self, task_id, state):
+        self.ended.append((task_id, state))
+
+
+def test_ids_are_made_announced_taken_and_given_back():
+    topics = Topics()
+    r = Reservations(topics, count=3, quiet_s=0.2)
+    r.maintain()
+    assert len(r.ready) == 3 and topics.created == topics.reserved == r.ready
+    first = r.take()
+    assert first == topics.created[0] and first in r and first not in r.ready
+    r.give_back(first)  # the upload was refused: the id is reserved again, first in line
+    assert r.ready[0] == first and not r.lent
+    taken = r.take()
+    r.used(taken)  # a task exists now: no longer a reservation
+    assert taken not in r
+    r.give_back(taken)  # a late give-back of a used id changes nothing
+    assert taken not in r.ready
+
+
+def test_refills_wait_until_no_task_has_started_for_the_quiet_time():
+    topics = Topics()
+    r = Reservations(topics, count=2, quiet_s=0.3)
+    r.maintain()
+    r.used(r.take())
+    r.maintain()
+    assert len(r.ready) == 1, "refilled in the middle of a burst of new tasks"
+    time.sleep(0.35)
+    r.maintain()
+    assert len(r.ready) == 2 and len(topics.created) == 3
+    # An upload still streaming holds its id: it counts, so no extra id is made for it.
+    held = r.take()
+    time.sleep(0.35)
+    r.maintain()
+    assert len(r.ready) == 1 and held in r.lent and len(topics.created) == 3
+
+
+def test_none_left_means_a_fresh_id_and_broker_loss_or_shutdown_give_them_up():
+    topics = Topics()
+    r = Reservations(topics, count=1, quiet_s=10)
+    r.maintain()
+    assert r.take() is not None and r.take() is None  # none left: the task makes its own topics
+    r.forget()  # the broker lost its data (and the topics)
+    assert not r.ready and not r.lent
+    r = Reservations(topics, count=2, quiet_s=0)
+    r.maintain()
+    ids = list(r.ready)
+    r.release()
+    assert [t for t, _s in topics.ended] == ids and all(s == tpb.TASK_STATE_CANCELLED for _t, s in topics.ended)
+    assert not r.ready
