@@ -70,14 +70,22 @@ class Reservations:
             if missing <= 0 or time.monotonic() - self.last_taken < self.quiet_s:
                 return
         made = []
-        for _ in range(missing):
-            task_id = validation.new_task_id()
-            self.topics.create(task_id)
-            self.topics.publish_reserved(task_id)
-            made.append(task_id)
-        with self.lock:
-            self.ready += made
-        log.info("reserved %d task ids (topics made, workers subscribed)", len(made))
+        try:
+            for _ in range(missing):
+                task_id = validation.new_task_id()
+                try:
+                    self.topics.create(task_id)
+                    self.topics.publish_reserved(task_id)
+                except Exception:
+                    # No worker heard of it: its topics (if any were made) go with the next sweep.
+                    self.topics.orphans.setdefault(task_id, time.time())
+                    raise
+                made.append(task_id)
+        finally:
+            with self.lock:
+                self.ready += made
+            if made:
+                log.info("reserved %d task ids (topics made, workers subscribed)", len(made))
 
     def forget(self) -> None:
         """The broker lost its data: the reserved topics are gone; new ones are made at the next maintain."""

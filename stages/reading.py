@@ -115,8 +115,13 @@ class InputReader:
         try:
             return self.poll(max_messages, timeout)
         finally:
+            # A rebalance inside the poll may have taken some of them (and resumed what it assigned).
+            others = [tp for tp in others if tp in self.owned and tp not in self.paused]
             if others:
-                self.consumer.resume([TopicPartition(t, p) for t, p in others])
+                try:
+                    self.consumer.resume([TopicPartition(t, p) for t, p in others])
+                except KafkaException as exc:
+                    log.warning("resume after a new task's poll: %s", exc)
 
     def flow_control(self, waiting: dict[TP, int], cap: int) -> None:
         """Pause partitions with `cap` frames waiting in the pool; resume them once those have left it.

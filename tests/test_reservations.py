@@ -14,11 +14,15 @@ class Topics:
 
     def __init__(self):
         self.created, self.reserved, self.ended = [], [], []
+        self.orphans = {}
+        self.fail_after = None  # publish_reserved fails once this many have been published
 
     def create(self, task_id):
         self.created.append(task_id)
 
     def publish_reserved(self, task_id):
+        if self.fail_after is not None and len(self.reserved) >= self.fail_after:
+            raise RuntimeError("could not publish to posemesh.control")
         self.reserved.append(task_id)
 
     def publish_ended(self, task_id, state):
@@ -71,3 +75,15 @@ def test_none_left_means_a_fresh_id_and_broker_loss_or_shutdown_give_them_up():
     r.release()
     assert [t for t, _s in topics.ended] == ids and all(s == tpb.TASK_STATE_CANCELLED for _t, s in topics.ended)
     assert not r.ready
+
+
+def test_an_id_that_could_not_be_announced_is_left_to_the_orphan_sweep():
+    topics = Topics()
+    topics.fail_after = 1
+    r = Reservations(topics, count=3, quiet_s=0)
+    try:
+        r.maintain()
+    except RuntimeError:
+        pass
+    assert r.ready == topics.reserved and len(r.ready) == 1  # the announced one is kept
+    assert list(topics.orphans) == [topics.created[1]]  # made but unannounced: deleted by the sweep
