@@ -58,6 +58,11 @@ class ControlFollower(threading.Thread):
         with self.lock:
             return task_id in self.reserved
 
+    def lookup(self, task_id: str) -> tuple[pb.TaskStarted | None, bool]:
+        """The task's TaskStarted (None if not started) and whether its id is reserved, read together."""
+        with self.lock:
+            return self.live.get(task_id), task_id in self.reserved
+
     def stop(self) -> None:
         self.running.clear()
 

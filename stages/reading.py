@@ -136,14 +136,6 @@ class InputReader:
             self.consumer.resume([TopicPartition(t, p) for t, p in resume])
             self.paused.difference_update(resume)
 
-    def owned_by_task(self) -> dict[str, list[TP]]:
-        out: dict[str, list[TP]] = {}
-        for tp in self.owned:
-            task_id = kafka.task_of_topic(tp[0])
-            if task_id:
-                out.setdefault(task_id, []).append(tp)
-        return out
-
     def done(self, tp: TP, offset: int) -> None:
         self.book.done(tp, offset)
 

@@ -356,12 +356,15 @@ class StageWorker:
         much again at pose). While a partition of a started task has given this replica nothing yet (for
         at most NEW_TASK_BOOST_S), each step first reads those partitions alone; the frame 0 found there
         then goes through alone (LowestFirstPool)."""
+        # Partitions that have given nothing yet: mostly the reserved ids' (not started), else none.
+        silent = {tp: kafka.task_of_topic(tp[0]) for tp in self.reader.owned - self.reader.positions.keys()}
+        started = {t for t in set(silent.values()) - {None} - set(self.failed) - self.finished
+                   if self.control.started(t) is not None}
+        starving = {tp for tp, task_id in silent.items() if task_id in started}
+        if not starving and not self.boost_since:
+            self.batch_now = self.batch
+            return []
         now = time.monotonic()
-        starving = set()
-        for task_id, tps in self.reader.owned_by_task().items():
-            if task_id in self.failed or task_id in self.finished or self.control.started(task_id) is None:
-                continue
-            starving.update(tp for tp in tps if tp not in self.reader.positions)
         for tp in [tp for tp in self.boost_since if tp not in starving]:
             del self.boost_since[tp]
         boosted = {tp for tp in starving if now - self.boost_since.setdefault(tp, now) < NEW_TASK_BOOST_S}
@@ -384,10 +387,11 @@ class StageWorker:
                 log.error("undecodable record at %s[%d]@%d: skipped", tp[0], tp[1], offset)
                 self.reader.done(tp, offset)
                 continue
-            if self.control.started(record.task_id) is None and self.control.is_reserved(record.task_id):
+            started, reserved = self.control.lookup(record.task_id)
+            if started is None and reserved:
                 self.early.append((record.task_id, msg))  # its TaskStarted is on the way: kept, not dropped
                 continue
-            task = self._task_for(record)
+            task = self._task_for(record, started)
             if task is None:
                 self.reader.done(tp, offset)  # ended, stopped, failed, or a record of an older run
                 continue
@@ -413,11 +417,10 @@ class StageWorker:
             self.early = [(t, m) for t, m in self.early if self.control.is_reserved(t)]
             self._take_in([m for _t, m in known])
 
-    def _task_for(self, record: pb.StageRecord) -> TaskInfo | None:
+    def _task_for(self, record: pb.StageRecord, started: pb.TaskStarted | None) -> TaskInfo | None:
         task_id = record.task_id
         if task_id in self.locally_stopped or task_id in self.failed:
             return None
-        started = self.control.started(task_id)
         if started is None or record.epoch < started.epoch:
             return None
         task = self.tasks.get(task_id)
