@@ -44,6 +44,7 @@ class InputReader:
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
         self.assignments = 0  # answers from the group so far (each one a rebalance)
+        self.leaving: set[str] = set()
 
     # ------------------------------------------------------------------ subscription and assignment
 
@@ -54,6 +55,9 @@ class InputReader:
         if topics == self.subscribed:
             return False
         self.consumer.subscribe(topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
+        # Topics dropped from the subscription still count as read until the group's next assignment: the
+        # rebalance under way still involves them, and a topic deleted under it crashed librdkafka.
+        self.leaving |= set(self.subscribed) - set(topics)
         self.subscribed = topics
         self.joining = True
         return True
@@ -68,6 +72,7 @@ class InputReader:
     def _on_assign(self, consumer, partitions) -> None:
         self.joining = False
         self.assignments += 1
+        self.leaving = set()
         now = {(p.topic, p.partition) for p in partitions}
         fresh = now - self._previously
         for p in partitions:
@@ -149,7 +154,7 @@ class InputReader:
             log.warning("commit failed: %s", exc)
 
     def reading_tasks(self) -> list[str]:
-        topics = set(self.subscribed) | {tp[0] for tp in self.owned}
+        topics = set(self.subscribed) | self.leaving | {tp[0] for tp in self.owned}
         return sorted({kafka.task_of_topic(t) for t in topics} - {None})
 
     def close(self) -> None:
@@ -157,4 +162,4 @@ class InputReader:
             self.consumer.close()  # leaves the group: partitions move to the other replicas at once
         except Exception:  # noqa: BLE001 - closing after the broker vanished
             log.debug("consumer close failed", exc_info=True)
-        self.subscribed, self.owned = [], set()
+        self.subscribed, self.owned, self.leaving = [], set(), set()
