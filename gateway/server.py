@@ -8,6 +8,7 @@ watch, the sweep, and one frame producer per task whose frames are being publish
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import shutil
@@ -518,6 +519,8 @@ def main(argv: list[str] | None = None) -> None:
                "  POSEMESH_GATEWAY_METRICS_PORT  Prometheus metrics (0: off)")
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
+    faulthandler.enable(all_threads=True)  # a crash inside a native library says where it was
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # and a gateway that seems stuck, on demand
     try:
         gateway = Gateway()
     except KeyConfigError as exc:  # fail closed, with the reason, and no traceback to wade through

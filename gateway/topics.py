@@ -6,7 +6,9 @@ Hand-off (deleting a topic under a reader crashes the reader on the local broker
    heartbeats it sends every 0.5 s on posemesh.events.
 3. After `topic_delete_delay_s` (default 60 s, for late readers such as a worker catching up), the
    gateway deletes the four topics once no worker heard from in the last LIVENESS_S seconds lists the
-   task. A worker that died is no reader: its consumer is gone with it.
+   task, and none has listed it for DELETE_GRACE_S. A worker that died is no reader: its consumer is gone
+   with it. The grace covers what a heartbeat cannot say: a fetch already in flight when the worker let
+   go of the topic, and a stale assignment handed out just after the heartbeat was written.
 At start-up the gateway waits one liveness window (to hear every live worker) before deleting
 anything, and treats per-task topics whose task is not live (unknown or finished) the same way.
 """
@@ -28,6 +30,7 @@ from posemesh.gateway.store import TERMINAL, TaskStore, now_us
 log = logging.getLogger("posemesh.gateway")
 
 LIVENESS_S = 5.0
+DELETE_GRACE_S = 2.0
 
 
 class TopicManager:
@@ -37,6 +40,7 @@ class TopicManager:
         self.lock = threading.Lock()
         self.publish_lock = threading.Lock()
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
+        self.last_listed: dict[str, float] = {}  # task -> when a heartbeat last listed it (monotonic, here)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
         self.local_readers = set  # () -> tasks whose topics the gateway itself reads (live views)
         self.is_reserved = lambda _task_id: False  # a reserved task id (gateway/reservations.py): not an orphan
@@ -75,19 +79,27 @@ class TopicManager:
             known = self.readers.get(worker)
             if known is None or known[0] <= sent_at:
                 self.readers[worker] = (sent_at, set(tasks))
+            now = time.monotonic()
+            for task_id in tasks:
+                self.last_listed[task_id] = now
 
     def forget_readers(self) -> None:
         """The broker lost its data: what workers said before is about topics that are gone."""
         with self.lock:
             self.readers.clear()
             self.orphans.clear()
+            self.last_listed.clear()
 
     def read_by_live_worker(self) -> set[str]:
         cutoff = time.time() - LIVENESS_S
+        recent = time.monotonic() - DELETE_GRACE_S
         with self.lock:
             for worker in [w for w, (t, _) in self.readers.items() if t < cutoff]:
                 del self.readers[worker]
-            return set().union(*(tasks for _t, tasks in self.readers.values())) if self.readers else set()
+            for task_id in [t for t, at in self.last_listed.items() if at < recent - 60]:
+                del self.last_listed[task_id]
+            listed = set().union(*(tasks for _t, tasks in self.readers.values())) if self.readers else set()
+            return listed | {t for t, at in self.last_listed.items() if at >= recent}
 
     def find_orphans(self) -> list[str]:
         """Per-task topics on the broker whose task is not live: announce their end, delete them later."""

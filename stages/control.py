@@ -39,6 +39,10 @@ class ControlFollower(threading.Thread):
         self.incarnation: str | None = None  # of the broker's data (posemesh.kafka.incarnation)
         self.broker_problem = ""  # non-empty while the broker cannot be reached
         self.changed = threading.Event()
+        # Set once the replay of posemesh.control has reached its end: until then `live` may still hold
+        # tasks whose TaskEnded is yet to be read, whose topics may be deleted any moment; reading them
+        # (a fetch in flight when the topic goes) crashes librdkafka on the local broker.
+        self.caught_up = threading.Event()
         self.running = threading.Event()
         self.running.set()
 
@@ -98,9 +102,19 @@ class ControlFollower(threading.Thread):
     def _follow(self, consumer, admin, incarnation: str | None) -> str | None:
         """Read until the broker's incarnation changes; returns the new one."""
         checked = time.monotonic()
+        end = None  # the topic's end when this replay began: caught up once read past it
+        read_to = 0
         while self.running.is_set():
             msg = consumer.poll(0.1)
+            if msg is None and not self.caught_up.is_set():
+                end = end if end is not None else self._end_offset(consumer)
+                # The local broker's high watermark is the start of the last batch, which one fetch
+                # delivers whole: read up to it and then nothing more came.
+                if end is not None and read_to >= end:
+                    self.caught_up.set()
+                    self.changed.set()
             if msg is not None and not msg.error():
+                read_to = msg.offset() + 1
                 event = pb.ControlEvent.FromString(msg.value())
                 self._apply(event)
                 if event.HasField("started"):
@@ -126,9 +140,18 @@ class ControlFollower(threading.Thread):
                         self.reserved.clear()
                         self.incarnation = current
                         self.generation += 1
+                    self.caught_up.clear()
                     self.changed.set()
                     return current
         return incarnation
+
+    @staticmethod
+    def _end_offset(consumer) -> int | None:
+        try:
+            _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.CONTROL_TOPIC, 0), timeout=2)
+            return high
+        except KafkaException:
+            return None  # asked again at the next quiet poll
 
     def _apply(self, event: pb.ControlEvent) -> None:
         with self.lock:

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
@@ -45,6 +46,7 @@ class InputReader:
         self.joining = False
         self.assignments = 0  # answers from the group so far (each one a rebalance)
         self.leaving: set[str] = set()
+        self.revokes = 0
 
     # ------------------------------------------------------------------ subscription and assignment
 
@@ -66,8 +68,13 @@ class InputReader:
     def task_topics(self) -> list[str]:
         return [t for t in self.subscribed if t != kafka.IDLE_TOPIC]
 
-    def _on_revoke(self, _consumer, partitions) -> None:
+    def _on_revoke(self, consumer, partitions) -> None:
         self._previously = {(p.topic, p.partition) for p in partitions}
+        self.revokes += 1
+        # Answer the revoke here. Left unanswered, confluent-kafka answers it itself and first asks
+        # librdkafka for the rebalance protocol while holding the GIL; during close() that question can
+        # wait forever (librdkafka #4041), and with the GIL held the whole worker froze (seen in CI).
+        consumer.unassign()
 
     def _on_assign(self, consumer, partitions) -> None:
         self.joining = False
@@ -157,9 +164,25 @@ class InputReader:
         topics = set(self.subscribed) | self.leaving | {tp[0] for tp in self.owned}
         return sorted({kafka.task_of_topic(t) for t in topics} - {None})
 
-    def close(self) -> None:
+    def close(self, revoke_wait_s: float = 2.0) -> None:
+        """Leave the group (its partitions move to the other replicas at once) and close. The revoke is
+        served by a poll here, not inside close(): a rebalance callback run by close() can hang it."""
         try:
-            self.consumer.close()  # leaves the group: partitions move to the other replicas at once
+            if self.subscribed:
+                revokes = self.revokes
+                self.consumer.unsubscribe()
+                deadline = time.monotonic() + revoke_wait_s
+                while self.owned and self.revokes == revokes and time.monotonic() < deadline:
+                    self.consumer.poll(0.05)  # what it returns is dropped: never processed, never committed
+            self.consumer.close()
         except Exception:  # noqa: BLE001 - closing after the broker vanished
             log.debug("consumer close failed", exc_info=True)
         self.subscribed, self.owned, self.leaving = [], set(), set()
+
+    def abandon(self) -> None:
+        """Drop the consumer without leaving its group: after the broker lost its data the group is one
+        nobody uses again, and leaving it can hang. The client is destroyed without a close (no callbacks,
+        the GIL released), on the calling thread."""
+        consumer, self.consumer = self.consumer, None
+        self.subscribed, self.owned, self.leaving = [], set(), set()
+        del consumer  # the last reference: confluent-kafka destroys it with NO_CONSUMER_CLOSE

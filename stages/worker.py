@@ -187,22 +187,23 @@ class StageWorker:
             self.producer.purge(blocking=False)
         except Exception:  # noqa: BLE001
             pass
-        # After a broker loss the old consumer belongs to a group nobody will use again: it is closed on the
-        # side and not waited for. Otherwise it must be gone before the new one joins the same group.
+        # After a broker loss the old consumer belongs to a group nobody will use again: it is dropped on the
+        # side without leaving that group. Otherwise it must be gone before the new one joins the same group.
         self.assignments += self.reader.assignments
-        self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0)
+        self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0,
+                           leave_group=reason != "broker_lost")
         if self.pixels is not None:
             self.pixels.close()
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
 
-    def _close_reader(self, reader: InputReader, wait_s: float) -> None:
-        """Close a consumer on the side, waiting at most `wait_s`: leaving a group whose broker just lost
-        its data can hang, and a worker must not hang with it. Its callbacks must not touch this worker's
-        new state, so they are cut off first."""
+    def _close_reader(self, reader: InputReader, wait_s: float, leave_group: bool) -> None:
+        """Close a consumer on the side, waiting at most `wait_s`, so a worker never hangs with a client
+        that cannot close. Its callbacks must not touch this worker's new state, so they are cut off first."""
         reader.on_revoked = reader.on_assigned = lambda _tps: None
-        closer = threading.Thread(target=reader.close, name="close-consumer", daemon=True)
+        closer = threading.Thread(target=reader.close if leave_group else reader.abandon, name="close-consumer",
+                                  daemon=True)
         t0 = time.monotonic()
         closer.start()
         if wait_s <= 0:
@@ -237,6 +238,8 @@ class StageWorker:
         if not self.control.changed.is_set():
             self.change_seen = 0.0
             return
+        if not self.control.caught_up.is_set():
+            return  # the control history is still being read: which tasks are live is not known yet
         now = time.monotonic()
         self.change_seen = self.change_seen or now
         if self.control.events != self.events_seen:
@@ -720,8 +723,9 @@ def _describe(exc: Exception) -> str:
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
     """Run a worker until SIGTERM/SIGINT. SIGUSR1 writes every thread's stack to the log (a worker that
-    seems stuck says where)."""
+    seems stuck says where), and so does a fatal signal (SIGSEGV, SIGABRT) before the process dies."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.enable(all_threads=True)  # a crash inside a native library (librdkafka) says where it was
     worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
