@@ -165,8 +165,10 @@ class InputReader:
         return sorted({kafka.task_of_topic(t) for t in topics} - {None})
 
     def close(self, revoke_wait_s: float = 2.0) -> None:
-        """Leave the group (its partitions move to the other replicas at once) and close. The revoke is
-        served by a poll here, not inside close(): a rebalance callback run by close() can hang it."""
+        """Leave the group, so its partitions move to the other replicas now, and destroy the client.
+        Consumer.close() is not used: rebalance callbacks run inside it hold the GIL while they call into
+        librdkafka, which can wait forever there (librdkafka #4041, #4884) and froze a whole worker in CI.
+        unsubscribe() leaves the group; its revoke is answered by a poll here, on this thread."""
         try:
             if self.subscribed:
                 revokes = self.revokes
@@ -174,15 +176,14 @@ class InputReader:
                 deadline = time.monotonic() + revoke_wait_s
                 while self.owned and self.revokes == revokes and time.monotonic() < deadline:
                     self.consumer.poll(0.05)  # what it returns is dropped: never processed, never committed
-            self.consumer.close()
-        except Exception:  # noqa: BLE001 - closing after the broker vanished
-            log.debug("consumer close failed", exc_info=True)
-        self.subscribed, self.owned, self.leaving = [], set(), set()
+                self.consumer.poll(0.05)  # lets the LeaveGroup go out
+        except Exception:  # noqa: BLE001 - the broker vanished: the group notices at its session timeout
+            log.debug("leaving the group failed", exc_info=True)
+        self.abandon()
 
     def abandon(self) -> None:
-        """Drop the consumer without leaving its group: after the broker lost its data the group is one
-        nobody uses again, and leaving it can hang. The client is destroyed without a close (no callbacks,
-        the GIL released), on the calling thread."""
+        """Destroy the client without leaving its group (after the broker lost its data, a group nobody
+        uses again): no callbacks, the GIL released, on the calling thread."""
         consumer, self.consumer = self.consumer, None
         self.subscribed, self.owned, self.leaving = [], set(), set()
         del consumer  # the last reference: confluent-kafka destroys it with NO_CONSUMER_CLOSE

@@ -228,7 +228,10 @@ class StageWorker:
             self.reporter.flush_progress()
             self.reporter.heartbeat()
             self.reporter.stop()
-            self.producer.flush(5)
+            try:
+                self.producer.flush(5)
+            except KafkaException as exc:  # a fatal producer error at exit: nothing left to save
+                log.warning("final flush: %s", exc)
             self.control.stop()
             self.stage.close()
 

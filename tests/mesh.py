@@ -123,7 +123,8 @@ class Mesh:
         for worker in self.workers:
             wait_for(lambda w=worker: _healthy(f"127.0.0.1:{w.port}") or _dead(w), timeout, 0.2,
                      f"{worker.stage} worker health")
-            assert worker.alive(), f"{worker.stage} worker exited; see {self.logs}"
+            assert worker.alive(), (f"{worker.stage} worker on port {worker.port} exited with {worker.proc.returncode} "
+                                    f"(negative: killed by that signal); see {self.logs}")
 
     def restart_broker(self, down_s: float = 1.0) -> None:
         """SIGKILL the broker, then start a new one on the same port (memory-only: it comes back empty)."""
