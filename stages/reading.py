@@ -45,6 +45,7 @@ class InputReader:
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
         self.assignments = 0  # answers from the group so far (each one a rebalance)
+        self.subscription_changes = 0
         self.leaving: set[str] = set()
         self.revokes = 0
 
@@ -62,6 +63,7 @@ class InputReader:
         self.leaving |= set(self.subscribed) - set(topics)
         self.subscribed = topics
         self.joining = True
+        self.subscription_changes += 1
         return True
 
     @property

@@ -85,6 +85,7 @@ class StageWorker:
         self.generation = 0
         self.resets = 0
         self.assignments = 0  # of the consumers before the latest reset
+        self.subscription_changes = 0  # likewise
         self.frames_processed = 0
         self.batches = 0
         self.started_at = time.time()
@@ -190,6 +191,7 @@ class StageWorker:
         # After a broker loss the old consumer belongs to a group nobody will use again: it is dropped on the
         # side without leaving that group. Otherwise it must be gone before the new one joins the same group.
         self.assignments += self.reader.assignments
+        self.subscription_changes += self.reader.subscription_changes
         self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0,
                            leave_group=reason != "broker_lost")
         if self.pixels is not None:
@@ -709,7 +711,8 @@ class StageWorker:
             worker_id=self.worker_id, stage=self.stage.name, frames_processed=self.frames_processed,
             batches=self.batches, mean_batch_size=self.frames_processed / self.batches if self.batches else 0.0,
             tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem, problem=problem,
-            resets=self.resets, assignments=self.assignments + self.reader.assignments)
+            resets=self.resets, assignments=self.assignments + self.reader.assignments,
+            subscription_changes=self.subscription_changes + self.reader.subscription_changes)
 
 
 def _by_task(entries: list[Pooled]) -> dict[str, list[Pooled]]:

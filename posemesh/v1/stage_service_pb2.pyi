@@ -25,7 +25,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments")
+    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments", "subscription_changes")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class GetStatusResponse(_message.Message):
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     RESETS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIPTION_CHANGES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     frames_processed: int
@@ -48,7 +49,8 @@ class GetStatusResponse(_message.Message):
     problem: str
     resets: int
     assignments: int
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ...) -> None: ...
+    subscription_changes: int
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ..., subscription_changes: _Optional[int] = ...) -> None: ...
 
 class ListStageTasksRequest(_message.Message):
     __slots__ = ()
