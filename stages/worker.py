@@ -64,6 +64,9 @@ JOIN_PATIENCE_S = 10.0  # a join that takes longer than this is not waited for
 SUBSCRIBE_SETTLE_S = 0.15
 SUBSCRIBE_SETTLE_MAX_S = 0.5
 NEW_TASK_BOOST_S = 5.0
+# Letting go of ended tasks' topics is a join too: tasks ending close together are let go of in one, at
+# most this long after the first of them (their topics are deleted that much later).
+REMOVAL_BATCH_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 
 
@@ -92,6 +95,7 @@ class StageWorker:
         self.loop_seen = time.monotonic()
         self.locally_stopped: set[str] = set()
         self.subscribed_at = 0.0
+        self.removal_since = 0.0  # when the first ended task still subscribed was seen (0: none)
         self.change_seen = 0.0  # when the first control change not yet applied was seen
         self.last_event = 0.0  # when the latest control event was seen
         # Topics of ended tasks are let go of once no task has started (or been reserved) for this long: a
@@ -277,13 +281,18 @@ class StageWorker:
             if missing:  # a topic not visible yet: look again shortly
                 threading.Timer(0.2, self.control.changed.set).start()
         current = set(self.reader.task_topics)
-        quiet = time.monotonic() - self.control.last_start
-        if set(wanted) < current and quiet < self.removal_quiet_s:
+        if set(wanted) < current:
             # Only ended tasks to let go of: that join can wait until tasks stop starting (it would stall
             # every task of the group for a second right as new ones begin), and then usually rides along
-            # with the gateway's next reservations (one join for both).
-            threading.Timer(self.removal_quiet_s - quiet + 0.05, self.control.changed.set).start()
-            return
+            # with the gateway's next reservations (one join for both); and for other tasks ending soon.
+            now = time.monotonic()
+            self.removal_since = self.removal_since or now
+            wait = max(self.removal_quiet_s - (now - self.control.last_start),
+                       REMOVAL_BATCH_S - (now - self.removal_since))
+            if wait > 0:
+                threading.Timer(wait + 0.05, self.control.changed.set).start()
+                return
+        self.removal_since = 0.0
         if self.reader.subscribe(wanted):
             self.subscribed_at = time.monotonic()
             log.info("reading %d task topics", len(self.reader.task_topics))
