@@ -22,6 +22,7 @@ from posemesh.v1 import pipeline_pb2 as pb
 log = logging.getLogger("posemesh.stage")
 
 CHECK_EVERY_S = 1.0
+CAUGHT_UP_QUIET_S = 3.0
 
 
 class ControlFollower(threading.Thread):
@@ -104,15 +105,20 @@ class ControlFollower(threading.Thread):
         checked = time.monotonic()
         end = None  # the topic's end when this replay began: caught up once read past it
         read_to = 0
+        quiet_since = time.monotonic()
         while self.running.is_set():
             msg = consumer.poll(0.1)
             if msg is None and not self.caught_up.is_set():
                 end = end if end is not None else self._end_offset(consumer)
                 # The local broker's high watermark is the start of the last batch, which one fetch
-                # delivers whole: read up to it and then nothing more came.
-                if end is not None and read_to >= end:
+                # delivers whole: read up to it and then nothing more came. An end that is never reached
+                # (records a consumer never sees, such as transaction markers) is given up on after a
+                # quiet spell.
+                if (end is not None and read_to >= end) or time.monotonic() - quiet_since > CAUGHT_UP_QUIET_S:
                     self.caught_up.set()
                     self.changed.set()
+            if msg is not None:
+                quiet_since = time.monotonic()
             if msg is not None and not msg.error():
                 read_to = msg.offset() + 1
                 event = pb.ControlEvent.FromString(msg.value())
