@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> None:
                "  POSEMESH_GATEWAY_METRICS_PORT  Prometheus metrics (0: off)")
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
-    faulthandler.enable(all_threads=True)  # a crash inside a native library says where it was
+    faulthandler.enable(all_threads=True)  # a fatal signal on a Python thread says where it was
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # and a gateway that seems stuck, on demand
     try:
         gateway = Gateway()

@@ -428,10 +428,12 @@ class StageWorker:
 
     def _take_in_early(self) -> None:
         """Records that overtook their task's TaskStarted, once the control follower has read it."""
-        known = [(t, m) for t, m in self.early if not self.control.is_reserved(t)]
+        known, waiting = [], []
+        for task_id, msg in self.early:
+            (waiting if self.control.is_reserved(task_id) else known).append((task_id, msg))
         if known:
             log.info("%d records taken in once their TaskStarted was read", len(known))
-            self.early = [(t, m) for t, m in self.early if self.control.is_reserved(t)]
+            self.early = waiting
             self._take_in([m for _t, m in known])
 
     def _task_for(self, record: pb.StageRecord, started: pb.TaskStarted | None) -> TaskInfo | None:
@@ -738,9 +740,10 @@ def _describe(exc: Exception) -> str:
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
     """Run a worker until SIGTERM/SIGINT. SIGUSR1 writes every thread's stack to the log (a worker that
-    seems stuck says where), and so does a fatal signal (SIGSEGV, SIGABRT) before the process dies."""
+    seems stuck says where), and so does a fatal signal on a Python thread before the process dies. A crash
+    in a librdkafka thread prints nothing (those threads block signals): exit status -11, read the core."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    faulthandler.enable(all_threads=True)  # a crash inside a native library (librdkafka) says where it was
+    faulthandler.enable(all_threads=True)
     worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)

@@ -19,6 +19,16 @@ def consume(reader: InputReader, want: int, seconds: float) -> int:
     return got
 
 
+def topic_with_records(broker, settings, name: str, count: int) -> None:
+    """A one-partition topic holding `count` records b"0", b"1", ..."""
+    kafka.ensure_shared_topics(settings)
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(name, 1, {})])
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    for i in range(count):
+        producer.produce(name, b"%d" % i)
+    producer.flush(10)
+
+
 def test_partitions_paused_by_flow_control_resume_after_a_rebalance(broker, tmp_path):
     """librdkafka keeps a partition's pause through an eager revoke and re-assign. A worker that paused
     a partition (flow control) and then re-subscribed (a task started) must not leave it paused: that
@@ -47,12 +57,7 @@ def test_replay_recovery_reads_a_new_partition_from_its_first_record(broker, tmp
     """Recovery.REPLAY (track): a partition new to this member starts at offset 0 whatever was committed,
     so the task's state is rebuilt from its first frame."""
     settings = make_settings(broker, tmp_path)
-    kafka.ensure_shared_topics(settings)
-    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec("replaytest", 1, {})])
-    producer = Producer({"bootstrap.servers": broker.bootstrap})
-    for i in range(6):
-        producer.produce("replaytest", b"%d" % i)
-    producer.flush(10)
+    topic_with_records(broker, settings, "replaytest", 6)
     group = f"replaytest{time.monotonic_ns()}"
     first = InputReader(settings, group, "a", Recovery.REDO, lambda tps: None, lambda tps: None)
     first.subscribe(["replaytest"])
@@ -119,12 +124,7 @@ def test_closing_or_abandoning_a_reader_returns_at_once_and_its_partition_moves_
     and the other member gets the partition either way. (How soon differs little on the local broker:
     measured 1.5-3.3 s after close, 2.8 s after abandon, so no order is asserted.)"""
     settings = make_settings(broker, tmp_path)
-    kafka.ensure_shared_topics(settings)
-    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec("closetest", 1, {})])
-    producer = Producer({"bootstrap.servers": broker.bootstrap})
-    for i in range(4):
-        producer.produce("closetest", b"%d" % i)
-    producer.flush(10)
+    topic_with_records(broker, settings, "closetest", 4)
 
     def handover_s(leave: bool) -> float:
         group = f"closetest{time.monotonic_ns()}"
