@@ -21,7 +21,7 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml deploy/install-server.sh deploy/requirements-nodeps.txt
+$(VENV)/.installed: pyproject.toml clients/python/pyproject.toml deploy/install-server.sh deploy/requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	bash deploy/install-server.sh $(PY) --dev
@@ -41,23 +41,26 @@ run: venv
 up: venv
 	$(VENV)/bin/posemesh up
 
-# The wheel users install, checked alone in a clean venv (tests/test_packaging.py), then the suite.
-test: venv system-deps wheel
-	POSEMESH_WHEEL=$$(ls dist/posemesh-*.whl) $(PY) -m pytest -q tests
+# Lint, then the wheels users install, checked in clean venvs (tests/test_packaging.py), then the suite.
+test: venv system-deps lint wheel
+	POSEMESH_WHEELS=dist $(PY) -m pytest -q tests
 
+# dist/posemesh-*.whl (the client) and dist/posemesh_server-*.whl (gateway, stages, mesh, devstack).
 wheel: venv
-	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist .
+	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist clients/python .
 
 bench: venv
 	$(PY) bench/end_to_end.py
 
 protos: venv
-	$(PY) -m posemesh.codegen
+	$(PY) -m posemesh.devstack.codegen
 
 configs: venv
-	$(PY) -m posemesh.models configs
+	$(PY) -m posemesh.mesh.models configs
 
+# ruff (configured in pyproject.toml) over the Python code, buf over the protos.
 lint: venv
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/buf lint
 
 clean:

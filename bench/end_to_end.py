@@ -33,9 +33,9 @@ from bench import limit as model_limit  # noqa: E402
 from bench.measure import counters, idle_between_bursts, run_uploads, topic_bytes, tree_cpu  # noqa: E402
 from posemesh import kafka  # noqa: E402
 from posemesh.client import Client  # noqa: E402
-from posemesh.models import prepare  # noqa: E402
-from posemesh.settings import REPO_ROOT, default_media_dir  # noqa: E402
-from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
+from posemesh.mesh.models import prepare  # noqa: E402
+from posemesh.mesh.settings import REPO_ROOT, default_media_dir  # noqa: E402
 
 
 def cpu_by_service(stack: Stack) -> dict[str, float]:
@@ -48,7 +48,7 @@ def cpu_by_service(stack: Stack) -> dict[str, float]:
 
 def jpeg_counts(stack: Stack) -> dict[str, float]:
     totals: dict[str, float] = {}
-    for name, port in stack.metrics_ports.items():
+    for _name, port in stack.metrics_ports.items():
         url = f"http://127.0.0.1:{port}/metrics"
         for key, value in counters(url, "posemesh_jpeg_decodes_total").items():
             scale = "full" if "full" in key else "reduced"
@@ -140,16 +140,21 @@ def report(result: dict) -> list[str]:
     rows = [
         f"| {m}: stack / model-compute limit, 1 upload | {single_fps:.2f} / {limit:.2f} frames/s = **{one:.2f}** "
         f"(stack {stack_runs}; limit {limit_runs}) | >= 0.85 | {yes(one >= 0.85)} |",
-        f"| {m}: stack / limit, 4 concurrent uploads | {four['fps']:.2f} / {limit:.2f} = **{r4:.2f}** | >= 0.85 | {yes(r4 >= 0.85)} |",
-        f"| {m}: 4 uploads aggregate / 1 upload | {four['fps']:.2f} / {single_fps:.2f} = **{agg:.2f}** | >= 1.0 | {yes(agg >= 1.0)} |",
+        f"| {m}: stack / limit, 4 concurrent uploads | {four['fps']:.2f} / {limit:.2f} = **{r4:.2f}** "
+        f"| >= 0.85 | {yes(r4 >= 0.85)} |",
+        f"| {m}: 4 uploads aggregate / 1 upload | {four['fps']:.2f} / {single_fps:.2f} = **{agg:.2f}** "
+        f"| >= 1.0 | {yes(agg >= 1.0)} |",
         f"| {m}: broker bytes on the task's topics / JPEG bytes | {total_bytes / frames / 1e3:.1f} KB / "
         f"{jpeg_bytes / frames / 1e3:.1f} KB a frame = **{ratio:.2f}** "
-        f"({', '.join(f'{k} {v[1] / frames / 1e3:.1f} KB' for k, v in stored.items())}) | <= 1.3 | {yes(ratio <= 1.3)} |",
-        f"| {m}: JPEG work per frame | decodes {jpeg.get('decode_full', 0):.2f} full + {jpeg.get('decode_reduced', 0):.2f} "
+        f"({', '.join(f'{k} {v[1] / frames / 1e3:.1f} KB' for k, v in stored.items())}) "
+        f"| <= 1.3 | {yes(ratio <= 1.3)} |",
+        f"| {m}: JPEG work per frame | decodes {jpeg.get('decode_full', 0):.2f} full "
+        f"+ {jpeg.get('decode_reduced', 0):.2f} "
         f"at 1/4 scale, encodes {jpeg.get('encode', 0):.2f} | - | - |",
         f"| {m}: CPU ms per frame by process (1 upload) | "
         f"{', '.join(f'{k} {v:.1f}' for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]))}; total "
-        f"{sum(cpu.values()):.1f} (models alone: {result['load'].yolox_ms + result['load'].pose_ms * result['load'].persons_per_frame:.1f}) | - | - |",
+        f"{sum(cpu.values()):.1f} (models alone: "
+        f"{result['load'].yolox_ms + result['load'].pose_ms * result['load'].persons_per_frame:.1f}) | - | - |",
         f"| {m}: first annotated frame after upload, 4 uploads | **{first4:.2f} s** worst "
         f"({', '.join(f'{x:.2f}' for x in four['first'])}) | < 3 s each | {yes(first4 < 3)} |",
         f"| {m}: equal videos' completion, slowest / fastest (4 uploads) | **{spread:.2f}** "

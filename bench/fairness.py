@@ -21,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import idle_between_bursts, run_uploads  # noqa: E402
 from posemesh.client import Client  # noqa: E402
-from posemesh.pipeline import PROGRESS_STEPS  # noqa: E402
-from posemesh.settings import default_media_dir  # noqa: E402
-from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
+from posemesh.mesh.pipeline import PROGRESS_STEPS  # noqa: E402
+from posemesh.mesh.settings import default_media_dir  # noqa: E402
 
 
 def main() -> int:
@@ -59,8 +59,10 @@ def main() -> int:
     finally:
         stack.stop()
     worst, spread = max(firsts), max(spreads)
-    print(f"first annotated frame after upload: worst {worst:.2f} s (target < 3 s: {'yes' if worst < 3 else 'no'}); "
-          f"completion slowest / fastest: worst round {spread:.2f} (target <= 1.25: {'yes' if spread <= 1.25 else 'no'})")
+    print(f"first annotated frame after upload: worst {worst:.2f} s "
+          f"(target < 3 s: {'yes' if worst < 3 else 'no'}); "
+          f"completion slowest / fastest: worst round {spread:.2f} "
+          f"(target <= 1.25: {'yes' if spread <= 1.25 else 'no'})")
     return 0
 
 

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
 
-from posemesh.settings import default_media_dir  # noqa: E402
-from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
+from posemesh.mesh.settings import default_media_dir  # noqa: E402
 from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc  # noqa: E402
 from tests.helpers import upload  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from posemesh import jpeg, media
+from posemesh.mesh import jpeg, media
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, decode, letterbox
 from posemesh.stages.pose import PoseEstimator
 

@@ -172,7 +172,8 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
     start = min(received) if received else 0  # the camera ran before the task connected
     steady = [received[n] - sent[n] for n in sorted(received) if n in sent and n >= start + 3 * fps]
     return {
-        "fps": fps, "state": tpb.TaskState.Name(final.state), "message": final.error_message or "-", "sent": len(sent), "received": live.frames_received,
+        "fps": fps, "state": tpb.TaskState.Name(final.state), "message": final.error_message or "-",
+        "sent": len(sent), "received": live.frames_received,
         "processed": processed, "dropped": live.frames_dropped, "seen": len(received), "undecoded": undecoded,
         "viewer_dropped": viewer_dropped, "duration_s": duration, "max_lag_s": live.max_lag_s, "lag_s": live.lag_s,
         "p50": statistics.median(latencies) if latencies else float("nan"),
@@ -198,9 +199,9 @@ def main() -> None:
         args.fps = int(args.fps)
         return run_camera(args)
 
-    from posemesh import rtsp
-    from posemesh.settings import default_media_dir
-    from posemesh.stack import Stack, StackConfig
+    from posemesh.devstack import rtsp
+    from posemesh.devstack.stack import Stack, StackConfig
+    from posemesh.mesh.settings import default_media_dir
 
     missing = rtsp.available()
     if missing:
@@ -219,7 +220,8 @@ def main() -> None:
                 print(f"camera at {fps} fps ...", flush=True)
                 results.append(measure(stack, clip, fps, args.seconds, args.pose_model, work))
                 r = results[-1]
-                print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, {r['dropped']} dropped, "
+                print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, "
+                      f"{r['dropped']} dropped, "
                       f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
                       f"max {r['max']:.2f}s", flush=True)
         finally:
@@ -234,7 +236,8 @@ def main() -> None:
         # Bounded lag: once the mesh has taken the task on (its first seconds include consumer-group joins),
         # no frame comes out later than the bound plus one frame's trip through the mesh.
         met = "yes" if r["p95"] < 1.5 and r["steady_max"] < r["max_lag_s"] + 0.5 else "no"
-        print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s | {r['steady_max']:.2f} s | {r['first']:.2f} s | "
+        print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s | {r['steady_max']:.2f} s "
+              f"| {r['first']:.2f} s | "
               f"{r['processed'] / r['duration_s']:.1f} | {r['dropped'] / r['duration_s']:.1f} | "
               f"{r['max_lag_s']:.1f} s | {met} |")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from posemesh import kafka
 from posemesh.client import Client
+from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -150,7 +150,7 @@ class Upload:
 def idle_between_bursts() -> None:
     """Wait as a stack between bursts of uploads does: the gateway makes its reserved task ids again once
     no task has started for a while (gateway/reservations.py), and the workers let go of ended tasks."""
-    from posemesh.settings import Settings
+    from posemesh.mesh.settings import Settings
 
     time.sleep(Settings().reserve_quiet_s + 3.0)
 

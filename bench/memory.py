@@ -28,8 +28,8 @@ import av  # noqa: E402
 
 from bench.measure import tree_rss  # noqa: E402
 from posemesh.client import Client  # noqa: E402
-from posemesh.settings import default_media_dir  # noqa: E402
-from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
+from posemesh.mesh.settings import default_media_dir  # noqa: E402
 from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
 
 
@@ -57,7 +57,7 @@ class Sampler:
     def sample(self) -> dict[str, float]:
         return {s.name: tree_rss(s.proc.pid) for s in self.stack.services}
 
-    def __enter__(self) -> "Sampler":
+    def __enter__(self) -> Sampler:
         self.peaks = self.sample()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -103,7 +103,8 @@ def main() -> None:
     print("|---|---|" + "---|" * len(peaks))
     for name in before:
         print(f"| {name} | {before[name]:.0f} | " + " | ".join(f"{p[name]:.0f}" for p in peaks.values()) + " |")
-    print(f"| **all** | {sum(before.values()):.0f} | " + " | ".join(f"{sum(p.values()):.0f}" for p in peaks.values()) + " |")
+    print(f"| **all** | {sum(before.values()):.0f} | "
+          + " | ".join(f"{sum(p.values()):.0f}" for p in peaks.values()) + " |")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.measure import rss_mb, run_uploads, topic_bytes, tree_cpu  # noqa: E402
 from posemesh import kafka  # noqa: E402
 from posemesh.client import Client  # noqa: E402
-from posemesh.settings import default_media_dir  # noqa: E402
-from posemesh.stack import Stack, StackConfig  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
+from posemesh.mesh.settings import default_media_dir  # noqa: E402
 from tests.clips import repeat  # noqa: E402 - the same concatenation the live tests use for a long camera
 
 
@@ -48,7 +48,7 @@ def run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str) -> di
 def _delete_topics(stack: Stack, task_ids: list[str]) -> None:
     """Free the broker between runs (the gateway would, after its delay): announce nothing, just wait for
     the gateway's own deletion, which the short delay below makes prompt."""
-    from posemesh.settings import Settings
+    from posemesh.mesh.settings import Settings
 
     settings = Settings()
     settings.kafka_bootstrap = stack.bootstrap

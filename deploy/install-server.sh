@@ -3,8 +3,10 @@
 # deploy/Dockerfile (production image), `make venv` (--dev) and tests/test_packaging.py (the image's
 # environment rebuilt in a clean venv).
 #
-#   deploy/install-server.sh PYTHON [SOURCE]       SOURCE: a wheel or a source tree (default: .)
-#   deploy/install-server.sh PYTHON --dev          editable checkout with the dev extra (tests, bench)
+#   deploy/install-server.sh PYTHON [WHEELS]       WHEELS: a folder holding the client wheel (posemesh-*.whl)
+#                                                  and the server wheel (posemesh_server-*.whl), as `make wheel`
+#                                                  writes them to dist/; default: both built from this checkout
+#   deploy/install-server.sh PYTHON --dev          both distributions editable, with the dev extra (tests, bench)
 #
 # pip cannot drop one dependency of a dependency, so trackers and supervision (which declare the GUI
 # opencv-python) are installed --no-deps after the extra, which brings headless OpenCV and what they import.
@@ -18,6 +20,10 @@ if [ "$SOURCE" = --dev ]; then
     # An older environment may hold the GUI builds; removing them after the headless one is installed
     # would delete files of the shared cv2/ folder, so they go first.
     "$PY" -m pip uninstall -q -y opencv-python opencv-contrib-python >/dev/null 2>&1 || true
+    # The client first: the server distribution depends on it and installs into its `posemesh` package.
+    # compat mode: the client folder goes on sys.path, so `posemesh` is its regular package (the server
+    # distribution's editable finder would otherwise make `posemesh` a namespace without the client in it).
+    "${PIP[@]}" -e clients/python --config-settings editable_mode=compat
     "${PIP[@]}" -e ".[dev]"
     # rtmlib (tests only) declares both GUI builds too; it runs on the headless one.
     "${PIP[@]}" --no-deps -r "$HERE/requirements-nodeps.txt" rtmlib==0.0.16
@@ -25,8 +31,12 @@ if [ "$SOURCE" = --dev ]; then
         "${PIP[@]}" --force-reinstall --no-deps opencv-python-headless==5.0.0.93
     fi
 else
-    case "$SOURCE" in *.whl) TARGET="posemesh[server] @ file://$(realpath "$SOURCE")" ;; *) TARGET="$SOURCE[server]" ;; esac
-    "${PIP[@]}" "$TARGET"
+    if [ -d "$SOURCE" ] && ls "$SOURCE"/posemesh_server-*.whl >/dev/null 2>&1; then
+        WHEELS=$(realpath "$SOURCE")
+        "${PIP[@]}" "$WHEELS"/posemesh-[0-9]*.whl "$WHEELS"/posemesh_server-*.whl
+    else
+        "${PIP[@]}" "$SOURCE/clients/python" "$SOURCE"
+    fi
     "${PIP[@]}" --no-deps -r "$HERE/requirements-nodeps.txt"
 fi
 

@@ -42,7 +42,8 @@ def load_keys(env_keys: str, keys_file: str) -> dict[str, str]:
         try:
             text = Path(keys_file).read_text()
         except OSError as exc:
-            raise KeyConfigError(f"cannot read the API keys file {keys_file} ({exc.strerror}): refusing to start") from None
+            raise KeyConfigError(
+                f"cannot read the API keys file {keys_file} ({exc.strerror}): refusing to start") from None
         from_file = parse_keys(text)
         if not from_file:
             raise KeyConfigError(f"the API keys file {keys_file} holds no keys: refusing to start")

@@ -16,8 +16,8 @@ import threading
 
 from confluent_kafka import KafkaException
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 
 log = logging.getLogger("posemesh.gateway")
 

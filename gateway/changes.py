@@ -34,7 +34,7 @@ class ChangeFeed:
         self.waiters[task_id].add(event)
         try:
             await asyncio.wait_for(event.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             self.waiters[task_id].discard(event)

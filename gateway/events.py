@@ -14,8 +14,8 @@ import threading
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("posemesh.gateway")

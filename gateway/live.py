@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 import av
 from confluent_kafka import Producer
 
-from posemesh import jpeg, kafka, media
 from posemesh.gateway.sources import Source
+from posemesh.mesh import jpeg, kafka, media, records
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -88,7 +88,7 @@ class LiveSource(threading.Thread):
         self.arrivals: deque[tuple[int, float]] = deque()  # (index, arrival) of frames not yet annotated
         self.done = 0
         self.first_arrival: float | None = None
-        self.errors: list = []
+        self.sender = kafka.Sender(self.producer)
 
     # ------------------------------------------------------------------ the loop
 
@@ -173,10 +173,9 @@ class LiveSource(threading.Thread):
             self.first_arrival = arrived
         image = frame.to_ndarray(format="bgr24")
         h, w = image.shape[:2]
-        record = pb.StageRecord(task_id=self.task.task_id, options=self.task.options, epoch=self.epoch,
-                                frame=pb.Frame(index=self.index, timestamp_s=arrived - self.first_arrival, width=w,
-                                               height=h, jpeg=jpeg.encode(image, self.config.jpeg_quality)))
-        self._send(record, self.index % self.config.partitions)
+        self._send(records.frame_record(self.task.task_id, self.task.options, self.epoch, pb.Frame(
+            index=self.index, timestamp_s=arrived - self.first_arrival, width=w, height=h,
+            jpeg=jpeg.encode(image, self.config.jpeg_quality))))
         self.arrivals.append((self.index, arrived))
         self.index += 1
         self.producer.poll(0)
@@ -218,18 +217,8 @@ class LiveSource(threading.Thread):
         self.last_admitted = stream_time
         return True
 
-    def _send(self, record: pb.StageRecord, partition: int) -> None:
-        data = record.SerializeToString()
-        while True:
-            try:
-                self.producer.produce(self.topic, data, partition=partition, on_delivery=self._delivered)
-                return
-            except BufferError:
-                self.producer.poll(0.05)
-
-    def _delivered(self, err, _msg) -> None:
-        if err is not None:
-            self.errors.append(err)
+    def _send(self, record: pb.StageRecord) -> None:
+        self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.config.partitions))
 
     def _publish_status(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -242,10 +231,10 @@ class LiveSource(threading.Thread):
     def _end(self, state: int, message: str) -> None:
         """Close the stream for the stages (end-of-stream with the count of frames that went in); the task
         ends with `state` once annotate reports its results."""
-        record = pb.StageRecord(task_id=self.task.task_id, options=self.task.options, epoch=self.epoch,
-                                end_of_stream=pb.EndOfStream(total_frames=self.index, fps=self.task.video.fps))
+        record = records.end_of_stream_record(self.task.task_id, self.task.options, self.epoch, self.index,
+                                              self.task.video.fps)
         try:
-            self._send(record, 0)
+            self._send(record)
             self.producer.flush(30)
         except Exception:  # noqa: BLE001 - the broker is away: the gateway fails the task after its wait
             log.exception("could not close the live stream of %s", self.task.task_id)
@@ -260,7 +249,8 @@ def probe_source(source: Source, transport: int, timeout_s: float) -> tpb.VideoI
                             options={"rtsp_transport": "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp",
                                      **LIVE_OPTIONS})
     except av.FFmpegError as exc:
-        raise ValueError(f"the live source does not answer ({getattr(exc, 'strerror', None) or 'no connection'})") from None
+        raise ValueError(
+            f"the live source does not answer ({getattr(exc, 'strerror', None) or 'no connection'})") from None
     with container:
         if not container.streams.video:
             raise ValueError("the live source has no video stream")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from confluent_kafka import OFFSET_END, Consumer, TopicPartition
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 
 log = logging.getLogger("posemesh.gateway")

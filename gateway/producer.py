@@ -6,15 +6,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 from confluent_kafka import Producer
 
-from posemesh import kafka
+from posemesh.mesh import jpeg, kafka, media, records
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from posemesh import jpeg, media
 
 log = logging.getLogger("posemesh.gateway")
 
@@ -33,7 +31,7 @@ class FrameProducer(threading.Thread):
 
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
-                 limits: media.Limits = media.Limits(), epoch: int = 0):
+                 limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
@@ -43,29 +41,11 @@ class FrameProducer(threading.Thread):
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
         self.limits, self.epoch = limits, epoch
         self.cancelled = threading.Event()
-        self.errors: list = []
+        self.sender = kafka.Sender(self.producer)
+        self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
 
-    def _send(self, record: pb.StageRecord, partition: int) -> None:
-        topic = kafka.task_topic(kafka.RAW_FRAMES, self.task.task_id)
-        while True:
-            try:
-                self.producer.produce(topic, record.SerializeToString(), partition=partition,
-                                      on_delivery=self._delivered)
-                return
-            except BufferError:  # the local queue is full: wait for the broker to take some
-                self.producer.poll(0.05)
-
-    def _delivered(self, err, _msg) -> None:
-        if err is not None:
-            self.errors.append(err)
-
-    def _flush(self, timeout: float) -> int:
-        """flush() that gives up early when the task is cancelled; returns what is left undelivered."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = self.producer.flush(0.5)
-            if not remaining or self.cancelled.is_set() or time.monotonic() > deadline:
-                return remaining
+    def _send(self, record: pb.StageRecord) -> None:
+        self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.partitions))
 
     def run(self) -> None:
         try:
@@ -83,18 +63,16 @@ class FrameProducer(threading.Thread):
                     self.producer.poll(0.05)
                 data = jpeg.encode(frame.image, self.quality)
                 h, w = frame.image.shape[:2]
-                self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch, frame=pb.Frame(
-                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data)),
-                    frame.index % self.partitions)
+                self._send(records.frame_record(task_id, self.task.options, self.epoch, pb.Frame(
+                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data)))
                 count = frame.index + 1
                 if count % PROGRESS_EVERY == 0:
                     self.producer.poll(0)
                     self.on_progress(reported, count - 1)
                     reported = count
-            self._send(pb.StageRecord(task_id=task_id, options=self.task.options, epoch=self.epoch,
-                                      end_of_stream=pb.EndOfStream(total_frames=count, fps=self.task.video.fps)), 0)
-            if self._flush(60) or self.errors:
-                raise RuntimeError(f"frames not delivered to Kafka: {self.errors[:1]}")
+            self._send(records.end_of_stream_record(task_id, self.task.options, self.epoch, count, self.task.video.fps))
+            if not self.sender.delivered(60, give_up=self.cancelled.is_set):
+                raise RuntimeError(f"frames not delivered to Kafka: {self.sender.errors[:1]}")
             if count > reported:
                 self.on_progress(reported, count - 1)
             self.on_done(count, reader.skipped)

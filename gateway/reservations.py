@@ -21,8 +21,8 @@ import logging
 import threading
 import time
 
-from posemesh.gateway import validation
 from posemesh.gateway.topics import TopicManager
+from posemesh.mesh import names
 from posemesh.v1 import task_service_pb2 as tpb
 
 log = logging.getLogger("posemesh.gateway")
@@ -72,7 +72,7 @@ class Reservations:
         made = []
         try:
             for _ in range(missing):
-                task_id = validation.new_task_id()
+                task_id = names.new_task_id()
                 try:
                     self.topics.create(task_id)
                     self.topics.publish_reserved(task_id)

@@ -23,7 +23,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from posemesh import kafka, media
 from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
 from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
@@ -31,14 +30,15 @@ from posemesh.gateway.events import EventReader
 from posemesh.gateway.limits import UserLimits
 from posemesh.gateway.live import LiveConfig, LiveSource
 from posemesh.gateway.live_view import LiveViews
-from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.reservations import Reservations
-from posemesh.gateway.service import UPLOAD_FILE, TaskService
-from posemesh.gateway.store import ACTIVE, TERMINAL, TaskStore, now_us
+from posemesh.gateway.service import TaskService
+from posemesh.gateway.sources import Source, SourcePolicy
+from posemesh.gateway.store import ACTIVE, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
-from posemesh.settings import Settings
+from posemesh.mesh import kafka, media, names
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
@@ -86,7 +86,8 @@ class Gateway:
 
     def live_config(self, max_lag_s: float = 0.0) -> LiveConfig:
         s = self.settings
-        return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s, jpeg_quality=s.jpeg_quality,
+        return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s,
+                          jpeg_quality=s.jpeg_quality,
                           partitions=kafka.partitions_for(kafka.RAW_FRAMES, s), limits=media.Limits.from_settings(s))
 
     def publish_url(self, task_id: str) -> str:
@@ -168,7 +169,8 @@ class Gateway:
                 self.store.update(task_id, lambda t: None if warning in t.warnings else t.warnings.append(warning))
 
         producer = FrameProducer(
-            task, path, kafka.producer_config(self.settings, "gateway"), kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
+            task, path, kafka.producer_config(self.settings, "gateway"),
+            kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
             self.settings.jpeg_quality, epoch=epoch,
             on_progress=lambda first, last: self.store.add_done(task_id, "decode", [(first, last)], epoch),
             on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
@@ -323,7 +325,7 @@ class Gateway:
         self.topics.publish_started(task, row["epoch"], self.publish_url(task.task_id))
 
     def _upload_of(self, task_id: str) -> Path | None:
-        path = self.settings.jobs_dir / task_id / UPLOAD_FILE
+        path = names.upload_path(self.settings.jobs_dir, task_id)
         return path if path.exists() else None
 
     def on_broker_reset(self, incarnation: str) -> None:
@@ -386,7 +388,7 @@ class Gateway:
         deleted = self.topics.sweep()
         TOPICS_DELETED.inc(len(deleted))
         for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
-            for partial in self.settings.results_dir.glob(f".partial-{task_id}-*"):
+            for partial in names.partial_results_dirs(self.settings.results_dir, task_id):
                 shutil.rmtree(partial, ignore_errors=True)
         for task_id in list(self.unannounced):
             row = self.store.rows("task_id = ?", (task_id,))
@@ -435,7 +437,8 @@ class Gateway:
         if failure:
             raise failure[0]
         if self.settings.gateway_metrics_port:
-            start_http_server(self.settings.gateway_metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
+            start_http_server(self.settings.gateway_metrics_port,
+                              addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
         log.info("gateway listening on port %d", self.port)
         return self.port
 
@@ -467,13 +470,14 @@ class Gateway:
         while not self._stopping.is_set():
             now_serving = self.broker_available()
             if now_serving != serving:  # health says whether uploads can be taken now
-                status = health_pb2.HealthCheckResponse.SERVING if now_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+                status = (health_pb2.HealthCheckResponse.SERVING if now_serving
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)
                 await self.health.set("", status)
                 await self.health.set(SERVICE_NAME, status)
                 serving = now_serving
             try:
                 await asyncio.wait_for(self._stopping.wait(), 0.5)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         await self.health.enter_graceful_shutdown()
         await server.stop(2)
@@ -510,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m posemesh.gateway", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="The posemesh gRPC gateway: uploads, live tasks, task lifecycle, results.",
-        epilog="Configured by environment (posemesh/settings.py), chiefly:\n"
+        epilog="Configured by environment (mesh/settings.py), chiefly:\n"
                "  POSEMESH_GATEWAY_LISTEN      host:port to serve (default 127.0.0.1:50051)\n"
                "  POSEMESH_KAFKA_BOOTSTRAP     Kafka bootstrap servers\n"
                "  POSEMESH_DATA_DIR            uploads and results (shared with annotate workers)\n"

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import grpc
 
-from posemesh import media
 from posemesh.gateway import validation
 from posemesh.gateway.limits import LimitExceeded
 from posemesh.gateway.live import probe_source
 from posemesh.gateway.metrics import UPLOAD_BYTES, UPLOADS
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
-from posemesh.models import pose_model_names
+from posemesh.mesh import media, names
+from posemesh.mesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 
@@ -38,7 +38,6 @@ MAX_CHUNK = 1024 * 1024
 DOWNLOAD_CHUNK = 256 * 1024
 MAX_PAGE = 100
 # The stored upload's name: never derived from the user's file name (FFmpeg must not guess by it).
-UPLOAD_FILE = "upload"
 TERMINAL_NAMES = {tpb.TASK_STATE_COMPLETED: "completed", tpb.TASK_STATE_FAILED: "failed",
                   tpb.TASK_STATE_CANCELLED: "cancelled"}
 WATCH_POLL_S = 2.0  # a watcher re-reads its task at least this often, whatever the change feed says
@@ -137,7 +136,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 return await self._receive_and_start(user, options, key, file_name, None, messages)
 
     async def _receive_and_start(self, user, options, key, file_name, previous, messages) -> tpb.UploadResponse:
-        task_id = self.gw.reservations.take() or validation.new_task_id()
+        task_id = self.gw.reservations.take() or names.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
         created = False
         try:
@@ -149,7 +148,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 try:
                     probed = await asyncio.to_thread(media.probe, path, media.Limits.from_settings(self.settings))
                 except media.NotAVideo as exc:
-                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{validation.shorten(file_name, 60)}: {exc}") from None
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"{validation.shorten(file_name, 60)}: {exc}") from None
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=file_name, options=options,
                             video=probed.video, created_at=timestamp(now_us()), upload_bytes=size,
                             warnings=probed.warnings)
@@ -167,7 +167,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             created = True
             try:
                 await asyncio.to_thread(self.gw.start_task, task, path)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
                 log.warning("could not start task %s (%s); removing it", task_id, exc)
                 await asyncio.to_thread(self.gw.abandon, task_id)
                 created = False
@@ -227,8 +227,9 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 digest.update(message.chunk)
                 out.write(message.chunk)
         if size == 0:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the upload has no bytes: send the video in `chunk` messages")
-        path = job_dir / UPLOAD_FILE
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the upload has no bytes: send the video in `chunk` messages")
+        path = job_dir / names.UPLOAD_FILE
         os.replace(out.name, path)
         return path, size, digest.hexdigest()
 
@@ -281,7 +282,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 while True:
                     try:
                         frame = await asyncio.wait_for(viewer.queue.get(), WATCH_POLL_S)
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         current = self.store.get(task.task_id, user)
                         if current is None or current.state in TERMINAL:
                             return  # the task ended, and its last frames have been sent
@@ -307,12 +308,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             try:
                 video = await asyncio.to_thread(probe_source, source, request.source.transport, 10.0)
             except ValueError as exc:
-                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{source.shown[:200]}: {exc}; try again once it streams") from None
+                raise Refused(grpc.StatusCode.UNAVAILABLE,
+                              f"{source.shown[:200]}: {exc}; try again once it streams") from None
             try:
                 media.Limits.from_settings(self.settings).check_size(video.width, video.height)
             except media.NotAVideo as exc:
                 raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{source.shown[:200]}: {exc}") from None
-            task_id = self.gw.reservations.take() or validation.new_task_id()
+            task_id = self.gw.reservations.take() or names.new_task_id()
             live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
                             created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
@@ -323,7 +325,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 raise
             try:
                 await asyncio.to_thread(self.gw.start_live_task, task, source, request.source.transport)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
                 log.warning("could not start live task %s (%s); removing it", task_id, exc)
                 await asyncio.to_thread(self.gw.abandon, task_id)
                 raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable: no task was made; "
@@ -347,7 +349,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         _user, task = self._owned_task(request, context)
         if task.state in ACTIVE:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"task {task.task_id} is still {'queued' if task.state == tpb.TASK_STATE_QUEUED else 'running'}:"
+                          f"task {task.task_id} is still "
+                          f"{'queued' if task.state == tpb.TASK_STATE_QUEUED else 'running'}:"
                           " cancel it first")
         await asyncio.to_thread(self.gw.delete, task.task_id)
         return tpb.DeleteTaskResponse()
@@ -360,12 +363,14 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           "kind is required: ARTIFACT_KIND_ANNOTATED_VIDEO or ARTIFACT_KIND_KEYPOINTS")
         if task.state not in TERMINAL or not task.artifacts:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                          f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: results exist once it is COMPLETED "
+                          f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: "
+                          "results exist once it is COMPLETED "
                           "(or, for a live task, once it has ended)")
         artifact = next((a for a in task.artifacts if a.kind == request.kind), None)
         if artifact is None:
             raise Refused(grpc.StatusCode.NOT_FOUND,
-                          f"task {task.task_id} did not produce {tpb.ArtifactKind.Name(request.kind)} (see its options.outputs)")
+                          f"task {task.task_id} did not produce {tpb.ArtifactKind.Name(request.kind)} "
+                          "(see its options.outputs)")
         path = self.settings.results_dir / task.task_id / artifact.file_name
         with self.limits.stream_slot(user, "another download"):
             try:

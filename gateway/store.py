@@ -15,7 +15,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from posemesh.pipeline import PROGRESS_STEPS
+from posemesh.mesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
 
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
@@ -137,7 +137,8 @@ class TaskStore:
     def by_idempotency_key(self, user: str, key: str) -> tuple[tpb.Task, str] | None:
         """The task an idempotency key was used for, and the sha256 of that upload."""
         with self.lock:
-            cur = self.db.execute("SELECT * FROM tasks WHERE user = ? AND idempotency_key = ? AND deleted = 0", (user, key))
+            cur = self.db.execute("SELECT * FROM tasks WHERE user = ? AND idempotency_key = ? AND deleted = 0",
+                                  (user, key))
             cur.row_factory = sqlite3.Row
             row = cur.fetchone()
             return (self._task(row), row["upload_sha256"] or "") if row else None

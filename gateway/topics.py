@@ -21,11 +21,11 @@ import time
 
 from confluent_kafka import Producer
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.gateway.store import TERMINAL, TaskStore, now_us
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from posemesh.gateway.store import TERMINAL, TaskStore, now_us
 
 log = logging.getLogger("posemesh.gateway")
 
@@ -53,7 +53,8 @@ class TopicManager:
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
         with self.publish_lock:
-            self.producer.produce(kafka.CONTROL_TOPIC, event.SerializeToString(), key=event.task_id)
+            for key, value in kafka.control_records(event):
+                self.producer.produce(kafka.CONTROL_TOPIC, value, key=key)
             try:
                 remaining = self.producer.flush(10)
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it

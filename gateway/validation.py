@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-import secrets
-import time
 import unicodedata
 
 import grpc
 
-TASK_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+from posemesh.mesh.names import TASK_ID_RE
+
 MAX_IDEMPOTENCY_KEY = 128
 MAX_FILE_NAME = 255
 MAX_PAGE_TOKEN = 64
@@ -28,13 +26,6 @@ class Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code, self.message = code, message
-
-
-def new_task_id() -> str:
-    """32 lowercase hex characters: milliseconds since the epoch, then 80 random bits. Ids (and so topic
-    names) sort by creation time, which keeps the consumer groups' round-robin assignment of older tasks
-    where it was when a new task starts."""
-    return f"{int(time.time() * 1000):012x}{secrets.token_hex(10)}"
 
 
 def shorten(text: str, limit: int = 40) -> str:

@@ -39,7 +39,7 @@ class TritonPythonModel:
                  for i, n in enumerate(self.input_names)}
         try:
             outputs = self.session.run(self.output_names, feeds)
-        except Exception as exc:  # one bad batch must not take the model down
+        except Exception as exc:  # noqa: BLE001 - one bad batch must not take the model down
             error = pb_utils.TritonError(f"onnxruntime: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses, start = [], 0

@@ -1,4 +1,4 @@
-"""Stage workers: detect -> pose -> track -> annotate (declared in posemesh/pipeline.py).
+"""Stage workers: detect -> pose -> track -> annotate (declared in mesh/pipeline.py).
 
 A stage is one class (detect.py, pose.py, track.py, annotate.py) on the Stage base of base.py. The
 worker (worker.py) runs one stage and composes one concern per module: control.py (which tasks exist),

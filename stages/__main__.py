@@ -1,6 +1,6 @@
 """python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker.
 
-The stages and their classes are declared in posemesh/pipeline.py."""
+The stages and their classes are declared in mesh/pipeline.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import argparse
 import importlib
 import logging
 
-from posemesh.pipeline import SPECS
-from posemesh.settings import Settings
+from posemesh.mesh.pipeline import SPECS
+from posemesh.mesh.settings import Settings
 from posemesh.stages.worker import serve
 
 STAGES = {name: spec.entry for name, spec in SPECS.items()}

@@ -9,27 +9,25 @@ a replica that takes a task over (crash, rebalance, scale-up) continues after th
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 
-import dataclasses
-import time
-
-from posemesh import jpeg, pipeline
+from posemesh.mesh import jpeg, names, pipeline
+from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
+from posemesh.stages.live_out import RtspPublisher
+from posemesh.stages.pose import COCO_SKELETON
+from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
-from posemesh.stages.pose import COCO_SKELETON
-from posemesh.stages.live_out import RtspPublisher
-from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
 
 KEYPOINT_MIN_SCORE = 0.3
 LIVE_JPEG_QUALITY = 80  # annotated frames for live viewers: small enough to stream, good enough to watch
-UPLOAD_FILE = "upload"  # the gateway's name for a task's upload, under jobs/<task>/ (shared data volume)
 
 
 def colour(track_id: int) -> tuple[int, int, int]:
@@ -123,7 +121,7 @@ class AnnotateStage(Stage):
     def finish_task(self, task: TaskInfo) -> pb.TaskResult:
         writer = self.writers.pop(task.task_id, None) or self.writer(task)
         self.writers.pop(task.task_id, None)
-        upload = self.jobs_dir / task.task_id / UPLOAD_FILE
+        upload = names.upload_path(self.jobs_dir, task.task_id)
         try:
             return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
         finally:

@@ -1,7 +1,7 @@
 """What a stage is: one subclass of `Stage`. The worker (posemesh.stages.worker) does the rest: Kafka,
 batching, ordering, de-duplication, offsets, recovery, failures, progress and the control API.
 
-A stage says which step of the pipeline it is (`name`, looked up in posemesh.pipeline) and implements
+A stage says which step of the pipeline it is (`name`, looked up in posemesh.mesh.pipeline) and implements
 `process(items)`: do its work on a batch of frames (of any tasks, in index order per task when the stage
 is ordered), adding its results to each frame in place. Ordered stages also get `finish_task` when a
 task's last frame is through, and `drop_task` when a task moves away or ends.
@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 
-from posemesh import pipeline
-from posemesh.settings import Settings
+from posemesh.mesh import pipeline
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -93,7 +93,7 @@ class Stage(ABC):
         frames); delivered in the same flush as the outputs. The worker provides it."""
         raise NotImplementedError("emit() is provided by the worker")
 
-    def setup(self, settings: Settings) -> None:
+    def setup(self, settings: Settings) -> None:  # noqa: B027 - optional hook
         """Connect to Triton and the like; called once before the first frame."""
 
     @abstractmethod
@@ -106,7 +106,7 @@ class Stage(ABC):
         """Ordered stages: every frame of the task went through `process`. Return a result to report."""
         return None
 
-    def drop_task(self, task_id: str) -> None:
+    def drop_task(self, task_id: str) -> None:  # noqa: B027 - optional hook
         """Forget a task (it ended, failed, or moved to another replica): release what it holds."""
 
     def resume_index(self, task: TaskInfo) -> int:
@@ -123,5 +123,5 @@ class Stage(ABC):
         health turns NOT_SERVING while this is set."""
         return ""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources at shutdown."""

@@ -2,7 +2,7 @@
 
 The follower replays posemesh.control from its start, then follows it: `live` holds every task that has
 started (with its options, video and epoch) and not ended, `ended` the ones that have. Every second it also
-checks the broker's incarnation (posemesh.kafka.incarnation): when posemesh.control has become a new
+checks the broker's incarnation (posemesh.mesh.kafka.incarnation): when posemesh.control has become a new
 topic, the broker lost its data, so the follower starts over on the new topic and bumps `generation`; the
 worker then throws away every task's state and its Kafka clients (they cannot recover by themselves).
 """
@@ -15,8 +15,8 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("posemesh.stage")
@@ -37,7 +37,7 @@ class ControlFollower(threading.Thread):
         self.events = 0  # control events applied so far (the worker sees bursts settle by it)
         self.last_start = 0.0  # monotonic time of the latest TaskStarted or TaskReserved
         self.generation = 0
-        self.incarnation: str | None = None  # of the broker's data (posemesh.kafka.incarnation)
+        self.incarnation: str | None = None  # of the broker's data (posemesh.mesh.kafka.incarnation)
         self.broker_problem = ""  # non-empty while the broker cannot be reached
         self.changed = threading.Event()
         # Set once the replay of posemesh.control has reached its end: until then `live` may still hold
@@ -121,6 +121,9 @@ class ControlFollower(threading.Thread):
                 quiet_since = time.monotonic()
             if msg is not None and not msg.error():
                 read_to = msg.offset() + 1
+            # A record without a value is a tombstone: an ended task's older facts, cleared for compaction
+            # (kafka.control_records).
+            if msg is not None and not msg.error() and msg.value() is not None:
                 event = pb.ControlEvent.FromString(msg.value())
                 self._apply(event)
                 if event.HasField("started"):

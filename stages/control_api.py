@@ -14,7 +14,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from posemesh import kafka
+from posemesh.mesh.names import TASK_ID_RE
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 
@@ -32,7 +32,7 @@ class StageServiceServicer(spb_grpc.StageServiceServicer):
         return spb.ListStageTasksResponse(tasks=self.worker.status().tasks)
 
     def StopTask(self, request, context):
-        if not kafka.TASK_ID_RE.match(request.task_id):
+        if not TASK_ID_RE.match(request.task_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a task id: task ids are 32 lowercase hex characters")
         return spb.StopTaskResponse(was_active=self.worker.stop_task_here(request.task_id))
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from posemesh import jpeg as jpeg_codec
-from posemesh.models import YOLOX_SIZE
-from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.mesh import jpeg as jpeg_codec
+from posemesh.mesh.models import YOLOX_SIZE
 from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
+from posemesh.v1 import task_service_pb2 as tpb
 
 DEFAULT_MIN_SCORE = 0.5
 NMS_IOU = 0.45
@@ -45,7 +45,8 @@ def letterbox(image: np.ndarray, size: int = YOLOX_SIZE) -> tuple[np.ndarray, fl
     return canvas.transpose(2, 0, 1), r
 
 
-def decode(output: np.ndarray, ratio: float, min_score: float, nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
+def decode(output: np.ndarray, ratio: float, min_score: float,
+           nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
     """One image's raw head [3549, 85] -> person boxes [M, 4] (x1 y1 x2 y2, input-image pixels), scores [M]."""
     scores = output[:, 4] * output[:, 5]  # objectness x person class
     keep = scores > min_score

@@ -1,6 +1,6 @@
 """Frames' pixels by reference: the JPEG of a frame, read from the raw_frames_<task> record that holds it.
 
-Only raw_frames_<task> carries pixels (see posemesh/pipeline.py); later topics carry metadata and a
+Only raw_frames_<task> carries pixels (see mesh/pipeline.py); later topics carry metadata and a
 FrameRef (partition, offset). A stage that needs pixels after the first (pose, annotate) fetches them
 here, with a consumer of its own that joins no group: it assigns the partitions it needs, reads them
 forward, and keeps what it read ahead in a small cache, because the next batch usually wants the next
@@ -23,8 +23,8 @@ from collections import OrderedDict, defaultdict
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-from posemesh import kafka, pipeline
-from posemesh.settings import Settings
+from posemesh.mesh import kafka, pipeline
+from posemesh.mesh.settings import Settings
 from posemesh.stages.base import FrameItem, StageError
 
 log = logging.getLogger("posemesh.stage")

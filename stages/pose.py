@@ -16,8 +16,8 @@ from collections import defaultdict
 import cv2
 import numpy as np
 
-from posemesh import jpeg
-from posemesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
+from posemesh.mesh import jpeg
+from posemesh.mesh.models import BLAZEPOSE_SIZE, RTMPOSE_H, RTMPOSE_W, pose_model_names
 from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
 

@@ -1,7 +1,7 @@
 """A worker's input: its consumer-group membership, which partitions it owns, where it reads from.
 
 - Subscription: the input topic of every live task (the worker tells it which).
-- Assignment (eager round-robin, see posemesh.kafka): a partition this worker keeps through a rebalance
+- Assignment (eager round-robin, see posemesh.mesh.kafka): a partition this worker keeps through a rebalance
   continues at its position (its frames are in our pool or our open files). A partition new to us starts
   where the stage's recovery says: Recovery.REPLAY from the topic's beginning (the state is rebuilt from
   the task's first frame), the others from the group's committed offset.
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from posemesh import kafka
-from posemesh.settings import Settings
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
 from posemesh.stages.base import Recovery
 from posemesh.stages.offsets import OffsetBook
 
@@ -52,7 +52,7 @@ class InputReader:
     # ------------------------------------------------------------------ subscription and assignment
 
     def subscribe(self, topics: list[str]) -> bool:
-        """Read exactly these topics (and the idle topic, always: see posemesh.kafka.IDLE_TOPIC); True when
+        """Read exactly these topics (and the idle topic, always: see posemesh.mesh.kafka.IDLE_TOPIC); True when
         that changed the subscription."""
         topics = sorted(set(topics) | {kafka.IDLE_TOPIC})
         if topics == self.subscribed:

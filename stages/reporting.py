@@ -16,7 +16,7 @@ import logging
 import threading
 from collections import defaultdict
 
-from posemesh import kafka
+from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("posemesh.stage")

@@ -42,8 +42,8 @@ import av
 import cv2
 import numpy as np
 
-from posemesh import media
-from posemesh.models import sha256_of
+from posemesh.mesh import media, names
+from posemesh.mesh.models import sha256_of
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -137,7 +137,7 @@ class ResultWriter:
 
     @property
     def partial(self) -> Path:
-        return self.results_dir / f".partial-{self.task_id}-e{self.epoch}"
+        return names.partial_results_dir(self.results_dir, self.task_id, self.epoch)
 
     @property
     def final(self) -> Path:
@@ -216,7 +216,7 @@ class ResultWriter:
             if seg.video is not None:
                 seg.video.close()
             seg.jsonl.close()
-        except Exception:  # a half-written file is deleted either way
+        except Exception:  # noqa: BLE001 - best-effort: a half-written file is deleted either way
             log.debug("closing an abandoned segment of %s", self.task_id, exc_info=True)
         seg.video_tmp.unlink(missing_ok=True)
         seg.jsonl_tmp.unlink(missing_ok=True)

@@ -165,7 +165,8 @@ class TritonModel:
         self.outputs = {o["name"]: (_np_type(o["data_type"]), [int(d) for d in o["dims"]]) for o in config["output"]}
         if self.shared_memory and self.slots is None:
             def size(tensors) -> int:
-                return sum(self.max_batch * int(np.prod([int(d) for d in t["dims"]])) * _np_type(t["data_type"]).itemsize
+                return sum(self.max_batch * int(np.prod([int(d) for d in t["dims"]]))
+                           * _np_type(t["data_type"]).itemsize
                            for t in tensors)
             self.slots = SharedMemorySlots(self.client, self.name, size(config["input"]), size(config["output"]))
 

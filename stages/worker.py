@@ -35,8 +35,8 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram, start_http_server
 
-from posemesh import kafka, pipeline
-from posemesh.settings import Settings
+from posemesh.mesh import kafka, pipeline
+from posemesh.mesh.settings import Settings
 from posemesh.stages.base import FrameItem, Recovery, Stage, TaskInfo
 from posemesh.stages.control import ControlFollower
 from posemesh.stages.control_api import ControlApi

@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from posemesh.settings import default_media_dir
+from posemesh.mesh.settings import default_media_dir
 
 SOURCE = default_media_dir() / "mmpose_demo_960x540_5f.mp4"
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from posemesh.broker import LocalBroker, free_port, stop_process
-from posemesh.settings import REPO_ROOT, Settings, default_media_dir, default_models_dir
+from posemesh.devstack.broker import LocalBroker
+from posemesh.devstack.processes import free_port, stop_process
+from posemesh.mesh.settings import REPO_ROOT, Settings, default_media_dir, default_models_dir
 
 MEDIA = default_media_dir()
 MODELS = default_models_dir()
@@ -98,7 +99,7 @@ def gateway_factory(broker, tmp_path):
     for gw in started:
         try:
             gw.stop()
-        except Exception:
+        except Exception:  # noqa: BLE001 - best-effort teardown: stop the other gateways too
             pass
 
 
@@ -109,7 +110,7 @@ def gateway(gateway_factory):
 
 @pytest.fixture(scope="session")
 def onnx_dir(tmp_path_factory):
-    from posemesh.models import prepare
+    from posemesh.mesh.models import prepare
 
     out = tmp_path_factory.mktemp("onnx")
     prepare(out, MODELS)
@@ -118,7 +119,7 @@ def onnx_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def triton(onnx_dir, tmp_path_factory):
-    from posemesh.triton_server import TritonServer
+    from posemesh.devstack.triton_server import TritonServer
 
     work = tmp_path_factory.mktemp("triton")
     server = TritonServer(onnx_dir, work, log_path=work / "triton.log")

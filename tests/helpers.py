@@ -7,7 +7,7 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, TopicPartition
 
-from posemesh import kafka
+from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -65,6 +65,8 @@ def reserved_task_ids(bootstrap: str) -> set[str]:
             if msg.error():
                 continue
             last = msg.offset()
+            if msg.value() is None:
+                continue  # a tombstone (kafka.control_records)
             event = pb.ControlEvent.FromString(msg.value())
             if event.HasField("reserved"):
                 reserved.add(event.task_id)

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import grpc
 
-from posemesh.broker import LocalBroker, free_port, stop_process
-from posemesh.pipeline import STAGE_NAMES
-from posemesh.settings import REPO_ROOT
-from posemesh.triton_server import TritonServer
+from posemesh.devstack.broker import LocalBroker
+from posemesh.devstack.processes import free_port, stop_process
+from posemesh.devstack.triton_server import TritonServer
+from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
@@ -106,7 +107,8 @@ class Mesh:
         port = free_port()
         log = open(self.logs / f"{stage}-{port}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port)],
-                                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                cwd=REPO_ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         worker = Worker(stage, port, proc)
         self.workers.append(worker)
         return worker

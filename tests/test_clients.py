@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from posemesh.client import Client
-from posemesh.settings import REPO_ROOT
+from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import USERS, media, settings_env
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import yaml
 
-from posemesh.models import MODELS
-from posemesh.settings import REPO_ROOT
+from posemesh.mesh.models import MODELS
+from posemesh.mesh.settings import REPO_ROOT
 from posemesh.stages.__main__ import STAGES
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -39,14 +39,14 @@ def test_engine_build_script_covers_every_served_model():
 
 import re  # noqa: E402
 
-from posemesh.pipeline import STAGE_NAMES  # noqa: E402
-from posemesh.settings import REPO_ROOT as ROOT  # noqa: E402
+from posemesh.mesh.pipeline import STAGE_NAMES  # noqa: E402
+from posemesh.mesh.settings import REPO_ROOT as ROOT  # noqa: E402
 from posemesh.stages.__main__ import build_parser  # noqa: E402
 
 
 def env_names_the_code_reads() -> set[str]:
     names: set[str] = set()
-    for folder in ("posemesh", "gateway", "stages"):
+    for folder in ("mesh", "gateway", "stages", "devstack"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text()
             names |= set(re.findall(r"\b(POSEMESH_[A-Z0-9_]+)", text))
@@ -86,7 +86,7 @@ def test_compose_commands_ports_and_health_checks_match_the_code():
         args = build_parser().parse_args([str(a) for a in service["command"][3:]])  # the real argument parser
         assert args.stage == stage and args.control_port and args.metrics_port
         test = service["healthcheck"]["test"]
-        assert test[1:4] == ["python", "-m", "posemesh.health"] and test[4].endswith(f":{args.control_port}")
+        assert test[1:4] == ["python", "-m", "posemesh.mesh.health"] and test[4].endswith(f":{args.control_port}")
     gateway = services["gateway"]
     assert gateway["command"] == ["python", "-m", "posemesh.gateway"]
     listen_port = int(gateway["environment"]["POSEMESH_GATEWAY_LISTEN"].rsplit(":", 1)[1])
@@ -94,7 +94,7 @@ def test_compose_commands_ports_and_health_checks_match_the_code():
     assert gateway["healthcheck"]["test"][4].endswith(f":{listen_port}")
     triton_port = services["gateway"]["environment"]["POSEMESH_TRITON_URL"].rsplit(":", 1)[1]
     assert triton_port == "8001"  # Triton's gRPC port
-    from posemesh.health import main as health_main  # the probe module exists and takes these arguments
+    from posemesh.mesh.health import main as health_main  # the probe module exists and takes these arguments
     assert health_main(["127.0.0.1:1", "--timeout", "0.2"]) == 1
 
 
@@ -119,7 +119,8 @@ def test_kubernetes_probes_ports_and_commands_match_the_code():
     assert {p["containerPort"] for p in container["ports"]} == {listen_port, int(env["POSEMESH_GATEWAY_METRICS_PORT"])}
     assert int(gateway["metadata"]["annotations"]["prometheus.io/port"]) == int(env["POSEMESH_GATEWAY_METRICS_PORT"])
     triton = deployments["triton"]["spec"]["template"]["spec"]["containers"][0]
-    assert {p["name"]: p["containerPort"] for p in triton["ports"]}["grpc"] == int(config["POSEMESH_TRITON_URL"].rsplit(":", 1)[1])
+    assert ({p["name"]: p["containerPort"] for p in triton["ports"]}["grpc"]
+            == int(config["POSEMESH_TRITON_URL"].rsplit(":", 1)[1]))
 
 
 def test_the_dockerfile_builds_with_the_tested_install_script_and_no_gui_opencv():
@@ -128,7 +129,7 @@ def test_the_dockerfile_builds_with_the_tested_install_script_and_no_gui_opencv(
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert "deploy/install-server.sh" in dockerfile and "FROM python:3.11-slim" in dockerfile
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for folder in ["posemesh", *package_dirs.values()]:
+    for folder in ["clients/python", *package_dirs.values()]:
         assert re.search(rf"^COPY {folder} {folder}$", dockerfile, re.M), f"the image misses {folder}/"
     # Every package comes through install-server.sh (what tests/test_packaging.py checks): no stray installs.
     installs = re.findall(r"pip install ([^\n&]*)", dockerfile)

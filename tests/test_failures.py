@@ -13,8 +13,8 @@ import grpc
 import pytest
 from confluent_kafka import Producer
 
-from posemesh import kafka
 from posemesh.client import Client
+from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import USERS, auth, media
@@ -112,7 +112,7 @@ def test_a_task_that_stops_moving_is_failed_by_the_stall_timeout(gateway_factory
 
 
 def test_an_upload_while_the_broker_is_down_is_refused_at_once_and_leaves_nothing(tmp_path):
-    from posemesh.broker import LocalBroker
+    from posemesh.devstack.broker import LocalBroker
     from tests.conftest import RunningGateway, make_settings
 
     broker = LocalBroker().start()

@@ -8,7 +8,7 @@ import av
 import grpc
 import pytest
 
-from posemesh import kafka
+from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
@@ -148,7 +148,8 @@ def test_bad_uploads_get_precise_codes_and_leave_nothing_behind(gateway, tmp_pat
     assert refused("invalid_argument") - invalid_before == 5 and refused("resource_exhausted") - exhausted_before == 1
     # Nothing left behind: no task, no topic, no temp file.
     assert stub.ListTasks(tpb.ListTasksRequest(), metadata=auth()).tasks == []
-    assert topics(gateway.settings.kafka_bootstrap) - before - reserved_topics(gateway.settings.kafka_bootstrap) == set()
+    assert (topics(gateway.settings.kafka_bootstrap) - before
+            - reserved_topics(gateway.settings.kafka_bootstrap)) == set()
     # Each refused upload had taken a reserved task id (the uploads take one as they begin): all came back.
     assert sorted(reservations.ready) == sorted(reserved) and not reservations.lent
     assert job_files(gateway) == []
@@ -160,7 +161,8 @@ def test_auth_and_ownership(gateway):
     req = tpb.GetTaskRequest(task_id=task.task_id)
     _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: stub.GetTask(req))
     _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: stub.GetTask(req, metadata=[("authorization", "Bearer nope")]))
-    _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: stub.Upload(upload_requests(b"x"), metadata=[("authorization", "nope")]))
+    _expect(grpc.StatusCode.UNAUTHENTICATED,
+            lambda: stub.Upload(upload_requests(b"x"), metadata=[("authorization", "nope")]))
     # Another user's task is indistinguishable from a missing one.
     _expect(grpc.StatusCode.NOT_FOUND, lambda: stub.GetTask(req, metadata=auth("bob")))
     _expect(grpc.StatusCode.NOT_FOUND, lambda: stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id),

@@ -54,7 +54,7 @@ class Crowd:
             stub = tpb_grpc.TaskServiceStub(channel)
             await asyncio.gather(*(self._watch(stub, u) for u in self.tasks for _ in range(self.per_user)))
 
-    def start(self) -> "Crowd":
+    def start(self) -> Crowd:
         self.thread.start()
         return self
 

@@ -14,8 +14,8 @@ import threading
 import grpc
 import pytest
 
-from posemesh import kafka
-from posemesh.settings import REPO_ROOT
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media, settings_env
@@ -33,11 +33,13 @@ class Snapshot:
         self.topics = topics(gw.settings.kafka_bootstrap)
 
     def _tasks(self, user):
-        return {t.task_id for t in self.gw.stub.ListTasks(tpb.ListTasksRequest(page_size=100), metadata=auth(user)).tasks}
+        return {t.task_id
+                for t in self.gw.stub.ListTasks(tpb.ListTasksRequest(page_size=100), metadata=auth(user)).tasks}
 
     def unchanged(self) -> None:
         assert {u: self._tasks(u) for u in USERS} == self.tasks, "a refused call left a task behind"
-        left = topics(self.gw.settings.kafka_bootstrap) - self.topics - reserved_topics(self.gw.settings.kafka_bootstrap)
+        left = (topics(self.gw.settings.kafka_bootstrap) - self.topics
+                - reserved_topics(self.gw.settings.kafka_bootstrap))
         assert left == set(), "a refused call left a topic"
         jobs = self.gw.settings.jobs_dir
         left = [p for p in jobs.rglob("*") if p.is_file() and p.parent.name not in self.tasks["alice"]]
@@ -76,7 +78,8 @@ def test_hls_playlist_pointing_at_a_server_file_is_refused_and_reads_nothing(gat
 def test_concat_script_is_refused_and_reads_nothing(gateway, tmp_path):
     secret = canary(tmp_path)
     before = Snapshot(gateway)
-    refused(gateway, grpc.StatusCode.INVALID_ARGUMENT, f"ffconcat version 1.0\nfile '{secret}'\n".encode(), "x.ffconcat")
+    refused(gateway, grpc.StatusCode.INVALID_ARGUMENT, f"ffconcat version 1.0\nfile '{secret}'\n".encode(),
+            "x.ffconcat")
     assert secret.stat().st_atime == 0
     before.unchanged()
 
@@ -177,7 +180,8 @@ def test_file_cut_in_the_middle_gets_its_frames_and_a_warning(gateway_factory, t
     path.write_bytes(full[: len(full) // 2])
     task = upload(gateway.stub, path, auth())
     assert len(task.warnings) == 1 and "ends early" in task.warnings[0] and "795" in task.warnings[0]
-    records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id), timeout=120)
+    records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id),
+                         timeout=120)
     [eos] = [r.end_of_stream.total_frames for r in records if r.HasField("end_of_stream")]
     assert 300 < eos < 795
     assert sorted(r.frame.index for r in records if r.HasField("frame")) == list(range(eos))
@@ -208,10 +212,10 @@ def test_malformed_task_ids_are_invalid_argument_and_echoed_short(gateway):
                  lambda r: stub.DeleteTask(tpb.DeleteTaskRequest(task_id=r), metadata=auth()),
                  lambda r: list(stub.WatchTask(tpb.WatchTaskRequest(task_id=r), metadata=auth())),
                  lambda r: list(stub.DownloadResult(tpb.DownloadResultRequest(task_id=r, kind=1), metadata=auth()))):
-        msg = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: call(huge))
+        msg = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda call=call: call(huge))
         assert len(msg) < 200 and "10000 characters" in msg
-        _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: call("../../etc/passwd"))
-        _expect(grpc.StatusCode.NOT_FOUND, lambda: call("0" * 32))
+        _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda call=call: call("../../etc/passwd"))
+        _expect(grpc.StatusCode.NOT_FOUND, lambda call=call: call("0" * 32))
 
 
 def test_page_tokens_of_any_size_are_invalid_argument(gateway):
@@ -219,7 +223,7 @@ def test_page_tokens_of_any_size_are_invalid_argument(gateway):
 
     for token in (base64.urlsafe_b64encode(b"o:" + b"9" * 30).decode(), "A" * 10_000, "%%%", "o:5",
                   base64.urlsafe_b64encode(b"o:-1").decode(), base64.urlsafe_b64encode(b"x:1").decode()):
-        msg = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: gateway.stub.ListTasks(
+        msg = _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda token=token: gateway.stub.ListTasks(
             tpb.ListTasksRequest(page_token=token), metadata=auth()))
         assert "page_token" in msg and len(msg) < 200
 
@@ -244,7 +248,8 @@ def test_reused_idempotency_key_with_another_file_or_options_is_refused(gateway,
 
 def test_duplicate_authorization_headers_are_refused(gateway):
     both = [("authorization", f"Bearer {USERS['alice']}"), ("authorization", f"Bearer {USERS['bob']}")]
-    msg = _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: gateway.stub.ListTasks(tpb.ListTasksRequest(), metadata=both))
+    msg = _expect(grpc.StatusCode.UNAUTHENTICATED,
+                  lambda: gateway.stub.ListTasks(tpb.ListTasksRequest(), metadata=both))
     assert "exactly one" in msg
     same = [("authorization", f"Bearer {USERS['alice']}")] * 2
     _expect(grpc.StatusCode.UNAUTHENTICATED, lambda: gateway.stub.ListTasks(tpb.ListTasksRequest(), metadata=same))
@@ -275,7 +280,8 @@ def test_parallel_uploads_cannot_exceed_the_active_task_limit(gateway_factory):
 
     def one():
         try:
-            results.append(gw.stub.Upload(upload_requests(data, "x.mp4", chunk=32 * 1024), metadata=auth()).task.task_id)
+            results.append(
+                gw.stub.Upload(upload_requests(data, "x.mp4", chunk=32 * 1024), metadata=auth()).task.task_id)
         except grpc.RpcError as exc:
             results.append(exc.code())
 

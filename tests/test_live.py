@@ -17,11 +17,12 @@ import grpc
 import numpy as np
 import pytest
 
-from posemesh import kafka, rtsp
 from posemesh.client import Client
+from posemesh.devstack import rtsp
+from posemesh.mesh import kafka
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
-from tests.conftest import USERS, auth, media
+from tests.conftest import USERS, media
 from tests.helpers import reserved_task_ids, reserved_topics, topics, wait_for
 from tests.mesh import Mesh
 
@@ -227,7 +228,8 @@ def _threads_and_rss(pid: int) -> tuple[int, float]:
 def test_fifty_live_tasks_started_and_stopped_leave_nothing_behind(mesh, client, cameras):
     """Threads, memory and topics of the gateway come back to where they were."""
     def settled():
-        left = set(kafka.list_task_topics(kafka.admin(mesh.settings))) - reserved_task_ids(mesh.settings.kafka_bootstrap)
+        left = (set(kafka.list_task_topics(kafka.admin(mesh.settings)))
+                - reserved_task_ids(mesh.settings.kafka_bootstrap))
         running = [t for t in client.list() if t.state in (tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING)]
         return not left and not running
     wait_for(settled, 120, 0.5, "earlier tasks and topics to be gone")

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from posemesh import models
+from posemesh.mesh import models
 from posemesh.stages import pose
 from tests.conftest import MODELS
 

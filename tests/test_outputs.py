@@ -25,7 +25,8 @@ def results(gw, path, tmp_path):
     assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
     out = {}
     for kind, name in ((tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, "video"), (tpb.ARTIFACT_KIND_KEYPOINTS, "keypoints")):
-        chunks = list(gw.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task.task_id, kind=kind), metadata=auth()))
+        chunks = list(gw.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task.task_id, kind=kind),
+                                             metadata=auth()))
         out[name] = b"".join(c.chunk for c in chunks[1:])
     video = tmp_path / f"{path.stem}.annotated.mp4"
     video.write_bytes(out["video"])

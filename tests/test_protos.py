@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-from posemesh.settings import REPO_ROOT
+from posemesh.mesh.settings import REPO_ROOT
 
 
 def test_buf_lint_passes():
@@ -17,6 +17,6 @@ def test_buf_lint_passes():
 
 
 def test_generated_code_matches_protos():
-    result = subprocess.run([sys.executable, "-m", "posemesh.codegen", "--check"], cwd=REPO_ROOT,
+    result = subprocess.run([sys.executable, "-m", "posemesh.devstack.codegen", "--check"], cwd=REPO_ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -17,7 +17,7 @@ import time
 import av
 import pytest
 
-from posemesh.pipeline import STAGE_NAMES
+from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
 from tests.helpers import make_clip, reserved_task_ids, upload, wait_for

@@ -6,7 +6,7 @@ import time
 
 from confluent_kafka import Producer, TopicPartition
 
-from posemesh import kafka
+from posemesh.mesh import kafka
 from posemesh.stages.base import Recovery
 from posemesh.stages.reading import InputReader
 from tests.conftest import make_settings
@@ -171,10 +171,12 @@ def test_the_control_follower_says_caught_up_only_after_replaying_the_whole_hist
     producer = Producer({"bootstrap.servers": broker.bootstrap})
     ended = [f"caughtup{i:04d}{time.time_ns():x}"[:32] for i in range(150)]
     for task_id in ended:
-        producer.produce(kafka.CONTROL_TOPIC, pb.ControlEvent(task_id=task_id, started=pb.TaskStarted()).SerializeToString(),
+        producer.produce(kafka.CONTROL_TOPIC,
+                         pb.ControlEvent(task_id=task_id, started=pb.TaskStarted()).SerializeToString(),
                          key=task_id)
     for task_id in ended:
-        producer.produce(kafka.CONTROL_TOPIC, pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded()).SerializeToString(),
+        producer.produce(kafka.CONTROL_TOPIC,
+                         pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded()).SerializeToString(),
                          key=task_id)
     producer.flush(10)
     follower = ControlFollower(settings, "caught-up-test")

@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 
-from posemesh.broker import free_port
 from posemesh.client import Client
-from posemesh.settings import REPO_ROOT
+from posemesh.devstack.processes import free_port
+from posemesh.mesh.settings import REPO_ROOT
 from tests.helpers import wait_for
 
 

@@ -7,10 +7,10 @@ import time
 
 from confluent_kafka import Producer
 
-from posemesh import kafka
 from posemesh.gateway import topics as topics_module
 from posemesh.gateway.store import TaskStore
 from posemesh.gateway.topics import DELETE_GRACE_S, LIVENESS_S, TopicManager
+from posemesh.mesh import kafka
 from tests.conftest import make_settings
 
 

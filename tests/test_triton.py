@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from posemesh.models import MODELS as SERVED
+from posemesh.mesh.models import MODELS as SERVED
 from posemesh.stages.detect import Detector
 from posemesh.stages.pose import PoseEstimator
 from posemesh.stages.triton import TritonModel

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build FP16 TensorRT plans for the GPU model repository from the same ONNX files the CPU stack serves.
 #
-#   posemesh models prepare --out run/onnx          # dynamic batch + uint8 inputs (posemesh/models.py)
+#   posemesh models prepare --out run/onnx          # dynamic batch + uint8 inputs (mesh/models.py)
 #   deploy/tensorrt/build_engines.sh run/onnx deploy/tensorrt/model_repository
 #
 # Runs trtexec inside NVIDIA's Triton container (TensorRT must match the server that loads the plans:
@@ -12,7 +12,7 @@ ONNX_DIR=${1:?usage: build_engines.sh ONNX_DIR REPOSITORY}
 REPO=${2:?usage: build_engines.sh ONNX_DIR REPOSITORY}
 IMAGE=${TRITON_IMAGE:-nvcr.io/nvidia/tritonserver:24.10-py3}
 
-# model name -> input tensor name and its per-sample shape (must match posemesh/models.py)
+# model name -> input tensor name and its per-sample shape (must match mesh/models.py)
 declare -A INPUT=( [yolox]="images:3x416x416" [blazepose_lite]="input_1:256x256x3"
                    [blazepose_full]="input_1:256x256x3" [rtmpose]="input:3x256x192" )
 

@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posemesh.broker import free_port, kill_group, stop_process
-from posemesh.models import CPU_REPOSITORY
-from posemesh.settings import REPO_ROOT
+from posemesh.devstack.processes import free_port, kill_group, stop_process
+from posemesh.mesh.models import CPU_REPOSITORY
+from posemesh.mesh.settings import REPO_ROOT
 
 
 def triton_venv() -> Path:
@@ -36,14 +36,16 @@ class TritonInstall:
         return self.site / "pytriton" / "tritonserver" / "bin" / "tritonserver"
 
     @classmethod
-    def find(cls, venv: Path | None = None) -> "TritonInstall":
+    def find(cls, venv: Path | None = None) -> TritonInstall:
         venv = venv or triton_venv()
         python = venv / "bin" / "python"
         if not python.exists():
-            raise FileNotFoundError(f"no Triton environment at {venv}: run `make venv` (or set POSEMESH_TRITON_VENV)")
+            raise FileNotFoundError(
+                f"no Triton environment at {venv}: run `make venv` (or set POSEMESH_TRITON_VENV)")
         out = subprocess.run(
             [str(python), "-c", "import json, sysconfig, pathlib, pytriton;"
-             "print(json.dumps([str(pathlib.Path(pytriton.__file__).parent.parent), sysconfig.get_config_var('LIBDIR')]))"],
+             "print(json.dumps([str(pathlib.Path(pytriton.__file__).parent.parent),"
+             " sysconfig.get_config_var('LIBDIR')]))"],
             check=True, capture_output=True, text=True).stdout
         site, libdir = json.loads(out)
         return cls(python, Path(site), libdir)
@@ -53,7 +55,8 @@ class TritonInstall:
         python_dir = into / "python"
         python_dir.mkdir(parents=True, exist_ok=True)
         src = self.site / "pytriton" / "tritonserver"
-        stub = src / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}" / "triton_python_backend_stub"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = src / "python_backend_stubs" / version / "triton_python_backend_stub"
         if not stub.exists():
             stub = next((src / "python_backend_stubs").glob("*/triton_python_backend_stub"))
         files = [f for f in (src / "backends" / "python").iterdir() if f.is_file()] + [stub]
@@ -102,7 +105,7 @@ class TritonServer:
         env.pop("PYTHONPATH", None)
         return cmd, env
 
-    def start(self, timeout: float = 120.0) -> "TritonServer":
+    def start(self, timeout: float = 120.0) -> TritonServer:
         install = TritonInstall.find()
         cmd, env = self.command(install)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +125,7 @@ class TritonServer:
             try:
                 if client.is_server_ready():
                     return
-            except Exception:
+            except Exception:  # noqa: BLE001 - not up yet: poll again until the deadline
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tritonserver not ready after {timeout}s; see {self.log_path}")
@@ -140,7 +143,7 @@ class TritonServer:
             kill_group(self.proc.pid)
             self.proc.wait()
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

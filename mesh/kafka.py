@@ -10,12 +10,14 @@ import re
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException, TopicCollection
+from confluent_kafka import KafkaException, Producer, TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from posemesh import pipeline
-from posemesh.pipeline import BYTETRACK, LIVE_FRAMES, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
-from posemesh.settings import Settings
+from posemesh.mesh import pipeline
+from posemesh.mesh.names import TASK_ID_PATTERN
+from posemesh.mesh.pipeline import BYTETRACK, LIVE_FRAMES, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
+from posemesh.mesh.settings import Settings
+from posemesh.v1 import pipeline_pb2 as pb
 
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
 CONTROL_TOPIC = "posemesh.control"
@@ -25,8 +27,7 @@ EVENTS_TOPIC = "posemesh.events"
 # that unsubscribed and subscribed again at about the same time were never given partitions again.
 IDLE_TOPIC = "posemesh.idle"
 
-TASK_ID_RE = re.compile(r"^[a-z0-9]{8,40}$")
-TASK_TOPIC_RE = re.compile(rf"^({'|'.join(TASK_TOPIC_PREFIXES)})_([a-z0-9]{{8,40}})$")
+TASK_TOPIC_RE = re.compile(rf"^({'|'.join(TASK_TOPIC_PREFIXES)})_({TASK_ID_PATTERN})$")
 MAX_MESSAGE_BYTES = 20 * 1024 * 1024
 
 
@@ -52,7 +53,7 @@ def task_of_topic(topic: str) -> str | None:
 
 def partitions_for(prefix: str, settings: Settings) -> int:
     """Several partitions where the reading stage treats frames independently (replicas share a task),
-    one where it needs them in order (one replica owns the task): posemesh.pipeline decides."""
+    one where it needs them in order (one replica owns the task): posemesh.mesh.pipeline decides."""
     return pipeline.partitions(prefix, settings.frame_partitions)
 
 
@@ -111,6 +112,42 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
     }
 
 
+class Sender:
+    """How every posemesh process writes records: produce() that waits for room when the producer's local
+    queue is full (BufferError), delivery errors collected for the writer to act on, and a flush with a
+    deadline that a caller can cut short. One per Producer: its delivery callbacks run on the thread that
+    polls or flushes it."""
+
+    def __init__(self, producer: Producer):
+        self.producer = producer
+        self.errors: list = []
+
+    def send(self, topic: str, data: bytes | None, partition: int = 0, key: bytes | str | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, data, partition=partition, key=key, on_delivery=self._delivered)
+                return
+            except BufferError:  # the local queue is full: let the broker take some
+                self.producer.poll(0.05)
+
+    def _delivered(self, err, _msg) -> None:
+        if err is not None:
+            self.errors.append(err)
+
+    def flush(self, timeout_s: float, give_up=lambda: False) -> int:
+        """Wait until everything sent is acknowledged, in short slices so `give_up()` (a cancelled task, a
+        lost broker) is acted on at once. Returns how many records are still undelivered."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = self.producer.flush(min(0.5, max(0.0, deadline - time.monotonic())))
+            if not remaining or give_up() or time.monotonic() >= deadline:
+                return remaining
+
+    def delivered(self, timeout_s: float, give_up=lambda: False) -> bool:
+        """flush() and no delivery error so far."""
+        return self.flush(timeout_s, give_up) == 0 and not self.errors
+
+
 def admin(settings: Settings) -> AdminClient:
     return AdminClient(base_config(settings))
 
@@ -137,7 +174,7 @@ def create_topics(client: AdminClient, specs: list[TopicSpec], timeout: float = 
         [NewTopic(s.name, num_partitions=s.partitions, replication_factor=-1, config=s.config) for s in specs],
         operation_timeout=timeout, request_timeout=timeout,
     )
-    for name, fut in futures.items():
+    for _name, fut in futures.items():
         try:
             fut.result(timeout)
         except KafkaException as exc:
@@ -185,9 +222,34 @@ def list_task_topics(client: AdminClient, timeout: float = 15.0) -> dict[str, li
     return out
 
 
+# What a task's control events say, one record key each (see control_key).
+CONTROL_KINDS: tuple[str, ...] = ("reserved", "started", "viewers", "ended")
+
+
+def control_key(task_id: str, kind: str) -> bytes:
+    """The key of a control event. posemesh.control is compacted on Apache Kafka, which keeps only the latest
+    record of each key, so a key names one fact about one task: the task's latest TaskStarted (a re-run's
+    epoch replaces the first), its latest viewer count, its end. Keyed by task alone, a ViewersChanged after
+    TaskStarted would let compaction erase the TaskStarted of a running task, and a worker replaying the
+    topic could no longer rebuild it (the local broker never compacts, so nothing there shows it)."""
+    if kind not in CONTROL_KINDS:
+        raise ValueError(f"unknown control event kind {kind!r}")
+    return f"{task_id}/{kind}".encode()
+
+
+def control_records(event: pb.ControlEvent) -> list[tuple[bytes, bytes | None]]:
+    """The (key, value) records that publish one control event. A task's end also clears its other keys
+    (tombstones: compaction then keeps one small TaskEnded per finished task, not its whole history)."""
+    kind = event.WhichOneof("event")
+    records: list[tuple[bytes, bytes | None]] = [(control_key(event.task_id, kind), event.SerializeToString())]
+    if kind == "ended":
+        records += [(control_key(event.task_id, k), None) for k in CONTROL_KINDS if k != "ended"]
+    return records
+
+
 def ensure_shared_topics(settings: Settings, client: AdminClient | None = None) -> None:
     cfg = {"max.message.bytes": str(MAX_MESSAGE_BYTES)}
-    # Control events are keyed by task: on Apache Kafka compaction keeps the topic to one record per task.
+    # Compaction keeps one record per key (task and kind of event, see control_key) on Apache Kafka.
     control = {**cfg, "cleanup.policy": "compact"}
     create_topics(client or admin(settings), [TopicSpec(CONTROL_TOPIC, 1, control), TopicSpec(EVENTS_TOPIC, 1, cfg),
                                               TopicSpec(IDLE_TOPIC, 1, cfg)])

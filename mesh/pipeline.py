@@ -3,7 +3,7 @@
     upload -> raw_frames_<task> -> detect -> yolox_<task> -> pose -> rtmpose_<task> -> track
            -> bytetrack_<task> -> annotate -> results/<task>/
 
-Everything else derives from this table: topic names and partition counts (posemesh.kafka and the
+Everything else derives from this table: topic names and partition counts (posemesh.mesh.kafka and the
 gateway's topic manager), what each worker reads and writes (posemesh.stages), the workers the local
 stack starts, and the checks on deploy/. Adding a stage is one line here and one class in stages/.
 

@@ -19,9 +19,9 @@ Messages are for the uploader: they never contain a server path.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import av
 import cv2
@@ -58,7 +58,7 @@ class Limits:
     max_fps: float = 120.0
 
     @classmethod
-    def from_settings(cls, settings) -> "Limits":
+    def from_settings(cls, settings) -> Limits:
         return cls(settings.max_frame_pixels, settings.max_frame_side, settings.max_frames,
                    settings.max_duration_s, settings.max_fps)
 
@@ -66,6 +66,10 @@ class Limits:
         if width > self.max_frame_side or height > self.max_frame_side or width * height > self.max_frame_pixels:
             raise NotAVideo(f"frames of {width}x{height} exceed the limit of {self.max_frame_side} pixels a side and "
                             f"{self.max_frame_pixels} pixels a frame: scale the video down")
+
+
+# The default caps, shared: a Limits is frozen.
+DEFAULT_LIMITS = Limits()
 
 
 def sniff(head: bytes) -> str | None:
@@ -115,7 +119,7 @@ class MediaFile:
             self.file.close()
             raise
 
-    def __enter__(self) -> "MediaFile":
+    def __enter__(self) -> MediaFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -151,7 +155,7 @@ class Probed:
     warnings: list[str] = field(default_factory=list)
 
 
-def probe(path: Path, limits: Limits = Limits()) -> Probed:
+def probe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Probed:
     """Check an upload before any work starts: container, codec, caps, and that a frame decodes.
     Demuxes every packet (cheap: no decoding) to count frames and measure duration and frame rate."""
     warnings: list[str] = []
@@ -190,7 +194,8 @@ def probe(path: Path, limits: Limits = Limits()) -> Probed:
         duration = _duration(times, stream)
         warnings += _cut_short(media, declared, packets, duration)
         if duration > limits.max_duration_s:
-            raise NotAVideo(f"the video lasts {duration:.0f} s, longer than the limit of {limits.max_duration_s:.0f} s: "
+            raise NotAVideo(f"the video lasts {duration:.0f} s, "
+                            f"longer than the limit of {limits.max_duration_s:.0f} s: "
                             "cut it into shorter parts")
         fps = with_data / duration if duration > 0 and with_data > 1 else float(stream.average_rate or 0) or 30.0
         if fps > limits.max_fps:
@@ -265,7 +270,7 @@ class FrameReader:
     """Every decodable frame in presentation order, upright, with dense indices. Packets that do not
     decode are skipped and counted (`skipped`); a frame above the caps ends the reading with NotAVideo."""
 
-    def __init__(self, path: Path, fps: float, limits: Limits = Limits()):
+    def __init__(self, path: Path, fps: float, limits: Limits = DEFAULT_LIMITS):
         self.path, self.fps, self.limits = path, fps or 30.0, limits
         self.skipped = 0
 
@@ -296,6 +301,6 @@ class FrameReader:
                     index += 1
 
 
-def frames(path: Path, fps: float, limits: Limits = Limits()) -> Iterator[DecodedFrame]:
+def frames(path: Path, fps: float, limits: Limits = DEFAULT_LIMITS) -> Iterator[DecodedFrame]:
     """Shorthand for iterating a FrameReader."""
     return iter(FrameReader(path, fps, limits))

@@ -1,4 +1,4 @@
-"""Starting the local RTSP server (posemesh/rtsp_server.py) from posemesh: the server runs under Debian's
+"""Starting the local RTSP server (devstack/rtsp_server.py) from posemesh: the server runs under Debian's
 python3, where GStreamer's bindings are (deploy/system-packages.txt), so it is started as a process."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from posemesh.broker import free_port, stop_process, wait_for_port
+from posemesh.devstack.processes import free_port, stop_process, wait_for_port
 
 SCRIPT = Path(__file__).resolve().parent / "rtsp_server.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -41,7 +41,7 @@ class RtspServer:
     def url(self, path: str) -> str:
         return f"rtsp://127.0.0.1:{self.port}/{path.lstrip('/')}"
 
-    def start(self, timeout: float = 20.0) -> "RtspServer":
+    def start(self, timeout: float = 20.0) -> RtspServer:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(command(self.port, self.cameras), stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
@@ -57,7 +57,7 @@ class RtspServer:
         if self.proc:
             stop_process(self.proc, grace=5)
 
-    def __enter__(self) -> "RtspServer":
+    def __enter__(self) -> RtspServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -9,7 +9,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _checkout_root() -> Path | None:
+    """The source checkout this code runs from (`make venv` installs it editable), or None when posemesh
+    is installed from a wheel: then nothing may default to a folder inside site-packages."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "mesh").is_dir() else None
+
+
+# Where a checkout keeps what it runs and produces (run/ is git-ignored); installed: the working directory.
+CHECKOUT = _checkout_root()
+REPO_ROOT = CHECKOUT or Path.cwd()
+RUN_DIR = REPO_ROOT / "run"
 
 
 def _env(name: str, default: str) -> str:
@@ -57,7 +68,7 @@ class Settings:
     triton_timeout_s: float = field(default_factory=lambda: float(_env("TRITON_TIMEOUT_S", "10")))
     triton_outage_s: float = field(default_factory=lambda: float(_env("TRITON_OUTAGE_S", "60")))
     # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
-    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(REPO_ROOT / "run" / "data"))))
+    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(RUN_DIR / "data"))))
     models_dir: Path = field(default_factory=default_models_dir)
     # Gateway
     gateway_listen: str = field(default_factory=lambda: _env("GATEWAY_LISTEN", "127.0.0.1:50051"))

@@ -4,11 +4,11 @@
     posemesh down              # stop a stack started by `up` in another terminal
     posemesh run VIDEO         # start, process one video, write the results, stop
 
-Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open) -> Triton (models ready) -> gateway (gRPC health)
--> workers (gRPC health). A process that dies is restarted with back-off, into the same log file
-(RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave their consumer groups first,
-the gateway next; the memory-only broker takes every topic with it. With an external Kafka
-(--kafka HOST:PORT) topics of unfinished tasks are kept on purpose: the gateway resumes them.
+Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open)
+-> Triton (models ready) -> gateway (gRPC health) -> workers (gRPC health). A process that dies is restarted
+with back-off, into the same log file (RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave
+their consumer groups first, the gateway next; the memory-only broker takes every topic with it. With an external
+Kafka (--kafka HOST:PORT) topics of unfinished tasks are kept on purpose: the gateway resumes them.
 """
 
 from __future__ import annotations
@@ -22,16 +22,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import grpc
-
-from posemesh.broker import broker_command, free_port, kill_group, stop_process
-from posemesh.health import grpc_healthy
-from posemesh.pipeline import STAGE_NAMES
-from posemesh.settings import REPO_ROOT
+from posemesh.devstack.broker import broker_command
+from posemesh.devstack.processes import free_port, kill_group, stop_process
+from posemesh.mesh.health import grpc_healthy
+from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.settings import REPO_ROOT
 
 log = logging.getLogger("posemesh.stack")
 
@@ -63,7 +62,8 @@ class Service:
         deadline = time.monotonic() + timeout
         while not self.healthy():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; see {self.log_path}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} while starting; see {self.log_path}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name} not healthy after {timeout}s; see {self.log_path}")
             time.sleep(0.1)
@@ -121,7 +121,7 @@ class Stack:
         self.env.setdefault("POSEMESH_LIVE_SOURCES", config.live_sources)
         self.rtsp_url = ""
         if config.rtsp_port > 0 and not os.environ.get("POSEMESH_LIVE_PUBLISH_URL"):
-            from posemesh import rtsp
+            from posemesh.devstack import rtsp
 
             missing = rtsp.available()
             if missing:
@@ -143,13 +143,13 @@ class Stack:
         log.info("%-12s healthy (pid %d)", name, service.proc.pid)
         return service
 
-    def start(self) -> "Stack":
-        from posemesh.models import MODELS, is_stand_in, prepare
-        from posemesh.triton_server import TritonServer
+    def start(self) -> Stack:
+        from posemesh.devstack.triton_server import TritonServer
+        from posemesh.mesh.models import MODELS, is_stand_in, prepare
 
         try:
             if self.rtsp_url:
-                from posemesh import rtsp
+                from posemesh.devstack import rtsp
 
                 self._add("rtsp", rtsp.command(self.config.rtsp_port), lambda: _port_open(self.config.rtsp_port), 20)
             if not self.config.kafka:
@@ -164,19 +164,21 @@ class Stack:
                     log.warning("untrained stand-in served for %s: tasks asking for it are refused", stand_ins)
                 triton = TritonServer(onnx_dir, self.run_dir / "triton", grpc_port=self.config.triton_grpc_port,
                                       ort_threads=self.config.ort_threads)
-                from posemesh.triton_server import TritonInstall
+                from posemesh.devstack.triton_server import TritonInstall
 
                 cmd, env = triton.command(TritonInstall.find())
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
             self.metrics_ports = {"gateway": free_port()}
-            self._add("gateway", [sys.executable, "-m", "posemesh.gateway"], lambda: grpc_healthy(self.gateway_address), 60,
+            self._add("gateway", [sys.executable, "-m", "posemesh.gateway"],
+                      lambda: grpc_healthy(self.gateway_address), 60,
                       env={**self.env, "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports["gateway"])})
             for stage, count in self.config.workers.items():
                 for i in range(count):
                     port = free_port()
                     self.metrics_ports[f"{stage}-{i}"] = free_port()
-                    self._add(f"{stage}-{i}", [sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port),
-                                               "--metrics-port", str(self.metrics_ports[f"{stage}-{i}"])],
+                    self._add(f"{stage}-{i}",
+                              [sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port),
+                               "--metrics-port", str(self.metrics_ports[f"{stage}-{i}"])],
                               lambda p=port: grpc_healthy(f"127.0.0.1:{p}"), 120)
         except BaseException:
             self.stop()
@@ -248,7 +250,7 @@ def _triton_ready(url: str) -> bool:
 
     try:
         return grpcclient.InferenceServerClient(url).is_server_ready()
-    except Exception:
+    except Exception:  # noqa: BLE001 - a health probe: any failure means not ready yet
         return False
 
 
