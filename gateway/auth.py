@@ -4,11 +4,15 @@ Keys come from POSEMESH_API_KEYS ("user:key,user2:key2") and/or a file named by 
 (one `user:key` per line, # comments). It fails closed: with no key configured, or a keys file that is
 missing, unreadable or empty, the gateway refuses to start. The local stack (`posemesh up`) configures
 the development key `dev:posemesh-dev-key` itself when nothing else is set.
+
+Every TaskService call is authenticated by the authentication interceptor (gateway/interceptors.py),
+before its method runs; the method reads the caller with `caller()`.
 """
 
 from __future__ import annotations
 
 import hmac
+from contextvars import ContextVar
 from pathlib import Path
 
 import grpc
@@ -16,6 +20,10 @@ import grpc
 from posemesh.gateway.validation import Refused
 
 DEV_USER, DEV_KEY = "dev", "posemesh-dev-key"
+
+# The authenticated user of the call being served: set by the authentication interceptor in the call's own
+# context (grpc.aio runs the interceptors and then the method in one contextvars.Context per call).
+CALLER: ContextVar[str | None] = ContextVar("posemesh_caller", default=None)
 
 
 class KeyConfigError(RuntimeError):
@@ -75,9 +83,12 @@ class Authenticator:
                 found = user
         return (found, "") if found else (None, "unknown API key")
 
-    def user(self, context) -> str:
-        """The caller's user; raises Refused(UNAUTHENTICATED) saying what is wrong."""
-        user, problem = self.user_of(context.invocation_metadata())
-        if user is None:
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED, problem)
-        return user
+
+def caller() -> str:
+    """The user of the call being served. Fails closed: a method reached without the authentication
+    interceptor having found a user is refused, never run for nobody."""
+    user = CALLER.get()
+    if user is None:
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED,
+                      "this call was not authenticated: send call metadata 'authorization: Bearer <key>'")
+    return user

@@ -31,14 +31,13 @@ class BrokerWatch(threading.Thread):
         self.admin = kafka.admin(settings)
         self.incarnation = incarnation
         self.available = True
-        self.problem = ""
         self.halt = threading.Event()
 
     def run(self) -> None:
         while not self.halt.wait(EVERY_S):
             try:
                 self.check_once()
-            except Exception:  # noqa: BLE001 - the next round tries again
+            except Exception:  # the next round tries again
                 log.exception("broker check failed")
 
     def check_once(self) -> None:
@@ -47,14 +46,14 @@ class BrokerWatch(threading.Thread):
         except (KafkaException, TimeoutError) as exc:
             if self.available:
                 log.warning("the message broker cannot be reached (%s)", exc.__class__.__name__)
-            self.available, self.problem = False, "the message broker cannot be reached"
+            self.available = False
             return
         if current is None:  # posemesh.control is gone: the broker lost its data
             kafka.ensure_shared_topics(self.settings, self.admin)
             current = kafka.incarnation(self.admin, timeout=3)
         if not self.available:
             log.info("the message broker answers again")
-        self.available, self.problem = True, ""
+        self.available = True
         if current and current != self.incarnation:
             previous, self.incarnation = self.incarnation, current
             if previous is not None:

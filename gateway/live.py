@@ -96,7 +96,7 @@ class LiveSource(threading.Thread):
         state, message = tpb.TASK_STATE_FAILED, ""
         try:
             state, message = self._read()
-        except Exception as exc:  # noqa: BLE001 - the task ends with the reason; the gateway goes on
+        except Exception as exc:  # the task ends with the reason; the gateway goes on
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
         self.status.connected = False
@@ -236,7 +236,7 @@ class LiveSource(threading.Thread):
         try:
             self._send(record)
             self.producer.flush(30)
-        except Exception:  # noqa: BLE001 - the broker is away: the gateway fails the task after its wait
+        except Exception:  # the broker is away: the gateway fails the task after its wait
             log.exception("could not close the live stream of %s", self.task.task_id)
         self.on_status(self.status, self.index)
         self.on_end(state, message, self.index)

@@ -1,15 +1,22 @@
-"""The TaskService API (grpc.aio). Each method: authenticate, validate, act, answer with a precise code.
+"""The TaskService API (grpc.aio). Each method: validate, act, answer with a precise code.
 
-Streams (Upload, WatchTask, DownloadResult) are coroutines on one event loop, not a thread each, so one
-user's open streams cannot starve everyone else; per-user limits (gateway/limits.py) bound what one
-user may hold. Work that blocks (probing a video, talking to the broker, deleting files) runs in
-threads, so the loop always answers.
+What every method shares runs around it as interceptors (gateway/interceptors.py): the caller is
+authenticated before the method runs (the method reads the user with `auth.caller()`), streaming calls
+hold one of the caller's stream slots, and a method refuses by raising `Refused` or `LimitExceeded`,
+which become the call's status; anything else becomes INTERNAL without a server path or a traceback.
+
+Streams (Upload, WatchTask, WatchFrames, DownloadResult) are coroutines on one event loop, not a thread
+each, so one user's open streams cannot starve everyone else; per-user limits (gateway/limits.py) bound
+what one user may hold. The loop never waits on the database or the broker: the task store (SQLite,
+behind a lock the event reader and the sweep share) is reached only through threads of its own
+(gateway/blocking.py), and probing a video or camera, starting, cancelling and deleting tasks run in the
+default executor, so the loop always answers. Only small file operations stay on it (writing an upload's
+chunks, reading a result's, removing a refused upload).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import logging
 import os
@@ -21,9 +28,10 @@ from pathlib import Path
 import grpc
 
 from posemesh.gateway import validation
-from posemesh.gateway.limits import LimitExceeded
+from posemesh.gateway.auth import caller
+from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
+from posemesh.gateway.interceptors import for_task_service
 from posemesh.gateway.live import probe_source
-from posemesh.gateway.metrics import UPLOAD_BYTES, UPLOADS
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.mesh import media, names
@@ -43,38 +51,16 @@ TERMINAL_NAMES = {tpb.TASK_STATE_COMPLETED: "completed", tpb.TASK_STATE_FAILED: 
 WATCH_POLL_S = 2.0  # a watcher re-reads its task at least this often, whatever the change feed says
 
 
-def unary(method):
-    """Turn Refused / LimitExceeded raised by a unary method into its status."""
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            return await method(self, request, context)
-        except Refused as exc:
-            await context.abort(exc.code, exc.message)
-        except LimitExceeded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    return wrapper
-
-
-def streaming(method):
-    """The same for server-streaming methods (async generators)."""
-    @functools.wraps(method)
-    async def wrapper(self, request, context):
-        try:
-            async for item in method(self, request, context):
-                yield item
-        except Refused as exc:
-            await context.abort(exc.code, exc.message)
-        except LimitExceeded as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-    return wrapper
-
-
 class TaskService(tpb_grpc.TaskServiceServicer):
+    @staticmethod
+    def interceptors(gateway) -> list[grpc.aio.ServerInterceptor]:
+        """What the server must run around this service's calls (auth, limits, statuses), outermost first."""
+        return for_task_service(gateway.auth, gateway.limits)
+
     def __init__(self, gateway):
         self.gw = gateway
-        self.auth = gateway.auth
-        self.store = gateway.store
+        self.store = gateway.store  # blocking: only from threads (_create_and_start ...)
+        self.tasks = AsyncTaskStore(gateway.store)  # the same store, for coroutines
         self.settings = gateway.settings
         self.limits = gateway.limits
         self.changes = gateway.changes
@@ -83,34 +69,18 @@ class TaskService(tpb_grpc.TaskServiceServicer):
 
     # ------------------------------------------------------------------ helpers
 
-    def _owned_task(self, request, context) -> tuple[str, tpb.Task]:
-        user = self.auth.user(context)
+    async def _owned_task(self, request) -> tuple[str, tpb.Task]:
+        user = caller()
         task_id = validation.task_id(request.task_id)
-        task = self.store.get(task_id, user)
+        task = await self.tasks.get(task_id, user)
         if task is None:  # someone else's task looks exactly like a missing one
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no task {task_id}")
         return user, task
 
     # ------------------------------------------------------------------ Upload
 
-    async def Upload(self, request_iterator, context):
-        try:
-            response = await self._upload(request_iterator, context)
-        except Refused as exc:
-            UPLOADS.labels(exc.code.name.lower()).inc()
-            await context.abort(exc.code, exc.message)
-        except LimitExceeded as exc:
-            UPLOADS.labels("resource_exhausted").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except asyncio.CancelledError:
-            UPLOADS.labels("cancelled").inc()
-            raise
-        UPLOADS.labels("accepted").inc()
-        UPLOAD_BYTES.inc(response.task.upload_bytes)
-        return response
-
-    async def _upload(self, request_iterator, context) -> tpb.UploadResponse:
-        user = self.auth.user(context)
+    async def Upload(self, request_iterator, context) -> tpb.UploadResponse:
+        user = caller()
         if not self.gw.broker_available():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable, so no task can start: "
                                                        "try again in a moment (nothing was kept)")
@@ -126,19 +96,18 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         options = self._validated_options(meta.options)
         key = validation.idempotency_key(meta.idempotency_key)
         file_name = validation.display_file_name(meta.file_name)
-        previous = self.store.by_idempotency_key(user, key) if key else None
+        previous = await self.tasks.by_idempotency_key(user, key) if key else None
         if previous is not None and previous[0].options != options:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, self._key_reused(key, previous[0], "different options"))
-        with self.limits.stream_slot(user, "another upload"):
-            if previous is not None:  # a retry of an upload that made a task already: it needs no new slot
-                return await self._receive_and_start(user, options, key, file_name, previous, messages)
-            with self.limits.upload_slot(user):
-                return await self._receive_and_start(user, options, key, file_name, None, messages)
+        if previous is not None:  # a retry of an upload that made a task already: it needs no new slot
+            return await self._receive_and_start(user, options, key, file_name, previous, messages)
+        async with self.limits.task_slot(user):
+            return await self._receive_and_start(user, options, key, file_name, None, messages)
 
     async def _receive_and_start(self, user, options, key, file_name, previous, messages) -> tpb.UploadResponse:
         task_id = self.gw.reservations.take() or names.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
-        created = False
+        handed_over = False  # once true, _create_and_start makes the task or cleans up, whatever happens here
         try:
             job_dir.mkdir(parents=True)
             path, size, digest = await self._receive(messages, job_dir)
@@ -153,32 +122,50 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=file_name, options=options,
                             video=probed.video, created_at=timestamp(now_us()), upload_bytes=size,
                             warnings=probed.warnings)
-            try:
-                self.store.create(task, user, key, digest)
-            except sqlite3.IntegrityError:
-                # A concurrent upload with the same idempotency key won the race.
-                winner = self.store.by_idempotency_key(user, key) if key else None
-                if winner is None:
-                    raise
-                if winner[0].options != options:
-                    raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
-                                  self._key_reused(key, winner[0], "different options")) from None
-                return self._same_upload(key, winner, digest)
-            created = True
-            try:
-                await asyncio.to_thread(self.gw.start_task, task, path)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
-                log.warning("could not start task %s (%s); removing it", task_id, exc)
-                await asyncio.to_thread(self.gw.abandon, task_id)
-                created = False
-                raise Refused(grpc.StatusCode.UNAVAILABLE,
-                              "the message broker is unavailable: the upload was not kept and no task was made; "
-                              "try again in a moment") from None
-            return tpb.UploadResponse(task=self.store.get(task_id))
+            handed_over = True
+            made, winner = await run_to_the_end(self._create_and_start, task, user, key, digest, path)
+            if winner is None:
+                return tpb.UploadResponse(task=made)
+            # A concurrent upload with the same idempotency key won the race.
+            if winner[0].options != options:
+                raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
+                              self._key_reused(key, winner[0], "different options"))
+            return self._same_upload(key, winner, digest)
         finally:
-            if not created:
-                shutil.rmtree(job_dir, ignore_errors=True)
-                self.gw.reservations.give_back(task_id)  # no task was made: the id stays reserved
+            if not handed_over:
+                self._discard(task_id, job_dir)
+
+    def _create_and_start(self, task: tpb.Task, user: str, key: str, digest: str, path: Path):
+        """In a thread (SQLite, Kafka): make the task and start it. Returns (the task, None), or (None, (task,
+        sha256)) when a concurrent upload with the same idempotency key made its task first. Whatever fails,
+        nothing of this upload is left behind."""
+        task_id = task.task_id
+        try:
+            self.store.create(task, user, key, digest)
+        except sqlite3.IntegrityError:
+            self._discard(task_id, path.parent)
+            winner = self.store.by_idempotency_key(user, key) if key else None
+            if winner is None:
+                raise
+            return None, winner
+        except BaseException:
+            self._discard(task_id, path.parent)
+            raise
+        try:
+            self.gw.start_task(task, path)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
+            log.warning("could not start task %s (%s); removing it", task_id, exc)
+            self.gw.abandon(task_id)
+            self._discard(task_id, path.parent)
+            raise Refused(grpc.StatusCode.UNAVAILABLE,
+                          "the message broker is unavailable: the upload was not kept and no task was made; "
+                          "try again in a moment") from None
+        return self.store.get(task_id), None
+
+    def _discard(self, task_id: str, job_dir: Path) -> None:
+        """No task was made: the upload goes, and the id stays reserved."""
+        shutil.rmtree(job_dir, ignore_errors=True)
+        self.gw.reservations.give_back(task_id)
 
     def _same_upload(self, key, previous, digest) -> tpb.UploadResponse:
         task, previous_digest = previous
@@ -235,14 +222,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
 
     # ------------------------------------------------------------------ reads
 
-    @unary
     async def GetTask(self, request, context):
-        _user, task = self._owned_task(request, context)
+        _user, task = await self._owned_task(request)
         return tpb.GetTaskResponse(task=task)
 
-    @unary
     async def ListTasks(self, request, context):
-        user = self.auth.user(context)
+        user = caller()
         if request.page_size < 0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "page_size must not be negative")
         if request.state not in tpb.TaskState.values():
@@ -251,49 +236,44 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if offset is None:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "invalid page_token: pass one from a ListTasks response")
         limit = min(request.page_size or 20, MAX_PAGE)
-        tasks, more = self.store.list(user, offset, limit, request.state)
+        tasks, more = await self.tasks.list(user, offset, limit, request.state)
         return tpb.ListTasksResponse(tasks=tasks, next_page_token=validation.page_token(offset + limit) if more else "")
 
-    @streaming
     async def WatchTask(self, request, context):
-        user, task = self._owned_task(request, context)
-        with self.limits.stream_slot(user, "another watch"):
-            last = None
-            while True:
-                task = self.store.get(request.task_id, user)
-                if task is None:  # deleted while watched
-                    raise Refused(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} was deleted")
-                if task != last:
-                    yield tpb.WatchTaskResponse(task=task)
-                    last = task
-                if task.state in TERMINAL:
-                    return
-                await self.changes.wait(task.task_id, WATCH_POLL_S)
+        user, task = await self._owned_task(request)
+        last = None
+        while True:
+            task = await self.tasks.get(request.task_id, user)
+            if task is None:  # deleted while watched
+                raise Refused(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} was deleted")
+            if task != last:
+                yield tpb.WatchTaskResponse(task=task)
+                last = task
+            if task.state in TERMINAL:
+                return
+            await self.changes.wait(task.task_id, WATCH_POLL_S)
 
-    @streaming
     async def WatchFrames(self, request, context):
-        user, task = self._owned_task(request, context)
+        user, task = await self._owned_task(request)
         if task.state in TERMINAL:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"task {task.task_id} is {TERMINAL_NAMES[task.state]}: there are no more frames to watch")
-        with self.limits.stream_slot(user, "another frame watch"):
-            viewer = await self.gw.views.join(task.task_id)
-            try:
-                while True:
-                    try:
-                        frame = await asyncio.wait_for(viewer.queue.get(), WATCH_POLL_S)
-                    except TimeoutError:
-                        current = self.store.get(task.task_id, user)
-                        if current is None or current.state in TERMINAL:
-                            return  # the task ended, and its last frames have been sent
-                        continue
-                    yield tpb.WatchFramesResponse(frame=frame, dropped=viewer.dropped)
-            finally:
-                await self.gw.views.leave(task.task_id, viewer)
+        viewer = await self.gw.views.join(task.task_id)
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(viewer.queue.get(), WATCH_POLL_S)
+                except TimeoutError:
+                    current = await self.tasks.get(task.task_id, user)
+                    if current is None or current.state in TERMINAL:
+                        return  # the task ended, and its last frames have been sent
+                    continue
+                yield tpb.WatchFramesResponse(frame=frame, dropped=viewer.dropped)
+        finally:
+            await self.gw.views.leave(task.task_id, viewer)
 
-    @unary
     async def StartLiveTask(self, request, context):
-        user = self.auth.user(context)
+        user = caller()
         if not self.gw.broker_available():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable, so no task can start: "
                                                        "try again in a moment")
@@ -304,7 +284,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "max_lag_s must be between 0 (the server's default) and 60")
         options = self._validated_options(request.options)
         name = validation.display_file_name(request.name) if request.name else source.shown[:255]
-        with self.limits.upload_slot(user):
+        async with self.limits.task_slot(user):
             try:
                 video = await asyncio.to_thread(probe_source, source, request.source.transport, 10.0)
             except ValueError as exc:
@@ -318,35 +298,39 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
                             created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
-            try:
-                self.store.create(task, user, None)
-            except BaseException:
-                self.gw.reservations.give_back(task_id)
-                raise
-            try:
-                await asyncio.to_thread(self.gw.start_live_task, task, source, request.source.transport)
-            except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
-                log.warning("could not start live task %s (%s); removing it", task_id, exc)
-                await asyncio.to_thread(self.gw.abandon, task_id)
-                raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable: no task was made; "
-                                                           "try again in a moment") from None
-        return tpb.StartLiveTaskResponse(task=self.store.get(task_id))
+            task = await run_to_the_end(self._create_and_start_live, task, user, source, request.source.transport)
+        return tpb.StartLiveTaskResponse(task=task)
+
+    def _create_and_start_live(self, task: tpb.Task, user: str, source, transport: int) -> tpb.Task:
+        """In a thread (SQLite, Kafka): make the live task and start reading its camera."""
+        task_id = task.task_id
+        try:
+            self.store.create(task, user, None)
+        except BaseException:
+            self.gw.reservations.give_back(task_id)
+            raise
+        try:
+            self.gw.start_live_task(task, source, transport)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the task is removed and the client told
+            log.warning("could not start live task %s (%s); removing it", task_id, exc)
+            self.gw.abandon(task_id)
+            raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable: no task was made; "
+                                                       "try again in a moment") from None
+        return self.store.get(task_id)
 
     # ------------------------------------------------------------------ changes
 
-    @unary
     async def CancelTask(self, request, context):
-        _user, task = self._owned_task(request, context)
+        _user, task = await self._owned_task(request)
         if task.state in TERMINAL:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"task {task.task_id} is already {TERMINAL_NAMES[task.state]}; only queued or running "
                           "tasks can be cancelled")
         cancelled = await asyncio.to_thread(self.gw.cancel, task.task_id, "cancelled by the user")
-        return tpb.CancelTaskResponse(task=cancelled or self.store.get(task.task_id))
+        return tpb.CancelTaskResponse(task=cancelled or await self.tasks.get(task.task_id))
 
-    @unary
     async def DeleteTask(self, request, context):
-        _user, task = self._owned_task(request, context)
+        _user, task = await self._owned_task(request)
         if task.state in ACTIVE:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"task {task.task_id} is still "
@@ -355,12 +339,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         await asyncio.to_thread(self.gw.delete, task.task_id)
         return tpb.DeleteTaskResponse()
 
-    @streaming
     async def DownloadResult(self, request, context):
-        user, task = self._owned_task(request, context)
+        _user, task = await self._owned_task(request)
         if request.kind not in tpb.ArtifactKind.values() or request.kind == tpb.ARTIFACT_KIND_UNSPECIFIED:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          "kind is required: ARTIFACT_KIND_ANNOTATED_VIDEO or ARTIFACT_KIND_KEYPOINTS")
+                          "kind is required: one of " + ", ".join(
+                              name for name in tpb.ArtifactKind.keys() if name != "ARTIFACT_KIND_UNSPECIFIED"))
         if task.state not in TERMINAL or not task.artifacts:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION,
                           f"task {task.task_id} is {tpb.TaskState.Name(task.state)}: "
@@ -372,16 +356,15 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           f"task {task.task_id} did not produce {tpb.ArtifactKind.Name(request.kind)} "
                           "(see its options.outputs)")
         path = self.settings.results_dir / task.task_id / artifact.file_name
-        with self.limits.stream_slot(user, "another download"):
-            try:
-                f = open(path, "rb")
-            except FileNotFoundError:
-                raise Refused(grpc.StatusCode.NOT_FOUND,
-                              f"the result file of task {task.task_id} is missing on the server") from None
-            with f:
-                yield tpb.DownloadResultResponse(artifact=artifact)
-                while True:
-                    chunk = f.read(DOWNLOAD_CHUNK)
-                    if not chunk:
-                        return
-                    yield tpb.DownloadResultResponse(chunk=chunk)
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise Refused(grpc.StatusCode.NOT_FOUND,
+                          f"the result file of task {task.task_id} is missing on the server") from None
+        with f:
+            yield tpb.DownloadResultResponse(artifact=artifact)
+            while True:
+                chunk = f.read(DOWNLOAD_CHUNK)
+                if not chunk:
+                    return
+                yield tpb.DownloadResultResponse(chunk=chunk)

@@ -1,7 +1,9 @@
 """The task store: SQLite in WAL mode, so tasks survive a gateway restart.
 
-Tasks are protobuf `Task` messages plus the columns the gateway queries by. Every change bumps a
-version and wakes watchers (WatchTask), so the store is also the gateway's event bus.
+Tasks are protobuf `Task` messages plus the columns the gateway queries by. Every change wakes watchers
+(WatchTask, through `listeners`), so the store is also the gateway's event bus. The SQL and the column
+names stay in this module: the rest of the gateway asks by name (`active_tasks`, `stalled`,
+`record_ending`, ...).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -71,6 +74,17 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  ("ending_message", "TEXT"), ("ending_us", "INTEGER")]
 
 
+@dataclass(frozen=True)
+class ActiveTask:
+    """A queued or running task and what the gateway keeps about its run: enough to run it again."""
+    task: tpb.Task
+    epoch: int  # the run: a new one each time the task runs again from its first frame
+    produced: bool  # every frame (and the end of stream) is on raw_frames_<task>
+    live_url: str  # a live task's source, credentials included (server side only); "" for an upload
+    live_transport: int
+    ending_state: int  # a live task whose source is done: how it ends once its results arrive (0: not yet)
+
+
 class TaskStore:
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +97,6 @@ class TaskStore:
             if name not in present:
                 self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
         self.lock = threading.RLock()
-        self.version = 0
         self.listeners: list = []  # callables(task_id | None), told after every committed change
 
     @contextmanager
@@ -96,7 +109,6 @@ class TaskStore:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
-            self.version += 1
         for listener in self.listeners:
             listener(task_id)
 
@@ -129,11 +141,6 @@ class TaskStore:
             row = self.db.execute("SELECT progress FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
         return int(json.loads(row[0]).get(stage, 0)) if row else 0
 
-    def owner(self, task_id: str) -> str | None:
-        with self.lock:
-            row = self._row(task_id)
-            return row["user"] if row else None
-
     def by_idempotency_key(self, user: str, key: str) -> tuple[tpb.Task, str] | None:
         """The task an idempotency key was used for, and the sha256 of that upload."""
         with self.lock:
@@ -161,11 +168,61 @@ class TaskStore:
             return self.db.execute("SELECT COUNT(*) FROM tasks WHERE user = ? AND deleted = 0 AND state IN (?, ?)",
                                    (user, *ACTIVE)).fetchone()[0]
 
-    def rows(self, where: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _select(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self.lock:
-            cur = self.db.execute(f"SELECT * FROM tasks WHERE {where}", args)
+            cur = self.db.execute(sql, args)
             cur.row_factory = sqlite3.Row
             return cur.fetchall()
+
+    def active_tasks(self) -> list[ActiveTask]:
+        """Queued and running tasks (not deleted), with what it takes to run them again."""
+        rows = self._select("SELECT * FROM tasks WHERE state IN (?, ?) AND deleted = 0", tuple(ACTIVE))
+        return [ActiveTask(task=tpb.Task.FromString(r["task"]), epoch=r["epoch"], produced=bool(r["produced"]),
+                           live_url=r["live_url"] or "", live_transport=r["live_transport"] or 0,
+                           ending_state=r["ending_state"] or 0) for r in rows]
+
+    def state_of(self, task_id: str) -> int | None:
+        """A task's state, also of one the user deleted whose row stays until its topics are gone."""
+        rows = self._select("SELECT state FROM tasks WHERE task_id = ?", (task_id,))
+        return rows[0]["state"] if rows else None
+
+    def ending(self, task_id: str) -> tuple[int, str] | None:
+        """How a live task whose source is done ends once its results arrive: (state, message), or None."""
+        rows = self._select("SELECT ending_state, ending_message FROM tasks WHERE task_id = ?", (task_id,))
+        if not rows or not rows[0]["ending_state"]:
+            return None
+        return rows[0]["ending_state"], rows[0]["ending_message"] or ""
+
+    def ended_with_topics(self) -> list[tuple[str, int]]:
+        """(task id, state) of ended tasks whose topics have not been deleted yet."""
+        rows = self._select("SELECT task_id, state FROM tasks WHERE topics_deleted = 0 AND finished_us IS NOT NULL")
+        return [(r["task_id"], r["state"]) for r in rows]
+
+    def tasks_with_topics_due(self, ended_before_us: int) -> list[str]:
+        """Tasks that ended at or before `ended_before_us` and whose topics have not been deleted yet."""
+        rows = self._select("SELECT task_id FROM tasks WHERE topics_deleted = 0 AND finished_us IS NOT NULL "
+                            "AND finished_us <= ?", (ended_before_us,))
+        return [r["task_id"] for r in rows]
+
+    def handles_topics_of(self, task_id: str) -> bool:
+        """Whether a task in the store accounts for `task_id`'s topics: an active task, or an ended one whose
+        topics the sweep has yet to delete. Topics of any other id are orphans."""
+        rows = self._select("SELECT state, topics_deleted FROM tasks WHERE task_id = ?", (task_id,))
+        return bool(rows) and (rows[0]["state"] not in TERMINAL or not rows[0]["topics_deleted"])
+
+    def endings_overdue(self, source_done_before_us: int) -> list[tuple[str, int, str]]:
+        """(task id, state, message) of running live tasks whose source was done before
+        `source_done_before_us` and whose results have not come."""
+        rows = self._select("SELECT task_id, ending_state, ending_message FROM tasks WHERE state = ? AND "
+                            "ending_state IS NOT NULL AND ending_us < ?",
+                            (tpb.TASK_STATE_RUNNING, source_done_before_us))
+        return [(r["task_id"], r["ending_state"], r["ending_message"] or "") for r in rows]
+
+    def stalled(self, no_progress_since_us: int) -> list[str]:
+        """Running tasks none of whose steps has made progress since `no_progress_since_us`."""
+        rows = self._select("SELECT task_id FROM tasks WHERE state = ? AND last_progress_us < ?",
+                            (tpb.TASK_STATE_RUNNING, no_progress_since_us))
+        return [r["task_id"] for r in rows]
 
     # ------------------------------------------------------------------ writes
 
@@ -255,10 +312,41 @@ class TaskStore:
             row = self.db.execute("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             return row[0] if row else 0
 
-    def set_columns(self, task_id: str, **columns) -> None:
+    def set_live_source(self, task_id: str, url: str, transport: int) -> None:
+        """The camera a live task reads (kept to read it again after the broker lost its data)."""
         with self.transaction(task_id) as db:
-            sets = ", ".join(f"{k} = ?" for k in columns)
-            db.execute(f"UPDATE tasks SET {sets} WHERE task_id = ?", (*columns.values(), task_id))
+            db.execute("UPDATE tasks SET live_url = ?, live_transport = ? WHERE task_id = ?", (url, transport, task_id))
+
+    def mark_produced(self, task_id: str) -> None:
+        """Every frame of the task, and its end of stream, is on raw_frames_<task>."""
+        with self.transaction(task_id) as db:
+            db.execute("UPDATE tasks SET produced = 1 WHERE task_id = ?", (task_id,))
+
+    def record_ending(self, task_id: str, state: int, message: str) -> None:
+        """A live task's source is done (its end of stream is out, so it is produced): the task ends with
+        `state` and `message` once annotate's results arrive (see `ending`, `endings_overdue`)."""
+        with self.transaction(task_id) as db:
+            db.execute("UPDATE tasks SET produced = 1, ending_state = ?, ending_message = ?, ending_us = ? "
+                       "WHERE task_id = ?", (state, message, now_us(), task_id))
+
+    def mark_deleted(self, task_id: str) -> None:
+        """The user deleted the task: gone at once if its topics are, else hidden (get and list skip it) until
+        the sweep deletes them (mark_topics_deleted). Its idempotency key may be used again at once."""
+        with self.transaction(task_id) as db:
+            row = db.execute("SELECT topics_deleted FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row and row[0]:
+                self._purge(db, task_id)
+            else:
+                db.execute("UPDATE tasks SET deleted = 1, idempotency_key = NULL WHERE task_id = ?", (task_id,))
+
+    def mark_topics_deleted(self, task_id: str) -> None:
+        """The task's topics are gone from the broker; a task the user deleted goes with them."""
+        with self.transaction(task_id) as db:
+            row = db.execute("SELECT deleted FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            if row and row[0]:
+                self._purge(db, task_id)
+            elif row:
+                db.execute("UPDATE tasks SET topics_deleted = 1 WHERE task_id = ?", (task_id,))
 
     def get_meta(self, key: str) -> str | None:
         with self.lock:
@@ -271,9 +359,14 @@ class TaskStore:
                             (key, value, value))
 
     def purge(self, task_id: str) -> None:
+        """No trace of the task is left (a task that could not start)."""
         with self.transaction(task_id) as db:
-            db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
-            db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
+            self._purge(db, task_id)
+
+    @staticmethod
+    def _purge(db, task_id: str) -> None:
+        db.execute("DELETE FROM tasks WHERE task_id = ?", (task_id,))
+        db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
 
     def close(self) -> None:
         with self.lock:

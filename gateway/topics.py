@@ -5,7 +5,8 @@ Hand-off (deleting a topic under a reader crashes the reader on the local broker
 2. Every worker drops the task's topic from its subscription and stops listing the task in the
    heartbeats it sends every 0.5 s on posemesh.events.
 3. After `topic_delete_delay_s` (default 60 s, for late readers such as a worker catching up), the
-   gateway deletes the four topics once no worker heard from in the last LIVENESS_S seconds lists the
+   gateway deletes the task's five topics (raw_frames, yolox, rtmpose, bytetrack and, if a viewer made it,
+   live: kafka.task_topics) once no worker heard from in the last LIVENESS_S seconds lists the
    task, and none has listed it for DELETE_GRACE_S. A worker that died is no reader: its consumer is gone
    with it. The grace covers what a heartbeat cannot say: a fetch already in flight when the worker let
    go of the topic, and a stale assignment handed out just after the heartbeat was written.
@@ -21,7 +22,7 @@ import time
 
 from confluent_kafka import Producer
 
-from posemesh.gateway.store import TERMINAL, TaskStore, now_us
+from posemesh.gateway.store import TaskStore, now_us
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
@@ -49,6 +50,14 @@ class TopicManager:
     def create(self, task_id: str) -> None:
         kafka.create_topics(self.admin, kafka.task_topic_specs(task_id, self.settings))
 
+    def on_broker(self) -> dict[str, list[str]]:
+        """The per-task topics the broker has, by task id."""
+        return kafka.list_task_topics(self.admin)
+
+    def delete(self, task_id: str, timeout: float = 15.0) -> None:
+        """Delete a task's topics now: after the hand-off (`sweep`), or those of a task no worker was told of."""
+        kafka.delete_topics(self.admin, kafka.task_topics(task_id), timeout=timeout)
+
     def _control(self, event: pb.ControlEvent) -> None:
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
@@ -62,7 +71,7 @@ class TopicManager:
             if remaining:
                 raise RuntimeError("could not publish to posemesh.control")
 
-    def publish_started(self, task: tpb.Task, epoch: int, publish_url: str = "") -> None:
+    def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(
             options=task.options, video=task.video, epoch=epoch, live=task.HasField("live"), publish_url=publish_url)))
 
@@ -105,14 +114,9 @@ class TopicManager:
     def find_orphans(self) -> list[str]:
         """Per-task topics on the broker whose task is not live: announce their end, delete them later."""
         found = []
-        for task_id in kafka.list_task_topics(self.admin):
-            if self.is_reserved(task_id):
-                continue
-            row = self.store.rows("task_id = ?", (task_id,))
-            if row and row[0]["state"] not in TERMINAL:
-                continue
-            if row and not row[0]["topics_deleted"]:
-                continue  # the normal path deletes them
+        for task_id in self.on_broker():
+            if self.is_reserved(task_id) or self.store.handles_topics_of(task_id):
+                continue  # an active task's, or an ended one's that the normal path deletes
             self.publish_ended(task_id, tpb.TASK_STATE_CANCELLED)
             self.orphans.setdefault(task_id, time.time())
             found.append(task_id)
@@ -123,8 +127,7 @@ class TopicManager:
         if time.time() - self.started < LIVENESS_S:
             return []  # not every live worker has been heard from yet
         due_us = now_us() - int(self.settings.topic_delete_delay_s * 1e6)
-        rows = self.store.rows("topics_deleted = 0 AND finished_us IS NOT NULL AND finished_us <= ?", (due_us,))
-        candidates = [r["task_id"] for r in rows] + list(self.orphans)
+        candidates = self.store.tasks_with_topics_due(due_us) + list(self.orphans)
         if not candidates:
             return []
         busy = self.read_by_live_worker() | self.local_readers()
@@ -133,14 +136,9 @@ class TopicManager:
             if task_id in busy:
                 log.debug("topics of %s still read by a live worker", task_id)
                 continue
-            kafka.delete_topics(self.admin, kafka.task_topics(task_id))
+            self.delete(task_id)
             self.orphans.pop(task_id, None)
-            row = self.store.rows("task_id = ?", (task_id,))
-            if row:
-                if row[0]["deleted"]:
-                    self.store.purge(task_id)
-                else:
-                    self.store.set_columns(task_id, topics_deleted=1)
+            self.store.mark_topics_deleted(task_id)
             deleted.append(task_id)
             log.info("deleted topics of task %s", task_id)
         return deleted

@@ -21,7 +21,8 @@ MAX_OFFSET = 10**9
 
 
 class Refused(Exception):
-    """A request the gateway answers with `code` and `message` (the service turns it into the status)."""
+    """A request the gateway answers with `code` and `message` (raised anywhere in a call: the status
+    interceptor, gateway/interceptors.py, turns it into the call's status)."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)

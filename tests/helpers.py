@@ -47,11 +47,10 @@ def topics(bootstrap: str) -> set[str]:
     return set(AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=10).topics)
 
 
-def reserved_task_ids(bootstrap: str) -> set[str]:
-    """Task ids the gateway holds in reserve (TaskReserved on posemesh.control, not started or ended since):
-    their topics exist before any task does (gateway/reservations.py)."""
+def control_events(bootstrap: str) -> list[pb.ControlEvent]:
+    """Every control event on posemesh.control, in order (tombstones left out: kafka.control_records)."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-control", "enable.auto.commit": False})
-    reserved: set[str] = set()
+    events: list[pb.ControlEvent] = []
     try:
         _low, high = consumer.get_watermark_offsets(TopicPartition(kafka.CONTROL_TOPIC, 0), timeout=10)
         consumer.assign([TopicPartition(kafka.CONTROL_TOPIC, 0, 0)])
@@ -65,15 +64,22 @@ def reserved_task_ids(bootstrap: str) -> set[str]:
             if msg.error():
                 continue
             last = msg.offset()
-            if msg.value() is None:
-                continue  # a tombstone (kafka.control_records)
-            event = pb.ControlEvent.FromString(msg.value())
-            if event.HasField("reserved"):
-                reserved.add(event.task_id)
-            elif event.HasField("started") or event.HasField("ended"):
-                reserved.discard(event.task_id)
+            if msg.value() is not None:
+                events.append(pb.ControlEvent.FromString(msg.value()))
     finally:
         consumer.close()
+    return events
+
+
+def reserved_task_ids(bootstrap: str) -> set[str]:
+    """Task ids the gateway holds in reserve (TaskReserved on posemesh.control, not started or ended since):
+    their topics exist before any task does (gateway/reservations.py)."""
+    reserved: set[str] = set()
+    for event in control_events(bootstrap):
+        if event.HasField("reserved"):
+            reserved.add(event.task_id)
+        elif event.HasField("started") or event.HasField("ended"):
+            reserved.discard(event.task_id)
     return reserved
 
 

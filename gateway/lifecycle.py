@@ -1,0 +1,395 @@
+"""A task's life in the gateway, in one place: started, run again, ended, cleaned up.
+
+- **Started** (`start`, `start_live`): the task's topics are made (a reserved id's exist already),
+  TaskStarted on posemesh.control tells the workers everything they need (options, video, epoch, whether it
+  is live, where its annotated video is published), then its frames flow: the upload's frame producer or the
+  camera's live source. `_launch` is the only place a task starts, first or again, so no way of starting
+  one can forget a part of it.
+- **Run again**: after a gateway restart (`recover`: resume the frames, close a live task's stream, or fail
+  the task, saying why) and after the broker lost its data (`run_again`: every active task from its first
+  frame under a new epoch; with Apache Kafka this is only after a real loss).
+- **Ended** (`complete`, `fail`, `cancel`): the first terminal state wins; its frames stop, TaskEnded is
+  announced (retried by the sweep until the broker takes it: workers must hear of it to let go of the
+  topics), the upload is removed. A live task that is stopped, or whose camera is done, ends once annotate's
+  results arrive, as its source ended.
+- **Cleaned** (`sweep`, `delete`, `abandon`): topics go after the hand-off (posemesh.gateway.topics), and
+  with them what a crashed annotate worker left (partial result folders); a deleted task's files and row; a
+  task that could not start leaves nothing.
+
+Threads: the callers' (gRPC handlers through asyncio.to_thread, the event reader, the broker watch, the
+sweep), and one frame producer or live source per task whose frames are being published.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from confluent_kafka import Producer
+
+from posemesh.gateway.live import LiveConfig, LiveSource
+from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
+from posemesh.gateway.producer import FrameProducer
+from posemesh.gateway.reservations import Reservations
+from posemesh.gateway.sources import Source, SourcePolicy
+from posemesh.gateway.store import ACTIVE, ActiveTask, TaskStore, now_us
+from posemesh.gateway.topics import TopicManager
+from posemesh.mesh import kafka, media, names, records
+from posemesh.mesh.settings import Settings
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+
+log = logging.getLogger("posemesh.gateway")
+
+# How long an ending live task waits for annotate's results before it ends without them.
+LIVE_RESULTS_WAIT_S = 120.0
+
+
+# Where a task's frames come from when it (re)starts: one of these, or None when they are all out already.
+@dataclass(frozen=True)
+class Upload:
+    path: Path  # decoded by a frame producer
+
+
+@dataclass(frozen=True)
+class Camera:
+    source: Source  # read by a live source
+    transport: int
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    """A live task whose camera is gone (the gateway restarted): its stream is closed after the `total` frames
+    that went in, and the task ends with `state` and `message` once their results arrive."""
+    total: int
+    state: int
+    message: str
+
+
+Frames = Upload | Camera | StreamEnd | None
+
+
+class TaskLifecycle:
+    def __init__(self, settings: Settings, store: TaskStore, topics: TopicManager, reservations: Reservations,
+                 source_policy: SourcePolicy):
+        self.settings, self.store, self.topics = settings, store, topics
+        self.reservations, self.source_policy = reservations, source_policy
+        self.frame_producers: dict[str, FrameProducer] = {}
+        self.live_sources: dict[str, LiveSource] = {}
+        self.unannounced: set[str] = set()  # ended tasks whose TaskEnded could not be published yet
+        self.lock = threading.RLock()
+
+    def publish_url(self, task: tpb.Task) -> str:
+        """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
+        return self.settings.live_publish_url.replace("{task}", task.task_id) if task.HasField("live") else ""
+
+    # ------------------------------------------------------------------ started
+
+    def start(self, task: tpb.Task, path: Path) -> None:
+        """A new task from an upload: topics first (explicitly, with their partition counts), then tell the
+        workers, then frames."""
+        self._launch(task, self.store.epoch(task.task_id), Upload(path),
+                     make_topics=task.task_id not in self.reservations)  # a reserved id's topics are read already
+        log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
+
+    def start_live(self, task: tpb.Task, source: Source, transport: int) -> None:
+        """A new live task: the same, with the camera in place of the upload."""
+        self.store.set_live_source(task.task_id, source.url, transport)
+        self._launch(task, self.store.epoch(task.task_id), Camera(source, transport),
+                     make_topics=task.task_id not in self.reservations)
+        log.info("live task %s started on %s", task.task_id, source.shown)
+
+    def _launch(self, task: tpb.Task, epoch: int, frames: Frames, make_topics: bool = True) -> None:
+        """The one way a task runs, new or again: its topics, TaskStarted with all a stage needs to know,
+        the task RUNNING, then its frames."""
+        task_id = task.task_id
+        if make_topics:
+            self.topics.create(task_id)
+        self.topics.publish_started(task, epoch, publish_url=self.publish_url(task))
+        self.reservations.used(task_id)  # a reserved id: from here on it is this task's to end and clean up
+        self.store.transition(task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
+        if isinstance(frames, Upload):
+            self._produce(task, frames.path, epoch)
+        elif isinstance(frames, Camera):
+            self._read_camera(task, frames.source, frames.transport, epoch)
+        elif isinstance(frames, StreamEnd):
+            self._close_stream(task, epoch, frames)
+
+    def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
+        task_id = task.task_id
+
+        def on_done(count: int, skipped: int) -> None:
+            if self.store.epoch(task_id) != epoch:
+                return  # a run the broker lost; a newer one is under way
+            self.store.mark_produced(task_id)
+            self.store.add_done(task_id, "decode", [], epoch, frames_total=count)
+            if skipped:
+                warning = f"{skipped} damaged packets of the video could not be decoded and were skipped"
+                self.store.update(task_id, lambda t: None if warning in t.warnings else t.warnings.append(warning))
+
+        producer = FrameProducer(
+            task, path, kafka.producer_config(self.settings, "gateway"),
+            kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
+            self.settings.jpeg_quality, epoch=epoch,
+            on_progress=lambda first, last: self.store.add_done(task_id, "decode", [(first, last)], epoch),
+            on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
+            frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
+            max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings))
+        with self.lock:
+            old = self.frame_producers.pop(task_id, None)
+            if old:
+                old.cancelled.set()
+            self.frame_producers[task_id] = producer
+        producer.start()
+
+    def live_config(self, max_lag_s: float = 0.0) -> LiveConfig:
+        s = self.settings
+        return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s,
+                          jpeg_quality=s.jpeg_quality,
+                          partitions=kafka.partitions_for(kafka.RAW_FRAMES, s), limits=media.Limits.from_settings(s))
+
+    def _read_camera(self, task: tpb.Task, source: Source, transport: int, epoch: int) -> None:
+        task_id = task.task_id
+
+        def on_status(status: tpb.LiveStatus, published: int) -> None:
+            def apply(t: tpb.Task):
+                if t.state not in ACTIVE:
+                    return False
+                t.live.CopyFrom(status)
+            self.store.update(task_id, apply)
+            if published:
+                self.store.add_done(task_id, "decode", [(0, published - 1)], epoch)
+
+        def on_end(state: int, message: str, total: int) -> None:
+            if self.store.epoch(task_id) != epoch:
+                return  # this run was replaced (the broker lost its data)
+            self.store.record_ending(task_id, state, message)
+            self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
+            with self.lock:
+                self.live_sources.pop(task_id, None)
+            log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
+
+        live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
+                          self.live_config(task.live.max_lag_s), lambda: self.store.frames_done(task_id, "annotate"),
+                          on_status, on_end)
+        with self.lock:
+            old = self.live_sources.pop(task_id, None)
+            self.live_sources[task_id] = live
+        if old:
+            old.stop()
+        live.start()
+
+    def _close_stream(self, task: tpb.Task, epoch: int, end: StreamEnd) -> None:
+        record = records.end_of_stream_record(task.task_id, task.options, epoch, end.total, task.video.fps)
+        producer = Producer(kafka.producer_config(self.settings, "gateway-recover"))
+        producer.produce(kafka.task_topic(kafka.RAW_FRAMES, task.task_id), record.SerializeToString(),
+                         partition=0)  # where an end of stream goes (records.partition_of)
+        producer.flush(10)
+        self.store.record_ending(task.task_id, end.state, end.message)
+
+    # ------------------------------------------------------------------ run again
+
+    def recover(self) -> None:
+        """After a restart: resume what can be resumed, fail what cannot. Nothing stays RUNNING forever."""
+        on_broker = self.topics.on_broker()
+        for active in self.store.active_tasks():
+            task = active.task
+            path = self._upload_of(task.task_id)
+            topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
+                kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
+            if active.live_url and not active.produced:
+                self._close_live_after_restart(active, topics_intact)
+            elif active.produced and topics_intact:
+                log.info("task %s: frames all published before the restart; waiting for the stages", task.task_id)
+                self._launch(task, active.epoch, None, make_topics=False)
+            elif path is not None:
+                if topics_intact:
+                    # Republish from frame 0: the stages drop frames they have already seen, by index.
+                    log.info("task %s: resuming the frame producer after a restart", task.task_id)
+                    epoch = active.epoch
+                else:  # the broker lost the topics: a new run, so no worker mistakes it for redelivery
+                    epoch = self.store.new_run(task.task_id, "the message broker lost this task's frames while the "
+                                                              "gateway was down; it was run again from the start")
+                self._launch(task, epoch, Upload(path))
+            else:
+                self.fail(task.task_id, "the gateway restarted while the upload was being processed and the upload "
+                                        "file is gone; please upload again")
+        # Ended tasks whose topics still exist: say so again (the announcement may have been lost).
+        for task_id, state in self.store.ended_with_topics():
+            if task_id in on_broker:
+                self._announce_end(task_id, state)
+        orphans = self.topics.find_orphans()
+        if orphans:
+            log.info("found %d tasks' topics without a live task; they will be deleted", len(orphans))
+
+    def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool) -> None:
+        """A live task whose gateway restarted: its camera connection is gone with the old process. What went
+        into the mesh is finished into results; the task then ends FAILED, saying so."""
+        task_id = active.task.task_id
+        message = ("the gateway restarted during the live task; the frames before that are in the results: "
+                   "start a new live task to continue")
+        if not topics_intact:
+            self.fail(task_id, message.split(";")[0] + " and the broker lost its frames")
+            return
+        total = self.store.frames_done(task_id, "decode")
+        self._launch(active.task, active.epoch, StreamEnd(total, tpb.TASK_STATE_FAILED, message), make_topics=False)
+
+    def _upload_of(self, task_id: str) -> Path | None:
+        path = names.upload_path(self.settings.jobs_dir, task_id)
+        return path if path.exists() else None
+
+    def halt(self, join_s: float = 0.0) -> None:
+        """Stop publishing every task's frames and leave the tasks RUNNING: the gateway stops (`recover` goes
+        on at the next start) or the broker lost its data (`run_again` follows)."""
+        with self.lock:
+            producers, self.frame_producers = list(self.frame_producers.values()), {}
+            lives, self.live_sources = list(self.live_sources.values()), {}
+        for live in lives:
+            live.on_end = lambda *_a: None  # stopped without an end: the task does not end as a stopped source
+            live.stop()
+        for p in producers:
+            p.cancelled.set()
+        if join_s:
+            for p in producers:
+                p.join(join_s)
+
+    def run_again(self) -> None:
+        """The broker lost its data (the frames are stopped already, see `halt`): every active task runs again
+        from its first frame under a new epoch, or fails, saying why, when its upload is gone."""
+        when = time.strftime("%H:%M:%S")
+        for active in self.store.active_tasks():
+            task_id = active.task.task_id
+            if active.live_url and not active.ending_state:
+                epoch = self.store.new_run(task_id, f"the message broker lost its data at {when}; the live task "
+                                                    "started over from the frames after that")
+                task = self.store.get(task_id)
+                try:
+                    camera = Camera(self.source_policy.check(active.live_url), active.live_transport)
+                    self._launch(task, epoch, camera)
+                except Exception as exc:  # noqa: BLE001
+                    self.fail(task_id, f"the message broker lost this live task's frames and it could not "
+                                       f"start over ({exc})")
+                continue
+            path = self._upload_of(task_id)
+            if path is None:
+                self.fail(task_id, "the message broker lost this task's frames and the upload is no longer here; "
+                                   "please upload again")
+                continue
+            epoch = self.store.new_run(task_id, f"the message broker lost its data at {when}; the task was run again "
+                                                "from its first frame")
+            task = self.store.get(task_id)
+            try:
+                self._launch(task, epoch, Upload(path))
+                log.info("task %s: run %d started after the broker lost its data", task_id, epoch)
+            except Exception as exc:  # noqa: BLE001 - it broke again: say so instead of hanging
+                self.fail(task_id, f"the message broker lost this task's frames and it could not be restarted ({exc})")
+
+    # ------------------------------------------------------------------ ended
+
+    def _stop_frames(self, task_id: str, quietly: bool = False) -> None:
+        """No more frames for the task: its frame producer or live source stops. `quietly`: a stopped live
+        source does not end the task (it is being undone, not ended)."""
+        with self.lock:
+            producer = self.frame_producers.pop(task_id, None)
+            live = self.live_sources.pop(task_id, None)
+        if producer:
+            producer.cancelled.set()
+        if live:
+            if quietly:
+                live.on_end = lambda *_a: None
+            live.stop()
+
+    def _end(self, task_id: str, state: int, message: str = "") -> tpb.Task | None:
+        task = self.store.transition(task_id, state, message)
+        if task is None:
+            return None  # already terminal: the first ending wins
+        self._stop_frames(task_id)
+        self._announce_end(task_id, state)
+        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more
+        log.info("task %s %s %s", task_id, tpb.TaskState.Name(state), message)
+        TASKS_ENDED.labels(tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()).inc()
+        return task
+
+    def _announce_end(self, task_id: str, state: int) -> None:
+        try:
+            self.topics.publish_ended(task_id, state)
+            self.unannounced.discard(task_id)
+        except Exception:  # noqa: BLE001 - the sweep tries again: workers must hear of it to let go
+            log.warning("could not announce the end of %s yet; retrying", task_id)
+            self.unannounced.add(task_id)
+
+    def cancel(self, task_id: str, reason: str) -> tpb.Task | None:
+        with self.lock:
+            live = self.live_sources.get(task_id)
+        if live is not None:  # a live task stops reading and keeps its results: it ends when they are in
+            live.stop()
+            return self.store.get(task_id)
+        return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
+
+    def fail(self, task_id: str, reason: str) -> tpb.Task | None:
+        return self._end(task_id, tpb.TASK_STATE_FAILED, reason)
+
+    def complete(self, result: pb.TaskResult) -> None:
+        def attach(task: tpb.Task):
+            if task.state != tpb.TASK_STATE_RUNNING:
+                return False
+            del task.artifacts[:]
+            task.artifacts.extend(result.artifacts)
+            task.warnings.extend(w for w in result.warnings if w not in task.warnings)
+
+        if self.store.update(result.task_id, attach) is not None:
+            ending = self.store.ending(result.task_id)
+            if ending:  # a live task ends as its source did, results attached
+                self._end(result.task_id, *ending)
+            else:
+                self._end(result.task_id, tpb.TASK_STATE_COMPLETED)
+
+    # ------------------------------------------------------------------ cleaned
+
+    def abandon(self, task_id: str) -> None:
+        """Undo a task that could not be started (the broker is down): no row, no topic, no file remains."""
+        self._stop_frames(task_id, quietly=True)
+        if task_id in self.reservations:  # workers read a reserved id's topics: they must let go first
+            self.reservations.used(task_id)
+            self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)
+            self.topics.orphans.setdefault(task_id, time.time())
+            self.store.purge(task_id)
+            shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+            return
+        try:
+            self.topics.delete(task_id, timeout=5)
+        except Exception:  # noqa: BLE001 - the broker is down: nobody read them, the orphan sweep deletes them
+            log.warning("could not delete the topics of abandoned task %s now; the orphan sweep will", task_id)
+        self.store.purge(task_id)
+        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+
+    def delete(self, task_id: str) -> None:
+        """The user deleted an ended task: its files now, its row once its topics are gone."""
+        shutil.rmtree(self.settings.results_dir / task_id, ignore_errors=True)
+        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+        self.store.mark_deleted(task_id)
+
+    def sweep(self) -> None:
+        """One round of the periodic sweep: delete what no worker reads any more, say again the ends the
+        broker did not take, end live tasks whose results are overdue, fail tasks that stopped moving."""
+        deleted = self.topics.sweep()
+        TOPICS_DELETED.inc(len(deleted))
+        for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
+            for partial in names.partial_results_dirs(self.settings.results_dir, task_id):
+                shutil.rmtree(partial, ignore_errors=True)
+        for task_id in list(self.unannounced):
+            state = self.store.state_of(task_id)
+            if state is not None:
+                self._announce_end(task_id, state)
+            else:
+                self.unannounced.discard(task_id)
+        waited_until = now_us() - int(LIVE_RESULTS_WAIT_S * 1e6)
+        for task_id, state, message in self.store.endings_overdue(waited_until):
+            self._end(task_id, state, message + f" (its results did not come within {LIVE_RESULTS_WAIT_S:.0f} s)")
+        timeout = self.settings.stall_timeout_s
+        for task_id in self.store.stalled(now_us() - int(timeout * 1e6)):
+            self.fail(task_id, f"no frame made progress through any stage for {timeout:.0f} s")
