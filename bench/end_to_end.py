@@ -29,13 +29,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import limit as model_limit  # noqa: E402
-from bench.measure import counters, idle_between_bursts, run_uploads, topic_bytes, tree_cpu  # noqa: E402
-from posemesh import kafka  # noqa: E402
-from posemesh.client import Client  # noqa: E402
-from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
-from posemesh.mesh.models import prepare  # noqa: E402
-from posemesh.mesh.settings import REPO_ROOT, default_media_dir  # noqa: E402
+from bench import limit as model_limit
+from bench.measure import counters, idle_between_bursts, run_uploads, topic_bytes, tree_cpu
+from posemesh import kafka
+from posemesh.client import Client
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.models import prepare
+from posemesh.mesh.settings import REPO_ROOT, default_media_dir
 
 
 def cpu_by_service(stack: Stack) -> dict[str, float]:

@@ -19,11 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.measure import idle_between_bursts, run_uploads  # noqa: E402
-from posemesh.client import Client  # noqa: E402
-from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
-from posemesh.mesh.pipeline import PROGRESS_STEPS  # noqa: E402
-from posemesh.mesh.settings import default_media_dir  # noqa: E402
+from bench.measure import idle_between_bursts, run_uploads
+from posemesh.client import Client
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.pipeline import PROGRESS_STEPS
+from posemesh.mesh.settings import default_media_dir
 
 
 def main() -> int:

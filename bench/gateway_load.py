@@ -22,14 +22,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
+import grpc
 
-from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
-from posemesh.mesh.settings import default_media_dir  # noqa: E402
-from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
-from posemesh.v1 import task_service_pb2_grpc as tpb_grpc  # noqa: E402
-from tests.helpers import upload  # noqa: E402
-from tests.test_gateway_load import KEYS, Crowd, meta  # noqa: E402
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.settings import default_media_dir
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+from tests.helpers import upload
+from tests.test_gateway_load import KEYS, Crowd, meta
 
 
 def get_latencies(stub, task_id: str, calls: int) -> list[float]:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import av  # noqa: E402
+import av
 
-from bench.measure import tree_rss  # noqa: E402
-from posemesh.client import Client  # noqa: E402
-from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
-from posemesh.mesh.settings import default_media_dir  # noqa: E402
-from posemesh.v1 import task_service_pb2 as tpb  # noqa: E402
+from bench.measure import tree_rss
+from posemesh.client import Client
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.settings import default_media_dir
+from posemesh.v1 import task_service_pb2 as tpb
 
 
 def scaled_clip(src: Path, dst: Path, width: int, height: int, frames: int) -> Path:

@@ -21,12 +21,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-from bench.measure import rss_mb, run_uploads, topic_bytes, tree_cpu  # noqa: E402
-from posemesh import kafka  # noqa: E402
-from posemesh.client import Client  # noqa: E402
-from posemesh.devstack.stack import Stack, StackConfig  # noqa: E402
-from posemesh.mesh.settings import default_media_dir  # noqa: E402
-from tests.clips import repeat  # noqa: E402 - the same concatenation the live tests use for a long camera
+from bench.measure import rss_mb, run_uploads, topic_bytes, tree_cpu
+from posemesh import kafka
+from posemesh.client import Client
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.settings import default_media_dir
+from tests.clips import repeat
 
 
 def run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str) -> dict:

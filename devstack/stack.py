@@ -30,11 +30,10 @@ from posemesh.devstack.broker import broker_command
 from posemesh.devstack.processes import free_port, kill_group, stop_process
 from posemesh.mesh.health import grpc_healthy
 from posemesh.mesh.pipeline import STAGE_NAMES
-from posemesh.mesh.settings import REPO_ROOT
+from posemesh.mesh.settings import REPO_ROOT, env
 
 log = logging.getLogger("posemesh.stack")
 
-STAGES = STAGE_NAMES
 
 
 @dataclass
@@ -77,7 +76,7 @@ class StackConfig:
     triton_url: str = ""  # external Triton; empty: start the local one
     triton_grpc_port: int = 0
     gateway_port: int = 0
-    workers: dict = field(default_factory=lambda: {s: 1 for s in STAGES})
+    workers: dict = field(default_factory=lambda: {s: 1 for s in STAGE_NAMES})
     ort_threads: int = 1
     rtsp_port: int = 0  # the local RTSP relay for live output; -1: none
     # Live sources the gateway may read; default: cameras on this machine only (an SSRF allow-list, see
@@ -114,13 +113,13 @@ class Stack:
             "POSEMESH_DATA_DIR": str(self.run_dir / "data"),
             "POSEMESH_GATEWAY_LISTEN": self.gateway_address,
             # The stack shares the broker with nothing else: the one session timeout for every client.
-            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": os.environ.get("POSEMESH_KAFKA_SESSION_TIMEOUT_MS", "2000"),
-            "POSEMESH_KAFKA_HEARTBEAT_MS": os.environ.get("POSEMESH_KAFKA_HEARTBEAT_MS", "200"),
+            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": env("KAFKA_SESSION_TIMEOUT_MS", "2000"),
+            "POSEMESH_KAFKA_HEARTBEAT_MS": env("KAFKA_HEARTBEAT_MS", "200"),
             "PYTHONUNBUFFERED": "1",
         })
         self.env.setdefault("POSEMESH_LIVE_SOURCES", config.live_sources)
         self.rtsp_url = ""
-        if config.rtsp_port > 0 and not os.environ.get("POSEMESH_LIVE_PUBLISH_URL"):
+        if config.rtsp_port > 0 and not env("LIVE_PUBLISH_URL", ""):
             from posemesh.devstack import rtsp
 
             missing = rtsp.available()
@@ -222,7 +221,7 @@ class Stack:
             services = list(reversed(self.services))
         for s in services:
             s.stopping = True
-        workers = [s for s in services if s.name.split("-")[0] in STAGES]
+        workers = [s for s in services if s.name.split("-")[0] in STAGE_NAMES]
         for s in workers:  # workers in parallel: each leaves its group and drops partial outputs
             if s.proc.poll() is None:
                 s.proc.send_signal(signal.SIGTERM)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 from posemesh.devstack.processes import free_port, kill_group, stop_process
 from posemesh.mesh.models import CPU_REPOSITORY
-from posemesh.mesh.settings import REPO_ROOT
+from posemesh.mesh.settings import REPO_ROOT, env
 
 
 def triton_venv() -> Path:
-    return Path(os.environ.get("POSEMESH_TRITON_VENV", REPO_ROOT / ".venv-triton"))
+    return Path(env("TRITON_VENV", str(REPO_ROOT / ".venv-triton")))
 
 
 @dataclass
@@ -89,7 +89,11 @@ class TritonServer:
 
     def command(self, install: TritonInstall) -> tuple[list[str], dict]:
         backends = install.backend_dir(self.work_dir / "backends")
-        loads = [f"--load-model={m}" for m in self.models] if self.models else ["--load-model=*"]
+        # Every model folder (one with a config.pbtxt) by name: `--load-model=*` would also try to load any
+        # other folder there, such as a __pycache__ that importing model code once left behind.
+        models = self.models or sorted(d.name for d in Path(self.repository).iterdir()
+                                       if (d / "config.pbtxt").is_file())
+        loads = [f"--load-model={m}" for m in models]
         cmd = [str(install.server_bin), f"--model-repository={self.repository}", f"--backend-directory={backends}",
                "--model-control-mode=explicit", *loads, "--disable-auto-complete-config",
                "--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false",

@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from posemesh.mesh.settings import REPO_ROOT, default_models_dir
+from posemesh.mesh.settings import REPO_ROOT, default_models_dir, env
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ BLAZEPOSE_FULL = Weights("blazepose_full_256.onnx",
 # RTMPose-m body7 256x192, OpenMMLab's onnx_sdk release. The sha256 is pinned on first successful pull
 # (`posemesh models pull rtmpose --pin`): it could not be computed on the offline build machines.
 RTMPOSE_M = Weights(
-    "rtmpose-m_simcc-body7_pt-body7_420e-256x192.onnx", os.environ.get("POSEMESH_RTMPOSE_SHA256", ""),
+    "rtmpose-m_simcc-body7_pt-body7_420e-256x192.onnx", env("RTMPOSE_SHA256", ""),
     url="https://download.openmmlab.com/mmpose/v1/projects/rtmposev1/onnx_sdk/"
         "rtmpose-m_simcc-body7_pt-body7_420e-256x192-e48f03d0_20230504.zip", member="end2end.onnx")
 

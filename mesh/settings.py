@@ -1,4 +1,8 @@
-"""Every knob of posemesh in one place, read from the environment (POSEMESH_*).
+"""Every knob of posemesh in one place, read from the environment (POSEMESH_*). No other module reads a
+POSEMESH_* variable (tests/test_deploy.py checks that, and the deploy manifests against the names read
+here). Not here: the client's POSEMESH_ADDRESS and POSEMESH_API_KEY (posemesh.client, which installs
+without the server), and POSEMESH_ONNX_DIR / POSEMESH_ORT_THREADS, which the local stack gives the Triton
+models (model_repository/, run by Triton's own Python).
 
 Defaults suit the local stack on one machine; production overrides them (deploy/ shows how).
 """
@@ -23,8 +27,12 @@ REPO_ROOT = CHECKOUT or Path.cwd()
 RUN_DIR = REPO_ROOT / "run"
 
 
-def _env(name: str, default: str) -> str:
+def env(name: str, default: str) -> str:
+    """POSEMESH_<name>, else the default."""
     return os.environ.get(f"POSEMESH_{name}", default)
+
+
+_env = env
 
 
 def default_models_dir() -> Path:
@@ -67,6 +75,18 @@ class Settings:
     # tasks waiting on it are failed with that reason instead of waiting on.
     triton_timeout_s: float = field(default_factory=lambda: float(_env("TRITON_TIMEOUT_S", "10")))
     triton_outage_s: float = field(default_factory=lambda: float(_env("TRITON_OUTAGE_S", "60")))
+    # Inputs to Triton through system shared memory: "auto" (when Triton's address is a loopback address),
+    # "on" or "off". Shared memory needs both sides to see one /dev/shm (same host, or --ipc=host).
+    triton_shm: str = field(default_factory=lambda: _env("TRITON_SHM", "auto"))
+    # The pose model of a task that names none: blazepose_lite, blazepose_full or rtmpose.
+    default_pose_model: str = field(default_factory=lambda: _env("DEFAULT_POSE_MODEL", "blazepose_lite"))
+    # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
+    # durability: a worker that takes a task over continues from the last finished segment).
+    x264_preset: str = field(default_factory=lambda: _env("X264_PRESET", "veryfast"))
+    segment_frames: int = field(default_factory=lambda: int(_env("SEGMENT_FRAMES", "60")))
+    # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:
+    # 127.0.0.1 on one machine, 0.0.0.0 where probes and scrapers come from elsewhere (Kubernetes, Compose).
+    control_host: str = field(default_factory=lambda: _env("CONTROL_HOST", "127.0.0.1"))
     # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
     data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(RUN_DIR / "data"))))
     models_dir: Path = field(default_factory=default_models_dir)
@@ -106,6 +126,10 @@ class Settings:
     max_frames: int = field(default_factory=lambda: int(_env("MAX_FRAMES", str(60 * 60 * 30))))
     max_duration_s: float = field(default_factory=lambda: float(_env("MAX_DURATION_S", "3600")))
     max_fps: float = field(default_factory=lambda: float(_env("MAX_FPS", "120")))
+
+    def max_batch(self, stage: str, default: int) -> int:
+        """POSEMESH_<STAGE>_MAX_BATCH: the most frames a stage processes in one batch (default: the stage's own)."""
+        return int(_env(f"{stage.upper()}_MAX_BATCH", str(default)))
 
     @property
     def jobs_dir(self) -> Path:

@@ -8,21 +8,19 @@ import argparse
 import importlib
 import logging
 
-from posemesh.mesh.pipeline import SPECS
+from posemesh.mesh.pipeline import SPECS, STAGE_NAMES
 from posemesh.mesh.settings import Settings
 from posemesh.stages.worker import serve
 
-STAGES = {name: spec.entry for name, spec in SPECS.items()}
-
 
 def load(name: str):
-    module, cls = STAGES[name].split(":")
+    module, cls = SPECS[name].entry.split(":")
     return getattr(importlib.import_module(module), cls)()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m posemesh.stages", description="Run one posemesh stage worker.")
-    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("stage", choices=STAGE_NAMES)
     parser.add_argument("--control-port", type=int, default=0, help="StageService + health (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics (0: off)")
     return parser

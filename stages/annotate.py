@@ -15,44 +15,15 @@ import socket
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
-
 from posemesh.mesh import jpeg, names, pipeline
 from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
+from posemesh.stages.drawing import draw
 from posemesh.stages.live_out import RtspPublisher
-from posemesh.stages.pose import COCO_SKELETON
 from posemesh.stages.results import EncoderSettings, ResultWriter, wanted_outputs
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
-KEYPOINT_MIN_SCORE = 0.3
 LIVE_JPEG_QUALITY = 80  # annotated frames for live viewers: small enough to stream, good enough to watch
-
-
-def colour(track_id: int) -> tuple[int, int, int]:
-    if track_id <= 0:
-        return (160, 160, 160)
-    hue = (track_id * 47) % 180  # well-spread hues for consecutive ids
-    return tuple(int(c) for c in cv2.cvtColor(np.uint8([[[hue, 220, 255]]]), cv2.COLOR_HSV2BGR)[0, 0])
-
-
-def draw(image: np.ndarray, persons) -> np.ndarray:
-    for p in persons:
-        c = colour(p.track_id)
-        x1, y1, x2, y2 = (int(round(v)) for v in (p.box.x1, p.box.y1, p.box.x2, p.box.y2))
-        cv2.rectangle(image, (x1, y1), (x2, y2), c, 2)
-        label = f"#{p.track_id}" if p.track_id else f"{p.score:.2f}"
-        cv2.putText(image, label, (x1, max(12, y1 - 5)), cv2.FONT_HERSHEY_SIMPLEX, 0.6, c, 2, cv2.LINE_AA)
-        kps = p.keypoints
-        if len(kps) == 17:
-            for a, b in COCO_SKELETON:
-                if kps[a].score > KEYPOINT_MIN_SCORE and kps[b].score > KEYPOINT_MIN_SCORE:
-                    cv2.line(image, (int(kps[a].x), int(kps[a].y)), (int(kps[b].x), int(kps[b].y)), c, 2, cv2.LINE_AA)
-            for k in kps:
-                if k.score > KEYPOINT_MIN_SCORE:
-                    cv2.circle(image, (int(k.x), int(k.y)), 3, (255, 255, 255), -1, cv2.LINE_AA)
-    return image
 
 
 class AnnotateStage(Stage):
@@ -60,10 +31,11 @@ class AnnotateStage(Stage):
     max_batch = 16
 
     def __init__(self, x264_preset: str | None = None):
-        self.encoder = EncoderSettings(preset=x264_preset or os.environ.get("POSEMESH_X264_PRESET", "veryfast"),
-                                       segment_frames=int(os.environ.get("POSEMESH_SEGMENT_FRAMES", "60")))
+        self.x264_preset = x264_preset  # None: the setting's
 
     def setup(self, settings) -> None:
+        self.encoder = EncoderSettings(preset=self.x264_preset or settings.x264_preset,
+                                       segment_frames=settings.segment_frames)
         self.results_dir: Path = settings.results_dir
         self.jobs_dir: Path = settings.jobs_dir
         self.worker = f"{socket.gethostname()}-{os.getpid()}"  # unique on a volume shared by hosts

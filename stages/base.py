@@ -1,5 +1,6 @@
-"""What a stage is: one subclass of `Stage`. The worker (posemesh.stages.worker) does the rest: Kafka,
-batching, ordering, de-duplication, offsets, recovery, failures, progress and the control API.
+"""What a stage is: one subclass of `Stage`. The worker (posemesh.stages.worker, with posemesh.stages.flows
+for what differs between ordered and unordered stages) does the rest: Kafka, batching, ordering,
+de-duplication, offsets, recovery, failures, progress and the control API.
 
 A stage says which step of the pipeline it is (`name`, looked up in posemesh.mesh.pipeline) and implements
 `process(items)`: do its work on a batch of frames (of any tasks, in index order per task when the stage
@@ -68,6 +69,13 @@ class StageError(Exception):
     fails that task and goes on with the others."""
 
 
+class ServiceUnavailable(StageError):
+    """A service the stage depends on (a model server) stayed unavailable for longer than the stage waits.
+    No frame is at fault: the tasks it was raised for fail with this message, naming no frame, and the
+    worker does not retry the batch task by task and frame by frame to find a culprit (each retry would
+    wait out the outage again)."""
+
+
 class Stage(ABC):
     """Subclass this to add a stage."""
 
@@ -100,7 +108,8 @@ class Stage(ABC):
     def process(self, items: list[FrameItem]) -> None:
         """Do this stage's work on a batch of frames, adding results to each frame in place. Raise
         StageError (or any exception) for a frame that cannot be done: the worker retries the batch task
-        by task to find the culprit, fails that task and keeps the others."""
+        by task to find the culprit, fails that task and keeps the others. Raise ServiceUnavailable when a
+        service the stage needs is gone: the batch's tasks fail without that search."""
 
     def finish_task(self, task: TaskInfo) -> pb.TaskResult | None:
         """Ordered stages: every frame of the task went through `process`. Return a result to report."""

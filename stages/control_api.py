@@ -7,7 +7,6 @@ A health thread re-evaluates it twice a second.
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent import futures
 
@@ -44,7 +43,7 @@ class ControlApi:
         spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(worker), self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        host = os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1")  # 0.0.0.0 under Kubernetes probes
+        host = worker.settings.control_host  # 0.0.0.0 under Kubernetes probes
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.halt = threading.Event()
         self.serving: bool | None = None

@@ -10,7 +10,8 @@ processed next:
 - `SequencePool` (ordered stages: track, annotate): frames of a task leave strictly in index order, from
   the task's next expected index.
 
-Both remember each frame's partition and offset (commits) and drop indices they have already had.
+Both remember each frame's partition and offset (commits) and drop indices they have already had. Which
+one a stage gets is its flow's choice (posemesh.stages.flows).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from posemesh.stages.base import FrameItem
 
@@ -66,6 +68,14 @@ class IndexSet:
         while i in self:
             i += 1
         return i
+
+
+class Pool(Protocol):
+    def add(self, entry: Pooled) -> bool: ...
+
+    def take(self, batch: int) -> list[Pooled]: ...
+
+    def drop_task(self, task_id: str) -> None: ...
 
 
 @dataclass

@@ -10,7 +10,6 @@ All crops of a batch (every person of every frame of every task) go to Triton in
 
 from __future__ import annotations
 
-import os
 from collections import defaultdict
 
 import cv2
@@ -23,20 +22,15 @@ from posemesh.stages.triton import TritonModel
 
 # BlazePose-33 indices of the COCO-17 keypoints, in COCO order (left before right).
 BLAZEPOSE_TO_COCO = np.array([0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28])
-COCO_SKELETON = [(15, 13), (13, 11), (16, 14), (14, 12), (11, 12), (5, 11), (6, 12), (5, 6), (5, 7), (6, 8),
-                 (7, 9), (8, 10), (1, 2), (0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6)]
 SIMCC_SPLIT = 2.0
 PADDING = 1.25
 
 MODEL_NAMES = pose_model_names()
 
 
-def default_pose_model() -> str:
-    return os.environ.get("POSEMESH_DEFAULT_POSE_MODEL", "blazepose_lite")
-
-
-def model_name(option: int) -> str:
-    return MODEL_NAMES.get(option) or default_pose_model()
+def model_name(option: int, default: str) -> str:
+    """The Triton model of a task's pose_model option (`default` when the task names none)."""
+    return MODEL_NAMES.get(option) or default
 
 
 def crop_matrix(box, out_w: int, out_h: int) -> np.ndarray:
@@ -116,7 +110,7 @@ class PoseStage(Stage):
         if name not in self.estimators:
             s = self.settings
             self.estimators[name] = PoseEstimator(name, TritonModel(s.triton_url, name, s.triton_timeout_s,
-                                                                    s.triton_outage_s))
+                                                                    s.triton_outage_s, s.triton_shm))
         return self.estimators[name]
 
     def problem(self) -> str:
@@ -136,7 +130,7 @@ class PoseStage(Stage):
                 image = jpeg.decode(item.frame.jpeg)
             except jpeg.BadJpeg as exc:
                 raise StageError(f"frame {item.frame.index}: {exc}") from None
-            estimator = self.estimator(model_name(item.task.options.pose_model))
+            estimator = self.estimator(model_name(item.task.options.pose_model, self.settings.default_pose_model))
             for person in item.frame.persons:
                 b = person.box
                 crop, matrix = estimator.crop(image, (b.x1, b.y1, b.x2, b.y2))

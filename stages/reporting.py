@@ -116,13 +116,18 @@ class Reporter:
     def _send(self, events: list[pb.WorkerEvent]) -> None:
         """Enqueue only. librdkafka sends from its own threads; polling and flushing (which run delivery
         callbacks) belong to the worker's loop alone: callbacks served on two threads at once surfaced as
-        SystemError inside flush()."""
+        SystemError inside flush().
+
+        An event that cannot be queued (no producer while the worker resets, the local queue full, a failed
+        producer) is dropped, and nothing sends it again: a progress report's indices left `new` when it was
+        made. Its frames stay uncounted at this stage unless their outputs failed too (a failed producer:
+        the worker resets, redoes those frames and reports them then). A heartbeat goes again EVERY_S later."""
         if self.producer is None or not events:
             return
         for event in events:
             try:
                 self.producer.produce(kafka.EVENTS_TOPIC, event.SerializeToString())
-            except Exception:  # noqa: BLE001 - queue full or the broker away: the next report repeats it
+            except Exception:  # noqa: BLE001 - the event is dropped (see above)
                 log.debug("could not send a worker event", exc_info=True)
 
     def _beat(self) -> None:

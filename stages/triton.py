@@ -29,7 +29,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
-from posemesh.stages.base import StageError
+from posemesh.stages.base import ServiceUnavailable, StageError
 
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
@@ -49,8 +49,8 @@ CHANNEL_ARGS = [
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def use_shared_memory(url: str) -> bool:
-    mode = os.environ.get("POSEMESH_TRITON_SHM", "auto")
+def use_shared_memory(url: str, mode: str = "auto") -> bool:
+    """Settings.triton_shm: "on", "off", or "auto" (when Triton's address is a loopback address)."""
     if mode in ("on", "off"):
         return mode == "on"
     host = urlparse(f"//{url}").hostname or ""
@@ -112,7 +112,7 @@ class SharedMemorySlots:
         self.all, self.free = [], []
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(ServiceUnavailable):
     """Triton could not serve the model for longer than the outage limit."""
 
 
@@ -126,14 +126,14 @@ def transient(exc: Exception) -> bool:
 
 
 class TritonModel:
-    def __init__(self, url: str, name: str, timeout_s: float = 10.0, outage_s: float = 60.0):
+    def __init__(self, url: str, name: str, timeout_s: float = 10.0, outage_s: float = 60.0, shm: str = "auto"):
         self.url, self.name = url, name
         self.timeout_s, self.outage_s = timeout_s, outage_s
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self.max_batch = 0
         self.output_names: list[str] = []
         self.outputs: dict[str, tuple[np.dtype, list[int]]] = {}  # name -> dtype, dims without batch
-        self.shared_memory = use_shared_memory(url)
+        self.shared_memory = use_shared_memory(url, shm)
         self.slots: SharedMemorySlots | None = None
         self.calls = 0
         self.seconds = 0.0

@@ -11,8 +11,13 @@ One frame's way through a worker:
 4. Outputs go to the next topic and are flushed; only then are their inputs' offsets committed
    (Recovery.RESUME stages: once the stage's checkpoint covers them). Output that cannot be delivered
    makes the worker start over from the committed offsets, as a crash would, without dying.
-5. Ordered stages finish a task when its last frame is through (`finish_task`) and pass end-of-stream on.
+5. End of stream: unordered stages pass it on at once; ordered ones finish the task when its last frame
+   is through (`finish_task`), then pass it on.
 6. Progress (frame indices), results and failures go to posemesh.events (Reporter).
+
+What differs between ordered and unordered stages (the pool, end of stream, how a failure is narrowed down,
+what a flush lets commit, recovery when partitions move, polling) is the stage's flow
+(posemesh.stages.flows); this loop is the same for every stage.
 
 When the broker loses its data (ControlFollower.generation changes) the worker drops every task's state
 and its Kafka clients and starts over: the gateway runs those tasks again under a new epoch.
@@ -28,23 +33,23 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram, start_http_server
 
-from posemesh.mesh import kafka, pipeline
+from posemesh.mesh import kafka, pipeline, records
 from posemesh.mesh.settings import Settings
-from posemesh.stages.base import FrameItem, Recovery, Stage, TaskInfo
+from posemesh.stages.base import FrameItem, Stage, TaskInfo
 from posemesh.stages.control import ControlFollower
 from posemesh.stages.control_api import ControlApi
+from posemesh.stages.flows import by_task, describe, flow_for
 from posemesh.stages.pixels import RawFrames
-from posemesh.stages.pools import LowestFirstPool, Pooled, SequencePool
+from posemesh.stages.pools import Pooled
 from posemesh.stages.reading import InputReader
 from posemesh.stages.reporting import Reporter
-from posemesh.stages.triton import TritonUnavailable
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
 
@@ -63,7 +68,6 @@ JOIN_PATIENCE_S = 10.0  # a join that takes longer than this is not waited for
 # no control event came for SUBSCRIBE_SETTLE_S (and at most SUBSCRIBE_SETTLE_MAX_S after the first).
 SUBSCRIBE_SETTLE_S = 0.15
 SUBSCRIBE_SETTLE_MAX_S = 0.5
-NEW_TASK_BOOST_S = 5.0
 # Letting go of ended tasks' topics is a join too: tasks ending close together are let go of in one, at
 # most this long after the first of them (their topics are deleted that much later).
 REMOVAL_BATCH_S = 5.0
@@ -77,14 +81,14 @@ class StageWorker:
         self.spec = stage.spec
         self.worker_id = worker_id or f"{stage.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
         self.metrics_port = metrics_port
-        self.batch = int(os.environ.get(f"POSEMESH_{stage.name.upper()}_MAX_BATCH", stage.max_batch))
-        self.batch_now = self.batch  # smaller while a new task's first frames are awaited
+        self.batch = settings.max_batch(stage.name, stage.max_batch)
         self.running = threading.Event()
         self.control = ControlFollower(settings, self.worker_id)
         self.reporter = Reporter(self.worker_id, stage.name)
         self.api = ControlApi(self, control_port)
         stage.emit = self._emit
         self.control_port = self.api.port
+        self.reader: InputReader | None = None  # made once the broker's incarnation is known (_open_kafka)
         self.generation = 0
         self.resets = 0
         self.assignments = 0  # of the consumers before the latest reset
@@ -106,21 +110,13 @@ class StageWorker:
 
     def _clear_state(self) -> None:
         self.tasks: dict[str, TaskInfo] = {}
-        self.pool = SequencePool() if self.stage.ordered else LowestFirstPool()
-        self.finished: set[str] = set()
         self.failed: dict[str, str] = {}
         self.duplicates: Counter = Counter()
-        self.eos_held: dict[str, tuple] = {}  # ordered stages: a task's end-of-stream offset, done at finish
-        self.held: dict[str, list[tuple[int, tuple, int]]] = defaultdict(list)  # RESUME: (index, tp, offset)
-        self.forward_eos: list[tuple[pb.StageRecord, tuple, int]] = []
+        self.flow = flow_for(self.stage, self.batch, self._fail, self._send, self._task_running)
         # Records of a reserved task whose TaskStarted the control follower has not read yet (the frames
         # can overtake it: two consumers): (task id, message), taken in once it has.
         self.early: list[tuple[str, object]] = []
-        self.boost_since: dict[tuple, float] = {}  # partitions of started tasks not heard from yet: since when
-        self.to_mark: list[tuple[tuple, int]] = []  # inputs whose outputs are produced, done once flushed
-        self.results: list[pb.TaskResult] = []
-        self.produced = False
-        self.delivery_errors: list = []
+        self.unflushed = False  # records sent since the last flush
 
     # ------------------------------------------------------------------ life
 
@@ -130,10 +126,14 @@ class StageWorker:
         self.control.start()
         self.api.start()
         if self.metrics_port:
-            start_http_server(self.metrics_port, addr=os.environ.get("POSEMESH_CONTROL_HOST", "127.0.0.1"))
+            start_http_server(self.metrics_port, addr=self.settings.control_host)
+        self.running.set()  # from here stop() also ends the wait for the broker
+        if not self._wait_for_incarnation():
+            self.api.stop()
+            self.control.stop()
+            return
         self._open_kafka()
         self.reporter.start()
-        self.running.set()
         log.info("%s ready (control port %s)", self.worker_id, self.control_port)
         try:
             while self.running.is_set():
@@ -144,7 +144,7 @@ class StageWorker:
                 self._apply_subscription()
                 if self.early:
                     self._take_in_early()
-                self._take_in(self._poll())
+                self._take_in(self.flow.poll(self.reader))
                 self._step()
                 # What the heartbeats say this worker reads follows every (re)assignment at once: the
                 # gateway deletes a finished task's topics as soon as nobody lists it.
@@ -155,12 +155,26 @@ class StageWorker:
     def stop(self, *_args) -> None:
         self.running.clear()
 
+    def _wait_for_incarnation(self) -> bool:
+        """Wait until the control follower knows the broker's incarnation, which names the consumer group
+        (group_name); False when the worker was stopped first. A worker that made its consumer before
+        that (a restarted replica, while the follower's first look at the broker was under way) joined a
+        group of its own, `<prefix>-<stage>-`, next to its peers' group, and did every task a second time."""
+        while self.control.incarnation is None:
+            if not self.running.is_set():
+                return False
+            self.loop_seen = time.monotonic()  # waiting for the broker is not a stalled loop
+            time.sleep(0.1)
+        return True
+
     def _open_kafka(self) -> None:
-        while self.control.incarnation is None and self.running.is_set():
-            time.sleep(0.1)  # the broker is not there yet
+        if self.control.incarnation is None:
+            raise RuntimeError("the consumer group is named after the broker's incarnation, not known yet")
         self.generation = self.control.generation
         self.producer = Producer({**kafka.producer_config(self.settings, self.worker_id),
                                   "error_cb": lambda err: log.warning("producer: %s", err)})
+        # A Sender per producer: the late delivery errors of a producer replaced by a reset stay with it.
+        self.sender = kafka.Sender(self.producer)
         self.reader = InputReader(self.settings, self.group_name(), self.worker_id, self.stage.recovery,
                                   self._on_revoked, self._on_assigned)
         # A stage after the first that needs pixels reads them from raw_frames by reference.
@@ -262,8 +276,7 @@ class StageWorker:
         live, _ended = self.control.snapshot()
         # Reserved task ids are read before their task starts: it then needs no join (gateway/reservations.py).
         wanted_tasks = [t for t in [*live, *self.control.reserved_tasks()] if t not in self.locally_stopped]
-        for task_id in [t for t in set(self.tasks) | set(self.failed) | self.finished
-                        if t not in live or t in self.locally_stopped]:
+        for task_id in [t for t in set(self.tasks) | set(self.failed) if t not in live or t in self.locally_stopped]:
             self._forget(task_id)
         if self.pixels is not None:
             for task_id in self.pixels.reading_tasks() - set(wanted_tasks):
@@ -302,28 +315,24 @@ class StageWorker:
         """Read ahead the raw frames behind the input partitions this replica now owns (or stop)."""
         if self.pixels is None:
             return
-        every = list(range(kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings)))
+        count = kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings)
         for topic, partition in tps:
             task_id = kafka.task_of_topic(topic)
-            if task_id:  # an ordered stage needs all of a task's frames; others the same partition's
-                self.pixels.warm(task_id, every if self.stage.ordered else [partition], on)
+            if task_id:
+                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), on)
 
     def _on_revoked(self, tps: set) -> None:
         """Partitions moved to another replica (or their task ended): their frames are its now."""
         self._warm_pixels(tps, on=False)
         self.early = [(t, m) for t, m in self.early if (m.topic(), m.partition()) not in tps]
-        if self.stage.ordered:
-            for task_id in {kafka.task_of_topic(t) for t, _p in tps} - {None}:
-                self._drop_task_state(task_id)
-        else:
-            self.pool.discard_partitions(tps)
+        for task_id in self.flow.revoked(tps):
+            self._drop_task_state(task_id)
         self.reporter.reading_tasks(self._reading_tasks())
 
     def _on_assigned(self, fresh: set) -> None:
         self._warm_pixels(fresh, on=True)
-        if self.stage.ordered:  # a task new to this replica starts from scratch (REPLAY) or its checkpoint
-            for task_id in {kafka.task_of_topic(t) for t, _p in fresh} - {None}:
-                self._drop_task_state(task_id)
+        for task_id in self.flow.assigned(fresh):
+            self._drop_task_state(task_id)
         self.reporter.reading_tasks(self._reading_tasks())
 
     def _reading_tasks(self) -> list[str]:
@@ -335,10 +344,7 @@ class StageWorker:
     def _drop_task_state(self, task_id: str) -> None:
         if self.tasks.pop(task_id, None) is not None:
             self.stage.drop_task(task_id)
-        self.pool.drop_task(task_id)
-        self.eos_held.pop(task_id, None)
-        self.held.pop(task_id, None)
-        self.finished.discard(task_id)
+        self.flow.drop_task(task_id)
 
     def _forget(self, task_id: str) -> None:
         """The task ended (or was stopped here): nothing of it stays on this worker."""
@@ -357,38 +363,9 @@ class StageWorker:
 
     # ------------------------------------------------------------------ records in
 
-    def _poll(self) -> list:
-        if self.stage.ordered:
-            return self.reader.poll(4 * self.batch, 0.05)
-        pooled = self.pool.pooled()
-        full = pooled >= self.batch and self.pool.ready()
-        first = self._new_tasks_first()
-        return first + self.reader.poll(max(4 * self.batch - pooled, 1),
-                                        0 if full or first else 0.02 if pooled else 0.05)
-
-    def _new_tasks_first(self) -> list:
-        """A new task's first frames, fetched before anything else. The local broker fills each fetch from
-        one partition and librdkafka starts the next fetch at the following partition, so with tasks
-        already flowing a new task's first frame came after 50-150 others (measured: 1-3 s at detect, as
-        much again at pose). While a partition of a started task has given this replica nothing yet (for
-        at most NEW_TASK_BOOST_S), each step first reads those partitions alone; the frame 0 found there
-        then goes through alone (LowestFirstPool)."""
-        # Partitions that have given nothing yet: mostly the reserved ids' (not started), else none.
-        silent = {tp: kafka.task_of_topic(tp[0]) for tp in self.reader.owned - self.reader.positions.keys()}
-        started = {t for t in set(silent.values()) - {None} - set(self.failed) - self.finished
-                   if self.control.started(t) is not None}
-        starving = {tp for tp, task_id in silent.items() if task_id in started}
-        if not starving and not self.boost_since:
-            self.batch_now = self.batch
-            return []
-        now = time.monotonic()
-        for tp in [tp for tp in self.boost_since if tp not in starving]:
-            del self.boost_since[tp]
-        boosted = {tp for tp in starving if now - self.boost_since.setdefault(tp, now) < NEW_TASK_BOOST_S}
-        # Meanwhile batches are small, so the step comes back to look soon (a full batch of the other tasks
-        # took 0.5-1 s here while the new task's first frame waited).
-        self.batch_now = max(1, self.batch // 4) if boosted else self.batch
-        return self.reader.poll_only(boosted, 4 * self.batch, 0.06) if boosted else []
+    def _task_running(self, task_id: str) -> bool:
+        """The task has started and has not failed here."""
+        return task_id not in self.failed and self.control.started(task_id) is not None
 
     def _take_in(self, msgs) -> None:
         for msg in msgs:
@@ -415,15 +392,9 @@ class StageWorker:
             if record.HasField("end_of_stream"):
                 task.total = record.end_of_stream.total_frames
                 self.reporter.set_total(task.task_id, task.total)
-                if self.stage.ordered:
-                    self.eos_held[task.task_id] = (tp, offset)
-                else:
-                    self.forward_eos.append((record, tp, offset))
+                self.flow.end_of_stream(record, tp, offset)
                 continue
-            if task.task_id in self.finished:
-                self._duplicate(task.task_id, tp, offset)
-                continue
-            if not self.pool.add(Pooled(FrameItem(task, record.frame), tp, offset)):
+            if not self.flow.add(Pooled(FrameItem(task, record.frame), tp, offset)):
                 self._duplicate(task.task_id, tp, offset)
 
     def _take_in_early(self) -> None:
@@ -452,11 +423,7 @@ class StageWorker:
                         live=started.live, publish_url=started.publish_url)
         self.tasks[task_id] = task
         log.info("task %s: first record in (index %d)", task_id, record.frame.index)
-        if self.stage.ordered:
-            start = self.stage.resume_index(task) if self.stage.recovery is Recovery.RESUME else 0
-            self.pool.start_at(task_id, start)
-            if start:
-                log.info("task %s: continuing from frame %d (checkpoint)", task_id, start)
+        self.flow.task_started(task)
         return task
 
     def _duplicate(self, task_id: str, tp, offset: int) -> None:
@@ -467,42 +434,32 @@ class StageWorker:
     # ------------------------------------------------------------------ one step of work
 
     def _step(self) -> None:
-        ready = self.pool.take(self.batch_now)
+        ready = self.flow.take()
         for entry in ready:  # who watches a task's frames live, as of now
             entry.item.task.viewers = self.control.viewers.get(entry.item.task_id, 0)
-        if ready:
-            self._process(ready)
-        if self.stage.ordered:
-            self._finish_tasks()
-        for record, _tp, _offset in self.forward_eos:
-            self._produce(record)
+        done = self._process(ready) if ready else []
+        results = self.flow.end_step(self.tasks)
         # Progress and results travel in the same flush as the outputs, before the commit: a report can
         # be repeated (the union absorbs it) but never lost after its frames were committed.
-        if self.to_mark or self.results or self.produced:
+        if done or self.flow.to_mark or results or self.unflushed:
             self.reporter.flush_progress()
-            self.produced = True
-        for result in self.results:
+            self.unflushed = True
+        for result in results:
             self.reporter.result(result)
-        self.results = []
-        if self.produced and not self._flush():
+        if self.unflushed and not self._flush():
             return
-        for tp, offset in self.to_mark:
-            self.reader.done(tp, offset)
-        for _record, tp, offset in self.forward_eos:
-            self.reader.done(tp, offset)
-        self.to_mark, self.forward_eos = [], []
-        if self.stage.recovery is Recovery.RESUME:
-            self._mark_durable()
-        self.reader.commit()
-        if not self.stage.ordered:
-            self.reader.flow_control(self.pool.waiting_by_partition(), max(2, self.batch // 4))
+        self.flow.commit(self.reader)
 
-    def _process(self, ready: list[Pooled]) -> None:
+    def _process(self, ready: list[Pooled]) -> list[Pooled]:
+        """Run a batch; returns the entries done, whose outputs are sent and progress noted."""
         t0 = time.perf_counter()
         if self.pixels is not None:
             ready = self._fill_pixels(ready)
         t1 = time.perf_counter()
-        done = self._run_isolated(ready)
+        try:
+            done = self.flow.run(ready)
+        finally:
+            PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
         self.frames_processed += len(done)
         self.batches += 1
@@ -519,13 +476,9 @@ class StageWorker:
                 frame.source.partition, frame.source.offset = entry.tp[1], entry.offset
             frame.ClearField("jpeg")  # the pixels enter Kafka once: only raw_frames carries them
             if self.spec.writes:
-                self._produce(pb.StageRecord(task_id=task.task_id, options=task.options, frame=frame,
-                                             epoch=task.epoch))
-            if self.stage.recovery is Recovery.RESUME:
-                self.held[task.task_id].append((entry.index, entry.tp, entry.offset))
-                self.produced = True  # its progress report must be flushed
-            else:
-                self.to_mark.append((entry.tp, entry.offset))
+                self._send(records.frame_record(task.task_id, task.options, task.epoch, frame))
+            self.flow.processed(entry)
+        return done
 
     def _fill_pixels(self, ready: list[Pooled]) -> list[Pooled]:
         """Fetch the batch's pixels; a task whose pixels cannot be read fails, the others go on."""
@@ -535,103 +488,13 @@ class StageWorker:
         except Exception:  # noqa: BLE001 - narrowed down to tasks below
             log.warning("reading pixels for a batch failed; retrying task by task", exc_info=True)
         kept = []
-        for task_id, entries in _by_task(ready).items():
+        for task_id, entries in by_task(ready).items():
             try:
                 self.pixels.fill([e.item for e in entries])
                 kept += entries
             except Exception as exc:  # noqa: BLE001
-                self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {_describe(exc)}")
+                self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {describe(exc)}")
         return kept
-
-    def _run_isolated(self, ready: list[Pooled]) -> list[Pooled]:
-        """Run the stage; returns the entries done. A failure is narrowed down to a task and a frame:
-        ordered stages go frame by frame (their state must see each frame once); unordered ones try the
-        whole batch, then task by task, then frame by frame within the failing task."""
-        t0 = time.perf_counter()
-        try:
-            if self.stage.ordered:
-                return self._run_in_order(ready)
-            try:
-                self.stage.process([e.item for e in ready])
-                return ready
-            except TritonUnavailable as exc:
-                for task_id in dict.fromkeys(e.item.task_id for e in ready):
-                    self._fail(task_id, str(exc))
-                return []
-            except Exception:  # noqa: BLE001 - narrowed down below
-                log.warning("a batch of %d frames failed; retrying task by task", len(ready), exc_info=True)
-            done = []
-            for task_id, entries in _by_task(ready).items():
-                try:
-                    self.stage.process([e.item for e in entries])
-                    done += entries
-                    continue
-                except TritonUnavailable as exc:
-                    self._fail(task_id, str(exc))
-                    continue
-                except Exception:  # noqa: BLE001
-                    pass
-                for entry in entries:
-                    try:
-                        self.stage.process([entry.item])
-                        done.append(entry)
-                    except Exception as exc:  # noqa: BLE001 - this frame is the culprit
-                        self._fail(task_id, f"frame {entry.index}: {_describe(exc)}")
-                        break
-            return done
-        finally:
-            PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t0)
-
-    def _run_in_order(self, ready: list[Pooled]) -> list[Pooled]:
-        done = []
-        for entry in ready:
-            task_id = entry.item.task_id
-            if task_id in self.failed:
-                continue
-            try:
-                self.stage.process([entry.item])
-                done.append(entry)
-            except Exception as exc:  # noqa: BLE001 - fails this task only
-                message = str(exc) if isinstance(exc, TritonUnavailable) else f"frame {entry.index}: {_describe(exc)}"
-                self._fail(task_id, message)
-        return done
-
-    def _finish_tasks(self) -> None:
-        for task_id, task in list(self.tasks.items()):
-            if task_id in self.finished or task_id in self.failed or task.total is None:
-                continue
-            if self.pool.next_index(task_id) < task.total:
-                continue
-            try:
-                result = self.stage.finish_task(task)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("finishing task %s failed", task_id)
-                self._fail(task_id, f"finishing the task: {_describe(exc)}")
-                continue
-            self.finished.add(task_id)
-            if self.spec.writes:
-                self._produce(pb.StageRecord(task_id=task_id, options=task.options, epoch=task.epoch,
-                                             end_of_stream=pb.EndOfStream(total_frames=task.total, fps=task.fps)))
-            for _index, tp, offset in self.held.pop(task_id, []):
-                self.to_mark.append((tp, offset))
-            if task_id in self.eos_held:
-                self.to_mark.append(self.eos_held.pop(task_id))
-            if result is not None:
-                result.epoch = task.epoch
-                self.results.append(result)
-
-    def _mark_durable(self) -> None:
-        for task_id, entries in self.held.items():
-            if not entries:
-                continue
-            durable = self.stage.durable_index(task_id)
-            keep = []
-            for index, tp, offset in entries:
-                if index <= durable:
-                    self.reader.done(tp, offset)
-                else:
-                    keep.append((index, tp, offset))
-            self.held[task_id] = keep
 
     def _fail(self, task_id: str, message: str) -> None:
         """This task cannot go on: tell the gateway, drop its state, skip its records from now on."""
@@ -643,60 +506,43 @@ class StageWorker:
         FAILURES.labels(self.stage.name).inc()
         self.failed[task_id] = message
         self.reporter.failure(task_id, epoch, message)
-        for _index, tp, offset in self.held.pop(task_id, []):
-            self.reader.done(tp, offset)
+        self.flow.task_failed(task_id, self.reader)
         self._drop_task_state(task_id)
 
     # ------------------------------------------------------------------ records out
 
-    def _produce(self, record: pb.StageRecord) -> None:
-        topic = kafka.task_topic(self.spec.writes, record.task_id)
+    def _send(self, record: pb.StageRecord) -> None:
+        """A record onto the stage's output topic of its task."""
         partitions = kafka.partitions_for(self.spec.writes, self.settings)
-        partition = record.frame.index % partitions if record.HasField("frame") else 0
-        data = record.SerializeToString()
-        while True:
-            try:
-                self.producer.produce(topic, data, partition=partition, on_delivery=self._on_delivery)
-                self.produced = True
-                return
-            except BufferError:  # the local queue is full: let deliveries drain
-                self.producer.poll(0.05)
+        self.sender.send(kafka.task_topic(self.spec.writes, record.task_id), record.SerializeToString(),
+                         records.partition_of(record, partitions))
+        self.unflushed = True
 
     def _emit(self, prefix: str, task: TaskInfo, data: bytes) -> None:
-        topic = kafka.task_topic(prefix, task.task_id)
-        while True:
-            try:
-                self.producer.produce(topic, data, partition=0, on_delivery=self._on_delivery)
-                self.produced = True
-                return
-            except BufferError:
-                self.producer.poll(0.05)
-
-    def _on_delivery(self, err, _msg) -> None:
-        if err is not None:
-            self.delivery_errors.append(err)
-        # A producer replaced by a reset is never polled again, so its late callbacks cannot land here.
+        """Stage.emit: a record onto another topic of the task, delivered with the step's flush."""
+        self.sender.send(kafka.task_topic(prefix, task.task_id), data, partition=0)
+        self.unflushed = True
 
     def _flush(self) -> bool:
         """Wait until every output is acknowledged. If that fails (the broker is away, or lost its data),
         start over from the committed offsets rather than die: nothing is committed past an undelivered
         output. Waits in short slices so a broker reset is acted on at once."""
-        deadline = time.monotonic() + FLUSH_TIMEOUT_S
-        while True:
-            try:
-                remaining = self.producer.flush(0.5)
-            except (KafkaException, SystemError) as exc:  # a fatal producer error (e.g. the broker forgot us)
-                self._reset("undelivered", f"the producer failed: {exc}")
-                return False
-            if remaining == 0 and not self.delivery_errors:
-                self.produced = False
-                return True
-            if self.control.generation != self.generation:
-                self._reset("broker_lost", "the broker lost its data")
-                return False
-            if self.delivery_errors or time.monotonic() > deadline:
-                self._reset("undelivered", f"{remaining} outputs undelivered, errors {self.delivery_errors[:2]}")
-                return False
+        def lost() -> bool:
+            return self.control.generation != self.generation
+
+        try:
+            remaining = self.sender.flush(FLUSH_TIMEOUT_S, give_up=lambda: lost() or bool(self.sender.errors))
+        except (KafkaException, SystemError) as exc:  # a fatal producer error (e.g. the broker forgot us)
+            self._reset("undelivered", f"the producer failed: {exc}")
+            return False
+        if remaining == 0 and not self.sender.errors:
+            self.unflushed = False
+            return True
+        if lost():
+            self._reset("broker_lost", "the broker lost its data")
+        else:  # delivery errors, or the deadline passed
+            self._reset("undelivered", f"{remaining} outputs undelivered, errors {self.sender.errors[:2]}")
+        return False
 
     # ------------------------------------------------------------------ status
 
@@ -704,6 +550,8 @@ class StageWorker:
         """Why this worker cannot do its work now ("" when it can)."""
         if self.control.broker_problem:
             return self.control.broker_problem
+        if self.reader is None:
+            return "connecting to the broker"
         stage_problem = self.stage.problem()
         if stage_problem:
             return stage_problem
@@ -722,20 +570,9 @@ class StageWorker:
             worker_id=self.worker_id, stage=self.stage.name, frames_processed=self.frames_processed,
             batches=self.batches, mean_batch_size=self.frames_processed / self.batches if self.batches else 0.0,
             tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem, problem=problem,
-            resets=self.resets, assignments=self.assignments + self.reader.assignments,
-            subscription_changes=self.subscription_changes + self.reader.subscription_changes)
-
-
-def _by_task(entries: list[Pooled]) -> dict[str, list[Pooled]]:
-    out: dict[str, list[Pooled]] = {}
-    for entry in entries:
-        out.setdefault(entry.item.task_id, []).append(entry)
-    return out
-
-
-def _describe(exc: Exception) -> str:
-    text = str(exc) or exc.__class__.__name__
-    return text if len(text) <= 300 else text[:300] + "..."
+            resets=self.resets, assignments=self.assignments + (self.reader.assignments if self.reader else 0),
+            subscription_changes=self.subscription_changes + (self.reader.subscription_changes if self.reader else 0),
+            consumer_group=self.group_name() if self.reader else "")
 
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import yaml
 
 from posemesh.mesh.models import MODELS
+from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.mesh.settings import REPO_ROOT
-from posemesh.stages.__main__ import STAGES
 
 DEPLOY = REPO_ROOT / "deploy"
 
@@ -14,16 +14,16 @@ DEPLOY = REPO_ROOT / "deploy"
 def test_compose_runs_every_stage_and_the_gateway():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(STAGES) | {"gateway", "kafka", "triton"} <= set(services)
-    for stage in STAGES:
+    assert set(STAGE_NAMES) | {"gateway", "kafka", "triton"} <= set(services)
+    for stage in STAGE_NAMES:
         assert services[stage]["command"][:4] == ["python", "-m", "posemesh.stages", stage]
 
 
 def test_kubernetes_manifests_have_a_deployment_per_stage_with_grpc_probes():
     docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "posemesh.yaml").read_text()) if d]
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(STAGES) | {"gateway", "triton"} <= set(deployments)
-    for name in [*STAGES, "gateway"]:
+    assert set(STAGE_NAMES) | {"gateway", "triton"} <= set(deployments)
+    for name in [*STAGE_NAMES, "gateway"]:
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert "grpc" in container["readinessProbe"]
 
@@ -39,20 +39,32 @@ def test_engine_build_script_covers_every_served_model():
 
 import re  # noqa: E402
 
-from posemesh.mesh.pipeline import STAGE_NAMES  # noqa: E402
 from posemesh.mesh.settings import REPO_ROOT as ROOT  # noqa: E402
 from posemesh.stages.__main__ import build_parser  # noqa: E402
 
 
 def env_names_the_code_reads() -> set[str]:
-    names: set[str] = set()
+    """Every POSEMESH_* name the server reads: all of them through posemesh.mesh.settings."""
+    text = (ROOT / "mesh" / "settings.py").read_text()
+    names = set(re.findall(r"\b(POSEMESH_[A-Z0-9_]+)", text))
+    names |= {f"POSEMESH_{n}" for n in re.findall(r'_?env\("([A-Z0-9_]+)"', text)}
+    names |= {f"POSEMESH_{stage.upper()}_MAX_BATCH" for stage in STAGE_NAMES}  # Settings.max_batch
+    for folder in ("mesh", "gateway", "stages", "devstack"):  # names read elsewhere, through settings.env
+        for path in (ROOT / folder).rglob("*.py"):
+            names |= {f"POSEMESH_{n}" for n in re.findall(r'\benv\("([A-Z0-9_]+)"', path.read_text())}
+    return names
+
+
+def test_no_server_module_reads_a_posemesh_variable_but_the_settings_module():
+    readers = []
     for folder in ("mesh", "gateway", "stages", "devstack"):
         for path in (ROOT / folder).rglob("*.py"):
-            text = path.read_text()
-            names |= set(re.findall(r"\b(POSEMESH_[A-Z0-9_]+)", text))
-            names |= {f"POSEMESH_{n}" for n in re.findall(r'_env\("([A-Z0-9_]+)"', text)}
-    names |= {f"POSEMESH_{stage.upper()}_MAX_BATCH" for stage in STAGE_NAMES}  # read as an f-string
-    return names
+            if path == ROOT / "mesh" / "settings.py":
+                continue
+            for line in path.read_text().splitlines():
+                if re.search(r"(os\.environ|getenv)\b.*POSEMESH_", line):
+                    readers.append(f"{path.relative_to(ROOT)}: {line.strip()}")
+    assert not readers, readers
 
 
 def k8s_docs() -> list[dict]:

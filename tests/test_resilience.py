@@ -187,6 +187,46 @@ def test_gateway_killed_and_restarted_mid_task_changes_nothing_and_progress_neve
         assert counts == sorted(counts), f"{stage} progress went backwards: {counts}"
 
 
+def _settled(workers, quiet_s: float = 3.0, timeout: float = 60.0) -> None:
+    """Until no worker's consumer changes its subscription or assignment for `quiet_s`: group joins after a
+    restart move tasks between replicas, and a moved ordered task is replayed by its new owner."""
+    def snapshot():
+        return [(w.status().assignments, w.status().subscription_changes) for w in workers]
+    last, since, deadline = snapshot(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, "the consumer groups did not settle"
+        time.sleep(0.5)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+
+
+def test_each_new_task_has_one_owner_per_ordered_stage_after_replicas_restart(mesh):
+    """A replica restarted by SIGKILL once built its consumer before its control follower knew the
+    broker's incarnation, which names the consumer group: it joined `<prefix>-track-` on its own and did
+    every task a second time (results stayed exact, duplicates being dropped downstream, but track and
+    annotate work was doubled). After a track and an annotate replica are killed and restarted, each new
+    task's frames go through exactly one replica of each ordered stage, by the workers' frame counters."""
+    for stage in ("track", "annotate"):
+        mesh.kill(mesh.replicas(stage)[0])
+        mesh.start_worker(stage)
+    mesh.wait_healthy()
+    ordered = [w for w in mesh.workers if w.stage in ("track", "annotate")]
+    _settled(ordered)
+    for stage in ("track", "annotate"):
+        groups = {w.status().consumer_group for w in mesh.replicas(stage)}
+        assert len(groups) == 1 and not next(iter(groups)).endswith("-"), f"{stage} replicas read in {groups}"
+    before = {w.port: w.status().frames_processed for w in ordered}
+    tasks = [upload(mesh.stub, media("mmpose_demo_960x540_5f.mp4"), auth()) for _ in range(3)]
+    for task in tasks:
+        assert mesh.wait_done(task.task_id).state == tpb.TASK_STATE_COMPLETED
+    frames = 5 * len(tasks)
+    for stage in ("track", "annotate"):
+        done = {w.port: w.status().frames_processed - before[w.port] for w in ordered if w.stage == stage}
+        assert sum(done.values()) == frames, (f"{stage}: {frames} frames of new tasks, processed "
+                                              f"{sum(done.values())} times by its replicas ({done})")
+
+
 def test_broker_killed_and_restarted_mid_task_recovers_within_seconds(mesh, clip, reference):
     """The local broker keeps everything in memory: it comes back empty. The mesh notices, re-creates
     its shared topics, and runs the task again from its first frame; uploads work again within seconds."""

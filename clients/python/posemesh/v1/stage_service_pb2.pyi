@@ -25,7 +25,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments", "subscription_changes")
+    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments", "subscription_changes", "consumer_group")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class GetStatusResponse(_message.Message):
     RESETS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     SUBSCRIPTION_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    CONSUMER_GROUP_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     frames_processed: int
@@ -50,7 +51,8 @@ class GetStatusResponse(_message.Message):
     resets: int
     assignments: int
     subscription_changes: int
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ..., subscription_changes: _Optional[int] = ...) -> None: ...
+    consumer_group: str
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ..., subscription_changes: _Optional[int] = ..., consumer_group: _Optional[str] = ...) -> None: ...
 
 class ListStageTasksRequest(_message.Message):
     __slots__ = ()
