@@ -109,7 +109,8 @@ class MediaFile:
                 self.container.close()
                 raise NotAVideo("the file has no video stream")
             self.stream = self.container.streams.video[0]
-            codec = self.stream.codec_context.name
+            # The codec's own name: the decoder's can differ (AV1 is decoded by libdav1d).
+            codec = self.codec = self.stream.codec_context.codec.canonical_name
             if codec not in VIDEO_CODECS:
                 self.container.close()
                 raise NotAVideo(f"video codec {codec!r} is not accepted: use one of {', '.join(sorted(VIDEO_CODECS))}")
@@ -207,7 +208,7 @@ def probe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Probed:
         audio = media.container.streams.audio
         start = float(first_frame.time) if first_frame.time is not None else 0.0
         return Probed(tpb.VideoInfo(width=width, height=height, fps=round(fps, 6), frame_count=with_data,
-                                    codec=ctx.name, rotation=rotation, duration_s=round(duration, 6),
+                                    codec=media.codec, rotation=rotation, duration_s=round(duration, 6),
                                     audio_codec=audio[0].codec_context.name if audio else "", start_s=start),
                       warnings)
 

@@ -295,3 +295,13 @@ def test_parallel_uploads_cannot_exceed_the_active_task_limit(gateway_factory):
     assert all(r == grpc.StatusCode.RESOURCE_EXHAUSTED for r in results if not isinstance(r, str))
     active = gw.stub.ListTasks(tpb.ListTasksRequest(page_size=100), metadata=auth()).tasks
     assert len(active) == len(created) <= 8
+
+
+def test_av1_is_accepted_and_decoded(gateway, tmp_path):
+    """AV1 is on the codec allow-list: the check names the codec (av1), not FFmpeg's decoder (libdav1d)."""
+    path = clips.synth(tmp_path / "av1.mp4", 6, codec="libsvtav1")
+    task = upload(gateway.stub, path, auth())
+    assert task.video.codec == "av1" and task.video.frame_count == 6
+    records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id))
+    assert sorted(r.frame.index for r in records if r.HasField("frame")) == list(range(6))
+    gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
