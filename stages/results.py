@@ -9,6 +9,7 @@ Layout under the results directory (a volume the annotate workers and the gatewa
     <task>/                               the result, made visible by one rename when the task ends
         annotated.mp4                     every segment's packets in one MP4, moov first, with the audio
         keypoints.jsonl
+        coco.json, tracks.txt, keypoints.csv   the keypoints as COCO results, MOT tracks, CSV (exports.py)
 
 Segments are what let a replacement worker continue a task instead of redoing it: a finished segment is
 durable (written, then renamed into place), so its frames' input offsets may be committed.
@@ -44,6 +45,7 @@ import numpy as np
 
 from posemesh.mesh import media, names
 from posemesh.mesh.models import sha256_of
+from posemesh.stages import exports
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -51,7 +53,13 @@ log = logging.getLogger("posemesh.stage")
 
 VIDEO_FILE, KEYPOINTS_FILE = "annotated.mp4", "keypoints.jsonl"
 ARTIFACT_FILES = {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO: (VIDEO_FILE, "video/mp4"),
-                  tpb.ARTIFACT_KIND_KEYPOINTS: (KEYPOINTS_FILE, "application/jsonl")}
+                  tpb.ARTIFACT_KIND_KEYPOINTS: (KEYPOINTS_FILE, "application/jsonl"),
+                  tpb.ARTIFACT_KIND_COCO_KEYPOINTS: ("coco.json", "application/json"),
+                  tpb.ARTIFACT_KIND_MOT_TRACKS: ("tracks.txt", "text/plain"),
+                  tpb.ARTIFACT_KIND_KEYPOINTS_CSV: ("keypoints.csv", "text/csv")}
+# Made from the task's keypoints when it is published (stages/exports.py): no model runs again.
+EXPORTS = {tpb.ARTIFACT_KIND_COCO_KEYPOINTS: exports.write_coco, tpb.ARTIFACT_KIND_MOT_TRACKS: exports.write_mot,
+           tpb.ARTIFACT_KIND_KEYPOINTS_CSV: exports.write_csv}
 TIME_BASE = Fraction(1, 90000)
 SEGMENT_RE = re.compile(r"^seg-(\d{8})-(\d{8})\.(mp4|jsonl)$")
 # Audio codecs an MP4 carries as they are; anything else is re-encoded to AAC.
@@ -94,7 +102,7 @@ def fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
 class EncoderSettings:
     preset: str = "veryfast"
     crf: int = 23
-    segment_frames: int = 120
+    segment_frames: int = 60  # Settings.segment_frames
     # A live task codes for latency: no lookahead, a keyframe at least every `live_keyframe_s`.
     live: bool = False
     live_keyframe_s: float = 2.0
@@ -271,11 +279,15 @@ class ResultWriter:
         shutil.rmtree(assembly, ignore_errors=True)
         assembly.mkdir()
         names = [f"seg-{a:08d}-{b:08d}" for a, b in segments]
-        if tpb.ARTIFACT_KIND_KEYPOINTS in self.outputs:
+        if self.outputs & {tpb.ARTIFACT_KIND_KEYPOINTS, *EXPORTS}:
             with open(assembly / KEYPOINTS_FILE, "wb") as out:
                 for name in names:
                     with open(self.partial / f"{name}.jsonl", "rb") as part:
                         shutil.copyfileobj(part, out)
+            for kind in self.outputs & set(EXPORTS):
+                EXPORTS[kind](assembly / KEYPOINTS_FILE, assembly / ARTIFACT_FILES[kind][0])
+            if tpb.ARTIFACT_KIND_KEYPOINTS not in self.outputs:  # only made for the exports
+                (assembly / KEYPOINTS_FILE).unlink()
         if self.video:
             self.warnings += join_video([self.partial / f"{n}.mp4" for n in names], assembly / VIDEO_FILE,
                                         upload, start_s, self.size)

@@ -6,6 +6,8 @@ import io
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -63,12 +65,47 @@ def test_sdk_uploads_file_objects_lists_watches_cancels(gateway):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_sdk_retries_while_the_gateway_is_unreachable():
-    client = Client("127.0.0.1:1", "k", retries=2, backoff_s=0.01)
+def test_sdk_retries_for_its_time_budget_then_says_what_is_wrong():
+    client = Client("127.0.0.1:1", "k", retry_s=1.0, backoff_s=0.05)
+    t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as err:
         client.get("0" * 32)
+    assert 1.0 <= time.monotonic() - t0 < 5  # retried for the budget (by time, not a count of attempts)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "127.0.0.1:1 could not be reached for 1 s" in err.value.details()
     client.close()
+
+
+def test_sdk_upload_waits_out_a_gateway_that_is_down_and_keeps_its_idempotency_key(broker, tmp_path):
+    """A restart of the gateway (or the whole stack) takes 20-60 s: an upload started meanwhile keeps trying
+    with the same idempotency key and lands once the gateway serves; one task, not one per attempt."""
+    from posemesh.devstack.processes import free_port
+    from posemesh.gateway.server import Gateway
+    from tests.conftest import make_settings
+
+    port, started = free_port(), []
+
+    def start_later():
+        time.sleep(4)
+        gateway = Gateway(make_settings(broker, tmp_path / "data"))
+        gateway.start(f"127.0.0.1:{port}")
+        started.append(gateway)
+
+    late = threading.Thread(target=start_later)
+    late.start()
+    try:
+        with Client(f"127.0.0.1:{port}", USERS["alice"], retry_s=60) as client:
+            t0 = time.monotonic()
+            task = client.submit(media("mmpose_demo_960x540_5f.mp4"), idempotency_key="survives-restart")
+            assert time.monotonic() - t0 >= 3.5
+            again = client.submit(media("mmpose_demo_960x540_5f.mp4"), idempotency_key="survives-restart")
+            assert again.task_id == task.task_id
+            assert [t.task_id for t in client.list()] == [task.task_id]
+            client.cancel(task.task_id)
+    finally:
+        late.join()
+        for gateway in started:
+            gateway.stop()
 
 
 def test_cli_submit_status_list(gateway, tmp_path):

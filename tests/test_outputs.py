@@ -105,3 +105,48 @@ def test_avi_with_gaps_completes_with_every_decodable_frame_and_its_audio(pipeli
     assert len(frame_times(video)) == 20
     with av.open(str(video)) as c:
         assert c.streams.audio
+
+
+def test_exports_of_a_real_task_are_read_by_pycocotools_motmetrics_and_csv(pipeline_once, tmp_path):
+    """COCO keypoint results, MOT tracks and CSV of a real task, downloaded with DownloadResult and the CLI,
+    each read by the library analysts use and checked against the task's keypoints JSON lines."""
+    import csv
+    import subprocess
+    import sys
+
+    import motmetrics
+
+    from posemesh.mesh.settings import REPO_ROOT
+    from posemesh.stages import exports
+    from tests.conftest import USERS, media, settings_env
+    from tests.stages.test_exports import coco_ground
+
+    gw, _workers = pipeline_once
+    done, _video, records = results(gw, media("mmpose_demo_960x540_5f.mp4"), tmp_path)
+    persons = [(r, p) for r in records for p in r["persons"]]
+    assert persons, "the clip has people in it"
+    kinds = {a.kind: a for a in done.artifacts}
+    exported = {tpb.ARTIFACT_KIND_COCO_KEYPOINTS, tpb.ARTIFACT_KIND_MOT_TRACKS, tpb.ARTIFACT_KIND_KEYPOINTS_CSV}
+    assert exported <= set(kinds)
+    env = settings_env(gw.settings) | {"POSEMESH_ADDRESS": gw.address, "POSEMESH_API_KEY": USERS["alice"]}
+    files = {}
+    for name in ("coco", "mot", "csv"):
+        files[name] = tmp_path / f"export.{name}"
+        out = subprocess.run([sys.executable, "-m", "posemesh.cli", "download", done.task_id, name, str(files[name])],
+                             env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+    assert files["coco"].stat().st_size == kinds[tpb.ARTIFACT_KIND_COCO_KEYPOINTS].size_bytes
+
+    coco = coco_ground(records).loadRes(str(files["coco"]))
+    anns = sorted(coco.loadAnns(coco.getAnnIds()), key=lambda a: a["id"])
+    assert [(a["image_id"], a["track_id"]) for a in anns] == [(r["index"] + 1, p["track_id"]) for r, p in persons]
+    assert all(np.allclose(np.reshape(a["keypoints"], (17, 3)), p["keypoints"]) for a, (_r, p) in zip(anns, persons))
+
+    tracks = motmetrics.io.loadtxt(str(files["mot"]), fmt="mot15-2D")
+    assert sorted(tracks.index) == sorted((r["index"] + 1, p["track_id"]) for r, p in persons if p["track_id"] > 0)
+
+    with open(files["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == exports.CSV_HEADER
+    assert [(int(row["index"]), int(row["track_id"])) for row in rows] == [(r["index"], p["track_id"])
+                                                                          for r, p in persons]

@@ -70,8 +70,7 @@ def fetch_results(client: Client, task: tpb.Task, out: Path) -> list[Path]:
     stem = Path(task.file_name).stem or task.task_id
     paths = []
     for artifact in task.artifacts:
-        suffix = ".annotated.mp4" if artifact.kind == tpb.ARTIFACT_KIND_ANNOTATED_VIDEO else ".keypoints.jsonl"
-        path = out / f"{stem}{suffix}"
+        path = out / f"{stem}.{artifact.file_name}"  # e.g. clip.annotated.mp4, clip.keypoints.jsonl, clip.coco.json
         client.download(task.task_id, artifact.kind, path)
         paths.append(path)
     return paths
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "down":
             return stack.down(Path(args.run_dir))
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        workers = {s: 1 for s in stack.STAGES}
+        workers = {s: 1 for s in stack.STAGE_NAMES}
         for item in filter(None, args.workers.split(",")):
             name, _, n = item.partition("=")
             workers[name] = int(n)

@@ -7,8 +7,10 @@
         task = pm.wait(task.task_id, on_update=lambda t: print(t.state))
         pm.download(task.task_id, "video", "match.annotated.mp4")
 
-Retries: calls that are safe to repeat are retried with exponential back-off on UNAVAILABLE (and on
-DEADLINE_EXCEEDED for reads). Uploads are safe to repeat because each gets an idempotency key.
+Retries: calls that are safe to repeat are retried with exponential back-off (capped at 5 s) on UNAVAILABLE
+(and on DEADLINE_EXCEEDED for reads) for up to `retry_s` seconds (default 90: a gateway or whole stack
+restart takes 20-60 s), then fail with GatewayUnreachable, which says for how long and why. Uploads are safe
+to repeat because each carries one idempotency key through all its attempts; watches reconnect the same way.
 """
 
 from __future__ import annotations
@@ -30,8 +32,34 @@ from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 CHUNK = 1024 * 1024  # the gateway's largest accepted chunk
 POSE_MODELS = {"default": tpb.POSE_MODEL_UNSPECIFIED, "blazepose_lite": tpb.POSE_MODEL_BLAZEPOSE_LITE,
                "blazepose_full": tpb.POSE_MODEL_BLAZEPOSE_FULL, "rtmpose": tpb.POSE_MODEL_RTMPOSE}
-ARTIFACTS = {"video": tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, "keypoints": tpb.ARTIFACT_KIND_KEYPOINTS}
+# Artifacts by the names the CLI and the SDK take: the annotated video, the keypoints (JSON lines), and the
+# keypoints exported as COCO keypoint results, MOT Challenge tracks and CSV.
+ARTIFACTS = {"video": tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, "keypoints": tpb.ARTIFACT_KIND_KEYPOINTS,
+             "coco": tpb.ARTIFACT_KIND_COCO_KEYPOINTS, "mot": tpb.ARTIFACT_KIND_MOT_TRACKS,
+             "csv": tpb.ARTIFACT_KIND_KEYPOINTS_CSV}
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+MAX_BACKOFF_S = 5.0
+
+
+class GatewayUnreachable(grpc.RpcError):
+    """The gateway stayed unavailable for the whole retry budget. An RpcError with code() UNAVAILABLE, so
+    code that handles the plain gRPC error handles this one too."""
+
+    def __init__(self, address: str, waited_s: float, last: grpc.RpcError):
+        super().__init__()
+        self._details = (f"the gateway at {address} could not be reached for {waited_s:.0f} s "
+                         f"({last.details() or last.code().name}); is it running, and is the address right?")
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._details
+
+    def __str__(self) -> str:
+        return self._details
 
 
 def state_name(state: int) -> str:
@@ -39,11 +67,11 @@ def state_name(state: int) -> str:
 
 
 class Client:
-    def __init__(self, address: str | None = None, api_key: str | None = None, retries: int = 5,
+    def __init__(self, address: str | None = None, api_key: str | None = None, retry_s: float = 90.0,
                  backoff_s: float = 0.2, timeout_s: float = 30.0, channel: grpc.Channel | None = None):
         self.address = address or os.environ.get("POSEMESH_ADDRESS", "127.0.0.1:50051")
         self.api_key = api_key or os.environ.get("POSEMESH_API_KEY", "posemesh-dev-key")
-        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.retry_s, self.backoff_s, self.timeout_s = retry_s, backoff_s, timeout_s
         self.channel = channel or grpc.insecure_channel(self.address, options=[
             ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
         self.stub = tpb_grpc.TaskServiceStub(self.channel)
@@ -54,13 +82,15 @@ class Client:
 
     def _retry(self, call: Callable, reads: bool = False):
         retryable = {grpc.StatusCode.UNAVAILABLE} | ({grpc.StatusCode.DEADLINE_EXCEEDED} if reads else set())
-        for attempt in range(self.retries + 1):
+        waits = Backoff(self.retry_s, self.backoff_s)
+        while True:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() not in retryable or attempt == self.retries:
+                if exc.code() not in retryable:
                     raise
-                time.sleep(self.backoff_s * (2 ** attempt) * (0.5 + random.random()))
+                if not waits.wait():
+                    raise GatewayUnreachable(self.address, waits.waited, exc) from None
 
     # ------------------------------------------------------------------ calls
 
@@ -139,6 +169,7 @@ class Client:
         `timeout_s` the stream ends (DEADLINE_EXCEEDED is swallowed) when that much time has passed, whether
         or not anything changed."""
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        waits = Backoff(self.retry_s, self.backoff_s)
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -146,6 +177,7 @@ class Client:
             try:
                 for event in self.stub.WatchTask(tpb.WatchTaskRequest(task_id=task_id), metadata=self.metadata,
                                                  timeout=remaining):
+                    waits = Backoff(self.retry_s, self.backoff_s)  # heard from the gateway: a new budget
                     yield event.task
                     if event.task.state in TERMINAL:
                         return
@@ -155,7 +187,8 @@ class Client:
                     return
                 if exc.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                time.sleep(self.backoff_s)
+                if not waits.wait():
+                    raise GatewayUnreachable(self.address, waits.waited, exc) from None
 
     def wait(self, task_id: str, timeout_s: float | None = None,
              on_update: Callable[[tpb.Task], None] | None = None) -> tpb.Task:
@@ -211,6 +244,28 @@ class Client:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Backoff:
+    """Waits between attempts: exponential from `first_s`, with jitter, at most MAX_BACKOFF_S each, until
+    `budget_s` has passed since the first failure."""
+
+    def __init__(self, budget_s: float, first_s: float):
+        self.budget_s, self.next_s = budget_s, first_s
+        self.started = time.monotonic()
+
+    @property
+    def waited(self) -> float:
+        return time.monotonic() - self.started
+
+    def wait(self) -> bool:
+        """Sleep before the next attempt; False (without sleeping) once the budget is spent."""
+        left = self.budget_s - self.waited
+        if left <= 0:
+            return False
+        time.sleep(min(left, self.next_s * (0.5 + random.random())))
+        self.next_s = min(MAX_BACKOFF_S, self.next_s * 2)
+        return True
 
 
 class _NoClose(io.RawIOBase):

@@ -31,6 +31,9 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_KIND_UNSPECIFIED: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_ANNOTATED_VIDEO: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_KEYPOINTS: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_COCO_KEYPOINTS: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_MOT_TRACKS: _ClassVar[ArtifactKind]
+    ARTIFACT_KIND_KEYPOINTS_CSV: _ClassVar[ArtifactKind]
 
 class RtspTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +53,9 @@ POSE_MODEL_RTMPOSE: PoseModel
 ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
 ARTIFACT_KIND_ANNOTATED_VIDEO: ArtifactKind
 ARTIFACT_KIND_KEYPOINTS: ArtifactKind
+ARTIFACT_KIND_COCO_KEYPOINTS: ArtifactKind
+ARTIFACT_KIND_MOT_TRACKS: ArtifactKind
+ARTIFACT_KIND_KEYPOINTS_CSV: ArtifactKind
 RTSP_TRANSPORT_UNSPECIFIED: RtspTransport
 RTSP_TRANSPORT_TCP: RtspTransport
 RTSP_TRANSPORT_UDP: RtspTransport
