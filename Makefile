@@ -6,7 +6,7 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 VIDEO ?= ../shared/media/mmpose_demo_960x540_5f.mp4
 
-.PHONY: venv wheel run up test bench lint protos configs clean system-deps
+.PHONY: venv wheel run up test test-fast bench lint protos configs clean system-deps
 
 venv: $(VENV)/.installed $(TRITON_VENV)/.installed
 
@@ -44,6 +44,10 @@ up: venv
 # Lint, then the wheels users install, checked in clean venvs (tests/test_packaging.py), then the suite.
 test: venv system-deps lint wheel
 	POSEMESH_WHEELS=dist $(PY) -m pytest -q tests
+
+# The quick loop while developing: everything but the whole-mesh tests marked slow (CI runs all of them).
+test-fast: venv lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 # dist/posemesh-*.whl (the client) and dist/posemesh_server-*.whl (gateway, stages, mesh, devstack).
 wheel: venv

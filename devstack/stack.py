@@ -79,9 +79,10 @@ class StackConfig:
     workers: dict = field(default_factory=lambda: {s: 1 for s in STAGE_NAMES})
     ort_threads: int = 1
     rtsp_port: int = 0  # the local RTSP relay for live output; -1: none
-    # Live sources the gateway may read; default: cameras on this machine only (an SSRF allow-list, see
-    # gateway/sources.py). POSEMESH_LIVE_SOURCES in the environment wins.
-    live_sources: str = "rtsp://127.0.0.1:*,rtsp://localhost:*"
+    # Live sources the gateway may read (an SSRF allow-list, see gateway/sources.py); empty: the local RTSP
+    # relay's port only. Not every port of this machine: from how fast a refused camera URL was answered, a
+    # user could tell which local ports are open. POSEMESH_LIVE_SOURCES in the environment wins.
+    live_sources: str = ""
 
     def ports(self) -> None:
         """0 means any free port."""
@@ -117,7 +118,9 @@ class Stack:
             "POSEMESH_KAFKA_HEARTBEAT_MS": env("KAFKA_HEARTBEAT_MS", "200"),
             "PYTHONUNBUFFERED": "1",
         })
-        self.env.setdefault("POSEMESH_LIVE_SOURCES", config.live_sources)
+        relay = (f"rtsp://127.0.0.1:{config.rtsp_port},rtsp://localhost:{config.rtsp_port}"
+                 if config.rtsp_port > 0 else "")
+        self.env.setdefault("POSEMESH_LIVE_SOURCES", config.live_sources or relay)
         self.rtsp_url = ""
         if config.rtsp_port > 0 and not env("LIVE_PUBLISH_URL", ""):
             from posemesh.devstack import rtsp

@@ -181,9 +181,14 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     def _validated_options(self, options: tpb.TaskOptions) -> tpb.TaskOptions:
         if options.pose_model not in tpb.PoseModel.values():
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown pose_model {options.pose_model}")
-        for kind in options.outputs:
+        seen: set[int] = set()
+        for kind in options.outputs:  # each kind once: every GetTask carries the list back
             if kind not in tpb.ArtifactKind.values() or kind == tpb.ARTIFACT_KIND_UNSPECIFIED:
-                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown output kind {kind}")
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"options.outputs: unknown output kind {kind}")
+            if kind in seen:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"options.outputs names {tpb.ArtifactKind.Name(kind)} "
+                              "more than once: name each kind at most once")
+            seen.add(kind)
         if not 0.0 <= options.min_person_score < 1.0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "min_person_score must be in [0, 1)")
         disabled = {m.strip() for m in self.settings.disabled_pose_models.split(",") if m.strip()}

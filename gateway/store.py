@@ -23,7 +23,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 ACTIVE = {tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING}
-STAGES = PROGRESS_STEPS
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -119,7 +119,7 @@ class TaskStore:
         progress = json.loads(row["progress"])
         total = row["frames_total"] or task.video.frame_count
         del task.progress[:]
-        for stage in STAGES:
+        for stage in PROGRESS_STEPS:
             done = int(progress.get(stage, 0))
             task.progress.add(stage=stage, frames_done=min(done, total) if total else done, frames_total=total)
         return task

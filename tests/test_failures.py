@@ -21,6 +21,8 @@ from tests.conftest import USERS, auth, media
 from tests.helpers import make_clip, upload, upload_requests, wait_for, wait_state
 from tests.mesh import Mesh
 
+pytestmark = pytest.mark.slow
+
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 
 

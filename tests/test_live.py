@@ -26,7 +26,7 @@ from tests.conftest import USERS, media
 from tests.helpers import reserved_task_ids, reserved_topics, topics, wait_for
 from tests.mesh import Mesh
 
-pytestmark = pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")]
 
 MAX_LAG_S = 2.0
 OUTAGE_S = 4.0

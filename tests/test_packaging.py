@@ -25,6 +25,8 @@ from posemesh.mesh.settings import REPO_ROOT
 from tests.conftest import make_settings, media, settings_env
 from tests.helpers import wait_for
 
+pytestmark = pytest.mark.slow
+
 CLIENT_DISTRIBUTIONS = {"posemesh", "grpcio", "protobuf", "tqdm", "typing-extensions", "pip", "setuptools"}
 
 

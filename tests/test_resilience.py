@@ -23,6 +23,8 @@ from tests.conftest import auth, media
 from tests.helpers import make_clip, reserved_task_ids, upload, wait_for
 from tests.mesh import Mesh
 
+pytestmark = pytest.mark.slow
+
 FRAMES = 60
 
 

@@ -8,10 +8,14 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from posemesh.client import Client
 from posemesh.devstack.processes import free_port
 from posemesh.mesh.settings import REPO_ROOT
 from tests.helpers import wait_for
+
+pytestmark = pytest.mark.slow
 
 
 def alive(pid: int) -> bool:

@@ -223,3 +223,13 @@ def test_a_method_reached_without_the_interceptors_fails_closed(api):
     with pytest.raises(Refused) as err:
         asyncio.run(service.ListTasks(tpb.ListTasksRequest(), None))
     assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_repeated_or_unknown_outputs_are_invalid_argument_naming_the_field(api):
+    """`outputs` is echoed back by every GetTask: 10,000 repeated entries were accepted and carried."""
+    for outputs, says in (([KEYPOINTS] * 10_000, "more than once"), ([KEYPOINTS, 99], "unknown output kind 99")):
+        options = tpb.TaskOptions(outputs=outputs)
+        msg = expect(api, grpc.StatusCode.INVALID_ARGUMENT,
+                     lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
+        assert "options.outputs" in msg and says in msg, msg
+    assert not api.gateway.limits.streams

@@ -222,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton-url", default="", help="use this Triton instead of the local one")
     p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage)")
     p.add_argument("--rtsp-port", type=int, default=8554, help="local RTSP relay for live output (-1: none)")
-    p.add_argument("--live-sources", default="rtsp://127.0.0.1:*,rtsp://localhost:*",
-                   help="allow-list of camera URLs the gateway may read (scheme://host:port patterns)")
+    p.add_argument("--live-sources", default="",
+                   help="allow-list of camera URLs the gateway may read (scheme://host:port patterns; "
+                        "default: the local RTSP relay only)")
     p = sub.add_parser("down", help="stop the stack started by `up`")
     p.add_argument("--run-dir", default=str(Path("run") / "stack"))
     p = sub.add_parser("run", help="start the stack, process one video, stop")
