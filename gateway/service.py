@@ -23,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 from pathlib import Path
 
 import grpc
@@ -49,6 +50,36 @@ MAX_PAGE = 100
 TERMINAL_NAMES = {tpb.TASK_STATE_COMPLETED: "completed", tpb.TASK_STATE_FAILED: "failed",
                   tpb.TASK_STATE_CANCELLED: "cancelled"}
 WATCH_POLL_S = 2.0  # a watcher re-reads its task at least this often, whatever the change feed says
+
+
+class UploadPace:
+    """An upload's messages, each awaited only as long as the upload keeps its minimum pace: after `grace_s`,
+    `min_bytes_per_s` on average since the first message was awaited. A client that stalls or trickles
+    (one byte a second) would otherwise hold one of its user's task slots for as long as it likes."""
+
+    def __init__(self, messages, min_bytes_per_s: int, grace_s: float):
+        self.messages, self.min_bytes_per_s, self.grace_s = messages, min_bytes_per_s, grace_s
+        self.started = time.monotonic()
+        self.received = 0
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tpb.UploadRequest:
+        due = self.started + self.grace_s + self.received / self.min_bytes_per_s if self.min_bytes_per_s else None
+        try:
+            if due is None:
+                message = await self.messages.__anext__()
+            else:
+                message = await asyncio.wait_for(self.messages.__anext__(), max(0.0, due - time.monotonic()))
+        except TimeoutError:
+            took = time.monotonic() - self.started
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"the upload sent {self.received} bytes in {took:.0f} s; this server needs at least "
+                          f"{self.min_bytes_per_s} bytes a second after the first {self.grace_s:.0f} s: nothing was "
+                          "kept, send it again over a faster link") from None
+        self.received += len(message.chunk)
+        return message
 
 
 class TaskService(tpb_grpc.TaskServiceServicer):
@@ -84,7 +115,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if not self.gw.broker_available():
             raise Refused(grpc.StatusCode.UNAVAILABLE, "the message broker is unavailable, so no task can start: "
                                                        "try again in a moment (nothing was kept)")
-        messages = request_iterator.__aiter__()
+        messages = UploadPace(request_iterator.__aiter__(), self.settings.upload_min_bytes_per_s,
+                              self.settings.upload_grace_s)
         try:
             first = await messages.__anext__()
         except StopAsyncIteration:

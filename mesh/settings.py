@@ -126,6 +126,11 @@ class Settings:
     max_frames: int = field(default_factory=lambda: int(_env("MAX_FRAMES", str(60 * 60 * 30))))
     max_duration_s: float = field(default_factory=lambda: float(_env("MAX_DURATION_S", "3600")))
     max_fps: float = field(default_factory=lambda: float(_env("MAX_FPS", "120")))
+    # A stalled or trickling upload holds one of its user's task slots: after the first upload_grace_s,
+    # an upload must have sent upload_min_bytes_per_s on average, or it ends with DEADLINE_EXCEEDED and
+    # frees the slot (64 KiB/s: a 100 MB clip on the slowest link this accepts takes 26 minutes).
+    upload_min_bytes_per_s: int = field(default_factory=lambda: int(_env("UPLOAD_MIN_BYTES_PER_S", str(64 * 1024))))
+    upload_grace_s: float = field(default_factory=lambda: float(_env("UPLOAD_GRACE_S", "10")))
 
     def max_batch(self, stage: str, default: int) -> int:
         """POSEMESH_<STAGE>_MAX_BATCH: the most frames a stage processes in one batch (default: the stage's own)."""

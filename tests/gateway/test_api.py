@@ -233,3 +233,29 @@ def test_repeated_or_unknown_outputs_are_invalid_argument_naming_the_field(api):
                      lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
         assert "options.outputs" in msg and says in msg, msg
     assert not api.gateway.limits.streams
+
+
+def test_a_trickling_upload_ends_with_deadline_exceeded_and_frees_its_slots(api_factory):
+    """One byte a second would hold a task slot for as long as the client liked: past the grace period an
+    upload must keep the minimum average pace, or it ends, keeping nothing."""
+    api = api_factory(upload_min_bytes_per_s=1000, upload_grace_s=0.5)
+
+    def trickle():
+        yield tpb.UploadRequest(metadata=tpb.UploadMetadata(file_name="slow.mp4"))
+        for _ in range(30):
+            time.sleep(1.0)
+            yield tpb.UploadRequest(chunk=b"x")
+
+    t0 = time.monotonic()
+    msg = expect(api, grpc.StatusCode.DEADLINE_EXCEEDED, lambda: api.stub.Upload(trickle(), metadata=auth()))
+    assert time.monotonic() - t0 < 5, "ended once behind the pace, not when the client gave up"
+    assert "1000 bytes a second" in msg and "nothing was kept" in msg, msg
+    assert not api.gateway.limits.streams and not api.gateway.limits.receiving  # both slots free again
+    assert not list(api.gateway.settings.jobs_dir.glob("*/upload*")), "a refused upload left its bytes"
+
+    # A client that sends nothing at all after opening the stream is cut off the same way.
+    def silent():
+        time.sleep(3)
+        yield tpb.UploadRequest(metadata=tpb.UploadMetadata(file_name="silent.mp4"))
+
+    expect(api, grpc.StatusCode.DEADLINE_EXCEEDED, lambda: api.stub.Upload(silent(), metadata=auth()))
