@@ -32,8 +32,6 @@ def env(name: str, default: str) -> str:
     return os.environ.get(f"POSEMESH_{name}", default)
 
 
-_env = env
-
 
 def default_models_dir() -> Path:
     """POSEMESH_MODELS_DIR, else ../shared/models beside the checkout when it exists, else ./models."""
@@ -52,89 +50,89 @@ def default_media_dir() -> Path:
 @dataclass
 class Settings:
     # Kafka
-    kafka_bootstrap: str = field(default_factory=lambda: _env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    kafka_bootstrap: str = field(default_factory=lambda: env("KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     # The local broker holds every JoinGroup for half the session timeout; the first member of a group
     # fixes it for the broker's lifetime, so every process must use the same numbers (RUNTIME-NOTES).
-    kafka_session_timeout_ms: int = field(default_factory=lambda: int(_env("KAFKA_SESSION_TIMEOUT_MS", "2000")))
-    kafka_heartbeat_ms: int = field(default_factory=lambda: int(_env("KAFKA_HEARTBEAT_MS", "200")))
+    kafka_session_timeout_ms: int = field(default_factory=lambda: int(env("KAFKA_SESSION_TIMEOUT_MS", "2000")))
+    kafka_heartbeat_ms: int = field(default_factory=lambda: int(env("KAFKA_HEARTBEAT_MS", "200")))
     # Consumer groups are named <prefix>-<stage>: two stacks can share one broker under different prefixes.
-    group_prefix: str = field(default_factory=lambda: _env("GROUP_PREFIX", "posemesh"))
-    frame_partitions: int = field(default_factory=lambda: int(_env("FRAME_PARTITIONS", "4")))
-    topic_retention_ms: int = field(default_factory=lambda: int(_env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
+    group_prefix: str = field(default_factory=lambda: env("GROUP_PREFIX", "posemesh"))
+    frame_partitions: int = field(default_factory=lambda: int(env("FRAME_PARTITIONS", "4")))
+    topic_retention_ms: int = field(default_factory=lambda: int(env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
     # Seconds between a task's terminal state and the deletion of its topics.
     # Task ids kept in reserve with their topics made and read by every stage (gateway/reservations.py):
     # a task that takes one starts without waiting for consumer-group joins. Made again once no task has
     # started for the quiet time (workers let go of ended tasks' topics a second after it, in the same
     # rebalance). 0 turns reservations off.
-    reserved_tasks: int = field(default_factory=lambda: int(_env("RESERVED_TASKS", "4")))
-    reserve_quiet_s: float = field(default_factory=lambda: float(_env("RESERVE_QUIET_S", "5.0")))
-    topic_delete_delay_s: float = field(default_factory=lambda: float(_env("TOPIC_DELETE_DELAY_S", "60")))
+    reserved_tasks: int = field(default_factory=lambda: int(env("RESERVED_TASKS", "4")))
+    reserve_quiet_s: float = field(default_factory=lambda: float(env("RESERVE_QUIET_S", "5.0")))
+    topic_delete_delay_s: float = field(default_factory=lambda: float(env("TOPIC_DELETE_DELAY_S", "60")))
     # Triton
-    triton_url: str = field(default_factory=lambda: _env("TRITON_URL", "127.0.0.1:8001"))
+    triton_url: str = field(default_factory=lambda: env("TRITON_URL", "127.0.0.1:8001"))
     # Deadline of one inference request; and how long Triton may fail (down, restarting, hung) before the
     # tasks waiting on it are failed with that reason instead of waiting on.
-    triton_timeout_s: float = field(default_factory=lambda: float(_env("TRITON_TIMEOUT_S", "10")))
-    triton_outage_s: float = field(default_factory=lambda: float(_env("TRITON_OUTAGE_S", "60")))
+    triton_timeout_s: float = field(default_factory=lambda: float(env("TRITON_TIMEOUT_S", "10")))
+    triton_outage_s: float = field(default_factory=lambda: float(env("TRITON_OUTAGE_S", "60")))
     # Inputs to Triton through system shared memory: "auto" (when Triton's address is a loopback address),
     # "on" or "off". Shared memory needs both sides to see one /dev/shm (same host, or --ipc=host).
-    triton_shm: str = field(default_factory=lambda: _env("TRITON_SHM", "auto"))
+    triton_shm: str = field(default_factory=lambda: env("TRITON_SHM", "auto"))
     # The pose model of a task that names none: blazepose_lite, blazepose_full or rtmpose.
-    default_pose_model: str = field(default_factory=lambda: _env("DEFAULT_POSE_MODEL", "blazepose_lite"))
+    default_pose_model: str = field(default_factory=lambda: env("DEFAULT_POSE_MODEL", "blazepose_lite"))
     # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
     # durability: a worker that takes a task over continues from the last finished segment).
-    x264_preset: str = field(default_factory=lambda: _env("X264_PRESET", "veryfast"))
-    segment_frames: int = field(default_factory=lambda: int(_env("SEGMENT_FRAMES", "60")))
+    x264_preset: str = field(default_factory=lambda: env("X264_PRESET", "veryfast"))
+    segment_frames: int = field(default_factory=lambda: int(env("SEGMENT_FRAMES", "60")))
     # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:
     # 127.0.0.1 on one machine, 0.0.0.0 where probes and scrapers come from elsewhere (Kubernetes, Compose).
-    control_host: str = field(default_factory=lambda: _env("CONTROL_HOST", "127.0.0.1"))
+    control_host: str = field(default_factory=lambda: env("CONTROL_HOST", "127.0.0.1"))
     # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
-    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(RUN_DIR / "data"))))
+    data_dir: Path = field(default_factory=lambda: Path(env("DATA_DIR", str(RUN_DIR / "data"))))
     models_dir: Path = field(default_factory=default_models_dir)
     # Gateway
-    gateway_listen: str = field(default_factory=lambda: _env("GATEWAY_LISTEN", "127.0.0.1:50051"))
-    gateway_metrics_port: int = field(default_factory=lambda: int(_env("GATEWAY_METRICS_PORT", "0")))  # 0: off
-    max_upload_bytes: int = field(default_factory=lambda: int(_env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
-    max_active_tasks_per_user: int = field(default_factory=lambda: int(_env("MAX_ACTIVE_TASKS_PER_USER", "8")))
+    gateway_listen: str = field(default_factory=lambda: env("GATEWAY_LISTEN", "127.0.0.1:50051"))
+    gateway_metrics_port: int = field(default_factory=lambda: int(env("GATEWAY_METRICS_PORT", "0")))  # 0: off
+    max_upload_bytes: int = field(default_factory=lambda: int(env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
+    max_active_tasks_per_user: int = field(default_factory=lambda: int(env("MAX_ACTIVE_TASKS_PER_USER", "8")))
     # Streams (uploads, WatchTask, DownloadResult) one user may hold open at once.
-    max_streams_per_user: int = field(default_factory=lambda: int(_env("MAX_STREAMS_PER_USER", "64")))
-    api_keys_file: str = field(default_factory=lambda: _env("API_KEYS_FILE", ""))
-    api_keys: str = field(default_factory=lambda: _env("API_KEYS", ""))
+    max_streams_per_user: int = field(default_factory=lambda: int(env("MAX_STREAMS_PER_USER", "64")))
+    api_keys_file: str = field(default_factory=lambda: env("API_KEYS_FILE", ""))
+    api_keys: str = field(default_factory=lambda: env("API_KEYS", ""))
     # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
     # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
-    max_frames_ahead: int = field(default_factory=lambda: int(_env("MAX_FRAMES_AHEAD", "64")))
+    max_frames_ahead: int = field(default_factory=lambda: int(env("MAX_FRAMES_AHEAD", "64")))
     # Pose models this server refuses (comma-separated, e.g. "rtmpose" when only the untrained stand-in
     # is installed): a task asking for one fails at once instead of producing meaningless keypoints.
-    disabled_pose_models: str = field(default_factory=lambda: _env("DISABLED_POSE_MODELS", ""))
-    jpeg_quality: int = field(default_factory=lambda: int(_env("JPEG_QUALITY", "90")))
+    disabled_pose_models: str = field(default_factory=lambda: env("DISABLED_POSE_MODELS", ""))
+    jpeg_quality: int = field(default_factory=lambda: int(env("JPEG_QUALITY", "90")))
     # Live tasks. Sources the server may read, as scheme://host:port patterns (gateway/sources.py); empty
     # allows none. The lag bound (seconds the annotated output may trail the camera), how long a source may
     # send nothing before the task fails, and where annotate publishes each live task's annotated video
     # ("{task}" is replaced; empty: not published) and where players find it (default: the same URL).
-    live_sources: str = field(default_factory=lambda: _env("LIVE_SOURCES", ""))
-    live_max_lag_s: float = field(default_factory=lambda: float(_env("LIVE_MAX_LAG_S", "2.0")))
-    live_outage_s: float = field(default_factory=lambda: float(_env("LIVE_OUTAGE_S", "20")))
-    live_publish_url: str = field(default_factory=lambda: _env("LIVE_PUBLISH_URL", ""))
-    live_stream_url: str = field(default_factory=lambda: _env("LIVE_STREAM_URL", ""))
+    live_sources: str = field(default_factory=lambda: env("LIVE_SOURCES", ""))
+    live_max_lag_s: float = field(default_factory=lambda: float(env("LIVE_MAX_LAG_S", "2.0")))
+    live_outage_s: float = field(default_factory=lambda: float(env("LIVE_OUTAGE_S", "20")))
+    live_publish_url: str = field(default_factory=lambda: env("LIVE_PUBLISH_URL", ""))
+    live_stream_url: str = field(default_factory=lambda: env("LIVE_STREAM_URL", ""))
     # Annotated frames a WatchFrames reader may have waiting before the oldest are dropped.
-    live_view_queue: int = field(default_factory=lambda: int(_env("LIVE_VIEW_QUEUE", "8")))
+    live_view_queue: int = field(default_factory=lambda: int(env("LIVE_VIEW_QUEUE", "8")))
     # A running task none of whose frames got further through any step for this long is failed.
-    stall_timeout_s: float = field(default_factory=lambda: float(_env("STALL_TIMEOUT_S", "300")))
+    stall_timeout_s: float = field(default_factory=lambda: float(env("STALL_TIMEOUT_S", "300")))
     # Caps on what an upload may be, checked before any work starts (INVALID_ARGUMENT naming the cap).
     # They bound every process's memory: a frame is at most max_frame_pixels (4K UHD by default).
-    max_frame_pixels: int = field(default_factory=lambda: int(_env("MAX_FRAME_PIXELS", str(3840 * 2160))))
-    max_frame_side: int = field(default_factory=lambda: int(_env("MAX_FRAME_SIDE", "4096")))
-    max_frames: int = field(default_factory=lambda: int(_env("MAX_FRAMES", str(60 * 60 * 30))))
-    max_duration_s: float = field(default_factory=lambda: float(_env("MAX_DURATION_S", "3600")))
-    max_fps: float = field(default_factory=lambda: float(_env("MAX_FPS", "120")))
+    max_frame_pixels: int = field(default_factory=lambda: int(env("MAX_FRAME_PIXELS", str(3840 * 2160))))
+    max_frame_side: int = field(default_factory=lambda: int(env("MAX_FRAME_SIDE", "4096")))
+    max_frames: int = field(default_factory=lambda: int(env("MAX_FRAMES", str(60 * 60 * 30))))
+    max_duration_s: float = field(default_factory=lambda: float(env("MAX_DURATION_S", "3600")))
+    max_fps: float = field(default_factory=lambda: float(env("MAX_FPS", "120")))
     # A stalled or trickling upload holds one of its user's task slots: after the first upload_grace_s,
     # an upload must have sent upload_min_bytes_per_s on average, or it ends with DEADLINE_EXCEEDED and
     # frees the slot (64 KiB/s: a 100 MB clip on the slowest link this accepts takes 26 minutes).
-    upload_min_bytes_per_s: int = field(default_factory=lambda: int(_env("UPLOAD_MIN_BYTES_PER_S", str(64 * 1024))))
-    upload_grace_s: float = field(default_factory=lambda: float(_env("UPLOAD_GRACE_S", "10")))
+    upload_min_bytes_per_s: int = field(default_factory=lambda: int(env("UPLOAD_MIN_BYTES_PER_S", str(64 * 1024))))
+    upload_grace_s: float = field(default_factory=lambda: float(env("UPLOAD_GRACE_S", "10")))
 
     def max_batch(self, stage: str, default: int) -> int:
         """POSEMESH_<STAGE>_MAX_BATCH: the most frames a stage processes in one batch (default: the stage's own)."""
-        return int(_env(f"{stage.upper()}_MAX_BATCH", str(default)))
+        return int(env(f"{stage.upper()}_MAX_BATCH", str(default)))
 
     @property
     def jobs_dir(self) -> Path:

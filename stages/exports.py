@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 # COCO-17 keypoint names, in COCO order.
@@ -47,38 +48,76 @@ def coco_image_id(index: int) -> int:
     return index + 1
 
 
-def write_coco(keypoints_jsonl: Path, out: Path) -> None:
+class CocoExport:
     """COCO keypoint results, written as one JSON array without holding the whole task in memory."""
-    with open(out, "w", encoding="utf-8") as f:
+
+    def __init__(self, f):
+        self.f, self.first = f, True
         f.write("[")
-        first = True
+
+    def person(self, frame: dict, person: dict) -> None:
+        x1, y1, x2, y2 = person["box"]
+        entry = {"image_id": coco_image_id(frame["index"]), "category_id": PERSON_CATEGORY,
+                 "keypoints": [v for kp in _keypoints(person) for v in kp], "score": person["score"],
+                 "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "track_id": person["track_id"]}
+        self.f.write(("" if self.first else ",\n") + json.dumps(entry))
+        self.first = False
+
+    def close(self) -> None:
+        self.f.write("]\n")
+
+
+class MotExport:
+    def __init__(self, f):
+        self.f = f
+
+    def person(self, frame: dict, person: dict) -> None:
+        if person["track_id"] <= 0:
+            return
+        x1, y1, x2, y2 = person["box"]
+        self.f.write(f"{frame['index'] + 1},{person['track_id']},{x1 + 1:.2f},{y1 + 1:.2f},"
+                     f"{x2 - x1:.2f},{y2 - y1:.2f},{person['score']:.4f},-1,-1,-1\n")
+
+    def close(self) -> None:
+        pass
+
+
+class CsvExport:
+    def __init__(self, f):
+        self.writer = csv.writer(f)
+        self.writer.writerow(CSV_HEADER)
+
+    def person(self, frame: dict, person: dict) -> None:
+        self.writer.writerow([frame["index"], frame["timestamp_s"], person["track_id"], *person["box"],
+                              person["score"], *(v for kp in _keypoints(person) for v in kp)])
+
+    def close(self) -> None:
+        pass
+
+
+FORMATS = {"coco": CocoExport, "mot": MotExport, "csv": CsvExport}
+
+
+def write(keypoints_jsonl: Path, outputs: dict[str, Path]) -> None:
+    """Every export in `outputs` ({format: file}) from one pass over the keypoints."""
+    with ExitStack() as files:
+        exports = [FORMATS[fmt](files.enter_context(open(path, "w", encoding="utf-8", newline="")))
+                   for fmt, path in outputs.items()]
         for frame in frames(keypoints_jsonl):
             for person in frame["persons"]:
-                x1, y1, x2, y2 = person["box"]
-                entry = {"image_id": coco_image_id(frame["index"]), "category_id": PERSON_CATEGORY,
-                         "keypoints": [v for kp in _keypoints(person) for v in kp], "score": person["score"],
-                         "bbox": [x1, y1, round(x2 - x1, 2), round(y2 - y1, 2)], "track_id": person["track_id"]}
-                f.write(("" if first else ",\n") + json.dumps(entry))
-                first = False
-        f.write("]\n")
+                for export in exports:
+                    export.person(frame, person)
+        for export in exports:
+            export.close()
+
+
+def write_coco(keypoints_jsonl: Path, out: Path) -> None:
+    write(keypoints_jsonl, {"coco": out})
 
 
 def write_mot(keypoints_jsonl: Path, out: Path) -> None:
-    with open(out, "w", encoding="utf-8") as f:
-        for frame in frames(keypoints_jsonl):
-            for person in frame["persons"]:
-                if person["track_id"] <= 0:
-                    continue
-                x1, y1, x2, y2 = person["box"]
-                f.write(f"{frame['index'] + 1},{person['track_id']},{x1 + 1:.2f},{y1 + 1:.2f},"
-                        f"{x2 - x1:.2f},{y2 - y1:.2f},{person['score']:.4f},-1,-1,-1\n")
+    write(keypoints_jsonl, {"mot": out})
 
 
 def write_csv(keypoints_jsonl: Path, out: Path) -> None:
-    with open(out, "w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(CSV_HEADER)
-        for frame in frames(keypoints_jsonl):
-            for person in frame["persons"]:
-                writer.writerow([frame["index"], frame["timestamp_s"], person["track_id"], *person["box"],
-                                 person["score"], *(v for kp in _keypoints(person) for v in kp)])
+    write(keypoints_jsonl, {"csv": out})

@@ -200,12 +200,5 @@ class SequencePool:
         task = self.tasks.get(task_id)
         return task.next_index if task else 0
 
-    def waiting(self, task_id: str) -> list[Pooled]:
-        task = self.tasks.get(task_id)
-        return list(task.waiting.values()) if task else []
-
     def drop_task(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)
-
-    def pooled(self) -> int:
-        return sum(len(t.waiting) for t in self.tasks.values())

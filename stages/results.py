@@ -58,8 +58,8 @@ ARTIFACT_FILES = {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO: (VIDEO_FILE, "video/mp4"),
                   tpb.ARTIFACT_KIND_MOT_TRACKS: ("tracks.txt", "text/plain"),
                   tpb.ARTIFACT_KIND_KEYPOINTS_CSV: ("keypoints.csv", "text/csv")}
 # Made from the task's keypoints when it is published (stages/exports.py): no model runs again.
-EXPORTS = {tpb.ARTIFACT_KIND_COCO_KEYPOINTS: exports.write_coco, tpb.ARTIFACT_KIND_MOT_TRACKS: exports.write_mot,
-           tpb.ARTIFACT_KIND_KEYPOINTS_CSV: exports.write_csv}
+EXPORTS = {tpb.ARTIFACT_KIND_COCO_KEYPOINTS: "coco", tpb.ARTIFACT_KIND_MOT_TRACKS: "mot",
+           tpb.ARTIFACT_KIND_KEYPOINTS_CSV: "csv"}
 TIME_BASE = Fraction(1, 90000)
 SEGMENT_RE = re.compile(r"^seg-(\d{8})-(\d{8})\.(mp4|jsonl)$")
 # Audio codecs an MP4 carries as they are; anything else is re-encoded to AAC.
@@ -284,8 +284,8 @@ class ResultWriter:
                 for name in names:
                     with open(self.partial / f"{name}.jsonl", "rb") as part:
                         shutil.copyfileobj(part, out)
-            for kind in self.outputs & set(EXPORTS):
-                EXPORTS[kind](assembly / KEYPOINTS_FILE, assembly / ARTIFACT_FILES[kind][0])
+            exports.write(assembly / KEYPOINTS_FILE, {EXPORTS[kind]: assembly / ARTIFACT_FILES[kind][0]
+                                                      for kind in self.outputs & set(EXPORTS)})
             if tpb.ARTIFACT_KIND_KEYPOINTS not in self.outputs:  # only made for the exports
                 (assembly / KEYPOINTS_FILE).unlink()
         if self.video:
