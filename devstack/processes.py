@@ -28,6 +28,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different free ports. free_port() twice in a row can give the same port (nothing holds the
+    first meanwhile): Triton refused to start when its gRPC and metrics ports came out equal."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def kill_group(pgid: int) -> None:
     """SIGKILL a process group (a child started with start_new_session=True, and whatever it started)."""
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from posemesh.devstack.broker import broker_command
-from posemesh.devstack.processes import free_port, kill_group, stop_process
+from posemesh.devstack.processes import free_port, free_ports, kill_group, stop_process
 from posemesh.mesh.health import grpc_healthy
 from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.mesh.settings import REPO_ROOT, env
@@ -85,12 +85,13 @@ class StackConfig:
     live_sources: str = ""
 
     def ports(self) -> None:
-        """0 means any free port."""
-        self.kafka_port = self.kafka_port or free_port()
-        self.triton_grpc_port = self.triton_grpc_port or free_port()
-        self.gateway_port = self.gateway_port or free_port()
+        """0 means any free port (each a different one)."""
+        spare = iter(free_ports(4))
+        self.kafka_port = self.kafka_port or next(spare)
+        self.triton_grpc_port = self.triton_grpc_port or next(spare)
+        self.gateway_port = self.gateway_port or next(spare)
         if self.rtsp_port == 0 or (self.rtsp_port > 0 and _port_open(self.rtsp_port)):
-            self.rtsp_port = free_port()  # 8554 taken (another stack, a camera): any free port
+            self.rtsp_port = next(spare)  # 8554 taken (another stack, a camera): any free port
 
 
 class Stack:

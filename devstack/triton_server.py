@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posemesh.devstack.processes import free_port, kill_group, stop_process
+from posemesh.devstack.processes import free_ports, kill_group, stop_process
 from posemesh.mesh.models import CPU_REPOSITORY
 from posemesh.mesh.settings import REPO_ROOT, env
 
@@ -75,9 +75,10 @@ class TritonServer:
                  grpc_port: int | None = None, http_port: int | None = None, metrics_port: int | None = None,
                  models: list[str] | None = None, log_path: Path | None = None, ort_threads: int = 1):
         self.onnx_dir, self.work_dir, self.repository = onnx_dir, work_dir, repository
-        self.grpc_port = grpc_port or free_port()
-        self.http_port = http_port or free_port()
-        self.metrics_port = metrics_port or free_port()
+        spare = iter(free_ports(3))  # three different ports: Triton refuses to share one
+        self.grpc_port = grpc_port or next(spare)
+        self.http_port = http_port or next(spare)
+        self.metrics_port = metrics_port or next(spare)
         self.models = models
         self.log_path = log_path
         self.ort_threads = ort_threads
