@@ -11,7 +11,8 @@
 - **Ended** (`complete`, `fail`, `cancel`): the first terminal state wins; its frames stop, TaskEnded is
   announced (retried by the sweep until the broker takes it: workers must hear of it to let go of the
   topics), the upload is removed. A live task that is stopped, or whose camera is done, ends once annotate's
-  results arrive, as its source ended.
+  results arrive, as its source ended: until then it stays RUNNING and its `ending` says how it will end
+  (the first decision wins: a cancel that came first is not undone by the stream ending just after it).
 - **Cleaned** (`sweep`, `delete`, `abandon`): topics go after the hand-off (posemesh.gateway.topics), and
   with them what a crashed annotate worker left (partial result folders); a deleted task's files and row; a
   task that could not start leaves nothing.
@@ -167,10 +168,13 @@ class TaskLifecycle:
         def on_end(state: int, message: str, total: int) -> None:
             if self.store.epoch(task_id) != epoch:
                 return  # this run was replaced (the broker lost its data)
-            self.store.record_ending(task_id, state, message)
-            self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
             with self.lock:
+                decided = self.store.get(task_id)
+                if decided is not None and decided.ending and decided.ending != state:
+                    state, message = decided.ending, live.stop_reason  # CancelTask came first
+                self._record_ending(task_id, state, message)
                 self.live_sources.pop(task_id, None)
+            self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
             log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
 
         live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
@@ -189,7 +193,7 @@ class TaskLifecycle:
         producer.produce(kafka.task_topic(kafka.RAW_FRAMES, task.task_id), record.SerializeToString(),
                          partition=0)  # where an end of stream goes (records.partition_of)
         producer.flush(10)
-        self.store.record_ending(task.task_id, end.state, end.message)
+        self._record_ending(task.task_id, end.state, end.message)
 
     # ------------------------------------------------------------------ run again
 
@@ -232,11 +236,14 @@ class TaskLifecycle:
         task_id = active.task.task_id
         message = ("the gateway restarted during the live task; the frames before that are in the results: "
                    "start a new live task to continue")
+        state = tpb.TASK_STATE_FAILED
+        if active.task.ending == tpb.TASK_STATE_CANCELLED:  # cancelled before the restart: it ends as it was told
+            state, message = tpb.TASK_STATE_CANCELLED, "cancelled by the user"
         if not topics_intact:
             self.fail(task_id, message.split(";")[0] + " and the broker lost its frames")
             return
         total = self.store.frames_done(task_id, "decode")
-        self._launch(active.task, active.epoch, StreamEnd(total, tpb.TASK_STATE_FAILED, message), make_topics=False)
+        self._launch(active.task, active.epoch, StreamEnd(total, state, message), make_topics=False)
 
     def _upload_of(self, task_id: str) -> Path | None:
         path = names.upload_path(self.settings.jobs_dir, task_id)
@@ -263,6 +270,10 @@ class TaskLifecycle:
         when = time.strftime("%H:%M:%S")
         for active in self.store.active_tasks():
             task_id = active.task.task_id
+            if active.live_url and active.task.ending == tpb.TASK_STATE_CANCELLED and not active.ending_state:
+                self._end(task_id, tpb.TASK_STATE_CANCELLED, "cancelled by the user (the message broker lost its "
+                                                             "data before the frames were processed: no results)")
+                continue
             if active.live_url and not active.ending_state:
                 epoch = self.store.new_run(task_id, f"the message broker lost its data at {when}; the live task "
                                                     "started over from the frames after that")
@@ -307,6 +318,8 @@ class TaskLifecycle:
         task = self.store.transition(task_id, state, message)
         if task is None:
             return None  # already terminal: the first ending wins
+        if task.ending:  # it has ended: nothing is pending any more
+            task = self.store.update(task_id, lambda t: t.ClearField("ending"))
         self._stop_frames(task_id)
         self._announce_end(task_id, state)
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more
@@ -323,12 +336,31 @@ class TaskLifecycle:
             self.unannounced.add(task_id)
 
     def cancel(self, task_id: str, reason: str) -> tpb.Task | None:
+        """CancelTask; returns the task as the cancel leaves it. Anything but a live task ends CANCELLED now.
+        A live task keeps its results: its source stops now and it stays RUNNING, `ending` CANCELLED, until
+        they are in (`complete`); one whose source is done already keeps the ending it has."""
         with self.lock:
             live = self.live_sources.get(task_id)
-        if live is not None:  # a live task stops reading and keeps its results: it ends when they are in
-            live.stop()
-            return self.store.get(task_id)
+            if live is not None or self.store.ending(task_id):
+                task = self._mark_ending(task_id, tpb.TASK_STATE_CANCELLED)
+                if live is not None:
+                    live.stop(reason)
+                return task
         return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
+
+    def _mark_ending(self, task_id: str, state: int) -> tpb.Task | None:
+        """Show on a running task how it will end, unless that was decided before; returns the task."""
+        def mark(t: tpb.Task):
+            if t.state not in ACTIVE or t.ending:
+                return False
+            t.ending = state
+        return self.store.update(task_id, mark)
+
+    def _record_ending(self, task_id: str, state: int, message: str) -> None:
+        """A live task's source is done: it ends with `state` once its results arrive."""
+        with self.lock:
+            self.store.record_ending(task_id, state, message)
+            self._mark_ending(task_id, state)
 
     def fail(self, task_id: str, reason: str) -> tpb.Task | None:
         return self._end(task_id, tpb.TASK_STATE_FAILED, reason)
@@ -341,8 +373,12 @@ class TaskLifecycle:
             task.artifacts.extend(result.artifacts)
             task.warnings.extend(w for w in result.warnings if w not in task.warnings)
 
-        if self.store.update(result.task_id, attach) is not None:
-            ending = self.store.ending(result.task_id)
+        task = self.store.update(result.task_id, attach)
+        if task is not None:
+            with self.lock:  # a live source recording its ending finishes first
+                ending = self.store.ending(result.task_id)
+            if not ending and task.ending == tpb.TASK_STATE_CANCELLED:  # cancelled; the source is not done yet
+                ending = (tpb.TASK_STATE_CANCELLED, "cancelled by the user")
             if ending:  # a live task ends as its source did, results attached
                 self._end(result.task_id, *ending)
             else:

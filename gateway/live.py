@@ -75,6 +75,7 @@ class LiveSource(threading.Thread):
         self.producer = Producer({**producer_config, "client.id": f"gateway-live-{task.task_id[:12]}"})
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
+        self.stop_reason = "stopped by the user"
         self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
         self.index = 0
         # Frames allowed in flight (sent, not yet annotated). The first window is half the bound's worth of
@@ -102,8 +103,10 @@ class LiveSource(threading.Thread):
         self.status.connected = False
         self._end(state, message)
 
-    def stop(self) -> None:
+    def stop(self, reason: str = "") -> None:
         """CancelTask: stop reading; the frames so far are still processed into results."""
+        if reason:
+            self.stop_reason = reason
         self.stop_requested.set()
 
     def _read(self) -> tuple[int, str]:
@@ -146,7 +149,7 @@ class LiveSource(threading.Thread):
             if ended and self._server_answers():
                 return tpb.TASK_STATE_COMPLETED, "the live stream ended"
             log.info("live source of %s broke off; reconnecting", self.task.task_id)
-        return tpb.TASK_STATE_CANCELLED, "stopped by the user"
+        return tpb.TASK_STATE_CANCELLED, self.stop_reason
 
     def _server_answers(self) -> bool:
         try:

@@ -4,8 +4,10 @@ broker, reading what posemesh.control carries."""
 
 from __future__ import annotations
 
+import pytest
 from confluent_kafka import Producer
 
+from posemesh.devstack import rtsp
 from posemesh.devstack.processes import free_port
 from posemesh.gateway.lifecycle import TaskLifecycle
 from posemesh.gateway.reservations import Reservations
@@ -15,8 +17,9 @@ from posemesh.gateway.topics import TopicManager
 from posemesh.mesh import kafka, names
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
-from tests.conftest import make_settings
-from tests.helpers import control_events, read_topic
+from tests import clips
+from tests.conftest import make_settings, media
+from tests.helpers import control_events, read_topic, wait_for
 
 PUBLISH = "rtsp://127.0.0.1:8554/publish/{task}"
 
@@ -90,3 +93,73 @@ def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_u
     assert end.end_of_stream.total_frames == 3 and end.epoch == 0
     assert gw.gateway.store.ending(reading.task_id)[0] == tpb.TASK_STATE_FAILED
     assert gw.gateway.store.ending(finished.task_id) == (tpb.TASK_STATE_COMPLETED, "the live stream ended")
+
+
+# ---------------------------------------------------------------------- CancelTask: the state it leaves
+
+def _lifecycle(settings) -> tuple[TaskLifecycle, TaskStore, SourcePolicy]:
+    kafka.ensure_shared_topics(settings)
+    store = TaskStore(settings.db_path)
+    topics = TopicManager(settings, Producer(kafka.producer_config(settings, "lifecycle-test")), store)
+    policy = SourcePolicy(settings.live_sources)
+    return TaskLifecycle(settings, store, topics, Reservations(topics, 0, 5.0), policy), store, policy
+
+
+def _result(task_id: str) -> pb.TaskResult:
+    """What annotate reports once a task's results are written."""
+    return pb.TaskResult(task_id=task_id, frames_written=3, artifacts=[tpb.Artifact(
+        kind=tpb.ARTIFACT_KIND_KEYPOINTS, file_name="keypoints.jsonl", size_bytes=10)])
+
+
+@pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")
+def test_cancel_answers_the_state_it_leaves_the_task_in(broker, tmp_path):
+    """An upload's task is CANCELLED by the cancel itself. A live task keeps its results: the cancel stops its
+    camera and leaves it RUNNING with `ending` CANCELLED, the same however often it is asked, until the
+    results arrive; then it is CANCELLED with them (a stream that ended right after the cancel changes
+    nothing). A live task whose stream had ended before the cancel keeps its ending (COMPLETED)."""
+    settings = live_settings(broker, tmp_path / "data")
+    lifecycle, store, policy = _lifecycle(settings)
+    clip = clips.repeat(media("mmpose_demo_960x540_5f.mp4"), tmp_path / "long.mp4", 40)
+    with rtsp.RtspServer({"long": clip, "short": media("mmpose_demo_960x540_5f.mp4")},
+                         log_path=tmp_path / "rtsp.log") as camera:
+        try:
+            upload = live_task(0)
+            upload.ClearField("live")
+            store.create(upload, "alice", None)
+            store.transition(upload.task_id, tpb.TASK_STATE_RUNNING)
+            answered = lifecycle.cancel(upload.task_id, "cancelled by the user")
+            assert answered.state == tpb.TASK_STATE_CANCELLED and answered.HasField("finished_at")
+            assert answered.ending == tpb.TASK_STATE_UNSPECIFIED
+            stored = store.get(upload.task_id)
+            assert (stored.state, stored.finished_at) == (answered.state, answered.finished_at)
+
+            reading = live_task(camera.port)
+            reading.live.source = camera.url("cam/long")
+            store.create(reading, "alice", None)
+            lifecycle.start_live(reading, policy.check(reading.live.source), tpb.RTSP_TRANSPORT_TCP)
+            wait_for(lambda: store.get(reading.task_id).live.frames_received >= 2, 30, 0.1, "frames from the camera")
+            for _ in range(2):  # a retried cancel (the SDK retries) answers the same and ends nothing early
+                answered = lifecycle.cancel(reading.task_id, "cancelled by the user")
+                assert (answered.state, answered.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_CANCELLED)
+                assert not answered.HasField("finished_at")
+            wait_for(lambda: store.ending(reading.task_id), 15, 0.1, "the camera to be let go")
+            assert store.ending(reading.task_id) == (tpb.TASK_STATE_CANCELLED, "cancelled by the user")
+            again = lifecycle.cancel(reading.task_id, "cancelled by the user")
+            assert (again.state, again.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_CANCELLED)
+            lifecycle.complete(_result(reading.task_id))
+            done = store.get(reading.task_id)
+            assert (done.state, done.ending, done.error_message) == (
+                tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_UNSPECIFIED, "cancelled by the user")
+            assert [a.file_name for a in done.artifacts] == ["keypoints.jsonl"]
+
+            ended = live_task(camera.port)
+            ended.live.source = camera.url("cam/short")  # five frames: the stream ends by itself
+            store.create(ended, "alice", None)
+            lifecycle.start_live(ended, policy.check(ended.live.source), tpb.RTSP_TRANSPORT_TCP)
+            wait_for(lambda: store.ending(ended.task_id), 30, 0.1, "the stream to end")
+            answered = lifecycle.cancel(ended.task_id, "cancelled by the user")
+            assert (answered.state, answered.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_COMPLETED)
+            lifecycle.complete(_result(ended.task_id))
+            assert store.get(ended.task_id).state == tpb.TASK_STATE_COMPLETED
+        finally:
+            lifecycle.halt()

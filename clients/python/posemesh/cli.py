@@ -34,7 +34,8 @@ def task_line(task: tpb.Task) -> str:
         live = (f"  live: {'connected' if lv.connected else 'not connected'}, {lv.frames_received} received, "
                 f"{lv.frames_dropped} dropped, lag {lv.lag_s:.1f}/{lv.max_lag_s:.1f} s"
                 + (f", watch {task.stream_url}" if task.stream_url else ""))
-    return f"{task.task_id}  {state_name(task.state):9s}  {task.file_name:28s}  {progress}{live}{error}"
+    state = state_name(task.state) + (f", ending {state_name(task.ending)}" if task.ending else "")
+    return f"{task.task_id}  {state:9s}  {task.file_name:28s}  {progress}{live}{error}"
 
 
 def task_json(task: tpb.Task) -> str:

@@ -114,7 +114,12 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelTask(self, request, context):
-        """Stops a queued or running task. Cancelling a finished task is FAILED_PRECONDITION.
+        """Stops a queued or running task and answers with the task as the cancel leaves it. A task from an
+        upload is CANCELLED at once (nothing of it is kept). A live task keeps the results of what it
+        processed: its source is let go at once, and it stays RUNNING with `ending` CANCELLED while the
+        frames already in the mesh are finished (seconds; at most the server's results wait), then it is
+        CANCELLED with its artifacts. Cancelling a live task that is already ending changes nothing and
+        answers the same way (`ending` says how it ends). Cancelling a finished task is FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
