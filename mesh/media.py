@@ -6,6 +6,9 @@ subtitles as video, open the sockets an SDP file describes. So:
 
 - The container is chosen here, from the file's first bytes, out of an allow-list of video containers
   (`sniff`). FFmpeg never probes by itself, and the stored upload's name never comes from the user.
+- An MP4/MOV's boxes are checked before FFmpeg opens it (`posemesh.mesh.mp4_boxes`): FFmpeg builds an
+  index entry for every sample the file declares, so counts impossible for the file's bytes are refused
+  and the memory a file can make FFmpeg take grows with its real size, not with what it says.
 - The file is handed to FFmpeg as an open file object with every protocol forbidden, so no demuxer can
   open another file or URL; the MP4 demuxer's external data references stay off.
 - Video codecs come from an allow-list. Size, frame count, duration and frame rate are capped before a
@@ -19,6 +22,7 @@ Messages are for the uploader: they never contain a server path.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,7 @@ import av
 import cv2
 import numpy as np
 
+from posemesh.mesh import mp4_boxes
 from posemesh.v1 import task_service_pb2 as tpb
 
 # Demuxers that read one self-contained video file. Name -> extra demuxer options.
@@ -95,10 +100,16 @@ class MediaFile:
 
     def __init__(self, path: Path, max_frame_pixels: int):
         self.file = open(path, "rb")
+        self.index: mp4_boxes.Index | None = None  # what an MP4's boxes declare, checked
         try:
             demuxer = sniff(self.file.read(SNIFF_BYTES))
             if demuxer is None:
                 raise NotAVideo(f"not a video file posemesh accepts: send {CONTAINER_NAMES}")
+            if demuxer == "mov":
+                try:
+                    self.index = mp4_boxes.check(self.file, os.fstat(self.file.fileno()).st_size)
+                except mp4_boxes.Damaged as exc:
+                    raise NotAVideo(str(exc)) from None
             self.file.seek(0)
             try:
                 self.container = av.open(self.file, mode="r", format=demuxer, options={
@@ -166,6 +177,8 @@ def probe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Probed:
         if ctx.width and ctx.height:
             limits.check_size(ctx.width, ctx.height)
         declared = stream.frames
+        if media.index is not None and media.index.video_samples() > limits.max_frames:
+            raise NotAVideo(_too_many_frames(limits, f" (its index declares {media.index.video_samples()})"))
         packets = with_data = 0
         first_frame = None
         times: list[float] = []
@@ -178,8 +191,7 @@ def probe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Probed:
                     continue  # an empty index entry (AVI's "dropped frame"): nothing to decode
                 with_data += 1
                 if with_data > limits.max_frames:
-                    raise NotAVideo(f"the video has more than {limits.max_frames} frames, the most accepted: "
-                                    "cut it into shorter parts")
+                    raise NotAVideo(_too_many_frames(limits))
                 if packet.pts is not None:
                     times.append(float(packet.pts * packet.time_base))
                 if first_frame is None:
@@ -211,6 +223,10 @@ def probe(path: Path, limits: Limits = DEFAULT_LIMITS) -> Probed:
                                     codec=media.codec, rotation=rotation, duration_s=round(duration, 6),
                                     audio_codec=audio[0].codec_context.name if audio else "", start_s=start),
                       warnings)
+
+
+def _too_many_frames(limits: Limits, declared: str = "") -> str:
+    return f"the video has more than {limits.max_frames} frames{declared}, the most accepted: cut it into shorter parts"
 
 
 def _cut_short(media: MediaFile, declared: int, packets: int, duration: float) -> list[str]:

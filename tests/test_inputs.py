@@ -20,6 +20,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media, settings_env
 from tests.helpers import make_clip, read_topic, reserved_topics, topics, upload, upload_requests
+from tests.mp4_craft import craft
 
 MP4 = "mmpose_demo_960x540_5f.mp4"
 
@@ -186,6 +187,27 @@ def test_file_cut_in_the_middle_gets_its_frames_and_a_warning(gateway_factory, t
     assert 300 < eos < 795
     assert sorted(r.frame.index for r in records if r.HasField("frame")) == list(range(eos))
     gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
+
+
+def _peak_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def test_mp4s_declaring_millions_of_samples_are_refused_within_a_few_mb_and_leave_nothing(gateway):
+    """The issue's file (1,852 bytes here, sample tables declaring 10 million samples: the gateway went
+    from 411 MB to 1,119 MB before refusing it), 2 billion sample group entries (1.97 GB in a probe) and a
+    movie fragment of 10 million samples (accepted before): refused from their boxes, before FFmpeg. The
+    gateway runs in this process, so this process's peak resident size is the gateway's."""
+    before = Snapshot(gateway)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # the peak resident size (VmHWM) starts again from the current one
+    start = _peak_kb()
+    for kind, kw in (("ten-million", {"mdat_bytes": 1000}), ("sgpd", {"count": 2_000_000_000}), ("trun", {})):
+        msg = refused(gateway, grpc.StatusCode.INVALID_ARGUMENT, craft(kind, **kw), f"{kind}.mp4")
+        assert "declares" in msg and "export it again" in msg, msg
+    assert _peak_kb() - start < 32 * 1024
+    before.unchanged()
 
 
 def test_cut_file_without_an_index_is_refused_without_server_paths(gateway):
