@@ -123,21 +123,40 @@ class TaskLifecycle:
     def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
 
-        def on_done(count: int, skipped: int) -> None:
+        def on_decoded(reader: media.FrameReader) -> None:
+            """VideoInfo from here on says what decoded (the probe counted packets): frame_count is the frames
+            every stage gets, duration_s is measured on them; frames that did not decode get a warning."""
+            if self.store.epoch(task_id) != epoch:
+                return
+            count, duration = reader.decoded, reader.duration_s()
+
+            def apply(t: tpb.Task) -> None:
+                counted, t.video.frame_count = t.video.frame_count, count
+                if duration is not None:
+                    t.video.duration_s = round(duration, 6)
+                if counted > count:
+                    warning = (f"{counted - count} of the {counted} frames of the upload could not be decoded and "
+                               f"were skipped; the {count} that decoded are processed")
+                elif reader.skipped:
+                    warning = f"{reader.skipped} damaged packets of the video could not be decoded and were skipped"
+                else:
+                    return
+                if warning not in t.warnings:
+                    t.warnings.append(warning)
+            self.store.update(task_id, apply)
+
+        def on_done(count: int) -> None:
             if self.store.epoch(task_id) != epoch:
                 return  # a run the broker lost; a newer one is under way
             self.store.mark_produced(task_id)
             self.store.add_done(task_id, "decode", [], epoch, frames_total=count)
-            if skipped:
-                warning = f"{skipped} damaged packets of the video could not be decoded and were skipped"
-                self.store.update(task_id, lambda t: None if warning in t.warnings else t.warnings.append(warning))
 
         producer = FrameProducer(
             task, path, kafka.producer_config(self.settings, "gateway"),
             kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
             self.settings.jpeg_quality, epoch=epoch,
             on_progress=lambda first, last: self.store.add_done(task_id, "decode", [(first, last)], epoch),
-            on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
+            on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings))
         with self.lock:

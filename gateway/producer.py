@@ -31,7 +31,7 @@ class FrameProducer(threading.Thread):
 
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
-                 limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0):
+                 limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
@@ -39,6 +39,9 @@ class FrameProducer(threading.Thread):
         self.producer = Producer({**producer_config, "client.id": f"gateway-frames-{task.task_id[:12]}"})
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
+        # on_decoded(reader) once every frame is read, before the end of stream goes out (so before any stage
+        # can finish the task): what was decoded, not what the probe counted, is what the task then says.
+        self.on_decoded = on_decoded
         self.limits, self.epoch = limits, epoch
         self.cancelled = threading.Event()
         self.sender = kafka.Sender(self.producer)
@@ -70,12 +73,16 @@ class FrameProducer(threading.Thread):
                     self.producer.poll(0)
                     self.on_progress(reported, count - 1)
                     reported = count
+            if self.cancelled.is_set():
+                return
+            if self.on_decoded is not None:
+                self.on_decoded(reader)
             self._send(records.end_of_stream_record(task_id, self.task.options, self.epoch, count, self.task.video.fps))
             if not self.sender.delivered(60, give_up=self.cancelled.is_set):
                 raise RuntimeError(f"frames not delivered to Kafka: {self.sender.errors[:1]}")
             if count > reported:
                 self.on_progress(reported, count - 1)
-            self.on_done(count, reader.skipped)
+            self.on_done(count)
         except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
             if not self.cancelled.is_set():
                 self.on_error(f"frame {count} of the upload: {exc}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import grpc
 
+from posemesh.gateway.at_rest import redact
 from posemesh.gateway.validation import Refused, shorten
 
 SCHEMES = {"rtsp": 554, "rtsps": 322}
@@ -31,14 +32,9 @@ class Source:
 
     @property
     def shown(self) -> str:
-        """The URL without credentials: what users and logs see."""
-        parts = urlsplit(self.url)
-        netloc = parts.hostname or ""
-        if ":" in netloc:
-            netloc = f"[{netloc}]"
-        if parts.port:
-            netloc += f":{parts.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+        """The URL without credentials (user, password, credential-looking query values): what users and
+        logs see."""
+        return redact(self.url)
 
 
 @dataclass(frozen=True)
@@ -69,16 +65,17 @@ class SourcePolicy:
                           f"source.url {shorten(url)} is not a URL: at most {MAX_URL} printable characters, no spaces")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
+        echo = shorten(redact(url))  # errors show the URL as given, less its credentials
         if scheme not in SCHEMES:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"source.url {shorten(url)} is not a live source: live sources are rtsp:// or rtsps:// "
+                          f"source.url {echo} is not a live source: live sources are rtsp:// or rtsps:// "
                           "URLs (files are sent with Upload)")
         try:
             host, port = (parts.hostname or "").lower(), parts.port or SCHEMES[scheme]
         except ValueError:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {shorten(url)} has a bad port") from None
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {echo} has a bad port") from None
         if not host:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {shorten(url)} names no host")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {echo} names no host")
         source = Source(url, scheme, host, port)
         for p in self.patterns:
             if p.scheme == scheme and fnmatch.fnmatchcase(host, p.host) and fnmatch.fnmatchcase(str(port), p.port):

@@ -264,12 +264,18 @@ def _flush_first(stream):
     return None
 
 
+def span_duration(first: float, last: float, frames: int) -> float:
+    """VideoInfo.duration_s: from the first frame's time to the end of the last, which lasts the average
+    frame interval (5 frames at 5 fps: 1.0 s, as the container and the annotated MP4 say). Needs 2 frames."""
+    span = last - first
+    return span + span / (frames - 1)
+
+
 def _duration(times: list[float], stream) -> float:
-    """From the first presentation time to the last, plus one frame (the last frame's own duration)."""
+    """span_duration of the packets' presentation times; the stream's own duration under 2 of them."""
     if len(times) >= 2:
         times.sort()
-        span = times[-1] - times[0]
-        return span + span / (len(times) - 1)
+        return span_duration(times[0], times[-1], len(times))
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
     return 0.0
@@ -285,11 +291,18 @@ class DecodedFrame:
 
 class FrameReader:
     """Every decodable frame in presentation order, upright, with dense indices. Packets that do not
-    decode are skipped and counted (`skipped`); a frame above the caps ends the reading with NotAVideo."""
+    decode are skipped and counted (`skipped`); a frame above the caps ends the reading with NotAVideo.
+    Once read, `decoded` and `duration_s()` are what VideoInfo's frame_count and duration_s mean."""
 
     def __init__(self, path: Path, fps: float, limits: Limits = DEFAULT_LIMITS):
         self.path, self.fps, self.limits = path, fps or 30.0, limits
         self.skipped = 0
+        self.decoded = 0  # frames given out
+        self.last_s = 0.0  # the last one's timestamp_s (the first one's is 0)
+
+    def duration_s(self) -> float | None:
+        """span_duration of the frames given out; None under 2 frames (no interval to measure)."""
+        return span_duration(0.0, self.last_s, self.decoded) if self.decoded >= 2 else None
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         with MediaFile(self.path, self.limits.max_frame_pixels) as media:
@@ -314,6 +327,7 @@ class FrameReader:
                         ts = last + step if last > -math.inf else 0.0
                     last = ts
                     image = upright(frame.to_ndarray(format="bgr24"), _clockwise(getattr(frame, "rotation", 0)))
+                    self.decoded, self.last_s = index + 1, ts
                     yield DecodedFrame(index, ts, image)
                     index += 1
 

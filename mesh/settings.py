@@ -97,6 +97,10 @@ class Settings:
     max_streams_per_user: int = field(default_factory=lambda: int(env("MAX_STREAMS_PER_USER", "64")))
     api_keys_file: str = field(default_factory=lambda: env("API_KEYS_FILE", ""))
     api_keys: str = field(default_factory=lambda: env("API_KEYS", ""))
+    # The key(s) sealing the camera credentials the gateway stores (gateway/at_rest.py): a file of Fernet
+    # keys, one per line, the first sealing (a Kubernetes or Compose secret). Empty: data_dir/secrets.key,
+    # made on the first start with mode 0600 (one machine; keep it apart from the data in production).
+    secrets_key_file: str = field(default_factory=lambda: env("SECRETS_KEY_FILE", ""))
     # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
     # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
     max_frames_ahead: int = field(default_factory=lambda: int(env("MAX_FRAMES_AHEAD", "64")))

@@ -20,7 +20,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media, settings_env
 from tests.helpers import make_clip, read_topic, reserved_topics, topics, upload, upload_requests
-from tests.mp4_craft import craft
+from tests.mp4_craft import craft, damaged_tail
 
 MP4 = "mmpose_demo_960x540_5f.mp4"
 
@@ -186,6 +186,31 @@ def test_file_cut_in_the_middle_gets_its_frames_and_a_warning(gateway_factory, t
     [eos] = [r.end_of_stream.total_frames for r in records if r.HasField("end_of_stream")]
     assert 300 < eos < 795
     assert sorted(r.frame.index for r in records if r.HasField("frame")) == list(range(eos))
+    # The probe counted the packets present (395); once decoding ends the task says what decoded.
+    assert task.video.frame_count == 395
+    after = gateway.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task
+    assert after.video.frame_count == eos and after.video.duration_s == pytest.approx(eos / 10, abs=1e-6)
+    if eos < 395:
+        assert f"{395 - eos} of the 395 frames of the upload could not be decoded" in " ".join(after.warnings)
+    gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
+
+
+def test_frame_count_and_duration_become_what_decoded_before_the_stream_ends(gateway_factory, tmp_path):
+    """The 5-frame clip with the last 40 KB of its media zeroed: 5 packets, 2 frames. VideoInfo says 5 and
+    1.0 s when the upload is accepted (an estimate), then 2 frames and 0.4 s (2 frames at 5 fps), and it
+    says so before the end of the stream is on the topic, so before any stage could complete the task."""
+    gateway = gateway_factory(max_frames_ahead=0)
+    task = upload(gateway.stub, damaged_tail(tmp_path / "tail.mp4", 40_000), auth())
+    assert (task.video.frame_count, task.video.duration_s) == (5, 1.0)
+    records = read_topic(gateway.settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, task.task_id))
+    [eos] = [r.end_of_stream.total_frames for r in records if r.HasField("end_of_stream")]
+    assert eos == 2 and sorted(r.frame.index for r in records if r.HasField("frame")) == [0, 1]
+    after = gateway.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task
+    assert (after.video.frame_count, after.video.duration_s) == (2, 0.4)
+    assert after.warnings == ["3 of the 5 frames of the upload could not be decoded and were skipped; the 2 that "
+                              "decoded are processed"]
+    decode = next(p for p in after.progress if p.stage == "decode")
+    assert decode.frames_total == 2
     gateway.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth())
 
 

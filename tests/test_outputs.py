@@ -15,6 +15,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import auth
 from tests.helpers import upload, wait_state
+from tests.mp4_craft import damaged_tail
 
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 
@@ -105,6 +106,18 @@ def test_avi_with_gaps_completes_with_every_decodable_frame_and_its_audio(pipeli
     assert len(frame_times(video)) == 20
     with av.open(str(video)) as c:
         assert c.streams.audio
+
+
+def test_a_damaged_tail_completes_with_frame_count_and_duration_of_what_was_processed(pipeline_once, tmp_path):
+    """The 5-frame clip with its last 40 KB of media zeroed: the probe counts 5 packets, 2 frames decode.
+    The completed task's frame_count is the frames every stage processed (the keypoints and the annotated
+    MP4 hold 2), its duration_s theirs (2 frames at 5 fps: 0.4 s), and a warning says 3 were skipped."""
+    gw, _workers = pipeline_once
+    task, video, records = results(gw, damaged_tail(tmp_path / "tail.mp4", 40_000), tmp_path)
+    assert task.video.frame_count == len(records) == len(frame_times(video)) == 2
+    assert task.video.duration_s == 0.4
+    assert [p.frames_total for p in task.progress] == [2] * len(task.progress)
+    assert any("3 of the 5 frames" in w for w in task.warnings), task.warnings
 
 
 def test_exports_of_a_real_task_are_read_by_pycocotools_motmetrics_and_csv(pipeline_once, tmp_path):

@@ -115,6 +115,9 @@ def test_duration_is_first_frame_to_the_end_of_the_last():
     assert (info.video.frame_count, info.video.fps, info.video.duration_s) == (5, 5.0, 1.0)
     with av.open(str(path)) as c:
         assert float(c.streams.video[0].duration * c.streams.video[0].time_base) == pytest.approx(1.0)
+    reader = media.FrameReader(path, info.video.fps)
+    assert [round(f.timestamp_s, 6) for f in reader] == [0.0, 0.2, 0.4, 0.6, 0.8]
+    assert (reader.decoded, reader.duration_s()) == (5, pytest.approx(1.0))
 
 
 def test_variable_rate_duration_uses_the_average_interval(tmp_path):
