@@ -293,6 +293,10 @@ class TaskLifecycle:
                 self._end(task_id, tpb.TASK_STATE_CANCELLED, "cancelled by the user (the message broker lost its "
                                                              "data before the frames were processed: no results)")
                 continue
+            if active.live_error and not active.ending_state:  # its camera's URL cannot be opened any more
+                self.fail(task_id, f"the message broker lost this live task's frames and it could not start over: "
+                                   f"{active.live_error}")
+                continue
             if active.live_url and not active.ending_state:
                 epoch = self.store.new_run(task_id, f"the message broker lost its data at {when}; the live task "
                                                     "started over from the frames after that")

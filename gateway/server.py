@@ -22,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
+from posemesh.gateway.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
 from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
@@ -48,6 +49,7 @@ HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 class Gateway:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
+        private_dir(self.settings.data_dir)  # not readable by other users (the gateway's and annotate's files)
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(load_keys(self.settings.api_keys, self.settings.api_keys_file))
@@ -56,7 +58,10 @@ class Gateway:
         except ValueError as exc:
             raise KeyConfigError(f"POSEMESH_LIVE_SOURCES: {exc}") from None
         self.views: LiveViews | None = None
-        self.store = TaskStore(self.settings.db_path)
+        try:
+            self.store = TaskStore(self.settings.db_path, SecretBox.for_settings(self.settings))
+        except KeyFileError as exc:
+            raise KeyConfigError(str(exc)) from None
         self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,
                                  self.store.count_active)
         self.producer = self._new_producer()
@@ -228,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
                "  POSEMESH_KAFKA_BOOTSTRAP     Kafka bootstrap servers\n"
                "  POSEMESH_DATA_DIR            uploads and results (shared with annotate workers)\n"
                "  POSEMESH_API_KEYS_FILE       user:key per line (required: the gateway fails closed)\n"
+               "  POSEMESH_SECRETS_KEY_FILE    key(s) sealing stored camera URLs (default: DATA_DIR/secrets.key)\n"
                "  POSEMESH_LIVE_SOURCES        camera URL allow-list, e.g. rtsp://10.0.0.*:554\n"
                "  POSEMESH_GATEWAY_METRICS_PORT  Prometheus metrics (0: off)")
     parser.parse_args(argv)

@@ -4,11 +4,17 @@ Tasks are protobuf `Task` messages plus the columns the gateway queries by. Ever
 (WatchTask, through `listeners`), so the store is also the gateway's event bus. The SQL and the column
 names stay in this module: the rest of the gateway asks by name (`active_tasks`, `stalled`,
 `record_ending`, ...).
+
+What it keeps is private (gateway/at_rest.py): the database and its -wal and -shm files are mode 0600, a
+live task's camera URL is stored sealed and only while the task runs, deleted content is overwritten
+(secure_delete), and the write-ahead log is emptied after every deletion (a checkpoint that truncates it),
+so nothing of a deleted task stays in any file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -18,8 +24,11 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from posemesh.gateway.at_rest import SecretBox, Unreadable, private_dir, private_file
 from posemesh.mesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
+
+log = logging.getLogger("posemesh.gateway")
 
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 ACTIVE = {tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING}
@@ -68,8 +77,9 @@ def timestamp(us: int) -> Timestamp:
 
 # Columns added after the first release: (name, definition), added to older databases at start-up.
 ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 0"),
-                 # Live tasks: the source to read (credentials included: server side only), and how the task
-                 # ends once annotate's results arrive (its source ended, broke off, or was stopped).
+                 # Live tasks: the source to read (credentials included, so sealed: SecretBox; cleared when the
+                 # task ends), and how the task ends once annotate's results arrive (its source ended, broke off,
+                 # or was stopped).
                  ("live_url", "TEXT"), ("live_transport", "INTEGER"), ("ending_state", "INTEGER"),
                  ("ending_message", "TEXT"), ("ending_us", "INTEGER")]
 
@@ -83,14 +93,25 @@ class ActiveTask:
     live_url: str  # a live task's source, credentials included (server side only); "" for an upload
     live_transport: int
     ending_state: int  # a live task whose source is done: how it ends once its results arrive (0: not yet)
+    # Why a live task's stored URL cannot be opened (sealed under a key the server no longer has); its
+    # live_url is then the sealed value, which says it is live and nothing more. "" when it can be read.
+    live_error: str = ""
 
 
 class TaskStore:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, secrets: SecretBox | None = None):
+        """`secrets`: what seals camera URLs; by default the key file beside the database (SecretBox)."""
+        private_dir(path.parent)
+        # SQLite gives the -wal and -shm files the database file's mode: made 0600 first, all three are.
+        for existing in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if existing.exists():
+                existing.chmod(0o600)
+        private_file(path)
+        self.secrets = secrets or SecretBox.in_data_dir(path.parent)
         self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA secure_delete=ON")  # deleted or replaced content is overwritten with zeros
         self.db.executescript(SCHEMA)
         present = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
         for name, definition in ADDED_COLUMNS:
@@ -98,6 +119,25 @@ class TaskStore:
                 self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
         self.lock = threading.RLock()
         self.listeners: list = []  # callables(task_id | None), told after every committed change
+        self.wal_dirty = False  # a deletion's old content may still be in the write-ahead log
+        self._seal_plain_urls()
+
+    def _seal_plain_urls(self) -> None:
+        """A database from before sealing: its camera URLs sealed, and every page rewritten once (VACUUM), so
+        no deleted content of that time stays in the file."""
+        if self.get_meta("at_rest") == "1":
+            return
+        plain = [(task_id, url) for task_id, url in
+                 self.db.execute("SELECT task_id, live_url FROM tasks WHERE live_url IS NOT NULL").fetchall()
+                 if not self.secrets.sealed(url)]
+        with self.transaction() as db:
+            for task_id, url in plain:
+                db.execute("UPDATE tasks SET live_url = ? WHERE task_id = ?", (self.secrets.seal(url), task_id))
+        self.db.execute("VACUUM")
+        self.set_meta("at_rest", "1")
+        self.truncate_wal()
+        if plain:
+            log.info("sealed the camera URLs of %d live tasks stored in plain text by an earlier version", len(plain))
 
     @contextmanager
     def transaction(self, task_id: str | None = None):
@@ -109,8 +149,18 @@ class TaskStore:
             except BaseException:
                 self.db.execute("ROLLBACK")
                 raise
+            if self.wal_dirty:
+                self.truncate_wal()
         for listener in self.listeners:
             listener(task_id)
+
+    def truncate_wal(self) -> None:
+        """Copy the write-ahead log into the database and empty it, so the old versions of pages it holds
+        (a deleted task's row among them) are gone. Busy (another connection reads): tried again after the
+        next write."""
+        with self.lock:
+            busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self.wal_dirty = bool(busy)
 
     # ------------------------------------------------------------------ reads
 
@@ -178,8 +228,14 @@ class TaskStore:
         """Queued and running tasks (not deleted), with what it takes to run them again."""
         rows = self._select("SELECT * FROM tasks WHERE state IN (?, ?) AND deleted = 0", tuple(ACTIVE))
         return [ActiveTask(task=tpb.Task.FromString(r["task"]), epoch=r["epoch"], produced=bool(r["produced"]),
-                           live_url=r["live_url"] or "", live_transport=r["live_transport"] or 0,
-                           ending_state=r["ending_state"] or 0) for r in rows]
+                           live_transport=r["live_transport"] or 0, ending_state=r["ending_state"] or 0,
+                           **self._live_url(r["live_url"] or "")) for r in rows]
+
+    def _live_url(self, stored: str) -> dict:
+        try:
+            return {"live_url": self.secrets.open(stored, "the camera URL of this live task")}
+        except Unreadable as exc:
+            return {"live_url": stored, "live_error": f"{exc}; start a new live task"}
 
     def state_of(self, task_id: str) -> int | None:
         """A task's state, also of one the user deleted whose row stays until its topics are gone."""
@@ -246,6 +302,8 @@ class TaskStore:
             finished = task.finished_at.ToMicroseconds() if task.HasField("finished_at") else None
             db.execute("UPDATE tasks SET task = ?, state = ?, finished_us = ? WHERE task_id = ?",
                        (task.SerializeToString(), task.state, finished, task_id))
+            if task.state in TERMINAL:  # an ended task is never read again: its camera's credentials go
+                db.execute("UPDATE tasks SET live_url = NULL WHERE task_id = ? AND live_url IS NOT NULL", (task_id,))
             return task
 
     def transition(self, task_id: str, state: int, error: str = "", from_states=ACTIVE) -> tpb.Task | None:
@@ -313,9 +371,10 @@ class TaskStore:
             return row[0] if row else 0
 
     def set_live_source(self, task_id: str, url: str, transport: int) -> None:
-        """The camera a live task reads (kept to read it again after the broker lost its data)."""
+        """The camera a live task reads (kept, sealed, to read it again after the broker lost its data)."""
         with self.transaction(task_id) as db:
-            db.execute("UPDATE tasks SET live_url = ?, live_transport = ? WHERE task_id = ?", (url, transport, task_id))
+            db.execute("UPDATE tasks SET live_url = ?, live_transport = ? WHERE task_id = ?",
+                       (self.secrets.seal(url), transport, task_id))
 
     def mark_produced(self, task_id: str) -> None:
         """Every frame of the task, and its end of stream, is on raw_frames_<task>."""
@@ -331,13 +390,21 @@ class TaskStore:
 
     def mark_deleted(self, task_id: str) -> None:
         """The user deleted the task: gone at once if its topics are, else hidden (get and list skip it) until
-        the sweep deletes them (mark_topics_deleted). Its idempotency key may be used again at once."""
+        the sweep deletes them (mark_topics_deleted), and all but the bookkeeping of the topics' hand-off (id,
+        owner, state, times) gone at once. Its idempotency key may be used again at once."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT topics_deleted FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.execute("SELECT topics_deleted, task FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row and row[0]:
                 self._purge(db, task_id)
-            else:
-                db.execute("UPDATE tasks SET deleted = 1, idempotency_key = NULL WHERE task_id = ?", (task_id,))
+            elif row:
+                old = tpb.Task.FromString(row[1])
+                kept = tpb.Task(task_id=task_id, state=old.state, created_at=old.created_at,
+                                finished_at=old.finished_at)
+                db.execute("UPDATE tasks SET deleted = 1, idempotency_key = NULL, upload_sha256 = NULL, "
+                           "live_url = NULL, ending_message = NULL, progress = '{}', task = ? WHERE task_id = ?",
+                           (kept.SerializeToString(), task_id))
+                db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
+            self.wal_dirty = True
 
     def mark_topics_deleted(self, task_id: str) -> None:
         """The task's topics are gone from the broker; a task the user deleted goes with them."""
@@ -345,6 +412,7 @@ class TaskStore:
             row = db.execute("SELECT deleted FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             if row and row[0]:
                 self._purge(db, task_id)
+                self.wal_dirty = True
             elif row:
                 db.execute("UPDATE tasks SET topics_deleted = 1 WHERE task_id = ?", (task_id,))
 
@@ -362,6 +430,7 @@ class TaskStore:
         """No trace of the task is left (a task that could not start)."""
         with self.transaction(task_id) as db:
             self._purge(db, task_id)
+            self.wal_dirty = True
 
     @staticmethod
     def _purge(db, task_id: str) -> None:

@@ -138,3 +138,9 @@ def make_clip(src: Path, dst: Path, frames: int, fps: int | None = None, rotatio
         for packet in stream.encode(None):
             out.mux(packet)
     return dst
+
+
+def files_holding(root: Path, needle: str) -> list[str]:
+    """Every file under `root` whose bytes contain `needle`, as paths relative to it: what is left on disk."""
+    return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
+            if p.is_file() and needle.encode() in p.read_bytes()]
