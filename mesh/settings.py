@@ -69,10 +69,13 @@ class Settings:
     topic_delete_delay_s: float = field(default_factory=lambda: float(env("TOPIC_DELETE_DELAY_S", "60")))
     # Triton
     triton_url: str = field(default_factory=lambda: env("TRITON_URL", "127.0.0.1:8001"))
-    # Deadline of one inference request; and how long Triton may fail (down, restarting, hung) before the
-    # tasks waiting on it are failed with that reason instead of waiting on.
+    # The shortest time an inference answer may take before Triton is asked whether it is still there (the
+    # deadline grows with the observed round trip; a busy Triton is waited for); and how long Triton may be
+    # unreachable, not ready or hung before the tasks waiting on it are failed with that reason.
     triton_timeout_s: float = field(default_factory=lambda: float(env("TRITON_TIMEOUT_S", "10")))
     triton_outage_s: float = field(default_factory=lambda: float(env("TRITON_OUTAGE_S", "60")))
+    # Requests one worker process keeps in Triton's queue per model; more wait in the worker (back-pressure).
+    triton_max_in_flight: int = field(default_factory=lambda: int(env("TRITON_MAX_IN_FLIGHT", "4")))
     # Inputs to Triton through system shared memory: "auto" (when Triton's address is a loopback address),
     # "on" or "off". Shared memory needs both sides to see one /dev/shm (same host, or --ipc=host).
     triton_shm: str = field(default_factory=lambda: env("TRITON_SHM", "auto"))

@@ -90,8 +90,7 @@ class DetectStage(Stage):
     max_batch = 16
 
     def setup(self, settings) -> None:
-        self.model = TritonModel(settings.triton_url, "yolox", settings.triton_timeout_s, settings.triton_outage_s,
-                                 settings.triton_shm)
+        self.model = TritonModel.for_settings(settings, "yolox")
         self.model.wait_ready(120)
         self.detector = Detector(self.model)
 

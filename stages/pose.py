@@ -108,9 +108,7 @@ class PoseStage(Stage):
 
     def estimator(self, name: str) -> PoseEstimator:
         if name not in self.estimators:
-            s = self.settings
-            self.estimators[name] = PoseEstimator(name, TritonModel(s.triton_url, name, s.triton_timeout_s,
-                                                                    s.triton_outage_s, s.triton_shm))
+            self.estimators[name] = PoseEstimator(name, TritonModel.for_settings(self.settings, name))
         return self.estimators[name]
 
     def problem(self) -> str:

@@ -1,13 +1,20 @@
-"""A Triton model as a function of numpy arrays: batched the way the server wants, with deadlines.
+"""A Triton model as a function of numpy arrays: batched the way the server wants; a busy server slows the
+caller down, only a gone one fails it.
 
-- Inputs larger than the model's max batch are split into chunks sent concurrently, so Triton's dynamic
-  batcher can merge them with other workers' requests.
-- Every request has a deadline (POSEMESH_TRITON_TIMEOUT_S): a hung server costs a bounded wait, not a
-  hung worker.
-- Transient failures (server unreachable, restarting, hung, model not loaded yet) are retried with
-  back-off for up to POSEMESH_TRITON_OUTAGE_S; meanwhile `problem` says what is wrong (the worker's health
-  turns NOT_SERVING). After that TritonUnavailable is raised and the worker fails the affected tasks with
-  that message. Other errors (a tensor the model rejects) raise StageError at once.
+- Inputs larger than the model's max batch are split into chunks, sent at most
+  POSEMESH_TRITON_MAX_IN_FLIGHT at a time per model and process, so Triton's dynamic batcher can merge them
+  with other workers' requests while a worker never floods a busy server's queue: the worker's loop waits
+  here, and its Kafka consumer simply reads less (back-pressure).
+- Busy is not gone. When an answer takes longer than its deadline (four times the recent round trip, at
+  least POSEMESH_TRITON_TIMEOUT_S), the model's readiness is asked: Triton answers health checks at once
+  even with a long inference queue, so a ready model means "busy": the request is left to finish (it is
+  not cancelled and sent again at the back of the queue). Only a Triton that is unreachable, not ready, or
+  not answering at all (hung) runs the outage clock.
+- Outages (server unreachable, restarting, hung, model not loaded yet) are retried with back-off for up to
+  POSEMESH_TRITON_OUTAGE_S; meanwhile `problem` says what is wrong (the worker's health turns
+  NOT_SERVING). After that TritonUnavailable is raised and the worker fails the affected tasks with that
+  message. Other errors (a tensor the model rejects) raise StageError at once.
+- Only the chunks that failed are sent again: a late or failed chunk never makes its batch start over.
 - The gRPC channel reconnects quickly once the server is back (reconnect back-off capped at 1 s).
 - When Triton runs on the same host (a loopback URL; POSEMESH_TRITON_SHM=auto|on|off), tensors travel
   through system shared memory instead of the gRPC payload: a request names a registered region, and
@@ -125,8 +132,34 @@ def transient(exc: Exception) -> bool:
     return isinstance(exc, (ConnectionError, TimeoutError))
 
 
+class _Round:
+    """The sub-requests of one call that are out at the same time, and what came back for each."""
+
+    def __init__(self, starts: list[int]):
+        self.lock = threading.Lock()
+        self.left = len(starts)
+        self.results: dict[int, object] = {}
+        self.errors: dict[int, Exception] = {}
+        self.done = threading.Event()
+        if not starts:
+            self.done.set()
+
+    def answer(self, start: int, result, error) -> None:
+        with self.lock:
+            if error is not None:
+                self.errors[start] = error
+            else:
+                self.results[start] = result
+            self.left -= 1
+            if self.left == 0:
+                self.done.set()
+
+
 class TritonModel:
-    def __init__(self, url: str, name: str, timeout_s: float = 10.0, outage_s: float = 60.0, shm: str = "auto"):
+    """One model on one Triton server, called like a function of numpy arrays (see the module docstring)."""
+
+    def __init__(self, url: str, name: str, timeout_s: float = 10.0, outage_s: float = 60.0, shm: str = "auto",
+                 max_in_flight: int = 4):
         self.url, self.name = url, name
         self.timeout_s, self.outage_s = timeout_s, outage_s
         self.client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
@@ -135,10 +168,19 @@ class TritonModel:
         self.outputs: dict[str, tuple[np.dtype, list[int]]] = {}  # name -> dtype, dims without batch
         self.shared_memory = use_shared_memory(url, shm)
         self.slots: SharedMemorySlots | None = None
+        self.in_flight = threading.BoundedSemaphore(max(1, max_in_flight))
+        self.latency_s = 0.0  # moving average of answered requests' round trips
         self.calls = 0
         self.seconds = 0.0
-        self._problem = ""  # non-empty while calls are failing
+        self.late = 0  # answers that came after the deadline from a Triton that was busy, not gone
+        self._problem = ""  # non-empty while Triton is unreachable, not ready or not answering
         self._probed = 0.0
+        self._outage_since: float | None = None
+
+    @classmethod
+    def for_settings(cls, settings, name: str) -> TritonModel:
+        return cls(settings.triton_url, name, settings.triton_timeout_s, settings.triton_outage_s,
+                   settings.triton_shm, settings.triton_max_in_flight)
 
     @property
     def problem(self) -> str:
@@ -149,7 +191,7 @@ class TritonModel:
             self._probed = time.monotonic()
             try:
                 if self.client.is_model_ready(self.name, client_timeout=1.0):
-                    self._problem = ""
+                    self._fine()
             except InferenceServerException:
                 pass
         return self._problem
@@ -157,6 +199,12 @@ class TritonModel:
     @problem.setter
     def problem(self, value: str) -> None:
         self._problem = value
+
+    def deadline_s(self) -> float:
+        """How long an answer may take before Triton is asked whether it is still there: four times the
+        recent round trip, at least POSEMESH_TRITON_TIMEOUT_S. A busy server's answers slow down, and so
+        do the checks."""
+        return max(self.timeout_s, 4 * self.latency_s)
 
     def _load_config(self) -> None:
         config = self.client.get_model_config(self.name, as_json=True, client_timeout=self.timeout_s)["config"]
@@ -184,73 +232,130 @@ class TritonModel:
                 raise TritonUnavailable(f"Triton model {self.name!r} at {self.url} not ready after {timeout:.0f} s")
             time.sleep(0.25)
 
+    # -- busy or gone --------------------------------------------------------------------------------------
+
+    def _ready(self) -> str:
+        """"" when the model says it is ready (a busy server still answers this at once: health is not
+        queued behind inference), else what is wrong."""
+        try:
+            if self.client.is_model_ready(self.name, client_timeout=min(self.timeout_s, 5.0)):
+                return ""
+            return "model not ready"
+        except InferenceServerException as exc:
+            return _text(exc)
+
+    def _trouble(self, what: str) -> None:
+        """Triton is unreachable, not ready or not answering: start (or continue) the outage clock, and
+        give up once it has run for POSEMESH_TRITON_OUTAGE_S."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        self.problem = f"Triton model {self.name} at {self.url}: {what}"
+        if now - self._outage_since >= self.outage_s:
+            raise TritonUnavailable(f"Triton at {self.url} could not serve {self.name} for "
+                                    f"{self.outage_s:.0f} s ({what})")
+
+    def _fine(self) -> None:
+        self._outage_since = None
+        self.problem = ""
+
+    def _wait(self, event_wait, started: float) -> None:
+        """Wait on `event_wait(timeout)`; each time the deadline passes, ask Triton whether it is there.
+        Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs."""
+        while not event_wait(self.deadline_s()):
+            what = self._ready()
+            if what:
+                self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}")
+            else:
+                self._fine()
+
+    # -- calls ---------------------------------------------------------------------------------------------
+
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        """The outputs for a batch of any size. Only sub-requests that failed are sent again: a late one
+        never makes the batch start over."""
         n = next(iter(inputs.values())).shape[0]
         if n == 0:
             raise ValueError("empty batch")
-        give_up = time.monotonic() + self.outage_s
+        t0 = time.perf_counter()
+        pending: list[int] | None = None
+        answered: dict[int, dict[str, np.ndarray]] = {}
         delay = 0.2
         while True:
             try:
                 if not self.max_batch:
                     self._load_config()
-                out = self._infer(inputs, n)
-                self.problem = ""
-                return out
+                if pending is None:
+                    pending = list(range(0, n, self.max_batch))
+                    step = self.max_batch
+                failed = self._send(inputs, pending, step, answered)
             except Exception as exc:  # noqa: BLE001 - sorted into transient and not below
-                if self.slots is not None and "shared memory" in str(exc).lower():
-                    self.slots.register_again()  # Triton restarted and forgot our regions
-                    exc = InferenceServerException(f"shared memory regions registered again: {exc}",
-                                                   status="StatusCode.UNAVAILABLE")
-                if not transient(exc):
-                    raise StageError(f"Triton model {self.name}: {_text(exc)}") from None
-                self.problem = f"Triton model {self.name} at {self.url}: {_text(exc)}"
-                if time.monotonic() + delay > give_up:
-                    raise TritonUnavailable(f"Triton at {self.url} could not serve {self.name} for "
-                                            f"{self.outage_s:.0f} s ({_text(exc)})") from None
+                failed = {-1: exc}
+            if not failed:
+                self._fine()
+                self.seconds += time.perf_counter() - t0
+                return {o: np.concatenate([answered[s][o] for s in sorted(answered)]) for o in self.output_names}
+            exc = next(iter(failed.values()))
+            if self.slots is not None and "shared memory" in str(exc).lower():
+                self.slots.register_again()  # Triton restarted and forgot our regions
+                exc = InferenceServerException(f"shared memory regions registered again: {exc}",
+                                               status="StatusCode.UNAVAILABLE")
+            if not transient(exc):
+                raise StageError(f"Triton model {self.name}: {_text(exc)}") from None
+            if pending is not None and -1 not in failed:
+                pending = sorted(failed)
+            what = self._ready()
+            if what:  # unreachable or not ready: an outage, retried with back-off until the limit
+                self._trouble(f"{_text(exc)}; {what}")
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+            else:  # the server is there: it refused or dropped this request (overload); send again
+                self._fine()
+                time.sleep(0.05)
 
-    def _infer(self, inputs: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        starts = list(range(0, n, self.max_batch))
-        results: list = [None] * len(starts)
-        errors: list = []
-        taken: list = []
-        done = threading.Semaphore(0)
-        answered = 0
-        t0 = time.perf_counter()
-        try:
-            for k, start in enumerate(starts):
-                chunks = {name: np.ascontiguousarray(a[start:start + self.max_batch]) for name, a in inputs.items()}
-                rows = next(iter(chunks.values())).shape[0]
-                tensors, outputs = self._tensors(chunks, rows, taken)
+    def _send(self, inputs: dict[str, np.ndarray], starts: list[int], step: int,
+              answered: dict[int, dict[str, np.ndarray]]) -> dict[int, Exception]:
+        """Sends the chunks at `starts`, at most max_in_flight at a time (the rest wait here, and so does
+        the worker's loop: back-pressure up to the Kafka consumer). Answers go into `answered`; the
+        failures are returned."""
+        call = _Round(starts)
+        taken: dict[int, tuple] = {}
+        t0 = time.monotonic()
+        for start in starts:
+            chunks = {name: np.ascontiguousarray(a[start:start + step]) for name, a in inputs.items()}
+            rows = next(iter(chunks.values())).shape[0]
+            self._wait(lambda timeout: self.in_flight.acquire(timeout=timeout), t0)
+            try:
+                tensors, outputs = self._tensors(chunks, rows, taken, start)
+            except BaseException:
+                self.in_flight.release()
+                raise
+            sent, deadline = time.monotonic(), self.deadline_s()
 
-                def callback(result, error, k=k):
-                    if error is not None:
-                        errors.append(error)
-                    else:
-                        results[k] = result
-                    done.release()
+            def callback(result, error, start=start, sent=sent, deadline=deadline):
+                self.in_flight.release()
+                if error is None:
+                    took = time.monotonic() - sent
+                    self.late += took > deadline
+                    self.latency_s = took if not self.latency_s else 0.8 * self.latency_s + 0.2 * took
+                call.answer(start, result, error)
 
-                self.client.async_infer(self.name, tensors, callback, client_timeout=self.timeout_s, outputs=outputs)
-            for _ in starts:
-                # The deadline is enforced by gRPC; this bound only guards against a callback never coming.
-                if not done.acquire(timeout=self.timeout_s + 5):
-                    raise TimeoutError(f"no answer from Triton within {self.timeout_s + 5:.0f} s")
-                answered += 1
-            if errors:
-                raise errors[0]
-            out = {o: np.concatenate([self._output(r, o, k, taken) for k, r in enumerate(results)])
-                   for o in self.output_names}
-        finally:
-            if self.slots is not None and answered == len(starts):
-                for slot in taken:  # only slots whose requests are over are used again
-                    self.slots.give_back(slot)
+            # The gRPC deadline is only a backstop against a lost answer: a slow answer is waited for as long
+            # as Triton says it is there (see _wait).
+            self.client.async_infer(self.name, tensors, callback, outputs=outputs,
+                                    client_timeout=max(self.outage_s, deadline) * 4)
+        self._wait(call.done.wait, t0)
         self.calls += len(starts)
-        self.seconds += time.perf_counter() - t0
-        return out
+        for start, result in call.results.items():
+            answered[start] = {o: self._output(result, o, taken.get(start)) for o in self.output_names}
+        if self.slots is not None:
+            for start, slot in taken.items():
+                if start in call.results:
+                    self.slots.give_back(slot)
+                # A failed request's regions are dropped, not reused: Triton may still write into them.
+        return call.errors
 
-    def _tensors(self, chunks: dict[str, np.ndarray], rows: int, taken: list):
+    def _tensors(self, chunks: dict[str, np.ndarray], rows: int, taken: dict, start: int):
         tensors, outputs = [], []
         if self.slots is None:
             for name, chunk in chunks.items():
@@ -259,7 +364,7 @@ class TritonModel:
                 tensors.append(t)
             return tensors, [grpcclient.InferRequestedOutput(o) for o in self.output_names]
         region_in, region_out = self.slots.take()
-        taken.append((region_in, region_out))
+        taken[start] = (region_in, region_out)
         offset = 0
         for name, chunk in chunks.items():
             shm.set_shared_memory_region(region_in.handle, [chunk], offset=offset)
@@ -283,12 +388,12 @@ class TritonModel:
             offset += nbytes
         return layout
 
-    def _output(self, result, name: str, k: int, taken: list) -> np.ndarray:
-        if self.slots is None:
+    def _output(self, result, name: str, slot) -> np.ndarray:
+        if slot is None:
             return result.as_numpy(name)
         shape = [int(d) for d in result.get_output(name).shape]
         offset = next(o for n, o, _b in self._output_layout(shape[0]) if n == name)
-        return np.array(shm.get_contents_as_numpy(taken[k][1].handle, self.outputs[name][0], shape, offset=offset))
+        return np.array(shm.get_contents_as_numpy(slot[1].handle, self.outputs[name][0], shape, offset=offset))
 
     def close(self) -> None:
         if self.slots is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import cv2
 import numpy as np
@@ -144,3 +145,68 @@ def test_dynamic_batching_merges_concurrent_requests(triton):
     assert inferences == n
     assert executions < inferences, f"{executions} executions for {inferences} inferences: no batching"
     assert SERVED["yolox"].max_batch_cpu >= 2
+
+
+def _crops(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
+
+
+def _flood(triton, model: str, seconds: float) -> threading.Thread:
+    """Another client keeping `model`'s queue long for `seconds`: a busy server, not a gone one."""
+    def run():
+        client = grpcclient.InferenceServerClient(triton.url)
+        x = _crops(8, seed=1)
+        end = time.monotonic() + seconds
+        out = threading.Semaphore(24)
+        while time.monotonic() < end:
+            out.acquire()
+            t = grpcclient.InferInput("input_1", list(x.shape), "UINT8")
+            t.set_data_from_numpy(x)
+            client.async_infer(model, [t], lambda result, error: out.release())  # called with keywords
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_busy_triton_is_waited_for_not_failed_or_asked_again(triton):
+    """Answers far later than the deadline from a server that is there: the call waits (no outage clock,
+    no problem reported), its requests are neither cancelled nor sent again, and the outputs are exact."""
+    x = _crops(40)
+    quiet = TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)
+    model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.05, outage_s=0.5, shm="off", max_in_flight=2)
+    stats = grpcclient.InferenceServerClient(triton.url)
+    before = stats.get_inference_statistics("blazepose_lite").model_stats[0].inference_stats.fail.count
+    flood = _flood(triton, "blazepose_lite", 4.0)
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    busy = model(input_1=x)
+    took = time.monotonic() - t0
+    flood.join()
+    assert took > model.outage_s, f"the server was not busy enough to test anything ({took:.2f} s)"
+    assert model.late >= 1 and model.problem == ""
+    assert model.calls == 5  # 40 crops in chunks of 8, each sent once
+    for name in quiet:
+        np.testing.assert_array_equal(busy[name], quiet[name])
+    assert stats.get_inference_statistics("blazepose_lite").model_stats[0].inference_stats.fail.count == before
+
+
+def test_requests_in_flight_are_bounded_per_model(triton):
+    model = TritonModel(triton.url, "blazepose_lite", max_in_flight=2)
+    model.wait_ready(30)
+    out, most = [0], [0]
+    lock = threading.Lock()
+    send = model.client.async_infer
+
+    def counting(name, tensors, callback, **kw):
+        def done(result, error):
+            with lock:
+                out[0] -= 1
+            callback(result, error)
+        with lock:
+            out[0] += 1
+            most[0] = max(most[0], out[0])
+        return send(name, tensors, done, **kw)
+
+    model.client.async_infer = counting
+    model(input_1=_crops(80))
+    assert most[0] == 2 and model.calls == 10
