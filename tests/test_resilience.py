@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -21,7 +24,7 @@ from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
 from tests.helpers import make_clip, reserved_task_ids, upload, wait_for
-from tests.mesh import Mesh
+from tests.mesh import DONE, Mesh
 
 pytestmark = pytest.mark.slow
 
@@ -35,8 +38,10 @@ def clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mesh(onnx_dir, tmp_path_factory):
-    # Reservations are made again 10 s after a task took one: well after its first frame, even here.
-    m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=2, topic_delete_delay_s=1.0, reserve_quiet_s=10.0)
+    # Reservations are made again 10 s after a task took one: well after its first frame, even here. Triton's
+    # deadline and outage limit are short, so that a busy Triton taken for a gone one would fail a task here.
+    m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=2, topic_delete_delay_s=1.0, reserve_quiet_s=10.0,
+             triton_timeout_s=0.5, triton_outage_s=20.0)
     yield m
     m.stop()
 
@@ -158,6 +163,24 @@ def test_triton_killed_and_restarted_mid_task_changes_nothing(mesh, clip, refere
     task = upload(mesh.stub, clip, auth())
     _owner(mesh, "pose", task.task_id, at_least=10)
     mesh.restart_triton(down_s=2.0)
+    assert_same_as_reference(mesh, task.task_id, reference)
+
+
+def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(mesh, clip, reference):
+    """Processes burning CPU next to the mesh, ten per core, for longer than Triton's outage limit: Triton's
+    queue grows far past the deadline, yet it is busy, not gone, so the task waits and completes exactly."""
+    task = upload(mesh.stub, clip, auth())
+    _owner(mesh, "pose", task.task_id, at_least=3)
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+               for _ in range(10 * len(os.sched_getaffinity(0)))]
+    try:  # until the task ends, or for twice the outage limit
+        end = time.monotonic() + 2 * mesh.settings.triton_outage_s
+        while time.monotonic() < end and mesh.get(task.task_id).state not in DONE:
+            time.sleep(0.5)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     assert_same_as_reference(mesh, task.task_id, reference)
 
 
