@@ -30,15 +30,30 @@ H264 = "video/x-h264,stream-format=byte-stream,alignment=au"
 
 
 class Relay:
-    """What publishers send on /publish/PATH, handed to every player of /live/PATH."""
+    """What publishers send on /publish/PATH, handed to every player of /live/PATH.
+
+    Each player gets a media of its own, prepared from the publisher's pictures since its last keyframe
+    (kept here): a media cannot describe the stream before it has seen a keyframe's parameter sets, so a
+    new player used to wait for the next keyframe to be answered and, since what prepared the media is not
+    played, for the one after to see a picture (two keyframe intervals). Now DESCRIBE is answered at once
+    and a player sees a picture at the publisher's next keyframe, as with MediaMTX, which answers DESCRIBE
+    from the publisher's SDP and sends a reader what arrives after its PLAY."""
+
+    MAX_KEPT = 300  # buffers since the last keyframe: bounds memory when a publisher sends no keyframes
 
     def __init__(self):
         self.lock = threading.Lock()
         self.sources: dict[str, list] = {}  # path -> appsrc elements of live players' media
+        self.since_key: dict[str, list] = {}  # path -> the buffers from the last keyframe on
 
     def player_joined(self, path: str, appsrc) -> None:
         with self.lock:
+            self._replay(path, appsrc)
             self.sources.setdefault(path, []).append(appsrc)
+
+    def _replay(self, path: str, appsrc) -> None:
+        for buffer in self.since_key.get(path, []):
+            appsrc.emit("push-buffer", _restamped(buffer))
 
     def player_left(self, path: str, appsrc) -> None:
         with self.lock:
@@ -49,17 +64,26 @@ class Relay:
         """The stream ended: players get an end of stream (RTCP BYE) rather than silence."""
         with self.lock:
             targets = list(self.sources.get(path, []))
+            self.since_key.pop(path, None)
         for appsrc in targets:
             appsrc.emit("end-of-stream")
 
     def sample(self, path: str, sample) -> None:
         buffer = sample.get_buffer()
-        with self.lock:
-            targets = list(self.sources.get(path, []))
-        for appsrc in targets:
-            copy = buffer.copy()
-            copy.pts = copy.dts = Gst.CLOCK_TIME_NONE  # appsrc stamps it with its running time (live)
-            appsrc.emit("push-buffer", copy)
+        with self.lock:  # pushed in order with what a joining player is given
+            kept = self.since_key.setdefault(path, [])
+            if not buffer.has_flags(Gst.BufferFlags.DELTA_UNIT):
+                kept.clear()
+            if len(kept) < self.MAX_KEPT:
+                kept.append(buffer)
+            for appsrc in self.sources.get(path, []):
+                appsrc.emit("push-buffer", _restamped(buffer))
+
+
+def _restamped(buffer):
+    copy = buffer.copy()
+    copy.pts = copy.dts = Gst.CLOCK_TIME_NONE  # appsrc stamps it with its running time (live)
+    return copy
 
 
 class PublishFactory(GstRtspServer.RTSPMediaFactory):
@@ -85,7 +109,7 @@ class LiveFactory(GstRtspServer.RTSPMediaFactory):
     def __init__(self, relay: Relay, path: str):
         super().__init__()
         self.relay, self.path = relay, path
-        self.set_shared(True)
+        self.set_shared(False)  # a media per player, each prepared from the last keyframe on (Relay)
         self.set_launch(f"( appsrc name=src is-live=true format=time do-timestamp=true caps={H264} ! "
                         "h264parse config-interval=-1 ! rtph264pay name=pay0 pt=96 config-interval=1 )")
         self.connect("media-configure", self._configure)

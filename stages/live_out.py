@@ -2,7 +2,8 @@
 GStreamer relay in the local stack), at TaskStarted.publish_url.
 
 No second encoder: the H.264 packets the results writer codes for the MP4 are copied here as well (for live
-tasks that encoder codes for latency: no lookahead, no B-frames, a keyframe at least every two seconds).
+tasks that encoder codes for latency: no lookahead, no B-frames, and a keyframe at least every two seconds of
+media and of wall time however few frames the source keeps, results.KeyframeClock: players start at one).
 A thread of its own does the network writes, fed by a bounded queue: a slow or absent server costs
 dropped packets (and then a wait for the next keyframe, so players never see a broken picture), never a
 slower task. A failed connection is tried again at the next keyframe, at most every few seconds.

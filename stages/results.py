@@ -35,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -42,6 +43,7 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
+from av.video.frame import PictureType
 
 from posemesh.mesh import media, names
 from posemesh.mesh.models import sha256_of
@@ -99,11 +101,41 @@ def fit(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 @dataclass
+class KeyframeClock:
+    """When a live task's next picture must be a keyframe. Players start (and, after a loss, resume) only
+    at one, so one comes at least every `interval_s` of media time and of wall time, however few frames the
+    source keeps. A GOP counted in frames (the encoder's `g`) is fps x interval frames: with 9 frames in 10
+    dropped at the source that was minutes, and a player joining got no picture for as long.
+
+    A picture is made a keyframe when waiting for the next one would pass the interval, judging the next
+    frame's time by the last gap between frames: at 0.4 s a frame and a 2 s interval, keyframes 1.6-2.0 s
+    apart, never 2.4."""
+
+    interval_s: float
+    key: tuple[float, float] | None = None  # (media time, wall time) of the last keyframe
+    last: tuple[float, float] | None = None  # of the last picture
+
+    def due(self, media_s: float, wall_s: float) -> bool:
+        if self.key is None or self.last is None or media_s < self.key[0]:
+            return True  # the first picture, or time went back (the task runs again from its start)
+        room = self.interval_s - 1e-6
+        return any(now - key + max(0.0, now - last) >= room
+                   for now, key, last in zip((media_s, wall_s), self.key, self.last))
+
+    def coded(self, media_s: float, wall_s: float, keyframe: bool) -> None:
+        """A picture was coded: a keyframe (forced, or the encoder's own: a new segment's first) or not."""
+        self.last = (media_s, wall_s)
+        if keyframe:
+            self.key = (media_s, wall_s)
+
+
+@dataclass
 class EncoderSettings:
     preset: str = "veryfast"
     crf: int = 23
     segment_frames: int = 60  # Settings.segment_frames
-    # A live task codes for latency: no lookahead, a keyframe at least every `live_keyframe_s`.
+    # A live task codes for latency: no lookahead, a keyframe at least every `live_keyframe_s` of media and
+    # of wall time (KeyframeClock), whatever the frame rate that reaches annotate.
     live: bool = False
     live_keyframe_s: float = 2.0
 
@@ -139,9 +171,12 @@ class ResultWriter:
     warnings: list[str] = field(default_factory=list)
     durable: int = -1  # the last index of the finished segments (those of earlier owners included)
     frames_total: int = 0
+    keyframes: KeyframeClock | None = None  # a live task's
 
     def __post_init__(self) -> None:
         self.durable = _chain_end(self.partial)
+        if self.settings.live:
+            self.keyframes = KeyframeClock(self.settings.live_keyframe_s)
 
     @property
     def partial(self) -> Path:
@@ -186,8 +221,13 @@ class ResultWriter:
             picture = _video_frame(fit(image, *self.size), seg.stream.pix_fmt)
             picture.pts = round(frame.timestamp_s / TIME_BASE)
             picture.time_base = TIME_BASE
-            for packet in seg.stream.encode(picture):
+            now = time.monotonic()
+            if self.keyframes is not None and self.keyframes.due(frame.timestamp_s, now):
+                picture.pict_type = PictureType.I  # libx264: an IDR picture (closed GOP)
+            for packet in seg.stream.encode(picture):  # live: no lookahead, so this picture's packet
                 seg.video.mux(packet)
+                if self.keyframes is not None:
+                    self.keyframes.coded(frame.timestamp_s, now, packet.is_keyframe)
                 if self.publisher is not None:
                     self.publisher.offer(packet, seg.stream)
         seg.jsonl.write(json.dumps(keypoints_record(frame), separators=(",", ":")) + "\n")
