@@ -93,7 +93,7 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
         # Eager round-robin: spreads one-partition task topics over every member ("range" gives each such
         # topic to the first member, so other replicas idled); cooperative-sticky stalls on the local broker.
         "partition.assignment.strategy": "roundrobin",
-        "fetch.wait.max.ms": 50,
+        "fetch.wait.max.ms": settings.kafka_fetch_wait_ms,
         # Shallow fetches, a few frames each: librdkafka rotates the partition it starts a fetch with,
         # so consumption interleaves the partitions (and tasks) finely and frames flow roughly in index
         # order. The local broker ignores the per-partition limit and fills a fetch from one partition,

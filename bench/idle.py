@@ -1,0 +1,75 @@
+"""What a running stack costs when nobody uses it: CPU of every process over a quiet minute.
+
+    .venv/bin/python bench/idle.py [--seconds 60] [--reserved 0 4]
+
+Starts a local stack (broker, Triton, gateway, one worker per stage, no RTSP relay), lets it settle (the
+reserved task ids' topics are made and every stage has joined them), then samples each process tree's CPU
+seconds over the window. Prints % of one core per process and the total, against the target: an idle mesh
+below 5% of one core in all. Each configuration runs with 0 and 4 reserved task ids
+(POSEMESH_RESERVED_TASKS: per-task topics kept ready for the next uploads, read by every stage), to show
+how the idle cost scales with them, under the local stack's Kafka client settings and under deploy/'s
+(POSEMESH_KAFKA_FETCH_WAIT_MS=500 and a 1 s heartbeat, for Apache Kafka, which answers a held fetch as
+soon as a record arrives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.measure import tree_cpu
+from posemesh.devstack.stack import Stack, StackConfig
+
+TARGET = 5.0  # % of one core, all processes
+
+
+CONFIGS = {
+    "local stack": {},
+    "deploy/ settings": {"POSEMESH_KAFKA_FETCH_WAIT_MS": "500", "POSEMESH_KAFKA_HEARTBEAT_MS": "1000",
+                         "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": "10000"},
+}
+
+
+def idle_cpu(seconds: float, reserved: int, settle_s: float, config: dict[str, str]) -> dict[str, float]:
+    os.environ.update(config, POSEMESH_RESERVED_TASKS=str(reserved))
+    with tempfile.TemporaryDirectory(prefix="posemesh-bench-idle-") as tmp:
+        stack = Stack(StackConfig(run_dir=Path(tmp) / "stack", rtsp_port=-1)).start()
+        try:
+            time.sleep(settle_s)
+            before = {s.name: tree_cpu(s.proc.pid) for s in stack.services}
+            t0 = time.monotonic()
+            time.sleep(seconds)
+            took = time.monotonic() - t0
+            return {s.name: 100 * (tree_cpu(s.proc.pid) - before[s.name]) / took for s in stack.services}
+        finally:
+            stack.stop()
+            for name in config:
+                del os.environ[name]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--settle", type=float, default=20.0)
+    parser.add_argument("--reserved", type=int, nargs="+", default=[0, 4])
+    args = parser.parse_args()
+    runs = {f"{label}, {n} reserved": idle_cpu(args.seconds, n, args.settle, config)
+            for label, config in CONFIGS.items() for n in args.reserved}
+    names = list(next(iter(runs.values())))
+    print(f"\nidle CPU, % of one core over {args.seconds:.0f} s, one stack (target: all < {TARGET:.0f}%)")
+    print("| process | " + " | ".join(runs) + " |")
+    print("|---|" + "---|" * len(runs))
+    for name in names:
+        print(f"| {name} | " + " | ".join(f"{r[name]:.1f}" for r in runs.values()) + " |")
+    print("| **all** | " + " | ".join(f"{sum(r.values()):.1f} ({'ok' if sum(r.values()) < TARGET else 'OVER'})"
+                                     for r in runs.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()
