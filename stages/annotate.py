@@ -64,6 +64,11 @@ class AnnotateStage(Stage):
         writer = self.writers.get(task_id)
         return writer.durable if writer else -1
 
+    def needs_pixels(self, task: TaskInfo) -> bool:
+        """Pixels are drawn only for the annotated video and for live viewers: a task that asked for
+        keypoints (or exports) only, and that nobody watches, costs no JPEG read or decode here."""
+        return task.viewers > 0 or tpb.ARTIFACT_KIND_ANNOTATED_VIDEO in wanted_outputs(task.options)
+
     def process(self, items: list[FrameItem]) -> None:
         for item in items:  # in index order within each task
             frame = item.frame

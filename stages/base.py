@@ -111,6 +111,12 @@ class Stage(ABC):
         by task to find the culprit, fails that task and keeps the others. Raise ServiceUnavailable when a
         service the stage needs is gone: the batch's tasks fail without that search."""
 
+    def needs_pixels(self, task: TaskInfo) -> bool:
+        """Stages declared with pixels in the pipeline table: whether the task's JPEGs must be fetched for
+        it, as of now (a stage whose output for some tasks is metadata only says no for those: their pixels
+        are neither read ahead nor fetched)."""
+        return True
+
     def finish_task(self, task: TaskInfo) -> pb.TaskResult | None:
         """Ordered stages: every frame of the task went through `process`. Return a result to report."""
         return None

@@ -49,7 +49,8 @@ class RawFrames:
         self.cache: OrderedDict[tuple[TP, int], bytes] = OrderedDict()
         self.cached_bytes = 0
         self.fetches = 0
-        self.reads = 0
+        self.reads = 0  # records read from raw_frames (read ahead included)
+        self.bytes_read = 0
 
     # ------------------------------------------------------------------ the public side
 
@@ -152,6 +153,7 @@ class RawFrames:
                         log.debug("pixel read: %s", error)
                     continue
                 self.reads += 1
+                self.bytes_read += len(msg.value())
                 tp, offset = (msg.topic(), msg.partition()), msg.offset()
                 self.position[tp] = offset + 1
                 key = (tp, offset)

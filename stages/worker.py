@@ -282,7 +282,10 @@ class StageWorker:
             for task_id in self.pixels.reading_tasks() - set(wanted_tasks):
                 self.pixels.drop_task(task_id)  # ended (or a reservation given up) before its frames came here
             for task_id in wanted_tasks:
-                self.pixels.prepare(task_id, kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings))
+                count = kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings)
+                self.pixels.prepare(task_id, count)
+                if not self._wants_pixels(task_id):  # read ahead while reserved; not once it says no pixels
+                    self.pixels.warm(task_id, list(range(count)), on=False)
         wanted = [kafka.task_topic(self.spec.reads, t) for t in wanted_tasks]
         if wanted:
             try:
@@ -319,7 +322,16 @@ class StageWorker:
         for topic, partition in tps:
             task_id = kafka.task_of_topic(topic)
             if task_id:
-                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), on)
+                wanted = on and self._wants_pixels(task_id)
+                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
+
+    def _wants_pixels(self, task_id: str) -> bool:
+        """Stage.needs_pixels for a started task, from its TaskStarted; a reserved one may still need them."""
+        started = self.control.started(task_id)
+        if started is None:
+            return True
+        return self.stage.needs_pixels(TaskInfo(task_id, options=started.options,
+                                                viewers=self.control.viewers.get(task_id, 0)))
 
     def _on_revoked(self, tps: set) -> None:
         """Partitions moved to another replica (or their task ended): their frames are its now."""
@@ -481,16 +493,17 @@ class StageWorker:
         return done
 
     def _fill_pixels(self, ready: list[Pooled]) -> list[Pooled]:
-        """Fetch the batch's pixels; a task whose pixels cannot be read fails, the others go on."""
+        """Fetch the pixels of the batch's frames that need them (Stage.needs_pixels); a task whose pixels
+        cannot be read fails, the others go on."""
         try:
-            self.pixels.fill([e.item for e in ready])
+            self.pixels.fill([e.item for e in ready if self.stage.needs_pixels(e.item.task)])
             return ready
         except Exception:  # noqa: BLE001 - narrowed down to tasks below
             log.warning("reading pixels for a batch failed; retrying task by task", exc_info=True)
         kept = []
         for task_id, entries in by_task(ready).items():
             try:
-                self.pixels.fill([e.item for e in entries])
+                self.pixels.fill([e.item for e in entries if self.stage.needs_pixels(e.item.task)])
                 kept += entries
             except Exception as exc:  # noqa: BLE001
                 self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {describe(exc)}")
@@ -572,7 +585,9 @@ class StageWorker:
             tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem, problem=problem,
             resets=self.resets, assignments=self.assignments + (self.reader.assignments if self.reader else 0),
             subscription_changes=self.subscription_changes + (self.reader.subscription_changes if self.reader else 0),
-            consumer_group=self.group_name() if self.reader else "")
+            consumer_group=self.group_name() if self.reader else "",
+            pixel_frames_read=self.pixels.reads if self.pixels else 0,
+            pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0)
 
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:

@@ -163,3 +163,33 @@ def test_exports_of_a_real_task_are_read_by_pycocotools_motmetrics_and_csv(pipel
     assert list(rows[0]) == exports.CSV_HEADER
     assert [(int(row["index"]), int(row["track_id"])) for row in rows] == [(r["index"], p["track_id"])
                                                                           for r, p in persons]
+
+
+def annotate_status(workers):
+    import grpc
+
+    from posemesh.v1 import stage_service_pb2 as spb
+    from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
+
+    [port] = [port for stage, port, _p in workers.procs if stage == "annotate"]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest(), timeout=5)
+
+
+def test_a_keypoints_only_task_reads_no_pixels_after_pose(pipeline_once, tmp_path):
+    """Annotate draws only for the annotated video (or live viewers): a task that asked for keypoints only
+    costs it no JPEG read from the broker, and still gets every frame's keypoints."""
+    gw, workers = pipeline_once
+    clip = clips.synth(tmp_path / "plain.mp4", frames=24)
+    before = annotate_status(workers)
+    task = upload(gw.stub, clip, auth(), options=tpb.TaskOptions(outputs=[tpb.ARTIFACT_KIND_KEYPOINTS]))
+    done = wait_state(gw.stub, task.task_id, auth(), DONE, timeout=240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    assert [a.kind for a in done.artifacts] == [tpb.ARTIFACT_KIND_KEYPOINTS]
+    after = annotate_status(workers)
+    assert after.frames_processed - before.frames_processed == 24
+    assert (after.pixel_frames_read, after.pixel_bytes_read) == (before.pixel_frames_read, before.pixel_bytes_read)
+    # The same clip with the annotated video: annotate reads each frame's pixels.
+    _done, _video, records = results(gw, clip, tmp_path)
+    assert len(records) == 24
+    assert annotate_status(workers).pixel_frames_read - after.pixel_frames_read >= 24
