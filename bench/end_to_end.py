@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import limit as model_limit
 from bench.measure import counters, idle_between_bursts, run_uploads, topic_bytes, tree_cpu
-from posemesh import kafka
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh import kafka
 from posemesh.mesh.models import prepare
 from posemesh.mesh.settings import REPO_ROOT, default_media_dir
 

@@ -22,9 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 from bench.measure import rss_mb, run_uploads, topic_bytes, tree_cpu
-from posemesh import kafka
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh import kafka
 from posemesh.mesh.settings import default_media_dir
 from tests.clips import repeat
 

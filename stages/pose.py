@@ -24,6 +24,15 @@ from posemesh.stages.triton import TritonModel
 BLAZEPOSE_TO_COCO = np.array([0, 2, 5, 7, 8, 11, 12, 13, 14, 15, 16, 23, 24, 25, 26, 27, 28])
 SIMCC_SPLIT = 2.0
 PADDING = 1.25
+# A box the detect stage clipped at the frame's bottom edge holds only the part of a person the frame shows.
+# BlazePose, trained on regions framing a whole body, fits the whole skeleton into such a crop: hips, knees
+# and ankles land on the torso with high scores (towncentre frame 100, a person cut at the waist: knees
+# scored 0.83 / 0.54 at the waist; nothing clamps them, the model puts them there). Its crop therefore
+# assumes the person goes on below the edge, at least FULL_BODY_ASPECT x the box's width tall (the median
+# height / width of whole-person boxes: 2.35 on towncentre, 2.5 on vtest); the part below the frame is
+# black, and the model places the hidden joints there, outside the frame, with low scores. RTMPose is
+# trained on COCO boxes of the visible part, so its crop stays the box's.
+FULL_BODY_ASPECT = 2.4
 
 MODEL_NAMES = pose_model_names()
 
@@ -45,6 +54,15 @@ def crop_matrix(box, out_w: int, out_h: int) -> np.ndarray:
         w = h * aspect
     s = out_w / w
     return np.array([[s, 0, -(cx - w / 2) * s], [0, s, -(cy - h / 2) * s]], np.float32)
+
+
+def whole_body_box(box, frame_height: int):
+    """BlazePose's region for a detected box: extended below the frame when the box ends at its bottom edge
+    and is shorter than a whole person (FULL_BODY_ASPECT)."""
+    x1, y1, x2, y2 = box
+    if frame_height and y2 >= frame_height - 1:
+        y2 = max(y2, y1 + FULL_BODY_ASPECT * (x2 - x1))
+    return x1, y1, x2, y2
 
 
 def to_image(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
@@ -81,6 +99,8 @@ class PoseEstimator:
         self.size = (RTMPOSE_W, RTMPOSE_H) if self.rtmpose else (BLAZEPOSE_SIZE, BLAZEPOSE_SIZE)
 
     def crop(self, image: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+        if not self.rtmpose:
+            box = whole_body_box(box, image.shape[0])
         matrix = crop_matrix(box, *self.size)
         crop = cv2.warpAffine(image, matrix, self.size, flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
         crop = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
