@@ -5,6 +5,12 @@ Keys come from POSEMESH_API_KEYS ("user:key,user2:key2") and/or a file named by 
 missing, unreadable or empty, the gateway refuses to start. The local stack (`posemesh up`) configures
 the development key `dev:posemesh-dev-key` itself when nothing else is set.
 
+Each API key has a webhook signing secret (gateway/webhooks.py signs a task's completion webhook with the
+secret of the key that made the task): HMAC-SHA256 keyed with the API key over "posemesh-webhook-signing-v1",
+in hex (`webhook_secret`). Its holder computes it from the key (README, "Using the results"); it cannot be
+turned back into the key, so a webhook receiver that holds it cannot call the API, and replacing a key
+replaces its secret. The gateway stores it sealed with the task that needs it and never logs it.
+
 Every TaskService call is authenticated by the authentication interceptor (gateway/interceptors.py),
 before its method runs; the method reads the caller with `caller()`.
 """
@@ -24,6 +30,28 @@ DEV_USER, DEV_KEY = "dev", "posemesh-dev-key"
 # The authenticated user of the call being served: set by the authentication interceptor in the call's own
 # context (grpc.aio runs the interceptors and then the method in one contextvars.Context per call).
 CALLER: ContextVar[str | None] = ContextVar("posemesh_caller", default=None)
+
+
+WEBHOOK_SECRET_LABEL = b"posemesh-webhook-signing-v1"
+
+
+def webhook_secret(api_key: str) -> str:
+    """The webhook signing secret of an API key (see the module's docstring)."""
+    return hmac.new(api_key.encode(), WEBHOOK_SECRET_LABEL, "sha256").hexdigest()
+
+
+def bearer_key(metadata) -> tuple[str, str]:
+    """(the API key of a call's metadata, "") or ("", what is wrong with the metadata)."""
+    values = [v for k, v in (metadata or ()) if k == "authorization"]
+    if not values:
+        return "", "missing API key: send call metadata 'authorization: Bearer <key>'"
+    if len(values) > 1:
+        return "", f"{len(values)} authorization headers: send exactly one"
+    header = values[0] if isinstance(values[0], str) else ""
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return "", "malformed authorization metadata: expected 'Bearer <key>'"
+    return key.strip(), ""
 
 
 class KeyConfigError(RuntimeError):
@@ -68,18 +96,12 @@ class Authenticator:
 
     def user_of(self, metadata) -> tuple[str | None, str]:
         """(user, "") for a good key, else (None, a message for UNAUTHENTICATED)."""
-        values = [v for k, v in (metadata or ()) if k == "authorization"]
-        if not values:
-            return None, "missing API key: send call metadata 'authorization: Bearer <key>'"
-        if len(values) > 1:
-            return None, f"{len(values)} authorization headers: send exactly one"
-        header = values[0] if isinstance(values[0], str) else ""
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            return None, "malformed authorization metadata: expected 'Bearer <key>'"
+        key, problem = bearer_key(metadata)
+        if not key:
+            return None, problem
         found = None
         for known, user in self.keys.items():  # compare with every key: constant time per key
-            if hmac.compare_digest(known.encode(), key.strip().encode()):
+            if hmac.compare_digest(known.encode(), key.encode()):
                 found = user
         return (found, "") if found else (None, "unknown API key")
 

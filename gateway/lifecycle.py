@@ -13,6 +13,8 @@
   topics), the upload is removed. A live task that is stopped, or whose camera is done, ends once annotate's
   results arrive, as its source ended: until then it stays RUNNING and its `ending` says how it will end
   (the first decision wins: a cancel that came first is not undone by the stream ending just after it).
+  A task that named a callback URL has its webhook due in the same write as its terminal state
+  (gateway/store.py); gateway/webhooks.py delivers it.
 - **Cleaned** (`sweep`, `delete`, `abandon`): topics go after the hand-off (posemesh.gateway.topics), and
   with them what a crashed annotate worker left (partial result folders); a deleted task's files and row; a
   task that could not start leaves nothing.

@@ -35,6 +35,7 @@ from posemesh.gateway.service import TaskService
 from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.store import TaskStore
 from posemesh.gateway.topics import TopicManager
+from posemesh.gateway.webhooks import WebhookPolicy, WebhookSender
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
@@ -57,6 +58,10 @@ class Gateway:
             self.source_policy = SourcePolicy(self.settings.live_sources)
         except ValueError as exc:
             raise KeyConfigError(f"POSEMESH_LIVE_SOURCES: {exc}") from None
+        try:
+            webhook_policy = WebhookPolicy(self.settings.webhook_targets)
+        except ValueError as exc:
+            raise KeyConfigError(f"POSEMESH_WEBHOOK_TARGETS: {exc}") from None
         self.views: LiveViews | None = None
         try:
             self.store = TaskStore(self.settings.db_path, SecretBox.for_settings(self.settings))
@@ -69,6 +74,7 @@ class Gateway:
         self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s)
         self.topics.is_reserved = self.reservations.__contains__
         self.lifecycle = TaskLifecycle(self.settings, self.store, self.topics, self.reservations, self.source_policy)
+        self.webhooks = WebhookSender(self.settings, self.store, webhook_policy)  # ended tasks' webhooks
         self.events: EventReader | None = None
         self.watch: BrokerWatch | None = None
         self.running = threading.Event()
@@ -148,6 +154,7 @@ class Gateway:
         self._start_events(incarnation)
         self.watch = BrokerWatch(self.settings, self.on_broker_reset, incarnation)
         self.lifecycle.recover()
+        self.webhooks.start()  # pending deliveries of an earlier gateway included
         self.watch.start()
         threading.Thread(target=self._sweep_loop, name="sweep", daemon=True).start()
         ready = threading.Event()
@@ -212,6 +219,7 @@ class Gateway:
             self._server_thread.join(10)
         if self.watch:
             self.watch.stop()
+        self.webhooks.stop()  # attempts under way stay due: the next start sends them again
         self.lifecycle.halt(join_s=5)  # the tasks stay RUNNING: recover() goes on with them at the next start
         if self.broker_available():  # unused reservations: workers let go, the next gateway deletes them
             self.reservations.release()

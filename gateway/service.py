@@ -29,12 +29,13 @@ from pathlib import Path
 import grpc
 
 from posemesh.gateway import validation
-from posemesh.gateway.auth import caller
+from posemesh.gateway.auth import bearer_key, caller, webhook_secret
 from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
 from posemesh.gateway.interceptors import for_task_service
 from posemesh.gateway.live import probe_source
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
+from posemesh.gateway.webhooks import WebhookPolicy, shown
 from posemesh.mesh import media, names
 from posemesh.mesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
@@ -97,6 +98,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         self.changes = gateway.changes
         # Probing decodes: at most this many at once, whoever uploads.
         self.probes = asyncio.Semaphore(2)
+        self.webhook_policy = WebhookPolicy(self.settings.webhook_targets)
 
     # ------------------------------------------------------------------ helpers
 
@@ -107,6 +109,15 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if task is None:  # someone else's task looks exactly like a missing one
             raise Refused(grpc.StatusCode.NOT_FOUND, f"no task {task_id}")
         return user, task
+
+    async def _webhook(self, url: str, context) -> tuple[str, str] | None:
+        """A request's callback_url, checked (allow-list, and where its host resolves now), with the signing
+        secret of the caller's API key; None when it names none."""
+        if not url:
+            return None
+        await asyncio.to_thread(self.webhook_policy.check_now, url)
+        key, _ = bearer_key(context.invocation_metadata())  # the authentication interceptor accepted it
+        return url, webhook_secret(key)
 
     # ------------------------------------------------------------------ Upload
 
@@ -126,17 +137,19 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           "the first upload message must be `metadata` (file name and options), then `chunk`s")
         meta = first.metadata
         options = self._validated_options(meta.options)
+        webhook = await self._webhook(meta.callback_url, context)
         key = validation.idempotency_key(meta.idempotency_key)
         file_name = validation.display_file_name(meta.file_name)
         previous = await self.tasks.by_idempotency_key(user, key) if key else None
         if previous is not None and previous[0].options != options:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, self._key_reused(key, previous[0], "different options"))
         if previous is not None:  # a retry of an upload that made a task already: it needs no new slot
-            return await self._receive_and_start(user, options, key, file_name, previous, messages)
+            return await self._receive_and_start(user, options, key, file_name, previous, messages, webhook)
         async with self.limits.task_slot(user):
-            return await self._receive_and_start(user, options, key, file_name, None, messages)
+            return await self._receive_and_start(user, options, key, file_name, None, messages, webhook)
 
-    async def _receive_and_start(self, user, options, key, file_name, previous, messages) -> tpb.UploadResponse:
+    async def _receive_and_start(self, user, options, key, file_name, previous, messages,
+                                 webhook=None) -> tpb.UploadResponse:
         task_id = self.gw.reservations.take() or names.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
         handed_over = False  # once true, _create_and_start makes the task or cleans up, whatever happens here
@@ -154,8 +167,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=file_name, options=options,
                             video=probed.video, created_at=timestamp(now_us()), upload_bytes=size,
                             warnings=probed.warnings)
+            if webhook:
+                task.webhook.url = shown(webhook[0])
             handed_over = True
-            made, winner = await run_to_the_end(self._create_and_start, task, user, key, digest, path)
+            made, winner = await run_to_the_end(self._create_and_start, task, user, key, digest, path, webhook)
             if winner is None:
                 return tpb.UploadResponse(task=made)
             # A concurrent upload with the same idempotency key won the race.
@@ -167,13 +182,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             if not handed_over:
                 self._discard(task_id, job_dir)
 
-    def _create_and_start(self, task: tpb.Task, user: str, key: str, digest: str, path: Path):
+    def _create_and_start(self, task: tpb.Task, user: str, key: str, digest: str, path: Path, webhook=None):
         """In a thread (SQLite, Kafka): make the task and start it. Returns (the task, None), or (None, (task,
         sha256)) when a concurrent upload with the same idempotency key made its task first. Whatever fails,
         nothing of this upload is left behind."""
         task_id = task.task_id
         try:
-            self.store.create(task, user, key, digest)
+            self.store.create(task, user, key, digest, webhook)
         except sqlite3.IntegrityError:
             self._discard(task_id, path.parent)
             winner = self.store.by_idempotency_key(user, key) if key else None
@@ -320,6 +335,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if not 0 <= request.max_lag_s <= 60:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "max_lag_s must be between 0 (the server's default) and 60")
         options = self._validated_options(request.options)
+        webhook = await self._webhook(request.callback_url, context)
         name = validation.display_file_name(request.name) if request.name else source.shown[:255]
         async with self.limits.task_slot(user):
             try:
@@ -335,14 +351,17 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
                             created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
-            task = await run_to_the_end(self._create_and_start_live, task, user, source, request.source.transport)
+            if webhook:
+                task.webhook.url = shown(webhook[0])
+            task = await run_to_the_end(self._create_and_start_live, task, user, source, request.source.transport,
+                                        webhook)
         return tpb.StartLiveTaskResponse(task=task)
 
-    def _create_and_start_live(self, task: tpb.Task, user: str, source, transport: int) -> tpb.Task:
+    def _create_and_start_live(self, task: tpb.Task, user: str, source, transport: int, webhook=None) -> tpb.Task:
         """In a thread (SQLite, Kafka): make the live task and start reading its camera."""
         task_id = task.task_id
         try:
-            self.store.create(task, user, None)
+            self.store.create(task, user, None, webhook=webhook)
         except BaseException:
             self.gw.reservations.give_back(task_id)
             raise

@@ -44,42 +44,70 @@ class _Pattern:
     port: str
 
 
-class SourcePolicy:
+class UrlPolicy:
+    """An operator's allow-list of URLs the server may connect to: `scheme://host:port` patterns (fnmatch on
+    host and port). What differs between uses (live sources here, webhook targets in gateway/webhooks.py)
+    is in the class attributes: the schemes and their default ports, the request field and setting named in
+    messages, and the status of a well-formed URL outside the list."""
+
+    schemes: dict[str, int] = SCHEMES
+    field = "source.url"
+    setting = "POSEMESH_LIVE_SOURCES"
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    example = "rtsp://10.0.0.*:554"
+
     def __init__(self, patterns: str):
         self.patterns = [self._pattern(p.strip()) for p in patterns.split(",") if p.strip()]
 
-    @staticmethod
-    def _pattern(text: str) -> _Pattern:
+    def _pattern(self, text: str) -> _Pattern:
         scheme, sep, rest = text.partition("://")
         host, _, port = rest.rpartition(":") if rest.count(":") == 1 or rest.startswith("[") else (rest, "", "")
-        if not sep or scheme not in SCHEMES or not host:
-            raise ValueError(f"bad live source pattern {text!r}: expected scheme://host:port, e.g. rtsp://10.0.0.*:554")
-        return _Pattern(scheme, host.strip("[]").lower(), port or str(SCHEMES[scheme]))
+        if not sep or scheme not in self.schemes or not host:
+            raise ValueError(f"bad pattern {text!r}: expected scheme://host:port, e.g. {self.example}")
+        return _Pattern(scheme, host.strip("[]").lower(), port or str(self.schemes[scheme]))
 
-    def check(self, url: str) -> Source:
-        """The source a URL names, if the server may read it; raises Refused saying why not."""
+    def wrong_scheme(self, echo: str) -> str:
+        return (f"{self.field} {echo} is not a live source: live sources are rtsp:// or rtsps:// URLs (files are "
+                "sent with Upload)")
+
+    def parse(self, url: str) -> Source:
+        """The scheme, host and port of a well-formed URL of an accepted scheme; raises Refused
+        (INVALID_ARGUMENT) saying what is wrong with it."""
         if not url:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "source.url is required: rtsp://host[:port]/path")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{self.field} is required: rtsp://host[:port]/path")
         if len(url) > MAX_URL or not url.isprintable() or any(c.isspace() for c in url):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"source.url {shorten(url)} is not a URL: at most {MAX_URL} printable characters, no spaces")
+                          f"{self.field} {shorten(url)} is not a URL: at most {MAX_URL} printable characters, "
+                          "no spaces")
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
         echo = shorten(redact(url))  # errors show the URL as given, less its credentials
-        if scheme not in SCHEMES:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"source.url {echo} is not a live source: live sources are rtsp:// or rtsps:// "
-                          "URLs (files are sent with Upload)")
+        if scheme not in self.schemes:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, self.wrong_scheme(echo))
         try:
-            host, port = (parts.hostname or "").lower(), parts.port or SCHEMES[scheme]
+            host, port = (parts.hostname or "").lower(), parts.port or self.schemes[scheme]
         except ValueError:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {echo} has a bad port") from None
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{self.field} {echo} has a bad port") from None
         if not host:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"source.url {echo} names no host")
-        source = Source(url, scheme, host, port)
-        for p in self.patterns:
-            if p.scheme == scheme and fnmatch.fnmatchcase(host, p.host) and fnmatch.fnmatchcase(str(port), p.port):
-                return source
-        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                      f"this server does not read live sources at {scheme}://{host[:60]}:{port}: its operator "
-                      "allows certain hosts only (POSEMESH_LIVE_SOURCES)")
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{self.field} {echo} names no host")
+        return Source(url, scheme, host, port)
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        """Whether a pattern matches (the host as written, or an address it resolved to)."""
+        return any(p.scheme == scheme and fnmatch.fnmatchcase(host, p.host) and fnmatch.fnmatchcase(str(port), p.port)
+                   for p in self.patterns)
+
+    def check(self, url: str) -> Source:
+        """The URL, if the server may connect to it; raises Refused saying why not."""
+        source = self.parse(url)
+        if self.allows(source.scheme, source.host, source.port):
+            return source
+        raise Refused(self.denied, self.outside(source))
+
+    def outside(self, source: Source) -> str:
+        return (f"this server does not read live sources at {source.scheme}://{source.host[:60]}:{source.port}: "
+                f"its operator allows certain hosts only ({self.setting})")
+
+
+class SourcePolicy(UrlPolicy):
+    """Live sources: rtsp:// and rtsps:// only; outside the list is PERMISSION_DENIED."""

@@ -81,7 +81,21 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  # task ends), and how the task ends once annotate's results arrive (its source ended, broke off,
                  # or was stopped).
                  ("live_url", "TEXT"), ("live_transport", "INTEGER"), ("ending_state", "INTEGER"),
-                 ("ending_message", "TEXT"), ("ending_us", "INTEGER")]
+                 ("ending_message", "TEXT"), ("ending_us", "INTEGER"),
+                 # Completion webhooks (gateway/webhooks.py): the callback URL and the signing secret (both
+                 # sealed; cleared once delivered or given up), when the next attempt is due (NULL: none is),
+                 # and the body, made once at the first attempt so every retry sends the same bytes.
+                 ("webhook_url", "TEXT"), ("webhook_secret", "TEXT"), ("webhook_due_us", "INTEGER"),
+                 ("webhook_body", "TEXT")]
+
+
+@dataclass(frozen=True)
+class PendingWebhook:
+    """An ended task's webhook still to deliver: what the next attempt sends, and to whom."""
+    task: tpb.Task
+    url: str  # credentials included (server side only); "" when it cannot be opened any more
+    secret: str
+    body: str  # "" until the first attempt makes it
 
 
 @dataclass(frozen=True)
@@ -282,12 +296,15 @@ class TaskStore:
 
     # ------------------------------------------------------------------ writes
 
-    def create(self, task: tpb.Task, user: str, idempotency_key: str | None, upload_sha256: str = "") -> None:
+    def create(self, task: tpb.Task, user: str, idempotency_key: str | None, upload_sha256: str = "",
+               webhook: tuple[str, str] | None = None) -> None:
+        """`webhook`: (callback URL, signing secret) of a task that named one (stored sealed)."""
+        url, secret = (self.secrets.seal(webhook[0]), self.secrets.seal(webhook[1])) if webhook else (None, None)
         with self.transaction(task.task_id) as db:
             db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us,"
-                       " upload_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       " upload_sha256, webhook_url, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
-                        task.SerializeToString(), now_us(), upload_sha256 or None))
+                        task.SerializeToString(), now_us(), upload_sha256 or None, url, secret))
 
     def update(self, task_id: str, fn) -> tpb.Task | None:
         """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""
@@ -299,6 +316,11 @@ class TaskStore:
             task = tpb.Task.FromString(row[0])
             if fn(task) is False:
                 return task
+            webhook_due = (task.state in TERMINAL and task.HasField("webhook")
+                           and task.webhook.state == tpb.WEBHOOK_STATE_UNSPECIFIED)
+            if webhook_due:  # the task ends: its webhook is due in the same write (gateway/webhooks.py)
+                task.webhook.state = tpb.WEBHOOK_STATE_PENDING
+                db.execute("UPDATE tasks SET webhook_due_us = ? WHERE task_id = ?", (now_us(), task_id))
             finished = task.finished_at.ToMicroseconds() if task.HasField("finished_at") else None
             db.execute("UPDATE tasks SET task = ?, state = ?, finished_us = ? WHERE task_id = ?",
                        (task.SerializeToString(), task.state, finished, task_id))
@@ -401,7 +423,8 @@ class TaskStore:
                 kept = tpb.Task(task_id=task_id, state=old.state, created_at=old.created_at,
                                 finished_at=old.finished_at)
                 db.execute("UPDATE tasks SET deleted = 1, idempotency_key = NULL, upload_sha256 = NULL, "
-                           "live_url = NULL, ending_message = NULL, progress = '{}', task = ? WHERE task_id = ?",
+                           "live_url = NULL, ending_message = NULL, progress = '{}', task = ?, webhook_url = NULL, "
+                           "webhook_secret = NULL, webhook_due_us = NULL, webhook_body = NULL WHERE task_id = ?",
                            (kept.SerializeToString(), task_id))
                 db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
             self.wal_dirty = True
@@ -415,6 +438,51 @@ class TaskStore:
                 self.wal_dirty = True
             elif row:
                 db.execute("UPDATE tasks SET topics_deleted = 1 WHERE task_id = ?", (task_id,))
+
+    # ------------------------------------------------------------------ webhooks (gateway/webhooks.py)
+
+    def webhooks_due(self, at_us: int) -> list[str]:
+        """Ended tasks whose webhook's next attempt is due at or before `at_us`, soonest first."""
+        rows = self._select("SELECT task_id FROM tasks WHERE webhook_due_us IS NOT NULL AND webhook_due_us <= ? "
+                            "AND deleted = 0 ORDER BY webhook_due_us", (at_us,))
+        return [r["task_id"] for r in rows]
+
+    def next_webhook_us(self) -> int | None:
+        """When the soonest pending webhook attempt is due, or None when none is pending."""
+        rows = self._select("SELECT MIN(webhook_due_us) AS due FROM tasks WHERE deleted = 0")
+        return rows[0]["due"] if rows else None
+
+    def pending_webhook(self, task_id: str) -> PendingWebhook | None:
+        """What the next attempt of a task's webhook sends; None when none is pending (delivered, given up,
+        deleted) or its URL was sealed under a key the server no longer has."""
+        rows = self._select("SELECT task, webhook_url, webhook_secret, webhook_body FROM tasks WHERE task_id = ? "
+                            "AND webhook_due_us IS NOT NULL AND deleted = 0", (task_id,))
+        if not rows or not rows[0]["webhook_url"]:
+            return None
+        r = rows[0]
+        try:
+            url, secret = (self.secrets.open(r[name], "the callback URL of this task")
+                           for name in ("webhook_url", "webhook_secret"))
+        except Unreadable:  # sealed under a key the server no longer has: the sender gives up, saying so
+            url = secret = ""
+        return PendingWebhook(tpb.Task.FromString(r["task"]), url, secret, r["webhook_body"] or "")
+
+    def record_webhook(self, task_id: str, delivery: tpb.WebhookDelivery, due_us: int | None, body: str) -> None:
+        """An attempt's outcome: the task's `webhook` becomes `delivery`; the next attempt is due at `due_us`,
+        or none is (delivered or given up: URL, secret and body go)."""
+        with self.transaction(task_id) as db:
+            row = db.execute("SELECT task FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,)).fetchone()
+            if row is None:
+                return
+            task = tpb.Task.FromString(row[0])
+            task.webhook.CopyFrom(delivery)
+            if due_us is None:
+                db.execute("UPDATE tasks SET task = ?, webhook_due_us = NULL, webhook_url = NULL, "
+                           "webhook_secret = NULL, webhook_body = NULL WHERE task_id = ?",
+                           (task.SerializeToString(), task_id))
+            else:
+                db.execute("UPDATE tasks SET task = ?, webhook_due_us = ?, webhook_body = ? WHERE task_id = ?",
+                           (task.SerializeToString(), due_us, body, task_id))
 
     def get_meta(self, key: str) -> str | None:
         with self.lock:

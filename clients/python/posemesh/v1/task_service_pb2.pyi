@@ -35,6 +35,13 @@ class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARTIFACT_KIND_MOT_TRACKS: _ClassVar[ArtifactKind]
     ARTIFACT_KIND_KEYPOINTS_CSV: _ClassVar[ArtifactKind]
 
+class WebhookState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WEBHOOK_STATE_UNSPECIFIED: _ClassVar[WebhookState]
+    WEBHOOK_STATE_PENDING: _ClassVar[WebhookState]
+    WEBHOOK_STATE_DELIVERED: _ClassVar[WebhookState]
+    WEBHOOK_STATE_FAILED: _ClassVar[WebhookState]
+
 class RtspTransport(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     RTSP_TRANSPORT_UNSPECIFIED: _ClassVar[RtspTransport]
@@ -56,6 +63,10 @@ ARTIFACT_KIND_KEYPOINTS: ArtifactKind
 ARTIFACT_KIND_COCO_KEYPOINTS: ArtifactKind
 ARTIFACT_KIND_MOT_TRACKS: ArtifactKind
 ARTIFACT_KIND_KEYPOINTS_CSV: ArtifactKind
+WEBHOOK_STATE_UNSPECIFIED: WebhookState
+WEBHOOK_STATE_PENDING: WebhookState
+WEBHOOK_STATE_DELIVERED: WebhookState
+WEBHOOK_STATE_FAILED: WebhookState
 RTSP_TRANSPORT_UNSPECIFIED: RtspTransport
 RTSP_TRANSPORT_TCP: RtspTransport
 RTSP_TRANSPORT_UDP: RtspTransport
@@ -105,14 +116,16 @@ class TaskOptions(_message.Message):
     def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ...) -> None: ...
 
 class UploadMetadata(_message.Message):
-    __slots__ = ("file_name", "options", "idempotency_key")
+    __slots__ = ("file_name", "options", "idempotency_key", "callback_url")
     FILE_NAME_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     file_name: str
     options: TaskOptions
     idempotency_key: str
-    def __init__(self, file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., idempotency_key: _Optional[str] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("metadata", "chunk")
@@ -175,7 +188,7 @@ class VideoInfo(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., frame_count: _Optional[int] = ..., codec: _Optional[str] = ..., rotation: _Optional[int] = ..., duration_s: _Optional[float] = ..., audio_codec: _Optional[str] = ..., start_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings", "live", "stream_url", "ending")
+    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings", "live", "stream_url", "ending", "webhook")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FILE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +205,7 @@ class Task(_message.Message):
     LIVE_FIELD_NUMBER: _ClassVar[int]
     STREAM_URL_FIELD_NUMBER: _ClassVar[int]
     ENDING_FIELD_NUMBER: _ClassVar[int]
+    WEBHOOK_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
     file_name: str
@@ -208,7 +222,26 @@ class Task(_message.Message):
     live: LiveStatus
     stream_url: str
     ending: TaskState
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., live: _Optional[_Union[LiveStatus, _Mapping]] = ..., stream_url: _Optional[str] = ..., ending: _Optional[_Union[TaskState, str]] = ...) -> None: ...
+    webhook: WebhookDelivery
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., live: _Optional[_Union[LiveStatus, _Mapping]] = ..., stream_url: _Optional[str] = ..., ending: _Optional[_Union[TaskState, str]] = ..., webhook: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
+
+class WebhookDelivery(_message.Message):
+    __slots__ = ("url", "state", "attempts", "last_status", "last_error", "delivered_at", "next_attempt_at")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STATUS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_AT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_ATTEMPT_AT_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    state: WebhookState
+    attempts: int
+    last_status: int
+    last_error: str
+    delivered_at: _timestamp_pb2.Timestamp
+    next_attempt_at: _timestamp_pb2.Timestamp
+    def __init__(self, url: _Optional[str] = ..., state: _Optional[_Union[WebhookState, str]] = ..., attempts: _Optional[int] = ..., last_status: _Optional[int] = ..., last_error: _Optional[str] = ..., delivered_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_attempt_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class LiveSource(_message.Message):
     __slots__ = ("url", "transport")
@@ -237,16 +270,18 @@ class LiveStatus(_message.Message):
     def __init__(self, source: _Optional[str] = ..., connected: _Optional[bool] = ..., frames_received: _Optional[int] = ..., frames_dropped: _Optional[int] = ..., lag_s: _Optional[float] = ..., max_lag_s: _Optional[float] = ..., reconnects: _Optional[int] = ...) -> None: ...
 
 class StartLiveTaskRequest(_message.Message):
-    __slots__ = ("source", "options", "name", "max_lag_s")
+    __slots__ = ("source", "options", "name", "max_lag_s", "callback_url")
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     MAX_LAG_S_FIELD_NUMBER: _ClassVar[int]
+    CALLBACK_URL_FIELD_NUMBER: _ClassVar[int]
     source: LiveSource
     options: TaskOptions
     name: str
     max_lag_s: float
-    def __init__(self, source: _Optional[_Union[LiveSource, _Mapping]] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., name: _Optional[str] = ..., max_lag_s: _Optional[float] = ...) -> None: ...
+    callback_url: str
+    def __init__(self, source: _Optional[_Union[LiveSource, _Mapping]] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., name: _Optional[str] = ..., max_lag_s: _Optional[float] = ..., callback_url: _Optional[str] = ...) -> None: ...
 
 class StartLiveTaskResponse(_message.Message):
     __slots__ = ("task",)
