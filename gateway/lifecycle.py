@@ -340,11 +340,14 @@ class TaskLifecycle:
             live.stop()
 
     def _end(self, task_id: str, state: int, message: str = "") -> tpb.Task | None:
+        def decided(t: tpb.Task):  # a live task's pending end overtaken by another (a stage failed meanwhile)
+            if t.state not in ACTIVE or t.ending in (0, state):
+                return False
+            t.ending = state
+        self.store.update(task_id, decided)
         task = self.store.transition(task_id, state, message)
         if task is None:
             return None  # already terminal: the first ending wins
-        if task.ending:  # it has ended: nothing is pending any more
-            task = self.store.update(task_id, lambda t: t.ClearField("ending"))
         self._stop_frames(task_id)
         self._announce_end(task_id, state)
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more

@@ -149,7 +149,7 @@ def test_cancel_answers_the_state_it_leaves_the_task_in(broker, tmp_path):
             lifecycle.complete(_result(reading.task_id))
             done = store.get(reading.task_id)
             assert (done.state, done.ending, done.error_message) == (
-                tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_UNSPECIFIED, "cancelled by the user")
+                tpb.TASK_STATE_CANCELLED, tpb.TASK_STATE_CANCELLED, "cancelled by the user")
             assert [a.file_name for a in done.artifacts] == ["keypoints.jsonl"]
 
             ended = live_task(camera.port)
