@@ -9,8 +9,11 @@ server that accepts a publish and serves it to players.
 - rtsp://HOST:PORT/cam/NAME plays CLIP (H.264 in MP4) as a camera would, in real time, to each viewer from
   its start; the stream ends when the clip does.
 - rtsp://HOST:PORT/publish/PATH accepts a publish (RTSP RECORD, H.264), e.g. from the annotate worker, and
-  rtsp://HOST:PORT/live/PATH serves what is published there to any number of players. Paths are made on
-  first use.
+  rtsp://HOST:PORT/live/PATH serves what is published there to any number of players while it is being
+  published; otherwise the answer is 404 Not Found at once (as MediaMTX answers a path without a publisher):
+  a path nobody publishes (a live task's without its secret token, see gateway/lifecycle.py), one whose
+  publisher has not sent a keyframe yet, and one whose publisher has gone (its task ended). Paths are made
+  on first use.
 """
 
 from __future__ import annotations
@@ -45,6 +48,12 @@ class Relay:
         self.lock = threading.Lock()
         self.sources: dict[str, list] = {}  # path -> appsrc elements of live players' media
         self.since_key: dict[str, list] = {}  # path -> the buffers from the last keyframe on
+        self.gone: set[str] = set()  # paths whose publisher left (what its media still lets through is dropped)
+
+    def publishing(self, path: str) -> bool:
+        """Whether a publisher is on `path` and has sent a keyframe (what a player's media starts from)."""
+        with self.lock:
+            return bool(self.since_key.get(path))
 
     def player_joined(self, path: str, appsrc) -> None:
         with self.lock:
@@ -60,21 +69,28 @@ class Relay:
             if appsrc in self.sources.get(path, []):
                 self.sources[path].remove(appsrc)
 
+    def publisher_started(self, path: str) -> None:
+        with self.lock:
+            self.gone.discard(path)
+
     def publisher_left(self, path: str) -> None:
         """The stream ended: players get an end of stream (RTCP BYE) rather than silence."""
         with self.lock:
             targets = list(self.sources.get(path, []))
             self.since_key.pop(path, None)
+            self.gone.add(path)
         for appsrc in targets:
             appsrc.emit("end-of-stream")
 
     def sample(self, path: str, sample) -> None:
         buffer = sample.get_buffer()
         with self.lock:  # pushed in order with what a joining player is given
+            if path in self.gone:
+                return
             kept = self.since_key.setdefault(path, [])
             if not buffer.has_flags(Gst.BufferFlags.DELTA_UNIT):
                 kept.clear()
-            if len(kept) < self.MAX_KEPT:
+            if len(kept) < self.MAX_KEPT and (kept or not buffer.has_flags(Gst.BufferFlags.DELTA_UNIT)):
                 kept.append(buffer)
             for appsrc in self.sources.get(path, []):
                 appsrc.emit("push-buffer", _restamped(buffer))
@@ -130,7 +146,9 @@ class CameraFactory(GstRtspServer.RTSPMediaFactory):
 
 class OnDemandMounts(GstRtspServer.RTSPMountPoints):
     """Mount points that make /publish/PATH and /live/PATH on first use. GStreamer turns every request's
-    URL into a path with make_path before it looks the path up, so this is the place to add it."""
+    URL into a path with make_path before it looks the path up, so this is the place to add it, and to take
+    away /live/PATH when nothing is published there: a request for a path without a mount is answered 404
+    at once (a live media waiting for a publisher that never comes was answered 503 after 20 s)."""
 
     def __init__(self, relay: Relay):
         super().__init__()
@@ -144,10 +162,22 @@ class OnDemandMounts(GstRtspServer.RTSPMountPoints):
             if path.startswith(prefix) and len(path) > len(prefix):
                 mount = path.split("/stream=")[0].rstrip("/")
                 with self.lock:
+                    if factory is LiveFactory and not self.relay.publishing(mount[len(prefix):]):
+                        if mount in self.known:
+                            self.known.discard(mount)
+                            self.remove_factory(mount)
+                        return path
                     if mount not in self.known:
                         self.known.add(mount)
                         self.add_factory(mount, factory(self.relay, mount[len(prefix):]))
         return path
+
+
+def _publish_path(abspath: str) -> str:
+    """PATH of /publish/PATH (a request may name its stream: /publish/PATH/stream=0), or ''."""
+    if not abspath.startswith("/publish/"):
+        return ""
+    return abspath.split("/stream=")[0].rstrip("/")[len("/publish/"):]
 
 
 class Server:
@@ -163,6 +193,27 @@ class Server:
         self.server.set_mount_points(self.mounts)
         for name, clip in cameras.items():
             self.mounts.add_factory(f"/cam/{name}", CameraFactory(clip))
+        self.server.connect("client-connected", self._client_connected)
+
+    def _client_connected(self, _server, client) -> None:
+        """A publisher is gone when it says TEARDOWN or its connection closes: its media is unprepared only
+        once an end of stream has gone through it, up to 20 s later, and its players must be refused at once."""
+        published: set[str] = set()
+
+        def recording(_client, ctx) -> None:
+            path = _publish_path(ctx.uri.abspath)
+            if path:
+                published.add(path)
+                self.relay.publisher_started(path)
+
+        def gone(*_args) -> None:
+            for path in list(published):
+                published.discard(path)
+                self.relay.publisher_left(path)
+
+        client.connect("record-request", recording)
+        client.connect("teardown-request", gone)
+        client.connect("closed", gone)
 
     def run(self) -> None:
         if self.server.attach(None) == 0:

@@ -26,6 +26,7 @@ sweep), and one frame producer or live source per task whose frames are being pu
 from __future__ import annotations
 
 import logging
+import secrets
 import shutil
 import threading
 import time
@@ -76,6 +77,17 @@ class StreamEnd:
 Frames = Upload | Camera | StreamEnd | None
 
 
+def new_stream_token() -> str:
+    """A live task's stream secret: 128 random bits, URL-safe (22 characters of [A-Za-z0-9_-])."""
+    return secrets.token_urlsafe(16)
+
+
+def stream_path(task: tpb.Task) -> str:
+    """What replaces "{task}" in LIVE_PUBLISH_URL and LIVE_STREAM_URL: the task id, then its secret token as
+    a path component of its own, so the stream of a task cannot be played by one who only knows its id."""
+    return f"{task.task_id}/{task.stream_token}" if task.stream_token else task.task_id
+
+
 class TaskLifecycle:
     def __init__(self, settings: Settings, store: TaskStore, topics: TopicManager, reservations: Reservations,
                  source_policy: SourcePolicy):
@@ -88,7 +100,12 @@ class TaskLifecycle:
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
-        return self.settings.live_publish_url.replace("{task}", task.task_id) if task.HasField("live") else ""
+        return self.settings.live_publish_url.replace("{task}", stream_path(task)) if task.HasField("live") else ""
+
+    def stream_url(self, task: tpb.Task) -> str:
+        """Where players find it (LIVE_STREAM_URL, or where it is published)."""
+        template = self.settings.live_stream_url or self.settings.live_publish_url
+        return template.replace("{task}", stream_path(task)) if task.HasField("live") else ""
 
     # ------------------------------------------------------------------ started
 

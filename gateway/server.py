@@ -91,9 +91,8 @@ class Gateway:
                                   self.lifecycle.fail, incarnation)
         self.events.start()
 
-    def stream_url(self, task_id: str) -> str:
-        template = self.settings.live_stream_url or self.settings.live_publish_url
-        return template.replace("{task}", task_id)
+    def stream_url(self, task: tpb.Task) -> str:
+        return self.lifecycle.stream_url(task)
 
     def broker_available(self) -> bool:
         return self.watch is None or self.watch.available

@@ -32,6 +32,7 @@ from posemesh.gateway import validation
 from posemesh.gateway.auth import bearer_key, caller, webhook_secret
 from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
 from posemesh.gateway.interceptors import for_task_service
+from posemesh.gateway.lifecycle import new_stream_token
 from posemesh.gateway.live import probe_source
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
@@ -350,9 +351,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             task_id = self.gw.reservations.take() or names.new_task_id()
             live = tpb.LiveStatus(source=source.shown, max_lag_s=request.max_lag_s or self.settings.live_max_lag_s)
             task = tpb.Task(task_id=task_id, state=tpb.TASK_STATE_QUEUED, file_name=name, options=options, video=video,
-                            created_at=timestamp(now_us()), live=live, stream_url=self.gw.stream_url(task_id))
+                            created_at=timestamp(now_us()), live=live)
             if webhook:
                 task.webhook.url = shown(webhook[0])
+            if self.settings.live_publish_url:  # the stream's secret, in its URL path (gateway/lifecycle.py)
+                task.stream_token = new_stream_token()
+                task.stream_url = self.gw.stream_url(task)
             task = await run_to_the_end(self._create_and_start_live, task, user, source, request.source.transport,
                                         webhook)
         return tpb.StartLiveTaskResponse(task=task)

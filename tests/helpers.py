@@ -144,3 +144,35 @@ def files_holding(root: Path, needle: str) -> list[str]:
     """Every file under `root` whose bytes contain `needle`, as paths relative to it: what is left on disk."""
     return [str(p.relative_to(root)) for p in sorted(root.rglob("*"))
             if p.is_file() and needle.encode() in p.read_bytes()]
+
+
+# A player set for live viewing, as `ffplay -fflags nobuffer -probesize 32 -analyzeduration 1 URL`: it takes
+# the stream's parameters from the SDP and shows the first keyframe. With FFmpeg's default probing a player
+# first reads about 20 frames of an RTSP H.264 stream to guess its frame rate (8 s at 2.5 frames a second,
+# whatever the keyframes): the player's choice, not the stream's (README, Live tasks).
+LIVE_PLAYER = {"rtsp_transport": "tcp", "probesize": "32", "analyzeduration": "1", "fflags": "nobuffer"}
+
+
+def rtsp_describe(url: str, timeout: float = 30.0) -> tuple[int, float]:
+    """An RTSP DESCRIBE of `url`, as every player starts: (status code, seconds the answer took)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    t0 = time.monotonic()
+    with socket.create_connection((parts.hostname, parts.port), timeout=timeout) as conn:
+        conn.sendall(f"DESCRIBE {url} RTSP/1.0\r\nCSeq: 1\r\nAccept: application/sdp\r\n\r\n".encode())
+        status = conn.recv(4096).split(b"\r\n", 1)[0].decode()
+    return int(status.split()[1]), time.monotonic() - t0
+
+
+def first_picture_s(url: str, size: tuple[int, int] | None = None) -> float:
+    """Seconds from a live player's start to its first decoded picture (of `size`, when given)."""
+    import av
+
+    t0 = time.monotonic()
+    with av.open(url, options=LIVE_PLAYER, timeout=(10, 10)) as player:
+        for picture in player.decode(video=0):
+            assert size is None or (picture.width, picture.height) == size
+            return time.monotonic() - t0
+    raise AssertionError(f"{url} ended without a picture")

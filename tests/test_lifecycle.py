@@ -9,7 +9,7 @@ from confluent_kafka import Producer
 
 from posemesh.devstack import rtsp
 from posemesh.devstack.processes import free_port
-from posemesh.gateway.lifecycle import TaskLifecycle
+from posemesh.gateway.lifecycle import TaskLifecycle, new_stream_token
 from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.store import TaskStore, now_us, timestamp
@@ -32,7 +32,7 @@ def live_settings(broker, data_dir):
 def live_task(camera_port: int) -> tpb.Task:
     return tpb.Task(task_id=names.new_task_id(), state=tpb.TASK_STATE_QUEUED, file_name="cam",
                     options=tpb.TaskOptions(), video=tpb.VideoInfo(width=64, height=48, fps=5.0),
-                    created_at=timestamp(now_us()),
+                    created_at=timestamp(now_us()), stream_token=new_stream_token(),
                     live=tpb.LiveStatus(source=f"rtsp://127.0.0.1:{camera_port}/cam", max_lag_s=2.0))
 
 
@@ -57,7 +57,7 @@ def test_a_live_task_run_again_after_the_broker_lost_its_data_keeps_its_publish_
         assert task.task_id in lifecycle.live_sources, "the camera is read again"
     finally:
         lifecycle.halt()
-    expected = PUBLISH.replace("{task}", task.task_id)
+    expected = PUBLISH.replace("{task}", f"{task.task_id}/{task.stream_token}")  # its secret too
     started = announced(settings.kafka_bootstrap, task.task_id)
     assert [(s.epoch, s.live, s.publish_url) for s in started] == [(0, True, expected), (1, True, expected)]
     assert store.get(task.task_id).state == tpb.TASK_STATE_RUNNING
@@ -84,7 +84,7 @@ def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_u
 
     gw = gateway_factory(data, live_sources=settings.live_sources, live_publish_url=PUBLISH, reserved_tasks=0)
     for task in (finished, reading):
-        expected = PUBLISH.replace("{task}", task.task_id)
+        expected = PUBLISH.replace("{task}", f"{task.task_id}/{task.stream_token}")  # its secret too
         started = announced(settings.kafka_bootstrap, task.task_id)
         assert [(s.epoch, s.live, s.publish_url) for s in started] == [(0, True, expected)], task.task_id
     raw_frames = kafka.task_topic(kafka.RAW_FRAMES, reading.task_id)

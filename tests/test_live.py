@@ -23,7 +23,7 @@ from posemesh.mesh import kafka
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, media
-from tests.helpers import reserved_task_ids, reserved_topics, topics, wait_for
+from tests.helpers import first_picture_s, reserved_task_ids, reserved_topics, rtsp_describe, topics, wait_for
 from tests.mesh import Mesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")]
@@ -37,7 +37,8 @@ def cameras(tmp_path_factory):
     root = tmp_path_factory.mktemp("cameras")
     cams = {"short": media("mmpose_demo_960x540_5f.mp4"),  # 5 frames at 5 fps
             "town": media("towncentre_1080p_302f.mp4"),  # 1080p at 30 fps for 10 s: faster than the mesh
-            "long": clips.repeat(media("mmpose_demo_960x540_5f.mp4"), root / "long.mp4", 80)}  # 80 s at 5 fps
+            "long": clips.repeat(media("mmpose_demo_960x540_5f.mp4"), root / "long.mp4", 80),  # 80 s at 5 fps
+            "crowd": clips.repeat(media("towncentre_1080p_302f.mp4"), root / "crowd.mp4", 6)}  # 60 s of 1080p30
     with rtsp.RtspServer(cams, log_path=root / "rtsp.log") as server:
         yield server
 
@@ -142,7 +143,7 @@ def test_annotated_frames_reach_watchers_in_order_and_a_slow_watcher_loses_the_o
 
 def test_the_annotated_video_is_published_and_plays_from_the_rtsp_server(client, cameras):
     task = client.start_live(cameras.url("cam/long"))
-    assert task.stream_url == cameras.url(f"live/{task.task_id}")
+    assert len(task.stream_token) >= 22 and task.stream_url == cameras.url(f"live/{task.task_id}/{task.stream_token}")
     wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 3, 120, 0.2, "annotated frames")
     sizes = []
     with av.open(task.stream_url, options={"rtsp_transport": "tcp"}, timeout=(15, 15)) as player:
@@ -153,6 +154,36 @@ def test_the_annotated_video_is_published_and_plays_from_the_rtsp_server(client,
     client.cancel(task.task_id)
     assert sizes == [(960, 540)] * 5
     client.wait(task.task_id, timeout_s=120)
+
+
+def test_a_thinned_live_stream_plays_at_once_for_its_token_holders_only_and_is_refused_once_the_task_ends(
+        client, cameras):
+    """A 1080p camera at 30 fps outruns the mesh, so most frames are dropped at the source; whoever joins
+    its annotated stream sees a picture within the keyframe interval (2 s) + 1 s. Its URL without the
+    task's secret token is refused at once; after a cancel the URL is refused once the task has ended."""
+    task = client.start_live(cameras.url("cam/crowd"))
+    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 3, 120, 0.2, "annotated frames")
+    for guess in (cameras.url(f"live/{task.task_id}"), task.stream_url[:-1] + ("A" if task.stream_url[-1] != "A"
+                                                                               else "B")):
+        code, took = rtsp_describe(guess)
+        assert code == 404 and took < 1.0, (guess, code, took)
+    waits = []
+    for pause in (0.0, 1.1, 0.6, 1.5):  # joins spread over the keyframe interval
+        time.sleep(pause)
+        waits.append(first_picture_s(task.stream_url, (1920, 1080)))
+    live = client.get(task.task_id).live
+    print(f"first picture after {[round(w, 2) for w in waits]} s; {live.frames_dropped} of "
+          f"{live.frames_received} camera frames dropped")
+    assert live.frames_dropped >= 0.5 * live.frames_received, "the mesh kept most frames: nothing was thinned"
+    assert max(waits) <= 2.0 + 1.0, waits
+    answered = client.cancel(task.task_id)
+    assert (answered.state, answered.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_CANCELLED)
+    done = client.wait(task.task_id, timeout_s=120)
+    ended = time.monotonic()
+    assert done.state == done.ending == tpb.TASK_STATE_CANCELLED and done.artifacts
+    while rtsp_describe(task.stream_url)[0] != 404:
+        assert time.monotonic() - ended < 1.0, "the stream of an ended task is still served"
+        time.sleep(0.05)
 
 
 def test_stopping_a_live_task_keeps_its_results(client, cameras):

@@ -59,7 +59,7 @@ class ApiGateway:
     def broker_available(self) -> bool:
         return True
 
-    def stream_url(self, task_id: str) -> str:
+    def stream_url(self, task: tpb.Task) -> str:
         return ""
 
     def cancel(self, task_id: str, reason: str) -> tpb.Task | None:

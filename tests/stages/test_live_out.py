@@ -17,16 +17,14 @@ from posemesh.stages.results import EncoderSettings, KeyframeClock, ResultWriter
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
+from tests.helpers import LIVE_PLAYER, first_picture_s
+from tests.helpers import rtsp_describe as describe
 
 KEYFRAME_S = 2.0
 CAMERA_FPS = 25.0
 KEPT_EVERY_S = 0.4  # 1 frame in 10 of a 25 fps camera reaches annotate: 90 % dropped at the source
 SIZE = (640, 360)
-# A player set for live viewing, as `ffplay -fflags nobuffer -probesize 32 -analyzeduration 1 URL`: it
-# takes the stream's parameters from the SDP and shows the first keyframe. With FFmpeg's default probing a
-# player first reads about 20 frames of an RTSP H.264 stream to guess its frame rate (8 s at 2.5 frames a
-# second, whatever the keyframes), which is the player's choice, not the stream's (README, Live tasks).
-PLAYER = {"rtsp_transport": "tcp", "probesize": "32", "analyzeduration": "1", "fflags": "nobuffer"}
+PLAYER = LIVE_PLAYER  # players set for live viewing (tests/helpers.py says what that is)
 
 
 def test_a_keyframe_is_due_by_media_or_wall_time_never_by_frame_count():
@@ -93,12 +91,7 @@ def test_a_player_joining_a_thinned_live_stream_at_any_moment_shows_a_picture_wi
             stop.wait(start + index * KEPT_EVERY_S - time.monotonic())
 
     def first_picture() -> float:
-        t0 = time.monotonic()
-        with av.open(relay.url("live/joined"), options=PLAYER, timeout=(10, 10)) as player:
-            for picture in player.decode(video=0):
-                assert (picture.width, picture.height) == SIZE
-                return time.monotonic() - t0
-        raise AssertionError("the stream ended without a picture")
+        return first_picture_s(relay.url("live/joined"), SIZE)
 
     watching = threading.Event()
 
@@ -133,3 +126,42 @@ def test_a_player_joining_a_thinned_live_stream_at_any_moment_shows_a_picture_wi
         relay.stop()
     print(f"seconds to the first picture of each joining player: {[round(w, 2) for w in waits]}")
     assert max(waits) <= KEYFRAME_S + 1.0, waits
+
+
+
+@pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")
+def test_a_published_stream_plays_only_at_its_secret_path_and_is_refused_at_once_when_publishing_ends(tmp_path):
+    relay = rtsp.RtspServer(log_path=tmp_path / "rtsp.log").start()
+    path = "0123456789abcdef0123456789abcdef/Zm9vYmFyYmF6cXV4cXV1eA"  # a task id, its stream token
+    play = relay.url(f"live/{path}")
+    out = writer(tmp_path, "secret")
+    out.publisher = RtspPublisher(relay.url(f"publish/{path}"), "secret")
+    images = clips.source_frames(SIZE)
+    try:
+        code, took = describe(play)
+        assert code == 404 and took < 1.0, (code, took)  # nothing published yet: refused, not kept waiting
+        out.publisher.start()
+        for index in range(3):
+            out.write(pb.Frame(index=index, timestamp_s=index * KEPT_EVERY_S), images[index % len(images)])
+        deadline = time.monotonic() + 10
+        while describe(play)[0] != 200:
+            assert time.monotonic() < deadline, "the published stream never became playable"
+            time.sleep(0.1)
+        for guess in (relay.url(f"live/{path.split('/')[0]}"), relay.url(f"live/{path[:-1]}x"),
+                      relay.url(f"live/{path.split('/')[0]}/")):
+            code, took = describe(guess)
+            assert code == 404 and took < 1.0, (guess, code, took)
+        with pytest.raises(av.error.FFmpegError):  # a real player is refused as fast
+            av.open(relay.url(f"live/{path.split('/')[0]}"), options=PLAYER, timeout=(5, 5))
+        out.close_segment()
+        out.publisher.close()  # the task's results are written: annotate stops publishing
+        out.publisher.join(10)
+        ended = time.monotonic()
+        while describe(play)[0] != 404:
+            time.sleep(0.05)
+        refused_after = time.monotonic() - ended
+        print(f"refused {refused_after:.2f} s after the publisher left")
+        assert refused_after < 1.0
+    finally:
+        out.abandon()
+        relay.stop()

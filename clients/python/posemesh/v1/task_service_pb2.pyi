@@ -188,7 +188,7 @@ class VideoInfo(_message.Message):
     def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., fps: _Optional[float] = ..., frame_count: _Optional[int] = ..., codec: _Optional[str] = ..., rotation: _Optional[int] = ..., duration_s: _Optional[float] = ..., audio_codec: _Optional[str] = ..., start_s: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings", "live", "stream_url", "ending", "webhook")
+    __slots__ = ("task_id", "state", "file_name", "options", "video", "progress", "artifacts", "error_message", "created_at", "started_at", "finished_at", "upload_bytes", "warnings", "live", "stream_url", "ending", "stream_token", "webhook")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     FILE_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class Task(_message.Message):
     LIVE_FIELD_NUMBER: _ClassVar[int]
     STREAM_URL_FIELD_NUMBER: _ClassVar[int]
     ENDING_FIELD_NUMBER: _ClassVar[int]
+    STREAM_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WEBHOOK_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     state: TaskState
@@ -222,8 +223,9 @@ class Task(_message.Message):
     live: LiveStatus
     stream_url: str
     ending: TaskState
+    stream_token: str
     webhook: WebhookDelivery
-    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., live: _Optional[_Union[LiveStatus, _Mapping]] = ..., stream_url: _Optional[str] = ..., ending: _Optional[_Union[TaskState, str]] = ..., webhook: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., file_name: _Optional[str] = ..., options: _Optional[_Union[TaskOptions, _Mapping]] = ..., video: _Optional[_Union[VideoInfo, _Mapping]] = ..., progress: _Optional[_Iterable[_Union[StageProgress, _Mapping]]] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ..., error_message: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., upload_bytes: _Optional[int] = ..., warnings: _Optional[_Iterable[str]] = ..., live: _Optional[_Union[LiveStatus, _Mapping]] = ..., stream_url: _Optional[str] = ..., ending: _Optional[_Union[TaskState, str]] = ..., stream_token: _Optional[str] = ..., webhook: _Optional[_Union[WebhookDelivery, _Mapping]] = ...) -> None: ...
 
 class WebhookDelivery(_message.Message):
     __slots__ = ("url", "state", "attempts", "last_status", "last_error", "delivered_at", "next_attempt_at")
