@@ -81,11 +81,18 @@ class Settings:
     triton_outage_s: float = field(default_factory=lambda: float(env("TRITON_OUTAGE_S", "60")))
     # Requests one worker process keeps in Triton's queue per model; more wait in the worker (back-pressure).
     triton_max_in_flight: int = field(default_factory=lambda: int(env("TRITON_MAX_IN_FLIGHT", "4")))
-    # Inputs to Triton through system shared memory: "auto" (when Triton's address is a loopback address),
-    # "on" or "off". Shared memory needs both sides to see one /dev/shm (same host, or --ipc=host).
+    # Tensors to and from Triton through system shared memory: "auto" (probed once per model: used when
+    # Triton can open a region this worker made, i.e. both see one /dev/shm: same host, or containers
+    # sharing an IPC namespace), "on" (forced) or "off" (always the gRPC payload).
     triton_shm: str = field(default_factory=lambda: env("TRITON_SHM", "auto"))
     # The pose model of a task that names none: blazepose_lite, blazepose_full or rtmpose.
     default_pose_model: str = field(default_factory=lambda: env("DEFAULT_POSE_MODEL", "blazepose_lite"))
+    # Tracking (ByteTrack, stages/track.py). How long a track whose person is not detected is remembered, in
+    # seconds of the video (any frame rate): a person unseen for longer gets a new id. 2 s bridges the 38-frame
+    # detection gap (1.3 s at 30 fps) that split a person on towncentre with the former 30-frame (1 s) memory.
+    # And the least IoU between a track's predicted box and a detection for them to match (the library's).
+    track_memory_s: float = field(default_factory=lambda: float(env("TRACK_MEMORY_S", "2.0")))
+    track_min_iou: float = field(default_factory=lambda: float(env("TRACK_MIN_IOU", "0.1")))
     # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
     # durability: a worker that takes a task over continues from the last finished segment).
     x264_preset: str = field(default_factory=lambda: env("X264_PRESET", "veryfast"))

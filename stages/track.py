@@ -8,6 +8,13 @@ next frame it is matched in, so every person of a video's first frame (and each 
 went untracked. Here a track's id is fixed the moment it spawns: its first detection carries it, and so
 does every later detection the tracker matches to the same tracklet. Ids count from 1 in spawn order.
 
+Settings (mesh/settings.py): how long a track whose person is not detected is remembered, in seconds of
+the video (POSEMESH_TRACK_MEMORY_S; a person unseen for longer comes back with a new id), and the least IoU
+between a track's predicted box and a detection for them to match (POSEMESH_TRACK_MIN_IOU). The tracker
+gets each frame's timestamp, so it prunes lost tracks by elapsed seconds, whatever the frame rate: the
+library's `lost_track_buffer` counts frames at 30 fps (its seconds budget is lost_track_buffer / 30), and
+the task's fps scales its Kalman steps and its frame-count budget (fps x memory).
+
 Every detection gets an id: the activation and high-confidence thresholds are both the task's person
 threshold (detections below it never reach this stage), so each detection either continues a track or
 starts one.
@@ -28,9 +35,11 @@ from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
 class TaskTracker:
     """ByteTrack for one task, with ids assigned at spawn."""
 
-    def __init__(self, fps: float, threshold: float):
-        self.tracker = ByteTrackTracker(frame_rate=fps, lost_track_buffer=30, track_activation_threshold=threshold,
-                                        high_conf_det_threshold=threshold, minimum_consecutive_frames=1)
+    def __init__(self, fps: float, threshold: float, memory_s: float = 2.0, min_iou: float = 0.1):
+        # The library's unit for the lost-track buffer is a frame at 30 fps (1/30 s): see the module doc.
+        self.tracker = ByteTrackTracker(frame_rate=fps, lost_track_buffer=max(0, round(memory_s * 30)),
+                                        track_activation_threshold=threshold, high_conf_det_threshold=threshold,
+                                        minimum_consecutive_frames=1, minimum_iou_threshold=min_iou)
         self.ids: dict[int, int] = {}  # id() of a live tracklet -> our track id
         self.next_id = 1
 
@@ -74,11 +83,14 @@ class TrackStage(Stage):
     max_batch = 32
 
     def setup(self, settings) -> None:
+        self.memory_s = settings.track_memory_s
+        self.min_iou = settings.track_min_iou
         self.trackers: dict[str, TaskTracker] = {}
 
     def tracker(self, task: TaskInfo) -> TaskTracker:
         if task.task_id not in self.trackers:
-            self.trackers[task.task_id] = TaskTracker(task.fps, task.options.min_person_score or 0.5)
+            self.trackers[task.task_id] = TaskTracker(task.fps, task.options.min_person_score or 0.5,
+                                                      self.memory_s, self.min_iou)
         return self.trackers[task.task_id]
 
     def process(self, items: list[FrameItem]) -> None:
