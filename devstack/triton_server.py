@@ -73,7 +73,8 @@ class TritonServer:
 
     def __init__(self, onnx_dir: Path, work_dir: Path, repository: Path = CPU_REPOSITORY,
                  grpc_port: int | None = None, http_port: int | None = None, metrics_port: int | None = None,
-                 models: list[str] | None = None, log_path: Path | None = None, ort_threads: int = 1):
+                 models: list[str] | None = None, log_path: Path | None = None, ort_threads: int = 1,
+                 own_shm: bool = False):
         self.onnx_dir, self.work_dir, self.repository = onnx_dir, work_dir, repository
         spare = iter(free_ports(3))  # three different ports: Triton refuses to share one
         self.grpc_port = grpc_port or next(spare)
@@ -82,6 +83,9 @@ class TritonServer:
         self.models = models
         self.log_path = log_path
         self.ort_threads = ort_threads
+        # A /dev/shm of its own (a mount namespace with a fresh tmpfs; needs root), as in a container
+        # without --ipc=host: it cannot see the clients' shared-memory regions.
+        self.own_shm = own_shm
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -108,6 +112,9 @@ class TritonServer:
         env["POSEMESH_ONNX_DIR"] = str(self.onnx_dir)
         env["POSEMESH_ORT_THREADS"] = str(self.ort_threads)
         env.pop("PYTHONPATH", None)
+        if self.own_shm:
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   'mount -t tmpfs -o size=1g tmpfs /dev/shm && exec "$@"', "sh", *cmd]
         return cmd, env
 
     def start(self, timeout: float = 120.0) -> TritonServer:

@@ -16,20 +16,21 @@ caller down, only a gone one fails it.
   message. Other errors (a tensor the model rejects) raise StageError at once.
 - Only the chunks that failed are sent again: a late or failed chunk never makes its batch start over.
 - The gRPC channel reconnects quickly once the server is back (reconnect back-off capped at 1 s).
-- When Triton runs on the same host (a loopback URL; POSEMESH_TRITON_SHM=auto|on|off), tensors travel
-  through system shared memory instead of the gRPC payload: a request names a registered region, and
-  neither side serializes megabytes of pixels or YOLOX's 1.2 MB-a-frame output. Remote Triton uses the
-  gRPC payload as before.
+- When Triton can open this process's system shared memory (POSEMESH_TRITON_SHM=auto probes it once, by
+  registering a small region: same host and same /dev/shm, whatever the address; on|off force it), tensors
+  travel through shared memory instead of the gRPC payload: a request names a registered region, and
+  neither side serializes megabytes of pixels or YOLOX's 1.2 MB-a-frame output. Otherwise (remote Triton,
+  a container with its own /dev/shm) the gRPC payload is used.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlparse
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -37,6 +38,8 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from posemesh.stages.base import ServiceUnavailable, StageError
+
+log = logging.getLogger("posemesh.stage")
 
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
@@ -53,15 +56,24 @@ CHANNEL_ARGS = [
 ]
 
 
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def use_shared_memory(url: str, mode: str = "auto") -> bool:
-    """Settings.triton_shm: "on", "off", or "auto" (when Triton's address is a loopback address)."""
-    if mode in ("on", "off"):
-        return mode == "on"
-    host = urlparse(f"//{url}").hostname or ""
-    return host in LOOPBACK
+def shared_memory_visible(client, tag: str) -> str:
+    """"" when Triton can open a system shared-memory region this process made, else why not. Same host
+    and same /dev/shm is what counts, not the address: a container with its own /dev/shm cannot see the
+    host's regions even over loopback, and two containers sharing one IPC namespace can see each other's."""
+    name = f"{tag}_probe"
+    handle = shm.create_shared_memory_region(name, f"/{name}", 64)
+    try:
+        client.register_system_shared_memory(name, f"/{name}", 64)
+    except InferenceServerException as exc:
+        return exc.message() or str(exc)
+    else:
+        try:
+            client.unregister_system_shared_memory(name)
+        except InferenceServerException:
+            pass
+        return ""
+    finally:
+        shm.destroy_shared_memory_region(handle)
 
 
 @dataclass
@@ -166,7 +178,8 @@ class TritonModel:
         self.max_batch = 0
         self.output_names: list[str] = []
         self.outputs: dict[str, tuple[np.dtype, list[int]]] = {}  # name -> dtype, dims without batch
-        self.shared_memory = use_shared_memory(url, shm)
+        self.shm_mode = shm  # Settings.triton_shm: "auto" (probed once Triton answers), "on" or "off"
+        self.shared_memory = shm == "on"
         self.slots: SharedMemorySlots | None = None
         self.in_flight = threading.BoundedSemaphore(max(1, max_in_flight))
         self.latency_s = 0.0  # moving average of answered requests' round trips
@@ -211,6 +224,12 @@ class TritonModel:
         self.max_batch = int(config.get("max_batch_size", 1)) or 1
         self.output_names = [o["name"] for o in config["output"]]
         self.outputs = {o["name"]: (_np_type(o["data_type"]), [int(d) for d in o["dims"]]) for o in config["output"]}
+        if self.shm_mode == "auto" and self.slots is None:
+            why_not = shared_memory_visible(self.client, f"pm{os.getpid()}{uuid.uuid4().hex[:6]}")
+            self.shared_memory = not why_not
+            log.info("Triton model %s at %s: tensors %s", self.name, self.url,
+                     "through system shared memory" if self.shared_memory else
+                     f"in the gRPC payload (Triton cannot open this process's shared memory: {why_not})")
         if self.shared_memory and self.slots is None:
             def size(tensors) -> int:
                 return sum(self.max_batch * int(np.prod([int(d) for d in t["dims"]]))
@@ -281,6 +300,7 @@ class TritonModel:
         pending: list[int] | None = None
         answered: dict[int, dict[str, np.ndarray]] = {}
         delay = 0.2
+        refused_since: float | None = None
         while True:
             try:
                 if not self.max_batch:
@@ -309,9 +329,16 @@ class TritonModel:
                 self._trouble(f"{_text(exc)}; {what}")
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-            else:  # the server is there: it refused or dropped this request (overload); send again
+            else:  # the server is there but refused or dropped this request (overload): send again, for as
+                # long as an outage may last (a refusal that never ends, such as shared memory Triton cannot
+                # open, must not spin forever)
                 self._fine()
-                time.sleep(0.05)
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > self.outage_s:
+                    raise TritonUnavailable(f"Triton at {self.url} refused {self.name} requests for "
+                                            f"{self.outage_s:.0f} s ({_text(exc)})") from None
+                time.sleep(min(delay, 0.5))
+                delay = min(delay * 2, 2.0)
 
     def _send(self, inputs: dict[str, np.ndarray], starts: list[int], step: int,
               answered: dict[int, dict[str, np.ndarray]]) -> dict[int, Exception]:

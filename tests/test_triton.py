@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -210,3 +211,33 @@ def test_requests_in_flight_are_bounded_per_model(triton):
     model.client.async_infer = counting
     model(input_1=_crops(80))
     assert most[0] == 2 and model.calls == 10
+
+
+def test_shared_memory_is_used_where_triton_can_open_it(triton):
+    model = TritonModel(triton.url, "blazepose_lite")  # auto
+    model.wait_ready(30)
+    assert model.shared_memory and model.slots is not None
+    x = _crops(3)
+    np.testing.assert_array_equal(model(input_1=x)["Identity"],
+                                  TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a /dev/shm of Triton's own needs a mount namespace (root)")
+def test_a_triton_with_its_own_dev_shm_gets_tensors_in_the_payload(onnx_dir, tmp_path):
+    """Loopback address, but Triton cannot see this host's /dev/shm (a container without --ipc=host):
+    the probe finds out, and calls go in the gRPC payload instead of failing."""
+    from posemesh.devstack.triton_server import TritonServer
+
+    server = TritonServer(onnx_dir, tmp_path, models=["blazepose_lite"], log_path=tmp_path / "triton.log",
+                          own_shm=True).start()
+    try:
+        model = TritonModel(server.url, "blazepose_lite")
+        model.wait_ready(60)
+        assert not model.shared_memory and model.slots is None
+        assert model(input_1=_crops(3))["Identity"].shape == (3, 195)
+        forced = TritonModel(server.url, "blazepose_lite", shm="on", outage_s=1)
+        with pytest.raises(Exception, match="shared memory|Unable"):
+            forced.wait_ready(30)
+            forced(input_1=_crops(1))
+    finally:
+        server.stop()
