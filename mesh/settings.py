@@ -87,6 +87,10 @@ class Settings:
     triton_shm: str = field(default_factory=lambda: env("TRITON_SHM", "auto"))
     # The pose model of a task that names none: blazepose_lite, blazepose_full or rtmpose.
     default_pose_model: str = field(default_factory=lambda: env("DEFAULT_POSE_MODEL", "blazepose_lite"))
+    # The detector's least person score (YOLOX objectness x person), for tasks whose min_person_score is 0;
+    # also the tracker's threshold for starting a track. Towncentre, persons a frame: 8.4 at 0.5, 9.3 at
+    # 0.4, 10.6 at 0.3 (vtest 6.2 / 6.7 / 6.8); what the extra ones are worth is not measured yet.
+    detect_min_score: float = field(default_factory=lambda: float(env("DETECT_MIN_SCORE", "0.5")))
     # Tracking (ByteTrack, stages/track.py). How long a track whose person is not detected is remembered, in
     # seconds of the video (any frame rate): a person unseen for longer gets a new id. 2 s bridges the 38-frame
     # detection gap (1.3 s at 30 fps) that split a person on towncentre with the former 30-frame (1 s) memory.

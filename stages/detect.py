@@ -16,7 +16,7 @@ from posemesh.stages.base import FrameItem, Stage, StageError
 from posemesh.stages.triton import TritonModel
 from posemesh.v1 import task_service_pb2 as tpb
 
-DEFAULT_MIN_SCORE = 0.5
+DEFAULT_MIN_SCORE = 0.5  # POSEMESH_DETECT_MIN_SCORE's default (mesh/settings.py); a task's min_person_score overrides
 NMS_IOU = 0.45
 STRIDES = (8, 16, 32)
 
@@ -93,6 +93,7 @@ class DetectStage(Stage):
         self.model = TritonModel.for_settings(settings, "yolox")
         self.model.wait_ready(120)
         self.detector = Detector(self.model)
+        self.min_score = settings.detect_min_score
 
     def problem(self) -> str:
         return self.model.problem
@@ -102,7 +103,7 @@ class DetectStage(Stage):
 
     def process(self, items: list[FrameItem]) -> None:
         decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
-        min_scores = [it.task.options.min_person_score or DEFAULT_MIN_SCORE for it in items]
+        min_scores = [it.task.options.min_person_score or self.min_score for it in items]
         results = self.detector([img for img, _f in decoded], min_scores)
         for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
             del item.frame.persons[:]

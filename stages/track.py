@@ -16,7 +16,8 @@ library's `lost_track_buffer` counts frames at 30 fps (its seconds budget is los
 the task's fps scales its Kalman steps and its frame-count budget (fps x memory).
 
 Every detection gets an id: the activation and high-confidence thresholds are both the task's person
-threshold (detections below it never reach this stage), so each detection either continues a track or
+threshold, the detect stage's (the task's min_person_score, else POSEMESH_DETECT_MIN_SCORE; detections
+below it never reach this stage), so each detection either continues a track or
 starts one.
 
 Recovery.REPLAY: a replica that takes over a task reads it again from its first frame. The tracker is
@@ -85,11 +86,12 @@ class TrackStage(Stage):
     def setup(self, settings) -> None:
         self.memory_s = settings.track_memory_s
         self.min_iou = settings.track_min_iou
+        self.min_score = settings.detect_min_score  # the detect stage's threshold: see the module doc
         self.trackers: dict[str, TaskTracker] = {}
 
     def tracker(self, task: TaskInfo) -> TaskTracker:
         if task.task_id not in self.trackers:
-            self.trackers[task.task_id] = TaskTracker(task.fps, task.options.min_person_score or 0.5,
+            self.trackers[task.task_id] = TaskTracker(task.fps, task.options.min_person_score or self.min_score,
                                                       self.memory_s, self.min_iou)
         return self.trackers[task.task_id]
 

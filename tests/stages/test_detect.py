@@ -1,0 +1,51 @@
+"""The detect stage's least person score as a setting (POSEMESH_DETECT_MIN_SCORE), on the real Triton server
+and a real crowd frame, and the track stage agreeing with it (every detection it passes on gets an id)."""
+
+from __future__ import annotations
+
+import cv2
+import pytest
+
+from posemesh.mesh import jpeg
+from posemesh.mesh.settings import Settings
+from posemesh.stages.base import FrameItem, TaskInfo
+from posemesh.stages.detect import DetectStage
+from posemesh.stages.track import TrackStage
+from posemesh.v1 import pipeline_pb2 as pb
+from posemesh.v1 import task_service_pb2 as tpb
+from tests.conftest import media
+
+
+def detect_and_track(image, options: tpb.TaskOptions) -> list[tpb.Person]:
+    height, width = image.shape[:2]
+    frame = pb.Frame(index=0, timestamp_s=0.0, width=width, height=height, jpeg=jpeg.encode(image, 90))
+    item = FrameItem(TaskInfo("t", options=options, video=tpb.VideoInfo(fps=25.0)), frame)
+    detect, track = DetectStage(), TrackStage()
+    detect.setup(Settings())
+    track.setup(Settings())
+    try:
+        detect.process([item])
+    finally:
+        detect.close()
+    track.process([item])
+    return list(item.frame.persons)
+
+
+@pytest.fixture(scope="module")
+def crowd():
+    return cv2.imread(str(media("posetrack18_012834_000000.jpg")))  # small, occluded people: many near 0.5
+
+
+def test_the_setting_lowers_the_score_the_detector_keeps_and_the_tracker_follows(triton, crowd, monkeypatch):
+    monkeypatch.setenv("POSEMESH_TRITON_URL", triton.url)
+    default = detect_and_track(crowd, tpb.TaskOptions())
+    assert min(p.score for p in default) > 0.5
+    monkeypatch.setenv("POSEMESH_DETECT_MIN_SCORE", "0.3")
+    lower = detect_and_track(crowd, tpb.TaskOptions())
+    assert len(lower) > len(default) and min(p.score for p in lower) > 0.3
+    assert min(p.score for p in lower) <= 0.5
+    # The tracker starts a track for every detection it gets, the low-scored ones too.
+    assert all(p.track_id > 0 for p in lower) and len({p.track_id for p in lower}) == len(lower)
+    # A task's own min_person_score still wins over the setting.
+    own = detect_and_track(crowd, tpb.TaskOptions(min_person_score=0.6))
+    assert min(p.score for p in own) > 0.6 and len(own) <= len(default)
