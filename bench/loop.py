@@ -34,7 +34,8 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.end_to_end import cpu_by_service
-from bench.measure import idle_between_bursts, run_uploads
+from bench.measure import _children, _cpu, idle_between_bursts, run_uploads
+from bench.profile import Profiler
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
 from posemesh.mesh import media
@@ -126,17 +127,53 @@ def loops(n: int, clip: Path, work: Path, onnx_dir: Path, pose_model: str) -> di
             results = jobs.get()
             wall = time.perf_counter() - t0
     frames = sum(f for f, _c in results)
-    return {"fps": frames / wall, "cpu_ms": 1000 * sum(c for _f, c in results) / frames, "by": {}}
+    return {"fps": frames / wall, "cpu_ms": 1000 * sum(c for _f, c in results) / frames, "by": {}, "activities": {}}
 
 
-def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str) -> dict:
+def python_processes(stack: Stack) -> dict[str, int]:
+    """The stack's Python processes by name: gateway, workers, and Triton's Python-backend stubs (the
+    models run there)."""
+    pids = {s.name: s.proc.pid for s in stack.services if s.name not in ("broker", "triton", "rtsp")}
+    triton = next(s for s in stack.services if s.name == "triton")
+    tree, todo, stubs = _children(), [triton.proc.pid], []
+    while todo:
+        pid = todo.pop()
+        todo += tree.get(pid, [])
+        if pid != triton.proc.pid:
+            stubs.append(pid)
+    pids.update({f"triton: {_stub_model(pid)}": pid for pid in sorted(stubs)})
+    return pids
+
+
+def _stub_model(pid: int) -> str:
+    """The model a Python-backend stub serves: its command line names the model's model.py."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return str(pid)
+    path = next((a.decode() for a in args if a.endswith(b"model.py")), "")
+    return Path(path).parent.parent.name if path else str(pid)
+
+
+def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str, profile: bool = False) -> dict:
+    """n concurrent uploads; frames/s, CPU ms per frame by process and, when profiled, by activity."""
     idle_between_bursts()
+    pids = python_processes(stack) if profile else {}
+    profiler = Profiler(pids) if profile else None
     before = cpu_by_service(stack)
+    own_before = {name: _cpu(pid) for name, pid in pids.items()}
     uploads, wall = run_uploads(client, clip, n, pose_model)
     after = cpu_by_service(stack)
+    own_after = {name: _cpu(pid) for name, pid in pids.items()}
     frames = sum(u.frames for u in uploads)
     by = {k: 1000 * (after[k] - before.get(k, 0.0)) / frames for k in after}
-    return {"fps": frames / wall, "cpu_ms": sum(by.values()), "by": by}
+    activities: dict[str, dict[str, float]] = {}
+    if profiler is not None:
+        profiler.stop()
+        for name, shares in profiler.breakdown().items():
+            ms = 1000 * (own_after[name] - own_before[name]) / frames
+            activities[name] = {a: share * ms for a, share in shares.items()}
+    return {"fps": frames / wall, "cpu_ms": sum(by.values()), "by": by, "activities": activities}
 
 
 def main() -> None:
@@ -168,6 +205,8 @@ def main() -> None:
             for k in (n, 2 * n):
                 rows[f"stack {k}"] = stack_run(stack, client, clip, k, args.pose_model)
                 print(f"stack {k}: {rows[f'stack {k}']['fps']:.2f} frames/s", flush=True)
+            # Profiled apart: sampling costs the processes some CPU, so this run is not in the ratios.
+            profiled = stack_run(stack, client, clip, 1, args.pose_model, profile=True)
         finally:
             stack.stop()
     print(f"\n{clip.name}, {args.pose_model}, {n} cores: frames/s and CPU ms per frame, measured side by side")
@@ -177,6 +216,16 @@ def main() -> None:
     for name, r in rows.items():
         print(f"| {name} | {r['fps']:.2f} | {r['cpu_ms']:.0f} | "
               + " | ".join(f"{r['by'].get(k, 0):.0f}" if r["by"] else "-" for k in kinds) + " |")
+    activities = profiled["activities"]
+    if activities:
+        names = sorted({a for shares in activities.values() for a in shares})
+        print(f"\nstack, 1 upload again, profiled ({profiled['fps']:.2f} frames/s): CPU ms per frame by process "
+              "and activity (py-spy samples x the process's CPU)")
+        print("| process | " + " | ".join(names) + " | all |")
+        print("|---|" + "---|" * (len(names) + 1))
+        for process, ms in activities.items():
+            print(f"| {process} | " + " | ".join(f"{ms.get(a, 0):.1f}" for a in names) + f" | {sum(ms.values()):.1f} |")
+        print("(not sampled: the broker, and tritonserver's own C++ threads: Triton's figure above minus its stubs')")
     ratios = {"stack 1 / loop 1": rows["stack 1"]["fps"] / rows["loop 1"]["fps"],
               "stack N / loops N": rows[f"stack {n}"]["fps"] / rows[f"loops {n}"]["fps"],
               "stack 2N / loops N": rows[f"stack {2 * n}"]["fps"] / rows[f"loops {n}"]["fps"]}
