@@ -17,11 +17,12 @@ rate) matters: the mesh's rate is only what it was given, so a rate-based pace n
 mesh has, while a window fills a pipeline whose frames take 0.4 s each with enough frames to keep every
 stage busy.
 
-Outages. The source is reconnected with back-off when it breaks. An end of stream from FFmpeg looks the
-same whether the camera finished or its server died, so the server is asked (a TCP connect): still
-answering means the stream ended (the task completes); gone means an outage. With no frame for
-`outage_s` the task ends FAILED with the reason. Either way, the frames processed so far become its
-results (the end-of-stream record closes the task's files).
+Outages. Whatever interrupts the stream is tried again with back-off (an end of stream included: a
+camera behind a relay that drops out for a while looks to FFmpeg like one whose stream ended, and the
+relay goes on answering), until no frame has come for `outage_s`. Then the server is asked (a TCP
+connect): still answering means the stream ended (the task COMPLETES, saying so); gone means an outage
+(FAILED, with the reason). Either way, the frames processed so far become its results (the end-of-stream
+record closes the task's files).
 """
 
 from __future__ import annotations
@@ -110,24 +111,28 @@ class LiveSource(threading.Thread):
         self.stop_requested.set()
 
     def _read(self) -> tuple[int, str]:
+        """Frames until the user stops the task or no frame came for `outage_s`: whatever interrupts the
+        stream (an end of stream, a broken connection, a server that refuses or does not answer) is tried
+        again with back-off until then, since a camera behind a relay (MediaMTX, the local one) that drops
+        out for a while looks like one whose stream ended, to the point of the relay answering."""
         last_frame = time.monotonic()
         backoff = 0.5
+        reason = "no connection yet"
         while not self.stop_requested.is_set():
+            left = self.config.outage_s - (time.monotonic() - last_frame)
+            if left < 0:
+                return self._gone(reason)
             try:
                 container = av.open(self.source.url, format="rtsp", timeout=(self.config.connect_timeout_s,
                                                                              self.config.read_timeout_s),
                                     options={"rtsp_transport": self.transport, **LIVE_OPTIONS})
             except av.FFmpegError as exc:
                 reason = getattr(exc, "strerror", None) or exc.__class__.__name__
-                if time.monotonic() - last_frame > self.config.outage_s:
-                    return tpb.TASK_STATE_FAILED, (f"the live source sent no frame for {self.config.outage_s:.0f} s "
-                                                   f"({reason}); the frames before that are in the results")
                 self._publish_status(force=True)
-                self.stop_requested.wait(backoff)
+                self.stop_requested.wait(min(backoff, max(left, 0.0) + 0.05))
                 backoff = min(backoff * 2, 5.0)
                 self.status.reconnects += 1
                 continue
-            backoff = 0.5
             self.status.connected = True
             try:
                 with container:
@@ -135,21 +140,30 @@ class LiveSource(threading.Thread):
                     stream.thread_type = "AUTO"
                     for frame in container.decode(stream):
                         last_frame = time.monotonic()
+                        backoff = 0.5
                         self._frame(frame, last_frame)
                         if self.stop_requested.is_set():
                             break
-                ended = True
-            except av.FFmpegError:
-                ended = False  # broken off: an outage
+                reason = "its stream ended"
+            except av.FFmpegError as exc:
+                reason = f"its stream broke off: {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
             except media.NotAVideo as exc:
                 return tpb.TASK_STATE_FAILED, f"the live source's frames: {exc}"
             self.status.connected = False
-            if self.stop_requested.is_set():
-                break
-            if ended and self._server_answers():
-                return tpb.TASK_STATE_COMPLETED, "the live stream ended"
-            log.info("live source of %s broke off; reconnecting", self.task.task_id)
+            if not self.stop_requested.is_set():
+                log.info("live source of %s: %s; reconnecting", self.task.task_id, reason)
         return tpb.TASK_STATE_CANCELLED, self.stop_reason
+
+    def _gone(self, reason: str) -> tuple[int, str]:
+        """No frame for `outage_s`. A server that still answers has no stream for us (it ended: COMPLETED);
+        one that does not is an outage (FAILED). Either way the frames before are in the results."""
+        waited = f"no frame for {self.config.outage_s:.0f} s"
+        if self._server_answers():
+            return tpb.TASK_STATE_COMPLETED, (f"the live stream ended: {waited} and its server, which still "
+                                              f"answers, serves none ({reason}); the frames before that are in "
+                                              "the results")
+        return tpb.TASK_STATE_FAILED, (f"the live source sent {waited} ({reason}); the frames before that are "
+                                       "in the results")
 
     def _server_answers(self) -> bool:
         try:

@@ -176,3 +176,56 @@ def first_picture_s(url: str, size: tuple[int, int] | None = None) -> float:
             assert size is None or (picture.width, picture.height) == size
             return time.monotonic() - t0
     raise AssertionError(f"{url} ended without a picture")
+
+
+class PublishingCamera:
+    """A camera that publishes a clip to an RTSP server (RTSP RECORD, packets copied, in real time, the clip
+    `loops` times or over and over) as cameras publish to MediaMTX: readers play it from the server's /live/
+    side, which refuses the path while the camera is away. `stop()` takes it away; `start()` brings it back."""
+
+    def __init__(self, clip: Path, publish_url: str, loops: int | None = None):
+        import av
+
+        self.url, self.loops = publish_url, loops
+        with av.open(str(clip)) as src:
+            stream = src.streams.video[0]
+            self.packets = sorted((p for p in src.demux(stream) if p.size and p.pts is not None), key=lambda p: p.pts)
+            self.time_base = stream.time_base
+            step = (self.packets[1].pts - self.packets[0].pts) if len(self.packets) > 1 else 1
+            self.span = self.packets[-1].pts - self.packets[0].pts + step
+        self.clip = clip
+        self.thread = None
+        self.stopping = None
+
+    def start(self) -> PublishingCamera:
+        import threading
+
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._publish, args=(self.stopping,), daemon=True)
+        self.thread.start()
+        return self
+
+    def _publish(self, stopping) -> None:
+        import av
+
+        with av.open(str(self.clip)) as src, av.open(self.url, "w", format="rtsp",
+                                                     options={"rtsp_transport": "tcp"}) as out:
+            stream = out.add_stream_from_template(src.streams.video[0])
+            t0, first, loop = time.monotonic(), self.packets[0].pts, 0
+            while not stopping.is_set() and (self.loops is None or loop < self.loops):
+                for packet in self.packets:
+                    pts = packet.pts - first + loop * self.span
+                    delay = t0 + float(pts * self.time_base) - time.monotonic()
+                    if stopping.wait(max(delay, 0.0)):
+                        return
+                    copy = av.Packet(bytes(packet))
+                    copy.pts = copy.dts = pts
+                    copy.time_base, copy.is_keyframe, copy.stream = self.time_base, packet.is_keyframe, stream
+                    out.mux(copy)
+                loop += 1
+
+    def stop(self) -> None:
+        if self.thread is not None:
+            self.stopping.set()
+            self.thread.join(10)
+            self.thread = None

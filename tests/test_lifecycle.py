@@ -4,6 +4,8 @@ broker, reading what posemesh.control carries."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from confluent_kafka import Producer
 
@@ -19,7 +21,7 @@ from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import make_settings, media
-from tests.helpers import control_events, read_topic, wait_for
+from tests.helpers import PublishingCamera, control_events, read_topic, rtsp_describe, wait_for
 
 PUBLISH = "rtsp://127.0.0.1:8554/publish/{task}"
 
@@ -118,10 +120,11 @@ def test_cancel_answers_the_state_it_leaves_the_task_in(broker, tmp_path):
     results arrive; then it is CANCELLED with them (a stream that ended right after the cancel changes
     nothing). A live task whose stream had ended before the cancel keeps its ending (COMPLETED)."""
     settings = live_settings(broker, tmp_path / "data")
+    settings.live_outage_s = 2.0  # how long an ended stream is tried again
     lifecycle, store, policy = _lifecycle(settings)
     clip = clips.repeat(media("mmpose_demo_960x540_5f.mp4"), tmp_path / "long.mp4", 40)
-    with rtsp.RtspServer({"long": clip, "short": media("mmpose_demo_960x540_5f.mp4")},
-                         log_path=tmp_path / "rtsp.log") as camera:
+    with rtsp.RtspServer({"long": clip}, log_path=tmp_path / "rtsp.log") as camera:
+        publishing = PublishingCamera(media("mmpose_demo_960x540_5f.mp4"), camera.url("publish/short"))
         try:
             upload = live_task(0)
             upload.ClearField("live")
@@ -153,13 +156,61 @@ def test_cancel_answers_the_state_it_leaves_the_task_in(broker, tmp_path):
             assert [a.file_name for a in done.artifacts] == ["keypoints.jsonl"]
 
             ended = live_task(camera.port)
-            ended.live.source = camera.url("cam/short")  # five frames: the stream ends by itself
+            ended.live.source = camera.url("live/short")  # a camera publishing to the relay, then gone
+            publishing.start()
+            wait_for(lambda: rtsp_describe(ended.live.source)[0] == 200, 20, 0.1, "the camera to publish")
             store.create(ended, "alice", None)
             lifecycle.start_live(ended, policy.check(ended.live.source), tpb.RTSP_TRANSPORT_TCP)
+            wait_for(lambda: store.get(ended.task_id).live.frames_received >= 2, 30, 0.1, "frames from the camera")
+            publishing.stop()
             wait_for(lambda: store.ending(ended.task_id), 30, 0.1, "the stream to end")
             answered = lifecycle.cancel(ended.task_id, "cancelled by the user")
             assert (answered.state, answered.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_COMPLETED)
             lifecycle.complete(_result(ended.task_id))
             assert store.get(ended.task_id).state == tpb.TASK_STATE_COMPLETED
         finally:
+            publishing.stop()
+            lifecycle.halt()
+
+
+@pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")
+def test_a_camera_behind_a_relay_that_drops_out_is_read_again_until_the_outage_limit(broker, tmp_path):
+    """A camera publishing through a relay goes away for 10 s: the relay still answers (it refuses the path),
+    so it looks like a stream that ended; the task goes on reading it when it is back. Gone for good, it is
+    tried until LIVE_OUTAGE_S without a frame; then the task ends COMPLETED, saying why, since the relay
+    still answers (a source whose server is gone too ends FAILED: tests/test_live.py)."""
+    settings = live_settings(broker, tmp_path / "data")
+    settings.live_outage_s = 16.0
+    lifecycle, store, policy = _lifecycle(settings)
+    clip = clips.repeat(media("mmpose_demo_960x540_5f.mp4"), tmp_path / "long.mp4", 40)
+    with rtsp.RtspServer(log_path=tmp_path / "rtsp.log") as relay:
+        camera = PublishingCamera(clip, relay.url("publish/dock")).start()
+        task = live_task(relay.port)
+        task.live.source = relay.url("live/dock")
+        try:
+            wait_for(lambda: rtsp_describe(task.live.source)[0] == 200, 20, 0.1, "the camera to publish")
+            store.create(task, "alice", None)
+            lifecycle.start_live(task, policy.check(task.live.source), tpb.RTSP_TRANSPORT_TCP)
+            wait_for(lambda: store.get(task.task_id).live.frames_received >= 6, 30, 0.1, "frames from the camera")
+            camera.stop()
+            gone = time.monotonic()
+            wait_for(lambda: not store.get(task.task_id).live.connected, 15, 0.1, "the drop-out to show")
+            before = store.get(task.task_id).live.frames_received
+            time.sleep(max(0.0, gone + 10 - time.monotonic()))
+            assert rtsp_describe(task.live.source)[0] == 404  # the relay answers, refusing the path
+            assert store.ending(task.task_id) is None and store.get(task.task_id).state == tpb.TASK_STATE_RUNNING
+            camera.start()  # back after 10 s
+            wait_for(lambda: store.get(task.task_id).live.frames_received >= before + 6, 30, 0.1, "frames again")
+            live = store.get(task.task_id).live
+            assert live.connected and live.reconnects >= 1 and store.ending(task.task_id) is None
+
+            camera.stop()  # gone for good
+            gone = time.monotonic()
+            state, message = wait_for(lambda: store.ending(task.task_id), 60, 0.1, "the task to give the camera up")
+            took = time.monotonic() - gone
+            print(f"given up {took:.1f} s after the camera left: {message}")
+            assert state == tpb.TASK_STATE_COMPLETED and "ended" in message and "no frame for 16 s" in message
+            assert 16 <= took <= 16 + 6
+        finally:
+            camera.stop()
             lifecycle.halt()

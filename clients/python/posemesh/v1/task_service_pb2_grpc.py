@@ -143,8 +143,10 @@ class TaskServiceServicer:
     def StartLiveTask(self, request, context):
         """Starts a task on a live source (an RTSP camera) instead of an upload. The URL must match the server's
         allow-list (PERMISSION_DENIED otherwise); a file path or file: URL is never a source. The task runs
-        until the stream ends (COMPLETED), the source stays away longer than the server's outage limit
-        (FAILED), or CancelTask stops it (CANCELLED); each keeps the results of what was processed.
+        until CancelTask stops it (CANCELLED) or the source sends no frame for the server's outage limit:
+        an interrupted stream (ended, broken off, refused, unreachable) is tried again until then. Then it
+        is COMPLETED if the source's server still answers (its stream ended) and FAILED if it does not, with
+        the reason; each keeps the results of what was processed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
