@@ -239,6 +239,12 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             seen.add(kind)
         if not 0.0 <= options.min_person_score < 1.0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "min_person_score must be in [0, 1)")
+        problem = validation.region_problem([(p.x, p.y) for p in options.region_of_interest])
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"options.region_of_interest: {problem}")
+        if options.max_persons > validation.MAX_PERSONS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"options.max_persons must be at most {validation.MAX_PERSONS} (0: no limit)")
         disabled = {m.strip() for m in self.settings.disabled_pose_models.split(",") if m.strip()}
         chosen = POSE_MODEL_NAMES.get(options.pose_model)
         if chosen in disabled:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import unicodedata
 
 import grpc
@@ -79,3 +80,23 @@ def page_offset(token: str) -> int | None:
     except (ValueError, UnicodeError, binascii.Error):
         return None
     return offset if offset <= MAX_OFFSET else None
+
+
+MAX_REGION_POINTS = 64
+MAX_PERSONS = 1000
+MAX_COORDINATE = 100_000.0  # frame pixels; far beyond the largest accepted frame
+
+
+def region_problem(points: list[tuple[float, float]]) -> str:
+    """What is wrong with a region-of-interest polygon ("" when nothing is; empty means no region)."""
+    if not points:
+        return ""
+    if not 3 <= len(points) <= MAX_REGION_POINTS:
+        return f"a polygon needs 3 to {MAX_REGION_POINTS} points, not {len(points)}"
+    for k, (x, y) in enumerate(points):
+        if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= MAX_COORDINATE and 0 <= y <= MAX_COORDINATE):
+            return f"point {k} ({x}, {y}) is not in frame pixels (0 to {MAX_COORDINATE:.0f}, x right, y down)"
+    twice_area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1]))
+    if abs(twice_area) < 2.0:
+        return "the polygon encloses no area (its points are on one line or repeated)"
+    return ""

@@ -63,6 +63,19 @@ def decode(output: np.ndarray, ratio: float, min_score: float,
     return boxes[order].astype(np.float32), scores[order].astype(np.float32)
 
 
+def chosen(boxes: np.ndarray, scores: np.ndarray, options: tpb.TaskOptions) -> tuple[np.ndarray, np.ndarray]:
+    """The task's choices (TaskOptions): persons whose box centre is inside its region of interest, then
+    its `max_persons` highest-scoring ones. Boxes come sorted by score, highest first."""
+    if len(options.region_of_interest) >= 3 and len(boxes):
+        polygon = np.array([[p.x, p.y] for p in options.region_of_interest], np.float32)
+        centres = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2], axis=1)
+        keep = np.array([cv2.pointPolygonTest(polygon, (float(x), float(y)), False) >= 0 for x, y in centres])
+        boxes, scores = boxes[keep], scores[keep]
+    if options.max_persons:
+        boxes, scores = boxes[:options.max_persons], scores[:options.max_persons]
+    return boxes, scores
+
+
 def decode_for_detection(jpeg: bytes, width: int, height: int) -> tuple[np.ndarray, float]:
     """Decode a JPEG at the smallest DCT scale that still covers the 416 input: a 1080p frame decodes at
     1/4 size several times faster, and the detector never sees more than 416 pixels anyway.
@@ -111,5 +124,6 @@ class DetectStage(Stage):
             w, h = item.frame.width, item.frame.height
             if w and h:
                 boxes = np.clip(boxes, 0, [w, h, w, h])
+            boxes, scores = chosen(boxes, scores, item.task.options)
             for box, score in zip(boxes.tolist(), scores.tolist()):
                 item.frame.persons.add(box=tpb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)

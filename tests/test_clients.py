@@ -52,8 +52,11 @@ def test_sdk_uploads_file_objects_lists_watches_cancels(gateway):
     with Client(gateway.address, USERS["bob"]) as client:
         seen = []
         task = client.submit(io.BytesIO(data), file_name="from-memory.mp4", pose_model="blazepose_full",
-                             outputs=["keypoints"], on_bytes=seen.append)
+                             outputs=["keypoints"], on_bytes=seen.append,
+                             region_of_interest=[(0, 0), (480, 0), (480, 540)], max_persons=3)
         assert sum(seen) == len(data)
+        assert [(p.x, p.y) for p in task.options.region_of_interest] == [(0, 0), (480, 0), (480, 540)]
+        assert task.options.max_persons == 3  # recorded on the task
         assert task.options.pose_model == tpb.POSE_MODEL_BLAZEPOSE_FULL
         assert list(task.options.outputs) == [tpb.ARTIFACT_KIND_KEYPOINTS]
         assert [t.task_id for t in client.list()] == [task.task_id]

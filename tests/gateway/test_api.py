@@ -259,3 +259,21 @@ def test_a_trickling_upload_ends_with_deadline_exceeded_and_frees_its_slots(api_
         yield tpb.UploadRequest(metadata=tpb.UploadMetadata(file_name="silent.mp4"))
 
     expect(api, grpc.StatusCode.DEADLINE_EXCEEDED, lambda: api.stub.Upload(silent(), metadata=auth()))
+
+
+def test_a_bad_region_of_interest_or_max_persons_is_invalid_argument_naming_the_field(api):
+    def point(x, y):
+        return tpb.Point(x=x, y=y)
+
+    square = [point(0, 0), point(100, 0), point(100, 100), point(0, 100)]
+    for options, says in (
+            (tpb.TaskOptions(region_of_interest=square[:2]), "options.region_of_interest: a polygon needs 3"),
+            (tpb.TaskOptions(region_of_interest=[point(0, 0), point(10, 10), point(20, 20)]), "encloses no area"),
+            (tpb.TaskOptions(region_of_interest=[*square[:3], point(float("nan"), 5)]), "point 3"),
+            (tpb.TaskOptions(region_of_interest=[point(-1, 0), *square[1:]]), "point 0"),
+            (tpb.TaskOptions(region_of_interest=square * 17), "3 to 64 points, not 68"),
+            (tpb.TaskOptions(max_persons=1001), "options.max_persons must be at most 1000")):
+        msg = expect(api, grpc.StatusCode.INVALID_ARGUMENT,
+                     lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
+        assert says in msg, msg
+    assert not api.gateway.limits.streams

@@ -49,3 +49,22 @@ def test_the_setting_lowers_the_score_the_detector_keeps_and_the_tracker_follows
     # A task's own min_person_score still wins over the setting.
     own = detect_and_track(crowd, tpb.TaskOptions(min_person_score=0.6))
     assert min(p.score for p in own) > 0.6 and len(own) <= len(default)
+
+
+def test_a_region_of_interest_and_max_persons_choose_who_is_kept(triton, crowd, monkeypatch):
+    """TaskOptions.region_of_interest keeps persons whose box centre is inside the polygon;
+    max_persons keeps the highest-scoring ones after it."""
+    monkeypatch.setenv("POSEMESH_TRITON_URL", triton.url)
+    everyone = detect_and_track(crowd, tpb.TaskOptions())
+    height = crowd.shape[0]
+    centre_x = [(p.box.x1 + p.box.x2) / 2 for p in everyone]
+    assert len(everyone) >= 3
+    split = sum(sorted(centre_x)[1:3]) / 2  # two persons' centres left of it, the others right
+    left = [tpb.Point(x=0, y=0), tpb.Point(x=split, y=0), tpb.Point(x=split, y=height), tpb.Point(x=0, y=height)]
+    inside = detect_and_track(crowd, tpb.TaskOptions(region_of_interest=left))
+    assert len(inside) == 2
+    assert sorted(p.score for p in inside) == sorted(p.score for p, x in zip(everyone, centre_x) if x <= split)
+    top = detect_and_track(crowd, tpb.TaskOptions(max_persons=2))
+    assert [p.score for p in top] == sorted((p.score for p in everyone), reverse=True)[:2]
+    both = detect_and_track(crowd, tpb.TaskOptions(region_of_interest=left, max_persons=1))
+    assert [p.score for p in both] == [max(p.score for p in inside)]

@@ -77,9 +77,18 @@ def fetch_results(client: Client, task: tpb.Task, out: Path) -> list[Path]:
     return paths
 
 
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a point: write X,Y in frame pixels") from None
+    return x, y
+
+
 def cmd_submit(args, client: Client) -> int:
     task = client.submit(args.video, pose_model=args.pose_model, outputs=args.outputs or None,
-                         min_person_score=args.min_person_score)
+                         min_person_score=args.min_person_score, region_of_interest=args.region,
+                         max_persons=args.max_persons)
     print(task.task_id if args.quiet else task_line(task))
     if not args.wait:
         return 0
@@ -188,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pose-model", choices=sorted(POSE_MODELS), default="default")
     p.add_argument("--outputs", nargs="*", choices=sorted(ARTIFACTS))
     p.add_argument("--min-person-score", type=float, default=0.0)
+    p.add_argument("--region", nargs="+", type=_point, metavar="X,Y",
+                   help="only persons whose box centre is inside this polygon (frame pixels, 3 or more points)")
+    p.add_argument("--max-persons", type=int, default=0, help="keep the N highest-scoring persons per frame")
     p.add_argument("--wait", action="store_true", help="show progress and download the results")
     p.add_argument("--out", default=".", help="where --wait writes the results")
     p.add_argument("--quiet", action="store_true")

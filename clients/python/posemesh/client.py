@@ -96,8 +96,11 @@ class Client:
 
     def submit(self, video: str | Path | BinaryIO, pose_model: str | int = "default", outputs: list[str] | None = None,
                min_person_score: float = 0.0, idempotency_key: str | None = None, file_name: str | None = None,
-               on_bytes: Callable[[int], None] | None = None) -> tpb.Task:
-        """Upload a video (a path or a binary file object) and return the task at once."""
+               on_bytes: Callable[[int], None] | None = None,
+               region_of_interest: list[tuple[float, float]] | None = None, max_persons: int = 0) -> tpb.Task:
+        """Upload a video (a path or a binary file object) and return the task at once. region_of_interest:
+        polygon vertices (x, y) in frame pixels; only persons whose box centre is inside are kept.
+        max_persons: the highest-scoring persons kept per frame (0: all)."""
         if isinstance(video, (str, Path)):
             path = Path(video)
             opener = lambda: open(path, "rb")  # noqa: E731
@@ -112,7 +115,8 @@ class Client:
             file_name = file_name or getattr(video, "name", "upload")
         options = tpb.TaskOptions(
             pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
-            outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score)
+            outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score,
+            region_of_interest=[tpb.Point(x=x, y=y) for x, y in region_of_interest or []], max_persons=max_persons)
         metadata = tpb.UploadMetadata(file_name=str(Path(file_name).name), options=options,
                                       idempotency_key=idempotency_key or uuid.uuid4().hex)
 

@@ -106,14 +106,26 @@ class Person(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class TaskOptions(_message.Message):
-    __slots__ = ("pose_model", "outputs", "min_person_score")
+    __slots__ = ("pose_model", "outputs", "min_person_score", "region_of_interest", "max_persons")
     POSE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MIN_PERSON_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REGION_OF_INTEREST_FIELD_NUMBER: _ClassVar[int]
+    MAX_PERSONS_FIELD_NUMBER: _ClassVar[int]
     pose_model: PoseModel
     outputs: _containers.RepeatedScalarFieldContainer[ArtifactKind]
     min_person_score: float
-    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ...) -> None: ...
+    region_of_interest: _containers.RepeatedCompositeFieldContainer[Point]
+    max_persons: int
+    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ..., region_of_interest: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., max_persons: _Optional[int] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class UploadMetadata(_message.Message):
     __slots__ = ("file_name", "options", "idempotency_key", "callback_url")
