@@ -207,11 +207,13 @@ class TaskLifecycle:
             if self.store.epoch(task_id) != epoch:
                 return  # this run was replaced (the broker lost its data)
             with self.lock:
+                # The source by its id, not by this closure: a closure holding it would make a reference
+                # cycle (source -> on_end -> source), and its producer's threads would stay until the GC.
+                done = self.live_sources.pop(task_id, None)
                 decided = self.store.get(task_id)
-                if decided is not None and decided.ending and decided.ending != state:
-                    state, message = decided.ending, live.stop_reason  # CancelTask came first
+                if decided is not None and decided.ending and decided.ending != state:  # CancelTask came first
+                    state, message = decided.ending, done.stop_reason if done else "cancelled by the user"
                 self._record_ending(task_id, state, message)
-                self.live_sources.pop(task_id, None)
             self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
             log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
 
