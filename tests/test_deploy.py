@@ -1,4 +1,5 @@
-"""deploy/ cannot run here (no Docker engine, no GPU): check that it parses and agrees with the code."""
+"""deploy/ checked without a cluster or a built image: Compose, the Dockerfile and its .dockerignore against
+the code. Building and running the image is not done here yet (issue 23, item 1)."""
 
 from __future__ import annotations
 
@@ -139,7 +140,11 @@ def test_the_dockerfile_builds_with_the_tested_install_script_and_no_gui_opencv(
     import tomllib
 
     dockerfile = (DEPLOY / "Dockerfile").read_text()
-    assert "deploy/install-server.sh" in dockerfile and "FROM python:3.11-slim" in dockerfile
+    assert "deploy/install-server.sh" in dockerfile
+    # The base is a build argument (a locally built base where no registry is reachable), the official
+    # image by default, and both stages use it (the venv is copied between them: same Python).
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", dockerfile, re.M)
+    assert re.findall(r"^FROM (\S+)", dockerfile, re.M) == ["${BASE}", "${BASE}"]
     package_dirs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     for folder in ["clients/python", *package_dirs.values()]:
         assert re.search(rf"^COPY {folder} {folder}$", dockerfile, re.M), f"the image misses {folder}/"
@@ -147,3 +152,87 @@ def test_the_dockerfile_builds_with_the_tested_install_script_and_no_gui_opencv(
     installs = re.findall(r"pip install ([^\n&]*)", dockerfile)
     assert all("setuptools" in line for line in installs), installs
     assert "USER" in dockerfile  # not root
+
+
+# ---------------------------------------------------------------- Compose's secrets and scraping
+
+import subprocess  # noqa: E402
+
+
+def test_make_secrets_writes_files_the_gateway_accepts_and_never_overwrites(tmp_path):
+    from posemesh.gateway.at_rest import SecretBox
+    from posemesh.gateway.auth import load_keys
+
+    run = [str(DEPLOY / "make-secrets.sh"), str(tmp_path), "alice"]
+    subprocess.run(run, check=True, capture_output=True)
+    keys = load_keys("", str(tmp_path / "api_keys.txt"))
+    assert list(keys.values()) == ["alice"] and len(next(iter(keys))) >= 40
+    SecretBox.from_file(tmp_path / "secrets.key")  # a valid Fernet key
+    before = (tmp_path / "api_keys.txt").read_text(), (tmp_path / "secrets.key").read_text()
+    subprocess.run(run, check=True, capture_output=True)
+    assert ((tmp_path / "api_keys.txt").read_text(), (tmp_path / "secrets.key").read_text()) == before
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    assert {s["file"] for s in compose["secrets"].values()} == {"./api_keys.txt", "./secrets.key"}
+    ignored = (ROOT / ".gitignore").read_text().split()
+    assert {"deploy/api_keys.txt", "deploy/secrets.key"} <= set(ignored)
+
+
+def test_compose_workers_and_gateway_listen_for_scrapers_on_every_interface():
+    services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    for name in [*STAGE_NAMES, "gateway"]:
+        assert services[name]["environment"]["POSEMESH_CONTROL_HOST"] == "0.0.0.0", name
+
+
+# ---------------------------------------------------------------- the image's build context
+
+
+def dockerignore_excludes(patterns: list[str], path: str) -> bool:
+    """Whether Docker leaves `path` (relative to the context) out, by .dockerignore's rules: Go filepath.Match
+    patterns plus `**`, a pattern matching a folder excludes what is in it, `!` re-includes, the last match wins."""
+    def regex(pattern: str) -> re.Pattern:
+        out, i = "", 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                out, i = out + "(?:.*/)?", i + 3
+            elif pattern.startswith("**", i):
+                out, i = out + ".*", i + 2
+            elif pattern[i] == "*":
+                out, i = out + "[^/]*", i + 1
+            elif pattern[i] == "?":
+                out, i = out + "[^/]", i + 1
+            elif pattern[i] == "[":
+                end = pattern.index("]", i)
+                out, i = out + pattern[i:end + 1], end + 1
+            else:
+                out, i = out + re.escape(pattern[i]), i + 1
+        return re.compile(out)
+
+    parts = path.split("/")
+    candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw[1:] if negate else raw
+        pattern = pattern.strip().strip("/")
+        if any(regex(pattern).fullmatch(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_the_dockerignore_keeps_what_the_dockerfile_copies_and_leaves_out_the_heavy_rest():
+    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    sources = [src for line in re.findall(r"^COPY (?!--from)(.+)$", dockerfile, re.M) for src in line.split()[:-1]]
+    assert "clients/python" in sources and "deploy/install-server.sh" in sources
+    tracked = subprocess.run(["git", "ls-files", "--", *sources], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert len(tracked) > 50
+    left_out = [path for path in tracked if dockerignore_excludes(patterns, path)]
+    assert not left_out, f"the image build needs these, .dockerignore leaves them out: {left_out}"
+    for heavy in (".venv/bin/python", ".venv-triton/lib/x.py", ".git/HEAD", "run/onnx/yolox.onnx", "dist/a.whl",
+                  "gateway/__pycache__/server.cpython-311.pyc", "tests/clips.py", "deploy/api_keys.txt",
+                  "deploy/secrets.key", "deploy/tensorrt/model_repository/yolox/1/model.plan", "x/clip.mp4"):
+        assert dockerignore_excludes(patterns, heavy), heavy
+    # the matcher itself: a re-include wins when it comes last
+    assert not dockerignore_excludes(["run", "!run/keep"], "run/keep")
