@@ -1,4 +1,6 @@
-"""deploy/ checked without a cluster or a built image: Compose, the Dockerfile and its .dockerignore against
+"""deploy/ checked without a cluster or a built image: the Kubernetes manifests against the API schemas of
+the supported Kubernetes versions (kubernetes-validate, strict) and the "restricted" Pod Security Standard,
+every reference defined, every Service selecting pods; Compose, the Dockerfile and its .dockerignore against
 the code. Building and running the image is not done here yet (issue 23, item 1)."""
 
 from __future__ import annotations
@@ -154,9 +156,232 @@ def test_the_dockerfile_builds_with_the_tested_install_script_and_no_gui_opencv(
     assert "USER" in dockerfile  # not root
 
 
-# ---------------------------------------------------------------- Compose's secrets and scraping
+# ---------------------------------------------------------------- Kubernetes: what a cluster accepts and runs
 
+import copy  # noqa: E402
 import subprocess  # noqa: E402
+
+import kubernetes_validate  # noqa: E402
+import pytest  # noqa: E402
+
+# The Kubernetes versions deploy/k8s/ is validated for (deploy/README.md says the same): every minor from
+# 1.30 to the newest kubernetes-validate knows. gRPC probes (GA 1.27), fsGroupChangePolicy (1.23) and the
+# Pod Security labels (1.25) are older than all of them.
+KUBERNETES_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35", "1.36", "1.37"]
+NAME = "app.kubernetes.io/name"
+COMPONENT = "app.kubernetes.io/component"
+
+
+def all_k8s_docs() -> list[tuple[str, dict]]:
+    """(file name, object) for every object of every file under deploy/k8s/."""
+    return [(path.name, doc) for path in sorted((DEPLOY / "k8s").glob("*.yaml"))
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def pod_specs(docs) -> list[tuple[str, dict, dict]]:
+    """(kind/name, pod template metadata, pod spec) of every workload."""
+    out = []
+    for _, doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind == "Pod":
+            out.append((f"{kind}/{name}", doc["metadata"], doc["spec"]))
+        elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+            out.append((f"{kind}/{name}", doc["spec"]["template"]["metadata"], doc["spec"]["template"]["spec"]))
+        elif kind == "CronJob":
+            template = doc["spec"]["jobTemplate"]["spec"]["template"]
+            out.append((f"{kind}/{name}", template["metadata"], template["spec"]))
+    return out
+
+
+def containers(spec: dict) -> list[dict]:
+    return [*spec.get("initContainers", []), *spec["containers"], *spec.get("ephemeralContainers", [])]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_every_manifest_passes_strict_schema_validation(version):
+    docs = all_k8s_docs()
+    assert {"Namespace", "ConfigMap", "Secret", "PersistentVolumeClaim", "Deployment", "Service", "Pod"} <= {
+        d["kind"] for _, d in docs}
+    for file, doc in docs:
+        try:  # strict: a misspelt or misplaced field is an error, not silently dropped by the API server
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{file}: {doc['kind']}/{doc['metadata']['name']} for Kubernetes {version}: {exc.message}")
+
+
+# The "restricted" Pod Security Standard, as the Kubernetes documentation lists its controls (baseline's and
+# restricted's own); the namespace also enforces it at admission (deploy/k8s/namespace.yaml).
+ALLOWED_VOLUME_TYPES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                        "projected", "secret"}
+SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                "net.ipv4.tcp_keepalive_probes"}
+
+
+def restricted_violations(metadata: dict, spec: dict) -> list[str]:
+    """What in one pod breaks the restricted Pod Security Standard (empty: it passes)."""
+    problems = []
+    pod_sc = spec.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            problems.append(f"{field}: {spec[field]}")
+    for volume in spec.get("volumes", []):
+        kinds = set(volume) - {"name"}
+        if not kinds <= ALLOWED_VOLUME_TYPES:
+            problems.append(f"volume {volume['name']}: {sorted(kinds - ALLOWED_VOLUME_TYPES)}")
+    for sysctl in pod_sc.get("sysctls", []):
+        if sysctl["name"] not in SAFE_SYSCTLS:
+            problems.append(f"sysctl {sysctl['name']}")
+    for key, value in (metadata.get("annotations") or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and value not in (
+                "runtime/default", "localhost") and not value.startswith("localhost/"):
+            problems.append(f"AppArmor {key}: {value}")
+
+    def context_value(sc: dict, *path):
+        for source in (sc, pod_sc):
+            value = source
+            for key in path:
+                value = (value or {}).get(key)
+            if value is not None:
+                return value
+        return None
+
+    for c in containers(spec):
+        sc = c.get("securityContext") or {}
+        where = f"container {c['name']}"
+        if sc.get("privileged"):
+            problems.append(f"{where}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}: allowPrivilegeEscalation is not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            problems.append(f"{where}: capabilities do not drop ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{where}: adds capabilities {caps['add']}")
+        if context_value(sc, "runAsNonRoot") is not True:
+            problems.append(f"{where}: runAsNonRoot is not true")
+        if context_value(sc, "runAsUser") == 0:
+            problems.append(f"{where}: runAsUser 0")
+        if context_value(sc, "seccompProfile", "type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{where}: seccompProfile is not RuntimeDefault or Localhost")
+        if (context_value(sc, "appArmorProfile", "type") or "RuntimeDefault") == "Unconfined":
+            problems.append(f"{where}: AppArmor Unconfined")
+        if (context_value(sc, "seLinuxOptions", "type") or "container_t") not in (
+                "container_t", "container_init_t", "container_kvm_t", "container_engine_t"):
+            problems.append(f"{where}: SELinux type")
+        if sc.get("procMount", "Default") != "Default":
+            problems.append(f"{where}: procMount {sc['procMount']}")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            problems.append(f"{where}: hostPort")
+    return problems
+
+
+def test_every_pod_passes_the_restricted_pod_security_standard():
+    pods = pod_specs(all_k8s_docs())
+    assert len(pods) >= 8
+    problems = {name: p for name, metadata, spec in pods if (p := restricted_violations(metadata, spec))}
+    assert not problems, problems
+
+
+def test_the_restricted_check_finds_what_breaks_the_standard():
+    _, metadata, good = next(p for p in pod_specs(all_k8s_docs()) if p[0] == "Deployment/gateway")
+    assert restricted_violations(metadata, good) == []
+    breaks = {
+        "privileged": lambda s: s["containers"][0]["securityContext"].update(privileged=True),
+        "allowPrivilegeEscalation": lambda s: s["containers"][0]["securityContext"].pop("allowPrivilegeEscalation"),
+        "drop ALL": lambda s: s["containers"][0]["securityContext"].pop("capabilities"),
+        "runAsNonRoot": lambda s: s["securityContext"].pop("runAsNonRoot"),
+        "runAsUser 0": lambda s: s["containers"][0]["securityContext"].update(runAsUser=0),
+        "seccompProfile": lambda s: s["securityContext"].pop("seccompProfile"),
+        "Unconfined seccomp": lambda s: s["containers"][0]["securityContext"].update(
+            seccompProfile={"type": "Unconfined"}),
+        "hostPath": lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "hostNetwork": lambda s: s.update(hostNetwork=True),
+        "hostPID": lambda s: s.update(hostPID=True),
+        "hostIPC": lambda s: s.update(hostIPC=True),
+        "hostPort": lambda s: s["containers"][0]["ports"][0].update(hostPort=50051),
+        "SYS_ADMIN": lambda s: s["containers"][0]["securityContext"]["capabilities"].update(add=["SYS_ADMIN"]),
+    }
+    for what, apply in breaks.items():
+        spec = copy.deepcopy(good)
+        apply(spec)
+        assert restricted_violations(metadata, spec), f"{what} not found"
+
+
+def test_every_container_has_cpu_and_memory_requests_and_limits():
+    for name, _, spec in pod_specs(all_k8s_docs()):
+        for c in containers(spec):
+            resources = c.get("resources") or {}
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(resources.get(kind) or {}), f"{name} {c['name']}: {kind}"
+            gpu_request = resources["requests"].get("nvidia.com/gpu")
+            assert gpu_request == resources["limits"].get("nvidia.com/gpu"), f"{name}: GPU request != limit"
+
+
+def test_every_referenced_secret_config_map_and_claim_is_defined():
+    docs = all_k8s_docs()
+    defined = {(d["kind"], d["metadata"]["name"]) for _, d in docs}
+    wanted: set[tuple[str, str]] = set()
+    for _, _, spec in pod_specs(docs):
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                wanted.add(("Secret", volume["secret"]["secretName"]))
+            if "configMap" in volume:
+                wanted.add(("ConfigMap", volume["configMap"]["name"]))
+            if "persistentVolumeClaim" in volume:
+                wanted.add(("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]))
+            for source in (volume.get("projected") or {}).get("sources", []):
+                for kind, key in (("Secret", "secret"), ("ConfigMap", "configMap")):
+                    if key in source:
+                        wanted.add((kind, source[key]["name"]))
+        wanted |= {("Secret", s["name"]) for s in spec.get("imagePullSecrets", [])}
+        for c in containers(spec):
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source:
+                    wanted.add(("ConfigMap", source["configMapRef"]["name"]))
+                if "secretRef" in source:
+                    wanted.add(("Secret", source["secretRef"]["name"]))
+            for env in c.get("env", []):
+                ref = env.get("valueFrom") or {}
+                if "configMapKeyRef" in ref:
+                    wanted.add(("ConfigMap", ref["configMapKeyRef"]["name"]))
+                if "secretKeyRef" in ref:
+                    wanted.add(("Secret", ref["secretKeyRef"]["name"]))
+    assert {("Secret", "posemesh-api-keys"), ("PersistentVolumeClaim", "posemesh-trt-models")} <= wanted
+    assert wanted <= defined, f"referenced, not defined: {sorted(wanted - defined)}"
+
+
+def test_the_gateway_reads_its_secret_files_where_the_secrets_are_mounted():
+    docs = all_k8s_docs()
+    secrets = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Secret"}
+    _, _, spec = next(p for p in pod_specs(docs) if p[0] == "Deployment/gateway")
+    container = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    mounted = {}
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret:
+            for key in secrets[secret["secretName"]]["stringData"]:
+                mounted[f"{mount['mountPath']}/{key}"] = secret["secretName"]
+    assert mounted.get(env["POSEMESH_API_KEYS_FILE"]) == "posemesh-api-keys"
+    assert mounted.get(env["POSEMESH_SECRETS_KEY_FILE"]) == "posemesh-secrets-key"
+
+
+def test_the_example_secrets_fail_closed(tmp_path):
+    """Applied by mistake, the placeholders must not open the API with a known key: the gateway refuses them."""
+    from posemesh.gateway.at_rest import KeyFileError, SecretBox
+    from posemesh.gateway.auth import KeyConfigError, load_keys
+
+    secrets = {d["metadata"]["name"]: d["stringData"] for f, d in all_k8s_docs()
+               if f == "secrets.example.yaml" and d["kind"] == "Secret"}
+    (tmp_path / "api_keys").write_text(secrets["posemesh-api-keys"]["api_keys"])
+    with pytest.raises(KeyConfigError):
+        load_keys("", str(tmp_path / "api_keys"))
+    (tmp_path / "secrets_key").write_text(secrets["posemesh-secrets-key"]["secrets_key"])
+    with pytest.raises(KeyFileError):
+        SecretBox.from_file(tmp_path / "secrets_key")
 
 
 def test_make_secrets_writes_files_the_gateway_accepts_and_never_overwrites(tmp_path):
@@ -175,6 +400,82 @@ def test_make_secrets_writes_files_the_gateway_accepts_and_never_overwrites(tmp_
     assert {s["file"] for s in compose["secrets"].values()} == {"./api_keys.txt", "./secrets.key"}
     ignored = (ROOT / ".gitignore").read_text().split()
     assert {"deploy/api_keys.txt", "deploy/secrets.key"} <= set(ignored)
+
+
+def test_selectors_name_the_app_and_select_their_pods():
+    docs = all_k8s_docs()
+    pods = pod_specs(docs)
+    for _, doc in docs:
+        if doc["kind"] == "Deployment":
+            selector = doc["spec"]["selector"]["matchLabels"]
+            labels = doc["spec"]["template"]["metadata"]["labels"]
+            assert NAME in selector and COMPONENT in selector, doc["metadata"]["name"]
+            assert selector.items() <= labels.items(), doc["metadata"]["name"]
+        if doc["kind"] == "Service":
+            selector = doc["spec"]["selector"]
+            assert NAME in selector and COMPONENT in selector, doc["metadata"]["name"]
+            selected = [spec for _, metadata, spec in pods if selector.items() <= metadata["labels"].items()]
+            assert selected, f"Service {doc['metadata']['name']} selects no pod"
+            for port in doc["spec"]["ports"]:  # a named target port exists in every selected pod
+                for spec in selected:
+                    names = {p.get("name") for c in spec["containers"] for p in c.get("ports", [])}
+                    assert port["targetPort"] in names, (doc["metadata"]["name"], port)
+
+
+def test_the_gateway_is_replaced_not_rolled_while_it_is_the_single_events_reader():
+    deployments = {d["metadata"]["name"]: d for _, d in all_k8s_docs() if d["kind"] == "Deployment"}
+    gateway = deployments["gateway"]["spec"]
+    assert gateway["replicas"] == 1 and gateway["strategy"] == {"type": "Recreate"}
+
+
+def test_posemesh_pods_run_as_the_image_user_with_a_writable_volume_group():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", dockerfile, re.M)
+    assert user and re.search(rf"useradd --uid {user[1]} --gid {user[2]}", dockerfile)
+    for name, _, spec in pod_specs(all_k8s_docs()):
+        if spec["containers"][0]["image"].startswith("posemesh"):
+            sc = spec["securityContext"]
+            expected = (int(user[1]), int(user[2]), int(user[2]))
+            assert (sc["runAsUser"], sc["runAsGroup"], sc["fsGroup"]) == expected, name
+
+
+def test_triton_lands_on_a_gpu_node_with_declared_ports_and_http_probes():
+    docs = all_k8s_docs()
+    _, _, spec = next(p for p in pod_specs(docs) if p[0] == "Deployment/triton")
+    assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in spec["tolerations"])
+    container = spec["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8000, "grpc": 8001, "metrics": 8002}
+    for flag, port in (("--http-port", 8000), ("--grpc-port", 8001), ("--metrics-port", 8002)):
+        assert f"{flag}={port}" in container["command"]
+    probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for probe in probes.values():
+        assert ports.get(probe["port"], probe["port"]) == 8000 and probe["path"].startswith("/v2/health/")
+    assert probes["livenessProbe"]["path"] == "/v2/health/live"
+    assert probes["readinessProbe"]["path"] == "/v2/health/ready"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_data_volume_is_shared_read_write_by_the_gateway_and_annotate():
+    docs = all_k8s_docs()
+    claims = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "PersistentVolumeClaim"}
+    users = {name for name, _, spec in pod_specs(docs) for v in spec.get("volumes", [])
+             if (v.get("persistentVolumeClaim") or {}).get("claimName") == "posemesh-data"}
+    assert users == {"Deployment/gateway", "Deployment/annotate"}
+    assert claims["posemesh-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_namespace_enforces_the_restricted_standard():
+    namespace = next(d for _, d in all_k8s_docs() if d["kind"] == "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def test_the_models_loader_builds_the_plans_build_engines_sh_builds():
+    loader = next(d for f, d in all_k8s_docs() if f == "models-loader.yaml" and d["kind"] == "ConfigMap")
+    script = loader["data"]["build.sh"]
+    for spec in MODELS.values():
+        dims = "x".join(map(str, spec.inputs[0].dims))
+        assert f"[{spec.name}]=\"{spec.inputs[0].name}:{dims}\"" in script
 
 
 def test_compose_workers_and_gateway_listen_for_scrapers_on_every_interface():
