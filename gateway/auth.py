@@ -59,10 +59,12 @@ class KeyConfigError(RuntimeError):
 
 
 def parse_keys(text: str) -> dict[str, str]:
-    """'user:key' items separated by commas or new lines -> {key: user}."""
+    """'user:key' items separated by commas or new lines -> {key: user}. A '#' starts a comment to the end
+    of its line: comments are cut before lines are split at commas, so no text of a comment (say
+    "# e.g. alice:<key>, bob:<key>") can ever become a key."""
     keys = {}
-    for item in text.replace(",", "\n").splitlines():
-        item = item.split("#", 1)[0].strip()
+    lines = (line.split("#", 1)[0] for line in text.splitlines())
+    for item in (part.strip() for line in lines for part in line.split(",")):
         if not item:
             continue
         user, sep, key = item.partition(":")
