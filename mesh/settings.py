@@ -129,8 +129,10 @@ class Settings:
     jpeg_quality: int = field(default_factory=lambda: int(env("JPEG_QUALITY", "90")))
     # Live tasks. Sources the server may read, as scheme://host:port patterns (gateway/sources.py); empty
     # allows none. The lag bound (seconds the annotated output may trail the camera), how long a source may
-    # send nothing before the task fails, and where annotate publishes each live task's annotated video
-    # ("{task}" is replaced; empty: not published) and where players find it (default: the same URL).
+    # send no frame (retried meanwhile) before the task ends (COMPLETED if its server still answers, FAILED
+    # if not), and where annotate publishes each live task's annotated video and where players find it
+    # (default: the same URL). "{task}" is replaced by "<task id>/<stream token>": the token is the task's
+    # secret, so a stream URL cannot be guessed from a task id. Empty publish URL: not published.
     live_sources: str = field(default_factory=lambda: env("LIVE_SOURCES", ""))
     live_max_lag_s: float = field(default_factory=lambda: float(env("LIVE_MAX_LAG_S", "2.0")))
     live_outage_s: float = field(default_factory=lambda: float(env("LIVE_OUTAGE_S", "20")))
