@@ -41,6 +41,10 @@ from posemesh.stages.base import ServiceUnavailable, StageError
 
 log = logging.getLogger("posemesh.stage")
 
+# How long a readiness question may take. Triton answers it without queueing, but on a starved machine
+# (load in the hundreds) any answer can take seconds: a short wait would count a busy Triton as gone.
+PROBE_TIMEOUT_S = 5.0
+
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
 TRANSIENT_WORDS = ("unknown model", "not ready", "not found", "failed to connect", "connection", "socket closed",
@@ -257,7 +261,7 @@ class TritonModel:
         """"" when the model says it is ready (a busy server still answers this at once: health is not
         queued behind inference), else what is wrong."""
         try:
-            if self.client.is_model_ready(self.name, client_timeout=min(self.timeout_s, 5.0)):
+            if self.client.is_model_ready(self.name, client_timeout=max(self.timeout_s, PROBE_TIMEOUT_S)):
                 return ""
             return "model not ready"
         except InferenceServerException as exc:
@@ -309,6 +313,8 @@ class TritonModel:
                     pending = list(range(0, n, self.max_batch))
                     step = self.max_batch
                 failed = self._send(inputs, pending, step, answered)
+            except TritonUnavailable:
+                raise  # the outage limit passed while waiting: the tasks fail with that reason, as it is
             except Exception as exc:  # noqa: BLE001 - sorted into transient and not below
                 failed = {-1: exc}
             if not failed:
