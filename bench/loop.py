@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.end_to_end import cpu_by_service
-from bench.measure import _children, _cpu, idle_between_bursts, run_uploads
+from bench.measure import descendants, idle_between_bursts, process_cpu, run_uploads
 from bench.profile import Profiler
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
@@ -135,13 +135,7 @@ def python_processes(stack: Stack) -> dict[str, int]:
     models run there)."""
     pids = {s.name: s.proc.pid for s in stack.services if s.name not in ("broker", "triton", "rtsp")}
     triton = next(s for s in stack.services if s.name == "triton")
-    tree, todo, stubs = _children(), [triton.proc.pid], []
-    while todo:
-        pid = todo.pop()
-        todo += tree.get(pid, [])
-        if pid != triton.proc.pid:
-            stubs.append(pid)
-    pids.update({f"triton: {_stub_model(pid)}": pid for pid in sorted(stubs)})
+    pids.update({f"triton: {_stub_model(pid)}": pid for pid in sorted(descendants(triton.proc.pid))})
     return pids
 
 
@@ -161,10 +155,10 @@ def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str,
     pids = python_processes(stack) if profile else {}
     profiler = Profiler(pids) if profile else None
     before = cpu_by_service(stack)
-    own_before = {name: _cpu(pid) for name, pid in pids.items()}
+    own_before = {name: process_cpu(pid) for name, pid in pids.items()}
     uploads, wall = run_uploads(client, clip, n, pose_model)
     after = cpu_by_service(stack)
-    own_after = {name: _cpu(pid) for name, pid in pids.items()}
+    own_after = {name: process_cpu(pid) for name, pid in pids.items()}
     frames = sum(u.frames for u in uploads)
     by = {k: 1000 * (after[k] - before.get(k, 0.0)) / frames for k in after}
     activities: dict[str, dict[str, float]] = {}

@@ -41,13 +41,24 @@ def _cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
 
 
-def _tree_sum(pid: int, measure) -> float:
-    tree, total, todo = _children(), 0.0, [pid]
+def descendants(pid: int) -> list[int]:
+    """Every live process below pid (not pid itself)."""
+    tree = _children()
+    found, todo = [], list(tree.get(pid, []))
     while todo:
         p = todo.pop()
-        total += measure(p)
+        found.append(p)
         todo += tree.get(p, [])
-    return total
+    return found
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds used so far by one process (its threads, not its children)."""
+    return _cpu(pid)
+
+
+def _tree_sum(pid: int, measure) -> float:
+    return sum(measure(p) for p in [pid, *descendants(pid)])
 
 
 def tree_cpu(pid: int) -> float:

@@ -77,7 +77,7 @@ class AnnotateStage(Stage):
                 continue
             image = None
             watched = item.task.viewers > 0
-            if writer.video or watched:
+            if self.needs_pixels(item.task):  # the annotated video, or live viewers
                 try:
                     image = jpeg.decode(frame.jpeg)
                 except jpeg.BadJpeg as exc:
