@@ -140,6 +140,24 @@ class Mesh:
         time.sleep(down_s)
         self.triton.start()
 
+    def triton_exit(self) -> str | None:
+        """Why Triton is gone ("exited with -6; log ends: ..."), or None while it runs. Triton's Python backend
+        can abort the whole server under heavy load (boost::interprocess::lock_exception, signal 6; seen in
+        issue 21 and upstream in triton-inference-server/server#8882)."""
+        code = self.triton.proc.poll()
+        if code is None:
+            return None
+        tail = (self.logs / "triton.log").read_text(errors="replace").strip().splitlines()[-5:]
+        return f"exited with {code}; log ends: {' | '.join(tail)}"
+
+    def revive_triton(self) -> str | None:
+        """What the stack's supervisor, compose's restart policy and Kubernetes do for a Triton that died:
+        start it again. Returns why it had gone, or None if it was running."""
+        gone = self.triton_exit()
+        if gone:
+            self.restart_triton(down_s=0)
+        return gone
+
     def stop(self) -> None:
         try:
             self.channel.close()
