@@ -97,6 +97,7 @@ class TaskLifecycle:
         self.live_sources: dict[str, LiveSource] = {}
         self.unannounced: set[str] = set()  # ended tasks whose TaskEnded could not be published yet
         self.lock = threading.RLock()
+        self.blobs = settings.blob_store()  # uploads other processes read, and the results
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
@@ -112,6 +113,8 @@ class TaskLifecycle:
     def start(self, task: tpb.Task, path: Path) -> None:
         """A new task from an upload: topics first (explicitly, with their partition counts), then tell the
         workers, then frames."""
+        if task.video.audio_codec:  # annotate muxes the upload's audio into the annotated video
+            self.blobs.put_file(names.upload_key(task.task_id), path)
         self._launch(task, self.store.epoch(task.task_id), Upload(path),
                      make_topics=task.task_id not in self.reservations)  # a reserved id's topics are read already
         log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
@@ -153,9 +156,10 @@ class TaskLifecycle:
                 counted, t.video.frame_count = t.video.frame_count, count
                 if duration is not None:
                     t.video.duration_s = round(duration, 6)
-                if counted > count:
-                    warning = (f"{counted - count} of the {counted} frames of the upload could not be decoded and "
-                               f"were skipped; the {count} that decoded are processed")
+                if counted > reader.read:
+                    kept = f"; {count} of them sampled" if count < reader.read else ""
+                    warning = (f"{counted - reader.read} of the {counted} frames of the upload could not be decoded "
+                               f"and were skipped; the {reader.read} that decoded are processed{kept}")
                 elif reader.skipped:
                     warning = f"{reader.skipped} damaged packets of the video could not be decoded and were skipped"
                 else:
@@ -369,7 +373,7 @@ class TaskLifecycle:
             return None  # already terminal: the first ending wins
         self._stop_frames(task_id)
         self._announce_end(task_id, state)
-        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)  # the upload is not needed any more
+        self._remove_upload(task_id)  # not needed any more
         log.info("task %s %s %s", task_id, tpb.TaskState.Name(state), message)
         TASKS_ENDED.labels(tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()).inc()
         return task
@@ -441,20 +445,27 @@ class TaskLifecycle:
             self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)
             self.topics.orphans.setdefault(task_id, time.time())
             self.store.purge(task_id)
-            shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+            self._remove_upload(task_id)
             return
         try:
             self.topics.delete(task_id, timeout=5)
         except Exception:  # noqa: BLE001 - the broker is down: nobody read them, the orphan sweep deletes them
             log.warning("could not delete the topics of abandoned task %s now; the orphan sweep will", task_id)
         self.store.purge(task_id)
-        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+        self._remove_upload(task_id)
 
     def delete(self, task_id: str) -> None:
         """The user deleted an ended task: its files now, its row once its topics are gone."""
-        shutil.rmtree(self.settings.results_dir / task_id, ignore_errors=True)
-        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+        self.blobs.delete_prefix(names.results_prefix(task_id))
+        self._remove_upload(task_id)
         self.store.mark_deleted(task_id)
+
+    def _remove_upload(self, task_id: str) -> None:
+        shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
+        try:
+            self.blobs.delete_prefix(names.uploads_prefix(task_id))
+        except Exception:  # noqa: BLE001 - the store is unreachable: the upload stays until deleted by hand
+            log.warning("could not delete the stored upload of task %s", task_id, exc_info=True)
 
     def sweep(self) -> None:
         """One round of the periodic sweep: delete what no worker reads any more, say again the ends the
@@ -462,8 +473,7 @@ class TaskLifecycle:
         deleted = self.topics.sweep()
         TOPICS_DELETED.inc(len(deleted))
         for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
-            for partial in names.partial_results_dirs(self.settings.results_dir, task_id):
-                shutil.rmtree(partial, ignore_errors=True)
+            self.blobs.delete_prefix(names.partials_prefix(task_id))
         for task_id in list(self.unannounced):
             state = self.store.state_of(task_id)
             if state is not None:

@@ -56,7 +56,7 @@ class FrameProducer(threading.Thread):
         except (OSError, AttributeError):  # not Linux: decode at the normal priority
             pass
         task_id, count, reported = self.task.task_id, 0, 0
-        reader = media.FrameReader(self.path, self.task.video.fps, self.limits)
+        reader = media.FrameReader(self.path, self.task.video.fps, self.limits, self.task.options.sample_fps)
         try:
             for frame in reader:
                 if self.cancelled.is_set():

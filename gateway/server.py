@@ -52,7 +52,6 @@ class Gateway:
         self.settings = settings or Settings()
         private_dir(self.settings.data_dir)  # not readable by other users (the gateway's and annotate's files)
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.settings.results_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(load_keys(self.settings.api_keys, self.settings.api_keys_file))
         try:
             self.source_policy = SourcePolicy(self.settings.live_sources)
@@ -74,7 +73,8 @@ class Gateway:
         self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s)
         self.topics.is_reserved = self.reservations.__contains__
         self.lifecycle = TaskLifecycle(self.settings, self.store, self.topics, self.reservations, self.source_policy)
-        self.webhooks = WebhookSender(self.settings, self.store, webhook_policy)  # ended tasks' webhooks
+        self.blobs = self.lifecycle.blobs
+        self.webhooks = WebhookSender(self.settings, self.store, webhook_policy, self.blobs)  # ended tasks' webhooks
         self.events: EventReader | None = None
         self.watch: BrokerWatch | None = None
         self.running = threading.Event()

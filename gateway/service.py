@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -245,6 +246,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if options.max_persons > validation.MAX_PERSONS:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           f"options.max_persons must be at most {validation.MAX_PERSONS} (0: no limit)")
+        if not (math.isfinite(options.sample_fps) and 0.0 <= options.sample_fps <= self.settings.max_fps):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"options.sample_fps must be between 0 (every frame) and {self.settings.max_fps:g} frames "
+                          "per second")
         disabled = {m.strip() for m in self.settings.disabled_pose_models.split(",") if m.strip()}
         chosen = POSE_MODEL_NAMES.get(options.pose_model)
         if chosen in disabled:
@@ -342,6 +347,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if not 0 <= request.max_lag_s <= 60:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "max_lag_s must be between 0 (the server's default) and 60")
         options = self._validated_options(request.options)
+        if options.sample_fps:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "options.sample_fps applies to uploads: a live task analyses the frames it can keep "
+                          "within max_lag_s")
         webhook = await self._webhook(request.callback_url, context)
         name = validation.display_file_name(request.name) if request.name else source.shown[:255]
         async with self.limits.task_slot(user):
@@ -421,16 +430,19 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             raise Refused(grpc.StatusCode.NOT_FOUND,
                           f"task {task.task_id} did not produce {tpb.ArtifactKind.Name(request.kind)} "
                           "(see its options.outputs)")
-        path = self.settings.results_dir / task.task_id / artifact.file_name
+        # From the blob store, a chunk at a time, each read in a thread: an object store's reads are network
+        # calls, and the event loop serves every other call meanwhile.
+        chunks = self.gw.blobs.read_chunks(names.results_prefix(task.task_id) + artifact.file_name, DOWNLOAD_CHUNK)
         try:
-            f = open(path, "rb")
+            first = await asyncio.to_thread(next, chunks, b"")
         except FileNotFoundError:
             raise Refused(grpc.StatusCode.NOT_FOUND,
                           f"the result file of task {task.task_id} is missing on the server") from None
-        with f:
+        try:
             yield tpb.DownloadResultResponse(artifact=artifact)
-            while True:
-                chunk = f.read(DOWNLOAD_CHUNK)
-                if not chunk:
-                    return
+            chunk = first
+            while chunk:
                 yield tpb.DownloadResultResponse(chunk=chunk)
+                chunk = await asyncio.to_thread(next, chunks, b"")
+        finally:
+            chunks.close()

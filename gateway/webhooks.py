@@ -41,7 +41,6 @@ import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import grpc
@@ -50,7 +49,8 @@ from posemesh.gateway.at_rest import redact
 from posemesh.gateway.sources import Source, UrlPolicy
 from posemesh.gateway.store import PendingWebhook, TaskStore, now_us, timestamp
 from posemesh.gateway.validation import Refused
-from posemesh.mesh.models import sha256_of
+from posemesh.mesh import names
+from posemesh.mesh.blobs import BlobStore
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -112,14 +112,17 @@ def sign(secret: str, body: bytes, at: int | None = None) -> str:
     return f"t={t},v1={mac}"
 
 
-def body_of(task: tpb.Task, results_dir: Path) -> str:
+def body_of(task: tpb.Task, blobs: BlobStore) -> str:
     """The JSON a task's webhook sends (made once)."""
     artifacts = []
     for a in task.artifacts:
         digest = a.sha256
         if not digest:  # annotate hashes while writing; an older result may lack it: once, streaming
             try:
-                digest = sha256_of(results_dir / task.task_id / a.file_name)
+                hashed = hashlib.sha256()
+                for chunk in blobs.read_chunks(names.results_prefix(task.task_id) + a.file_name):
+                    hashed.update(chunk)
+                digest = hashed.hexdigest()
             except OSError:
                 digest = ""
         artifacts.append({"kind": tpb.ArtifactKind.Name(a.kind).removeprefix("ARTIFACT_KIND_"),
@@ -167,8 +170,10 @@ class Outcome:
 class WebhookSender:
     """Delivers due webhooks from the task store: a scheduler thread hands each due one to a thread pool."""
 
-    def __init__(self, settings: Settings, store: TaskStore, policy: WebhookPolicy | None = None):
+    def __init__(self, settings: Settings, store: TaskStore, policy: WebhookPolicy | None = None,
+                 blobs: BlobStore | None = None):
         self.settings, self.store = settings, store
+        self.blobs = blobs or settings.blob_store()  # for a result's sha256 that annotate did not give
         self.policy = policy or WebhookPolicy(settings.webhook_targets)
         self.pool = ThreadPoolExecutor(max(1, settings.webhook_workers), thread_name_prefix="webhook")
         self.in_flight: set[str] = set()
@@ -232,7 +237,7 @@ class WebhookSender:
         pending = self.store.pending_webhook(task_id)
         if pending is None:
             return
-        body = pending.body or body_of(pending.task, self.settings.results_dir)
+        body = pending.body or body_of(pending.task, self.blobs)
         outcome = self.post(pending, body.encode()) if pending.url else Outcome(
             error="the callback URL was sealed under a key this server no longer has", retry=False)
         if not self.running.is_set():

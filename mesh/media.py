@@ -292,17 +292,21 @@ class DecodedFrame:
 class FrameReader:
     """Every decodable frame in presentation order, upright, with dense indices. Packets that do not
     decode are skipped and counted (`skipped`); a frame above the caps ends the reading with NotAVideo.
-    Once read, `decoded` and `duration_s()` are what VideoInfo's frame_count and duration_s mean."""
+    `sample_fps` keeps a frame only when its time reaches the next multiple of 1/sample_fps (0: all).
+    Once read, `decoded` (frames given out) and `duration_s()` are what VideoInfo's frame_count and
+    duration_s mean; `read` counts every frame that decoded, given out or not."""
 
-    def __init__(self, path: Path, fps: float, limits: Limits = DEFAULT_LIMITS):
+    def __init__(self, path: Path, fps: float, limits: Limits = DEFAULT_LIMITS, sample_fps: float = 0.0):
         self.path, self.fps, self.limits = path, fps or 30.0, limits
+        self.sample_step = 1.0 / sample_fps if sample_fps else 0.0
         self.skipped = 0
         self.decoded = 0  # frames given out
-        self.last_s = 0.0  # the last one's timestamp_s (the first one's is 0)
+        self.read = 0  # frames that decoded
+        self.last_s = 0.0  # the last decoded one's timestamp_s (the first one's is 0)
 
     def duration_s(self) -> float | None:
-        """span_duration of the frames given out; None under 2 frames (no interval to measure)."""
-        return span_duration(0.0, self.last_s, self.decoded) if self.decoded >= 2 else None
+        """span_duration of the frames that decoded; None under 2 frames (no interval to measure)."""
+        return span_duration(0.0, self.last_s, self.read) if self.read >= 2 else None
 
     def __iter__(self) -> Iterator[DecodedFrame]:
         with MediaFile(self.path, self.limits.max_frame_pixels) as media:
@@ -310,6 +314,7 @@ class FrameReader:
             stream.thread_type = "AUTO"
             origin, last, index = None, -math.inf, 0
             step = 1.0 / self.fps
+            next_sample = 0.0
             for packet in media.container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -326,8 +331,14 @@ class FrameReader:
                     if ts <= last:  # missing or repeated timestamps: keep time moving forward
                         ts = last + step if last > -math.inf else 0.0
                     last = ts
+                    self.read, self.last_s = self.read + 1, ts
+                    if self.sample_step:
+                        if ts < next_sample - 1e-6:
+                            continue  # decoded (the next frames need it) but not kept: no colour conversion
+                        # The multiple after this frame's time: a gap in the video skips samples, not the clock.
+                        next_sample = (math.floor((ts + 1e-6) / self.sample_step) + 1) * self.sample_step
                     image = upright(frame.to_ndarray(format="bgr24"), _clockwise(getattr(frame, "rotation", 0)))
-                    self.decoded, self.last_s = index + 1, ts
+                    self.decoded = index + 1
                     yield DecodedFrame(index, ts, image)
                     index += 1
 

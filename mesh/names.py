@@ -1,6 +1,6 @@
-"""Names that cross process boundaries, defined once: task ids, and where a task's files live under the
-data directory (the gateway writes the upload and serves the results; annotate reads the upload's audio and
-writes the results)."""
+"""Names that cross process boundaries, defined once: task ids, and the blob keys of a task's files
+(mesh/blobs.py: the gateway stores the upload and serves the results; annotate reads the upload's audio and
+stores the segments and the results). With the default store, a key is a path under the data directory."""
 
 from __future__ import annotations
 
@@ -26,15 +26,29 @@ def new_task_id() -> str:
 
 
 def upload_path(jobs_dir: Path, task_id: str) -> Path:
+    """Where the gateway writes an upload as it arrives (its own disk), before storing it as upload_key."""
     return jobs_dir / task_id / UPLOAD_FILE
 
 
-def partial_results_dir(results_dir: Path, task_id: str, epoch: int) -> Path:
-    """Where a task's results grow while it runs (one folder per run of the task), before annotate publishes
-    them as results/<task>/."""
-    return results_dir / f".partial-{task_id}-e{epoch}"
+def upload_key(task_id: str) -> str:
+    return f"jobs/{task_id}/{UPLOAD_FILE}"
 
 
-def partial_results_dirs(results_dir: Path, task_id: str) -> list[Path]:
-    """Every run's partial folder of a task (what a crashed annotate worker may have left)."""
-    return list(results_dir.glob(f".partial-{task_id}-e*"))
+def uploads_prefix(task_id: str) -> str:
+    return f"jobs/{task_id}/"
+
+
+def results_prefix(task_id: str) -> str:
+    """The folder of a task's published results: results/<task>/annotated.mp4, ..."""
+    return f"results/{task_id}/"
+
+
+def partial_prefix(task_id: str, epoch: int) -> str:
+    """Where a task's result segments gather while it runs (one folder per run of the task), before
+    annotate publishes the result under results_prefix."""
+    return f"results/.partial-{task_id}-e{epoch}/"
+
+
+def partials_prefix(task_id: str) -> str:
+    """What every run's partial folder of a task starts with (what a crashed annotate worker may have left)."""
+    return f"results/.partial-{task_id}-e"

@@ -104,8 +104,14 @@ class Settings:
     # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:
     # 127.0.0.1 on one machine, 0.0.0.0 where probes and scrapers come from elsewhere (Kubernetes, Compose).
     control_host: str = field(default_factory=lambda: env("CONTROL_HOST", "127.0.0.1"))
-    # Files: uploads under data_dir/jobs, results under data_dir/results (shared by gateway and annotate).
+    # This process's own files (the gateway's task store, uploads as they arrive, scratch), and the default
+    # blob store's root.
     data_dir: Path = field(default_factory=lambda: Path(env("DATA_DIR", str(RUN_DIR / "data"))))
+    # Where uploads, result segments and results are stored (mesh/blobs.py): "" is the data directory (one
+    # machine, or a volume every process mounts); s3://<bucket>[/<prefix>] needs no shared disk at all.
+    blob_url: str = field(default_factory=lambda: env("BLOB_URL", ""))
+    # An S3-compatible store that is not AWS (MinIO, Ceph, GCS's XML API): its URL.
+    s3_endpoint_url: str = field(default_factory=lambda: env("S3_ENDPOINT_URL", ""))
     models_dir: Path = field(default_factory=default_models_dir)
     # Gateway
     gateway_listen: str = field(default_factory=lambda: env("GATEWAY_LISTEN", "127.0.0.1:50051"))
@@ -176,7 +182,18 @@ class Settings:
 
     @property
     def results_dir(self) -> Path:
+        """The default blob store's results folder (mesh/blobs.py): what tests look into."""
         return self.data_dir / "results"
+
+    @property
+    def scratch_dir(self) -> Path:
+        """Files a process writes for itself only (a segment being coded, a result being assembled)."""
+        return self.data_dir / "scratch"
+
+    def blob_store(self):
+        from posemesh.mesh.blobs import open_blob_store
+
+        return open_blob_store(self.blob_url, self.data_dir, self.s3_endpoint_url)
 
     @property
     def db_path(self) -> Path:

@@ -9,8 +9,10 @@ a replica that takes a task over (crash, rebalance, scale-up) continues after th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -36,9 +38,9 @@ class AnnotateStage(Stage):
     def setup(self, settings) -> None:
         self.encoder = EncoderSettings(preset=self.x264_preset or settings.x264_preset,
                                        segment_frames=settings.segment_frames)
-        self.results_dir: Path = settings.results_dir
-        self.jobs_dir: Path = settings.jobs_dir
+        self.store = settings.blob_store()
         self.worker = f"{socket.gethostname()}-{os.getpid()}"  # unique on a volume shared by hosts
+        self.scratch = own_scratch(settings.scratch_dir, self.worker)
         self.writers: dict[str, ResultWriter] = {}
 
     def writer(self, task: TaskInfo, first: pb.Frame | None = None) -> ResultWriter:
@@ -49,8 +51,8 @@ class AnnotateStage(Stage):
             if not all(size) and first is not None:
                 size = (first.width, first.height)
             settings = dataclasses.replace(self.encoder, live=task.live)
-            writer = ResultWriter(task.task_id, self.results_dir, wanted_outputs(task.options), size, task.fps,
-                                  settings, self.worker, epoch=task.epoch)
+            writer = ResultWriter(task.task_id, self.store, self.scratch, wanted_outputs(task.options), size,
+                                  task.fps, settings, self.worker, epoch=task.epoch)
             if task.live and task.publish_url and writer.video:
                 writer.publisher = RtspPublisher(task.publish_url, task.task_id)
                 writer.publisher.start()
@@ -73,7 +75,7 @@ class AnnotateStage(Stage):
         for item in items:  # in index order within each task
             frame = item.frame
             writer = self.writer(item.task, frame)
-            if writer.final.is_dir():  # another replica already published this task (see ResultWriter.published)
+            if writer.published_elsewhere():  # by another replica (see ResultWriter.published)
                 continue
             image = None
             watched = item.task.viewers > 0
@@ -91,16 +93,18 @@ class AnnotateStage(Stage):
             try:
                 writer.write(frame, image if writer.video else None)
             except OSError:
-                if not writer.final.is_dir():
+                if not writer.published_elsewhere(every_s=0):
                     raise
                 writer.abandon()  # published meanwhile by the other writer: this frame is in it
 
     def finish_task(self, task: TaskInfo) -> pb.TaskResult:
         writer = self.writers.pop(task.task_id, None) or self.writer(task)
         self.writers.pop(task.task_id, None)
-        upload = names.upload_path(self.jobs_dir, task.task_id)
         try:
-            return writer.publish(task.total or 0, upload if task.video.audio_codec else None, task.video.start_s)
+            with contextlib.ExitStack() as stack:  # the upload, for its audio: a local copy while joining
+                upload = (stack.enter_context(self.store.local_copy(names.upload_key(task.task_id)))
+                          if task.video.audio_codec else None)
+                return writer.publish(task.total or 0, upload, task.video.start_s)
         finally:
             if writer.publisher is not None:
                 writer.publisher.close()
@@ -115,3 +119,26 @@ class AnnotateStage(Stage):
     def close(self) -> None:
         for task_id in list(self.writers):
             self.drop_task(task_id)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def own_scratch(scratch_dir: Path, worker: str) -> Path:
+    """This worker's scratch folder, after removing those of this host's workers that are gone (SIGKILL
+    leaves a half-written segment behind; on Kubernetes each pod has its own, emptied with the pod)."""
+    host = socket.gethostname()
+    if scratch_dir.is_dir():
+        for folder in scratch_dir.glob(f"{host}-*"):
+            pid = folder.name.removeprefix(f"{host}-")
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(folder, ignore_errors=True)
+    return scratch_dir / worker
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -49,7 +49,9 @@ class TaskInfo:
 
     @property
     def fps(self) -> float:
-        return self.video.fps or 30.0
+        """The rate frames come at: the video's, or the sampling rate the task asked for when lower."""
+        fps = self.video.fps or 30.0
+        return min(fps, self.options.sample_fps) if self.options.sample_fps else fps
 
 
 @dataclass

@@ -1,18 +1,18 @@
 """A task's result files: written in segments while its frames arrive, assembled once when it ends.
 
-Layout under the results directory (a volume the annotate workers and the gateway share):
+Layout in the blob store (mesh/blobs.py: the data directory, or an S3 bucket), under results/:
 
     .partial-<task>-e<epoch>/             grows while the task runs; any annotate worker may continue it
         seg-00000000-00000119.mp4         a finished segment: frames 0..119 as H.264, an IDR frame first
         seg-00000000-00000119.jsonl       their keypoints, one JSON line a frame
-        .open-<worker>.mp4 / .jsonl       the segment being written: not part of the result yet
-    <task>/                               the result, made visible by one rename when the task ends
+    <task>/                               the result, published as one when the task ends
         annotated.mp4                     every segment's packets in one MP4, moov first, with the audio
         keypoints.jsonl
         coco.json, tracks.txt, keypoints.csv   the keypoints as COCO results, MOT tracks, CSV (exports.py)
 
+The segment being written, and a result being assembled, are the worker's own files (its scratch folder).
 Segments are what let a replacement worker continue a task instead of redoing it: a finished segment is
-durable (written, then renamed into place), so its frames' input offsets may be committed.
+durable (stored whole, the keypoints last), so its frames' input offsets may be committed.
 
 What the MP4 keeps from the upload:
 - each frame's presentation time (variable frame rate included), counted from the first frame, the same
@@ -29,6 +29,8 @@ first frame's size, aspect kept, padded with black; its keypoints stay in its ow
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import heapq
 import json
 import logging
@@ -46,6 +48,7 @@ import numpy as np
 from av.video.frame import PictureType
 
 from posemesh.mesh import media, names
+from posemesh.mesh.blobs import BlobStore
 from posemesh.mesh.models import sha256_of
 from posemesh.stages import exports
 from posemesh.v1 import pipeline_pb2 as pb
@@ -158,7 +161,8 @@ class ResultWriter:
     """One task's outputs on this worker."""
 
     task_id: str
-    results_dir: Path
+    store: BlobStore
+    scratch: Path  # this worker's own folder
     outputs: set
     size: tuple[int, int]  # the first frame's width, height: the video's size
     fps: float
@@ -172,19 +176,30 @@ class ResultWriter:
     durable: int = -1  # the last index of the finished segments (those of earlier owners included)
     frames_total: int = 0
     keyframes: KeyframeClock | None = None  # a live task's
+    checked_published: float = 0.0  # when the store was last asked (published_elsewhere)
+    seen_published: bool = False
 
     def __post_init__(self) -> None:
-        self.durable = _chain_end(self.partial)
+        self.durable = _chain_end(self.store.names(self.partial))
         if self.settings.live:
             self.keyframes = KeyframeClock(self.settings.live_keyframe_s)
 
     @property
-    def partial(self) -> Path:
-        return names.partial_results_dir(self.results_dir, self.task_id, self.epoch)
+    def partial(self) -> str:
+        return names.partial_prefix(self.task_id, self.epoch)
 
     @property
-    def final(self) -> Path:
-        return self.results_dir / self.task_id
+    def final(self) -> str:
+        return names.results_prefix(self.task_id)
+
+    def published_elsewhere(self, every_s: float = 1.0) -> bool:
+        """Whether the task's result is already published (by another replica), asking the store at most
+        every `every_s`: per frame that would be a request to the object store each time."""
+        now = time.monotonic()
+        if not self.seen_published and now - self.checked_published >= every_s:
+            self.checked_published = now
+            self.seen_published = self.store.is_published(self.final)
+        return self.seen_published
 
     @property
     def video(self) -> bool:
@@ -193,9 +208,9 @@ class ResultWriter:
     # ------------------------------------------------------------------ segments
 
     def _open_segment(self, first: int) -> Segment:
-        self.partial.mkdir(parents=True, exist_ok=True)
-        video_tmp = self.partial / f".open-{self.worker}.mp4"
-        jsonl_tmp = self.partial / f".open-{self.worker}.jsonl"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        video_tmp = self.scratch / f"{self.task_id}-e{self.epoch}-open.mp4"
+        jsonl_tmp = self.scratch / f"{self.task_id}-e{self.epoch}-open.jsonl"
         container = stream = None
         if self.video:
             container = av.open(str(video_tmp), "w", format="mp4")
@@ -250,8 +265,8 @@ class ResultWriter:
         seg.jsonl.close()
         name = f"seg-{seg.first:08d}-{seg.last:08d}"
         if seg.video is not None:
-            os.replace(seg.video_tmp, self.partial / f"{name}.mp4")
-        os.replace(seg.jsonl_tmp, self.partial / f"{name}.jsonl")  # last: a segment counts once this exists
+            self.store.put_file(self.partial + f"{name}.mp4", seg.video_tmp, move=True)
+        self.store.put_file(self.partial + f"{name}.jsonl", seg.jsonl_tmp, move=True)  # last: now it counts
         self.durable = max(self.durable, seg.last)
         return seg.last
 
@@ -278,15 +293,18 @@ class ResultWriter:
         until it hears so; a rebalance on the local broker can overlap): both write equal segments, and
         whoever publishes first wins. The other finds the result here and reports it instead of failing
         or replacing it. Redelivered work on files gets the same treatment as redelivered frames."""
-        if not self.final.is_dir():
+        if not self.store.is_published(self.final):
             return None
         artifacts = []
         for kind in sorted(self.outputs):
             name, content_type = ARTIFACT_FILES[kind]
-            path = self.final / name
-            if path.exists():
-                artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
-                                              content_type=content_type, sha256=sha256_of(path)))
+            size = self.store.size(self.final + name)
+            if size is not None:
+                digest = hashlib.sha256()
+                for chunk in self.store.read_chunks(self.final + name):
+                    digest.update(chunk)
+                artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=size,
+                                              content_type=content_type, sha256=digest.hexdigest()))
         return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=self.frames_total or 0,
                              warnings=self.warnings)
 
@@ -296,41 +314,45 @@ class ResultWriter:
         done = self.published()
         if done is not None:
             self.abandon()
-            shutil.rmtree(self.partial, ignore_errors=True)  # what this writer made after the other published
+            self.store.delete_prefix(self.partial)  # what this writer made after the other published
             return done
+        assembly = self.scratch / f"{self.task_id}-e{self.epoch}-assembly"  # this worker's own
         try:
-            return self._publish(total, upload, start_s)
+            return self._publish(total, upload, start_s, assembly)
         except OSError:
             done = self.published()  # another replica published while this one assembled
             if done is None:
                 raise
             return done
         finally:
-            shutil.rmtree(self.partial / f".assembly-{self.worker}", ignore_errors=True)
+            shutil.rmtree(assembly, ignore_errors=True)
 
-    def _publish(self, total: int, upload: Path | None, start_s: float) -> pb.TaskResult:
+    def _publish(self, total: int, upload: Path | None, start_s: float, assembly: Path) -> pb.TaskResult:
         self.close_segment()
-        self.partial.mkdir(parents=True, exist_ok=True)
-        segments = _chain(self.partial)
+        segments = _chain(self.store.names(self.partial))
         if total and (not segments or segments[-1][1] != total - 1):
             raise RuntimeError(f"segments of task {self.task_id} end at {segments[-1][1] if segments else -1}, "
                                f"not at its last frame {total - 1}")
-        assembly = self.partial / f".assembly-{self.worker}"  # a replica's own: two may assemble at once
         shutil.rmtree(assembly, ignore_errors=True)
-        assembly.mkdir()
+        assembly.mkdir(parents=True)
         names = [f"seg-{a:08d}-{b:08d}" for a, b in segments]
         if self.outputs & {tpb.ARTIFACT_KIND_KEYPOINTS, *EXPORTS}:
             with open(assembly / KEYPOINTS_FILE, "wb") as out:
                 for name in names:
-                    with open(self.partial / f"{name}.jsonl", "rb") as part:
-                        shutil.copyfileobj(part, out)
+                    for chunk in self.store.read_chunks(self.partial + f"{name}.jsonl"):
+                        out.write(chunk)
             exports.write(assembly / KEYPOINTS_FILE, {EXPORTS[kind]: assembly / ARTIFACT_FILES[kind][0]
                                                       for kind in self.outputs & set(EXPORTS)})
             if tpb.ARTIFACT_KIND_KEYPOINTS not in self.outputs:  # only made for the exports
                 (assembly / KEYPOINTS_FILE).unlink()
         if self.video:
-            self.warnings += join_video([self.partial / f"{n}.mp4" for n in names], assembly / VIDEO_FILE,
-                                        upload, start_s, self.size)
+            with contextlib.ExitStack() as copies:  # local files for the muxer (the store's own, if local)
+                parts = [copies.enter_context(self.store.local_copy(self.partial + f"{n}.mp4")) for n in names]
+                if None in parts:
+                    raise RuntimeError(f"a video segment of task {self.task_id} is missing from the store")
+                last_s = _last_time(b"".join(self.store.read_chunks(self.partial + f"{names[-1]}.jsonl"))
+                                    ) if names else 0.0
+                self.warnings += join_video(parts, assembly / VIDEO_FILE, upload, start_s, self.size, last_s)
         artifacts = []
         for kind in sorted(self.outputs):
             name, content_type = ARTIFACT_FILES[kind]
@@ -341,10 +363,15 @@ class ResultWriter:
                 os.fsync(f.fileno())
             artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=path.stat().st_size,
                                           content_type=content_type, sha256=sha256_of(path)))
-        # One rename makes the whole result visible at once; the segments go with the partial folder. A
-        # result already in place is never replaced (os.replace refuses a non-empty folder): first wins.
-        os.replace(assembly, self.final)
-        shutil.rmtree(self.partial, ignore_errors=True)
+        # The whole result becomes visible at once, and a result already in place is never replaced: the
+        # first publisher wins, a later one reports the winner's (published()).
+        if not self.store.publish_dir(self.final, assembly):
+            done = self.published()
+            if done is not None:
+                self.store.delete_prefix(self.partial)
+                return done
+            raise RuntimeError(f"the result of task {self.task_id} was neither published nor there")
+        self.store.delete_prefix(self.partial)
         return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=total,
                              warnings=self.warnings)
 
@@ -357,14 +384,13 @@ def _video_frame(image: np.ndarray, pix_fmt: str) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(image, format="bgr24")
 
 
-def _chain(partial: Path) -> list[tuple[int, int]]:
+def _chain(segment_names: list[str]) -> list[tuple[int, int]]:
     """The finished segments that continue each other from frame 0: [(first, last), ...]."""
     found: dict[int, int] = {}
-    if partial.exists():
-        for p in partial.iterdir():
-            m = SEGMENT_RE.match(p.name)
-            if m and m.group(3) == "jsonl":
-                found[int(m.group(1))] = max(found.get(int(m.group(1)), -1), int(m.group(2)))
+    for name in segment_names:
+        m = SEGMENT_RE.match(name)
+        if m and m.group(3) == "jsonl":
+            found[int(m.group(1))] = max(found.get(int(m.group(1)), -1), int(m.group(2)))
     chain, nxt = [], 0
     while nxt in found:
         chain.append((nxt, found[nxt]))
@@ -372,15 +398,15 @@ def _chain(partial: Path) -> list[tuple[int, int]]:
     return chain
 
 
-def _chain_end(partial: Path) -> int:
-    chain = _chain(partial)
+def _chain_end(segment_names: list[str]) -> int:
+    chain = _chain(segment_names)
     return chain[-1][1] if chain else -1
 
 
 def join_video(segments: list[Path], out_path: Path, upload: Path | None, start_s: float,
-               size: tuple[int, int]) -> list[str]:
+               size: tuple[int, int], last_frame_s: float) -> list[str]:
     """The segments' H.264 packets in one MP4 (moov first), interleaved with the upload's audio shifted
-    to the same origin. Returns warnings for the task."""
+    to the same origin and cut a second after the last frame (at `last_frame_s`). Returns warnings."""
     warnings: list[str] = []
     inputs = [av.open(str(p)) for p in segments]
     audio_file = None
@@ -402,7 +428,7 @@ def join_video(segments: list[Path], out_path: Path, upload: Path | None, start_
                         warnings.append(note)
             except (media.NotAVideo, av.FFmpegError):
                 warnings.append("the upload's audio could not be read; the annotated video has none")
-        video_end = _last_time(segments[-1]) + 1.0
+        video_end = last_frame_s + 1.0
         merged = heapq.merge(*(((t, 0, p) for t, p in seq) for seq in packets),
                              ((t, 1, p) for t, p in audio_packets), key=lambda x: (x[0], x[1]))
         for t, kind, packet in merged:
@@ -420,13 +446,10 @@ def join_video(segments: list[Path], out_path: Path, upload: Path | None, start_
     return warnings
 
 
-def _last_time(segment: Path) -> float:
-    """The presentation time of a segment's last frame, from its keypoints file."""
-    last = b""
-    with open(segment.with_suffix(".jsonl"), "rb") as f:
-        for line in f:
-            last = line or last
-    return float(json.loads(last)["timestamp_s"]) if last.strip() else 0.0
+def _last_time(keypoints: bytes) -> float:
+    """The presentation time of a segment's last frame, from its keypoints lines."""
+    lines = keypoints.strip().splitlines()
+    return float(json.loads(lines[-1])["timestamp_s"]) if lines else 0.0
 
 
 def _video_packets(container):

@@ -53,10 +53,10 @@ def test_sdk_uploads_file_objects_lists_watches_cancels(gateway):
         seen = []
         task = client.submit(io.BytesIO(data), file_name="from-memory.mp4", pose_model="blazepose_full",
                              outputs=["keypoints"], on_bytes=seen.append,
-                             region_of_interest=[(0, 0), (480, 0), (480, 540)], max_persons=3)
+                             region_of_interest=[(0, 0), (480, 0), (480, 540)], max_persons=3, sample_fps=2.5)
         assert sum(seen) == len(data)
         assert [(p.x, p.y) for p in task.options.region_of_interest] == [(0, 0), (480, 0), (480, 540)]
-        assert task.options.max_persons == 3  # recorded on the task
+        assert (task.options.max_persons, task.options.sample_fps) == (3, 2.5)  # recorded on the task
         assert task.options.pose_model == tpb.POSE_MODEL_BLAZEPOSE_FULL
         assert list(task.options.outputs) == [tpb.ARTIFACT_KIND_KEYPOINTS]
         assert [t.task_id for t in client.list()] == [task.task_id]

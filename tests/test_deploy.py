@@ -340,8 +340,8 @@ def test_every_referenced_secret_config_map_and_claim_is_defined():
             for source in c.get("envFrom", []):
                 if "configMapRef" in source:
                     wanted.add(("ConfigMap", source["configMapRef"]["name"]))
-                if "secretRef" in source:
-                    wanted.add(("Secret", source["secretRef"]["name"]))
+                if "secretRef" in source and not source["secretRef"].get("optional"):  # optional: a cloud
+                    wanted.add(("Secret", source["secretRef"]["name"]))  # identity may stand in for it
             for env in c.get("env", []):
                 ref = env.get("valueFrom") or {}
                 if "configMapKeyRef" in ref:
@@ -456,13 +456,22 @@ def test_triton_lands_on_a_gpu_node_with_declared_ports_and_http_probes():
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
 
 
-def test_the_data_volume_is_shared_read_write_by_the_gateway_and_annotate():
+def test_no_volume_is_shared_between_pods_results_go_to_object_storage():
+    """Gateway and annotate meet in the bucket of POSEMESH_BLOB_URL, not on a disk: no claim is
+    ReadWriteMany, the gateway's is its own, and annotate keeps only an emptyDir of scratch."""
     docs = all_k8s_docs()
+    config = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "posemesh")["data"]
+    assert config["POSEMESH_BLOB_URL"].startswith("s3://")
     claims = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "PersistentVolumeClaim"}
-    users = {name for name, _, spec in pod_specs(docs) for v in spec.get("volumes", [])
-             if (v.get("persistentVolumeClaim") or {}).get("claimName") == "posemesh-data"}
-    assert users == {"Deployment/gateway", "Deployment/annotate"}
-    assert claims["posemesh-data"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert all(c["spec"]["accessModes"] == ["ReadWriteOnce"] for c in claims.values()), claims
+    users: dict[str, set[str]] = {}
+    for name, _, spec in pod_specs(docs):
+        for v in spec.get("volumes", []):
+            if "persistentVolumeClaim" in v:
+                users.setdefault(v["persistentVolumeClaim"]["claimName"], set()).add(name)
+    assert users["posemesh-gateway"] == {"Deployment/gateway"}  # the models' claim: Triton, or its loader
+    annotate = next(spec for name, _, spec in pod_specs(docs) if name == "Deployment/annotate")
+    assert [v for v in annotate["volumes"] if "emptyDir" not in v] == []
 
 
 def test_the_namespace_enforces_the_restricted_standard():

@@ -20,8 +20,8 @@ from tests.mp4_craft import damaged_tail
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 
 
-def results(gw, path, tmp_path):
-    task = upload(gw.stub, path, auth())
+def results(gw, path, tmp_path, options=None):
+    task = upload(gw.stub, path, auth(), options=options)
     done = wait_state(gw.stub, task.task_id, auth(), DONE, timeout=240)
     assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
     out = {}
@@ -193,3 +193,17 @@ def test_a_keypoints_only_task_reads_no_pixels_after_pose(pipeline_once, tmp_pat
     _done, _video, records = results(gw, clip, tmp_path)
     assert len(records) == 24
     assert annotate_status(workers).pixel_frames_read - after.pixel_frames_read >= 24
+
+
+def test_sample_fps_analyses_frames_on_the_video_clock_and_says_how_many(pipeline_once, tmp_path):
+    """30 frames at 10 fps analysed at 2.5 fps: 8 frames, 0.4 s apart, numbered 0-7, in the keypoints and
+    in the annotated video at the same times; the task's frame_count says 8, its duration stays the video's."""
+    gw, _workers = pipeline_once
+    clip = clips.synth(tmp_path / "sampled.mp4", 30, fps=10)
+    done, video, records = results(gw, clip, tmp_path, options=tpb.TaskOptions(sample_fps=2.5))
+    times = [round(0.4 * i, 4) for i in range(8)]
+    assert [(r["index"], round(r["timestamp_s"], 4)) for r in records] == list(enumerate(times))
+    assert frame_times(video) == times
+    assert (done.video.frame_count, done.options.sample_fps) == (8, 2.5)
+    assert done.video.duration_s == pytest.approx(3.0)
+    assert not done.warnings, done.warnings

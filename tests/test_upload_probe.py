@@ -120,6 +120,18 @@ def test_duration_is_first_frame_to_the_end_of_the_last():
     assert (reader.decoded, reader.duration_s()) == (5, pytest.approx(1.0))
 
 
+def test_sampling_keeps_a_frame_each_time_the_clock_reaches_the_next_sample(tmp_path):
+    """2.5 fps out of 10 fps: every 0.4 s from the first frame. A variable rate with a gap: the kept frames
+    follow the video's clock, and the gap skips samples without shifting the later ones."""
+    reader = media.FrameReader(clips.synth(tmp_path / "ten.mp4", 30, fps=10), 10.0, sample_fps=2.5)
+    kept = [(f.index, round(f.timestamp_s, 6)) for f in reader]
+    assert kept == [(i, round(0.4 * i, 6)) for i in range(8)]
+    assert (reader.decoded, reader.read, reader.duration_s()) == (8, 30, pytest.approx(3.0))
+    times = [0, 0.1, 0.2, 0.3, 1.25, 1.3, 1.5, 1.6, 2.0]
+    reader = media.FrameReader(clips.synth(tmp_path / "gap.mp4", len(times), times=times), 10.0, sample_fps=2)
+    assert [round(f.timestamp_s, 6) for f in reader] == [0.0, 1.25, 1.5, 2.0]
+
+
 def test_variable_rate_duration_uses_the_average_interval(tmp_path):
     times = [0, 0.1, 0.15, 0.4, 0.5, 0.9]
     info = media.probe(clips.synth(tmp_path / "vfr.mp4", 6, times=times))

@@ -261,7 +261,7 @@ def test_a_trickling_upload_ends_with_deadline_exceeded_and_frees_its_slots(api_
     expect(api, grpc.StatusCode.DEADLINE_EXCEEDED, lambda: api.stub.Upload(silent(), metadata=auth()))
 
 
-def test_a_bad_region_of_interest_or_max_persons_is_invalid_argument_naming_the_field(api):
+def test_a_bad_region_of_interest_max_persons_or_sample_fps_is_invalid_argument_naming_the_field(api):
     def point(x, y):
         return tpb.Point(x=x, y=y)
 
@@ -272,7 +272,10 @@ def test_a_bad_region_of_interest_or_max_persons_is_invalid_argument_naming_the_
             (tpb.TaskOptions(region_of_interest=[*square[:3], point(float("nan"), 5)]), "point 3"),
             (tpb.TaskOptions(region_of_interest=[point(-1, 0), *square[1:]]), "point 0"),
             (tpb.TaskOptions(region_of_interest=square * 17), "3 to 64 points, not 68"),
-            (tpb.TaskOptions(max_persons=1001), "options.max_persons must be at most 1000")):
+            (tpb.TaskOptions(max_persons=1001), "options.max_persons must be at most 1000"),
+            (tpb.TaskOptions(sample_fps=-1), "options.sample_fps must be between 0 (every frame) and 120"),
+            (tpb.TaskOptions(sample_fps=float("inf")), "options.sample_fps must be between"),
+            (tpb.TaskOptions(sample_fps=500), "options.sample_fps must be between")):
         msg = expect(api, grpc.StatusCode.INVALID_ARGUMENT,
                      lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
         assert says in msg, msg

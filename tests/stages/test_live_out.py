@@ -12,6 +12,7 @@ import av
 import pytest
 
 from posemesh.devstack import rtsp
+from posemesh.mesh.blobs import LocalBlobStore
 from posemesh.stages.live_out import RtspPublisher
 from posemesh.stages.results import EncoderSettings, KeyframeClock, ResultWriter
 from posemesh.v1 import pipeline_pb2 as pb
@@ -56,8 +57,8 @@ def test_a_keyframe_is_due_by_media_or_wall_time_never_by_frame_count():
 
 def writer(tmp_path, task_id: str) -> ResultWriter:
     settings = EncoderSettings(preset="ultrafast", segment_frames=60, live=True, live_keyframe_s=KEYFRAME_S)
-    return ResultWriter(task_id, tmp_path / "results", {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO}, SIZE, CAMERA_FPS,
-                        settings, "test-worker")
+    return ResultWriter(task_id, LocalBlobStore(tmp_path), tmp_path / "scratch", {tpb.ARTIFACT_KIND_ANNOTATED_VIDEO},
+                        SIZE, CAMERA_FPS, settings, "test-worker")
 
 
 def test_a_thinned_live_video_has_a_keyframe_every_interval_of_media_time(tmp_path):
@@ -67,7 +68,7 @@ def test_a_thinned_live_video_has_a_keyframe_every_interval_of_media_time(tmp_pa
     for index in range(60):  # one segment: 24 s of media time
         out.write(pb.Frame(index=index, timestamp_s=index * KEPT_EVERY_S), images[index % len(images)])
     out.close_segment()
-    [segment] = sorted((out.partial).glob("seg-*.mp4"))
+    [segment] = sorted(out.store.path(out.partial).glob("seg-*.mp4"))
     with av.open(str(segment)) as video:
         keys = [float(p.pts * p.time_base) for p in video.demux(video=0) if p.pts is not None and p.is_keyframe]
     gaps = [b - a for a, b in zip(keys, keys[1:])]

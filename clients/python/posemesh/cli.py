@@ -88,7 +88,7 @@ def _point(text: str) -> tuple[float, float]:
 def cmd_submit(args, client: Client) -> int:
     task = client.submit(args.video, pose_model=args.pose_model, outputs=args.outputs or None,
                          min_person_score=args.min_person_score, region_of_interest=args.region,
-                         max_persons=args.max_persons)
+                         max_persons=args.max_persons, sample_fps=args.sample_fps, callback_url=args.callback_url)
     print(task.task_id if args.quiet else task_line(task))
     if not args.wait:
         return 0
@@ -200,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region", nargs="+", type=_point, metavar="X,Y",
                    help="only persons whose box centre is inside this polygon (frame pixels, 3 or more points)")
     p.add_argument("--max-persons", type=int, default=0, help="keep the N highest-scoring persons per frame")
+    p.add_argument("--sample-fps", type=float, default=0.0,
+                   help="frames per second to analyse (default: every frame)")
+    p.add_argument("--callback-url", default="",
+                   help="where the server POSTs the task's outcome when it ends (signed; see the README)")
     p.add_argument("--wait", action="store_true", help="show progress and download the results")
     p.add_argument("--out", default=".", help="where --wait writes the results")
     p.add_argument("--quiet", action="store_true")

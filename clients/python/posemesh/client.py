@@ -97,10 +97,12 @@ class Client:
     def submit(self, video: str | Path | BinaryIO, pose_model: str | int = "default", outputs: list[str] | None = None,
                min_person_score: float = 0.0, idempotency_key: str | None = None, file_name: str | None = None,
                on_bytes: Callable[[int], None] | None = None,
-               region_of_interest: list[tuple[float, float]] | None = None, max_persons: int = 0) -> tpb.Task:
+               region_of_interest: list[tuple[float, float]] | None = None, max_persons: int = 0,
+               sample_fps: float = 0.0, callback_url: str = "") -> tpb.Task:
         """Upload a video (a path or a binary file object) and return the task at once. region_of_interest:
         polygon vertices (x, y) in frame pixels; only persons whose box centre is inside are kept.
-        max_persons: the highest-scoring persons kept per frame (0: all)."""
+        max_persons: the highest-scoring persons kept per frame (0: all). sample_fps: frames per second to
+        analyse (0: every frame). callback_url: where the server POSTs the outcome when the task ends."""
         if isinstance(video, (str, Path)):
             path = Path(video)
             opener = lambda: open(path, "rb")  # noqa: E731
@@ -116,9 +118,10 @@ class Client:
         options = tpb.TaskOptions(
             pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
             outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score,
-            region_of_interest=[tpb.Point(x=x, y=y) for x, y in region_of_interest or []], max_persons=max_persons)
+            region_of_interest=[tpb.Point(x=x, y=y) for x, y in region_of_interest or []], max_persons=max_persons,
+            sample_fps=sample_fps)
         metadata = tpb.UploadMetadata(file_name=str(Path(file_name).name), options=options,
-                                      idempotency_key=idempotency_key or uuid.uuid4().hex)
+                                      idempotency_key=idempotency_key or uuid.uuid4().hex, callback_url=callback_url)
 
         def requests(f) -> Iterator[tpb.UploadRequest]:
             yield tpb.UploadRequest(metadata=metadata)

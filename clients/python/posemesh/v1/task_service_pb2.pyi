@@ -106,18 +106,20 @@ class Person(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class TaskOptions(_message.Message):
-    __slots__ = ("pose_model", "outputs", "min_person_score", "region_of_interest", "max_persons")
+    __slots__ = ("pose_model", "outputs", "min_person_score", "region_of_interest", "max_persons", "sample_fps")
     POSE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MIN_PERSON_SCORE_FIELD_NUMBER: _ClassVar[int]
     REGION_OF_INTEREST_FIELD_NUMBER: _ClassVar[int]
     MAX_PERSONS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FPS_FIELD_NUMBER: _ClassVar[int]
     pose_model: PoseModel
     outputs: _containers.RepeatedScalarFieldContainer[ArtifactKind]
     min_person_score: float
     region_of_interest: _containers.RepeatedCompositeFieldContainer[Point]
     max_persons: int
-    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ..., region_of_interest: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., max_persons: _Optional[int] = ...) -> None: ...
+    sample_fps: float
+    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ..., region_of_interest: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., max_persons: _Optional[int] = ..., sample_fps: _Optional[float] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
