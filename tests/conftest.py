@@ -165,6 +165,12 @@ class Workers:
     def alive(self) -> bool:
         return all(p.poll() is None for _s, _p, p in self.procs)
 
+    def kill(self) -> None:
+        """SIGKILL every worker here (a crash: nothing is flushed or closed)."""
+        for _s, _p, proc in self.procs:
+            proc.kill()
+            proc.wait()
+
     def stop(self) -> None:
         for _s, _p, proc in self.procs:
             stop_process(proc, grace=15)

@@ -14,6 +14,7 @@ import os
 import time
 
 import av
+import grpc
 import pytest
 
 from posemesh.devstack.object_store import CREDENTIALS, LocalS3
@@ -21,7 +22,7 @@ from posemesh.mesh.blobs import LocalBlobStore, S3BlobStore, open_blob_store
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import RunningGateway, Workers, auth, make_settings
-from tests.helpers import upload, wait_state
+from tests.helpers import upload, wait_for, wait_state
 
 TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 
@@ -125,41 +126,99 @@ def test_the_blob_url_chooses_the_store(tmp_path):
             open_blob_store(bad, tmp_path)
 
 
-@pytest.mark.slow
-def test_gateway_and_annotate_share_no_disk_when_the_store_is_s3(broker, triton, s3, tmp_path):
-    """Each process its own data directory: the upload's audio reaches annotate through the bucket, the
-    results reach the client through it; deleting the task empties the bucket of it."""
-    clip = clips.synth(tmp_path / "talk.mp4", 30, audio_s=3.0)
-    gw = RunningGateway(make_settings(broker, tmp_path / "gateway", triton_url=triton.url,
+@pytest.fixture(scope="module")
+def s3_mesh(broker, triton, s3, tmp_path_factory):
+    """A gateway, one worker of each stage and a second annotate, every process on its own data directory,
+    meeting only in the bucket. Segments of 10 frames, so a replica taking a task over has some to continue."""
+    root = tmp_path_factory.mktemp("s3mesh")
+    saved = os.environ.get("POSEMESH_SEGMENT_FRAMES")
+    os.environ["POSEMESH_SEGMENT_FRAMES"] = "10"
+    gw = RunningGateway(make_settings(broker, root / "gateway", triton_url=triton.url,
                                       group_prefix=f"test{time.monotonic_ns()}", blob_url=s3.blob_url("mesh"),
                                       s3_endpoint_url=s3.endpoint_url))
-    workers = []
+    workers: dict[str, Workers] = {}
     try:
-        for stage in ("detect", "pose", "track", "annotate"):
-            own = Workers(dataclasses.replace(gw.settings, data_dir=tmp_path / stage), tmp_path)
-            own.start(stage)
-            workers.append(own)
-        for w in workers:
+        for name in ("detect", "pose", "track", "annotate", "annotate-2"):
+            workers[name] = Workers(dataclasses.replace(gw.settings, data_dir=root / name), root)
+            workers[name].start(name.split("-")[0])
+        for w in workers.values():
             w.wait_healthy()
-        task = upload(gw.stub, clip, auth())
-        done = wait_state(gw.stub, task.task_id, auth(), TERMINAL, timeout=180)
-        assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-        video = b"".join(c.chunk for c in gw.stub.DownloadResult(
-            tpb.DownloadResultRequest(task_id=task.task_id, kind=tpb.ARTIFACT_KIND_ANNOTATED_VIDEO),
-            metadata=auth(), timeout=60))
-        artifact = next(a for a in done.artifacts if a.kind == tpb.ARTIFACT_KIND_ANNOTATED_VIDEO)
-        assert hashlib.sha256(video).hexdigest() == artifact.sha256
-        with av.open(io.BytesIO(video)) as mp4:
-            assert mp4.streams.audio, "annotate got the upload's audio from the bucket"
-            assert sum(1 for _ in mp4.decode(video=0)) == 30
-        stored = s3.keys(f"mesh/results/{task.task_id}/")
-        assert f"mesh/results/{task.task_id}/annotated.mp4" in stored
-        for folder in ("gateway", "annotate"):  # nothing of the result on either process's disk
-            assert not [p for p in (tmp_path / folder).rglob("*") if p.is_file() and task.task_id in str(p)
-                        and p.suffix in (".mp4", ".jsonl")], folder
-        gw.stub.DeleteTask(tpb.DeleteTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
-        assert [k for k in s3.keys("mesh/") if task.task_id in k] == []
+        yield gw, workers, root
     finally:
-        for w in workers:
+        for w in workers.values():
             w.stop()
         gw.stop()
+        if saved is None:
+            os.environ.pop("POSEMESH_SEGMENT_FRAMES", None)
+        else:
+            os.environ["POSEMESH_SEGMENT_FRAMES"] = saved
+
+
+def _finished(gw, task_id: str) -> tuple[tpb.Task, bytes, bytes]:
+    done = wait_state(gw.stub, task_id, auth(), TERMINAL, timeout=240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    got = {}
+    for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS):
+        got[kind] = b"".join(c.chunk for c in gw.stub.DownloadResult(
+            tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth(), timeout=60))
+    return done, got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO], got[tpb.ARTIFACT_KIND_KEYPOINTS]
+
+
+def _pictures(video: bytes) -> list[tuple[float, str]]:
+    with av.open(io.BytesIO(video)) as mp4:
+        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
+                for f in mp4.decode(video=0)]
+
+
+@pytest.mark.slow
+def test_gateway_and_annotate_share_no_disk_when_the_store_is_s3(s3_mesh, s3, tmp_path):
+    """The upload's audio reaches annotate through the bucket, the results reach the client through it;
+    deleting the task empties the bucket of it."""
+    gw, _workers, root = s3_mesh
+    task = upload(gw.stub, clips.synth(tmp_path / "talk.mp4", 30, audio_s=3.0), auth())
+    done, video, _keypoints = _finished(gw, task.task_id)
+    artifact = next(a for a in done.artifacts if a.kind == tpb.ARTIFACT_KIND_ANNOTATED_VIDEO)
+    assert hashlib.sha256(video).hexdigest() == artifact.sha256
+    with av.open(io.BytesIO(video)) as mp4:
+        assert mp4.streams.audio, "annotate got the upload's audio from the bucket"
+        assert sum(1 for _ in mp4.decode(video=0)) == 30
+    assert f"mesh/results/{task.task_id}/annotated.mp4" in s3.keys(f"mesh/results/{task.task_id}/")
+    for folder in ("gateway", "annotate", "annotate-2"):  # nothing of the result on any process's disk
+        assert not [p for p in (root / folder).rglob("*") if p.is_file() and task.task_id in str(p)], folder
+    gw.stub.DeleteTask(tpb.DeleteTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+    assert [k for k in s3.keys("mesh/") if task.task_id in k] == []
+
+
+@pytest.mark.slow
+def test_an_annotate_replica_killed_mid_task_is_continued_from_the_bucket_frame_exact(s3_mesh, s3, tmp_path):
+    """Two annotate replicas on separate disks: the one writing a task is SIGKILLed after some of its
+    segments are in the bucket; the other continues from them, and the result equals an undisturbed run's."""
+    gw, workers, _root = s3_mesh
+    clip = clips.synth(tmp_path / "long.mp4", 120, fps=10, audio_s=12.0)
+    _done, ref_video, ref_keypoints = _finished(gw, upload(gw.stub, clip, auth()).task_id)
+    task = upload(gw.stub, clip, auth())
+    prefix = f"mesh/results/.partial-{task.task_id}-e"
+    owner = wait_for(lambda: next((name for name in ("annotate", "annotate-2")
+                                   if _frames_of(workers[name], task.task_id) >= 30), None),
+                     120, 0.05, "an annotate replica to write 30 frames")
+    wait_for(lambda: len([k for k in s3.keys(prefix) if k.endswith(".jsonl")]) >= 2, 60, 0.05,
+             "segments in the bucket")
+    workers[owner].kill()
+    done, video, keypoints = _finished(gw, task.task_id)
+    assert keypoints == ref_keypoints
+    assert _pictures(video) == _pictures(ref_video)
+    assert done.video.frame_count == 120
+    assert [k for k in s3.keys(prefix)] == [], "the partial segments are deleted once the result is published"
+
+
+def _frames_of(workers: Workers, task_id: str) -> int:
+    from posemesh.v1 import stage_service_pb2 as spb
+    from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
+
+    [(_stage, port, _proc)] = workers.procs
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            status = spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest(), timeout=5)
+    except grpc.RpcError:
+        return 0
+    return next((t.frames_done for t in status.tasks if t.task_id == task_id), 0)
