@@ -25,9 +25,11 @@ INCARNATION_KEY = "events_incarnation"
 
 
 class EventReader(threading.Thread):
-    def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None):
+    def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None,
+                 activity=None):
         super().__init__(name="events", daemon=True)
         self.settings, self.store, self.topics = settings, store, topics
+        self.activity = activity  # gateway/stats.py's MeshActivity, or None
         self.on_result, self.on_failure = on_result, on_failure
         self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
         self.running = threading.Event()
@@ -78,9 +80,13 @@ class EventReader(threading.Thread):
         kind = event.WhichOneof("event")
         if kind == "heartbeat":
             self.topics.heartbeat(event.worker_id, sent_at, list(event.heartbeat.reading_tasks))
+            if self.activity is not None:
+                self.activity.heartbeat(event.stage, event.worker_id, sent_at)
         elif kind == "progress":
             p = event.progress
             self.store.add_done(p.task_id, event.stage, [(r.first, r.last) for r in p.done], p.epoch, p.frames_total)
+            if self.activity is not None:
+                self.activity.finished(event.stage, sum(r.last - r.first + 1 for r in p.done), sent_at)
         elif kind == "result":
             if event.result.epoch >= self.store.epoch(event.result.task_id):
                 self.on_result(event.result)

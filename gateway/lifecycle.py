@@ -40,6 +40,7 @@ from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import Source, SourcePolicy
+from posemesh.gateway.stats import MeshActivity
 from posemesh.gateway.store import ACTIVE, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
 from posemesh.mesh import kafka, media, names, records
@@ -98,6 +99,7 @@ class TaskLifecycle:
         self.unannounced: set[str] = set()  # ended tasks whose TaskEnded could not be published yet
         self.lock = threading.RLock()
         self.blobs = settings.blob_store()  # uploads other processes read, and the results
+        self.activity = MeshActivity()  # frames decoded here, and what the workers report (GetStats)
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
@@ -178,7 +180,7 @@ class TaskLifecycle:
             task, path, kafka.producer_config(self.settings, "gateway"),
             kafka.partitions_for(kafka.RAW_FRAMES, self.settings),
             self.settings.jpeg_quality, epoch=epoch,
-            on_progress=lambda first, last: self.store.add_done(task_id, "decode", [(first, last)], epoch),
+            on_progress=lambda first, last: self._decoded(task_id, first, last, epoch),
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings))
@@ -189,6 +191,10 @@ class TaskLifecycle:
             self.frame_producers[task_id] = producer
         producer.start()
 
+    def _decoded(self, task_id: str, first: int, last: int, epoch: int) -> None:
+        self.store.add_done(task_id, "decode", [(first, last)], epoch)
+        self.activity.finished("decode", last - first + 1, time.time())
+
     def live_config(self, max_lag_s: float = 0.0) -> LiveConfig:
         s = self.settings
         return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s,
@@ -198,6 +204,8 @@ class TaskLifecycle:
     def _read_camera(self, task: tpb.Task, source: Source, transport: int, epoch: int) -> None:
         task_id = task.task_id
 
+        counted = [0]  # frames published when last told, for the decode rate
+
         def on_status(status: tpb.LiveStatus, published: int) -> None:
             def apply(t: tpb.Task):
                 if t.state not in ACTIVE:
@@ -206,6 +214,8 @@ class TaskLifecycle:
             self.store.update(task_id, apply)
             if published:
                 self.store.add_done(task_id, "decode", [(0, published - 1)], epoch)
+                self.activity.finished("decode", published - counted[0], time.time())
+                counted[0] = published
 
         def on_end(state: int, message: str, total: int) -> None:
             if self.store.epoch(task_id) != epoch:

@@ -74,6 +74,7 @@ class Gateway:
         self.topics.is_reserved = self.reservations.__contains__
         self.lifecycle = TaskLifecycle(self.settings, self.store, self.topics, self.reservations, self.source_policy)
         self.blobs = self.lifecycle.blobs
+        self.activity = self.lifecycle.activity  # what GetStats reports (gateway/stats.py)
         self.webhooks = WebhookSender(self.settings, self.store, webhook_policy, self.blobs)  # ended tasks' webhooks
         self.events: EventReader | None = None
         self.watch: BrokerWatch | None = None
@@ -88,7 +89,7 @@ class Gateway:
 
     def _start_events(self, incarnation: str | None) -> None:
         self.events = EventReader(self.settings, self.store, self.topics, self.lifecycle.complete,
-                                  self.lifecycle.fail, incarnation)
+                                  self.lifecycle.fail, incarnation, self.activity)
         self.events.start()
 
     def stream_url(self, task: tpb.Task) -> str:

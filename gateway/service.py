@@ -35,6 +35,7 @@ from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
 from posemesh.gateway.interceptors import for_task_service
 from posemesh.gateway.lifecycle import new_stream_token
 from posemesh.gateway.live import probe_source
+from posemesh.gateway.stats import stats_response
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.gateway.webhooks import WebhookPolicy, shown
@@ -302,6 +303,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         limit = min(request.page_size or 20, MAX_PAGE)
         tasks, more = await self.tasks.list(user, offset, limit, request.state)
         return tpb.ListTasksResponse(tasks=tasks, next_page_token=validation.page_token(offset + limit) if more else "")
+
+    async def GetStats(self, request, context):
+        user = caller()
+        admins = {name.strip() for name in self.settings.admin_users.split(",") if name.strip()}
+        self.gw.activity.heartbeat("decode", "this gateway", time.time())  # the gateway decodes: it is alive
+        return await asyncio.to_thread(stats_response, self.gw.activity, self.store,
+                                       None if user in admins else user)
 
     async def WatchTask(self, request, context):
         user, task = await self._owned_task(request)

@@ -232,6 +232,30 @@ class TaskStore:
             return self.db.execute("SELECT COUNT(*) FROM tasks WHERE user = ? AND deleted = 0 AND state IN (?, ?)",
                                    (user, *ACTIVE)).fetchone()[0]
 
+    def task_counts(self, user: str | None = None) -> dict[str, dict[int, int]]:
+        """{user: {state: tasks}} of tasks not deleted: one user's, or everyone's (user None)."""
+        sql = "SELECT user, state, COUNT(*) FROM tasks WHERE deleted = 0"
+        args: tuple = ()
+        if user is not None:
+            sql, args = sql + " AND user = ?", (user,)
+        counts: dict[str, dict[int, int]] = {}
+        with self.lock:
+            for who, state, n in self.db.execute(sql + " GROUP BY user, state", args):
+                counts.setdefault(who, {})[state] = n
+        return counts
+
+    def frames_waiting(self, steps: list[str]) -> dict[str, int]:
+        """For each step but the first: the frames of running tasks the step before has done and it has not."""
+        waiting = dict.fromkeys(steps[1:], 0)
+        with self.lock:
+            rows = self.db.execute("SELECT progress FROM tasks WHERE state = ? AND deleted = 0",
+                                   (tpb.TASK_STATE_RUNNING,)).fetchall()
+        for (progress,) in rows:
+            done = json.loads(progress)
+            for before, step in zip(steps, steps[1:]):
+                waiting[step] += max(0, int(done.get(before, 0)) - int(done.get(step, 0)))
+        return waiting
+
     def _select(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
         with self.lock:
             cur = self.db.execute(sql, args)

@@ -122,6 +122,8 @@ class Settings:
     max_streams_per_user: int = field(default_factory=lambda: int(env("MAX_STREAMS_PER_USER", "64")))
     api_keys_file: str = field(default_factory=lambda: env("API_KEYS_FILE", ""))
     api_keys: str = field(default_factory=lambda: env("API_KEYS", ""))
+    # Users (names from the API keys) whose GetStats shows every user's task counts, not only their own.
+    admin_users: str = field(default_factory=lambda: env("ADMIN_USERS", ""))
     # The key(s) sealing the camera credentials the gateway stores (gateway/at_rest.py): a file of Fernet
     # keys, one per line, the first sealing (a Kubernetes or Compose secret). Empty: data_dir/secrets.key,
     # made on the first start with mode 0600 (one machine; keep it apart from the data in production).

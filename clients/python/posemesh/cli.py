@@ -38,6 +38,21 @@ def task_line(task: tpb.Task) -> str:
     return f"{task.task_id}  {state:9s}  {task.file_name:28s}  {progress}{live}{error}"
 
 
+def stats_text(stats: tpb.GetStatsResponse, as_json: bool = False) -> str:
+    if as_json:
+        from google.protobuf.json_format import MessageToJson
+
+        return MessageToJson(stats, indent=2)
+    lines = [f"{'user':<16} {'queued':>7} {'running':>7} {'done':>7} {'failed':>7} {'cancelled':>9}"]
+    lines += [f"{t.user:<16} {t.queued:>7} {t.running:>7} {t.completed:>7} {t.failed:>7} {t.cancelled:>9}"
+              for t in stats.tasks]
+    lines += ["", f"{'stage':<10} {'alive':>5} {'frames/s':>9} {'waiting':>8}   (frames/s over the last "
+                  f"{stats.window_s:.0f} s)"]
+    lines += [f"{s.stage:<10} {s.workers_alive:>5} {s.frames_per_second:>9.2f} {s.frames_waiting:>8}"
+              for s in stats.stages]
+    return "\n".join(lines)
+
+
 def task_json(task: tpb.Task) -> str:
     from google.protobuf.json_format import MessageToJson
 
@@ -224,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("task_id")
         if name == "status":
             p.add_argument("--json", action="store_true")
+    p = sub.add_parser("stats", help="tasks by state, and each stage's workers, frames/s and backlog")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("list")
     p.add_argument("--state", choices=[state_name(s) for s in tpb.TaskState.values() if s])
     p = sub.add_parser("download")
@@ -287,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             task = client.get(args.task_id)
             print(task_json(task) if args.json else task_line(task))
+        elif args.command == "stats":
+            print(stats_text(client.stats(), as_json=args.json))
         elif args.command == "list":
             state = getattr(tpb, f"TASK_STATE_{args.state.upper()}") if args.state else 0
             for task in client.list(state=state):

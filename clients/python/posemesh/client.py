@@ -160,6 +160,12 @@ class Client:
         return self._retry(lambda: self.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=self.metadata,
                                                      timeout=self.timeout_s).task, reads=True)
 
+    def stats(self) -> tpb.GetStatsResponse:
+        """Your tasks by state (every user's for an admin key) and, per stage, workers alive, frames per
+        second over the last minute and frames waiting."""
+        return self._retry(lambda: self.stub.GetStats(tpb.GetStatsRequest(), metadata=self.metadata,
+                                                      timeout=self.timeout_s), reads=True)
+
     def list(self, state: int = tpb.TASK_STATE_UNSPECIFIED, page_size: int = 50) -> Iterator[tpb.Task]:
         token = ""
         while True:

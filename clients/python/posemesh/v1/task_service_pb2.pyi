@@ -367,6 +367,50 @@ class ListTasksResponse(_message.Message):
     next_page_token: str
     def __init__(self, tasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UserTaskCounts(_message.Message):
+    __slots__ = ("user", "queued", "running", "completed", "failed", "cancelled")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    queued: int
+    running: int
+    completed: int
+    failed: int
+    cancelled: int
+    def __init__(self, user: _Optional[str] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., completed: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ...) -> None: ...
+
+class StageStats(_message.Message):
+    __slots__ = ("stage", "workers_alive", "frames_per_second", "frames_waiting")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_ALIVE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_WAITING_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    workers_alive: int
+    frames_per_second: float
+    frames_waiting: int
+    def __init__(self, stage: _Optional[str] = ..., workers_alive: _Optional[int] = ..., frames_per_second: _Optional[float] = ..., frames_waiting: _Optional[int] = ...) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("tasks", "stages", "window_s", "at")
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    tasks: _containers.RepeatedCompositeFieldContainer[UserTaskCounts]
+    stages: _containers.RepeatedCompositeFieldContainer[StageStats]
+    window_s: float
+    at: _timestamp_pb2.Timestamp
+    def __init__(self, tasks: _Optional[_Iterable[_Union[UserTaskCounts, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., window_s: _Optional[float] = ..., at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class WatchTaskRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

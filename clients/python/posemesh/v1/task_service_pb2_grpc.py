@@ -79,6 +79,11 @@ class TaskServiceStub:
                 request_serializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.SerializeToString,
                 response_deserializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/posemesh.v1.TaskService/GetStats',
+                request_serializer=posemesh_dot_v1_dot_task__service__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=posemesh_dot_v1_dot_task__service__pb2.GetStatsResponse.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -161,6 +166,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """The mesh at a glance: the caller's tasks by state (every user's for an admin key), and per stage
+        the workers alive, the frames done per second over the last minute and the frames waiting for it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -208,6 +221,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.WatchFrames,
                     request_deserializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.FromString,
                     response_serializer=posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=posemesh_dot_v1_dot_task__service__pb2.GetStatsRequest.FromString,
+                    response_serializer=posemesh_dot_v1_dot_task__service__pb2.GetStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -453,6 +471,33 @@ class TaskService:
             '/posemesh.v1.TaskService/WatchFrames',
             posemesh_dot_v1_dot_task__service__pb2.WatchFramesRequest.SerializeToString,
             posemesh_dot_v1_dot_task__service__pb2.WatchFramesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/posemesh.v1.TaskService/GetStats',
+            posemesh_dot_v1_dot_task__service__pb2.GetStatsRequest.SerializeToString,
+            posemesh_dot_v1_dot_task__service__pb2.GetStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
