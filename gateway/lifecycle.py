@@ -314,9 +314,10 @@ class TaskLifecycle:
             live.stop()
         for p in producers:
             p.cancelled.set()
-        if join_s:
-            for p in producers:
-                p.join(join_s)
+        if join_s:  # the gateway stops: nothing of a task's may touch the store once it is closed
+            deadline = time.monotonic() + join_s
+            for thread in [*producers, *lives]:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def run_again(self) -> None:
         """The broker lost its data (the frames are stopped already, see `halt`): every active task runs again

@@ -34,10 +34,14 @@ class MeshActivity:
             self.seen[step][worker] = max(at, self.seen[step].get(worker, 0.0))
 
     def finished(self, step: str, frames: int, at: float) -> None:
-        if frames <= 0 or at < self.clock() - self.window_s:
+        oldest = self.clock() - self.window_s
+        if frames <= 0 or at < oldest:
             return
-        with self.lock:
-            self.frames[step].append((at, frames))
+        with self.lock:  # bounded by the window even if nobody asks for the stats
+            done = self.frames[step]
+            done.append((at, frames))
+            while done and done[0][0] < oldest:
+                done.popleft()
 
     def snapshot(self, now: float | None = None) -> dict[str, tuple[int, float]]:
         """{step: (workers alive, frames per second over the window)}."""
