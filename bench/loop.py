@@ -149,14 +149,15 @@ def _stub_model(pid: int) -> str:
     return Path(path).parent.parent.name if path else str(pid)
 
 
-def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str, profile: bool = False) -> dict:
+def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str, profile: bool = False,
+              outputs: list[str] | None = None) -> dict:
     """n concurrent uploads; frames/s, CPU ms per frame by process and, when profiled, by activity."""
     idle_between_bursts()
     pids = python_processes(stack) if profile else {}
     profiler = Profiler(pids) if profile else None
     before = cpu_by_service(stack)
     own_before = {name: process_cpu(pid) for name, pid in pids.items()}
-    uploads, wall = run_uploads(client, clip, n, pose_model)
+    uploads, wall = run_uploads(client, clip, n, pose_model, outputs)
     after = cpu_by_service(stack)
     own_after = {name: process_cpu(pid) for name, pid in pids.items()}
     frames = sum(u.frames for u in uploads)
@@ -194,6 +195,9 @@ def main() -> None:
             client = Client(stack.gateway_address, "posemesh-dev-key")
             rows["stack 1"] = stack_run(stack, client, clip, 1, args.pose_model)
             print(f"stack 1: {rows['stack 1']['fps']:.2f} frames/s", flush=True)
+            # Keypoints only (no annotated video): no pixel work after pose (issue 19, item 3).
+            rows["stack 1, keypoints only"] = stack_run(stack, client, clip, 1, args.pose_model, outputs=["keypoints"])
+            print(f"stack 1, keypoints only: {rows['stack 1, keypoints only']['fps']:.2f} frames/s", flush=True)
             rows[f"loops {n}"] = loops(n, clip, work, onnx_dir, args.pose_model)
             print(f"loops {n}: {rows[f'loops {n}']['fps']:.2f} frames/s", flush=True)
             for k in (n, 2 * n):

@@ -123,8 +123,8 @@ def topic_bytes(bootstrap: str, topic: str, idle_s: float = 1.0) -> tuple[int, i
 class Upload:
     """One upload through the SDK, timed: upload done, first annotated frame, end."""
 
-    def __init__(self, client: Client, clip: Path, pose_model: str):
-        self.client, self.clip, self.pose_model = client, clip, pose_model
+    def __init__(self, client: Client, clip: Path, pose_model: str, outputs: list[str] | None = None):
+        self.client, self.clip, self.pose_model, self.outputs = client, clip, pose_model, outputs
         self.t: dict[str, float] = {}
         self.step_first: dict[str, float] = {}
         self.task: tpb.Task | None = None
@@ -132,7 +132,7 @@ class Upload:
 
     def _run(self) -> None:
         self.t["start"] = time.perf_counter()
-        task = self.client.submit(self.clip, pose_model=self.pose_model)
+        task = self.client.submit(self.clip, pose_model=self.pose_model, outputs=self.outputs)
         self.t["uploaded"] = time.perf_counter()
         for snapshot in self.client.watch(task.task_id):
             now = time.perf_counter()
@@ -166,9 +166,11 @@ def idle_between_bursts() -> None:
     time.sleep(Settings().reserve_quiet_s + 3.0)
 
 
-def run_uploads(client: Client, clip: Path, n: int, pose_model: str) -> tuple[list[Upload], float]:
-    """n uploads at once; returns them and the wall time from the first start to the last end."""
-    uploads = [Upload(client, clip, pose_model) for _ in range(n)]
+def run_uploads(client: Client, clip: Path, n: int, pose_model: str,
+                outputs: list[str] | None = None) -> tuple[list[Upload], float]:
+    """n uploads at once (`outputs`: the artifacts asked for, all by default); returns them and the wall
+    time from the first start to the last end."""
+    uploads = [Upload(client, clip, pose_model, outputs) for _ in range(n)]
     for u in uploads:
         u.thread.start()
     for u in uploads:
