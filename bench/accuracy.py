@@ -5,7 +5,8 @@
 On the COCO val2017 images in ../shared/media with their person keypoint annotations
 (coco_val2017_keypoints_sample.json, from OpenMMLab's test data; its MANIFEST says how), each pose model
 runs the stages' own code (detect.py's YOLOX pre/post-processing, pose.py's crop and decoding) on the
-project's prepared ONNX files, twice:
+project's prepared ONNX files, with the region from the box alone and with POSE_REFINE's second pass on
+the region the first pass's landmarks give (stages/pose.py), each twice:
 
 - **detected**: persons found by our detector at its default minimum score: what a user gets;
 - **ground-truth boxes**: the annotated boxes given to the pose model: the pose model and its crop alone.
@@ -22,6 +23,7 @@ import contextlib
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -56,8 +58,7 @@ def predict(estimator: PoseEstimator, image: np.ndarray, boxes: np.ndarray, scor
     """COCO keypoint results for the persons in `boxes` (x1, y1, x2, y2)."""
     if not len(boxes):
         return []
-    crops, matrices = zip(*(estimator.crop(image, b) for b in boxes))
-    points, point_scores = estimator(np.stack(crops), list(matrices))
+    points, point_scores = estimator.estimate([image] * len(boxes), list(boxes))
     results = []
     for box, score, pts, kp_scores in zip(boxes, scores, points, point_scores):
         keypoints = [v for (x, y), s in zip(pts.tolist(), kp_scores.tolist()) for v in (x, y, s)]
@@ -106,11 +107,14 @@ def main() -> None:
     detector = Detector(OnnxModel(onnx_dir / "yolox.onnx"))
     print(f"{len(image_ids)} COCO val2017 images, {len(annotated)} annotated persons with keypoints "
           f"({GROUND_TRUTH})\n")
-    print("| pose model | boxes | persons | keypoint AP | AP50 | OKS of each annotated person (best match) |")
-    print("|---|---|---|---|---|---|")
-    for model in MODELS:
-        estimator = PoseEstimator(model, OnnxModel(onnx_dir / f"{model}.onnx"))
+    print("| pose model | region | boxes | persons | keypoint AP | AP50 | pose ms/person "
+          "| OKS of each annotated person (best match) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, refine in ((m, r) for m in MODELS for r in (False, True)):
+        estimator = PoseEstimator(model, OnnxModel(onnx_dir / f"{model}.onnx"), refine=refine)
+        region = "box, then landmarks (POSE_REFINE)" if refine else "box"
         for mode in ("detected", "ground-truth boxes"):
+            spent = 0.0
             results = []
             for image_id, image in pictures.items():
                 h, w = image.shape[:2]
@@ -122,12 +126,15 @@ def main() -> None:
                     boxes = np.array([[x, y, x + bw, y + bh] for x, y, bw, bh in (a["bbox"] for a in anns)]
                                      ).reshape(-1, 4)
                     scores = np.ones(len(boxes))
-                for r in predict(estimator, image, boxes, scores):
-                    results.append({**r, "image_id": image_id})
+                t0 = time.perf_counter()
+                found = predict(estimator, image, boxes, scores)
+                spent += time.perf_counter() - t0
+                results += [{**r, "image_id": image_id} for r in found]
             ap, ap50 = evaluate(coco, results, image_ids)
             best = [max((oks(a, r["keypoints"]) for r in results if r["image_id"] == a["image_id"]), default=0.0)
                     for a in annotated]
-            print(f"| {model} | {mode} | {len(results)} | {ap:.3f} | {ap50:.3f} | "
+            print(f"| {model} | {region} | {mode} | {len(results)} | {ap:.3f} | {ap50:.3f} | "
+                  f"{1000 * spent / max(1, len(results)):.1f} | "
                   + " ".join(f"{v:.2f}" for v in best) + " |")
     print("\nOKS per person in the order of the annotations (image id, annotation id): "
           + ", ".join(f"{a['image_id']}/{a['id']}" for a in annotated))

@@ -4,7 +4,10 @@ Two model families, chosen per task (TaskOptions.pose_model):
 - RTMPose (production): affine crop to 192x256 (aspect kept, box padded by 1.25), RGB, mean/std inside
   the served graph; SimCC outputs decoded by arg-max over 2x sub-pixel bins (mmpose's get_simcc_maximum).
 - BlazePose lite/full (offline default): square crop of side 1.25 x max(w, h) warped to 256x256, RGB;
-  39 landmarks x (x, y, z, visibility, presence), of which 17 map to COCO.
+  39 landmarks x (x, y, z, visibility, presence), of which 17 map to COCO. With POSE_REFINE, a second pass
+  on the region BlazePose's own pipeline uses: centred on the first pass's hip-centre landmark (33), its
+  side 2.5 x the distance to the scale landmark (34), rotated so that the body stands upright in the crop
+  (MediaPipe's pose_landmarks_to_roi). It costs a second model call per person.
 All crops of a batch (every person of every frame of every task) go to Triton in one call per model.
 """
 
@@ -66,9 +69,24 @@ def whole_body_box(box, frame_height: int):
 
 
 def to_image(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Crop pixels [K, 2] -> image pixels, through the inverse of a crop_matrix (scale + shift only)."""
-    s = matrix[0, 0]
-    return (points - matrix[:, 2]) / s
+    """Crop pixels [K, 2] -> image pixels, through the inverse of a crop's 2x3 affine."""
+    if matrix[0, 1] == 0 and matrix[1, 0] == 0:  # a crop_matrix: scale and shift (kept exact as it was)
+        return (points - matrix[:, 2]) / matrix[0, 0]
+    inverse = cv2.invertAffineTransform(matrix)
+    return points @ inverse[:, :2].T + inverse[:, 2]
+
+
+def region_matrix(center, scale_point, size: int) -> np.ndarray:
+    """2x3 affine from image pixels to a size x size crop of the region BlazePose's pipeline derives from
+    its auxiliary landmarks: centred on `center`, side 2 x 1.25 x |scale_point - center|, rotated so that
+    the vector centre -> scale point points up (MediaPipe's AlignmentPointsRectsCalculator, target 90
+    degrees, then RectTransformationCalculator's 1.25)."""
+    (cx, cy), (px, py) = center, scale_point
+    side = max(2.0 * PADDING * float(np.hypot(px - cx, py - cy)), 1.0)
+    rotation = np.pi / 2 - np.arctan2(-(py - cy), px - cx)  # clockwise, radians, of the region
+    matrix = cv2.getRotationMatrix2D((float(cx), float(cy)), float(np.degrees(rotation)), size / side)
+    matrix[:, 2] += (size / 2 - cx, size / 2 - cy)
+    return matrix.astype(np.float32)
 
 
 def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray, split: float = SIMCC_SPLIT) -> tuple[np.ndarray, np.ndarray]:
@@ -88,14 +106,21 @@ def decode_blazepose(landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lm[..., :2].copy(), 1.0 / (1.0 + np.exp(-lm[..., 3]))
 
 
+def blazepose_alignment(landmarks: np.ndarray) -> np.ndarray:
+    """[M, 195] -> the auxiliary landmarks 33 (hip centre) and 34 (scale and rotation) [M, 2, 2] in crop pixels."""
+    return landmarks.reshape(-1, 39, 5)[:, 33:35, :2].copy()
+
+
 class PoseEstimator:
     """Crops, Triton calls and decoding for one pose model; images are BGR."""
 
-    def __init__(self, name: str, model):
-        """model: a callable taking the input tensor by name, like TritonModel (or ONNX Runtime in bench/)."""
+    def __init__(self, name: str, model, refine: bool = False):
+        """model: a callable taking the input tensor by name, like TritonModel (or ONNX Runtime in bench/).
+        refine: BlazePose's second pass on the region its first pass finds (the module's docstring)."""
         self.name = name
         self.model = model
         self.rtmpose = name == "rtmpose"
+        self.refine = refine and not self.rtmpose
         self.size = (RTMPOSE_W, RTMPOSE_H) if self.rtmpose else (BLAZEPOSE_SIZE, BLAZEPOSE_SIZE)
 
     def crop(self, image: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
@@ -108,13 +133,39 @@ class PoseEstimator:
 
     def __call__(self, crops: np.ndarray, matrices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Returns keypoints [M, 17, 2] in image pixels and scores [M, 17]."""
+        points, scores, _aligned = self._run(crops, matrices)
+        return points, scores
+
+    def _run(self, crops: np.ndarray, matrices: list[np.ndarray]):
+        """(keypoints [M, 17, 2] and alignment landmarks [M, 2, 2] in image pixels (None for RTMPose), scores)."""
+        aligned = None
         if self.rtmpose:
             out = self.model(input=crops)
             locs, scores = decode_simcc(out["simcc_x"], out["simcc_y"])
         else:
             out = self.model(input_1=crops)
             locs, scores = decode_blazepose(out["Identity"])
+            aligned = blazepose_alignment(out["Identity"])
         points = np.stack([to_image(locs[i], m) for i, m in enumerate(matrices)]) if matrices else locs
+        if aligned is not None and matrices:
+            aligned = np.stack([to_image(aligned[i], m) for i, m in enumerate(matrices)])
+        return points, scores, aligned
+
+    def estimate(self, images: list[np.ndarray], boxes: list) -> tuple[np.ndarray, np.ndarray]:
+        """Keypoints [M, 17, 2] (image pixels) and scores [M, 17] of the person in boxes[i] of images[i]: one
+        model call for all, and with `refine` a second on the regions the first pass found."""
+        crops, matrices = zip(*(self.crop(image, box) for image, box in zip(images, boxes)))
+        points, scores, aligned = self._run(np.stack(crops), list(matrices))
+        if not self.refine:
+            return points, scores
+        size = self.size[0]
+        crops, matrices = [], []
+        for image, (center, scale_point) in zip(images, aligned):
+            matrix = region_matrix(center, scale_point, size)
+            crop = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
+            crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB))
+            matrices.append(matrix)
+        points, scores, _aligned = self._run(np.stack(crops), matrices)
         return points, scores
 
 
@@ -128,7 +179,8 @@ class PoseStage(Stage):
 
     def estimator(self, name: str) -> PoseEstimator:
         if name not in self.estimators:
-            self.estimators[name] = PoseEstimator(name, TritonModel.for_settings(self.settings, name))
+            self.estimators[name] = PoseEstimator(name, TritonModel.for_settings(self.settings, name),
+                                                  refine=self.settings.pose_refine)
         return self.estimators[name]
 
     def problem(self) -> str:
@@ -139,8 +191,9 @@ class PoseStage(Stage):
             estimator.model.close()  # unregisters and frees its shared-memory regions
 
     def process(self, items: list[FrameItem]) -> None:
-        # Crops grouped by model across all frames and tasks of the batch: one Triton call per model.
-        crops, where = defaultdict(list), defaultdict(list)
+        # Persons grouped by model across all frames and tasks of the batch: one Triton call per model (two
+        # with POSE_REFINE).
+        images, boxes, where = defaultdict(list), defaultdict(list), defaultdict(list)
         for item in items:
             if not item.frame.persons:
                 continue
@@ -151,12 +204,12 @@ class PoseStage(Stage):
             estimator = self.estimator(model_name(item.task.options.pose_model, self.settings.default_pose_model))
             for person in item.frame.persons:
                 b = person.box
-                crop, matrix = estimator.crop(image, (b.x1, b.y1, b.x2, b.y2))
-                crops[estimator.name].append(crop)
-                where[estimator.name].append((person, matrix))
-        for name, batch in crops.items():
-            points, scores = self.estimators[name](np.stack(batch), [m for _p, m in where[name]])
-            for (person, _m), pts, sc in zip(where[name], points.tolist(), scores.tolist()):
+                images[estimator.name].append(image)
+                boxes[estimator.name].append((b.x1, b.y1, b.x2, b.y2))
+                where[estimator.name].append(person)
+        for name in boxes:
+            points, scores = self.estimators[name].estimate(images[name], boxes[name])
+            for person, pts, sc in zip(where[name], points.tolist(), scores.tolist()):
                 del person.keypoints[:]
                 for (x, y), s in zip(pts, sc):
                     person.keypoints.add(x=x, y=y, score=s)

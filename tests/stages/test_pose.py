@@ -10,7 +10,7 @@ import pytest
 from posemesh.mesh import media as media_io
 from posemesh.stages import drawing
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector
-from posemesh.stages.pose import FULL_BODY_ASPECT, PoseEstimator, whole_body_box
+from posemesh.stages.pose import FULL_BODY_ASPECT, PoseEstimator, region_matrix, to_image, whole_body_box
 from posemesh.stages.triton import TritonModel
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import media
@@ -25,6 +25,46 @@ def test_whole_body_box_extends_only_short_boxes_at_the_bottom_edge():
     assert whole_body_box((100, 900, 230, 1080), 1080) == (100, 900, 230, 900 + FULL_BODY_ASPECT * 130)
     assert whole_body_box((100, 500, 230, 1000), 1080) == (100, 500, 230, 1000)  # not at the edge
     assert whole_body_box((100, 600, 230, 1080), 1080) == (100, 600, 230, 1080)  # tall enough already
+
+
+def test_the_refined_region_is_centred_on_the_hips_upright_and_maps_back_exactly():
+    """MediaPipe's region from its alignment landmarks: centre on the hips, side 2.5 x the distance to the
+    scale point, turned so that the scale point is straight above the centre in the crop."""
+    def apply(matrix, point):
+        return matrix[:, :2] @ np.asarray(point, float) + matrix[:, 2]
+
+    upright = region_matrix((100, 200), (100, 150), 256)  # scale point above the hips: no rotation
+    assert np.allclose(upright[:, :2], np.eye(2) * 256 / 125)
+    assert np.allclose(apply(upright, (100, 200)), (128, 128))
+    lying = region_matrix((300, 400), (360, 400), 256)  # head to the right: the body is turned upright
+    assert np.allclose(apply(lying, (300, 400)), (128, 128), atol=1e-3)
+    above = apply(lying, (360, 400))
+    assert np.allclose(above, (128, 128 - 60 * 256 / 150), atol=1e-3)  # straight above the centre
+    points = np.array([[10.0, 20.0], [200.0, 31.5]])
+    for matrix in (upright, lying):
+        crop_points = points @ matrix[:, :2].T + matrix[:, 2]
+        assert np.allclose(to_image(crop_points, matrix), points, atol=1e-3)
+
+
+@pytest.mark.parametrize("model", ["blazepose_lite", "blazepose_full"])
+def test_the_refined_pass_keeps_upright_people_where_they_are(triton, frame, model):
+    """On towncentre's standing pedestrians the second pass moves no well-seen keypoint far: the same
+    people, the same joints (the COCO gain is measured by bench/accuracy.py, on people who are not upright)."""
+    height, width = frame.shape[:2]
+    yolox, pose_model = TritonModel(triton.url, "yolox"), TritonModel(triton.url, model)
+    try:
+        [(boxes, _scores)] = Detector(yolox)([frame], [DEFAULT_MIN_SCORE])
+        boxes = np.clip(boxes, 0, [width, height, width, height])
+        whole = [b for b in boxes if b[3] < height - 1]  # people the frame shows whole
+        first, first_scores = PoseEstimator(model, pose_model).estimate([frame] * len(whole), whole)
+        second, second_scores = PoseEstimator(model, pose_model, refine=True).estimate([frame] * len(whole), whole)
+    finally:
+        yolox.close()
+        pose_model.close()
+    heights = np.array([b[3] - b[1] for b in whole])
+    seen = (first_scores > 0.8) & (second_scores > 0.8)
+    moved = np.linalg.norm(second - first, axis=-1) / heights[:, None]
+    assert seen.sum() > 50 and np.median(moved[seen]) < 0.03, (seen.sum(), np.median(moved[seen]))
 
 
 @pytest.fixture(scope="module")
