@@ -50,7 +50,7 @@ from posemesh.gateway.sources import Source, UrlPolicy
 from posemesh.gateway.store import PendingWebhook, TaskStore, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.mesh import names
-from posemesh.mesh.blobs import BlobStore
+from posemesh.mesh.blobs import BlobStore, blob_sha256
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -119,10 +119,7 @@ def body_of(task: tpb.Task, blobs: BlobStore) -> str:
         digest = a.sha256
         if not digest:  # annotate hashes while writing; an older result may lack it: once, streaming
             try:
-                hashed = hashlib.sha256()
-                for chunk in blobs.read_chunks(names.results_prefix(task.task_id) + a.file_name):
-                    hashed.update(chunk)
-                digest = hashed.hexdigest()
+                digest = blob_sha256(blobs, names.results_prefix(task.task_id) + a.file_name)
             except OSError:
                 digest = ""
         artifacts.append({"kind": tpb.ArtifactKind.Name(a.kind).removeprefix("ARTIFACT_KIND_"),

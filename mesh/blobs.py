@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -262,6 +263,14 @@ class S3BlobStore:
                 batch = []
         if batch:
             self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+
+def blob_sha256(store: BlobStore, key: str) -> str:
+    """The hex sha256 of a blob, read in chunks (FileNotFoundError if there is none)."""
+    digest = hashlib.sha256()
+    for chunk in store.read_chunks(key):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _missing(error) -> bool:

@@ -127,9 +127,13 @@ class PoseEstimator:
         if not self.rtmpose:
             box = whole_body_box(box, image.shape[0])
         matrix = crop_matrix(box, *self.size)
+        return self._warp(image, matrix), matrix
+
+    def _warp(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        """The model's input from a BGR image through a crop's 2x3 affine: RGB, channels first for RTMPose."""
         crop = cv2.warpAffine(image, matrix, self.size, flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
         crop = cv2.cvtColor(crop, cv2.COLOR_BGR2RGB)
-        return (crop.transpose(2, 0, 1) if self.rtmpose else crop), matrix
+        return crop.transpose(2, 0, 1) if self.rtmpose else crop
 
     def __call__(self, crops: np.ndarray, matrices: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Returns keypoints [M, 17, 2] in image pixels and scores [M, 17]."""
@@ -137,7 +141,8 @@ class PoseEstimator:
         return points, scores
 
     def _run(self, crops: np.ndarray, matrices: list[np.ndarray]):
-        """(keypoints [M, 17, 2] and alignment landmarks [M, 2, 2] in image pixels (None for RTMPose), scores)."""
+        """(keypoints [M, 17, 2] and scores [M, 17]; with `refine`, BlazePose's alignment landmarks [M, 2, 2],
+        both in image pixels; else None)."""
         aligned = None
         if self.rtmpose:
             out = self.model(input=crops)
@@ -145,7 +150,7 @@ class PoseEstimator:
         else:
             out = self.model(input_1=crops)
             locs, scores = decode_blazepose(out["Identity"])
-            aligned = blazepose_alignment(out["Identity"])
+            aligned = blazepose_alignment(out["Identity"]) if self.refine else None
         points = np.stack([to_image(locs[i], m) for i, m in enumerate(matrices)]) if matrices else locs
         if aligned is not None and matrices:
             aligned = np.stack([to_image(aligned[i], m) for i, m in enumerate(matrices)])
@@ -158,14 +163,9 @@ class PoseEstimator:
         points, scores, aligned = self._run(np.stack(crops), list(matrices))
         if not self.refine:
             return points, scores
-        size = self.size[0]
-        crops, matrices = [], []
-        for image, (center, scale_point) in zip(images, aligned):
-            matrix = region_matrix(center, scale_point, size)
-            crop = cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderValue=(0, 0, 0))
-            crops.append(cv2.cvtColor(crop, cv2.COLOR_BGR2RGB))
-            matrices.append(matrix)
-        points, scores, _aligned = self._run(np.stack(crops), matrices)
+        matrices = [region_matrix(center, scale_point, self.size[0]) for center, scale_point in aligned]
+        crops = np.stack([self._warp(image, m) for image, m in zip(images, matrices)])
+        points, scores, _aligned = self._run(crops, matrices)
         return points, scores
 
 

@@ -30,7 +30,6 @@ first frame's size, aspect kept, padded with black; its keypoints stay in its ow
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import json
 import logging
@@ -48,7 +47,7 @@ import numpy as np
 from av.video.frame import PictureType
 
 from posemesh.mesh import media, names
-from posemesh.mesh.blobs import BlobStore
+from posemesh.mesh.blobs import BlobStore, blob_sha256
 from posemesh.mesh.models import sha256_of
 from posemesh.stages import exports
 from posemesh.v1 import pipeline_pb2 as pb
@@ -300,11 +299,8 @@ class ResultWriter:
             name, content_type = ARTIFACT_FILES[kind]
             size = self.store.size(self.final + name)
             if size is not None:
-                digest = hashlib.sha256()
-                for chunk in self.store.read_chunks(self.final + name):
-                    digest.update(chunk)
-                artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=size,
-                                              content_type=content_type, sha256=digest.hexdigest()))
+                artifacts.append(tpb.Artifact(kind=kind, file_name=name, size_bytes=size, content_type=content_type,
+                                              sha256=blob_sha256(self.store, self.final + name)))
         return pb.TaskResult(task_id=self.task_id, artifacts=artifacts, frames_written=self.frames_total or 0,
                              warnings=self.warnings)
 
