@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -303,13 +304,20 @@ def test_fifty_live_tasks_started_and_stopped_leave_nothing_behind(mesh, client,
     # threads that are reused, not leaked. The baseline is taken after it.
     batch_of_five([])
     wait_for(settled, 120, 0.5, "the warm-up tasks' topics to be deleted")
-    threads0, rss0 = _threads_and_rss(mesh.gateway.pid)
+    threads0, _ = _threads_and_rss(mesh.gateway.pid)
     states: list = []
+    rss_after_round = []
     for _round in range(10):
         batch_of_five(states)
+        rss_after_round.append(_threads_and_rss(mesh.gateway.pid)[1])
     assert states == [tpb.TASK_STATE_CANCELLED] * 50
     wait_for(settled, 120, 0.5, "every task's topics to be deleted")
     time.sleep(2)
-    threads1, rss1 = _threads_and_rss(mesh.gateway.pid)
+    threads1, _ = _threads_and_rss(mesh.gateway.pid)
     assert threads1 <= threads0 + 2, (threads0, threads1)
-    assert rss1 - rss0 < 60, f"the gateway grew by {rss1 - rss0:.0f} MB over 50 live tasks"
+    # Memory is judged by its trend, not by one reading against another: a single reading swings
+    # by +-50 MB with the decoders' buffers and malloc's arenas (measured 144-201 MB over 100 tasks,
+    # with no upward trend). A leak of 0.8 MB per task moves the median of the last five rounds
+    # 20 MB above the first five's; the noise moved it by 7 MB.
+    first, last = statistics.median(rss_after_round[:5]), statistics.median(rss_after_round[5:])
+    assert last - first < 20, f"the gateway grew by {last - first:.0f} MB over 25 live tasks: {rss_after_round}"
