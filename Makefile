@@ -6,7 +6,7 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 VIDEO ?= ../shared/media/mmpose_demo_960x540_5f.mp4
 
-.PHONY: venv wheel run up test test-fast bench lint protos configs clean system-deps
+.PHONY: venv wheel image run up test test-fast bench lint protos configs clean system-deps
 
 venv: $(VENV)/.installed $(TRITON_VENV)/.installed
 
@@ -52,6 +52,11 @@ test-fast: venv lint
 # dist/posemesh-*.whl (the client) and dist/posemesh_server-*.whl (gateway, stages, mesh, devstack).
 wheel: venv
 	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist clients/python .
+
+# The production image (deploy/Dockerfile) as posemesh:latest, on a local Debian base where no registry is
+# reachable; needs a running Docker engine (deploy/README.md: Building the image).
+image: venv
+	PYTHON=$(abspath $(PY)) deploy/build-image.sh posemesh:latest
 
 bench: venv
 	$(PY) bench/end_to_end.py

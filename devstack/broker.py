@@ -32,20 +32,21 @@ def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
 class LocalBroker:
     """A Tansu broker on a port of this machine, for tests and the local stack."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None):
+    def __init__(self, port: int | None = None, log_path: Path | None = None, host: str = "127.0.0.1"):
+        self.host = host  # the address it listens on and advertises: one every client can reach
         self.port = port or free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(broker_command(self.port), stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(broker_command(self.port, self.host), stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
-        wait_for_port("127.0.0.1", self.port, timeout)
+        wait_for_port(self.host, self.port, timeout)
         return self
 
     def stop(self) -> None:

@@ -23,15 +23,16 @@ CREDENTIALS = {"AWS_ACCESS_KEY_ID": "posemesh-test", "AWS_SECRET_ACCESS_KEY": "p
 class LocalS3:
     """An S3-protocol server on a port of this machine, with one bucket."""
 
-    def __init__(self, bucket: str = "posemesh", port: int | None = None, log_path: Path | None = None):
-        self.bucket = bucket
+    def __init__(self, bucket: str = "posemesh", port: int | None = None, log_path: Path | None = None,
+                 host: str = "127.0.0.1"):
+        self.bucket, self.host = bucket, host
         self.port = port or free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     @property
     def endpoint_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def blob_url(self, prefix: str = "") -> str:
         return f"s3://{self.bucket}/{prefix}".rstrip("/")
@@ -39,9 +40,9 @@ class LocalS3:
     def start(self, timeout: float = 30.0) -> LocalS3:
         server = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.port)], stdout=log,
+        self.proc = subprocess.Popen([server, "-H", self.host, "-p", str(self.port)], stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for_port("127.0.0.1", self.port, timeout)
+        wait_for_port(self.host, self.port, timeout)
         self.client().create_bucket(Bucket=self.bucket)
         return self
 

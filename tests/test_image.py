@@ -1,0 +1,209 @@
+"""The production image (deploy/Dockerfile), built from this checkout and run.
+
+The gateway and each stage run as containers on a user-defined bridge network: each has its own network
+namespace and its own /dev/shm, and no two share a disk. They use the broker, Triton and an S3-protocol
+store that run on this machine, listening on the bridge's address. A real clip's results (keypoints byte
+for byte, every annotated picture) must equal those of the same processes run on the host.
+
+Docker: the running engine, else a dockerd started here (root; `make system-deps` installs docker.io and
+debootstrap). deploy/build-image.sh builds the image the way `make image` does: about a minute the first
+time on this machine, plus about a minute for a local Debian base where no registry can be reached. Docker's
+layer cache keeps later builds short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import grpc
+import pytest
+
+from posemesh.devstack.broker import LocalBroker
+from posemesh.devstack.object_store import CREDENTIALS, LocalS3
+from posemesh.devstack.processes import stop_process
+from posemesh.mesh.settings import REPO_ROOT
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+from tests.conftest import USERS, RunningGateway, Workers, auth, make_settings, media
+from tests.helpers import upload, wait_for, wait_state
+from tests.mesh import _healthy
+
+pytestmark = pytest.mark.slow
+
+IMAGE = "posemesh:test"
+STAGES = ("detect", "pose", "track", "annotate")
+TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    done = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} exited {done.returncode}: {done.stderr[-2000:]}")
+    return done.stdout.strip()
+
+
+def _engine_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    if shutil.which("docker") is None:
+        pytest.skip("no docker client: `make system-deps` (as root) installs docker.io")
+    started = None
+    if not _engine_answers():
+        if shutil.which("dockerd") is None or os.geteuid() != 0:
+            pytest.skip("no Docker engine answers, and none can be started here (needs root and dockerd)")
+        log = open(tmp_path_factory.mktemp("dockerd") / "dockerd.log", "ab")
+        started = subprocess.Popen(["dockerd"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(_engine_answers, 60, 0.5, "dockerd to answer")
+    yield
+    if started is not None:
+        stop_process(started, grace=30)
+
+
+@pytest.fixture(scope="module")
+def image(engine, tmp_path_factory) -> str:
+    log = tmp_path_factory.mktemp("image") / "build.log"
+    with open(log, "wb") as out:
+        code = subprocess.run([str(REPO_ROOT / "deploy" / "build-image.sh"), IMAGE], cwd=REPO_ROOT,
+                              env={**os.environ, "PYTHON": sys.executable}, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=1800).returncode
+    assert code == 0, f"deploy/build-image.sh exited {code}:\n{log.read_text()[-4000:]}"
+    return IMAGE
+
+
+@pytest.fixture(scope="module")
+def bridge(engine):
+    """A user-defined bridge network, and this machine's address on it (where the broker, Triton and the
+    store listen, reachable from the containers and from the host alike)."""
+    name = f"posemesh-test-{os.getpid()}"
+    docker("network", "rm", name, check=False)
+    docker("network", "create", name)
+    address = docker("network", "inspect", name, "-f", "{{(index .IPAM.Config 0).Gateway}}")
+    yield name, address
+    docker("network", "rm", name, check=False)
+
+
+@pytest.fixture(scope="module")
+def services(bridge, triton, tmp_path_factory):
+    """The broker and an S3 store on the bridge's address; Triton (the session's) listens on every address."""
+    _name, address = bridge
+    logs = tmp_path_factory.mktemp("services")
+    with pytest.MonkeyPatch.context() as env, \
+            LocalBroker(log_path=logs / "tansu.log", host=address) as broker, \
+            LocalS3(log_path=logs / "moto.log", host=address) as s3:
+        for key, value in CREDENTIALS.items():
+            env.setenv(key, value)  # boto3 in this process (the host's gateway) and in the host's workers
+        yield broker, s3, f"{address}:{triton.grpc_port}"
+
+
+class Containers:
+    """posemesh containers on the bridge; each removed at the end, its log kept for failure messages."""
+
+    def __init__(self, image: str, network: str, env: dict[str, str]):
+        self.image, self.network, self.env = image, network, env
+        self.names: list[str] = []
+
+    def run(self, name: str, port: int, *command: str, **env: str) -> str:
+        """Start one; returns the host address its `port` is published on (loopback only)."""
+        args = ["run", "-d", "--name", name, "--network", self.network, "-p", f"127.0.0.1::{port}"]
+        for key, value in {**self.env, **env}.items():
+            args += ["-e", f"{key}={value}"]
+        docker(*args, self.image, *command)
+        self.names.append(name)
+        return docker("port", name, str(port)).splitlines()[0]
+
+    def logs(self, name: str) -> str:
+        done = subprocess.run(["docker", "logs", name], capture_output=True, text=True, timeout=60)
+        return done.stdout + done.stderr
+
+    def all_logs(self) -> str:
+        return "\n".join(f"--- {n}\n{self.logs(n)[-1500:]}" for n in self.names)
+
+    def remove(self) -> None:
+        for name in self.names:
+            docker("rm", "-f", name, check=False)
+
+
+def _results(stub, task_id: str) -> tuple[tpb.Task, bytes, bytes]:
+    done = wait_state(stub, task_id, auth(), TERMINAL, timeout=300)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    got = {}
+    for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS):
+        got[kind] = b"".join(c.chunk for c in stub.DownloadResult(
+            tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth(), timeout=60))
+    return done, got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO], got[tpb.ARTIFACT_KIND_KEYPOINTS]
+
+
+def _pictures(video: bytes) -> list[tuple[float, str]]:
+    with av.open(io.BytesIO(video)) as mp4:
+        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
+                for f in mp4.decode(video=0)]
+
+
+def _host_run(broker, s3, triton_url: str, clip: Path, root: Path) -> tuple[tpb.Task, bytes, bytes, Path]:
+    """The reference: the same gateway and workers as host processes (they reach Triton's shared memory)."""
+    root.mkdir(parents=True)
+    gw = RunningGateway(make_settings(broker, root / "gateway", triton_url=triton_url, blob_url=s3.blob_url("host"),
+                                      s3_endpoint_url=s3.endpoint_url, group_prefix=f"host{time.monotonic_ns()}"))
+    workers = []
+    try:
+        for stage in STAGES:
+            workers.append(Workers(dataclasses.replace(gw.settings, data_dir=root / stage), root))
+            workers[-1].start(stage)
+        for w in workers:
+            w.wait_healthy()
+        done, video, keypoints = _results(gw.stub, upload(gw.stub, clip, auth()).task_id)
+        return done, video, keypoints, root
+    finally:
+        for w in workers:
+            w.stop()
+        gw.stop()
+
+
+def test_the_image_runs_the_mesh_in_containers_with_the_host_processes_results(image, bridge, services, tmp_path):
+    network, _address = bridge
+    broker, s3, triton_url = services
+    clip = media("mmpose_demo_960x540_5f.mp4")
+    _ref, ref_video, ref_keypoints, host_logs = _host_run(broker, s3, triton_url, clip, tmp_path / "host")
+
+    containers = Containers(image, network, {
+        **CREDENTIALS, "POSEMESH_KAFKA_BOOTSTRAP": broker.bootstrap, "POSEMESH_TRITON_URL": triton_url,
+        "POSEMESH_BLOB_URL": s3.blob_url("containers"), "POSEMESH_S3_ENDPOINT_URL": s3.endpoint_url,
+        "POSEMESH_API_KEYS": ",".join(f"{u}:{k}" for u, k in USERS.items()), "POSEMESH_CONTROL_HOST": "0.0.0.0",
+        "POSEMESH_GROUP_PREFIX": f"containers{time.monotonic_ns()}", "POSEMESH_TOPIC_DELETE_DELAY_S": "1"})
+    tag = f"pmtest{os.getpid()}"
+    try:
+        controls = {stage: containers.run(f"{tag}-{stage}", 50061, "python", "-m", "posemesh.stages", stage,
+                                          "--control-port", "50061") for stage in STAGES}
+        gateway = containers.run(f"{tag}-gateway", 50051, "python", "-m", "posemesh.gateway",
+                                 POSEMESH_GATEWAY_LISTEN="0.0.0.0:50051")
+        for stage, address in {**controls, "gateway": gateway}.items():
+            wait_for(lambda a=address: _healthy(a), 120, 0.5, f"the {stage} container to be healthy")
+        with grpc.insecure_channel(gateway) as channel:
+            stub = tpb_grpc.TaskServiceStub(channel)
+            try:
+                done, video, keypoints = _results(stub, upload(stub, clip, auth()).task_id)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{containers.all_logs()}") from exc
+        assert keypoints == ref_keypoints
+        assert _pictures(video) == _pictures(ref_video)
+        assert done.video.frame_count == 5
+        # Shared memory was chosen by probing, not by the address: the host's workers reached Triton's, the
+        # containers (their own /dev/shm) sent tensors in the gRPC payload, with the same results.
+        for stage in ("detect", "pose"):
+            assert "in the gRPC payload" in containers.logs(f"{tag}-{stage}"), containers.logs(f"{tag}-{stage}")
+            host_log = next(host_logs.glob(f"{stage}-*.log")).read_text()
+            assert "through system shared memory" in host_log, host_log[-2000:]
+    finally:
+        containers.remove()
