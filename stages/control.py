@@ -72,9 +72,15 @@ class ControlFollower(threading.Thread):
         self.running.clear()
 
     def run(self) -> None:
-        admin = kafka.admin(self.settings)
-        incarnation = self.incarnation = self._wait_for_incarnation(admin)
+        incarnation = None
         while self.running.is_set():
+            # New clients for every pass: none outlives posemesh.control vanishing. A librdkafka client
+            # that had a topic in its metadata cache and then sees it again under the same name with a new
+            # topic id (the memory-only broker restarted, the topic made again) can crash the process in
+            # its metadata cache (confluentinc/librdkafka#4964); a fresh client has nothing cached.
+            admin = kafka.admin(self.settings)
+            if incarnation is None:
+                incarnation = self.incarnation = self._wait_for_incarnation(admin)
             consumer = Consumer({**kafka.consumer_config(self.settings, f"{self.client_id}-control", self.client_id),
                                  "enable.auto.commit": False})
             consumer.assign([TopicPartition(kafka.CONTROL_TOPIC, 0, OFFSET_BEGINNING)])
@@ -134,12 +140,13 @@ class ControlFollower(threading.Thread):
                 checked = time.monotonic()
                 current = self._incarnation(admin)
                 if current is None and not self.broker_problem:
-                    # posemesh.control is gone: the broker lost its data. Make it again; the gateway may too.
+                    # posemesh.control is gone: the broker lost its data. Make it again (the gateway may
+                    # too) with clients that never saw the old one: this pass's are dropped.
                     try:
-                        kafka.ensure_shared_topics(self.settings, admin)
-                    except Exception:  # noqa: BLE001 - next check tries again
+                        kafka.ensure_shared_topics(self.settings, kafka.admin(self.settings))
+                    except Exception:  # noqa: BLE001 - the next pass's check tries again
                         log.warning("could not re-create the shared topics yet")
-                    continue
+                    return incarnation
                 if current and current != incarnation:
                     log.warning("the broker lost its data (posemesh.control is a new topic): starting over")
                     with self.lock:
