@@ -63,7 +63,7 @@ class Gateway:
             raise KeyConfigError(f"POSEMESH_WEBHOOK_TARGETS: {exc}") from None
         self.views: LiveViews | None = None
         try:
-            self.store = TaskStore(self.settings.db_path, SecretBox.for_settings(self.settings))
+            self.store = TaskStore(self.settings.store_location, SecretBox.for_settings(self.settings))
         except KeyFileError as exc:
             raise KeyConfigError(str(exc)) from None
         self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import shutil
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
 from posemesh.gateway.interceptors import for_task_service
 from posemesh.gateway.lifecycle import new_stream_token
 from posemesh.gateway.live import probe_source
+from posemesh.gateway.sql import Conflict
 from posemesh.gateway.stats import stats_response
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
@@ -186,13 +186,13 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                 self._discard(task_id, job_dir)
 
     def _create_and_start(self, task: tpb.Task, user: str, key: str, digest: str, path: Path, webhook=None):
-        """In a thread (SQLite, Kafka): make the task and start it. Returns (the task, None), or (None, (task,
+        """In a thread (the task store, Kafka): make the task and start it. Returns (the task, None), or (None, (task,
         sha256)) when a concurrent upload with the same idempotency key made its task first. Whatever fails,
         nothing of this upload is left behind."""
         task_id = task.task_id
         try:
             self.store.create(task, user, key, digest, webhook)
-        except sqlite3.IntegrityError:
+        except Conflict:
             self._discard(task_id, path.parent)
             winner = self.store.by_idempotency_key(user, key) if key else None
             if winner is None:
@@ -385,7 +385,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         return tpb.StartLiveTaskResponse(task=task)
 
     def _create_and_start_live(self, task: tpb.Task, user: str, source, transport: int, webhook=None) -> tpb.Task:
-        """In a thread (SQLite, Kafka): make the live task and start reading its camera."""
+        """In a thread (the task store, Kafka): make the live task and start reading its camera."""
         task_id = task.task_id
         try:
             self.store.create(task, user, None, webhook=webhook)

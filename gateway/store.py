@@ -1,21 +1,23 @@
-"""The task store: SQLite in WAL mode, so tasks survive a gateway restart.
+"""The task store: SQL, so tasks survive a gateway restart. SQLite in WAL mode in the gateway's data
+directory by default; PostgreSQL with POSEMESH_STORE_URL=postgresql://... (gateway/sql.py runs the same SQL
+on either).
 
 Tasks are protobuf `Task` messages plus the columns the gateway queries by. Every change wakes watchers
 (WatchTask, through `listeners`), so the store is also the gateway's event bus. The SQL and the column
 names stay in this module: the rest of the gateway asks by name (`active_tasks`, `stalled`,
 `record_ending`, ...).
 
-What it keeps is private (gateway/at_rest.py): the database and its -wal and -shm files are mode 0600, a
-live task's camera URL is stored sealed and only while the task runs, deleted content is overwritten
-(secure_delete), and the write-ahead log is emptied after every deletion (a checkpoint that truncates it),
-so nothing of a deleted task stays in any file.
+What it keeps is private (gateway/at_rest.py): a live task's camera URL and a webhook's URL and secret are
+stored sealed, and only while needed. On SQLite the database and its -wal and -shm files are mode 0600,
+deleted content is overwritten (secure_delete), and the write-ahead log is emptied after every deletion (a
+checkpoint that truncates it), so nothing of a deleted task stays in any file. On PostgreSQL a deleted row's
+old versions stay in the table's pages until autovacuum reclaims them: encrypt the database's storage.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from posemesh.gateway.at_rest import SecretBox, Unreadable, private_dir, private_file
+from posemesh.gateway.sql import Row, SQLiteDatabase, open_database
 from posemesh.mesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -37,22 +40,22 @@ ACTIVE = {tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING}
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     state INTEGER NOT NULL,
-    created_us INTEGER NOT NULL,
-    finished_us INTEGER,
+    created_us BIGINT NOT NULL,
+    finished_us BIGINT,
     idempotency_key TEXT,
     task BLOB NOT NULL,             -- serialized posemesh.v1.Task
     progress TEXT NOT NULL DEFAULT '{}',   -- {step: distinct frames done}, from the bitmaps in `done`
     frames_total INTEGER NOT NULL DEFAULT 0,
     produced INTEGER NOT NULL DEFAULT 0,   -- every frame is on raw_frames_<task>
-    last_progress_us INTEGER,
+    last_progress_us BIGINT,
     topics_deleted INTEGER NOT NULL DEFAULT 0,
     deleted INTEGER NOT NULL DEFAULT 0,    -- removed by the user; the row goes once its topics are gone
     upload_sha256 TEXT                     -- what an idempotency key was used for
 );
-CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks(user, idempotency_key) WHERE idempotency_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user, created_us DESC);
+CREATE UNIQUE INDEX IF NOT EXISTS tasks_idempotency ON tasks("user", idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks("user", created_us DESC);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 -- Which frame indices each step (decode, then every stage) has done for a task: a bitmap, so a frame
 -- redone after a crash or a rebalance counts once, whichever worker did it.
@@ -81,11 +84,11 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  # task ends), and how the task ends once annotate's results arrive (its source ended, broke off,
                  # or was stopped).
                  ("live_url", "TEXT"), ("live_transport", "INTEGER"), ("ending_state", "INTEGER"),
-                 ("ending_message", "TEXT"), ("ending_us", "INTEGER"),
+                 ("ending_message", "TEXT"), ("ending_us", "BIGINT"),
                  # Completion webhooks (gateway/webhooks.py): the callback URL and the signing secret (both
                  # sealed; cleared once delivered or given up), when the next attempt is due (NULL: none is),
                  # and the body, made once at the first attempt so every retry sends the same bytes.
-                 ("webhook_url", "TEXT"), ("webhook_secret", "TEXT"), ("webhook_due_us", "INTEGER"),
+                 ("webhook_url", "TEXT"), ("webhook_secret", "TEXT"), ("webhook_due_us", "BIGINT"),
                  ("webhook_body", "TEXT")]
 
 
@@ -113,41 +116,46 @@ class ActiveTask:
 
 
 class TaskStore:
-    def __init__(self, path: Path, secrets: SecretBox | None = None):
-        """`secrets`: what seals camera URLs; by default the key file beside the database (SecretBox)."""
-        private_dir(path.parent)
-        # SQLite gives the -wal and -shm files the database file's mode: made 0600 first, all three are.
-        for existing in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-            if existing.exists():
-                existing.chmod(0o600)
-        private_file(path)
-        self.secrets = secrets or SecretBox.in_data_dir(path.parent)
-        self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA secure_delete=ON")  # deleted or replaced content is overwritten with zeros
-        self.db.executescript(SCHEMA)
-        present = {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}
-        for name, definition in ADDED_COLUMNS:
-            if name not in present:
-                self.db.execute(f"ALTER TABLE tasks ADD COLUMN {name} {definition}")
+    def __init__(self, location: Path | str, secrets: SecretBox | None = None):
+        """`location`: an SQLite file's path, or a postgresql:// URL (gateway/sql.py). `secrets`: what seals
+        camera URLs; for SQLite by default the key file beside the database (SecretBox)."""
+        if not str(location).startswith(("postgresql://", "postgres://")):
+            path = Path(location)
+            private_dir(path.parent)
+            # SQLite gives the -wal and -shm files the database file's mode: made 0600 first, all three are.
+            for existing in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+                if existing.exists():
+                    existing.chmod(0o600)
+            private_file(path)
+            secrets = secrets or SecretBox.in_data_dir(path.parent)
+        elif secrets is None:
+            raise ValueError("a PostgreSQL task store needs the keys that seal its secrets (SecretBox.for_settings)")
+        self.secrets = secrets
+        self.db = open_database(location)
+        self.db.migrate(SCHEMA, "tasks", ADDED_COLUMNS)
         self.lock = threading.RLock()
         self.listeners: list = []  # callables(task_id | None), told after every committed change
-        self.wal_dirty = False  # a deletion's old content may still be in the write-ahead log
+        self.wal_dirty = False  # a deletion's old content may still be in SQLite's write-ahead log
         self._seal_plain_urls()
 
+    def _one(self, sql: str, args: tuple = ()) -> Row | None:
+        with self.lock:
+            rows = self.db.execute(sql, args)
+        return rows[0] if rows else None
+
     def _seal_plain_urls(self) -> None:
-        """A database from before sealing: its camera URLs sealed, and every page rewritten once (VACUUM), so
-        no deleted content of that time stays in the file."""
+        """A database from before sealing: its camera URLs sealed, and (SQLite) every page rewritten once
+        (VACUUM), so no deleted content of that time stays in the file."""
         if self.get_meta("at_rest") == "1":
             return
         plain = [(task_id, url) for task_id, url in
-                 self.db.execute("SELECT task_id, live_url FROM tasks WHERE live_url IS NOT NULL").fetchall()
+                 self.db.execute("SELECT task_id, live_url FROM tasks WHERE live_url IS NOT NULL")
                  if not self.secrets.sealed(url)]
         with self.transaction() as db:
             for task_id, url in plain:
                 db.execute("UPDATE tasks SET live_url = ? WHERE task_id = ?", (self.secrets.seal(url), task_id))
-        self.db.execute("VACUUM")
+        if isinstance(self.db, SQLiteDatabase):
+            self.db.vacuum()
         self.set_meta("at_rest", "1")
         self.truncate_wal()
         if plain:
@@ -156,25 +164,19 @@ class TaskStore:
     @contextmanager
     def transaction(self, task_id: str | None = None):
         with self.lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
+            with self.db.write():
                 yield self.db
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
             if self.wal_dirty:
                 self.truncate_wal()
         for listener in self.listeners:
             listener(task_id)
 
     def truncate_wal(self) -> None:
-        """Copy the write-ahead log into the database and empty it, so the old versions of pages it holds
-        (a deleted task's row among them) are gone. Busy (another connection reads): tried again after the
-        next write."""
+        """SQLite: copy the write-ahead log into the database and empty it, so the old versions of pages it
+        holds (a deleted task's row among them) are gone. Busy (another connection reads): tried again after
+        the next write."""
         with self.lock:
-            busy = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            self.wal_dirty = bool(busy)
+            self.wal_dirty = isinstance(self.db, SQLiteDatabase) and not self.db.checkpoint()
 
     # ------------------------------------------------------------------ reads
 
@@ -189,9 +191,7 @@ class TaskStore:
         return task
 
     def _row(self, task_id: str):
-        cur = self.db.execute("SELECT * FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,))
-        cur.row_factory = sqlite3.Row
-        return cur.fetchone()
+        return self.db.one("SELECT * FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,))
 
     def get(self, task_id: str, user: str | None = None) -> tpb.Task | None:
         with self.lock:
@@ -202,45 +202,41 @@ class TaskStore:
 
     def frames_done(self, task_id: str, stage: str) -> int:
         with self.lock:
-            row = self.db.execute("SELECT progress FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = self.db.one("SELECT progress FROM tasks WHERE task_id = ?", (task_id,))
         return int(json.loads(row[0]).get(stage, 0)) if row else 0
 
     def by_idempotency_key(self, user: str, key: str) -> tuple[tpb.Task, str] | None:
         """The task an idempotency key was used for, and the sha256 of that upload."""
         with self.lock:
-            cur = self.db.execute("SELECT * FROM tasks WHERE user = ? AND idempotency_key = ? AND deleted = 0",
-                                  (user, key))
-            cur.row_factory = sqlite3.Row
-            row = cur.fetchone()
+            row = self.db.one('SELECT * FROM tasks WHERE "user" = ? AND idempotency_key = ? AND deleted = 0',
+                              (user, key))
             return (self._task(row), row["upload_sha256"] or "") if row else None
 
     def list(self, user: str, offset: int, limit: int, state: int = 0) -> tuple[list[tpb.Task], bool]:
         with self.lock:
-            sql = "SELECT * FROM tasks WHERE user = ? AND deleted = 0"
+            sql = 'SELECT * FROM tasks WHERE "user" = ? AND deleted = 0'
             args: list = [user]
             if state:
                 sql += " AND state = ?"
                 args.append(state)
             sql += " ORDER BY created_us DESC, task_id LIMIT ? OFFSET ?"
-            cur = self.db.execute(sql, (*args, limit + 1, offset))
-            cur.row_factory = sqlite3.Row
-            rows = cur.fetchall()
+            rows = self.db.execute(sql, (*args, limit + 1, offset))
             return [self._task(r) for r in rows[:limit]], len(rows) > limit
 
     def count_active(self, user: str) -> int:
         with self.lock:
-            return self.db.execute("SELECT COUNT(*) FROM tasks WHERE user = ? AND deleted = 0 AND state IN (?, ?)",
-                                   (user, *ACTIVE)).fetchone()[0]
+            return self.db.one('SELECT COUNT(*) FROM tasks WHERE "user" = ? AND deleted = 0 AND state IN (?, ?)',
+                               (user, *ACTIVE))[0]
 
     def task_counts(self, user: str | None = None) -> dict[str, dict[int, int]]:
         """{user: {state: tasks}} of tasks not deleted: one user's, or everyone's (user None)."""
-        sql = "SELECT user, state, COUNT(*) FROM tasks WHERE deleted = 0"
+        sql = 'SELECT "user", state, COUNT(*) FROM tasks WHERE deleted = 0'
         args: tuple = ()
         if user is not None:
-            sql, args = sql + " AND user = ?", (user,)
+            sql, args = sql + ' AND "user" = ?', (user,)
         counts: dict[str, dict[int, int]] = {}
         with self.lock:
-            for who, state, n in self.db.execute(sql + " GROUP BY user, state", args):
+            for who, state, n in self.db.execute(sql + ' GROUP BY "user", state', args):
                 counts.setdefault(who, {})[state] = n
         return counts
 
@@ -249,18 +245,16 @@ class TaskStore:
         waiting = dict.fromkeys(steps[1:], 0)
         with self.lock:
             rows = self.db.execute("SELECT progress FROM tasks WHERE state = ? AND deleted = 0",
-                                   (tpb.TASK_STATE_RUNNING,)).fetchall()
+                                   (tpb.TASK_STATE_RUNNING,))
         for (progress,) in rows:
             done = json.loads(progress)
             for before, step in zip(steps, steps[1:]):
                 waiting[step] += max(0, int(done.get(before, 0)) - int(done.get(step, 0)))
         return waiting
 
-    def _select(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+    def _select(self, sql: str, args: tuple = ()) -> list[Row]:
         with self.lock:
-            cur = self.db.execute(sql, args)
-            cur.row_factory = sqlite3.Row
-            return cur.fetchall()
+            return self.db.execute(sql, args)
 
     def active_tasks(self) -> list[ActiveTask]:
         """Queued and running tasks (not deleted), with what it takes to run them again."""
@@ -325,7 +319,7 @@ class TaskStore:
         """`webhook`: (callback URL, signing secret) of a task that named one (stored sealed)."""
         url, secret = (self.secrets.seal(webhook[0]), self.secrets.seal(webhook[1])) if webhook else (None, None)
         with self.transaction(task.task_id) as db:
-            db.execute("INSERT INTO tasks (task_id, user, state, created_us, idempotency_key, task, last_progress_us,"
+            db.execute('INSERT INTO tasks (task_id, "user", state, created_us, idempotency_key, task, last_progress_us,'
                        " upload_sha256, webhook_url, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
                         task.SerializeToString(), now_us(), upload_sha256 or None, url, secret))
@@ -333,8 +327,7 @@ class TaskStore:
     def update(self, task_id: str, fn) -> tpb.Task | None:
         """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""
         with self.transaction(task_id) as db:
-            cur = db.execute("SELECT task FROM tasks WHERE task_id = ?", (task_id,))
-            row = cur.fetchone()
+            row = db.one("SELECT task FROM tasks WHERE task_id = ?", (task_id,))
             if row is None:
                 return None
             task = tpb.Task.FromString(row[0])
@@ -377,10 +370,10 @@ class TaskStore:
         """Mark frame indices done for a step (a union: repeats change nothing). Progress of an older run
         of the task (epoch) is ignored. Returns whether the step's count grew (real progress)."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT progress, frames_total, epoch FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.one("SELECT progress, frames_total, epoch FROM tasks WHERE task_id = ?", (task_id,))
             if row is None or (epoch is not None and epoch < row[2]):
                 return False
-            found = db.execute("SELECT bitmap FROM done WHERE task_id = ? AND step = ?", (task_id, step)).fetchone()
+            found = db.one("SELECT bitmap FROM done WHERE task_id = ? AND step = ?", (task_id, step))
             bits = int.from_bytes(found[0], "little") if found else 0
             for first, last in ranges:
                 if 0 <= first <= last:
@@ -402,7 +395,7 @@ class TaskStore:
     def new_run(self, task_id: str, warning: str) -> int:
         """The task runs again from its first frame (the broker lost its topics): a new epoch, no progress."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT epoch, task FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.one("SELECT epoch, task FROM tasks WHERE task_id = ?", (task_id,))
             epoch = row[0] + 1
             task = tpb.Task.FromString(row[1])
             task.warnings.append(warning)
@@ -413,7 +406,7 @@ class TaskStore:
 
     def epoch(self, task_id: str) -> int:
         with self.lock:
-            row = self.db.execute("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = self.db.one("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,))
             return row[0] if row else 0
 
     def set_live_source(self, task_id: str, url: str, transport: int) -> None:
@@ -439,7 +432,7 @@ class TaskStore:
         the sweep deletes them (mark_topics_deleted), and all but the bookkeeping of the topics' hand-off (id,
         owner, state, times) gone at once. Its idempotency key may be used again at once."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT topics_deleted, task FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.one("SELECT topics_deleted, task FROM tasks WHERE task_id = ?", (task_id,))
             if row and row[0]:
                 self._purge(db, task_id)
             elif row:
@@ -456,7 +449,7 @@ class TaskStore:
     def mark_topics_deleted(self, task_id: str) -> None:
         """The task's topics are gone from the broker; a task the user deleted goes with them."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT deleted FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            row = db.one("SELECT deleted FROM tasks WHERE task_id = ?", (task_id,))
             if row and row[0]:
                 self._purge(db, task_id)
                 self.wal_dirty = True
@@ -495,7 +488,7 @@ class TaskStore:
         """An attempt's outcome: the task's `webhook` becomes `delivery`; the next attempt is due at `due_us`,
         or none is (delivered or given up: URL, secret and body go)."""
         with self.transaction(task_id) as db:
-            row = db.execute("SELECT task FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,)).fetchone()
+            row = db.one("SELECT task FROM tasks WHERE task_id = ? AND deleted = 0", (task_id,))
             if row is None:
                 return
             task = tpb.Task.FromString(row[0])
@@ -510,7 +503,7 @@ class TaskStore:
 
     def get_meta(self, key: str) -> str | None:
         with self.lock:
-            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            row = self.db.one("SELECT value FROM meta WHERE key = ?", (key,))
             return row[0] if row else None
 
     def set_meta(self, key: str, value: str) -> None:

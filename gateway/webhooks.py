@@ -36,7 +36,6 @@ import json
 import logging
 import random
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -213,7 +212,7 @@ class WebhookSender:
                     log.exception("webhooks: could not read what is due; retrying")
             try:  # sleep until the soonest attempt is due (or a change wakes us), at most 1 s
                 due = self.store.next_webhook_us()
-            except sqlite3.Error:  # the store is closing
+            except Exception:  # noqa: BLE001 - the store is closing (its database's own error)
                 due = None
             self.wake.wait(1.0 if due is None else min(1.0, max(0.01, (due - now_us()) / 1e6)))
             self.wake.clear()

@@ -118,6 +118,9 @@ class Settings:
     s3_endpoint_url: str = field(default_factory=lambda: env("S3_ENDPOINT_URL", ""))
     models_dir: Path = field(default_factory=default_models_dir)
     # Gateway
+    # The task store (gateway/store.py): "" is SQLite in the data directory (one gateway);
+    # postgresql://user:password@host:port/database is PostgreSQL, which several gateways can share.
+    store_url: str = field(default_factory=lambda: env("STORE_URL", ""))
     gateway_listen: str = field(default_factory=lambda: env("GATEWAY_LISTEN", "127.0.0.1:50051"))
     gateway_metrics_port: int = field(default_factory=lambda: int(env("GATEWAY_METRICS_PORT", "0")))  # 0: off
     max_upload_bytes: int = field(default_factory=lambda: int(env("MAX_UPLOAD_BYTES", str(2 * 1024**3))))
@@ -204,3 +207,8 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "tasks.sqlite3"
+
+    @property
+    def store_location(self) -> Path | str:
+        """Where the gateway's task store is: POSEMESH_STORE_URL, else the SQLite file in the data directory."""
+        return self.store_url or self.db_path

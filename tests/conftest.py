@@ -40,6 +40,15 @@ def broker(tmp_path_factory):
         yield b
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server (Debian's package); each test that needs a store takes a fresh database."""
+    from posemesh.devstack.postgres import LocalPostgres
+
+    with LocalPostgres(log_path=tmp_path_factory.mktemp("postgres") / "postgres.log") as server:
+        yield server
+
+
 def make_settings(broker, data_dir: Path, **overrides) -> Settings:
     s = Settings()
     s.kafka_bootstrap = broker.bootstrap

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import av
 import grpc
+import pytest
 
 from posemesh.mesh import kafka
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
-from tests.conftest import auth, media
+from tests.conftest import Workers, auth, media
 from tests.helpers import topics, upload, wait_for, wait_state
 
 
@@ -136,3 +138,33 @@ def test_tasks_starting_and_ending_mid_task_do_not_stall_others(pipeline, tmp_pa
         assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
         lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
         assert [json.loads(line)["index"] for line in lines] == list(range(frames))
+
+
+@pytest.mark.slow
+def test_a_gateway_on_postgresql_runs_a_task_and_another_gateway_process_serves_it(broker, triton, postgres,
+                                                                                    gateway_factory, tmp_path):
+    """The task store in PostgreSQL (POSEMESH_STORE_URL): nothing of it on the gateway's disk; a new gateway
+    on the same database finds the finished task with its progress and serves its results."""
+    url = postgres.create_database(f"gateway{time.monotonic_ns()}")
+    data = tmp_path / "data"
+    gw = gateway_factory(data_dir=data, store_url=url, triton_url=triton.url,
+                         group_prefix=f"test{time.monotonic_ns()}")
+    workers = Workers(gw.settings, tmp_path)
+    for stage in ("detect", "pose", "track", "annotate"):
+        workers.start(stage)
+    try:
+        workers.wait_healthy()
+        task = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())
+        done = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED},
+                          timeout=240)
+        assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+        keypoints = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS)
+        assert not list(data.glob("tasks.sqlite3*")), "no SQLite file: the store is the database"
+    finally:
+        workers.stop()
+    gw.stop()
+    successor = gateway_factory(data_dir=data, store_url=url)
+    again = successor.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10).task
+    assert again.state == tpb.TASK_STATE_COMPLETED
+    assert {p.stage: p.frames_done for p in again.progress} == {p.stage: p.frames_done for p in done.progress}
+    assert download(successor.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS) == keypoints

@@ -1,5 +1,6 @@
 """The TaskService API in process: the real servicer behind the real interceptors, on a real grpc.aio server
-on a free port, with a real SQLite task store in tmp_path, called through a real channel.
+on a free port, with a real task store (SQLite in tmp_path, and, for the tests that take `api`, also a
+database of a real PostgreSQL server), called through a real channel.
 
 For unit tests of API logic (auth, limits, validation, error mapping): what needs Kafka, Triton or a camera
 (starting a task, live views) is left out, and a test that reaches it fails saying so. The gateway's wiring
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.auth import Authenticator, load_keys
 from posemesh.gateway.changes import ChangeFeed
 from posemesh.gateway.limits import UserLimits
@@ -49,7 +52,7 @@ class ApiGateway:
         self.settings = settings
         self.auth = Authenticator(load_keys(settings.api_keys, settings.api_keys_file))
         self.source_policy = SourcePolicy(settings.live_sources)
-        self.store = TaskStore(settings.db_path)
+        self.store = TaskStore(settings.store_location, SecretBox.for_settings(settings))
         self.limits = UserLimits(settings.max_active_tasks_per_user, settings.max_streams_per_user,
                                  self.store.count_active)
         self.reservations = Reservations(None, 0, 0.0)
@@ -138,6 +141,9 @@ def api_factory(tmp_path):
         api.close()
 
 
-@pytest.fixture
-def api(api_factory) -> InProcessApi:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def api(request, api_factory) -> InProcessApi:
+    if request.param == "postgresql":
+        server = request.getfixturevalue("postgres")
+        return api_factory(store_url=server.create_database(f"api{time.monotonic_ns()}"))
     return api_factory()

@@ -1,0 +1,108 @@
+"""The task store (gateway/store.py) on both of its databases (gateway/sql.py), and two stores on one database,
+as two gateways would hold them: writes stay serialized and whole across them. PostgreSQL is a real server
+(Debian's package, started by tests/conftest.py); SQLite is two connections to one file."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from cryptography.fernet import Fernet
+
+from posemesh.gateway.at_rest import SecretBox
+from posemesh.gateway.sql import Conflict, open_database
+from posemesh.gateway.store import TaskStore, now_us, timestamp
+from posemesh.mesh import names
+from posemesh.v1 import task_service_pb2 as tpb
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def two_stores(request, tmp_path):
+    """Two TaskStores on one database (one key, as gateways sharing a store must share it)."""
+    box = SecretBox([Fernet.generate_key()])
+    if request.param == "postgresql":
+        location = request.getfixturevalue("postgres").create_database(f"store{time.monotonic_ns()}")
+    else:
+        location = tmp_path / "tasks.sqlite3"
+    stores = [TaskStore(location, box), TaskStore(location, box)]
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def _task(state: int = tpb.TASK_STATE_RUNNING) -> tpb.Task:
+    return tpb.Task(task_id=names.new_task_id(), state=state, file_name="clip.mp4", created_at=timestamp(now_us()))
+
+
+def test_what_one_store_writes_the_other_reads(two_stores):
+    a, b = two_stores
+    task = _task()
+    task.webhook.SetInParent()  # as an upload that named a callback URL makes it
+    a.create(task, "alice", "key-1", "sha", webhook=("https://hooks.example/x", "s3cret"))
+    assert b.get(task.task_id, "alice").file_name == "clip.mp4"
+    assert b.get(task.task_id, "bob") is None
+    assert b.by_idempotency_key("alice", "key-1")[1] == "sha"
+    assert b.count_active("alice") == 1 and b.task_counts() == {"alice": {tpb.TASK_STATE_RUNNING: 1}}
+    b.set_live_source(task.task_id, "rtsp://user:pw@cam/1", 1)
+    assert a.active_tasks()[0].live_url == "rtsp://user:pw@cam/1"
+    assert b.transition(task.task_id, tpb.TASK_STATE_COMPLETED) is not None
+    assert a.get(task.task_id).state == tpb.TASK_STATE_COMPLETED
+    assert a.transition(task.task_id, tpb.TASK_STATE_CANCELLED) is None, "an ended task does not move again"
+    assert a.pending_webhook(task.task_id).url == "https://hooks.example/x"
+    listed, more = b.list("alice", 0, 10)
+    assert [t.task_id for t in listed] == [task.task_id] and not more
+    a.mark_deleted(task.task_id)
+    assert b.get(task.task_id) is None and b.state_of(task.task_id) == tpb.TASK_STATE_COMPLETED
+    b.mark_topics_deleted(task.task_id)
+    assert a.state_of(task.task_id) is None, "the row goes with the topics"
+
+
+def test_an_idempotency_key_is_taken_once_across_stores(two_stores):
+    a, b = two_stores
+    a.create(_task(), "alice", "same-key")
+    with pytest.raises(Conflict):
+        b.create(_task(), "alice", "same-key")
+    b.create(_task(), "bob", "same-key")  # another user's key space
+
+
+def test_frames_done_from_both_stores_at_once_count_each_frame_once(two_stores):
+    """Two writers adding overlapping ranges concurrently: the bitmap is a union, nothing is lost."""
+    a, b = two_stores
+    task = _task()
+    a.create(task, "alice", None)
+
+    def add(store, first: int) -> None:
+        for start in range(first, 600, 20):  # a: 0-9, 20-29, ...; b: 5-14, 25-34, ...
+            store.add_done(task.task_id, "detect", [(start, start + 9)], frames_total=600)
+
+    writers = [threading.Thread(target=add, args=(a, 0)), threading.Thread(target=add, args=(b, 5))]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    expected = len({f for s in range(0, 600, 20) for f in range(s, s + 10)} |
+                   {f for s in range(5, 600, 20) for f in range(s, min(s + 10, 610))})
+    assert a.frames_done(task.task_id, "detect") == expected == b.frames_done(task.task_id, "detect")
+
+
+def test_a_store_made_by_an_older_version_gains_the_new_columns(tmp_path, postgres):
+    """The columns added after the first release are added at start-up, on either database."""
+    for location in (tmp_path / "old.sqlite3", postgres.create_database(f"old{time.monotonic_ns()}")):
+        db = open_database(location)
+        db.execute('CREATE TABLE tasks (task_id TEXT PRIMARY KEY, "user" TEXT NOT NULL, state INTEGER NOT NULL, '
+                   "created_us BIGINT NOT NULL, finished_us BIGINT, idempotency_key TEXT, task BYTEA NOT NULL, "
+                   "progress TEXT NOT NULL DEFAULT '{}', frames_total INTEGER NOT NULL DEFAULT 0, "
+                   "produced INTEGER NOT NULL DEFAULT 0, last_progress_us BIGINT, "
+                   "topics_deleted INTEGER NOT NULL DEFAULT 0, deleted INTEGER NOT NULL DEFAULT 0)")
+        db.close()
+        store = TaskStore(location, SecretBox([Fernet.generate_key()]))
+        task = _task()
+        store.create(task, "alice", "k", "digest")  # upload_sha256 and webhook_* are among the added columns
+        assert store.by_idempotency_key("alice", "k")[1] == "digest"
+        store.close()
+
+
+def test_a_postgresql_store_needs_the_keys_that_seal_its_secrets(postgres):
+    with pytest.raises(ValueError, match="SecretBox"):
+        TaskStore(postgres.url)
