@@ -74,10 +74,10 @@ class ControlFollower(threading.Thread):
     def run(self) -> None:
         incarnation = None
         while self.running.is_set():
-            # New clients for every pass: none outlives posemesh.control vanishing. A librdkafka client
-            # that had a topic in its metadata cache and then sees it again under the same name with a new
-            # topic id (the memory-only broker restarted, the topic made again) can crash the process in
-            # its metadata cache (confluentinc/librdkafka#4964); a fresh client has nothing cached.
+            # New clients for every incarnation of the broker's data. A librdkafka client that had a topic
+            # in its metadata cache and then sees it again under the same name with a new topic id (the
+            # memory-only broker restarted, the topic made again) can crash the process in its metadata
+            # cache (confluentinc/librdkafka#4964); a fresh client has nothing cached.
             admin = kafka.admin(self.settings)
             if incarnation is None:
                 incarnation = self.incarnation = self._wait_for_incarnation(admin)
@@ -141,12 +141,14 @@ class ControlFollower(threading.Thread):
                 current = self._incarnation(admin)
                 if current is None and not self.broker_problem:
                     # posemesh.control is gone: the broker lost its data. Make it again (the gateway may
-                    # too) with clients that never saw the old one: this pass's are dropped.
+                    # too), with an admin client that never saw the old one. The consumer stays until the
+                    # new incarnation is seen: closing it while its topic is missing hung the whole
+                    # follower (both detect replicas, in CI).
                     try:
                         kafka.ensure_shared_topics(self.settings, kafka.admin(self.settings))
-                    except Exception:  # noqa: BLE001 - the next pass's check tries again
+                    except Exception:  # noqa: BLE001 - next check tries again
                         log.warning("could not re-create the shared topics yet")
-                    return incarnation
+                    continue
                 if current and current != incarnation:
                     log.warning("the broker lost its data (posemesh.control is a new topic): starting over")
                     with self.lock:
