@@ -43,7 +43,7 @@ from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.stats import MeshActivity
 from posemesh.gateway.store import ACTIVE, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
-from posemesh.mesh import kafka, media, names, records
+from posemesh.mesh import kafka, media, names, records, tracing
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -132,17 +132,19 @@ class TaskLifecycle:
         """The one way a task runs, new or again: its topics, TaskStarted with all a stage needs to know,
         the task RUNNING, then its frames."""
         task_id = task.task_id
-        if make_topics:
-            self.topics.create(task_id)
-        self.topics.publish_started(task, epoch, publish_url=self.publish_url(task))
-        self.reservations.used(task_id)  # a reserved id: from here on it is this task's to end and clean up
-        self.store.transition(task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
-        if isinstance(frames, Upload):
-            self._produce(task, frames.path, epoch)
-        elif isinstance(frames, Camera):
-            self._read_camera(task, frames.source, frames.transport, epoch)
-        elif isinstance(frames, StreamEnd):
-            self._close_stream(task, epoch, frames)
+        # The run's trace (posemesh.mesh.tracing): its context goes to every worker with TaskStarted.
+        with tracing.task_span(task_id, {"posemesh.epoch": epoch, "posemesh.live": task.HasField("live")}) as headers:
+            if make_topics:
+                self.topics.create(task_id)
+            self.topics.publish_started(task, epoch, publish_url=self.publish_url(task), headers=headers)
+            self.reservations.used(task_id)  # a reserved id: from here on it is this task's to end and clean up
+            self.store.transition(task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
+            if isinstance(frames, Upload):
+                self._produce(task, frames.path, epoch)
+            elif isinstance(frames, Camera):
+                self._read_camera(task, frames.source, frames.transport, epoch)
+            elif isinstance(frames, StreamEnd):
+                self._close_stream(task, epoch, frames)
 
     def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
@@ -183,7 +185,8 @@ class TaskLifecycle:
             on_progress=lambda first, last: self._decoded(task_id, first, last, epoch),
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
-            max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings))
+            max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
+            trace=tracing.current())
         with self.lock:
             old = self.frame_producers.pop(task_id, None)
             if old:

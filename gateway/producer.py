@@ -10,7 +10,7 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
-from posemesh.mesh import jpeg, kafka, media, records
+from posemesh.mesh import jpeg, kafka, media, records, tracing
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -31,7 +31,7 @@ class FrameProducer(threading.Thread):
 
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
-                 limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None):
+                 limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None, trace=None):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
@@ -43,6 +43,7 @@ class FrameProducer(threading.Thread):
         # can finish the task): what was decoded, not what the probe counted, is what the task then says.
         self.on_decoded = on_decoded
         self.limits, self.epoch = limits, epoch
+        self.trace = trace  # the run's trace context: decoding is a span of it (posemesh.mesh.tracing)
         self.cancelled = threading.Event()
         self.sender = kafka.Sender(self.producer)
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
@@ -51,6 +52,10 @@ class FrameProducer(threading.Thread):
         self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.partitions))
 
     def run(self) -> None:
+        with tracing.child_span("posemesh.decode", self.trace, {"posemesh.task_id": self.task.task_id}):
+            self._run()
+
+    def _run(self) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), DECODE_NICE)
         except (OSError, AttributeError):  # not Linux: decode at the normal priority

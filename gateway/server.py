@@ -36,7 +36,7 @@ from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.store import TaskStore
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.webhooks import WebhookPolicy, WebhookSender
-from posemesh.mesh import kafka
+from posemesh.mesh import kafka, tracing
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
     faulthandler.enable(all_threads=True)  # a fatal signal on a Python thread says where it was
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # and a gateway that seems stuck, on demand
+    tracing.setup("posemesh-gateway")
     try:
         gateway = Gateway()
     except KeyConfigError as exc:  # fail closed, with the reason, and no traceback to wade through
@@ -260,3 +261,4 @@ def main(argv: list[str] | None = None) -> None:
     gateway.start()
     stop.wait()
     gateway.stop()
+    tracing.shutdown()

@@ -58,12 +58,14 @@ class TopicManager:
         """Delete a task's topics now: after the hand-off (`sweep`), or those of a task no worker was told of."""
         kafka.delete_topics(self.admin, kafka.task_topics(task_id), timeout=timeout)
 
-    def _control(self, event: pb.ControlEvent) -> None:
+    def _control(self, event: pb.ControlEvent, headers: list | None = None) -> None:
+        """`headers`: Kafka headers of the event's own record (a TaskStarted's carry its run's trace context)."""
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
         with self.publish_lock:
-            for key, value in kafka.control_records(event):
-                self.producer.produce(kafka.CONTROL_TOPIC, value, key=key)
+            for i, (key, value) in enumerate(kafka.control_records(event)):
+                own = headers if i == 0 and headers else None  # the event's record, not its tombstones
+                self.producer.produce(kafka.CONTROL_TOPIC, value, key=key, headers=own)
             try:
                 remaining = self.producer.flush(10)
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
@@ -71,9 +73,10 @@ class TopicManager:
             if remaining:
                 raise RuntimeError("could not publish to posemesh.control")
 
-    def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str) -> None:
+    def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str, headers: list | None = None) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(
-            options=task.options, video=task.video, epoch=epoch, live=task.HasField("live"), publish_url=publish_url)))
+            options=task.options, video=task.video, epoch=epoch, live=task.HasField("live"), publish_url=publish_url)),
+            headers)
 
     def publish_reserved(self, task_id: str) -> None:
         self._control(pb.ControlEvent(task_id=task_id, reserved=pb.TaskReserved()))

@@ -46,6 +46,7 @@ class TaskInfo:
     live: bool = False  # frames come from a camera: code for latency
     publish_url: str = ""  # where a live task's annotated video is published (RTSP), if anywhere
     viewers: int = 0  # clients watching the task's annotated frames (WatchFrames)
+    trace: object = None  # the run's trace context (posemesh.mesh.tracing), None while tracing is off
 
     @property
     def fps(self) -> float:

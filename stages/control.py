@@ -15,7 +15,7 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from posemesh.mesh import kafka
+from posemesh.mesh import kafka, tracing
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 
@@ -34,6 +34,7 @@ class ControlFollower(threading.Thread):
         self.ended: dict[str, int] = {}
         self.viewers: dict[str, int] = {}  # task -> clients watching its annotated frames
         self.reserved: set[str] = set()  # task ids whose topics exist before their task (TaskReserved)
+        self.traces: dict[str, object] = {}  # task id -> its run's trace context (None while tracing is off)
         self.events = 0  # control events applied so far (the worker sees bursts settle by it)
         self.last_start = 0.0  # monotonic time of the latest TaskStarted or TaskReserved
         self.generation = 0
@@ -46,6 +47,11 @@ class ControlFollower(threading.Thread):
         self.caught_up = threading.Event()
         self.running = threading.Event()
         self.running.set()
+
+    def trace(self, task_id: str):
+        """The trace context of the task's current run (posemesh.mesh.tracing), or None."""
+        with self.lock:
+            return self.traces.get(task_id)
 
     def started(self, task_id: str) -> pb.TaskStarted | None:
         with self.lock:
@@ -131,7 +137,7 @@ class ControlFollower(threading.Thread):
             # (kafka.control_records).
             if msg is not None and not msg.error() and msg.value() is not None:
                 event = pb.ControlEvent.FromString(msg.value())
-                self._apply(event)
+                self._apply(event, msg.headers())
                 if event.HasField("started"):
                     _kind, at_ms = msg.timestamp()
                     log.info("task %s started (heard %.0f ms after it was published)", event.task_id,
@@ -153,6 +159,7 @@ class ControlFollower(threading.Thread):
                     log.warning("the broker lost its data (posemesh.control is a new topic): starting over")
                     with self.lock:
                         self.live.clear()
+                        self.traces.clear()
                         self.ended.clear()
                         self.viewers.clear()
                         self.reserved.clear()
@@ -171,7 +178,8 @@ class ControlFollower(threading.Thread):
         except KafkaException:
             return None  # asked again at the next quiet poll
 
-    def _apply(self, event: pb.ControlEvent) -> None:
+    def _apply(self, event: pb.ControlEvent, headers=None) -> None:
+        """`headers`: the record's Kafka headers (a TaskStarted's carry its run's trace context)."""
         with self.lock:
             self.events += 1
             if event.HasField("started") or event.HasField("reserved"):
@@ -181,11 +189,13 @@ class ControlFollower(threading.Thread):
                 known = self.live.get(event.task_id)
                 if known is None or event.started.epoch >= known.epoch:
                     self.live[event.task_id] = event.started
+                    self.traces[event.task_id] = tracing.context_of(headers)
             elif event.HasField("reserved"):
                 if event.task_id not in self.ended and event.task_id not in self.live:
                     self.reserved.add(event.task_id)
             elif event.HasField("ended"):
                 self.live.pop(event.task_id, None)
+                self.traces.pop(event.task_id, None)
                 self.viewers.pop(event.task_id, None)
                 self.reserved.discard(event.task_id)
                 self.ended[event.task_id] = event.ended.state

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections import defaultdict
 from collections.abc import Callable
 
-from posemesh.mesh import kafka, records
+from posemesh.mesh import kafka, records, tracing
 from posemesh.stages.base import Recovery, ServiceUnavailable, Stage, TaskInfo
 from posemesh.stages.pools import TP, LowestFirstPool, Pool, Pooled, SequencePool
 from posemesh.stages.reading import InputReader
@@ -275,7 +275,9 @@ class OrderedFlow(Flow):
             if task_id in self.finished or task.total is None or self.pool.next_index(task_id) < task.total:
                 continue
             try:
-                result = self.stage.finish_task(task)
+                with tracing.child_span(f"posemesh.{self.stage.name}.finish", task.trace,
+                                        {"posemesh.task_id": task_id}):
+                    result = self.stage.finish_task(task)
             except Exception as exc:
                 log.exception("finishing task %s failed", task_id)
                 self.fail(task_id, f"finishing the task: {describe(exc)}")

@@ -37,6 +37,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+from posemesh.mesh import tracing
 from posemesh.stages.base import ServiceUnavailable, StageError
 
 log = logging.getLogger("posemesh.stage")
@@ -364,13 +365,15 @@ class TritonModel:
                 self.in_flight.release()
                 raise
             sent, deadline = time.monotonic(), self.deadline_s()
+            traced = tracing.triton_call_started()
 
-            def callback(result, error, start=start, sent=sent, deadline=deadline):
+            def callback(result, error, start=start, sent=sent, deadline=deadline, traced=traced, rows=rows):
                 self.in_flight.release()
                 if error is None:
                     took = time.monotonic() - sent
                     self.late += took > deadline
                     self.latency_s = took if not self.latency_s else 0.8 * self.latency_s + 0.2 * took
+                    tracing.triton_call_ended(*traced, model=self.name, size=rows)
                 call.answer(start, result, error)
 
             # The gRPC deadline is only a backstop against a lost answer: a slow answer is waited for as long

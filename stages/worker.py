@@ -40,7 +40,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram, start_http_server
 
-from posemesh.mesh import kafka, pipeline, records
+from posemesh.mesh import kafka, pipeline, records, tracing
 from posemesh.mesh.settings import Settings
 from posemesh.stages.base import FrameItem, Stage, TaskInfo
 from posemesh.stages.control import ControlFollower
@@ -432,7 +432,7 @@ class StageWorker:
             log.info("task %s: run %d replaces run %d", task_id, record.epoch, task.epoch)
             self._drop_task_state(task_id)
         task = TaskInfo(task_id, epoch=record.epoch, options=started.options, video=started.video,
-                        live=started.live, publish_url=started.publish_url)
+                        live=started.live, publish_url=started.publish_url, trace=self.control.trace(task_id))
         self.tasks[task_id] = task
         log.info("task %s: first record in (index %d)", task_id, record.frame.index)
         self.flow.task_started(task)
@@ -469,7 +469,8 @@ class StageWorker:
             ready = self._fill_pixels(ready)
         t1 = time.perf_counter()
         try:
-            done = self.flow.run(ready)
+            with tracing.batch(self.stage.name, [e.item for e in ready]):
+                done = self.flow.run(ready)
         finally:
             PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t1)
         t2 = time.perf_counter()
@@ -596,7 +597,11 @@ def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0,
     in a librdkafka thread prints nothing (those threads block signals): exit status -11, read the core."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     faulthandler.enable(all_threads=True)
+    tracing.setup(f"posemesh-{stage.name}")
     worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        tracing.shutdown()
