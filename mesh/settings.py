@@ -76,7 +76,8 @@ class Settings:
     triton_url: str = field(default_factory=lambda: env("TRITON_URL", "127.0.0.1:8001"))
     # The shortest time an inference answer may take before Triton is asked whether it is still there (the
     # deadline grows with the observed round trip; a busy Triton is waited for); and how long Triton may be
-    # unreachable, not ready or hung before the tasks waiting on it are failed with that reason.
+    # unreachable or not ready before the tasks waiting on it are failed with that reason (four times as
+    # long while it takes connections but answers nothing: starved or hung, stages/triton.py).
     triton_timeout_s: float = field(default_factory=lambda: float(env("TRITON_TIMEOUT_S", "10")))
     triton_outage_s: float = field(default_factory=lambda: float(env("TRITON_OUTAGE_S", "60")))
     # Requests one worker process keeps in Triton's queue per model; more wait in the worker (back-pressure).

@@ -45,6 +45,10 @@ log = logging.getLogger("posemesh.stage")
 # How long a readiness question may take. Triton answers it without queueing, but on a starved machine
 # (load in the hundreds) any answer can take seconds: a short wait would count a busy Triton as gone.
 PROBE_TIMEOUT_S = 5.0
+# A Triton that takes connections but answers not even the readiness question is starved (a machine
+# oversubscribed tenfold: four 5 s probes in a row went unanswered in CI) or hung, not gone: it gets this
+# many times POSEMESH_TRITON_OUTAGE_S before its tasks fail. Refused connections (gone) get the limit itself.
+UNANSWERED_OUTAGE_FACTOR = 4
 
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
@@ -268,16 +272,18 @@ class TritonModel:
         except InferenceServerException as exc:
             return _text(exc)
 
-    def _trouble(self, what: str) -> None:
-        """Triton is unreachable, not ready or not answering: start (or continue) the outage clock, and
-        give up once it has run for POSEMESH_TRITON_OUTAGE_S."""
+    def _trouble(self, what: str, probe: str) -> None:
+        """Triton is unreachable, not ready or not answering (`probe`: what the readiness question got):
+        start (or continue) the outage clock, and give up once it has run for POSEMESH_TRITON_OUTAGE_S, or
+        UNANSWERED_OUTAGE_FACTOR times that while the question goes unanswered rather than refused."""
         now = time.monotonic()
         if self._outage_since is None:
             self._outage_since = now
         self.problem = f"Triton model {self.name} at {self.url}: {what}"
-        if now - self._outage_since >= self.outage_s:
+        limit = self.outage_s * (UNANSWERED_OUTAGE_FACTOR if "DEADLINE_EXCEEDED" in probe else 1)
+        if now - self._outage_since >= limit:
             raise TritonUnavailable(f"Triton at {self.url} could not serve {self.name} for "
-                                    f"{self.outage_s:.0f} s ({what})")
+                                    f"{limit:.0f} s ({what})")
 
     def _fine(self) -> None:
         self._outage_since = None
@@ -289,7 +295,7 @@ class TritonModel:
         while not event_wait(self.deadline_s()):
             what = self._ready()
             if what:
-                self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}")
+                self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}", what)
             else:
                 self._fine()
 
@@ -333,7 +339,7 @@ class TritonModel:
                 pending = sorted(failed)
             what = self._ready()
             if what:  # unreachable or not ready: an outage, retried with back-off until the limit
-                self._trouble(f"{_text(exc)}; {what}")
+                self._trouble(f"{_text(exc)}; {what}", what)
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
             else:  # the server is there but refused or dropped this request (overload): send again, for as
