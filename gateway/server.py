@@ -67,7 +67,7 @@ class Gateway:
         except KeyFileError as exc:
             raise KeyConfigError(str(exc)) from None
         self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,
-                                 self.store.count_active)
+                                 self.store)
         self.producer = self._new_producer()
         self.topics = TopicManager(self.settings, self.producer, self.store)
         self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s)
@@ -227,6 +227,7 @@ class Gateway:
             self.events.stop()
             self.events.join(5)
         self.producer.flush(5)
+        self.limits.close()
         self.store.close()
 
 

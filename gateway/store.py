@@ -65,6 +65,13 @@ CREATE TABLE IF NOT EXISTS done (
     bitmap BLOB NOT NULL,
     PRIMARY KEY (task_id, step)
 );
+-- Admission slots (gateway/limits.py): an upload being received, or a camera probed, counts against its
+-- user's active-task limit on every gateway of the store. Renewed while held; a dead gateway's lapse.
+CREATE TABLE IF NOT EXISTS admissions (
+    slot_id TEXT PRIMARY KEY,
+    "user" TEXT NOT NULL,
+    expires_us BIGINT NOT NULL
+);
 """
 
 
@@ -162,14 +169,17 @@ class TaskStore:
             log.info("sealed the camera URLs of %d live tasks stored in plain text by an earlier version", len(plain))
 
     @contextmanager
-    def transaction(self, task_id: str | None = None):
+    def transaction(self, task_id: str | None = None, notify: bool = True):
+        """A write transaction; afterwards the listeners hear that `task_id` (None: any task) changed,
+        unless `notify` is False (a write that changes no task)."""
         with self.lock:
             with self.db.write():
                 yield self.db
             if self.wal_dirty:
                 self.truncate_wal()
-        for listener in self.listeners:
-            listener(task_id)
+        if notify:
+            for listener in self.listeners:
+                listener(task_id)
 
     def truncate_wal(self) -> None:
         """SQLite: copy the write-ahead log into the database and empty it, so the old versions of pages it
@@ -455,6 +465,35 @@ class TaskStore:
                 self.wal_dirty = True
             elif row:
                 db.execute("UPDATE tasks SET topics_deleted = 1 WHERE task_id = ?", (task_id,))
+
+    # ------------------------------------------------------------------ admission (gateway/limits.py)
+
+    def admit(self, user: str, slot_id: str, limit: int, ttl_s: float) -> int | None:
+        """Take an admission slot for `user` unless their queued and running tasks plus the slots held for
+        them (on any gateway of this store) already reach `limit`: None when taken, else that count. One
+        write transaction, so gateways admitting at once cannot both slip under the limit."""
+        now = now_us()
+        with self.transaction(notify=False) as db:
+            db.execute("DELETE FROM admissions WHERE expires_us < ?", (now,))
+            tasks = db.one('SELECT COUNT(*) FROM tasks WHERE "user" = ? AND deleted = 0 AND state IN (?, ?)',
+                           (user, *ACTIVE))[0]
+            held = db.one('SELECT COUNT(*) FROM admissions WHERE "user" = ?', (user,))[0]
+            if tasks + held >= limit:
+                return tasks + held
+            db.execute('INSERT INTO admissions (slot_id, "user", expires_us) VALUES (?, ?, ?)',
+                       (slot_id, user, now + int(ttl_s * 1e6)))
+            return None
+
+    def renew_admissions(self, slot_ids: list[str], ttl_s: float) -> None:
+        """The slots are still held: they lapse `ttl_s` from now."""
+        if slot_ids:
+            with self.transaction(notify=False) as db:
+                db.execute(f"UPDATE admissions SET expires_us = ? WHERE slot_id IN ({', '.join('?' * len(slot_ids))})",
+                           (now_us() + int(ttl_s * 1e6), *slot_ids))
+
+    def release_admission(self, slot_id: str) -> None:
+        with self.transaction(notify=False) as db:
+            db.execute("DELETE FROM admissions WHERE slot_id = ?", (slot_id,))
 
     # ------------------------------------------------------------------ webhooks (gateway/webhooks.py)
 

@@ -54,7 +54,7 @@ class ApiGateway:
         self.source_policy = SourcePolicy(settings.live_sources)
         self.store = TaskStore(settings.store_location, SecretBox.for_settings(settings))
         self.limits = UserLimits(settings.max_active_tasks_per_user, settings.max_streams_per_user,
-                                 self.store.count_active)
+                                 self.store)
         self.reservations = Reservations(None, 0, 0.0)
         self.changes: ChangeFeed | None = None
         self.views = None
@@ -117,6 +117,7 @@ class InProcessApi:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
+        self.gateway.limits.close()
         self.store.close()
 
 

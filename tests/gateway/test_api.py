@@ -200,9 +200,8 @@ def test_the_task_store_is_never_called_on_the_event_loop(api_factory, monkeypat
             return method(*args, **kwargs)
         return call
 
-    for name in ("get", "list", "count_active", "by_idempotency_key", "create", "transition", "update"):
+    for name in ("get", "list", "admit", "release_admission", "by_idempotency_key", "create", "transition", "update"):
         monkeypatch.setattr(api.store, name, watched(name, getattr(api.store, name)))
-    monkeypatch.setattr(api.gateway.limits, "count_active", watched("count_active", api.store.count_active))
     task = api.add_task()
     callers.clear()
     api.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth())
@@ -214,7 +213,7 @@ def test_the_task_store_is_never_called_on_the_event_loop(api_factory, monkeypat
     stream.cancel()
     expect(api, grpc.StatusCode.INVALID_ARGUMENT,  # past the idempotency key's look-up and the task limit
            lambda: api.stub.Upload(upload_requests(b"", key="k-1"), metadata=auth()))
-    assert {name for name, _thread in callers} >= {"get", "list", "count_active", "by_idempotency_key"}
+    assert {name for name, _thread in callers} >= {"get", "list", "admit", "release_admission", "by_idempotency_key"}
     assert [c for c in callers if c[1] == api.thread.name] == [], "the store was called on the event loop"
 
 
@@ -280,3 +279,44 @@ def test_a_bad_region_of_interest_max_persons_or_sample_fps_is_invalid_argument_
                      lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
         assert says in msg, msg
     assert not api.gateway.limits.streams
+
+
+def test_the_active_task_limit_holds_across_gateways_sharing_a_store(api_factory, postgres):
+    """Two gateways on one PostgreSQL store: an upload being received on either counts against the user's
+    limit on both, and the slot is given back in the store when the upload ends."""
+    url = postgres.create_database(f"limits{time.monotonic_ns()}")
+    a, b = (api_factory(store_url=url, max_active_tasks_per_user=2) for _ in range(2))
+    release = threading.Event()
+
+    def held(api, results):
+        def requests():
+            yield tpb.UploadRequest(metadata=tpb.UploadMetadata(file_name="clip.mp4"))
+            release.wait(30)  # received, never finished: its slot stays taken until the client gives up
+        try:
+            api.stub.Upload(requests(), metadata=auth())
+        except grpc.RpcError as exc:
+            results.append(exc.code())
+
+    results: list = []
+    threads = [threading.Thread(target=held, args=(api, results)) for api in (a, b)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not (a.gateway.limits.receiving["alice"] == 1 == b.gateway.limits.receiving["alice"]):
+            assert time.monotonic() < deadline, "both uploads to be admitted"
+            time.sleep(0.05)
+        for api in (a, b):
+            msg = expect(api, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         lambda api=api: api.stub.Upload(upload_requests(b"x" * 1000), metadata=auth()))
+            assert "you have 2 tasks queued, running or uploading; at most 2" in msg, msg
+        msg = expect(a, grpc.StatusCode.INVALID_ARGUMENT,  # bob is under his limit: past it, to his empty upload
+                     lambda: a.stub.Upload(upload_requests(b""), metadata=auth("bob")))
+        assert "no bytes" in msg
+    finally:
+        release.set()
+        for t in threads:
+            t.join(30)
+    assert results == [grpc.StatusCode.INVALID_ARGUMENT] * 2  # ended without a byte of video
+    assert not a.gateway.limits.receiving and not b.gateway.limits.receiving
+    assert a.store.admit("alice", "after", 2, 60.0) is None, "both slots were given back in the store"

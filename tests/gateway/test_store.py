@@ -106,3 +106,18 @@ def test_a_store_made_by_an_older_version_gains_the_new_columns(tmp_path, postgr
 def test_a_postgresql_store_needs_the_keys_that_seal_its_secrets(postgres):
     with pytest.raises(ValueError, match="SecretBox"):
         TaskStore(postgres.url)
+
+
+def test_admission_slots_count_on_every_store_and_lapse_when_not_renewed(two_stores):
+    a, b = two_stores
+    a.create(_task(), "alice", None)
+    assert a.admit("alice", "slot-a", 3, ttl_s=60) is None
+    assert b.admit("alice", "slot-b", 3, ttl_s=0.2) is None
+    assert a.admit("alice", "slot-c", 3, ttl_s=60) == 3, "1 task + 2 slots held, on either store"
+    assert b.admit("bob", "slot-d", 3, ttl_s=60) is None, "per user"
+    time.sleep(0.3)  # slot-b's gateway stopped renewing it
+    b.renew_admissions(["slot-a"], ttl_s=60)
+    assert a.admit("alice", "slot-e", 3, ttl_s=60) is None, "the lapsed slot no longer counts"
+    a.release_admission("slot-a")
+    a.release_admission("slot-e")
+    assert b.admit("alice", "slot-f", 2, ttl_s=60) is None
