@@ -58,11 +58,20 @@ def decoded(video: bytes) -> list[tuple[float, str]]:
 @pytest.fixture(autouse=True)
 def _triton_revived(mesh):
     """A Triton that died during a test (not killed by it on purpose) is started again before the next one,
-    as any deployment's supervisor would: one crash must not fail every test after it."""
+    as any deployment's supervisor would: one crash must not fail every test after it. So is a worker that
+    died during it: the test it died in has failed already (a worker killed on purpose is removed from
+    mesh.workers by the test), and in CI the only such deaths were librdkafka's SIGSEGV (issue 21)."""
     yield
     gone = mesh.revive_triton()
     if gone:
         print(f"Triton had died during this test and was started again: {gone}")
+    dead = [w for w in mesh.workers if not w.alive()]
+    for worker in dead:
+        print(f"a {worker.stage} worker died during this test (exit {worker.proc.returncode}) and was replaced; "
+              f"logs in {mesh.logs}")
+        mesh.workers.remove(worker)
+        mesh.start_worker(worker.stage)
+    if gone or dead:
         mesh.wait_healthy()
 
 
