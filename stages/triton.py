@@ -289,15 +289,25 @@ class TritonModel:
         self._outage_since = None
         self.problem = ""
 
-    def _wait(self, event_wait, started: float) -> None:
+    def _wait(self, event_wait, started: float, overdue=None) -> None:
         """Wait on `event_wait(timeout)`; each time the deadline passes, ask Triton whether it is there.
-        Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs."""
+        Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs. `overdue()`
+        is called once when Triton keeps answering but the wait passes UNANSWERED_OUTAGE_FACTOR x the
+        outage limit: the answers are taken as lost (in CI, on a starved machine, one request's HTTP/2
+        connection was closed under it, "settings timeout", and its answer never came while new calls
+        worked), so the caller cancels and sends them again."""
+        lost_after = UNANSWERED_OUTAGE_FACTOR * self.outage_s
         while not event_wait(self.deadline_s()):
             what = self._ready()
             if what:
                 self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}", what)
             else:
                 self._fine()
+                if overdue is not None and time.monotonic() - started > lost_after:
+                    log.warning("Triton model %s: no answer for %.0f s while Triton is there: taken as lost, "
+                                "sent again", self.name, time.monotonic() - started)
+                    overdue()
+                    overdue = None
 
     # -- calls ---------------------------------------------------------------------------------------------
 
@@ -360,6 +370,7 @@ class TritonModel:
         failures are returned."""
         call = _Round(starts)
         taken: dict[int, tuple] = {}
+        out: dict[int, object] = {}  # start -> the call's context (cancel() ends it with CANCELLED)
         t0 = time.monotonic()
         for start in starts:
             chunks = {name: np.ascontiguousarray(a[start:start + step]) for name, a in inputs.items()}
@@ -384,9 +395,15 @@ class TritonModel:
 
             # The gRPC deadline is only a backstop against a lost answer: a slow answer is waited for as long
             # as Triton says it is there (see _wait).
-            self.client.async_infer(self.name, tensors, callback, outputs=outputs,
-                                    client_timeout=max(self.outage_s, deadline) * 4)
-        self._wait(call.done.wait, t0)
+            out[start] = self.client.async_infer(self.name, tensors, callback, outputs=outputs,
+                                                 client_timeout=max(self.outage_s, deadline) * 4)
+
+        def cancel_unanswered() -> None:
+            for start, context in list(out.items()):
+                if start not in call.results and start not in call.errors and context is not None:
+                    context.cancel()  # its callback runs with CANCELLED: a transient failure, sent again
+
+        self._wait(call.done.wait, t0, overdue=cancel_unanswered)
         self.calls += len(starts)
         for start, result in call.results.items():
             answered[start] = {o: self._output(result, o, taken.get(start)) for o in self.output_names}

@@ -213,6 +213,41 @@ def test_requests_in_flight_are_bounded_per_model(triton):
     assert most[0] == 2 and model.calls == 10
 
 
+def test_an_answer_lost_while_triton_is_there_is_cancelled_and_sent_again(triton):
+    """A request whose answer never comes (its connection closed under it on a starved machine, as seen in
+    CI) while Triton keeps answering readiness: after UNANSWERED_OUTAGE_FACTOR x the outage limit it is
+    cancelled and sent again, and the call returns what an undisturbed call returns."""
+    from tritonclient.utils import InferenceServerException
+
+    model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.2, outage_s=0.5)  # lost after 2 s
+    model.wait_ready(30)
+    send, lost = model.client.async_infer, []
+
+    def losing(name, tensors, callback, **kw):
+        if lost:
+            return send(name, tensors, callback, **kw)
+
+        class Lost:  # never answered; cancel() ends it the way gRPC does
+            def cancel(self):
+                lost.append("cancelled")
+                callback(result=None, error=InferenceServerException("Locally cancelled by application!",
+                                                                     status="StatusCode.CANCELLED"))
+        lost.append("sent")
+        return Lost()
+
+    model.client.async_infer = losing
+    x = _crops(3)
+    t0 = time.monotonic()
+    answers: list = []  # on a daemon thread: a call waiting for the lost answer for ever fails the test
+    caller = threading.Thread(target=lambda: answers.append(model(input_1=x)["Identity"]), daemon=True)
+    caller.start()
+    caller.join(30)
+    assert answers, "the call still waits for the lost answer"
+    got = answers[0]
+    assert lost == ["sent", "cancelled"] and 2.0 <= time.monotonic() - t0 < 20
+    np.testing.assert_array_equal(got, TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"])
+
+
 def test_shared_memory_is_used_where_triton_can_open_it(triton):
     model = TritonModel(triton.url, "blazepose_lite")  # auto
     model.wait_ready(30)
