@@ -196,36 +196,6 @@ def _state(mesh, task_id: str) -> int:
         return 0
 
 
-def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(mesh, clip, reference):
-    """Processes burning CPU next to the mesh, ten per core, for longer than Triton's outage limit: Triton's
-    queue grows far past the deadline, yet it is busy, not gone, so the task waits and completes exactly.
-
-    Triton's Python backend itself can abort under such load (an upstream crash, see Mesh.triton_exit): then
-    Triton really is gone, and the task must fail as an outage, by the outage limit, with that reason."""
-    task = upload(mesh.stub, clip, auth())
-    _owner(mesh, "pose", task.task_id, at_least=3)
-    burn_s = 1.5 * mesh.settings.triton_outage_s
-    # Each burner stops by itself after burn_s: a test stuck on a starved machine must not keep it starved.
-    burn = f"import time\nend = time.monotonic() + {burn_s}\nwhile time.monotonic() < end: pass"
-    burners: list[subprocess.Popen] = []
-    try:  # until the task ends, or for longer than the outage limit
-        for _ in range(10 * len(os.sched_getaffinity(0))):
-            burners.append(subprocess.Popen([sys.executable, "-c", burn]))
-        end = time.monotonic() + burn_s
-        while time.monotonic() < end and _state(mesh, task.task_id) not in DONE:
-            time.sleep(0.5)
-    finally:
-        for burner in burners:
-            burner.kill()
-            burner.wait()
-    gone = mesh.triton_exit()
-    if gone and mesh.wait_done(task.task_id).state != tpb.TASK_STATE_COMPLETED:
-        done = mesh.get(task.task_id)
-        assert done.state == tpb.TASK_STATE_FAILED and "could not serve" in done.error_message, done
-        pytest.xfail(f"Triton aborted under the burn ({gone}); the task failed as an outage, as it must")
-    assert_same_as_reference(mesh, task.task_id, reference)
-
-
 def test_gateway_killed_and_restarted_mid_task_changes_nothing_and_progress_never_goes_back(mesh, clip, reference):
     task = upload(mesh.stub, clip, auth())
     _owner(mesh, "pose", task.task_id, at_least=10)
@@ -327,3 +297,36 @@ def test_broker_killed_and_restarted_mid_task_recovers_within_seconds(mesh, clip
     if dead:
         pytest.xfail(f"native crash of a worker as the broker came back (task exact nonetheless): {said}")
     assert all(w.status().resets >= resets_before.get(w.port, 0) for w in mesh.workers)
+
+
+# Last in the module on purpose: a tenfold oversubscription of this 2-core machine has left the shared mesh
+# damaged for minutes in CI (the broker starved: workers starting over, old consumers that would not close),
+# and the tests after it failed for that, not for what they test (CI runs 9-11, issue 21).
+def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(mesh, clip, reference):
+    """Processes burning CPU next to the mesh, ten per core, for longer than Triton's outage limit: Triton's
+    queue grows far past the deadline, yet it is busy, not gone, so the task waits and completes exactly.
+
+    Triton's Python backend itself can abort under such load (an upstream crash, see Mesh.triton_exit): then
+    Triton really is gone, and the task must fail as an outage, by the outage limit, with that reason."""
+    task = upload(mesh.stub, clip, auth())
+    _owner(mesh, "pose", task.task_id, at_least=3)
+    burn_s = 1.5 * mesh.settings.triton_outage_s
+    # Each burner stops by itself after burn_s: a test stuck on a starved machine must not keep it starved.
+    burn = f"import time\nend = time.monotonic() + {burn_s}\nwhile time.monotonic() < end: pass"
+    burners: list[subprocess.Popen] = []
+    try:  # until the task ends, or for longer than the outage limit
+        for _ in range(10 * len(os.sched_getaffinity(0))):
+            burners.append(subprocess.Popen([sys.executable, "-c", burn]))
+        end = time.monotonic() + burn_s
+        while time.monotonic() < end and _state(mesh, task.task_id) not in DONE:
+            time.sleep(0.5)
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+    gone = mesh.triton_exit()
+    if gone and mesh.wait_done(task.task_id).state != tpb.TASK_STATE_COMPLETED:
+        done = mesh.get(task.task_id)
+        assert done.state == tpb.TASK_STATE_FAILED and "could not serve" in done.error_message, done
+        pytest.xfail(f"Triton aborted under the burn ({gone}); the task failed as an outage, as it must")
+    assert_same_as_reference(mesh, task.task_id, reference)
