@@ -122,9 +122,10 @@ def child_span(name: str, context, attributes: dict | None = None):
 
 
 @contextmanager
-def batch(stage: str, items) -> None:
-    """Around one batch of a stage: afterwards, a `posemesh.<stage>` span per task in the batch (under the
-    task's context, `item.task.trace`), each with the batch's Triton calls as children."""
+def batch(stage: str, entries) -> None:
+    """Around one batch of a stage (pooled entries, each with its FrameItem `.item`): afterwards, a
+    `posemesh.<stage>` span per task in the batch (under the task's context, `item.task.trace`), each with
+    the batch's Triton calls as children. Off, nothing is looked at."""
     if _tracer is None:
         yield
         return
@@ -136,7 +137,7 @@ def batch(stage: str, items) -> None:
     finally:
         _calls.reset(token)
         end = time.time_ns()
-        _record_batch(stage, items, calls, start, end)
+        _record_batch(stage, [e.item for e in entries], calls, start, end)
 
 
 def _record_batch(stage: str, items, calls: list, start: int, end: int) -> None:

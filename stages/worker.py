@@ -469,7 +469,7 @@ class StageWorker:
             ready = self._fill_pixels(ready)
         t1 = time.perf_counter()
         try:
-            with tracing.batch(self.stage.name, [e.item for e in ready]):
+            with tracing.batch(self.stage.name, ready):
                 done = self.flow.run(ready)
         finally:
             PROCESS_SECONDS.labels(self.stage.name).observe(time.perf_counter() - t1)

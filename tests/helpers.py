@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import time
 from pathlib import Path
 
@@ -229,3 +231,24 @@ class PublishingCamera:
             self.stopping.set()
             self.thread.join(10)
             self.thread = None
+
+
+def completed_results(stub, task_id: str, metadata, timeout: float = 240.0) -> tuple[tpb.Task, bytes, bytes]:
+    """Wait for the task to end, require COMPLETED, and download (task, annotated MP4, keypoints JSONL)."""
+    done = wait_state(stub, task_id, metadata, {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED,
+                                                tpb.TASK_STATE_CANCELLED}, timeout=timeout)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    got = {}
+    for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS):
+        got[kind] = b"".join(c.chunk for c in stub.DownloadResult(
+            tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=metadata, timeout=60))
+    return done, got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO], got[tpb.ARTIFACT_KIND_KEYPOINTS]
+
+
+def decoded_pictures(video: bytes) -> list[tuple[float, str]]:
+    """Each decoded picture of an MP4 as (time, md5 of its RGB pixels): videos compared picture by picture."""
+    import av
+
+    with av.open(io.BytesIO(video)) as mp4:
+        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
+                for f in mp4.decode(video=0)]

@@ -22,9 +22,7 @@ from posemesh.mesh.blobs import LocalBlobStore, S3BlobStore, open_blob_store
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import RunningGateway, Workers, auth, make_settings
-from tests.helpers import upload, wait_for, wait_state
-
-TERMINAL = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+from tests.helpers import completed_results, decoded_pictures, upload, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -154,29 +152,13 @@ def s3_mesh(broker, triton, s3, tmp_path_factory):
             os.environ["POSEMESH_SEGMENT_FRAMES"] = saved
 
 
-def _finished(gw, task_id: str) -> tuple[tpb.Task, bytes, bytes]:
-    done = wait_state(gw.stub, task_id, auth(), TERMINAL, timeout=240)
-    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-    got = {}
-    for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS):
-        got[kind] = b"".join(c.chunk for c in gw.stub.DownloadResult(
-            tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth(), timeout=60))
-    return done, got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO], got[tpb.ARTIFACT_KIND_KEYPOINTS]
-
-
-def _pictures(video: bytes) -> list[tuple[float, str]]:
-    with av.open(io.BytesIO(video)) as mp4:
-        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
-                for f in mp4.decode(video=0)]
-
-
 @pytest.mark.slow
 def test_gateway_and_annotate_share_no_disk_when_the_store_is_s3(s3_mesh, s3, tmp_path):
     """The upload's audio reaches annotate through the bucket, the results reach the client through it;
     deleting the task empties the bucket of it."""
     gw, _workers, root = s3_mesh
     task = upload(gw.stub, clips.synth(tmp_path / "talk.mp4", 30, audio_s=3.0), auth())
-    done, video, _keypoints = _finished(gw, task.task_id)
+    done, video, _keypoints = completed_results(gw.stub, task.task_id, auth())
     artifact = next(a for a in done.artifacts if a.kind == tpb.ARTIFACT_KIND_ANNOTATED_VIDEO)
     assert hashlib.sha256(video).hexdigest() == artifact.sha256
     with av.open(io.BytesIO(video)) as mp4:
@@ -195,7 +177,7 @@ def test_an_annotate_replica_killed_mid_task_is_continued_from_the_bucket_frame_
     segments are in the bucket; the other continues from them, and the result equals an undisturbed run's."""
     gw, workers, _root = s3_mesh
     clip = clips.synth(tmp_path / "long.mp4", 120, fps=10, audio_s=12.0)
-    _done, ref_video, ref_keypoints = _finished(gw, upload(gw.stub, clip, auth()).task_id)
+    _done, ref_video, ref_keypoints = completed_results(gw.stub, upload(gw.stub, clip, auth()).task_id, auth())
     task = upload(gw.stub, clip, auth())
     prefix = f"mesh/results/.partial-{task.task_id}-e"
     owner = wait_for(lambda: next((name for name in ("annotate", "annotate-2")
@@ -204,9 +186,9 @@ def test_an_annotate_replica_killed_mid_task_is_continued_from_the_bucket_frame_
     wait_for(lambda: len([k for k in s3.keys(prefix) if k.endswith(".jsonl")]) >= 2, 60, 0.05,
              "segments in the bucket")
     workers[owner].kill()
-    done, video, keypoints = _finished(gw, task.task_id)
+    done, video, keypoints = completed_results(gw.stub, task.task_id, auth())
     assert keypoints == ref_keypoints
-    assert _pictures(video) == _pictures(ref_video)
+    assert decoded_pictures(video) == decoded_pictures(ref_video)
     assert done.video.frame_count == 120
     assert [k for k in s3.keys(prefix)] == [], "the partial segments are deleted once the result is published"
 

@@ -14,8 +14,6 @@ layer cache keeps later builds short.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import os
 import shutil
 import subprocess
@@ -23,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import av
 import grpc
 import pytest
 
@@ -34,7 +31,7 @@ from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from tests.conftest import USERS, RunningGateway, Workers, auth, make_settings, media
-from tests.helpers import upload, wait_for, wait_state
+from tests.helpers import completed_results, decoded_pictures, upload, wait_for
 from tests.mesh import _healthy
 
 pytestmark = pytest.mark.slow
@@ -135,22 +132,6 @@ class Containers:
             docker("rm", "-f", name, check=False)
 
 
-def _results(stub, task_id: str) -> tuple[tpb.Task, bytes, bytes]:
-    done = wait_state(stub, task_id, auth(), TERMINAL, timeout=300)
-    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-    got = {}
-    for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS):
-        got[kind] = b"".join(c.chunk for c in stub.DownloadResult(
-            tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth(), timeout=60))
-    return done, got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO], got[tpb.ARTIFACT_KIND_KEYPOINTS]
-
-
-def _pictures(video: bytes) -> list[tuple[float, str]]:
-    with av.open(io.BytesIO(video)) as mp4:
-        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
-                for f in mp4.decode(video=0)]
-
-
 def _host_run(broker, s3, triton_url: str, clip: Path, root: Path) -> tuple[tpb.Task, bytes, bytes, Path]:
     """The reference: the same gateway and workers as host processes (they reach Triton's shared memory)."""
     root.mkdir(parents=True)
@@ -163,7 +144,7 @@ def _host_run(broker, s3, triton_url: str, clip: Path, root: Path) -> tuple[tpb.
             workers[-1].start(stage)
         for w in workers:
             w.wait_healthy()
-        done, video, keypoints = _results(gw.stub, upload(gw.stub, clip, auth()).task_id)
+        done, video, keypoints = completed_results(gw.stub, upload(gw.stub, clip, auth()).task_id, auth(), 300)
         return done, video, keypoints, root
     finally:
         for w in workers:
@@ -193,11 +174,11 @@ def test_the_image_runs_the_mesh_in_containers_with_the_host_processes_results(i
         with grpc.insecure_channel(gateway) as channel:
             stub = tpb_grpc.TaskServiceStub(channel)
             try:
-                done, video, keypoints = _results(stub, upload(stub, clip, auth()).task_id)
+                done, video, keypoints = completed_results(stub, upload(stub, clip, auth()).task_id, auth(), 300)
             except AssertionError as exc:
                 raise AssertionError(f"{exc}\n{containers.all_logs()}") from exc
         assert keypoints == ref_keypoints
-        assert _pictures(video) == _pictures(ref_video)
+        assert decoded_pictures(video) == decoded_pictures(ref_video)
         assert done.video.frame_count == 5
         # Shared memory was chosen by probing, not by the address: the host's workers reached Triton's, the
         # containers (their own /dev/shm) sent tensors in the gRPC payload, with the same results.
