@@ -49,6 +49,9 @@ PROBE_TIMEOUT_S = 5.0
 # oversubscribed tenfold: four 5 s probes in a row went unanswered in CI) or hung, not gone: it gets this
 # many times POSEMESH_TRITON_OUTAGE_S before its tasks fail. Refused connections (gone) get the limit itself.
 UNANSWERED_OUTAGE_FACTOR = 4
+# What gRPC says when the server's kernel took the connection but the server said nothing in time: the
+# readiness question timed out, the HTTP/2 handshake was not answered, or a keepalive ping went unanswered.
+UNANSWERED_WORDS = ("DEADLINE_EXCEEDED", "before receiving SETTINGS frame", "ping timeout")
 
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
@@ -57,11 +60,16 @@ TRANSIENT_WORDS = ("unknown model", "not ready", "not found", "failed to connect
 CHANNEL_ARGS = [
     ("grpc.max_send_message_length", 2**31 - 1),
     ("grpc.max_receive_message_length", 2**31 - 1),
+    # Reconnect soon after a restart. Not grpc.min_reconnect_backoff_ms: it is also the time a connection
+    # attempt may take, and at 200 ms a starved Triton (CI, ten burners per core) could not finish its
+    # HTTP/2 handshake in time, so a busy server read as a gone one. gRPC's default (20 s) stays.
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
+    # Keepalive finds a connection whose host vanished without a word; the answer may take as long as
+    # Triton's own keepalive timeout (20 s): at 5 s a starved Triton's connection was closed under its
+    # requests ("Stream removed (ping timeout)").
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
 ]
 
 
@@ -151,6 +159,12 @@ def transient(exc: Exception) -> bool:
         text = (exc.message() or "").lower()
         return any(w in text for w in TRANSIENT_WORDS)
     return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def unanswered(probe: str) -> bool:
+    """Whether a failed readiness question went unanswered (Triton starved or hung) rather than refused
+    (Triton gone: "Connection refused", or not ready)."""
+    return any(w in probe for w in UNANSWERED_WORDS)
 
 
 class _Round:
@@ -280,7 +294,7 @@ class TritonModel:
         if self._outage_since is None:
             self._outage_since = now
         self.problem = f"Triton model {self.name} at {self.url}: {what}"
-        limit = self.outage_s * (UNANSWERED_OUTAGE_FACTOR if "DEADLINE_EXCEEDED" in probe else 1)
+        limit = self.outage_s * (UNANSWERED_OUTAGE_FACTOR if unanswered(probe) else 1)
         if now - self._outage_since >= limit:
             raise TritonUnavailable(f"Triton at {self.url} could not serve {self.name} for "
                                     f"{limit:.0f} s ({what})")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import threading
 import time
 
@@ -14,7 +16,7 @@ import tritonclient.grpc as grpcclient
 from posemesh.mesh.models import MODELS as SERVED
 from posemesh.stages.detect import Detector
 from posemesh.stages.pose import PoseEstimator
-from posemesh.stages.triton import TritonModel
+from posemesh.stages.triton import TritonModel, unanswered
 from tests.conftest import MODELS, media
 from tests.helpers import wait_for
 
@@ -211,6 +213,42 @@ def test_requests_in_flight_are_bounded_per_model(triton):
     model.client.async_infer = counting
     model(input_1=_crops(80))
     assert most[0] == 2 and model.calls == 10
+
+
+def test_a_triton_too_starved_to_shake_hands_at_once_is_busy_not_gone(triton):
+    """Triton stopped (SIGSTOP) for 1.5 s while a new client connects: the kernel takes the connection, the
+    HTTP/2 handshake waits for Triton. The client waits for it (a 200 ms connection limit once made a
+    starved Triton look gone in CI) and the first call returns what a call to an undisturbed Triton does."""
+    x = _crops(3)
+    quiet = TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"]
+    model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.2, outage_s=0.5, shm="off")
+    os.kill(triton.proc.pid, signal.SIGSTOP)
+    resume = threading.Timer(1.5, os.kill, (triton.proc.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        assert model._ready() == ""
+        np.testing.assert_array_equal(model(input_1=x)["Identity"], quiet)
+    finally:
+        resume.join()
+        os.kill(triton.proc.pid, signal.SIGCONT)
+    assert model.problem == ""
+
+
+def test_silence_is_told_from_refusal():
+    """A port whose listener never speaks (the kernel accepts for a stopped or starved server) reads as
+    unanswered, which gets the longer outage limit; a closed port reads as refused (Triton gone)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    with silent:
+        said = TritonModel(f"127.0.0.1:{silent.getsockname()[1]}", "yolox", timeout_s=0.5)._ready()
+        assert said and unanswered(said), said
+    said = TritonModel(f"127.0.0.1:{closed_port}", "yolox", timeout_s=0.5)._ready()
+    assert said and not unanswered(said), said
 
 
 def test_an_answer_lost_while_triton_is_there_is_cancelled_and_sent_again(triton):
