@@ -49,9 +49,11 @@ PROBE_TIMEOUT_S = 5.0
 # oversubscribed tenfold: four 5 s probes in a row went unanswered in CI) or hung, not gone: it gets this
 # many times POSEMESH_TRITON_OUTAGE_S before its tasks fail. Refused connections (gone) get the limit itself.
 UNANSWERED_OUTAGE_FACTOR = 4
-# What gRPC says when the server's kernel took the connection but the server said nothing in time: the
-# readiness question timed out, the HTTP/2 handshake was not answered, or a keepalive ping went unanswered.
-UNANSWERED_WORDS = ("DEADLINE_EXCEEDED", "before receiving SETTINGS frame", "ping timeout")
+# What gRPC says when nothing answered in time, as opposed to a refused connection (gone): the readiness
+# question timed out, the HTTP/2 handshake was not answered ("timed out before receiving SETTINGS frame"),
+# the TCP connection itself was not accepted in time (a starved server's full accept queue: "connect() timed
+# out", seen in CI), or a keepalive ping went unanswered. A remote host that vanished reads the same way.
+UNANSWERED_WORDS = ("DEADLINE_EXCEEDED", "timed out", "ping timeout")
 
 TRANSIENT_CODES = {"StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED", "StatusCode.CANCELLED",
                    "StatusCode.RESOURCE_EXHAUSTED", "StatusCode.UNKNOWN"}
