@@ -1,9 +1,11 @@
 """Reads posemesh.events: worker progress, results and failures update the task store; heartbeats
 tell the topic manager who still reads what.
 
-The gateway is the one reader of this topic, so it needs no consumer group: it assigns the partition
-and keeps its position in the task store, next to the task states the events change. After a
-restart it resumes exactly there (a result that arrived while it was down is not missed), and no
+Every gateway reads the topic (worker heartbeats and progress feed its GetStats), but only the one
+holding the mesh duties (gateway/duties.py) applies the events to the store, so each is applied once
+per mesh. No consumer group: the reader assigns the partition, and the applying one keeps its position
+in the task store, next to the task states the events change. The next gateway to apply them, or the
+same one after a restart, resumes exactly there (a result that arrived meanwhile is not missed), and no
 group rebalance can stall it.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
@@ -26,19 +28,21 @@ INCARNATION_KEY = "events_incarnation"
 
 class EventReader(threading.Thread):
     def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None,
-                 activity=None):
+                 activity=None, applying: bool = True):
         super().__init__(name="events", daemon=True)
         self.settings, self.store, self.topics = settings, store, topics
         self.activity = activity  # gateway/stats.py's MeshActivity, or None
         self.on_result, self.on_failure = on_result, on_failure
         self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
+        self.applying = applying  # to the store (this gateway holds the mesh duties), or only heard
         self.running = threading.Event()
         self.running.set()
 
     def run(self) -> None:
         consumer = Consumer(kafka.consumer_config(self.settings, "posemesh-gateway", "gateway-events"))
-        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, self.start_offset(consumer))])
-        if self.incarnation:
+        start = self.start_offset(consumer) if self.applying else OFFSET_END
+        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, start)])
+        if self.incarnation and self.applying:
             self.store.set_meta(INCARNATION_KEY, self.incarnation)
         try:
             while self.running.is_set():
@@ -52,7 +56,7 @@ class EventReader(threading.Thread):
                     except Exception:
                         log.exception("bad worker event at offset %d", msg.offset())
                     last = msg.offset()
-                if last is not None:  # handlers are idempotent: at-least-once is enough
+                if last is not None and self.applying:  # handlers are idempotent: at-least-once is enough
                     self.store.set_meta(OFFSET_KEY, str(last + 1))
         finally:
             consumer.close()
@@ -84,9 +88,13 @@ class EventReader(threading.Thread):
                 self.activity.heartbeat(event.stage, event.worker_id, sent_at)
         elif kind == "progress":
             p = event.progress
-            self.store.add_done(p.task_id, event.stage, [(r.first, r.last) for r in p.done], p.epoch, p.frames_total)
             if self.activity is not None:
                 self.activity.finished(event.stage, sum(r.last - r.first + 1 for r in p.done), sent_at)
+            if self.applying:
+                self.store.add_done(p.task_id, event.stage, [(r.first, r.last) for r in p.done], p.epoch,
+                                    p.frames_total)
+        elif not self.applying:
+            return
         elif kind == "result":
             if event.result.epoch >= self.store.epoch(event.result.task_id):
                 self.on_result(event.result)

@@ -6,8 +6,9 @@
   camera's live source. `_launch` is the only place a task starts, first or again, so no way of starting
   one can forget a part of it.
 - **Run again**: after a gateway restart (`recover`: resume the frames, close a live task's stream, or fail
-  the task, saying why) and after the broker lost its data (`run_again`: every active task from its first
-  frame under a new epoch; with Apache Kafka this is only after a real loss).
+  the task, saying why), when another gateway died (`take_over`: the same for the tasks whose frames it
+  published), and after the broker lost its data (`run_again`: every active task from its first frame
+  under a new epoch; with Apache Kafka this is only after a real loss).
 - **Ended** (`complete`, `fail`, `cancel`): the first terminal state wins; its frames stop, TaskEnded is
   announced (retried by the sweep until the broker takes it: workers must hear of it to let go of the
   topics), the upload is removed. A live task that is stopped, or whose camera is done, ends once annotate's
@@ -19,8 +20,12 @@
   with them what a crashed annotate worker left (partial result folders); a deleted task's files and row; a
   task that could not start leaves nothing.
 
+Several gateways (gateway/duties.py): each task has an owner, the gateway that publishes its frames; each
+gateway runs again only the tasks it owns, and stops their frames when another gateway ended them
+(`heard_elsewhere`). Ending, cancelling and deleting work from any gateway.
+
 Threads: the callers' (gRPC handlers through asyncio.to_thread, the event reader, the broker watch, the
-sweep), and one frame producer or live source per task whose frames are being published.
+sweep, the duties), and one frame producer or live source per task whose frames are being published.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ from pathlib import Path
 
 from confluent_kafka import Producer
 
+from posemesh.gateway.duties import GATEWAY_LEASE
 from posemesh.gateway.live import LiveConfig, LiveSource
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.stats import MeshActivity
-from posemesh.gateway.store import ACTIVE, ActiveTask, TaskStore, now_us
+from posemesh.gateway.store import ACTIVE, TERMINAL, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
 from posemesh.mesh import kafka, media, names, records, tracing
 from posemesh.mesh.settings import Settings
@@ -91,8 +97,9 @@ def stream_path(task: tpb.Task) -> str:
 
 class TaskLifecycle:
     def __init__(self, settings: Settings, store: TaskStore, topics: TopicManager, reservations: Reservations,
-                 source_policy: SourcePolicy):
+                 source_policy: SourcePolicy, owner: str = ""):
         self.settings, self.store, self.topics = settings, store, topics
+        self.owner = owner  # this gateway's id (gateway/duties.py): the tasks whose frames it publishes
         self.reservations, self.source_policy = reservations, source_policy
         self.frame_producers: dict[str, FrameProducer] = {}
         self.live_sources: dict[str, LiveSource] = {}
@@ -115,7 +122,9 @@ class TaskLifecycle:
     def start(self, task: tpb.Task, path: Path) -> None:
         """A new task from an upload: topics first (explicitly, with their partition counts), then tell the
         workers, then frames."""
-        if task.video.audio_codec:  # annotate muxes the upload's audio into the annotated video
+        # Annotate muxes the upload's audio into the annotated video; on a shared store, a gateway that takes
+        # the task over if this one dies publishes its frames again from the stored upload.
+        if task.video.audio_codec or self.store.shared:
             self.blobs.put_file(names.upload_key(task.task_id), path)
         self._launch(task, self.store.epoch(task.task_id), Upload(path),
                      make_topics=task.task_id not in self.reservations)  # a reserved id's topics are read already
@@ -255,44 +264,70 @@ class TaskLifecycle:
     # ------------------------------------------------------------------ run again
 
     def recover(self) -> None:
-        """After a restart: resume what can be resumed, fail what cannot. Nothing stays RUNNING forever."""
+        """After a restart: resume what can be resumed of the tasks this gateway owns, fail what cannot.
+        Nothing stays RUNNING forever."""
         on_broker = self.topics.on_broker()
-        for active in self.store.active_tasks():
-            task = active.task
-            path = self._upload_of(task.task_id)
-            topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
-                kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
-            if active.live_url and not active.produced:
-                self._close_live_after_restart(active, topics_intact)
-            elif active.produced and topics_intact:
-                log.info("task %s: frames all published before the restart; waiting for the stages", task.task_id)
-                self._launch(task, active.epoch, None, make_topics=False)
-            elif path is not None:
-                if topics_intact:
-                    # Republish from frame 0: the stages drop frames they have already seen, by index.
-                    log.info("task %s: resuming the frame producer after a restart", task.task_id)
-                    epoch = active.epoch
-                else:  # the broker lost the topics: a new run, so no worker mistakes it for redelivery
-                    epoch = self.store.new_run(task.task_id, "the message broker lost this task's frames while the "
-                                                              "gateway was down; it was run again from the start")
-                self._launch(task, epoch, Upload(path))
-            else:
-                self.fail(task.task_id, "the gateway restarted while the upload was being processed and the upload "
-                                        "file is gone; please upload again")
+        for active in self.store.active_tasks(owner=self.owner):
+            self._resume(active, on_broker, "restarted")
         # Ended tasks whose topics still exist: say so again (the announcement may have been lost).
         for task_id, state in self.store.ended_with_topics():
             if task_id in on_broker:
                 self._announce_end(task_id, state)
-        orphans = self.topics.find_orphans()
-        if orphans:
-            log.info("found %d tasks' topics without a live task; they will be deleted", len(orphans))
 
-    def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool) -> None:
-        """A live task whose gateway restarted: its camera connection is gone with the old process. What went
-        into the mesh is finished into results; the task then ends FAILED, saying so."""
+    def take_over(self) -> None:
+        """The tasks of gateways that died (their lease lapsed): this one takes them and resumes them as after
+        its own restart, from the upload in the blob store (called by the gateway holding the mesh duties)."""
+        orphaned = self.store.orphaned_tasks(GATEWAY_LEASE)
+        if not orphaned:
+            return
+        on_broker = self.topics.on_broker()
+        for task_id in orphaned:
+            if not self.store.take_over(task_id, self.owner, GATEWAY_LEASE):
+                continue
+            active = next((a for a in self.store.active_tasks(owner=self.owner) if a.task.task_id == task_id), None)
+            if active is None:
+                continue  # it ended meanwhile
+            log.info("task %s: its gateway is gone; this gateway takes it over", task_id)
+            if not active.live_url and not active.produced and self._upload_of(task_id) is None:
+                try:
+                    path = names.upload_path(self.settings.jobs_dir, task_id)
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    self.blobs.get_file(names.upload_key(task_id), path)
+                except Exception as exc:  # noqa: BLE001 - not stored: _resume fails the task, saying so
+                    log.warning("task %s: its upload is not in the blob store (%s)", task_id, exc)
+            self._resume(active, on_broker, "that published its frames was lost")
+
+    def _resume(self, active: ActiveTask, on_broker: dict[str, list[str]], what_happened: str) -> None:
+        """Go on with a task whose frames stopped with their gateway (`what_happened` to it, for messages)."""
+        task = active.task
+        path = self._upload_of(task.task_id)
+        topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
+            kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
+        if active.live_url and not active.produced:
+            self._close_live_after_restart(active, topics_intact, what_happened)
+        elif active.produced and topics_intact:
+            log.info("task %s: frames all published before the gateway %s; waiting for the stages", task.task_id,
+                     what_happened)
+            self._launch(task, active.epoch, None, make_topics=False)
+        elif path is not None:
+            if topics_intact:
+                # Republish from frame 0: the stages drop frames they have already seen, by index.
+                log.info("task %s: resuming the frame producer (the gateway %s)", task.task_id, what_happened)
+                epoch = active.epoch
+            else:  # the broker lost the topics: a new run, so no worker mistakes it for redelivery
+                epoch = self.store.new_run(task.task_id, "the message broker lost this task's frames while the "
+                                                          "gateway was down; it was run again from the start")
+            self._launch(task, epoch, Upload(path))
+        else:
+            self.fail(task.task_id, f"the gateway {what_happened} while the upload was being processed and the "
+                                    "upload file is gone; please upload again")
+
+    def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool, what_happened: str) -> None:
+        """A live task whose gateway restarted or died: its camera connection is gone with the old process.
+        What went into the mesh is finished into results; the task then ends FAILED, saying so."""
         task_id = active.task.task_id
-        message = ("the gateway restarted during the live task; the frames before that are in the results: "
-                   "start a new live task to continue")
+        message = (f"the gateway {what_happened} during the live task; the frames before that are in the "
+                   "results: start a new live task to continue")
         state = tpb.TASK_STATE_FAILED
         if active.task.ending == tpb.TASK_STATE_CANCELLED:  # cancelled before the restart: it ends as it was told
             state, message = tpb.TASK_STATE_CANCELLED, "cancelled by the user"
@@ -326,7 +361,7 @@ class TaskLifecycle:
         """The broker lost its data (the frames are stopped already, see `halt`): every active task runs again
         from its first frame under a new epoch, or fails, saying why, when its upload is gone."""
         when = time.strftime("%H:%M:%S")
-        for active in self.store.active_tasks():
+        for active in self.store.active_tasks(owner=self.owner):
             task_id = active.task.task_id
             if active.live_url and active.task.ending == tpb.TASK_STATE_CANCELLED and not active.ending_state:
                 self._end(task_id, tpb.TASK_STATE_CANCELLED, "cancelled by the user (the message broker lost its "
@@ -406,12 +441,28 @@ class TaskLifecycle:
         they are in (`complete`); one whose source is done already keeps the ending it has."""
         with self.lock:
             live = self.live_sources.get(task_id)
-            if live is not None or self.store.ending(task_id):
+            if live is not None or self.store.ending(task_id) or self.store.live_elsewhere(task_id, self.owner):
                 task = self._mark_ending(task_id, tpb.TASK_STATE_CANCELLED)
-                if live is not None:
+                if live is not None:  # else its owner stops it when it hears of the ending (heard_elsewhere)
                     live.stop(reason)
                 return task
         return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
+
+    def heard_elsewhere(self, task_id: str | None) -> None:
+        """Another gateway changed `task_id` (None: maybe any task). A task whose frames this gateway publishes
+        and that ended there stops here; a live one cancelled there has its camera stopped here, and ends
+        with its results as if it was cancelled here."""
+        with self.lock:
+            here = [task_id] if task_id is not None else [*self.frame_producers, *self.live_sources]
+            here = [t for t in here if t in self.frame_producers or t in self.live_sources]
+        for tid in here:
+            task = self.store.get(tid)
+            if task is None or task.state in TERMINAL:
+                self._stop_frames(tid)
+                continue
+            live = self.live_sources.get(tid)
+            if live is not None and task.ending == tpb.TASK_STATE_CANCELLED:
+                live.stop("cancelled by the user")
 
     def _mark_ending(self, task_id: str, state: int) -> tpb.Task | None:
         """Show on a running task how it will end, unless that was decided before; returns the task."""
@@ -458,6 +509,7 @@ class TaskLifecycle:
             self.reservations.used(task_id)
             self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)
             self.topics.orphans.setdefault(task_id, time.time())
+            self.store.drop_reserved([task_id])
             self.store.purge(task_id)
             self._remove_upload(task_id)
             return
@@ -481,19 +533,22 @@ class TaskLifecycle:
         except Exception:  # noqa: BLE001 - the store is unreachable: the upload stays until deleted by hand
             log.warning("could not delete the stored upload of task %s", task_id, exc_info=True)
 
-    def sweep(self) -> None:
-        """One round of the periodic sweep: delete what no worker reads any more, say again the ends the
-        broker did not take, end live tasks whose results are overdue, fail tasks that stopped moving."""
-        deleted = self.topics.sweep()
-        TOPICS_DELETED.inc(len(deleted))
-        for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
-            self.blobs.delete_prefix(names.partials_prefix(task_id))
+    def sweep(self, duties: bool = True) -> None:
+        """One round of the periodic sweep: say again the ends the broker did not take; and, by the gateway
+        holding the mesh duties (`duties`), delete what no worker reads any more, end live tasks whose
+        results are overdue, fail tasks that stopped moving."""
         for task_id in list(self.unannounced):
             state = self.store.state_of(task_id)
             if state is not None:
                 self._announce_end(task_id, state)
             else:
                 self.unannounced.discard(task_id)
+        if not duties:
+            return
+        deleted = self.topics.sweep()
+        TOPICS_DELETED.inc(len(deleted))
+        for task_id in deleted:  # no worker reads the task any more: what a crashed one left goes too
+            self.blobs.delete_prefix(names.partials_prefix(task_id))
         waited_until = now_us() - int(LIVE_RESULTS_WAIT_S * 1e6)
         for task_id, state, message in self.store.endings_overdue(waited_until):
             self._end(task_id, state, message + f" (its results did not come within {LIVE_RESULTS_WAIT_S:.0f} s)")

@@ -12,7 +12,9 @@ once no task has started for `quiet_s`: the joins they cost then fall between bu
 the middle of one. With none left, a task makes its own topics as before.
 
 A reservation the gateway gives up (shutdown) is announced ended; its topics are then deleted like any
-orphan's, after the workers let go (posemesh.gateway.topics).
+orphan's, after the workers let go (posemesh.gateway.topics). Reservations are written in the task store
+with the gateway that made them, so that the gateway holding the mesh duties does not take another live
+gateway's reserved topics for orphans; a dead gateway's are orphans once its lease lapses.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ log = logging.getLogger("posemesh.gateway")
 
 
 class Reservations:
-    def __init__(self, topics: TopicManager, count: int, quiet_s: float):
+    def __init__(self, topics: TopicManager, count: int, quiet_s: float, store=None, gateway: str = ""):
         self.topics, self.count, self.quiet_s = topics, count, quiet_s
+        # Where reservations are recorded with this gateway's id (gateway/duties.py): the task store (None:
+        # not recorded, for the bookkeeping's own tests).
+        self.store, self.gateway = store, gateway
         self.lock = threading.Lock()
         self.ready: list[str] = []  # reserved ids: topics made and announced
         self.lent: set[str] = set()  # taken by an upload that has not made its task yet
@@ -73,6 +78,8 @@ class Reservations:
         try:
             for _ in range(missing):
                 task_id = names.new_task_id()
+                if self.store is not None:  # before its topics: they are never an orphan's
+                    self.store.add_reserved(task_id, self.gateway)
                 try:
                     self.topics.create(task_id)
                     self.topics.publish_reserved(task_id)
@@ -90,7 +97,8 @@ class Reservations:
     def forget(self) -> None:
         """The broker lost its data: the reserved topics are gone; new ones are made at the next maintain."""
         with self.lock:
-            self.ready, self.lent = [], set()
+            gone, self.ready, self.lent = [*self.ready, *self.lent], [], set()
+        self._drop(gone)
 
     def release(self) -> None:
         """Give every unused reservation up (the gateway stops): workers let go of the topics, and the next
@@ -102,3 +110,8 @@ class Reservations:
                 self.topics.publish_ended(task_id, tpb.TASK_STATE_CANCELLED)
             except Exception:  # noqa: BLE001 - the broker is away; the next gateway finds them as orphans
                 log.warning("could not release reserved task id %s", task_id)
+        self._drop(ids)
+
+    def _drop(self, task_ids: list[str]) -> None:
+        if self.store is not None:
+            self.store.drop_reserved(task_ids)

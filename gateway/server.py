@@ -1,9 +1,12 @@
 """Wires the gateway together: settings, task store, Kafka producer, topic manager, reservations, event reader,
-broker watch, the grpc.aio server with health and reflection, metrics and the periodic sweep. What happens to
-a task (started, run again, ended, cleaned up) is the task lifecycle's (posemesh.gateway.lifecycle).
+broker watch, the grpc.aio server with health and reflection, metrics, the periodic sweep, and the leases
+that let several gateways serve one mesh (gateway/duties.py: what the gateway holding the mesh duties does
+more). What happens to a task (started, run again, ended, cleaned up) is the task lifecycle's
+(posemesh.gateway.lifecycle).
 
 Threads: the gRPC server's event loop (one thread, every call a coroutine), the event reader, the broker
-watch, the sweep, and one frame producer or live source per task whose frames are being published.
+watch, the sweep, the duties, the store's listener (PostgreSQL: other gateways' changes), and one frame
+producer or live source per task whose frames are being published.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from posemesh.gateway.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
 from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
+from posemesh.gateway.duties import Duties, gateway_id
 from posemesh.gateway.events import EventReader
 from posemesh.gateway.lifecycle import TaskLifecycle
 from posemesh.gateway.limits import UserLimits
@@ -45,6 +49,9 @@ log = logging.getLogger("posemesh.gateway")
 
 SERVICE_NAME = tpb.DESCRIPTOR.services_by_name["TaskService"].full_name
 HEALTH_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+# How often the holder of the mesh duties lists the broker's topics for orphans (a dead gateway's reserved
+# ids, topics of tasks that could not start while the broker was away).
+ORPHAN_SCAN_S = 30.0
 
 
 class Gateway:
@@ -68,14 +75,23 @@ class Gateway:
             raise KeyConfigError(str(exc)) from None
         self.limits = UserLimits(self.settings.max_active_tasks_per_user, self.settings.max_streams_per_user,
                                  self.store)
+        self.id = gateway_id(self.settings.data_dir)
         self.producer = self._new_producer()
         self.topics = TopicManager(self.settings, self.producer, self.store)
-        self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s)
-        self.topics.is_reserved = self.reservations.__contains__
-        self.lifecycle = TaskLifecycle(self.settings, self.store, self.topics, self.reservations, self.source_policy)
+        self.reservations = Reservations(self.topics, self.settings.reserved_tasks, self.settings.reserve_quiet_s,
+                                         self.store, self.id)
+        self.topics.is_reserved = self._reserved
+        self.lifecycle = TaskLifecycle(self.settings, self.store, self.topics, self.reservations, self.source_policy,
+                                       self.id)
+        self.store.remote_listeners.append(self.lifecycle.heard_elsewhere)
         self.blobs = self.lifecycle.blobs
         self.activity = self.lifecycle.activity  # what GetStats reports (gateway/stats.py)
-        self.webhooks = WebhookSender(self.settings, self.store, webhook_policy, self.blobs)  # ended tasks' webhooks
+        self.webhook_policy = webhook_policy
+        self.webhooks: WebhookSender | None = None  # ended tasks' webhooks, sent by the duties' holder
+        self.duties = Duties(self.store, self.id, self._gain_duties, self._lose_duties, self._duty_round)
+        self.listening = threading.Event()  # set: stop hearing the other gateways' changes
+        self.incarnation: str | None = None
+        self._orphans_looked = -ORPHAN_SCAN_S
         self.events: EventReader | None = None
         self.watch: BrokerWatch | None = None
         self.running = threading.Event()
@@ -87,10 +103,44 @@ class Gateway:
         return Producer({**kafka.producer_config(self.settings, "gateway"),
                          "error_cb": lambda err: log.debug("producer: %s", err)})
 
-    def _start_events(self, incarnation: str | None) -> None:
+    def _start_events(self) -> None:
+        """(Re)start the event reader: applying the events when this gateway holds the mesh duties."""
+        if self.events is not None:
+            self.events.stop()
+            self.events.join(5)
         self.events = EventReader(self.settings, self.store, self.topics, self.lifecycle.complete,
-                                  self.lifecycle.fail, incarnation, self.activity)
+                                  self.lifecycle.fail, self.incarnation, self.activity, applying=self.duties.holding)
         self.events.start()
+
+    def _reserved(self, task_id: str) -> bool:
+        """A task id this gateway, or another live one, reserved: its topics are no orphans."""
+        return task_id in self.reservations or self.store.reserved_by_live_gateway(task_id, "gateway:")
+
+    # ------------------------------------------------------------------ the mesh duties (gateway/duties.py)
+
+    def _gain_duties(self) -> None:
+        self.topics.started = time.time()  # hear every live worker for a liveness window before deleting
+        if self.running.is_set():
+            self._start_events()
+        self.webhooks = WebhookSender(self.settings, self.store, self.webhook_policy, self.blobs)
+        self.webhooks.start()  # pending deliveries of an earlier gateway included
+
+    def _lose_duties(self) -> None:
+        if self.webhooks is not None:
+            self.webhooks.stop()  # attempts under way stay due: the next holder sends them again
+            self.webhooks = None
+        if self.running.is_set():
+            self._start_events()
+
+    def _duty_round(self) -> None:
+        """What the duties' holder does each round besides the sweep: take over dead gateways' tasks, and now
+        and then look for orphaned topics (a listing of the broker's topics: not every round)."""
+        if not self.broker_available():
+            return
+        self.lifecycle.take_over()
+        if time.monotonic() - self._orphans_looked > ORPHAN_SCAN_S:
+            self.topics.find_orphans()
+            self._orphans_looked = time.monotonic()
 
     def stream_url(self, task: tpb.Task) -> str:
         return self.lifecycle.stream_url(task)
@@ -128,9 +178,8 @@ class Gateway:
             old.purge()
         self.topics.forget_readers()
         self.reservations.forget()
-        if self.events is not None:
-            self.events.stop()
-        self._start_events(incarnation)
+        self.incarnation = incarnation
+        self._start_events()
         self.lifecycle.run_again()
 
     # ------------------------------------------------------------------ the sweep
@@ -139,7 +188,7 @@ class Gateway:
         while self.running.is_set():
             try:
                 if self.broker_available():
-                    self.lifecycle.sweep()
+                    self.lifecycle.sweep(duties=self.duties.holding)
                     self.reservations.maintain()
             except Exception:
                 log.exception("sweep failed; retrying")
@@ -149,12 +198,15 @@ class Gateway:
 
     def start(self, listen: str | None = None) -> int:
         kafka.ensure_shared_topics(self.settings)
-        incarnation = kafka.incarnation(self.topics.admin)
+        self.incarnation = kafka.incarnation(self.topics.admin)
+        self.duties.renew()  # the leases before anything else: alone on the store, the duties are this gateway's
         self.running.set()
-        self._start_events(incarnation)
-        self.watch = BrokerWatch(self.settings, self.on_broker_reset, incarnation)
+        self._start_events()
+        self.watch = BrokerWatch(self.settings, self.on_broker_reset, self.incarnation)
         self.lifecycle.recover()
-        self.webhooks.start()  # pending deliveries of an earlier gateway included
+        if self.store.shared:
+            self.store.hear_other_gateways(self.listening)
+        self.duties.start()
         self.watch.start()
         threading.Thread(target=self._sweep_loop, name="sweep", daemon=True).start()
         ready = threading.Event()
@@ -219,10 +271,11 @@ class Gateway:
             self._server_thread.join(10)
         if self.watch:
             self.watch.stop()
-        self.webhooks.stop()  # attempts under way stay due: the next start sends them again
         self.lifecycle.halt(join_s=5)  # the tasks stay RUNNING: recover() goes on with them at the next start
         if self.broker_available():  # unused reservations: workers let go, the next gateway deletes them
             self.reservations.release()
+        self.duties.stop()  # the leases given up: another gateway takes the duties and this one's tasks at once
+        self.listening.set()
         if self.events:
             self.events.stop()
             self.events.join(5)

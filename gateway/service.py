@@ -191,7 +191,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         nothing of this upload is left behind."""
         task_id = task.task_id
         try:
-            self.store.create(task, user, key, digest, webhook)
+            self.store.create(task, user, key, digest, webhook, owner=self.gw.id)
         except Conflict:
             self._discard(task_id, path.parent)
             winner = self.store.by_idempotency_key(user, key) if key else None
@@ -388,7 +388,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         """In a thread (the task store, Kafka): make the live task and start reading its camera."""
         task_id = task.task_id
         try:
-            self.store.create(task, user, None, webhook=webhook)
+            self.store.create(task, user, None, webhook=webhook, owner=self.gw.id)
         except BaseException:
             self.gw.reservations.give_back(task_id)
             raise

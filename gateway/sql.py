@@ -12,10 +12,15 @@ quoted, `BIGINT` times, `ON CONFLICT ... DO UPDATE`); a Database here runs it on
   PostgreSQL 13 and later (tested against Debian's 15).
 
 Rows read both by position and by column name (`Row`). Unique-constraint violations raise `Conflict`.
+
+Gateways sharing a PostgreSQL store hear each other's changes: a write transaction may `notify` a channel
+(PostgreSQL's NOTIFY, delivered when it commits) and `listen` calls back with what other connections sent.
+SQLite has one gateway, which hears its own changes directly.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
 import threading
@@ -65,6 +70,14 @@ class Database:
         """A write transaction, serialized with every other writer of the database."""
         raise NotImplementedError
         yield
+
+    def notify(self, channel: str, payload: str) -> None:
+        """Inside a write transaction: tell the other gateways on this database, once it commits."""
+
+    def listen(self, channel: str, callback, stop: threading.Event) -> threading.Thread | None:
+        """Call `callback(payload)` for each notification other connections send on `channel`, until `stop`
+        is set (a thread, started here); None where there are no other gateways to hear (SQLite)."""
+        return None
 
     def migrate(self, schema: str, table: str, added_columns: list[tuple[str, str]]) -> None:
         """Run the store's CREATE statements (`BLOB` written for the binary type) and add to `table` the
@@ -169,6 +182,34 @@ class PostgresDatabase(Database):
                 yield self
             finally:
                 self.in_write.active = False
+
+    def notify(self, channel: str, payload: str) -> None:
+        self.conn.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+
+    def listen(self, channel: str, callback, stop: threading.Event) -> threading.Thread:
+        """One connection of its own, LISTENing. A connection lost (a restart, a failover) is opened again,
+        and `callback(None)` then says that anything may have changed meanwhile."""
+        def run() -> None:
+            conn = None
+            while not stop.is_set():
+                try:
+                    if conn is None or conn.closed or conn.broken:
+                        conn = self._connect()
+                        conn.execute(f"LISTEN {channel}")
+                        callback(None)
+                    for note in conn.notifies(timeout=0.5):
+                        if note.pid != self.conn.info.backend_pid:  # not this gateway's own write
+                            callback(note.payload or None)
+                except self._psycopg.Error:
+                    stop.wait(1.0)
+                except Exception:  # a listener's own failure must not end the listening
+                    logging.getLogger("posemesh.gateway").exception("store change listener failed")
+            if conn is not None:
+                conn.close()
+
+        thread = threading.Thread(target=run, name=f"listen-{channel}", daemon=True)
+        thread.start()
+        return thread
 
     def migrate(self, schema: str, table: str, added_columns: list[tuple[str, str]]) -> None:
         schema = re.sub(r"\bBLOB\b", "BYTEA", re.sub(r"--[^\n]*", "", schema))

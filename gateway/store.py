@@ -26,7 +26,7 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from posemesh.gateway.at_rest import SecretBox, Unreadable, private_dir, private_file
+from posemesh.gateway.at_rest import KeyFileError, SecretBox, Unreadable, private_dir, private_file
 from posemesh.gateway.sql import Row, SQLiteDatabase, open_database
 from posemesh.mesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
@@ -72,7 +72,23 @@ CREATE TABLE IF NOT EXISTS admissions (
     "user" TEXT NOT NULL,
     expires_us BIGINT NOT NULL
 );
+-- Leases (gateway/duties.py): "gateway:<id>" says a gateway is alive; "mesh-duties" which gateway does what
+-- must happen once per mesh. Renewed by their holder; one that lapses may be taken by another.
+CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    holder TEXT NOT NULL,
+    expires_us BIGINT NOT NULL
+);
+-- Task ids a gateway reserved (gateway/reservations.py): their topics exist with no task yet, and are no
+-- orphans while the gateway that reserved them is alive.
+CREATE TABLE IF NOT EXISTS reserved (
+    task_id TEXT PRIMARY KEY,
+    gateway TEXT NOT NULL
+);
 """
+
+# Where a PostgreSQL store tells every gateway which task changed (gateway/sql.py's notify and listen).
+CHANGES_CHANNEL = "posemesh_tasks"
 
 
 def now_us() -> int:
@@ -96,7 +112,10 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  # sealed; cleared once delivered or given up), when the next attempt is due (NULL: none is),
                  # and the body, made once at the first attempt so every retry sends the same bytes.
                  ("webhook_url", "TEXT"), ("webhook_secret", "TEXT"), ("webhook_due_us", "BIGINT"),
-                 ("webhook_body", "TEXT")]
+                 ("webhook_body", "TEXT"),
+                 # The gateway that publishes the task's frames (its upload's decoder or its camera's reader):
+                 # it resumes them after its own restart; another takes them over once its lease lapses.
+                 ("owner", "TEXT")]
 
 
 @dataclass(frozen=True)
@@ -142,8 +161,33 @@ class TaskStore:
         self.db.migrate(SCHEMA, "tasks", ADDED_COLUMNS)
         self.lock = threading.RLock()
         self.listeners: list = []  # callables(task_id | None), told after every committed change
+        self.remote_listeners: list = []  # callables(task_id | None), told of other gateways' changes only
         self.wal_dirty = False  # a deletion's old content may still be in SQLite's write-ahead log
+        self._check_sealing_key()
         self._seal_plain_urls()
+
+    def _check_sealing_key(self) -> None:
+        """Every gateway of a store must seal with the same key, or one could not open what another sealed (a
+        camera URL, when it takes a live task over): a gateway with another key does not start, saying so.
+        (One gateway on SQLite that lost its key goes on: the tasks whose secrets it cannot open say so.)"""
+        if not self.shared:
+            return
+        check = self.get_meta("sealing_check")
+        if check is None:
+            self.set_meta("sealing_check", self.secrets.seal("posemesh"))
+            return
+        try:
+            self.secrets.open(check)
+        except Unreadable:
+            self.db.close()
+            raise KeyFileError("the task store's secrets were sealed with a key this gateway does not have: give "
+                               "every gateway of a shared store the same POSEMESH_SECRETS_KEY_FILE (a rotated key "
+                               "stays readable on the file's second line)") from None
+
+    @property
+    def shared(self) -> bool:
+        """Whether other gateways may use this store too (PostgreSQL)."""
+        return not isinstance(self.db, SQLiteDatabase)
 
     def _one(self, sql: str, args: tuple = ()) -> Row | None:
         with self.lock:
@@ -175,11 +219,20 @@ class TaskStore:
         with self.lock:
             with self.db.write():
                 yield self.db
+                if notify:  # the other gateways on a shared store hear of it when it commits
+                    self.db.notify(CHANGES_CHANNEL, task_id or "")
             if self.wal_dirty:
                 self.truncate_wal()
         if notify:
             for listener in self.listeners:
                 listener(task_id)
+
+    def hear_other_gateways(self, stop: threading.Event) -> None:
+        """Tell the listeners of the changes other gateways make to a shared (PostgreSQL) store too."""
+        def heard(task_id: str | None) -> None:
+            for listener in [*self.listeners, *self.remote_listeners]:
+                listener(task_id)
+        self.db.listen(CHANGES_CHANNEL, heard, stop)
 
     def truncate_wal(self) -> None:
         """SQLite: copy the write-ahead log into the database and empty it, so the old versions of pages it
@@ -266,9 +319,14 @@ class TaskStore:
         with self.lock:
             return self.db.execute(sql, args)
 
-    def active_tasks(self) -> list[ActiveTask]:
-        """Queued and running tasks (not deleted), with what it takes to run them again."""
-        rows = self._select("SELECT * FROM tasks WHERE state IN (?, ?) AND deleted = 0", tuple(ACTIVE))
+    def active_tasks(self, owner: str | None = None) -> list[ActiveTask]:
+        """Queued and running tasks (not deleted), with what it takes to run them again; those `owner`
+        publishes the frames of, when given (tasks of a version that did not record it count as its)."""
+        if owner is None:
+            rows = self._select("SELECT * FROM tasks WHERE state IN (?, ?) AND deleted = 0", tuple(ACTIVE))
+        else:
+            rows = self._select("SELECT * FROM tasks WHERE state IN (?, ?) AND deleted = 0 AND "
+                                "(owner = ? OR owner IS NULL)", (*ACTIVE, owner))
         return [ActiveTask(task=tpb.Task.FromString(r["task"]), epoch=r["epoch"], produced=bool(r["produced"]),
                            live_transport=r["live_transport"] or 0, ending_state=r["ending_state"] or 0,
                            **self._live_url(r["live_url"] or "")) for r in rows]
@@ -283,6 +341,11 @@ class TaskStore:
         """A task's state, also of one the user deleted whose row stays until its topics are gone."""
         rows = self._select("SELECT state FROM tasks WHERE task_id = ?", (task_id,))
         return rows[0]["state"] if rows else None
+
+    def live_elsewhere(self, task_id: str, owner: str) -> bool:
+        """Whether `task_id` is a live task whose camera another gateway than `owner` reads."""
+        rows = self._select("SELECT owner, live_url FROM tasks WHERE task_id = ?", (task_id,))
+        return bool(rows) and rows[0]["live_url"] is not None and rows[0]["owner"] not in (None, owner)
 
     def ending(self, task_id: str) -> tuple[int, str] | None:
         """How a live task whose source is done ends once its results arrive: (state, message), or None."""
@@ -325,14 +388,16 @@ class TaskStore:
     # ------------------------------------------------------------------ writes
 
     def create(self, task: tpb.Task, user: str, idempotency_key: str | None, upload_sha256: str = "",
-               webhook: tuple[str, str] | None = None) -> None:
-        """`webhook`: (callback URL, signing secret) of a task that named one (stored sealed)."""
+               webhook: tuple[str, str] | None = None, owner: str | None = None) -> None:
+        """`webhook`: (callback URL, signing secret) of a task that named one (stored sealed). `owner`: the
+        gateway that will publish its frames."""
         url, secret = (self.secrets.seal(webhook[0]), self.secrets.seal(webhook[1])) if webhook else (None, None)
         with self.transaction(task.task_id) as db:
             db.execute('INSERT INTO tasks (task_id, "user", state, created_us, idempotency_key, task, last_progress_us,'
-                       " upload_sha256, webhook_url, webhook_secret) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " upload_sha256, webhook_url, webhook_secret, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
-                        task.SerializeToString(), now_us(), upload_sha256 or None, url, secret))
+                        task.SerializeToString(), now_us(), upload_sha256 or None, url, secret, owner))
+            db.execute("DELETE FROM reserved WHERE task_id = ?", (task.task_id,))
 
     def update(self, task_id: str, fn) -> tpb.Task | None:
         """Apply fn(task) -> None to the stored Task and save it; state columns follow the message."""
@@ -494,6 +559,67 @@ class TaskStore:
     def release_admission(self, slot_id: str) -> None:
         with self.transaction(notify=False) as db:
             db.execute("DELETE FROM admissions WHERE slot_id = ?", (slot_id,))
+
+    # ------------------------------------------------------------------ leases (gateway/duties.py)
+
+    def hold_lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease `name` for `ttl_s` from now; False while another holder's has not lapsed."""
+        now = now_us()
+        with self.transaction(notify=False) as db:
+            row = db.one("SELECT holder, expires_us FROM leases WHERE name = ?", (name,))
+            if row is not None and row["holder"] != holder and row["expires_us"] >= now:
+                return False
+            db.execute("INSERT INTO leases (name, holder, expires_us) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE "
+                       "SET holder = ?, expires_us = ?", (name, holder, now + int(ttl_s * 1e6), holder,
+                                                          now + int(ttl_s * 1e6)))
+            return True
+
+    def release_lease(self, name: str, holder: str) -> None:
+        """Give the lease up now (a gateway stopping): another may take it at once."""
+        with self.transaction(notify=False) as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds the lease `name` now (None: nobody, or it lapsed)."""
+        rows = self._select("SELECT holder FROM leases WHERE name = ? AND expires_us >= ?", (name, now_us()))
+        return rows[0]["holder"] if rows else None
+
+    def orphaned_tasks(self, lease_prefix: str) -> list[str]:
+        """Active tasks whose owner is another gateway whose lease (`lease_prefix` + owner) lapsed or is gone."""
+        rows = self._select("SELECT task_id FROM tasks t WHERE state IN (?, ?) AND deleted = 0 AND owner IS NOT NULL "
+                            "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.name = ? || t.owner AND l.expires_us >= ?)",
+                            (*ACTIVE, lease_prefix, now_us()))
+        return [r["task_id"] for r in rows]
+
+    def take_over(self, task_id: str, owner: str, lease_prefix: str) -> bool:
+        """Make `owner` the task's owner if its owner's lease lapsed (one gateway wins)."""
+        with self.transaction(task_id, notify=False) as db:
+            row = db.one("SELECT owner FROM tasks WHERE task_id = ?", (task_id,))
+            if row is None or row["owner"] is None:
+                return False
+            alive = db.one("SELECT 1 FROM leases WHERE name = ? AND expires_us >= ?",
+                           (lease_prefix + row["owner"], now_us()))
+            if alive is not None:
+                return False
+            db.execute("UPDATE tasks SET owner = ? WHERE task_id = ?", (owner, task_id))
+            return True
+
+    # ------------------------------------------------------------------ reserved task ids (gateway/reservations.py)
+
+    def add_reserved(self, task_id: str, gateway: str) -> None:
+        with self.transaction(notify=False) as db:
+            db.execute("INSERT INTO reserved (task_id, gateway) VALUES (?, ?)", (task_id, gateway))
+
+    def drop_reserved(self, task_ids: list[str]) -> None:
+        if task_ids:
+            with self.transaction(notify=False) as db:
+                db.execute(f"DELETE FROM reserved WHERE task_id IN ({', '.join('?' * len(task_ids))})", tuple(task_ids))
+
+    def reserved_by_live_gateway(self, task_id: str, lease_prefix: str) -> bool:
+        """Whether `task_id` is a reservation of a gateway whose lease holds (its topics are no orphans)."""
+        rows = self._select("SELECT 1 FROM reserved r JOIN leases l ON l.name = ? || r.gateway "
+                            "WHERE r.task_id = ? AND l.expires_us >= ?", (lease_prefix, task_id, now_us()))
+        return bool(rows)
 
     # ------------------------------------------------------------------ webhooks (gateway/webhooks.py)
 

@@ -118,11 +118,12 @@ class TopicManager:
         """Per-task topics on the broker whose task is not live: announce their end, delete them later."""
         found = []
         for task_id in self.on_broker():
-            if self.is_reserved(task_id) or self.store.handles_topics_of(task_id):
-                continue  # an active task's, or an ended one's that the normal path deletes
+            if task_id in self.orphans or self.is_reserved(task_id) or self.store.handles_topics_of(task_id):
+                continue  # known already, reserved, an active task's, or an ended one's the normal path deletes
             self.publish_ended(task_id, tpb.TASK_STATE_CANCELLED)
             self.orphans.setdefault(task_id, time.time())
             found.append(task_id)
+        self.store.drop_reserved(found)  # a dead gateway's reservations among them
         return found
 
     def sweep(self) -> list[str]:

@@ -49,6 +49,23 @@ def postgres(tmp_path_factory):
         yield server
 
 
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A real S3-protocol server (moto's server mode, a process of its own) with one bucket."""
+    from posemesh.devstack.object_store import CREDENTIALS, LocalS3
+
+    saved = {name: os.environ.get(name) for name in CREDENTIALS}
+    os.environ.update(CREDENTIALS)  # boto3 in this process (the gateway) and in the workers finds them here
+    server = LocalS3(log_path=tmp_path_factory.mktemp("s3") / "moto.log").start()
+    yield server
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 def make_settings(broker, data_dir: Path, **overrides) -> Settings:
     s = Settings()
     s.kafka_bootstrap = broker.bootstrap

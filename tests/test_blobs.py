@@ -17,26 +17,11 @@ import av
 import grpc
 import pytest
 
-from posemesh.devstack.object_store import CREDENTIALS, LocalS3
 from posemesh.mesh.blobs import LocalBlobStore, S3BlobStore, open_blob_store
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import RunningGateway, Workers, auth, make_settings
 from tests.helpers import completed_results, decoded_pictures, upload, wait_for
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    saved = {name: os.environ.get(name) for name in CREDENTIALS}
-    os.environ.update(CREDENTIALS)  # boto3 in this process (the gateway) and in the workers finds them here
-    server = LocalS3(log_path=tmp_path_factory.mktemp("s3") / "moto.log").start()
-    yield server
-    server.stop()
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -50,6 +50,7 @@ class ApiGateway:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.id = "api-under-test"  # the gateway's id (gateway/duties.py): the owner of the tasks it starts
         self.auth = Authenticator(load_keys(settings.api_keys, settings.api_keys_file))
         self.source_policy = SourcePolicy(settings.live_sources)
         self.store = TaskStore(settings.store_location, SecretBox.for_settings(settings))

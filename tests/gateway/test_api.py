@@ -13,6 +13,7 @@ import time
 
 import grpc
 import pytest
+from cryptography.fernet import Fernet
 from prometheus_client import REGISTRY
 
 from posemesh.gateway.service import TaskService
@@ -281,11 +282,13 @@ def test_a_bad_region_of_interest_max_persons_or_sample_fps_is_invalid_argument_
     assert not api.gateway.limits.streams
 
 
-def test_the_active_task_limit_holds_across_gateways_sharing_a_store(api_factory, postgres):
+def test_the_active_task_limit_holds_across_gateways_sharing_a_store(api_factory, postgres, tmp_path):
     """Two gateways on one PostgreSQL store: an upload being received on either counts against the user's
     limit on both, and the slot is given back in the store when the upload ends."""
     url = postgres.create_database(f"limits{time.monotonic_ns()}")
-    a, b = (api_factory(store_url=url, max_active_tasks_per_user=2) for _ in range(2))
+    key = tmp_path / "secrets.key"  # gateways sharing a store share the key sealing its secrets
+    key.write_text(Fernet.generate_key().decode())
+    a, b = (api_factory(store_url=url, max_active_tasks_per_user=2, secrets_key_file=str(key)) for _ in range(2))
     release = threading.Event()
 
     def held(api, results):

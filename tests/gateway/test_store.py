@@ -121,3 +121,74 @@ def test_admission_slots_count_on_every_store_and_lapse_when_not_renewed(two_sto
     a.release_admission("slot-a")
     a.release_admission("slot-e")
     assert b.admit("alice", "slot-f", 2, ttl_s=60) is None
+
+
+def test_a_lease_has_one_holder_until_it_lapses_or_is_given_up(two_stores):
+    a, b = two_stores
+    assert a.hold_lease("duty", "A", 0.3) and a.hold_lease("duty", "A", 0.3), "taken, then renewed"
+    assert not b.hold_lease("duty", "B", 0.3) and b.lease_holder("duty") == "A"
+    time.sleep(0.4)
+    assert b.lease_holder("duty") is None and b.hold_lease("duty", "B", 10) and not a.hold_lease("duty", "A", 10)
+    b.release_lease("duty", "A")  # not A's to give up: nothing changes
+    assert a.lease_holder("duty") == "B"
+    b.release_lease("duty", "B")
+    assert a.hold_lease("duty", "A", 10)
+
+
+def test_a_dead_gateways_tasks_and_reservations_are_taken_over_once(two_stores):
+    """Tasks owned by a gateway whose lease lapsed are orphaned; one store takes each over, and only one;
+    its reserved ids stop counting as reserved."""
+    a, b = two_stores
+    a.hold_lease("gateway:A", "A", 0.3)
+    b.hold_lease("gateway:B", "B", 30)
+    mine, theirs, ended = _task(), _task(), _task(tpb.TASK_STATE_COMPLETED)
+    a.create(mine, "alice", None, owner="A")
+    b.create(theirs, "alice", None, owner="B")
+    a.create(ended, "alice", None, owner="A")
+    a.add_reserved("reserved-by-a", "A")
+    assert b.orphaned_tasks("gateway:") == [] and b.reserved_by_live_gateway("reserved-by-a", "gateway:")
+    time.sleep(0.4)
+    assert b.orphaned_tasks("gateway:") == [mine.task_id]
+    assert not b.reserved_by_live_gateway("reserved-by-a", "gateway:")
+    assert not b.take_over(theirs.task_id, "A", "gateway:"), "a live gateway's task stays its own"
+    won = [b.take_over(mine.task_id, "B", "gateway:"), a.take_over(mine.task_id, "C", "gateway:")]
+    assert won == [True, False]
+    assert {t.task.task_id for t in b.active_tasks(owner="B")} == {mine.task_id, theirs.task_id}
+    assert b.orphaned_tasks("gateway:") == []
+
+
+def test_a_shared_store_tells_the_other_stores_which_task_changed(postgres):
+    """PostgreSQL's NOTIFY: a write on one store reaches the listeners of the other (not its own, which
+    hear it directly), after the commit."""
+    box = SecretBox([Fernet.generate_key()])
+    location = postgres.create_database(f"notify{time.monotonic_ns()}")
+    a, b = TaskStore(location, box), TaskStore(location, box)
+    heard_a, heard_b, stop = [], [], threading.Event()
+    a.remote_listeners.append(heard_a.append)
+    b.remote_listeners.append(heard_b.append)
+    try:
+        a.hear_other_gateways(stop)
+        b.hear_other_gateways(stop)
+        deadline = time.monotonic() + 10
+        while not (None in heard_a and None in heard_b) and time.monotonic() < deadline:
+            time.sleep(0.02)  # each listener says "anything may have changed" once it listens
+        task = _task()
+        a.create(task, "alice", None)
+        b.transition(task.task_id, tpb.TASK_STATE_COMPLETED)
+        deadline = time.monotonic() + 10
+        while not (task.task_id in heard_a and task.task_id in heard_b) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert heard_a == [None, task.task_id] and heard_b == [None, task.task_id]
+    finally:
+        stop.set()
+        a.close()
+        b.close()
+
+
+def test_gateways_sealing_with_different_keys_cannot_share_a_store(postgres):
+    from posemesh.gateway.at_rest import KeyFileError
+
+    location = postgres.create_database(f"keys{time.monotonic_ns()}")
+    TaskStore(location, SecretBox([Fernet.generate_key()])).close()
+    with pytest.raises(KeyFileError, match="same POSEMESH_SECRETS_KEY_FILE"):
+        TaskStore(location, SecretBox([Fernet.generate_key()]))

@@ -11,6 +11,10 @@ Retries: calls that are safe to repeat are retried with exponential back-off (ca
 (and on DEADLINE_EXCEEDED for reads) for up to `retry_s` seconds (default 90: a gateway or whole stack
 restart takes 20-60 s), then fail with GatewayUnreachable, which says for how long and why. Uploads are safe
 to repeat because each carries one idempotency key through all its attempts; watches reconnect the same way.
+
+Several gateways: give every address, comma-separated ("10.0.0.5:50051,10.0.0.6:50051"), or one DNS name
+that resolves to them all (a Kubernetes headless Service). Calls are spread over them (gRPC's round_robin),
+and a call that fails because its gateway died is retried on another.
 """
 
 from __future__ import annotations
@@ -62,6 +66,15 @@ class GatewayUnreachable(grpc.RpcError):
         return self._details
 
 
+def channel_target(address: str) -> str:
+    """The gRPC target for one address or several comma-separated IP:port addresses (gRPC takes a list only
+    of IP literals: ipv4:a:p,b:p or ipv6:[a]:p,[b]:p)."""
+    if "," not in address or address.startswith(("ipv4:", "ipv6:", "dns:", "unix:", "unix-abstract:", "xds:")):
+        return address
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    return ("ipv6:" if parts[0].startswith("[") else "ipv4:") + ",".join(parts)
+
+
 def state_name(state: int) -> str:
     return tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
 
@@ -72,8 +85,8 @@ class Client:
         self.address = address or os.environ.get("POSEMESH_ADDRESS", "127.0.0.1:50051")
         self.api_key = api_key or os.environ.get("POSEMESH_API_KEY", "posemesh-dev-key")
         self.retry_s, self.backoff_s, self.timeout_s = retry_s, backoff_s, timeout_s
-        self.channel = channel or grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024)])
+        self.channel = channel or grpc.insecure_channel(channel_target(self.address), options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024), ("grpc.lb_policy_name", "round_robin")])
         self.stub = tpb_grpc.TaskServiceStub(self.channel)
 
     @property

@@ -1,0 +1,166 @@
+"""Several gateways serve one mesh (gateway/duties.py): two gateway processes, each on its own data
+directory and port, share a PostgreSQL task store and an S3 bucket, and nothing else. Every call may go to
+either; one of them holds the mesh duties; a gateway killed mid-task leaves its tasks to the other."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.fernet import Fernet
+
+from posemesh.client import Client
+from posemesh.devstack.processes import free_port, stop_process
+from posemesh.gateway.at_rest import SecretBox
+from posemesh.gateway.duties import DUTIES_LEASE, GATEWAY_LEASE, LEASE_TTL_S
+from posemesh.gateway.store import TaskStore
+from posemesh.mesh.settings import REPO_ROOT
+from posemesh.v1 import task_service_pb2 as tpb
+from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
+from tests import clips
+from tests.conftest import USERS, Workers, auth, make_settings, settings_env
+from tests.helpers import completed_results, decoded_pictures, upload, wait_for
+from tests.mesh import _healthy
+
+
+class GatewayProcess:
+    """`python -m posemesh.gateway` on its own data directory and port, as a deployment runs each replica."""
+
+    def __init__(self, env: dict, data_dir: Path, logs: Path):
+        self.env, self.data_dir, self.logs = dict(env), data_dir, logs
+        self.port = free_port()
+        self.env.update({"POSEMESH_DATA_DIR": str(data_dir), "POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{self.port}"})
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        log = open(self.logs / f"gateway-{self.port}.log", "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "posemesh.gateway"], cwd=REPO_ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: _healthy(self.address), 60, 0.1, f"the gateway on {self.address} to serve")
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = tpb_grpc.TaskServiceStub(self.channel)
+
+    @property
+    def id(self) -> str:
+        return (self.data_dir / "gateway-id").read_text().strip()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self.channel.close()
+
+    def stop(self) -> None:
+        self.channel.close()
+        if self.proc is not None:
+            stop_process(self.proc, grace=10)
+
+
+@pytest.fixture(scope="module")
+def mesh(broker, triton, postgres, s3, tmp_path_factory):
+    """Two gateways and one worker of each stage, meeting only in Kafka, PostgreSQL and the bucket."""
+    root = tmp_path_factory.mktemp("gateways")
+    (root / "secrets.key").write_text(Fernet.generate_key().decode())
+    settings = make_settings(broker, root / "workers", triton_url=triton.url, group_prefix=f"gw{time.monotonic_ns()}",
+                             blob_url=s3.blob_url("gw"), s3_endpoint_url=s3.endpoint_url)
+    env = settings_env(settings)
+    env.update({"POSEMESH_STORE_URL": postgres.create_database(f"gateways{time.monotonic_ns()}"),
+                "POSEMESH_SECRETS_KEY_FILE": str(root / "secrets.key"),
+                "POSEMESH_MAX_FRAMES_AHEAD": "16"})  # decoding stays a few frames ahead: a kill lands mid-file
+    gateways = [GatewayProcess(env, root / f"gateway{i}", root) for i in range(2)]
+    workers = Workers(settings, root)
+    try:
+        for stage in ("detect", "pose", "track", "annotate"):
+            workers.start(stage)
+        workers.wait_healthy()
+        store = TaskStore(env["POSEMESH_STORE_URL"], SecretBox.from_file(root / "secrets.key"))
+        yield gateways, store, root
+        store.close()
+    finally:
+        workers.stop()
+        for gw in gateways:
+            gw.stop()
+
+
+def test_two_gateways_serve_every_call_on_either_and_one_holds_the_duties(mesh, tmp_path):
+    """Round-robin over both addresses (grpc's client-side load balancing) for the upload and the reads;
+    then each call on a chosen gateway: the upload on one, WatchTask on both (each sees the task through to
+    COMPLETED, in order), downloads from both (equal), delete on the other."""
+    (a, b), store, _root = mesh
+    assert store.lease_holder(DUTIES_LEASE) in (a.id, b.id)
+    assert {store.lease_holder(GATEWAY_LEASE + g.id) for g in (a, b)} == {a.id, b.id}
+    clip = clips.synth(tmp_path / "clip.mp4", 40, fps=10)
+    both = grpc.insecure_channel(f"ipv4:{a.address},{b.address}", options=[("grpc.lb_policy_name", "round_robin")])
+    rr = tpb_grpc.TaskServiceStub(both)
+    first = upload(rr, clip, auth())
+    done_rr, video_rr, keypoints_rr = completed_results(rr, first.task_id, auth())
+
+    task = upload(a.stub, clip, auth())
+    seen: dict[str, list[tpb.Task]] = {"a": [], "b": []}
+
+    def watch(name: str, stub) -> None:
+        for response in stub.WatchTask(tpb.WatchTaskRequest(task_id=task.task_id), metadata=auth(), timeout=240):
+            seen[name].append(response.task)
+
+    watchers = [threading.Thread(target=watch, args=(n, g.stub)) for n, g in (("a", a), ("b", b))]
+    for w in watchers:
+        w.start()
+    for w in watchers:
+        w.join(240)
+    for name, snapshots in seen.items():
+        assert snapshots and snapshots[-1].state == tpb.TASK_STATE_COMPLETED, name
+        detected = [s.progress[1].frames_done for s in snapshots if len(s.progress) > 1]
+        assert detected == sorted(detected) and detected[-1] == 40, (name, detected)
+    done_a, video_a, keypoints_a = completed_results(a.stub, task.task_id, auth())
+    done_b, video_b, keypoints_b = completed_results(b.stub, task.task_id, auth())
+    assert keypoints_a == keypoints_b == keypoints_rr and video_a == video_b
+    assert decoded_pictures(video_a) == decoded_pictures(video_rr)
+    listed = {t.task_id for t in b.stub.ListTasks(tpb.ListTasksRequest(), metadata=auth(), timeout=10).tasks}
+    assert {first.task_id, task.task_id} <= listed
+    b.stub.DeleteTask(tpb.DeleteTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+    with pytest.raises(grpc.RpcError) as gone:
+        a.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    both.close()
+
+
+@pytest.mark.slow
+def test_a_gateway_killed_mid_upload_leaves_its_task_to_the_other_frame_exact(mesh, tmp_path):
+    """SIGKILL of the gateway decoding a task (and, if it held them, the mesh duties): once its lease lapses
+    the other takes the duties and the task, publishes its frames again from the upload in the bucket, and
+    the results equal an undisturbed run's. A watcher of the SDK given both addresses goes on through the
+    kill. The killed gateway then starts again and serves."""
+    (a, b), store, _root = mesh
+    clip = clips.synth(tmp_path / "long.mp4", 120, fps=10)
+    _ref, ref_video, ref_keypoints = completed_results(b.stub, upload(b.stub, clip, auth()).task_id, auth())
+    task = upload(a.stub, clip, auth())
+    watched: list[tpb.Task] = []
+    with Client(f"{a.address},{b.address}", USERS["alice"], retry_s=60) as client:
+        watcher = threading.Thread(target=lambda: watched.append(client.wait(task.task_id, timeout_s=240)))
+        watcher.start()
+        wait_for(lambda: 20 <= b.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(),
+                                              timeout=10).task.progress[0].frames_done < 120,
+                 120, 0.05, "the owner to decode part of the upload")
+        a.kill()
+        killed_at = time.monotonic()
+        done, video, keypoints = completed_results(b.stub, task.task_id, auth())
+        watcher.join(60)
+    assert watched and watched[0].state == tpb.TASK_STATE_COMPLETED, "the SDK's watch went on on the other gateway"
+    assert time.monotonic() - killed_at > LEASE_TTL_S / 2, "taken over before the lease could lapse"
+    assert keypoints == ref_keypoints
+    assert decoded_pictures(video) == decoded_pictures(ref_video)
+    assert done.video.frame_count == 120
+    assert store.lease_holder(DUTIES_LEASE) == b.id
+    a.start()
+    assert a.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10).task.state == \
+        tpb.TASK_STATE_COMPLETED
