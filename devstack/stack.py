@@ -3,12 +3,17 @@
     posemesh up                # start everything, stay in the foreground; Ctrl-C stops it cleanly
     posemesh down              # stop a stack started by `up` in another terminal
     posemesh run VIDEO         # start, process one video, write the results, stop
+    posemesh up --gateways 2   # several gateways on one mesh: a local PostgreSQL task store they share
 
 Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open)
 -> Triton (models ready) -> gateway (gRPC health) -> workers (gRPC health). A process that dies is restarted
 with back-off, into the same log file (RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave
 their consumer groups first, the gateway next; the memory-only broker takes every topic with it. With an external
 Kafka (--kafka HOST:PORT) topics of unfinished tasks are kept on purpose: the gateway resumes them.
+
+With several gateways (gateway/duties.py) each has its own data directory and port (--gateway-port, then
+the next free ones); they share a local PostgreSQL server (Debian's package, started first, its cluster
+deleted at the end), one sealing key, and the stack's data directory as their blob store.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class StackConfig:
     triton_url: str = ""  # external Triton; empty: start the local one
     triton_grpc_port: int = 0
     gateway_port: int = 0
+    gateways: int = 1
     workers: dict = field(default_factory=lambda: {s: 1 for s in STAGE_NAMES})
     ort_threads: int = 1
     rtsp_port: int = 0  # the local RTSP relay for live output; -1: none
@@ -107,7 +113,10 @@ class Stack:
         self.stopping = threading.Event()
         self.bootstrap = config.kafka or f"127.0.0.1:{config.kafka_port}"
         self.triton_url = config.triton_url or f"127.0.0.1:{config.triton_grpc_port}"
-        self.gateway_address = f"127.0.0.1:{config.gateway_port}"
+        ports = [config.gateway_port, *free_ports(config.gateways - 1)]
+        self.gateway_addresses = [f"127.0.0.1:{p}" for p in ports]
+        self.gateway_address = ",".join(self.gateway_addresses)  # what the SDK and CLI take (POSEMESH_ADDRESS)
+        self.postgres = None  # the local PostgreSQL server several gateways share
         self.env = dict(os.environ)
         self.env.update({
             "POSEMESH_KAFKA_BOOTSTRAP": self.bootstrap,
@@ -171,10 +180,7 @@ class Stack:
 
                 cmd, env = triton.command(TritonInstall.find())
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
-            self.metrics_ports = {"gateway": free_port()}
-            self._add("gateway", [sys.executable, "-m", "posemesh.gateway"],
-                      lambda: grpc_healthy(self.gateway_address), 60,
-                      env={**self.env, "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports["gateway"])})
+            self._start_gateways()
             for stage, count in self.config.workers.items():
                 for i in range(count):
                     port = free_port()
@@ -190,9 +196,37 @@ class Stack:
         threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         return self
 
+    def _start_gateways(self) -> None:
+        """One gateway on the stack's data directory (SQLite), or several on a PostgreSQL store they share."""
+        if len(self.gateway_addresses) == 1:
+            self.metrics_ports = {"gateway": free_port()}
+            self._add("gateway", [sys.executable, "-m", "posemesh.gateway"],
+                      lambda: grpc_healthy(self.gateway_address), 60,
+                      env={**self.env, "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports["gateway"])})
+            return
+        from cryptography.fernet import Fernet
+
+        from posemesh.devstack.postgres import LocalPostgres
+
+        self.postgres = LocalPostgres(log_path=self.logs / "postgres.log").start()
+        key = self.run_dir / "secrets.key"
+        if not key.exists():
+            key.write_text(Fernet.generate_key().decode() + "\n")
+            key.chmod(0o600)
+        shared = {**self.env, "POSEMESH_STORE_URL": self.postgres.url, "POSEMESH_SECRETS_KEY_FILE": str(key),
+                  "POSEMESH_BLOB_URL": self.env.get("POSEMESH_BLOB_URL") or f"file://{self.run_dir / 'data'}"}
+        self.env["POSEMESH_BLOB_URL"] = shared["POSEMESH_BLOB_URL"]  # the workers' too
+        for i, address in enumerate(self.gateway_addresses):
+            name = f"gateway-{i}"
+            self.metrics_ports[name] = free_port()
+            self._add(name, [sys.executable, "-m", "posemesh.gateway"], lambda a=address: grpc_healthy(a), 60,
+                      env={**shared, "POSEMESH_GATEWAY_LISTEN": address, "POSEMESH_DATA_DIR": str(self.run_dir / name),
+                           "POSEMESH_GATEWAY_METRICS_PORT": str(self.metrics_ports[name])})
+
     def _write_state(self) -> None:
         state = {"pid": os.getpid(), "gateway": self.gateway_address, "kafka": self.bootstrap,
                  "triton": self.triton_url, "rtsp": self.rtsp_url, "logs": str(self.logs),
+                 "postgres": self.postgres.url if self.postgres else "",
                  "services": {s.name: s.proc.pid for s in self.services},
                  "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()}}
         (self.run_dir / "stack.json").write_text(json.dumps(state, indent=2))
@@ -235,6 +269,8 @@ class Stack:
             if s not in workers:
                 stop_process(s.proc, grace=15)
             kill_group(s.proc.pid)  # nothing a service started outlives the stack
+        if self.postgres is not None:
+            self.postgres.stop()
         state = self.run_dir / "stack.json"
         state.unlink(missing_ok=True)
         log.info("stack stopped")
@@ -264,6 +300,9 @@ def up(config: StackConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stack.start()
     print(f"posemesh is up: gateway {stack.gateway_address} (API key posemesh-dev-key unless POSEMESH_API_KEYS is set)")
+    if len(stack.gateway_addresses) > 1:
+        print(f"{len(stack.gateway_addresses)} gateways: give clients every address, e.g. "
+              f"POSEMESH_ADDRESS={stack.gateway_address}")
     if stack.rtsp_url:
         print(f"live output: annotated live tasks play at {stack.rtsp_url}/live/<task>")
     print(f"logs in {stack.logs}; Ctrl-C or `posemesh down` stops it")

@@ -128,7 +128,7 @@ def test_kubernetes_probes_ports_and_commands_match_the_code():
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == args.metrics_port
     gateway = deployments["gateway"]["spec"]["template"]
     container = gateway["spec"]["containers"][0]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # not those from Secrets
     listen_port = int(env["POSEMESH_GATEWAY_LISTEN"].rsplit(":", 1)[1])
     assert container["readinessProbe"]["grpc"]["port"] == listen_port
     assert {p["containerPort"] for p in container["ports"]} == {listen_port, int(env["POSEMESH_GATEWAY_METRICS_PORT"])}
@@ -422,10 +422,19 @@ def test_selectors_name_the_app_and_select_their_pods():
                     assert port["targetPort"] in names, (doc["metadata"]["name"], port)
 
 
-def test_the_gateway_is_replaced_not_rolled_while_it_is_the_single_events_reader():
-    deployments = {d["metadata"]["name"]: d for _, d in all_k8s_docs() if d["kind"] == "Deployment"}
+def test_several_gateways_roll_one_at_a_time_on_the_shared_store():
+    """More than one gateway, a new one up before an old one goes, all on the PostgreSQL store of one Secret
+    and no volume claim of their own."""
+    docs = all_k8s_docs()
+    deployments = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "Deployment"}
     gateway = deployments["gateway"]["spec"]
-    assert gateway["replicas"] == 1 and gateway["strategy"] == {"type": "Recreate"}
+    assert gateway["replicas"] >= 2
+    assert gateway["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = {e["name"]: e for e in gateway["template"]["spec"]["containers"][0]["env"]}
+    ref = env["POSEMESH_STORE_URL"]["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for f, d in docs if d["kind"] == "Secret"}
+    assert secrets[ref["name"]]["stringData"][ref["key"]].startswith("postgresql://")
+    assert all("persistentVolumeClaim" not in v for v in gateway["template"]["spec"]["volumes"])
 
 
 def test_posemesh_pods_run_as_the_image_user_with_a_writable_volume_group():
@@ -458,7 +467,8 @@ def test_triton_lands_on_a_gpu_node_with_declared_ports_and_http_probes():
 
 def test_no_volume_is_shared_between_pods_results_go_to_object_storage():
     """Gateway and annotate meet in the bucket of POSEMESH_BLOB_URL, not on a disk: no claim is
-    ReadWriteMany, the gateway's is its own, and annotate keeps only an emptyDir of scratch."""
+    ReadWriteMany, the only one is the models' (Triton, or its loader), and the gateways and annotate keep
+    only emptyDirs."""
     docs = all_k8s_docs()
     config = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "posemesh")["data"]
     assert config["POSEMESH_BLOB_URL"].startswith("s3://")
@@ -469,9 +479,10 @@ def test_no_volume_is_shared_between_pods_results_go_to_object_storage():
         for v in spec.get("volumes", []):
             if "persistentVolumeClaim" in v:
                 users.setdefault(v["persistentVolumeClaim"]["claimName"], set()).add(name)
-    assert users["posemesh-gateway"] == {"Deployment/gateway"}  # the models' claim: Triton, or its loader
-    annotate = next(spec for name, _, spec in pod_specs(docs) if name == "Deployment/annotate")
-    assert [v for v in annotate["volumes"] if "emptyDir" not in v] == []
+    assert set(users) == {"posemesh-trt-models"}
+    for part in ("Deployment/annotate", "Deployment/gateway"):
+        spec = next(spec for name, _, spec in pod_specs(docs) if name == part)
+        assert [v for v in spec["volumes"] if "emptyDir" not in v and "secret" not in v] == [], part
 
 
 def test_the_namespace_enforces_the_restricted_standard():

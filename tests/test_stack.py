@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ import pytest
 from posemesh.client import Client
 from posemesh.devstack.processes import free_port
 from posemesh.mesh.settings import REPO_ROOT
+from posemesh.v1 import task_service_pb2 as tpb
 from tests.helpers import wait_for
 
 pytestmark = pytest.mark.slow
@@ -30,27 +32,36 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_up_restarts_crashed_processes_and_stops_cleanly(tmp_path):
+def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_path):
+    """`posemesh up --gateways 2`: two gateways on a local PostgreSQL store (stopped and deleted with the
+    stack); a task uploaded through both addresses completes; a killed worker is restarted."""
+    from tests import clips
+
     run_dir = tmp_path / "stack"
     port = free_port()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("POSEMESH_API_KEYS", None)
     up = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "up", "--run-dir", str(run_dir),
-                           "--gateway-port", str(port)], cwd=REPO_ROOT, env=env,
+                           "--gateway-port", str(port), "--gateways", "2"], cwd=REPO_ROOT, env=env,
                           stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
     try:
         state_file = run_dir / "stack.json"
         wait_for(state_file.exists, 240, 0.2, "the stack to come up")
         state = json.loads(state_file.read_text())
-        assert set(state["services"]) == {"rtsp", "broker", "triton", "gateway", "detect-0", "pose-0", "track-0",
-                                          "annotate-0"}
+        assert set(state["services"]) == {"rtsp", "broker", "triton", "gateway-0", "gateway-1", "detect-0", "pose-0",
+                                          "track-0", "annotate-0"}
         assert state["rtsp"].startswith("rtsp://127.0.0.1:")  # the relay live tasks publish to
-        with Client(f"127.0.0.1:{port}") as client:  # the development key
-            assert list(client.list()) == []
-        # Prometheus metrics from the gateway and every worker.
+        assert state["gateway"].startswith(f"127.0.0.1:{port},127.0.0.1:") and state["postgres"]
+        for address in state["gateway"].split(","):
+            with Client(address) as client:  # the development key
+                assert list(client.list()) == []
+        with Client(state["gateway"]) as client:  # both addresses: calls spread over them
+            task = client.submit(clips.synth(tmp_path / "clip.mp4", 10))
+            assert client.wait(task.task_id, timeout_s=120).state == tpb.TASK_STATE_COMPLETED
+        # Prometheus metrics from the gateways and every worker.
         import urllib.request
-        assert set(state["metrics"]) == {"gateway", "detect-0", "pose-0", "track-0", "annotate-0"}
-        text = urllib.request.urlopen(state["metrics"]["gateway"], timeout=10).read().decode()
+        assert set(state["metrics"]) == {"gateway-0", "gateway-1", "detect-0", "pose-0", "track-0", "annotate-0"}
+        text = urllib.request.urlopen(state["metrics"]["gateway-1"], timeout=10).read().decode()
         assert "posemesh_gateway_uploads_total" in text
         text = urllib.request.urlopen(state["metrics"]["pose-0"], timeout=10).read().decode()
         assert "posemesh_stage_frames_total" in text
@@ -71,6 +82,8 @@ def test_up_restarts_crashed_processes_and_stops_cleanly(tmp_path):
     assert up.returncode == 0
     assert not state_file.exists()
     assert [p for p in pids if alive(p)] == []
+    with pytest.raises(OSError):  # the stack's PostgreSQL stopped with it
+        socket.create_connection(("127.0.0.1", int(state["postgres"].rsplit(":", 1)[1].split("/")[0])), timeout=2)
 
 
 def test_run_stops_its_stack_when_terminated(tmp_path):

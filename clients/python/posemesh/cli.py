@@ -255,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kafka", default="", help="use this Kafka instead of the local broker")
     p.add_argument("--triton-url", default="", help="use this Triton instead of the local one")
     p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage)")
+    p.add_argument("--gateways", type=int, default=1,
+                   help="gateways on the one mesh (more than 1: a local PostgreSQL store they share)")
     p.add_argument("--rtsp-port", type=int, default=8554, help="local RTSP relay for live output (-1: none)")
     p.add_argument("--live-sources", default="",
                    help="allow-list of camera URLs the gateway may read (scheme://host:port patterns; "
@@ -289,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
             name, _, n = item.partition("=")
             workers[name] = int(n)
         stack.up(stack.StackConfig(run_dir=Path(args.run_dir), kafka=args.kafka, kafka_port=args.kafka_port,
-                                   triton_url=args.triton_url, gateway_port=args.gateway_port, workers=workers,
+                                   triton_url=args.triton_url, gateway_port=args.gateway_port,
+                                   gateways=args.gateways, workers=workers,
                                    rtsp_port=args.rtsp_port, live_sources=args.live_sources))
         return 0
 

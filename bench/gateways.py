@@ -1,0 +1,75 @@
+"""The front door scaled out: N concurrent uploads through 1 gateway, then through 2 gateways sharing a
+PostgreSQL store (`posemesh up --gateways 2`), on the same machine in one run (issue 18, item 5).
+
+    .venv/bin/python bench/gateways.py [--uploads 8] [--frames 60]
+
+Each configuration starts its own local stack (one worker per stage) and sends the same uploads through the
+SDK (given every gateway address, so calls are spread round-robin). Printed per configuration: aggregate
+frames/s from the first upload's start to the last one's end, the median and worst time from an upload's
+end to its first annotated frame, and CPU milliseconds per frame by process kind (gateway = decode + JPEG
+encode + the API; the other kinds for comparison), so the ceiling of one gateway can be read off: frames/s
+per gateway core = 1000 / (gateway ms per frame). Then the ratios 2 gateways / 1 gateway.
+
+On two cores the models bound throughput, not the gateway, so the ratio of throughputs says little there;
+the CPU per frame is what carries over to a cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.end_to_end import cpu_by_service
+from bench.measure import run_uploads
+from posemesh.client import Client
+from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.settings import default_media_dir
+from tests.helpers import make_clip
+
+
+def run(gateways: int, clip: Path, uploads: int, work: Path) -> dict:
+    stack = Stack(StackConfig(run_dir=work / f"stack-{gateways}", rtsp_port=-1, gateways=gateways)).start()
+    try:
+        with Client(stack.gateway_address) as client:
+            run_uploads(client, clip, 1, "default")  # warm: models loaded, reservations made
+            before = cpu_by_service(stack)
+            done, wall = run_uploads(client, clip, uploads, "default")
+            after = cpu_by_service(stack)
+    finally:
+        stack.stop()
+    frames = sum(u.frames for u in done)
+    firsts = sorted(u.first_latency for u in done)
+    return {"fps": frames / wall, "first_median": statistics.median(firsts), "first_worst": firsts[-1],
+            "cpu_ms": {k: 1000 * (after[k] - before.get(k, 0.0)) / frames for k in after}, "frames": frames}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--uploads", type=int, default=8)
+    parser.add_argument("--frames", type=int, default=60)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="posemesh-bench-gateways-") as tmp:
+        work = Path(tmp)
+        clip = make_clip(default_media_dir() / "towncentre_1080p_302f.mp4", work / "clip.mp4", args.frames)
+        results = {n: run(n, clip, args.uploads, work) for n in (1, 2)}
+    kinds = sorted({k for r in results.values() for k in r["cpu_ms"]})
+    print(f"{args.uploads} concurrent uploads of {args.frames} frames of 1080p (towncentre)")
+    print(f"{'gateways':>8} {'frames/s':>9} {'first p50 s':>12} {'first max s':>12}  CPU ms per frame: "
+          + " ".join(f"{k:>9}" for k in kinds))
+    for n, r in results.items():
+        print(f"{n:>8} {r['fps']:>9.2f} {r['first_median']:>12.2f} {r['first_worst']:>12.2f}  {'':17}"
+              + " ".join(f"{r['cpu_ms'].get(k, 0.0):>9.1f}" for k in kinds))
+    one, two = results[1], results[2]
+    print(f"ratios 2/1: frames/s {two['fps'] / one['fps']:.2f}, first-frame p50 "
+          f"{two['first_median'] / one['first_median']:.2f}, gateway CPU per frame "
+          f"{two['cpu_ms']['gateway'] / one['cpu_ms']['gateway']:.2f}")
+    print(f"one gateway core decodes and serves about {1000 / one['cpu_ms']['gateway']:.0f} 1080p frames/s")
+
+
+if __name__ == "__main__":
+    main()
