@@ -1,5 +1,6 @@
-"""The front door scaled out: N concurrent uploads through 1 gateway, then through 2 gateways sharing a
-PostgreSQL store (`posemesh up --gateways 2`), on the same machine in one run (issue 18, item 5).
+"""The front door scaled out: N concurrent uploads through 1 gateway (SQLite, then PostgreSQL), then through
+2 gateways sharing a PostgreSQL store (`posemesh up --gateways 2`), on the same machine in one run (issue
+18, item 5). The middle run tells what the store costs from what a second gateway costs.
 
     .venv/bin/python bench/gateways.py [--uploads 8] [--frames 60]
 
@@ -32,8 +33,9 @@ from posemesh.mesh.settings import default_media_dir
 from tests.helpers import make_clip
 
 
-def run(gateways: int, clip: Path, uploads: int, work: Path) -> dict:
-    stack = Stack(StackConfig(run_dir=work / f"stack-{gateways}", rtsp_port=-1, gateways=gateways)).start()
+def run(gateways: int, postgres: bool, clip: Path, uploads: int, work: Path) -> dict:
+    stack = Stack(StackConfig(run_dir=work / f"stack-{gateways}-{postgres}", rtsp_port=-1, gateways=gateways,
+                              postgres=postgres)).start()
     try:
         with Client(stack.gateway_address) as client:
             run_uploads(client, clip, 1, "default")  # warm: models loaded, reservations made
@@ -56,19 +58,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="posemesh-bench-gateways-") as tmp:
         work = Path(tmp)
         clip = make_clip(default_media_dir() / "towncentre_1080p_302f.mp4", work / "clip.mp4", args.frames)
-        results = {n: run(n, clip, args.uploads, work) for n in (1, 2)}
+        results = {(n, pg): run(n, pg, clip, args.uploads, work) for n, pg in ((1, False), (1, True), (2, True))}
     kinds = sorted({k for r in results.values() for k in r["cpu_ms"]})
     print(f"{args.uploads} concurrent uploads of {args.frames} frames of 1080p (towncentre)")
-    print(f"{'gateways':>8} {'frames/s':>9} {'first p50 s':>12} {'first max s':>12}  CPU ms per frame: "
+    print(f"{'gateways':>8} {'store':>10} {'frames/s':>9} {'first p50 s':>12} {'first max s':>12}  CPU ms per frame: "
           + " ".join(f"{k:>9}" for k in kinds))
-    for n, r in results.items():
-        print(f"{n:>8} {r['fps']:>9.2f} {r['first_median']:>12.2f} {r['first_worst']:>12.2f}  {'':17}"
+    for (n, pg), r in results.items():
+        store = "postgresql" if pg else "sqlite"
+        print(f"{n:>8} {store:>10} {r['fps']:>9.2f} {r['first_median']:>12.2f} {r['first_worst']:>12.2f}  {'':17}"
               + " ".join(f"{r['cpu_ms'].get(k, 0.0):>9.1f}" for k in kinds))
-    one, two = results[1], results[2]
-    print(f"ratios 2/1: frames/s {two['fps'] / one['fps']:.2f}, first-frame p50 "
+    one, two = results[(1, True)], results[(2, True)]
+    print(f"ratios 2/1 gateways on PostgreSQL: frames/s {two['fps'] / one['fps']:.2f}, first-frame p50 "
           f"{two['first_median'] / one['first_median']:.2f}, gateway CPU per frame "
           f"{two['cpu_ms']['gateway'] / one['cpu_ms']['gateway']:.2f}")
-    print(f"one gateway core decodes and serves about {1000 / one['cpu_ms']['gateway']:.0f} 1080p frames/s")
+    print(f"one gateway core decodes and serves about {1000 / results[(1, False)]['cpu_ms']['gateway']:.0f} 1080p "
+          "frames/s")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class StackConfig:
     triton_grpc_port: int = 0
     gateway_port: int = 0
     gateways: int = 1
+    postgres: bool = False  # the task store on a local PostgreSQL even for one gateway (several always are)
     workers: dict = field(default_factory=lambda: {s: 1 for s in STAGE_NAMES})
     ort_threads: int = 1
     rtsp_port: int = 0  # the local RTSP relay for live output; -1: none
@@ -198,7 +199,7 @@ class Stack:
 
     def _start_gateways(self) -> None:
         """One gateway on the stack's data directory (SQLite), or several on a PostgreSQL store they share."""
-        if len(self.gateway_addresses) == 1:
+        if len(self.gateway_addresses) == 1 and not self.config.postgres:
             self.metrics_ports = {"gateway": free_port()}
             self._add("gateway", [sys.executable, "-m", "posemesh.gateway"],
                       lambda: grpc_healthy(self.gateway_address), 60,
