@@ -5,6 +5,11 @@ caller down, only a gone one fails it.
   POSEMESH_TRITON_MAX_IN_FLIGHT at a time per model and process, so Triton's dynamic batcher can merge them
   with other workers' requests while a worker never floods a busy server's queue: the worker's loop waits
   here, and its Kafka consumer simply reads less (back-pressure).
+- A stuck connection is not a gone server either. When the readiness question goes unanswered on the
+  model's connection, it is asked again on a new one; if that answers, Triton is there and the old
+  connection is what hangs (CI: a request and then every probe on one channel unanswered for minutes while
+  Triton served everyone else): the model moves to the new connection and the requests still out on the
+  old one are cancelled and sent again.
 - Busy is not gone. When an answer takes longer than its deadline (four times the recent round trip, at
   least POSEMESH_TRITON_TIMEOUT_S), the model's readiness is asked: Triton answers health checks at once
   even with a long inference queue, so a ready model means "busy": the request is left to finish (it is
@@ -214,6 +219,8 @@ class TritonModel:
         self._problem = ""  # non-empty while Triton is unreachable, not ready or not answering
         self._probed = 0.0
         self._outage_since: float | None = None
+        self.reconnects = 0  # times the model moved to a new connection because its own hung
+        self._retired: list[tuple[float, object]] = []  # (when, client) replaced, closed a while later
 
     @classmethod
     def for_settings(cls, settings, name: str) -> TritonModel:
@@ -280,13 +287,36 @@ class TritonModel:
 
     def _ready(self) -> str:
         """"" when the model says it is ready (a busy server still answers this at once: health is not
-        queued behind inference), else what is wrong."""
+        queued behind inference), else what is wrong. Unanswered, the question is asked again on a new
+        connection, and the model moves to it if Triton answers there (the old connection hangs)."""
         try:
             if self.client.is_model_ready(self.name, client_timeout=max(self.timeout_s, PROBE_TIMEOUT_S)):
                 return ""
             return "model not ready"
         except InferenceServerException as exc:
-            return _text(exc)
+            what = _text(exc)
+        if not unanswered(what):
+            return what
+        fresh = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+        try:
+            ready = fresh.is_model_ready(self.name, client_timeout=max(self.timeout_s, PROBE_TIMEOUT_S))
+        except InferenceServerException:
+            ready = False
+        if not ready:
+            fresh.close()
+            return what
+        log.warning("Triton model %s: its connection to %s hangs (%s) while a new one is answered: moving to the "
+                    "new one", self.name, self.url, what)
+        now = time.monotonic()
+        for when, client in [r for r in self._retired if now - r[0] > 60]:
+            client.close()  # long enough for every thread to be done with it
+            self._retired.remove((when, client))
+        self._retired.append((now, self.client))
+        self.client = fresh
+        if self.slots is not None:
+            self.slots.client = fresh
+        self.reconnects += 1
+        return ""
 
     def _trouble(self, what: str, probe: str) -> None:
         """Triton is unreachable, not ready or not answering (`probe`: what the readiness question got):
@@ -313,13 +343,18 @@ class TritonModel:
         connection was closed under it, "settings timeout", and its answer never came while new calls
         worked), so the caller cancels and sends them again."""
         lost_after = UNANSWERED_OUTAGE_FACTOR * self.outage_s
+        reconnects = self.reconnects
         while not event_wait(self.deadline_s()):
             what = self._ready()
             if what:
                 self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}", what)
             else:
                 self._fine()
-                if overdue is not None and time.monotonic() - started > lost_after:
+                if overdue is not None and self.reconnects != reconnects:  # what is out went on the hung connection
+                    log.warning("Triton model %s: requests out on the hung connection sent again", self.name)
+                    overdue()
+                    overdue = None
+                elif overdue is not None and time.monotonic() - started > lost_after:
                     log.warning("Triton model %s: no answer for %.0f s while Triton is there: taken as lost, "
                                 "sent again", self.name, time.monotonic() - started)
                     overdue()
@@ -474,6 +509,8 @@ class TritonModel:
         if self.slots is not None:
             self.slots.release()
         self.client.close()
+        for _when, client in self._retired:
+            client.close()
 
 
 def _np_type(triton_type: str) -> np.dtype:

@@ -66,6 +66,43 @@ class GatewayProcess:
             stop_process(self.proc, grace=10)
 
 
+class HAProxy:
+    """Debian's HAProxy in HTTP/2 mode in front of the gateways, balancing each call (gRPC is HTTP/2 end to
+    end: h2 to the clients, h2c to the gateways)."""
+
+    def __init__(self, backends: list[str], root: Path):
+        self.port = free_port()
+        config = root / "haproxy.cfg"
+        servers = "\n".join(f"    server gw{i} {address} proto h2 check" for i, address in enumerate(backends))
+        config.write_text(f"""global
+    maxconn 256
+    log stdout format raw local0
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+frontend grpc
+    bind 127.0.0.1:{self.port} proto h2
+    default_backend gateways
+backend gateways
+    balance roundrobin
+{servers}
+""")
+        self.proc = subprocess.Popen(["haproxy", "-f", str(config), "-db"], stdout=open(root / "haproxy.log", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: _healthy(self.address), 30, 0.1, "HAProxy to pass calls to a gateway")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.proc, grace=5)
+
+
 @pytest.fixture(scope="module")
 def mesh(broker, triton, postgres, s3, tmp_path_factory):
     """Two gateways and one worker of each stage, meeting only in Kafka, PostgreSQL and the bucket."""
@@ -132,6 +169,29 @@ def test_two_gateways_serve_every_call_on_either_and_one_holds_the_duties(mesh, 
         a.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
     assert gone.value.code() == grpc.StatusCode.NOT_FOUND
     both.close()
+
+
+def test_every_call_through_a_load_balancer_in_front_of_both(mesh, tmp_path):
+    """HAProxy (HTTP/2) in front of the two gateways: upload, watch, download and delete through it, each call
+    on whichever gateway it chose; the results equal those downloaded from a gateway directly."""
+    (a, b), _store, root = mesh
+    proxy = HAProxy([a.address, b.address], root)
+    try:
+        with grpc.insecure_channel(proxy.address) as channel:
+            stub = tpb_grpc.TaskServiceStub(channel)
+            task = upload(stub, clips.synth(tmp_path / "clip.mp4", 20, fps=10), auth())
+            last = None
+            for response in stub.WatchTask(tpb.WatchTaskRequest(task_id=task.task_id), metadata=auth(), timeout=240):
+                last = response.task
+            assert last.state == tpb.TASK_STATE_COMPLETED, last.error_message
+            _done, video, keypoints = completed_results(stub, task.task_id, auth())
+            _done, direct_video, direct_keypoints = completed_results(b.stub, task.task_id, auth())
+            assert (video, keypoints) == (direct_video, direct_keypoints)
+            stub.DeleteTask(tpb.DeleteTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+    finally:
+        proxy.stop()
+    log = (root / "haproxy.log").read_text()
+    assert "gateways/gw0" in log and "gateways/gw1" in log, "HAProxy passed calls to both gateways"
 
 
 @pytest.mark.slow

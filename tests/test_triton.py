@@ -234,6 +234,26 @@ def test_a_triton_too_starved_to_shake_hands_at_once_is_busy_not_gone(triton):
     assert model.problem == ""
 
 
+def test_a_connection_that_hangs_is_replaced_and_its_requests_sent_again(triton):
+    """The model's connection goes silent (here: it leads to a listener that never speaks, as the one seen in
+    CI where one worker's requests and probes went unanswered for minutes while Triton served the others):
+    the readiness question is asked on a new connection, Triton answers there, the model moves to it, and
+    the call returns what an undisturbed call returns, long before any outage limit."""
+    x = _crops(3)
+    quiet = TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"]
+    model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.5, outage_s=30.0, shm="off")
+    model.wait_ready(30)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    with silent:
+        model.client = grpcclient.InferenceServerClient(f"127.0.0.1:{silent.getsockname()[1]}")
+        t0 = time.monotonic()
+        got = model(input_1=x)["Identity"]
+    assert time.monotonic() - t0 < 30 and model.reconnects == 1 and model.problem == ""
+    np.testing.assert_array_equal(got, quiet)
+
+
 def test_silence_is_told_from_refusal():
     """A port whose listener never speaks (the kernel accepts for a stopped or starved server) reads as
     unanswered, which gets the longer outage limit; a closed port reads as refused (Triton gone)."""
