@@ -128,7 +128,14 @@ class Upload:
         self.t: dict[str, float] = {}
         self.step_first: dict[str, float] = {}
         self.task: tpb.Task | None = None
-        self.thread = threading.Thread(target=self._run)
+        self.error = ""  # why the upload or its watch failed, when it did
+        self.thread = threading.Thread(target=self._record_failure)
+
+    def _record_failure(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # noqa: BLE001 - reported by run_uploads with the others
+            self.error = f"{exc.__class__.__name__}: {exc}"
 
     def _run(self) -> None:
         self.t["start"] = time.perf_counter()
@@ -175,7 +182,7 @@ def run_uploads(client: Client, clip: Path, n: int, pose_model: str,
         u.thread.start()
     for u in uploads:
         u.thread.join()
-    bad = [u.task.error_message if u.task else "no task" for u in uploads
+    bad = [u.task.error_message if u.task else (u.error or "no task") for u in uploads
            if not u.task or u.task.state != tpb.TASK_STATE_COMPLETED]
     if bad:
         raise RuntimeError(f"uploads failed: {bad}")
