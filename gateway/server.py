@@ -29,7 +29,7 @@ from posemesh.gateway.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
 from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
-from posemesh.gateway.duties import Duties, gateway_id
+from posemesh.gateway.duties import GATEWAY_LEASE, Duties, gateway_id
 from posemesh.gateway.events import EventReader
 from posemesh.gateway.lifecycle import TaskLifecycle
 from posemesh.gateway.limits import UserLimits
@@ -114,7 +114,7 @@ class Gateway:
 
     def _reserved(self, task_id: str) -> bool:
         """A task id this gateway, or another live one, reserved: its topics are no orphans."""
-        return task_id in self.reservations or self.store.reserved_by_live_gateway(task_id, "gateway:")
+        return task_id in self.reservations or self.store.reserved_by_live_gateway(task_id, GATEWAY_LEASE)
 
     # ------------------------------------------------------------------ the mesh duties (gateway/duties.py)
 
