@@ -43,7 +43,7 @@ up: venv
 
 # Lint, then the wheels users install, checked in clean venvs (tests/test_packaging.py), then the suite.
 test: venv system-deps lint wheel
-	POSEMESH_WHEELS=dist $(PY) -m pytest -q tests
+	POSEMESH_WHEELS=dist $(PY) -m pytest -q --durations=25 tests
 
 # The quick loop while developing: everything but the whole-mesh tests marked slow (CI runs all of them).
 test-fast: venv lint

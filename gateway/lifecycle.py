@@ -267,12 +267,25 @@ class TaskLifecycle:
         """After a restart: resume what can be resumed of the tasks this gateway owns, fail what cannot.
         Nothing stays RUNNING forever."""
         on_broker = self.topics.on_broker()
-        for active in self.store.active_tasks(owner=self.owner):
+        mine = self.store.active_tasks(owner=self.owner)
+        self._remove_stale_uploads({a.task.task_id for a in mine})
+        for active in mine:
             self._resume(active, on_broker, "restarted")
         # Ended tasks whose topics still exist: say so again (the announcement may have been lost).
         for task_id, state in self.store.ended_with_topics():
             if task_id in on_broker:
                 self._announce_end(task_id, state)
+
+    def _remove_stale_uploads(self, keep: set[str]) -> None:
+        """Uploads on this gateway's disk that no task of its own needs any more: one cut off mid-stream when
+        the gateway died (no task was made; the client retried elsewhere or gave up), or one of a task that
+        another gateway took over and ended. Called before the gateway listens, so none is arriving."""
+        if not self.settings.jobs_dir.is_dir():
+            return
+        for job in self.settings.jobs_dir.iterdir():
+            if job.name not in keep:
+                shutil.rmtree(job, ignore_errors=True)
+                log.info("removed %s: no task of this gateway needs it", job)
 
     def take_over(self) -> None:
         """The tasks of gateways that died (their lease lapsed): this one takes them and resumes them as after

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import sys
 
 from posemesh.mesh.pipeline import SPECS, STAGE_NAMES
 from posemesh.mesh.settings import Settings
@@ -30,6 +32,13 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
     serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
+    # The worker has left its group, flushed its outputs and said goodbye: exit without the interpreter's
+    # teardown, whose garbage collection destroys the Kafka clients, and a destroy can wait on librdkafka's
+    # threads (trying librdkafka 2.4.0: at every worker stop after a few tasks, until the SIGKILL).
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -120,10 +120,12 @@ class RawFrames:
         return {kafka.task_of_topic(t) for t, _p in self.assigned} - {None}
 
     def close(self) -> None:
-        try:
-            self.consumer.close()
-        except Exception:  # noqa: BLE001
-            log.debug("pixel consumer close failed", exc_info=True)
+        """Destroy the client without Consumer.close(), which can wait forever inside librdkafka (seen at a
+        worker's shutdown when trying librdkafka 2.4.0). This reader commits nothing and is in no group's
+        assignment (it assigns its partitions itself), so there is nothing to hand over."""
+        consumer, self.consumer = self.consumer, None
+        self.assigned, self.paused = set(), set()
+        del consumer  # the last reference: confluent-kafka destroys it with NO_CONSUMER_CLOSE
 
     # ------------------------------------------------------------------ reading
 

@@ -167,7 +167,13 @@ class InputReader:
         return sorted({kafka.task_of_topic(t) for t in topics} - {None})
 
     def close(self, revoke_wait_s: float = 2.0) -> None:
-        """Leave the group, so its partitions move to the other replicas now, and destroy the client.
+        """Leave the group, so its partitions move to the other replicas now, and destroy the client."""
+        self.leave(revoke_wait_s)
+        self.abandon()
+
+    def leave(self, revoke_wait_s: float = 2.0) -> None:
+        """Leave the group, so its partitions move to the other replicas now; the client stays (a process
+        about to exit need not destroy it, and a destroy can wait on librdkafka's threads).
         Consumer.close() is not used: rebalance callbacks run inside it hold the GIL while they call into
         librdkafka, which can wait forever there (librdkafka #4041, #4884) and froze a whole worker in CI.
         unsubscribe() leaves the group; its revoke is answered by a poll here, on this thread."""
@@ -181,7 +187,6 @@ class InputReader:
                 self.consumer.poll(0.05)  # lets the LeaveGroup go out
         except Exception:  # noqa: BLE001 - the broker vanished: the group notices at its session timeout
             log.debug("leaving the group failed", exc_info=True)
-        self.abandon()
 
     def abandon(self) -> None:
         """Destroy the client without leaving its group (after the broker lost its data, a group nobody

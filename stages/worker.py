@@ -34,6 +34,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf.message import DecodeError
@@ -213,7 +214,7 @@ class StageWorker:
         self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0,
                            leave_group=reason != "broker_lost")
         if self.pixels is not None:
-            self.pixels.close()
+            _on_the_side(self.pixels.close, 5.0, "the old pixel reader's close")
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
@@ -222,27 +223,16 @@ class StageWorker:
         """Close a consumer on the side, waiting at most `wait_s`, so a worker never hangs with a client
         that cannot close. Its callbacks must not touch this worker's new state, so they are cut off first."""
         reader.on_revoked = reader.on_assigned = lambda _tps: None
-        closer = threading.Thread(target=reader.close if leave_group else reader.abandon, name="close-consumer",
-                                  daemon=True)
-        t0 = time.monotonic()
-        closer.start()
-        if wait_s <= 0:
-            return
-        closer.join(wait_s)
-        if closer.is_alive():
-            log.error("the old consumer did not close within %.0f s; leaving it behind", wait_s)
-        else:
-            log.info("old consumer closed in %.1f s", time.monotonic() - t0)
+        _on_the_side(reader.close if leave_group else reader.abandon, wait_s, "the old consumer's close")
 
     def _shutdown(self) -> None:
         self.running.clear()
         self.api.stop()
         for task_id in list(self.tasks):
             self.stage.drop_task(task_id)
-        try:
-            self.reader.close()
-            if self.pixels is not None:
-                self.pixels.close()
+        try:  # the process exits next: the group is left, the clients are not destroyed (bounded either way)
+            self.reader.on_revoked = self.reader.on_assigned = lambda _tps: None
+            _on_the_side(self.reader.leave, 10.0, "leaving the consumer group")
         finally:
             self.reporter.reading_tasks([])
             self.reporter.flush_progress()
@@ -295,7 +285,7 @@ class StageWorker:
             missing = [t for t in wanted if t not in existing]
             wanted = [t for t in wanted if t in existing]
             if missing:  # a topic not visible yet: look again shortly
-                threading.Timer(0.2, self.control.changed.set).start()
+                _later(0.2, self.control.changed.set)
         current = set(self.reader.task_topics)
         if set(wanted) < current:
             # Only ended tasks to let go of: that join can wait until tasks stop starting (it would stall
@@ -306,7 +296,7 @@ class StageWorker:
             wait = max(self.removal_quiet_s - (now - self.control.last_start),
                        REMOVAL_BATCH_S - (now - self.removal_since))
             if wait > 0:
-                threading.Timer(wait + 0.05, self.control.changed.set).start()
+                _later(wait + 0.05, self.control.changed.set)
                 return
         self.removal_since = 0.0
         if self.reader.subscribe(wanted):
@@ -589,6 +579,29 @@ class StageWorker:
             consumer_group=self.group_name() if self.reader else "",
             pixel_frames_read=self.pixels.reads if self.pixels else 0,
             pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0)
+
+
+def _later(delay_s: float, action: Callable[[], None]) -> None:
+    """`action` after `delay_s`, on a daemon timer: a pending one must not hold a stopping worker's exit."""
+    timer = threading.Timer(delay_s, action)
+    timer.daemon = True
+    timer.start()
+
+
+def _on_the_side(work: Callable[[], None], wait_s: float, what: str) -> None:
+    """Run `work` (closing a Kafka client) on a thread of its own and wait at most `wait_s` for it: librdkafka
+    can wait forever inside a close, and a worker must never hang with it. Not waited for at all at 0."""
+    thread = threading.Thread(target=work, name="close-client", daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    if wait_s <= 0:
+        return
+    thread.join(wait_s)
+    if thread.is_alive():
+        log.error("%s did not finish within %.0f s; leaving it behind (every thread's stack follows)", what, wait_s)
+        faulthandler.dump_traceback(all_threads=True)
+    else:
+        log.info("%s took %.1f s", what, time.monotonic() - t0)
 
 
 def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:

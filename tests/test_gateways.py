@@ -4,6 +4,7 @@ either; one of them holds the mesh duties; a gateway killed mid-task leaves its 
 
 from __future__ import annotations
 
+import io
 import signal
 import subprocess
 import sys
@@ -224,3 +225,49 @@ def test_a_gateway_killed_mid_upload_leaves_its_task_to_the_other_frame_exact(me
     a.start()
     assert a.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10).task.state == \
         tpb.TASK_STATE_COMPLETED
+
+
+class _SlowFile(io.BytesIO):
+    """An upload that arrives slowly (16 KB every 50 ms), so a gateway can be killed in the middle of it."""
+
+    def read(self, n: int = -1) -> bytes:
+        time.sleep(0.05)
+        return super().read(16 * 1024 if n < 0 else min(n, 16 * 1024))
+
+
+@pytest.mark.slow
+def test_an_upload_cut_off_by_its_gateways_death_is_retried_on_the_other_and_leaves_nothing(mesh, tmp_path):
+    """The SDK, given both addresses, uploads slowly; the gateway receiving it is SIGKILLed mid-stream. The SDK
+    sends the whole upload again, with the same idempotency key, to the other gateway: one task, completed,
+    with the same results as the file uploaded undisturbed. The killed gateway starts again and removes the
+    partial upload it had on its disk."""
+    (a, b), _store, _root = mesh
+    clip = clips.synth(tmp_path / "clip.mp4", 60, size=(640, 360), fps=10)
+    _ref, ref_video, ref_keypoints = completed_results(b.stub, upload(b.stub, clip, auth()).task_id, auth())
+    before = {t.task_id for t in b.stub.ListTasks(tpb.ListTasksRequest(), metadata=auth(), timeout=10).tasks}
+
+    def receiving() -> GatewayProcess | None:  # the gateway with a partial upload on its disk
+        for gw in (a, b):
+            if any(p.stat().st_size > 32 * 1024 for p in (gw.data_dir / "jobs").glob("*/*") if p.is_file()):
+                return gw
+        return None
+
+    submitted: list[tpb.Task] = []
+    with Client(f"{a.address},{b.address}", USERS["alice"], retry_s=60) as client:
+        sender = threading.Thread(target=lambda: submitted.append(
+            client.submit(_SlowFile(clip.read_bytes()), file_name="clip.mp4", idempotency_key="cut-off-once")))
+        sender.start()
+        victim = wait_for(receiving, 60, 0.02, "a gateway to receive part of the upload")
+        assert clip.stat().st_size > 64 * 1024, "the clip is long enough to be cut off"
+        victim.kill()
+        sender.join(120)
+    survivor = b if victim is a else a
+    assert submitted, "the SDK's upload went through on the other gateway"
+    task = submitted[0]
+    _done, video, keypoints = completed_results(survivor.stub, task.task_id, auth())
+    assert keypoints == ref_keypoints and decoded_pictures(video) == decoded_pictures(ref_video)
+    after = {t.task_id for t in survivor.stub.ListTasks(tpb.ListTasksRequest(), metadata=auth(), timeout=10).tasks}
+    assert after - before == {task.task_id}, "one task for the upload, however many attempts"
+    assert list((victim.data_dir / "jobs").iterdir()), "the killed gateway left its partial upload"
+    victim.start()
+    assert not list((victim.data_dir / "jobs").iterdir()), "removed when the gateway started again"

@@ -58,9 +58,11 @@ def decoded(video: bytes) -> list[tuple[float, str]]:
 @pytest.fixture(autouse=True)
 def _triton_revived(mesh):
     """A Triton that died during a test (not killed by it on purpose) is started again before the next one,
-    as any deployment's supervisor would: one crash must not fail every test after it. So is a worker that
-    died during it: the test it died in has failed already (a worker killed on purpose is removed from
-    mesh.workers by the test), and in CI the only such deaths were librdkafka's SIGSEGV (issue 21)."""
+    as any deployment's supervisor would: one crash must not fail every test after it. Triton's Python
+    backend can abort under load (see Mesh.triton_exit). A worker that died during a test (one killed on
+    purpose is removed from mesh.workers by the test) is replaced too. A SIGSEGV is librdkafka's known crash
+    when a topic it had cached is deleted (bench/kafka_churn.py; the test's results were checked exactly
+    regardless); any other death fails the test it happened in."""
     yield
     gone = mesh.revive_triton()
     if gone:
@@ -73,6 +75,9 @@ def _triton_revived(mesh):
         mesh.start_worker(worker.stage)
     if gone or dead:
         mesh.wait_healthy()
+    other = [(w.stage, w.proc.returncode) for w in dead if w.proc.returncode != -signal.SIGSEGV]
+    if other:
+        pytest.fail(f"workers died during this test: {other}; logs in {mesh.logs}")
 
 
 @pytest.fixture(scope="module")
@@ -129,6 +134,10 @@ def test_a_task_on_a_reserved_id_starts_without_any_subscription_change(mesh, cl
     seen: list[dict] = []
 
     def counts() -> dict:
+        crashed = [w.stage for w in mesh.workers if not w.alive() and w.proc.returncode == -signal.SIGSEGV]
+        if crashed:  # its replacement must subscribe: what this test asserts cannot hold this time
+            pytest.xfail(f"librdkafka's crash when cached topics go (bench/kafka_churn.py) took a {crashed[0]} "
+                         "worker during the test")
         return {w.port: (s.subscription_changes, s.assignments) for w in mesh.workers for s in [w.status()]}
 
     def groups_settled():  # the reserved topics are assigned (and ended tasks' let go): nothing changes for 3 s
@@ -290,12 +299,11 @@ def test_broker_killed_and_restarted_mid_task_recovers_within_seconds(mesh, clip
         mesh.start_worker(worker.stage)
     if dead:
         mesh.wait_healthy()
-    # A crash inside librdkafka (SIGSEGV) as the empty broker came back was seen once in CI (a detect worker,
-    # right after "posemesh.control partition count changed from 1 to 0"); the task still completed exactly.
-    # It is reported as an expected failure until its cause is found; any other death fails the test.
+    # librdkafka's SIGSEGV when cached topics go (bench/kafka_churn.py) is likeliest here, where the broker
+    # loses every topic at once; the task still completed exactly. Any other death fails the test.
     assert all(w.proc.returncode == -signal.SIGSEGV for w in dead), f"workers died: {said}; logs in {mesh.logs}"
     if dead:
-        pytest.xfail(f"native crash of a worker as the broker came back (task exact nonetheless): {said}")
+        pytest.xfail(f"librdkafka's crash as the broker came back (task exact nonetheless): {said}")
     assert all(w.status().resets >= resets_before.get(w.port, 0) for w in mesh.workers)
 
 
@@ -329,4 +337,16 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
         done = mesh.get(task.task_id)
         assert done.state == tpb.TASK_STATE_FAILED and "could not serve" in done.error_message, done
         pytest.xfail(f"Triton aborted under the burn ({gone}); the task failed as an outage, as it must")
+    # Recovery is given long: in one CI run the broker and Triton both stopped answering for 4.5 min (ended
+    # long after the burners), then every group re-joined once its members' long Triton waits ended.
+    _wait_done_or_report(mesh, task.task_id, timeout=540)
     assert_same_as_reference(mesh, task.task_id, reference)
+
+
+def _wait_done_or_report(mesh, task_id: str, timeout: float) -> tpb.Task:
+    """The finished task; on a timeout, the failure says how far each replica got."""
+    try:
+        return mesh.wait_done(task_id, timeout=timeout)
+    except AssertionError as exc:
+        progress = {f"{w.stage}:{w.port}": w.frames_of(task_id) for w in mesh.workers}
+        raise AssertionError(f"{exc}; frames done per replica: {progress}; logs in {mesh.logs}") from None
