@@ -280,8 +280,6 @@ class TaskLifecycle:
         """Uploads on this gateway's disk that no task of its own needs any more: one cut off mid-stream when
         the gateway died (no task was made; the client retried elsewhere or gave up), or one of a task that
         another gateway took over and ended. Called before the gateway listens, so none is arriving."""
-        if not self.settings.jobs_dir.is_dir():
-            return
         for job in self.settings.jobs_dir.iterdir():
             if job.name not in keep:
                 shutil.rmtree(job, ignore_errors=True)

@@ -211,19 +211,21 @@ class StageWorker:
         # side without leaving that group. Otherwise it must be gone before the new one joins the same group.
         self.assignments += self.reader.assignments
         self.subscription_changes += self.reader.subscription_changes
-        self._close_reader(self.reader, wait_s=0.0 if reason == "broker_lost" else 15.0,
-                           leave_group=reason != "broker_lost")
+        reader = self.reader  # after a broker loss its group is gone: dropped without leaving it
+        self._let_go(reader, reader.abandon if reason == "broker_lost" else reader.close,
+                     0.0 if reason == "broker_lost" else 15.0, "the old consumer's close")
         if self.pixels is not None:
             _on_the_side(self.pixels.close, 5.0, "the old pixel reader's close")
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
 
-    def _close_reader(self, reader: InputReader, wait_s: float, leave_group: bool) -> None:
-        """Close a consumer on the side, waiting at most `wait_s`, so a worker never hangs with a client
-        that cannot close. Its callbacks must not touch this worker's new state, so they are cut off first."""
+    def _let_go(self, reader: InputReader, end: Callable[[], None], wait_s: float, what: str) -> None:
+        """End a consumer (`end`: one of its close/leave/abandon) on the side, waiting at most `wait_s`, so a
+        worker never hangs with a client that cannot close. Its callbacks must not touch this worker's new
+        state, so they are cut off first."""
         reader.on_revoked = reader.on_assigned = lambda _tps: None
-        _on_the_side(reader.close if leave_group else reader.abandon, wait_s, "the old consumer's close")
+        _on_the_side(end, wait_s, what)
 
     def _shutdown(self) -> None:
         self.running.clear()
@@ -231,8 +233,7 @@ class StageWorker:
         for task_id in list(self.tasks):
             self.stage.drop_task(task_id)
         try:  # the process exits next: the group is left, the clients are not destroyed (bounded either way)
-            self.reader.on_revoked = self.reader.on_assigned = lambda _tps: None
-            _on_the_side(self.reader.leave, 10.0, "leaving the consumer group")
+            self._let_go(self.reader, self.reader.leave, 10.0, "leaving the consumer group")
         finally:
             self.reporter.reading_tasks([])
             self.reporter.flush_progress()
