@@ -40,7 +40,6 @@ class InputReader:
         self.positions: dict[TP, int] = {}
         self.paused: set[TP] = set()
         self.book = OffsetBook()
-        self._previously: set[TP] = set()
         # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
@@ -71,7 +70,6 @@ class InputReader:
         return [t for t in self.subscribed if t != kafka.IDLE_TOPIC]
 
     def _on_revoke(self, consumer, partitions) -> None:
-        self._previously = {(p.topic, p.partition) for p in partitions}
         self.revokes += 1
         # Answer the revoke here. Left unanswered, confluent-kafka answers it itself and first asks
         # librdkafka for the rebalance protocol while holding the GIL; during close() that question can
@@ -83,15 +81,12 @@ class InputReader:
         self.assignments += 1
         self.leaving = set()
         now = {(p.topic, p.partition) for p in partitions}
-        fresh = now - self._previously
+        starts, fresh = start_offsets(now, self.owned, self.positions, self.recovery)
         for p in partitions:
-            tp = (p.topic, p.partition)
-            if tp in self._previously and tp in self.positions:
-                p.offset = self.positions[tp]  # kept: continue where we were, not at the last commit
-            elif tp in fresh and self.recovery is Recovery.REPLAY:
-                p.offset = OFFSET_BEGINNING  # rebuild the task's state from its first frame
+            p.offset = starts.get((p.topic, p.partition), p.offset)
+        gone = self.owned - now
         self.owned = now
-        self._lose(self._previously - now)
+        self._lose(gone)
         consumer.assign(partitions)
         # librdkafka keeps a partition's pause flag through an eager revoke and re-assign; flow control
         # starts afresh with every assignment, so every assigned partition starts resumed.
@@ -194,3 +189,20 @@ class InputReader:
         consumer, self.consumer = self.consumer, None
         self.subscribed, self.owned, self.leaving = [], set(), set()
         del consumer  # the last reference: confluent-kafka destroys it with NO_CONSUMER_CLOSE
+
+
+def start_offsets(now: set[TP], owned: set[TP], positions: dict[TP, int],
+                  recovery: Recovery) -> tuple[dict[TP, int], set[TP]]:
+    """Where each newly assigned partition starts, and which of them are fresh to this member.
+
+    Kept: owned before this rebalance and read from, so its frames are in our pool or our state: it continues
+    at our position, not at the last commit. Anything else is fresh, even a partition we owned without reading
+    it: its task has no state here. A REPLAY stage starts a fresh partition at its beginning; a REPLAY stage
+    that started at the group's commit instead (another replica's progress) waited forever for the frames
+    before it (CI, after a session timeout during a broker stall). The other recoveries start at the commit
+    (no entry: the consumer's default)."""
+    kept = {tp for tp in now & owned if tp in positions}
+    starts = {tp: positions[tp] for tp in kept}
+    if recovery is Recovery.REPLAY:
+        starts.update({tp: OFFSET_BEGINNING for tp in now - kept})
+    return starts, now - kept
