@@ -338,13 +338,42 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
         done = mesh.get(task.task_id)
         assert done.state == tpb.TASK_STATE_FAILED and "could not serve" in done.error_message, done
         pytest.xfail(f"Triton aborted under the burn ({gone}); the task failed as an outage, as it must")
-    # In two CI runs the local broker (and Triton) stopped answering under the burn and went on not answering
-    # for 4.5-5 minutes after it; the task then did not finish within minutes more (issue 21, open). That is
-    # reported as such; a broker that answers must see the task through.
-    if not _broker_answers(mesh, within_s=10):
-        pytest.xfail("the local broker stopped answering under the burn and had not come back 10 s after it")
-    _wait_done_or_report(mesh, task.task_id, timeout=240)
+    # In CI the local broker stopped answering during or after the burn, for 3-5 minutes (issue 21, open: not
+    # reproduced alone, nor by stopping every process of the mesh for 40 s). The mesh is judged on what it does
+    # while the broker answers: it gets 240 s of that to finish. Time the broker is silent is added, up to 200 s
+    # (pytest's limit is 600 s a test); a broker silent for longer is reported as that expected failure.
+    with _BrokerWatch(mesh) as watch:
+        began = time.monotonic()
+        while _state(mesh, task.task_id) not in DONE and time.monotonic() - began < 240 + min(watch.silent_s, 200):
+            time.sleep(1)
+    if _state(mesh, task.task_id) not in DONE and watch.silent_s > 200:
+        pytest.xfail(f"the local broker did not answer for {watch.silent_s:.0f} s after the burn")
+    _wait_done_or_report(mesh, task.task_id, timeout=10)
     assert_same_as_reference(mesh, task.task_id, reference)
+
+
+class _BrokerWatch:
+    """Asks the broker for its topics every 2 s on a thread; `silent_s` sums the time it did not answer."""
+
+    def __init__(self, mesh):
+        self.mesh, self.silent_s = mesh, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _BrokerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(15)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            if not _broker_answers(self.mesh, within_s=5):
+                self.silent_s += time.monotonic() - began
+            self._stop.wait(2)
 
 
 def _broker_answers(mesh, within_s: float) -> bool:
