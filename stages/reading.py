@@ -8,6 +8,8 @@
 - Flow control (unordered stages): a partition with frames waiting in the pool is paused until they are
   processed, so one task's backlog cannot crowd out the others (the local broker fills a fetch from one
   partition at a time).
+- Held topics: the idle topic always, and a reserved task id's topics until its TaskStarted is read, stay
+  paused, so nothing is fetched from them. Fetching empty partitions was most of an idle stack's CPU.
 - Commits: only offsets whose output exists (OffsetBook), only for partitions we own.
 """
 
@@ -38,7 +40,9 @@ class InputReader:
         self.subscribed: list[str] = []
         self.owned: set[TP] = set()
         self.positions: dict[TP, int] = {}
-        self.paused: set[TP] = set()
+        self.paused: set[TP] = set()  # by flow control
+        self.held_topics: set[str] = {kafka.IDLE_TOPIC}
+        self.holding: set[TP] = set()  # owned partitions of held topics (paused)
         self.book = OffsetBook()
         # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
@@ -92,7 +96,8 @@ class InputReader:
         # starts afresh with every assignment, so every assigned partition starts resumed.
         if partitions:
             consumer.resume(partitions)
-        self.paused = set()
+        self.paused, self.holding = set(), set()
+        self._sync_holds()
         if fresh:
             self.on_assigned(fresh)
 
@@ -118,14 +123,14 @@ class InputReader:
     def poll_only(self, tps: set[TP], max_messages: int, timeout: float) -> list:
         """Poll these partitions alone: the others are paused meanwhile (which drops what librdkafka had
         fetched ahead for them; it is fetched again) and resumed after, unless flow control holds them."""
-        others = [tp for tp in self.owned if tp not in tps and tp not in self.paused]
+        others = [tp for tp in self.owned if tp not in tps and tp not in self.paused and tp not in self.holding]
         if others:
             self.consumer.pause([TopicPartition(t, p) for t, p in others])
         try:
             return self.poll(max_messages, timeout)
         finally:
             # A rebalance inside the poll may have taken some of them (and resumed what it assigned).
-            others = [tp for tp in others if tp in self.owned and tp not in self.paused]
+            others = [tp for tp in others if tp in self.owned and tp not in self.paused and tp not in self.holding]
             if others:
                 try:
                     self.consumer.resume([TopicPartition(t, p) for t, p in others])
@@ -142,8 +147,34 @@ class InputReader:
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
             self.paused.update(pause)
         if resume:
-            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
             self.paused.difference_update(resume)
+            resume = [tp for tp in resume if tp not in self.holding]
+            if resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+
+    def hold(self, topics: set[str]) -> set[TP]:
+        """Fetch nothing from these topics (nor from the idle topic, ever) until a later call leaves them out:
+        the worker holds a reserved task id's topics until its TaskStarted is read. librdkafka fetches an
+        empty partition about 14 times a second at fetch.wait.max.ms=50, and every reserved id adds its topics
+        to every stage's consumer: most of an idle stack's CPU was the broker answering those (bench/idle.py).
+        Returns the owned partitions this call released."""
+        topics = set(topics) | {kafka.IDLE_TOPIC}
+        if topics == self.held_topics:
+            return set()
+        self.held_topics = topics
+        return self._sync_holds()
+
+    def _sync_holds(self) -> set[TP]:
+        want = {tp for tp in self.owned if tp[0] in self.held_topics}
+        pause = [tp for tp in want - self.holding if tp not in self.paused]
+        released = self.holding - want
+        resume = [tp for tp in released if tp in self.owned and tp not in self.paused]
+        if pause:
+            self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+        if resume:
+            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+        self.holding = want
+        return {tp for tp in released if tp in self.owned}
 
     def done(self, tp: TP, offset: int) -> None:
         self.book.done(tp, offset)

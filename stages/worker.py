@@ -143,6 +143,7 @@ class StageWorker:
                     self._reset("broker_lost", "the broker lost its data")
                     continue
                 self._apply_subscription()
+                self._hold_until_started()
                 if self.early:
                     self._take_in_early()
                 self._take_in(self.flow.poll(self.reader))
@@ -275,7 +276,7 @@ class StageWorker:
             for task_id in wanted_tasks:
                 count = kafka.partitions_for(pipeline.PIXELS_TOPIC, self.settings)
                 self.pixels.prepare(task_id, count)
-                if not self._wants_pixels(task_id):  # read ahead while reserved; not once it says no pixels
+                if not self._wants_pixels(task_id):  # no read-ahead while reserved, nor once it says no pixels
                     self.pixels.warm(task_id, list(range(count)), on=False)
         wanted = [kafka.task_topic(self.spec.reads, t) for t in wanted_tasks]
         if wanted:
@@ -305,6 +306,14 @@ class StageWorker:
             log.info("reading %d task topics", len(self.reader.task_topics))
         self.reporter.reading_tasks(self._reading_tasks())
 
+    def _hold_until_started(self) -> None:
+        """A reserved task id's topics are read only once its TaskStarted is: until then nothing is fetched
+        from them (an idle stack's CPU), and on the start its input and its pixels' read-ahead begin at once."""
+        held = {t for t in self.reader.task_topics if self.control.started(kafka.task_of_topic(t)) is None}
+        released = self.reader.hold(held)
+        if released:
+            self._warm_pixels(released, on=True)
+
     def _warm_pixels(self, tps: set, on: bool) -> None:
         """Read ahead the raw frames behind the input partitions this replica now owns (or stop)."""
         if self.pixels is None:
@@ -317,10 +326,10 @@ class StageWorker:
                 self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
 
     def _wants_pixels(self, task_id: str) -> bool:
-        """Stage.needs_pixels for a started task, from its TaskStarted; a reserved one may still need them."""
+        """Stage.needs_pixels for a started task, from its TaskStarted; a reserved one reads nothing yet."""
         started = self.control.started(task_id)
         if started is None:
-            return True
+            return False
         return self.stage.needs_pixels(TaskInfo(task_id, options=started.options,
                                                 viewers=self.control.viewers.get(task_id, 0)))
 

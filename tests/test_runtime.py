@@ -53,6 +53,34 @@ def test_partitions_paused_by_flow_control_resume_after_a_rebalance(broker, tmp_
     reader.close()
 
 
+def test_held_topics_are_not_fetched_through_a_rebalance_until_released(broker, tmp_path):
+    """A reserved task id's topics are held until its TaskStarted is read: nothing of them is fetched, also
+    after a rebalance (which resumes every partition), and once released they are read from their start."""
+    settings = make_settings(broker, tmp_path)
+    topic_with_records(broker, settings, "holdtest_a", 3)
+    topic_with_records(broker, settings, "holdtest_b", 3)
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec("holdtest_c", 1, {})])
+    reader = InputReader(settings, f"holdtest{time.monotonic_ns()}", "w", Recovery.REDO, lambda tps: None,
+                         lambda tps: None)
+    reader.hold({"holdtest_b"})
+    reader.subscribe(["holdtest_a", "holdtest_b"])
+
+    def topics_read(want: int, seconds: float) -> list[str]:
+        got, deadline = [], time.monotonic() + seconds
+        while len(got) < want and time.monotonic() < deadline:
+            got += [m.topic() for m in reader.poll(10, 0.1) if m.error() is None]
+        return got
+
+    assert topics_read(6, 8) == ["holdtest_a"] * 3  # b's records wait
+    assert ("holdtest_b", 0) in reader.holding and (kafka.IDLE_TOPIC, 0) in reader.holding
+    reader.subscribe(["holdtest_a", "holdtest_b", "holdtest_c"])  # a rebalance
+    assert topics_read(3, 5) == [] and ("holdtest_b", 0) in reader.holding
+    assert reader.hold(set()) == {("holdtest_b", 0)}
+    assert topics_read(3, 10) == ["holdtest_b"] * 3
+    assert reader.holding == {(kafka.IDLE_TOPIC, 0)}
+    reader.close()
+
+
 def test_replay_recovery_reads_a_new_partition_from_its_first_record(broker, tmp_path):
     """Recovery.REPLAY (track): a partition new to this member starts at offset 0 whatever was committed,
     so the task's state is rebuilt from its first frame."""
