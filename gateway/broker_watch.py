@@ -2,7 +2,8 @@
 
 Every second the watch describes posemesh.control:
 - unreachable: `available` turns False. Uploads are answered UNAVAILABLE at once (nothing is received or
-  kept) and the gateway's health turns NOT_SERVING until the broker answers again.
+  kept) and the gateway's health turns NOT_SERVING until the broker answers again. `silent_us` keeps when
+  it last did not answer: no task counts as stalled for time the broker took from it.
 - the topic is gone, or has a new topic id: the broker lost its data (the memory-only local broker after a
   restart, a wiped cluster). The shared topics are made again and `on_reset` runs: the gateway replaces its
   Kafka clients and runs every active task again from its first frame under a new epoch. Apache Kafka keeps
@@ -16,6 +17,7 @@ import threading
 
 from confluent_kafka import KafkaException
 
+from posemesh.gateway.store import now_us
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
 
@@ -31,6 +33,7 @@ class BrokerWatch(threading.Thread):
         self.admin = kafka.admin(settings)
         self.incarnation = incarnation
         self.available = True
+        self.silent_us = 0  # when a check last found the broker silent (0: never)
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -47,6 +50,7 @@ class BrokerWatch(threading.Thread):
             if self.available:
                 log.warning("the message broker cannot be reached (%s)", exc.__class__.__name__)
             self.available = False
+            self.silent_us = now_us()
             return
         if current is None:  # posemesh.control is gone: the broker lost its data
             kafka.ensure_shared_topics(self.settings, self.admin)

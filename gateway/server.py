@@ -188,7 +188,8 @@ class Gateway:
         while self.running.is_set():
             try:
                 if self.broker_available():
-                    self.lifecycle.sweep(duties=self.duties.holding)
+                    silent_us = self.watch.silent_us if self.watch else 0
+                    self.lifecycle.sweep(duties=self.duties.holding, broker_silent_us=silent_us)
                     self.reservations.maintain()
             except Exception:
                 log.exception("sweep failed; retrying")

@@ -113,6 +113,39 @@ def test_a_task_that_stops_moving_is_failed_by_the_stall_timeout(gateway_factory
     assert time.monotonic() - t0 < 15
 
 
+def test_the_stall_limit_counts_from_when_a_silent_broker_answers_again(tmp_path):
+    """A broker that stops answering stops every task; the stall limit must not fail them the moment it is
+    back (CI: the broker was silent for 5 minutes, and the task failed as it answered again)."""
+    from posemesh.devstack.broker import LocalBroker
+    from tests.conftest import RunningGateway, make_settings
+
+    broker = LocalBroker().start()
+    gw = RunningGateway(make_settings(broker, tmp_path / "data", stall_timeout_s=6.0))
+    try:
+        task = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())
+
+        def published() -> bool:  # the gateway's last progress: no worker runs here
+            got = gw.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task
+            return any(p.stage == "decode" and p.frames_done == 5 for p in got.progress)
+        wait_for(published, 20, 0.1, "every frame published")
+        broker.proc.send_signal(signal.SIGSTOP)  # silent, not gone: connections stay open, nothing answers
+        try:
+            wait_for(lambda: not gw.gateway.broker_available(), 20, 0.1, "the gateway to find the broker silent")
+            time.sleep(7)  # longer than the stall limit
+        finally:
+            broker.proc.send_signal(signal.SIGCONT)
+        wait_for(gw.gateway.broker_available, 20, 0.1, "the gateway to hear the broker again")
+        back = time.monotonic()
+        failed = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_FAILED}, timeout=30)
+        assert "no frame made progress" in failed.error_message
+        # The limit runs from the last check that found the broker silent, at most ~4 s before it was heard
+        # again (one check's 3 s timeout and the 1 s between checks); counted from the upload, it fired at once.
+        assert time.monotonic() - back > 1.5, "failed for a stall the broker's silence made"
+    finally:
+        gw.stop()
+        broker.stop()
+
+
 def test_an_upload_while_the_broker_is_down_is_refused_at_once_and_leaves_nothing(tmp_path):
     from posemesh.devstack.broker import LocalBroker
     from tests.conftest import RunningGateway, make_settings
