@@ -46,7 +46,7 @@ class EventReader(threading.Thread):
         self.running.set()
 
     def run(self) -> None:
-        consumer = Consumer(kafka.consumer_config(self.settings, "posemesh-gateway", "gateway-events"))
+        consumer = Consumer(kafka.follower_config(self.settings, "posemesh-gateway", "gateway-events"))
         start = self.start_offset(consumer) if self.applying else OFFSET_END
         consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, start)])
         if self.incarnation and self.applying:

@@ -87,8 +87,7 @@ class ControlFollower(threading.Thread):
             admin = kafka.admin(self.settings)
             if incarnation is None:
                 incarnation = self.incarnation = self._wait_for_incarnation(admin)
-            consumer = Consumer({**kafka.consumer_config(self.settings, f"{self.client_id}-control", self.client_id),
-                                 "enable.auto.commit": False})
+            consumer = Consumer(kafka.follower_config(self.settings, f"{self.client_id}-control", self.client_id))
             consumer.assign([TopicPartition(kafka.CONTROL_TOPIC, 0, OFFSET_BEGINNING)])
             try:
                 incarnation = self._follow(consumer, admin, incarnation)
