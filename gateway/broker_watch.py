@@ -2,8 +2,8 @@
 
 Every second the watch describes posemesh.control:
 - unreachable: `available` turns False. Uploads are answered UNAVAILABLE at once (nothing is received or
-  kept) and the gateway's health turns NOT_SERVING until the broker answers again. `silent_us` keeps when
-  it last did not answer: no task counts as stalled for time the broker took from it.
+  kept) and the gateway's health turns NOT_SERVING until the broker answers again. The watch keeps the
+  recent spans of silence (`silent_within`): no task counts as stalled for time the broker took from it.
 - the topic is gone, or has a new topic id: the broker lost its data (the memory-only local broker after a
   restart, a wiped cluster). The shared topics are made again and `on_reset` runs: the gateway replaces its
   Kafka clients and runs every active task again from its first frame under a new epoch. Apache Kafka keeps
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import deque
 
 from confluent_kafka import KafkaException
 
@@ -33,7 +34,9 @@ class BrokerWatch(threading.Thread):
         self.admin = kafka.admin(settings)
         self.incarnation = incarnation
         self.available = True
-        self.silent_us = 0  # when a check last found the broker silent (0: never)
+        # Spans (from, to) in µs when the broker did not answer, the latest last; `silent_from` while it is.
+        self.silences: deque[tuple[int, int]] = deque(maxlen=256)
+        self.silent_from: int | None = None
         self.halt = threading.Event()
 
     def run(self) -> None:
@@ -43,15 +46,27 @@ class BrokerWatch(threading.Thread):
             except Exception:  # the next round tries again
                 log.exception("broker check failed")
 
+    def silent_within(self, start_us: int, end_us: int) -> int:
+        """Microseconds between the two times during which the broker did not answer."""
+        spans = list(self.silences)
+        if self.silent_from is not None:
+            spans.append((self.silent_from, end_us))
+        return sum(max(0, min(to, end_us) - max(frm, start_us)) for frm, to in spans)
+
     def check_once(self) -> None:
+        asked_us = now_us()
         try:
             current = kafka.incarnation(self.admin, timeout=3)
         except (KafkaException, TimeoutError) as exc:
             if self.available:
                 log.warning("the message broker cannot be reached (%s)", exc.__class__.__name__)
             self.available = False
-            self.silent_us = now_us()
+            if self.silent_from is None:
+                self.silent_from = asked_us
             return
+        if self.silent_from is not None:
+            self.silences.append((self.silent_from, now_us()))
+            self.silent_from = None
         if current is None:  # posemesh.control is gone: the broker lost its data
             kafka.ensure_shared_topics(self.settings, self.admin)
             current = kafka.incarnation(self.admin, timeout=3)

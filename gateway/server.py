@@ -188,8 +188,8 @@ class Gateway:
         while self.running.is_set():
             try:
                 if self.broker_available():
-                    silent_us = self.watch.silent_us if self.watch else 0
-                    self.lifecycle.sweep(duties=self.duties.holding, broker_silent_us=silent_us)
+                    silence = self.watch.silent_within if self.watch else None
+                    self.lifecycle.sweep(duties=self.duties.holding, broker_silence=silence)
                     self.reservations.maintain()
             except Exception:
                 log.exception("sweep failed; retrying")

@@ -138,9 +138,9 @@ def test_the_stall_limit_counts_from_when_a_silent_broker_answers_again(tmp_path
         back = time.monotonic()
         failed = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_FAILED}, timeout=30)
         assert "no frame made progress" in failed.error_message
-        # The limit runs from the last check that found the broker silent, at most ~4 s before it was heard
-        # again (one check's 3 s timeout and the 1 s between checks); counted from the upload, it fired at once.
-        assert time.monotonic() - back > 1.5, "failed for a stall the broker's silence made"
+        # The silence (from the first check that went unanswered, at most 1 s after the SIGSTOP) does not count:
+        # the limit is reached about 5 s after the broker was heard again. Counted from the upload, it fired at once.
+        assert time.monotonic() - back > 3.0, "failed for a stall the broker's silence made"
     finally:
         gw.stop()
         broker.stop()
