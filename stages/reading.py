@@ -161,8 +161,12 @@ class InputReader:
         topics = set(topics) | {kafka.IDLE_TOPIC}
         if topics == self.held_topics:
             return set()
-        self.held_topics = topics
-        return self._sync_holds()
+        previous, self.held_topics = self.held_topics, topics
+        try:
+            return self._sync_holds()
+        except KafkaException:
+            self.held_topics = previous  # tried again on the next call
+            raise
 
     def _sync_holds(self) -> set[TP]:
         want = {tp for tp in self.owned if tp[0] in self.held_topics}

@@ -309,8 +309,13 @@ class StageWorker:
     def _hold_until_started(self) -> None:
         """A reserved task id's topics are read only once its TaskStarted is: until then nothing is fetched
         from them (an idle stack's CPU), and on the start its input and its pixels' read-ahead begin at once."""
-        held = {t for t in self.reader.task_topics if self.control.started(kafka.task_of_topic(t)) is None}
-        released = self.reader.hold(held)
+        topics = set(self.reader.task_topics) | {tp[0] for tp in self.reader.owned} - {kafka.IDLE_TOPIC}
+        held = {t for t in topics if self.control.started(kafka.task_of_topic(t)) is None}
+        try:
+            released = self.reader.hold(held)
+        except KafkaException as exc:  # tried again on the next step
+            log.warning("holding reserved tasks' topics: %s", exc)
+            return
         if released:
             self._warm_pixels(released, on=True)
 

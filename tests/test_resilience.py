@@ -369,10 +369,14 @@ class _BrokerWatch:
         self._thread.join(15)
 
     def _run(self) -> None:
+        answered = time.monotonic()
         while not self._stop.is_set():
-            began = time.monotonic()
-            if not _broker_answers(self.mesh, within_s=5):
-                self.silent_s += time.monotonic() - began
+            if _broker_answers(self.mesh, within_s=5):
+                answered = time.monotonic()
+            else:  # silent since it last answered
+                now = time.monotonic()
+                self.silent_s += now - answered
+                answered = now
             self._stop.wait(2)
 
 
