@@ -405,12 +405,15 @@ class TritonModel:
                 delay = min(delay * 2, 2.0)
             else:  # the server is there but refused or dropped this request (overload): send again, for as
                 # long as an outage may last (a refusal that never ends, such as shared memory Triton cannot
-                # open, must not spin forever)
+                # open, must not spin forever). A request that went unanswered (a keepalive ping, a deadline)
+                # while Triton answers is starvation, as in _trouble: CI, a tenfold oversubscription, "Stream
+                # removed (ping timeout)" for 20 s failed the task while Triton was there all along.
                 self._fine()
                 refused_since = refused_since or time.monotonic()
-                if time.monotonic() - refused_since > self.outage_s:
+                limit = self.outage_s * (UNANSWERED_OUTAGE_FACTOR if unanswered(_text(exc)) else 1)
+                if time.monotonic() - refused_since > limit:
                     raise TritonUnavailable(f"Triton at {self.url} refused {self.name} requests for "
-                                            f"{self.outage_s:.0f} s ({_text(exc)})") from None
+                                            f"{limit:.0f} s ({_text(exc)})") from None
                 time.sleep(min(delay, 0.5))
                 delay = min(delay * 2, 2.0)
 
