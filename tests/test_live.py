@@ -183,7 +183,7 @@ def test_the_annotated_video_is_published_and_plays_from_the_rtsp_server(client,
 def test_a_thinned_live_stream_plays_at_once_for_its_token_holders_only_and_is_refused_once_the_task_ends(
         client, cameras):
     """A 1080p camera at 30 fps outruns the mesh, so most frames are dropped at the source; whoever joins
-    its annotated stream sees a picture within the keyframe interval (2 s) + 1 s. Its URL without the
+    its annotated stream sees a picture within the keyframe interval (2 s) + 1.5 s. Its URL without the
     task's secret token is refused at once; after a cancel the URL is refused once the task has ended."""
     task = client.start_live(cameras.url("cam/crowd"))
     try:
@@ -200,7 +200,10 @@ def test_a_thinned_live_stream_plays_at_once_for_its_token_holders_only_and_is_r
         print(f"first picture after {[round(w, 2) for w in waits]} s; {live.frames_dropped} of "
               f"{live.frames_received} camera frames dropped")
         assert live.frames_dropped >= 0.5 * live.frames_received, "the mesh kept most frames: nothing was thinned"
-        assert max(waits) <= 2.0 + 1.0, waits
+        # The keyframe interval (2 s) and the player's own start-up (RTSP session, first decode), which took up
+        # to 1.36 s on CI's two saturated cores (runs 18 and 21: 3.36 and 3.24 s). Keyframes counted in kept
+        # frames, the bug this guards against, kept players waiting 87-170 s.
+        assert max(waits) <= 2.0 + 1.5, waits
         answered = client.cancel(task.task_id)
         assert (answered.state, answered.ending) == (tpb.TASK_STATE_RUNNING, tpb.TASK_STATE_CANCELLED)
         done = client.wait(task.task_id, timeout_s=120)
