@@ -3,7 +3,7 @@
 Every second the watch describes posemesh.control:
 - unreachable: `available` turns False. Uploads are answered UNAVAILABLE at once (nothing is received or
   kept) and the gateway's health turns NOT_SERVING until the broker answers again. The watch keeps the
-  recent spans of silence (`silent_within`): no task counts as stalled for time the broker took from it.
+  recent spans of silence (`answering_since`): no task counts as stalled for time the broker took from it.
 - the topic is gone, or has a new topic id: the broker lost its data (the memory-only local broker after a
   restart, a wiped cluster). The shared topics are made again and `on_reset` runs: the gateway replaces its
   Kafka clients and runs every active task again from its first frame under a new epoch. Apache Kafka keeps
@@ -46,12 +46,18 @@ class BrokerWatch(threading.Thread):
             except Exception:  # the next round tries again
                 log.exception("broker check failed")
 
-    def silent_within(self, start_us: int, end_us: int) -> int:
-        """Microseconds between the two times during which the broker did not answer."""
-        spans = list(self.silences)
-        if self.silent_from is not None:
-            spans.append((self.silent_from, end_us))
-        return sum(max(0, min(to, end_us) - max(frm, start_us)) for frm, to in spans)
+    def answering_since(self, span_us: int, now_us: int) -> int:
+        """The time from which the broker has answered for `span_us` up to `now_us`: its silences in between
+        are not counted (they are walked back from the latest)."""
+        spans = list(self.silences) + ([(self.silent_from, now_us)] if self.silent_from is not None else [])
+        at, left = now_us, span_us
+        for frm, to in reversed(spans):
+            answered = at - min(to, at)
+            if answered >= left:
+                break
+            left -= answered
+            at = min(frm, at)
+        return at - left
 
     def check_once(self) -> None:
         asked_us = now_us()

@@ -545,12 +545,12 @@ class TaskLifecycle:
         except Exception:  # noqa: BLE001 - the store is unreachable: the upload stays until deleted by hand
             log.warning("could not delete the stored upload of task %s", task_id, exc_info=True)
 
-    def sweep(self, duties: bool = True, broker_silence: Callable[[int, int], int] | None = None) -> None:
+    def sweep(self, duties: bool = True, answering_since: Callable[[int, int], int] | None = None) -> None:
         """One round of the periodic sweep: say again the ends the broker did not take; and, by the gateway
         holding the mesh duties (`duties`), delete what no worker reads any more, end live tasks whose
-        results are overdue, fail tasks that stopped moving. `broker_silence(from_us, to_us)`: how long the
-        broker did not answer in that time; a silent broker stops every task, so the stall limit does not
-        count that time."""
+        results are overdue, fail tasks that stopped moving. `answering_since(span_us, now_us)`: from when the
+        broker has answered for that long (BrokerWatch); a silent broker stops every task, so the stall limit
+        counts only time it answered (CI: silent for 5 minutes, then the task failed as it answered again)."""
         for task_id in list(self.unannounced):
             state = self.store.state_of(task_id)
             if state is not None:
@@ -567,12 +567,7 @@ class TaskLifecycle:
         for task_id, state, message in self.store.endings_overdue(waited_until):
             self._end(task_id, state, message + f" (its results did not come within {LIVE_RESULTS_WAIT_S:.0f} s)")
         timeout = self.settings.stall_timeout_s
-        now = now_us()
-        since = now - int(timeout * 1e6)
-        for _ in range(8 if broker_silence else 0):  # CI: a broker silent for 5 minutes, and the task failed as
-            wider = now - int(timeout * 1e6) - broker_silence(since, now)  # it answered; a wider window may hold
-            if wider == since:                                              # more of the silence: widen again
-                break
-            since = wider
+        now, span = now_us(), int(timeout * 1e6)
+        since = answering_since(span, now) if answering_since else now - span
         for task_id in self.store.stalled(since):
             self.fail(task_id, f"no frame made progress through any stage for {timeout:.0f} s")

@@ -188,8 +188,8 @@ class Gateway:
         while self.running.is_set():
             try:
                 if self.broker_available():
-                    silence = self.watch.silent_within if self.watch else None
-                    self.lifecycle.sweep(duties=self.duties.holding, broker_silence=silence)
+                    answering = self.watch.answering_since if self.watch else None
+                    self.lifecycle.sweep(duties=self.duties.holding, answering_since=answering)
                     self.reservations.maintain()
             except Exception:
                 log.exception("sweep failed; retrying")

@@ -123,14 +123,14 @@ class InputReader:
     def poll_only(self, tps: set[TP], max_messages: int, timeout: float) -> list:
         """Poll these partitions alone: the others are paused meanwhile (which drops what librdkafka had
         fetched ahead for them; it is fetched again) and resumed after, unless flow control holds them."""
-        others = [tp for tp in self.owned if tp not in tps and tp not in self.paused and tp not in self.holding]
+        others = [tp for tp in self._flowing() if tp not in tps]
         if others:
             self.consumer.pause([TopicPartition(t, p) for t, p in others])
         try:
             return self.poll(max_messages, timeout)
         finally:
             # A rebalance inside the poll may have taken some of them (and resumed what it assigned).
-            others = [tp for tp in others if tp in self.owned and tp not in self.paused and tp not in self.holding]
+            others = [tp for tp in others if tp in self._flowing()]
             if others:
                 try:
                     self.consumer.resume([TopicPartition(t, p) for t, p in others])
@@ -169,16 +169,21 @@ class InputReader:
             raise
 
     def _sync_holds(self) -> set[TP]:
+        # `holding` is always within `owned`: an assignment empties it before calling this.
         want = {tp for tp in self.owned if tp[0] in self.held_topics}
         pause = [tp for tp in want - self.holding if tp not in self.paused]
         released = self.holding - want
-        resume = [tp for tp in released if tp in self.owned and tp not in self.paused]
+        resume = [tp for tp in released if tp not in self.paused]
         if pause:
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
         if resume:
             self.consumer.resume([TopicPartition(t, p) for t, p in resume])
         self.holding = want
-        return {tp for tp in released if tp in self.owned}
+        return released
+
+    def _flowing(self) -> set[TP]:
+        """Owned partitions that neither flow control nor a hold keeps paused."""
+        return self.owned - self.paused - self.holding
 
     def done(self, tp: TP, offset: int) -> None:
         self.book.done(tp, offset)

@@ -107,6 +107,7 @@ class StageWorker:
         # little after the gateway makes new reservations (posemesh.gateway.reservations), so both go in one join.
         self.removal_quiet_s = settings.reserve_quiet_s + 1.0
         self.events_seen = 0
+        self.holds_seen: tuple | None = None  # what _hold_until_started last worked from
         self._clear_state()
 
     def _clear_state(self) -> None:
@@ -308,7 +309,13 @@ class StageWorker:
 
     def _hold_until_started(self) -> None:
         """A reserved task id's topics are read only once its TaskStarted is: until then nothing is fetched
-        from them (an idle stack's CPU), and on the start its input and its pixels' read-ahead begin at once."""
+        from them (an idle stack's CPU), and on the start its input and its pixels' read-ahead begin at once.
+        Worked out again only when a control event, a subscription or an assignment may have changed it."""
+        with self.control.lock:  # an event counted is an event applied (ControlFollower._apply holds the lock)
+            events = self.control.events
+        seen = (self.reader, events, self.reader.subscription_changes, self.reader.assignments)
+        if seen == self.holds_seen:
+            return
         topics = set(self.reader.task_topics) | {tp[0] for tp in self.reader.owned} - {kafka.IDLE_TOPIC}
         held = {t for t in topics if self.control.started(kafka.task_of_topic(t)) is None}
         try:
@@ -316,6 +323,7 @@ class StageWorker:
         except KafkaException as exc:  # tried again on the next step
             log.warning("holding reserved tasks' topics: %s", exc)
             return
+        self.holds_seen = seen
         if released:
             self._warm_pixels(released, on=True)
 

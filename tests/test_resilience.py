@@ -356,7 +356,7 @@ class _BrokerWatch:
     """Asks the broker for its topics every 2 s on a thread; `silent_s` sums the time it did not answer."""
 
     def __init__(self, mesh):
-        self.mesh, self.silent_s = mesh, 0.0
+        self.admin, self.silent_s = kafka.admin(mesh.settings), 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -371,7 +371,7 @@ class _BrokerWatch:
     def _run(self) -> None:
         answered = time.monotonic()
         while not self._stop.is_set():
-            if _broker_answers(self.mesh, within_s=5):
+            if self._answers(within_s=5):
                 answered = time.monotonic()
             else:  # silent since it last answered
                 now = time.monotonic()
@@ -379,13 +379,12 @@ class _BrokerWatch:
                 answered = now
             self._stop.wait(2)
 
-
-def _broker_answers(mesh, within_s: float) -> bool:
-    try:
-        kafka.admin(mesh.settings).list_topics(timeout=within_s)
-        return True
-    except Exception:  # noqa: BLE001 - KafkaException on a timeout
-        return False
+    def _answers(self, within_s: float) -> bool:
+        try:
+            self.admin.list_topics(timeout=within_s)
+            return True
+        except Exception:  # noqa: BLE001 - KafkaException on a timeout
+            return False
 
 
 def _wait_done_or_report(mesh, task_id: str, timeout: float) -> tpb.Task:
