@@ -83,8 +83,13 @@ class FrameProducer(threading.Thread):
             if self.on_decoded is not None:
                 self.on_decoded(reader)
             self._send(records.end_of_stream_record(task_id, self.task.options, self.epoch, count, self.task.video.fps))
-            if not self.sender.delivered(60, give_up=self.cancelled.is_set):
-                raise RuntimeError(f"frames not delivered to Kafka: {self.sender.errors[:1]}")
+            wait_s = kafka.MESSAGE_TIMEOUT_S + kafka.DELIVERY_MARGIN_S
+            if not self.sender.delivered(wait_s, give_up=self.cancelled.is_set):
+                if not self.cancelled.is_set():  # not a decoding failure: say what it is
+                    why = self.sender.errors[0] if self.sender.errors else f"not acknowledged within {wait_s:.0f} s"
+                    log.warning("frames of %s not delivered: %s", task_id, why)
+                    self.on_error(f"the upload's frames could not be written to the message broker ({why})")
+                return
             if count > reported:
                 self.on_progress(reported, count - 1)
             self.on_done(count)

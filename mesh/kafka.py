@@ -68,12 +68,22 @@ def base_config(settings: Settings) -> dict:
     }
 
 
+# How long a producer keeps a record it could not deliver yet (librdkafka's message.timeout.ms, its default
+# made explicit): it retries through a broker that is down or silent, and only then reports the record
+# failed. A writer waiting for its records waits this long (plus DELIVERY_MARGIN_S): giving up sooner fails a
+# task whose frames are merely late (CI: the local broker went silent for 60 s as four uploads started; the
+# frame producers gave up after 60 s and failed all four, the broker answering a second later).
+MESSAGE_TIMEOUT_S = 300.0
+DELIVERY_MARGIN_S = 10.0
+
+
 def producer_config(settings: Settings, client_id: str) -> dict:
     return {
         **base_config(settings),
         "client.id": client_id,
         "enable.idempotence": True,
         "acks": "all",
+        "message.timeout.ms": int(MESSAGE_TIMEOUT_S * 1000),
         "linger.ms": 2,
         "message.max.bytes": MAX_MESSAGE_BYTES,
         # JPEG frames do not compress; the default 100k messages would let a producer run far ahead.
