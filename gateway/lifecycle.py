@@ -5,10 +5,11 @@
   is live, where its annotated video is published), then its frames flow: the upload's frame producer or the
   camera's live source. `_launch` is the only place a task starts, first or again, so no way of starting
   one can forget a part of it.
-- **Run again**: after a gateway restart (`recover`: resume the frames, close a live task's stream, or fail
-  the task, saying why), when another gateway died (`take_over`: the same for the tasks whose frames it
-  published), and after the broker lost its data (`run_again`: every active task from its first frame
-  under a new epoch; with Apache Kafka this is only after a real loss).
+- **Run again**: after a gateway restart (`recover`: resume the frames, reconnect a live task's camera
+  after the frames it published, or fail the task, saying why), when another gateway died (`take_over`:
+  the same for the tasks whose frames it published), and after the broker lost its data (`run_again`:
+  every active task from its first frame under a new epoch; with Apache Kafka this is only after a real
+  loss).
 - **Ended** (`complete`, `fail`, `cancel`): the first terminal state wins; its frames stop, TaskEnded is
   announced (retried by the sweep until the broker takes it: workers must hear of it to let go of the
   topics), the upload is removed. A live task that is stopped, or whose camera is done, ends once annotate's
@@ -42,7 +43,7 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from posemesh.gateway.duties import GATEWAY_LEASE
-from posemesh.gateway.live import LiveConfig, LiveSource
+from posemesh.gateway.live import LiveConfig, LiveSource, StreamSoFar, stream_so_far
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.reservations import Reservations
@@ -50,6 +51,7 @@ from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.stats import MeshActivity
 from posemesh.gateway.store import ACTIVE, TERMINAL, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
+from posemesh.gateway.validation import Refused
 from posemesh.mesh import kafka, media, names, records, tracing
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
@@ -71,6 +73,7 @@ class Upload:
 class Camera:
     source: Source  # read by a live source
     transport: int
+    so_far: StreamSoFar | None = None  # what an earlier reader of it published, to go on after
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,7 @@ class TaskLifecycle:
             if isinstance(frames, Upload):
                 self._produce(task, frames.path, epoch)
             elif isinstance(frames, Camera):
-                self._read_camera(task, frames.source, frames.transport, epoch)
+                self._read_camera(task, frames.source, frames.transport, epoch, frames.so_far)
             elif isinstance(frames, StreamEnd):
                 self._close_stream(task, epoch, frames)
 
@@ -214,10 +217,11 @@ class TaskLifecycle:
                           jpeg_quality=s.jpeg_quality,
                           partitions=kafka.partitions_for(kafka.RAW_FRAMES, s), limits=media.Limits.from_settings(s))
 
-    def _read_camera(self, task: tpb.Task, source: Source, transport: int, epoch: int) -> None:
+    def _read_camera(self, task: tpb.Task, source: Source, transport: int, epoch: int,
+                     so_far: StreamSoFar | None = None) -> None:
         task_id = task.task_id
 
-        counted = [0]  # frames published when last told, for the decode rate
+        counted = [so_far.frames if so_far else 0]  # frames published when last told, for the decode rate
 
         def on_status(status: tpb.LiveStatus, published: int) -> None:
             def apply(t: tpb.Task):
@@ -246,7 +250,7 @@ class TaskLifecycle:
 
         live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
                           self.live_config(task.live.max_lag_s), lambda: self.store.frames_done(task_id, "annotate"),
-                          on_status, on_end)
+                          on_status, on_end, so_far)
         with self.lock:
             old = self.live_sources.pop(task_id, None)
             self.live_sources[task_id] = live
@@ -316,7 +320,7 @@ class TaskLifecycle:
         topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
             kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
         if active.live_url and not active.produced:
-            self._close_live_after_restart(active, topics_intact, what_happened)
+            self._continue_live(active, topics_intact, what_happened)
         elif active.produced and topics_intact:
             log.info("task %s: frames all published before the gateway %s; waiting for the stages", task.task_id,
                      what_happened)
@@ -334,11 +338,47 @@ class TaskLifecycle:
             self.fail(task.task_id, f"the gateway {what_happened} while the upload was being processed and the "
                                     "upload file is gone; please upload again")
 
-    def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool, what_happened: str) -> None:
-        """A live task whose gateway restarted or died: its camera connection is gone with the old process.
-        What went into the mesh is finished into results; the task then ends FAILED, saying so."""
+    def _continue_live(self, active: ActiveTask, topics_intact: bool, what_happened: str) -> None:
+        """A live task whose gateway restarted or died: its camera connection went with the old process. The
+        camera is opened again here and the stream goes on after the frames that went in (read back from the
+        broker), as after an outage of the camera. A task that was ending already (stopped, cancelled, its
+        camera done) is closed instead; so is one whose stream cannot go on, saying why."""
         task_id = active.task.task_id
-        message = (f"the gateway {what_happened} during the live task; the frames before that are in the "
+        if active.live_error or active.ending_state or active.task.ending or not topics_intact:
+            self._close_live_after_restart(active, topics_intact, what_happened)
+            return
+        try:
+            source = self.source_policy.check(active.live_url)
+        except Refused as exc:  # the operator took its host off the allow-list meanwhile
+            self._close_live_after_restart(active, topics_intact, what_happened, because=exc.message)
+            return
+        try:
+            so_far = stream_so_far(kafka.consumer_config(self.settings, f"posemesh-gateway-{self.owner}-resume",
+                                                         f"gateway-resume-{task_id[:12]}"),
+                                   task_id, active.epoch, kafka.partitions_for(kafka.RAW_FRAMES, self.settings))
+        except Exception as exc:  # noqa: BLE001 - the broker is away: what went in still becomes results
+            log.warning("task %s: where its live stream stopped could not be read (%s)", task_id, exc)
+            self._close_live_after_restart(active, topics_intact, what_happened,
+                                           because="where its stream stopped could not be read back")
+            return
+        if so_far.closed or so_far.hole:
+            log.warning("task %s: its live stream cannot go on (closed: %s; frames on the topic up to %d, all of "
+                        "them up to %d)", task_id, so_far.closed, so_far.newest, so_far.frames)
+            self._close_live_after_restart(active, topics_intact, what_happened,
+                                           because="frames of its stream were lost with it", total=so_far.frames)
+            return
+        log.info("task %s: the gateway %s during the live task; reading its camera again from frame %d on", task_id,
+                 what_happened, so_far.frames)
+        self._launch(active.task, active.epoch, Camera(source, active.live_transport, so_far), make_topics=False)
+
+    def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool, what_happened: str,
+                                  because: str = "", total: int | None = None) -> None:
+        """A live task whose gateway restarted or died, and whose camera is not read again (`_continue_live`):
+        what went into the mesh (`total` frames, when read back; else as far as progress said) is finished
+        into results; the task then ends FAILED, saying so."""
+        task_id = active.task.task_id
+        why = f" and its camera could not be read again: {because}" if because else ""
+        message = (f"the gateway {what_happened} during the live task{why}; the frames before that are in the "
                    "results: start a new live task to continue")
         state = tpb.TASK_STATE_FAILED
         if active.task.ending == tpb.TASK_STATE_CANCELLED:  # cancelled before the restart: it ends as it was told
@@ -346,7 +386,8 @@ class TaskLifecycle:
         if not topics_intact:
             self.fail(task_id, message.split(";")[0] + " and the broker lost its frames")
             return
-        total = self.store.frames_done(task_id, "decode")
+        if total is None:
+            total = self.store.frames_done(task_id, "decode")
         self._launch(active.task, active.epoch, StreamEnd(total, state, message), make_topics=False)
 
     def _upload_of(self, task_id: str) -> Path | None:
@@ -360,8 +401,7 @@ class TaskLifecycle:
             producers, self.frame_producers = list(self.frame_producers.values()), {}
             lives, self.live_sources = list(self.live_sources.values()), {}
         for live in lives:
-            live.on_end = lambda *_a: None  # stopped without an end: the task does not end as a stopped source
-            live.stop()
+            live.detach()  # its stream stays open: the next start, or another gateway, reads the camera again
         for p in producers:
             p.cancelled.set()
         if join_s:  # the gateway stops: nothing of a task's may touch the store once it is closed
@@ -412,16 +452,14 @@ class TaskLifecycle:
 
     def _stop_frames(self, task_id: str, quietly: bool = False) -> None:
         """No more frames for the task: its frame producer or live source stops. `quietly`: a stopped live
-        source does not end the task (it is being undone, not ended)."""
+        source neither closes its stream nor ends the task (it is being undone, or goes on elsewhere)."""
         with self.lock:
             producer = self.frame_producers.pop(task_id, None)
             live = self.live_sources.pop(task_id, None)
         if producer:
             producer.cancelled.set()
         if live:
-            if quietly:
-                live.on_end = lambda *_a: None
-            live.stop()
+            live.detach() if quietly else live.stop()
 
     def _end(self, task_id: str, state: int, message: str = "") -> tpb.Task | None:
         def decided(t: tpb.Task):  # a live task's pending end overtaken by another (a stage failed meanwhile)
@@ -462,8 +500,8 @@ class TaskLifecycle:
 
     def heard_elsewhere(self, task_id: str | None) -> None:
         """Another gateway changed `task_id` (None: maybe any task). A task whose frames this gateway publishes
-        and that ended there stops here; a live one cancelled there has its camera stopped here, and ends
-        with its results as if it was cancelled here."""
+        and that ended there, or that another gateway took over, stops here; a live one cancelled there has
+        its camera stopped here, and ends with its results as if it was cancelled here."""
         with self.lock:
             here = [task_id] if task_id is not None else [*self.frame_producers, *self.live_sources]
             here = [t for t in here if t in self.frame_producers or t in self.live_sources]
@@ -471,6 +509,12 @@ class TaskLifecycle:
             task = self.store.get(tid)
             if task is None or task.state in TERMINAL:
                 self._stop_frames(tid)
+                continue
+            if self.store.owner_of(tid) not in (None, self.owner):
+                # Another gateway took the task over (this one's lease lapsed: it was stopped or cut off from
+                # the store): the frames are its to publish now, and a camera must have one reader.
+                log.warning("task %s: another gateway took it over; its frames stop here", tid)
+                self._stop_frames(tid, quietly=True)
                 continue
             live = self.live_sources.get(tid)
             if live is not None and task.ending == tpb.TASK_STATE_CANCELLED:

@@ -17,6 +17,11 @@ rate) matters: the mesh's rate is only what it was given, so a rate-based pace n
 mesh has, while a window fills a pipeline whose frames take 0.4 s each with enough frames to keep every
 stage busy.
 
+Its gateway's death. A live task whose gateway died (or restarted) is continued by the gateway that
+takes it over: it reads back from raw_frames_<task> where the stream stopped (`stream_so_far`: the next
+index, the last frame's time) and opens the camera again, so indices stay dense and times keep growing
+across the gap, which counts as an outage of the camera (it is one, for the task).
+
 Outages. Whatever interrupts the stream is tried again with back-off (an end of stream included: a
 camera behind a relay that drops out for a while looks to FFmpeg like one whose stream ended, and the
 relay goes on answering), until no frame has come for `outage_s`. Then the server is asked (a TCP
@@ -35,7 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import av
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from posemesh.gateway.sources import Source
 from posemesh.mesh import jpeg, kafka, media, records
@@ -46,6 +51,7 @@ log = logging.getLogger("posemesh.gateway")
 
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
+DETACH_FLUSH_S = 5.0
 # FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
 # is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
 # takes the size from the first key frame, so half a second of probing is enough. (Not `fflags nobuffer`:
@@ -64,11 +70,83 @@ class LiveConfig:
     limits: media.Limits = field(default_factory=media.Limits)
 
 
+@dataclass(frozen=True)
+class StreamSoFar:
+    """What a live task's earlier reader published before it stopped with its gateway (`stream_so_far`)."""
+
+    frames: int  # indices 0..frames-1 are on the topic, every one of them
+    last_timestamp_s: float  # the newest frame's time in the task's stream
+    last_written_s: float  # when it was written (wall clock, the record's broker timestamp)
+    closed: bool  # an end-of-stream record is out: the stream cannot go on
+    newest: int  # the newest index on the topic + 1: more than `frames` when a frame below it is lost
+
+    @property
+    def hole(self) -> bool:
+        """Frames after a lost one are on the topic (see stream_so_far): going on would contradict them."""
+        return self.newest > self.frames
+
+    def start_time_s(self, now_s: float) -> float:
+        """The time of the first frame read after the gap: the gap shows in the stream as long as it was."""
+        if not self.frames:
+            return 0.0
+        return self.last_timestamp_s + max(0.001, now_s - self.last_written_s)
+
+
+def stream_so_far(consumer_config: dict, task_id: str, epoch: int, partitions: int,
+                  timeout_s: float = 10.0) -> StreamSoFar:
+    """Read back where a task's live stream stopped: the last record of each raw_frames partition (frames
+    go to partition index % P, in index order within each), read up to the partition's end from just before
+    it (the local broker's high watermark names the last record batch, not the last record). A producer
+    that died may have had frames of several partitions in flight, and a later one may have landed while an
+    earlier one did not (another broker leads its partition); the stream then has a hole, and cannot go on
+    without times going back (the caller closes it instead)."""
+    topic = kafka.task_topic(kafka.RAW_FRAMES, task_id)
+    consumer = Consumer({**consumer_config, "enable.auto.commit": False, "enable.partition.eof": True})
+    last: dict[int, tuple[int, float, float]] = {}  # partition -> (index, timestamp_s, written_s)
+    closed = False
+    try:
+        tails = []
+        for p in range(partitions):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                tails.append(TopicPartition(topic, p, high - 1))
+        if tails:
+            consumer.assign(tails)
+            waiting, deadline = {tp.partition for tp in tails}, time.monotonic() + timeout_s
+            while waiting and time.monotonic() < deadline:
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                if msg.error():
+                    if msg.error().code() == KafkaError._PARTITION_EOF:
+                        waiting.discard(msg.partition())
+                        continue
+                    raise KafkaException(msg.error())
+                record = pb.StageRecord.FromString(msg.value())
+                if record.epoch != epoch:
+                    continue
+                if record.HasField("end_of_stream"):
+                    closed = True
+                else:
+                    last[msg.partition()] = (record.frame.index, record.frame.timestamp_s,
+                                             msg.timestamp()[1] / 1000.0)
+            if waiting:
+                raise TimeoutError(f"the end of {topic} could not be read within {timeout_s:.0f} s")
+    finally:
+        consumer.close()
+    # Partition p holds p, p+P, ... up to its last index: the first index missing is the least of last+P.
+    frames = min((last[p][0] + partitions if p in last else p) for p in range(partitions))
+    newest = max(last.values(), default=(-1, 0.0, 0.0))
+    return StreamSoFar(frames=frames, last_timestamp_s=newest[1], last_written_s=newest[2], closed=closed,
+                       newest=newest[0] + 1)
+
+
 class LiveSource(threading.Thread):
     def __init__(self, task: tpb.Task, source: Source, transport: int, producer_config: dict, epoch: int,
-                 config: LiveConfig, annotated, on_status, on_end):
+                 config: LiveConfig, annotated, on_status, on_end, so_far: StreamSoFar | None = None):
         """annotated(): frames the annotate stage has finished (distinct); on_status(LiveStatus, published);
-        on_end(state, message, total) once the end-of-stream record is out."""
+        on_end(state, message, total) once the end-of-stream record is out. `so_far`: the stream an earlier
+        reader (of a gateway that died) published, to go on from."""
         super().__init__(name=f"live-{task.task_id[:12]}", daemon=True)
         self.task, self.source, self.config, self.epoch = task, source, config, epoch
         self.transport = "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp"
@@ -76,9 +154,15 @@ class LiveSource(threading.Thread):
         self.producer = Producer({**producer_config, "client.id": f"gateway-live-{task.task_id[:12]}"})
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
+        self.detached = threading.Event()
         self.stop_reason = "stopped by the user"
         self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
         self.index = 0
+        self.time_base = 0.0  # the first frame's timestamp_s: 0, or after what an earlier reader published
+        if so_far is not None:
+            self.status.CopyFrom(task.live)  # the counts go on
+            self.status.connected, self.status.reconnects = False, task.live.reconnects + 1
+            self.index, self.time_base = so_far.frames, so_far.start_time_s(time.time())
         # Frames allowed in flight (sent, not yet annotated). The first window is half the bound's worth of
         # the camera's frames (4 to 8), spread over the bound: the mesh takes a while to take a task on.
         self.window = float(max(4, min(8, int((task.video.fps or 25.0) * config.max_lag_s * 0.5))))
@@ -102,12 +186,21 @@ class LiveSource(threading.Thread):
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
         self.status.connected = False
+        if self.detached.is_set():
+            self.producer.flush(DETACH_FLUSH_S)  # the frames read so far go in; the stream stays open
+            return
         self._end(state, message)
 
     def stop(self, reason: str = "") -> None:
         """CancelTask: stop reading; the frames so far are still processed into results."""
         if reason:
             self.stop_reason = reason
+        self.stop_requested.set()
+
+    def detach(self) -> None:
+        """Stop reading and leave the stream open, for a reader of another gateway (or of this one once it
+        starts again) to go on with: no end of stream, and the task does not end."""
+        self.detached.set()
         self.stop_requested.set()
 
     def _read(self) -> tuple[int, str]:
@@ -191,7 +284,7 @@ class LiveSource(threading.Thread):
         image = frame.to_ndarray(format="bgr24")
         h, w = image.shape[:2]
         self._send(records.frame_record(self.task.task_id, self.task.options, self.epoch, pb.Frame(
-            index=self.index, timestamp_s=arrived - self.first_arrival, width=w, height=h,
+            index=self.index, timestamp_s=self.time_base + arrived - self.first_arrival, width=w, height=h,
             jpeg=jpeg.encode(image, self.config.jpeg_quality))))
         self.arrivals.append((self.index, arrived))
         self.index += 1

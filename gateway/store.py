@@ -591,9 +591,15 @@ class TaskStore:
                             (*ACTIVE, lease_prefix, now_us()))
         return [r["task_id"] for r in rows]
 
+    def owner_of(self, task_id: str) -> str | None:
+        """The gateway that publishes the task's frames (None: a task of a version that did not record it)."""
+        rows = self._select("SELECT owner FROM tasks WHERE task_id = ?", (task_id,))
+        return rows[0]["owner"] if rows else None
+
     def take_over(self, task_id: str, owner: str, lease_prefix: str) -> bool:
-        """Make `owner` the task's owner if its owner's lease lapsed (one gateway wins)."""
-        with self.transaction(task_id, notify=False) as db:
+        """Make `owner` the task's owner if its owner's lease lapsed (one gateway wins). The other gateways
+        hear of it: the old owner, if it is only cut off, stops the task's frames when it hears again."""
+        with self.transaction(task_id) as db:
             row = db.one("SELECT owner FROM tasks WHERE task_id = ?", (task_id,))
             if row is None or row["owner"] is None:
                 return False

@@ -5,6 +5,7 @@ either; one of them holds the mesh duties; a gateway killed mid-task leaves its 
 from __future__ import annotations
 
 import io
+import json
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from posemesh.client import Client
+from posemesh.devstack import rtsp
 from posemesh.devstack.processes import free_port, stop_process
 from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.duties import DUTIES_LEASE, GATEWAY_LEASE, LEASE_TTL_S
@@ -25,8 +27,8 @@ from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
 from tests import clips
-from tests.conftest import USERS, Workers, auth, make_settings, settings_env
-from tests.helpers import completed_results, decoded_pictures, upload, wait_for
+from tests.conftest import USERS, Workers, auth, make_settings, media, settings_env
+from tests.helpers import completed_results, decoded_pictures, upload, wait_for, wait_state
 from tests.mesh import _healthy
 
 
@@ -114,7 +116,8 @@ def mesh(broker, triton, postgres, s3, tmp_path_factory):
     env = settings_env(settings)
     env.update({"POSEMESH_STORE_URL": postgres.create_database(f"gateways{time.monotonic_ns()}"),
                 "POSEMESH_SECRETS_KEY_FILE": str(root / "secrets.key"),
-                "POSEMESH_MAX_FRAMES_AHEAD": "16"})  # decoding stays a few frames ahead: a kill lands mid-file
+                "POSEMESH_MAX_FRAMES_AHEAD": "16",  # decoding stays a few frames ahead: a kill lands mid-file
+                "POSEMESH_LIVE_SOURCES": "rtsp://127.0.0.1:*"})
     gateways = [GatewayProcess(env, root / f"gateway{i}", root) for i in range(2)]
     workers = Workers(settings, root)
     try:
@@ -271,3 +274,56 @@ def test_an_upload_cut_off_by_its_gateways_death_is_retried_on_the_other_and_lea
     assert list((victim.data_dir / "jobs").iterdir()), "the killed gateway left its partial upload"
     victim.start()
     assert not list((victim.data_dir / "jobs").iterdir()), "removed when the gateway started again"
+
+
+@pytest.fixture(scope="module")
+def camera(tmp_path_factory):
+    if rtsp.available():
+        pytest.skip(rtsp.available())
+    root = tmp_path_factory.mktemp("camera")
+    long = clips.repeat(media("mmpose_demo_960x540_5f.mp4"), root / "long.mp4", 80)  # 80 s at 5 fps
+    with rtsp.RtspServer({"long": long}, log_path=root / "rtsp.log") as server:
+        yield server
+
+
+def _seen(gw: GatewayProcess, task_id: str) -> tpb.Task:
+    return gw.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=auth(), timeout=10).task
+
+
+@pytest.mark.slow
+def test_a_live_task_goes_on_with_its_camera_on_the_other_gateway_when_its_gateway_is_killed(mesh, camera):
+    """SIGKILL of the gateway reading a camera: once its lease lapses the other gateway opens the camera
+    again and the stream goes on after the frames that went in (read back from the broker), as after an
+    outage of the camera. Stopped later, the task keeps one result with every frame of both readers: indices
+    dense, times growing across the gap, the video as long as the keypoints."""
+    (a, b), _store, _root = mesh
+    task = a.stub.StartLiveTask(tpb.StartLiveTaskRequest(source=tpb.LiveSource(url=camera.url("cam/long"))),
+                                metadata=auth(), timeout=60).task
+    wait_for(lambda: _seen(b, task.task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
+    a.kill()
+    killed_at = time.monotonic()
+    before = _seen(b, task.task_id)
+    read_before = before.progress[0].frames_done
+    going_on = wait_for(lambda: (t := _seen(b, task.task_id)).live.reconnects > before.live.reconnects and
+                        t.progress[-1].frames_done >= read_before + 8 and t, 120, 0.2,
+                        "the other gateway to read the camera again and 8 more frames to be annotated")
+    gap_s = time.monotonic() - killed_at
+    assert going_on.state == tpb.TASK_STATE_RUNNING and not going_on.ending
+    assert going_on.live.frames_received > before.live.frames_received, "the counts went on"
+    b.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+    done = wait_state(b.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED,
+                                                    tpb.TASK_STATE_CANCELLED}, timeout=120)
+    assert done.state == tpb.TASK_STATE_CANCELLED, done.error_message
+    got = {kind: b"".join(c.chunk for c in b.stub.DownloadResult(
+        tpb.DownloadResultRequest(task_id=task.task_id, kind=kind), metadata=auth(), timeout=60))
+        for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS)}
+    records = [json.loads(line) for line in got[tpb.ARTIFACT_KIND_KEYPOINTS].decode().splitlines()]
+    assert [r["index"] for r in records] == list(range(len(records))), "every frame once, in order"
+    assert len(records) >= read_before + 8 and len(records) == done.progress[0].frames_done
+    times = [r["timestamp_s"] for r in records]
+    assert all(t1 > t0 for t0, t1 in zip(times, times[1:])), "times grow across the readers"
+    # The gap shows in the stream: the frames either side of it are further apart than the camera's frames.
+    assert max(t1 - t0 for t0, t1 in zip(times, times[1:])) > LEASE_TTL_S / 2, (gap_s, times)
+    assert len(decoded_pictures(got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO])) == len(records)
+    a.start()
+    assert _seen(a, task.task_id).state == tpb.TASK_STATE_CANCELLED

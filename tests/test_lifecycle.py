@@ -16,7 +16,7 @@ from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.store import TaskStore, now_us, timestamp
 from posemesh.gateway.topics import TopicManager
-from posemesh.mesh import kafka, names
+from posemesh.mesh import kafka, names, records
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
@@ -65,35 +65,55 @@ def test_a_live_task_run_again_after_the_broker_lost_its_data_keeps_its_publish_
     assert store.get(task.task_id).state == tpb.TASK_STATE_RUNNING
 
 
+def _publish_frames(settings, task_id: str, indices: list[int]) -> None:
+    """Frames on a live task's raw_frames topic, as its reader wrote them before its gateway stopped."""
+    producer = Producer(kafka.producer_config(settings, "earlier-reader"))
+    partitions = kafka.partitions_for(kafka.RAW_FRAMES, settings)
+    for i in indices:
+        record = records.frame_record(task_id, tpb.TaskOptions(), 0, pb.Frame(index=i, timestamp_s=0.2 * i))
+        producer.produce(kafka.task_topic(kafka.RAW_FRAMES, task_id), record.SerializeToString(),
+                         partition=records.partition_of(record, partitions))
+    assert producer.flush(10) == 0
+
+
 def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_url(gateway_factory, broker, tmp_path):
-    """Two live tasks of a gateway that stopped: one whose camera had finished (its frames all out, waiting
-    for its results), one still reading (its stream is closed after the frames that went in). The next
-    gateway announces both again, as the first did, publish URL included."""
+    """Three live tasks of a gateway that stopped: one whose camera had finished (its frames all out, waiting
+    for its results), one still reading (its camera is read again, from the frame after those that went in),
+    and one whose stream lost a frame that later ones overtook (closed after the frames before the hole, and
+    ending FAILED, saying why). The next gateway announces all three again, as the first did, publish URL
+    included."""
     data = tmp_path / "data"
     settings = live_settings(broker, data)
     kafka.ensure_shared_topics(settings)
     store = TaskStore(settings.db_path)
     admin = kafka.admin(settings)
-    finished, reading = live_task(free_port()), live_task(free_port())
-    for task in (finished, reading):
+    finished, reading, broken = live_task(free_port()), live_task(free_port()), live_task(free_port())
+    for task in (finished, reading, broken):
         store.create(task, "alice", None)
         store.transition(task.task_id, tpb.TASK_STATE_RUNNING)
         store.set_live_source(task.task_id, task.live.source, tpb.RTSP_TRANSPORT_TCP)
         kafka.create_topics(admin, kafka.task_topic_specs(task.task_id, settings))
     store.record_ending(finished.task_id, tpb.TASK_STATE_COMPLETED, "the live stream ended")
-    store.add_done(reading.task_id, "decode", [(0, 2)], 0)  # three frames went in before the restart
+    _publish_frames(settings, reading.task_id, [0, 1, 2])
+    store.add_done(reading.task_id, "decode", [(0, 1)], 0)  # progress said two; three went in
+    _publish_frames(settings, broken.task_id, [0, 1, 3, 4])  # frame 2 never landed
+    store.add_done(broken.task_id, "decode", [(0, 4)], 0)
     store.close()
 
     gw = gateway_factory(data, live_sources=settings.live_sources, live_publish_url=PUBLISH, reserved_tasks=0)
-    for task in (finished, reading):
+    for task in (finished, reading, broken):
         expected = PUBLISH.replace("{task}", f"{task.task_id}/{task.stream_token}")  # its secret too
         started = announced(settings.kafka_bootstrap, task.task_id)
         assert [(s.epoch, s.live, s.publish_url) for s in started] == [(0, True, expected)], task.task_id
-    raw_frames = kafka.task_topic(kafka.RAW_FRAMES, reading.task_id)
-    [end] = [r for r in read_topic(settings.kafka_bootstrap, raw_frames, until_eos=False, timeout=20)
-             if r.HasField("end_of_stream")]
-    assert end.end_of_stream.total_frames == 3 and end.epoch == 0
-    assert gw.gateway.store.ending(reading.task_id)[0] == tpb.TASK_STATE_FAILED
+    lifecycle = gw.gateway.lifecycle
+    assert lifecycle.live_sources[reading.task_id].index == 3, "read again from the frame after those that went in"
+    assert gw.gateway.store.ending(reading.task_id) is None
+    [end] = [r for r in read_topic(settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, broken.task_id),
+                                   until_eos=False, timeout=20) if r.HasField("end_of_stream")]
+    assert end.end_of_stream.total_frames == 2 and end.epoch == 0, "closed after the frames before the hole"
+    state, message = gw.gateway.store.ending(broken.task_id)
+    assert state == tpb.TASK_STATE_FAILED and "frames of its stream were lost" in message, message
+    assert broken.task_id not in lifecycle.live_sources
     assert gw.gateway.store.ending(finished.task_id) == (tpb.TASK_STATE_COMPLETED, "the live stream ended")
 
 

@@ -252,6 +252,29 @@ def test_a_camera_that_dies_and_comes_back_is_reconnected(client, tmp_path):
         camera.stop()
 
 
+def test_a_live_task_goes_on_after_its_gateway_is_killed_and_started_again(mesh, client, cameras):
+    """SIGKILL of the one gateway while it reads a camera: started again, it reads from the broker where the
+    stream stopped and opens the camera again. One result with every frame of both runs: indices dense,
+    times growing across the gap, the video as long as the keypoints."""
+    task = client.start_live(cameras.url("cam/long"))
+    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
+    before = client.get(task.task_id)
+    mesh.kill_gateway()
+    mesh.start_gateway()
+    read_before = client.get(task.task_id).progress[0].frames_done  # as far as the killed gateway got to say
+    going_on = wait_for(lambda: (t := client.get(task.task_id)).live.reconnects > before.live.reconnects and
+                        t.progress[-1].frames_done >= read_before + 8 and t, 120, 0.2, "8 more annotated frames")
+    assert going_on.state == tpb.TASK_STATE_RUNNING and not going_on.ending
+    client.cancel(task.task_id)
+    done = client.wait(task.task_id, timeout_s=120)
+    assert done.state == tpb.TASK_STATE_CANCELLED, done.error_message
+    records, video = results(client, task.task_id)
+    assert [r["index"] for r in records] == list(range(len(records))) and len(records) >= read_before + 8
+    times = [r["timestamp_s"] for r in records]
+    assert all(t1 > t0 for t0, t1 in zip(times, times[1:])), "times grow across the gateway's restart"
+    assert frame_count(video) == len(records)
+
+
 def test_a_camera_gone_longer_than_the_outage_limit_fails_the_task_keeping_its_results(client, tmp_path):
     camera = rtsp.RtspServer({"cam": clips.repeat(media("mmpose_demo_960x540_5f.mp4"), tmp_path / "c.mp4", 40)},
                              log_path=tmp_path / "rtsp.log").start()
