@@ -60,7 +60,7 @@ def partitions_for(prefix: str, settings: Settings) -> int:
 def base_config(settings: Settings) -> dict:
     return {
         "bootstrap.servers": settings.kafka_bootstrap,
-        "topic.metadata.refresh.interval.ms": 500,
+        "topic.metadata.refresh.interval.ms": settings.kafka_metadata_refresh_ms,
         "socket.keepalive.enable": True,
         # librdkafka producers default to true: their periodic metadata refresh of a topic they once
         # wrote to would re-create it right after the gateway deleted it. Topics are created explicitly.

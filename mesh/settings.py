@@ -60,6 +60,12 @@ class Settings:
     # times less often (bench/idle.py). The local broker does not: it answers when the wait is over (median
     # 118 ms a hop at 500, 11 ms at 50, measured), so the default suits it; deploy/ sets 500.
     kafka_fetch_wait_ms: int = field(default_factory=lambda: int(env("KAFKA_FETCH_WAIT_MS", "50")))
+    # How often every Kafka client asks the broker for the metadata of the topics it knows (librdkafka's
+    # topic.metadata.refresh.interval.ms). Longer costs the broker less on an idle stack (10 s: about a point
+    # of a core less, bench/idle.py), but after the local broker lost its data the gateway's producer kept
+    # the old posemesh.control for that long (an upload refused for 10 s, the task run again 20 s late in
+    # test_resilience's broker restart, against 1 s at 500 ms).
+    kafka_metadata_refresh_ms: int = field(default_factory=lambda: int(env("KAFKA_METADATA_REFRESH_MS", "500")))
     # Consumer groups are named <prefix>-<stage>: two stacks can share one broker under different prefixes.
     group_prefix: str = field(default_factory=lambda: env("GROUP_PREFIX", "posemesh"))
     frame_partitions: int = field(default_factory=lambda: int(env("FRAME_PARTITIONS", "4")))

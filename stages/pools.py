@@ -200,5 +200,8 @@ class SequencePool:
         task = self.tasks.get(task_id)
         return task.next_index if task else 0
 
+    def pooled(self) -> int:
+        return sum(len(t.waiting) for t in self.tasks.values())
+
     def drop_task(self, task_id: str) -> None:
         self.tasks.pop(task_id, None)

@@ -181,6 +181,11 @@ class InputReader:
         self.holding = want
         return released
 
+    @property
+    def flowing(self) -> bool:
+        """Whether some owned partition may give records."""
+        return bool(self._flowing())
+
     def _flowing(self) -> set[TP]:
         """Owned partitions that neither flow control nor a hold keeps paused."""
         return self.owned - self.paused - self.holding
