@@ -8,6 +8,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +55,53 @@ class Worker:
         return self.proc.poll() is None
 
 
+class SilenceRecorder(threading.Thread):
+    """Asks the local broker for its topics every 2 s; while it does not answer, writes what its process is
+    doing to logs/broker-silence.txt: its CPU time (spinning or blocked), its threads' states and its sockets'
+    queues. The broker has gone silent for minutes in CI (issue 21) and its binary has no symbols for a stack."""
+
+    def __init__(self, broker, out: Path):
+        """broker(): the mesh's LocalBroker as of now (a restart replaces it)."""
+        super().__init__(name="broker-silence", daemon=True)
+        self.broker, self.out, self.stopped = broker, out, threading.Event()
+
+    def run(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.broker().bootstrap})
+        answered = time.monotonic()
+        while not self.stopped.wait(2.0):
+            try:
+                admin.list_topics(timeout=3)
+                answered = time.monotonic()
+            except Exception:  # noqa: BLE001 - silent (or restarting): record what the process does
+                proc = self.broker().proc
+                if time.monotonic() - answered > 6 and proc is not None and proc.poll() is None:
+                    self._record(time.monotonic() - answered)
+
+    def _record(self, silent_s: float) -> None:
+        pid = self.broker().proc.pid
+        try:
+            cpu = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
+            threads = [f"{t.name}:{(t / 'stat').read_text().rsplit(')', 1)[1].split()[0]}:"
+                       f"{(t / 'wchan').read_text()}" for t in Path(f"/proc/{pid}/task").iterdir()]
+            sockets = subprocess.run(["ss", "-tnp"], capture_output=True, text=True, timeout=10).stdout
+        except Exception as exc:  # noqa: BLE001
+            cpu, threads, sockets = -1, [repr(exc)], ""
+        mine = [line for line in sockets.splitlines() if f"pid={pid}," in line]
+        with open(self.out, "a") as f:
+            f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; threads {threads}\n")
+            f.write("".join(f"  {line}\n" for line in mine))
+
+
 class Mesh:
     def __init__(self, root: Path, onnx_dir: Path, replicas: int = 2, **settings):
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.broker = LocalBroker(log_path=self.logs / "broker.log").start()
+        self.silence = SilenceRecorder(lambda: self.broker, self.logs / "broker-silence.txt")
+        self.silence.start()
         self.triton = TritonServer(onnx_dir, root / "triton", log_path=self.logs / "triton.log").start()
         self.settings = make_settings(self.broker, root / "data", triton_url=self.triton.url,
                                       group_prefix=f"mesh{time.monotonic_ns()}", **settings)
@@ -168,6 +210,7 @@ class Mesh:
         if self.gateway:
             stop_process(self.gateway, grace=10)
         self.triton.stop()
+        self.silence.stopped.set()
         self.broker.stop()
 
     # ------------------------------------------------------------------ tasks
