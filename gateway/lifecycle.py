@@ -31,6 +31,7 @@ sweep, the duties), and one frame producer or live source per task whose frames 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 import shutil
@@ -361,15 +362,31 @@ class TaskLifecycle:
             self._close_live_after_restart(active, topics_intact, what_happened,
                                            because="where its stream stopped could not be read back")
             return
-        if so_far.closed or so_far.hole:
-            log.warning("task %s: its live stream cannot go on (closed: %s; frames on the topic up to %d, all of "
-                        "them up to %d)", task_id, so_far.closed, so_far.newest, so_far.frames)
+        if so_far.closed:  # its reader closed the stream and died before it said how the task ends
+            log.warning("task %s: its live stream was closed after %d frames already", task_id, so_far.frames)
+            self._record_ending(task_id, tpb.TASK_STATE_FAILED,
+                                f"the gateway {what_happened} during the live task, as its stream was being "
+                                "closed; the frames before that are in the results: start a new live task to "
+                                "continue")
+            self.store.add_done(task_id, "decode", [], active.epoch, frames_total=so_far.frames)
+            return
+        if so_far.hole:
+            log.warning("task %s: its live stream cannot go on (frames on the topic up to %d, all of them up to %d)",
+                        task_id, so_far.newest, so_far.frames)
             self._close_live_after_restart(active, topics_intact, what_happened,
                                            because="frames of its stream were lost with it", total=so_far.frames)
             return
-        log.info("task %s: the gateway %s during the live task; reading its camera again from frame %d on", task_id,
-                 what_happened, so_far.frames)
-        self._launch(active.task, active.epoch, Camera(source, active.live_transport, so_far), make_topics=False)
+        with self.lock:  # a cancel or end decided while the stream was read back is seen here, or sees the reader
+            task = self.store.get(task_id)
+            if task is None or task.state in TERMINAL:
+                return
+            if task.ending:
+                self._close_live_after_restart(dataclasses.replace(active, task=task), topics_intact,
+                                               what_happened, total=so_far.frames)
+                return
+            log.info("task %s: the gateway %s during the live task; reading its camera again from frame %d on",
+                     task_id, what_happened, so_far.frames)
+            self._launch(task, active.epoch, Camera(source, active.live_transport, so_far), make_topics=False)
 
     def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool, what_happened: str,
                                   because: str = "", total: int | None = None) -> None:

@@ -74,8 +74,8 @@ SUBSCRIBE_SETTLE_MAX_S = 0.5
 REMOVAL_BATCH_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 # How long an idle replica's step waits (a control change ends the wait at once). A rebalance another member
-# starts reaches it through its consumer's callbacks, served after the wait: the group's join waits that
-# much longer for it.
+# starts reaches it through its consumer's callbacks (revoke, then assign), each served after a wait: the
+# group's join can wait up to twice this much longer for it.
 IDLE_WAIT_S = 0.25
 
 

@@ -80,14 +80,20 @@ class SilenceRecorder(threading.Thread):
                     self._record(time.monotonic() - answered)
 
     def _record(self, silent_s: float) -> None:
-        pid = self.broker().proc.pid
+        proc = self.broker().proc
+        if proc is None:
+            return
+        pid = proc.pid
         try:
             cpu = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
             threads = [f"{t.name}:{(t / 'stat').read_text().rsplit(')', 1)[1].split()[0]}:"
                        f"{(t / 'wchan').read_text()}" for t in Path(f"/proc/{pid}/task").iterdir()]
+        except OSError as exc:  # it exited meanwhile
+            cpu, threads = -1, [repr(exc)]
+        try:
             sockets = subprocess.run(["ss", "-tnp"], capture_output=True, text=True, timeout=10).stdout
-        except Exception as exc:  # noqa: BLE001
-            cpu, threads, sockets = -1, [repr(exc)], ""
+        except (OSError, subprocess.SubprocessError):
+            sockets = ""
         mine = [line for line in sockets.splitlines() if f"pid={pid}," in line]
         with open(self.out, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; threads {threads}\n")

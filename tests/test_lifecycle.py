@@ -65,30 +65,34 @@ def test_a_live_task_run_again_after_the_broker_lost_its_data_keeps_its_publish_
     assert store.get(task.task_id).state == tpb.TASK_STATE_RUNNING
 
 
-def _publish_frames(settings, task_id: str, indices: list[int]) -> None:
-    """Frames on a live task's raw_frames topic, as its reader wrote them before its gateway stopped."""
+def _publish_frames(settings, task_id: str, indices: list[int], closed: bool = False) -> None:
+    """Frames on a live task's raw_frames topic, as its reader wrote them before its gateway stopped (and the
+    end of its stream, `closed`)."""
     producer = Producer(kafka.producer_config(settings, "earlier-reader"))
     partitions = kafka.partitions_for(kafka.RAW_FRAMES, settings)
-    for i in indices:
-        record = records.frame_record(task_id, tpb.TaskOptions(), 0, pb.Frame(index=i, timestamp_s=0.2 * i))
+    out = [records.frame_record(task_id, tpb.TaskOptions(), 0, pb.Frame(index=i, timestamp_s=0.2 * i))
+           for i in indices]
+    if closed:
+        out.append(records.end_of_stream_record(task_id, tpb.TaskOptions(), 0, len(indices), 5.0))
+    for record in out:
         producer.produce(kafka.task_topic(kafka.RAW_FRAMES, task_id), record.SerializeToString(),
                          partition=records.partition_of(record, partitions))
     assert producer.flush(10) == 0
 
 
 def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_url(gateway_factory, broker, tmp_path):
-    """Three live tasks of a gateway that stopped: one whose camera had finished (its frames all out, waiting
+    """Four live tasks of a gateway that stopped: one whose camera had finished (its frames all out, waiting
     for its results), one still reading (its camera is read again, from the frame after those that went in),
-    and one whose stream lost a frame that later ones overtook (closed after the frames before the hole, and
-    ending FAILED, saying why). The next gateway announces all three again, as the first did, publish URL
-    included."""
+    one whose stream lost a frame that later ones overtook (closed after the frames before the hole, and
+    ending FAILED, saying why), and one whose stream its reader had closed just before it died (not closed
+    again). The next gateway announces them again, as the first did, publish URL included."""
     data = tmp_path / "data"
     settings = live_settings(broker, data)
     kafka.ensure_shared_topics(settings)
     store = TaskStore(settings.db_path)
     admin = kafka.admin(settings)
-    finished, reading, broken = live_task(free_port()), live_task(free_port()), live_task(free_port())
-    for task in (finished, reading, broken):
+    finished, reading, broken, closing = (live_task(free_port()) for _ in range(4))
+    for task in (finished, reading, broken, closing):
         store.create(task, "alice", None)
         store.transition(task.task_id, tpb.TASK_STATE_RUNNING)
         store.set_live_source(task.task_id, task.live.source, tpb.RTSP_TRANSPORT_TCP)
@@ -98,6 +102,7 @@ def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_u
     store.add_done(reading.task_id, "decode", [(0, 1)], 0)  # progress said two; three went in
     _publish_frames(settings, broken.task_id, [0, 1, 3, 4])  # frame 2 never landed
     store.add_done(broken.task_id, "decode", [(0, 4)], 0)
+    _publish_frames(settings, closing.task_id, [0, 1, 2, 3, 4, 5], closed=True)  # its gateway died right after
     store.close()
 
     gw = gateway_factory(data, live_sources=settings.live_sources, live_publish_url=PUBLISH, reserved_tasks=0)
@@ -114,6 +119,13 @@ def test_live_tasks_go_on_after_a_gateway_restart_announced_with_their_publish_u
     state, message = gw.gateway.store.ending(broken.task_id)
     assert state == tpb.TASK_STATE_FAILED and "frames of its stream were lost" in message, message
     assert broken.task_id not in lifecycle.live_sources
+    # Closed already: it ends as its results arrive, with the count its end of stream gave, closed once only.
+    state, message = gw.gateway.store.ending(closing.task_id)
+    assert state == tpb.TASK_STATE_FAILED and "as its stream was being closed" in message, message
+    ends = [r for r in read_topic(settings.kafka_bootstrap, kafka.task_topic(kafka.RAW_FRAMES, closing.task_id),
+                                  until_eos=False, timeout=20) if r.HasField("end_of_stream")]
+    assert [e.end_of_stream.total_frames for e in ends] == [6]
+    assert closing.task_id not in lifecycle.live_sources
     assert gw.gateway.store.ending(finished.task_id) == (tpb.TASK_STATE_COMPLETED, "the live stream ended")
 
 

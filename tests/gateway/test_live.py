@@ -70,7 +70,9 @@ def test_a_lost_frame_with_later_ones_on_the_topic_is_a_hole(stream):
     assert (so_far.frames, so_far.newest, so_far.hole) == (6, 10, True)
 
 
-def test_a_closed_stream_says_so(stream):
+def test_a_closed_stream_says_so_with_its_count(stream):
+    """The end of stream sits last in partition 0, after frame 4: the count is the one it gives."""
     write, read = stream
-    write(*range(5), end=5)
-    assert read().closed
+    write(*range(7), end=7)
+    so_far = read()
+    assert (so_far.closed, so_far.frames, so_far.hole) == (True, 7, False)
