@@ -29,6 +29,17 @@ def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
             "--storage-engine", "memory://tansu/", "--silent"]
 
 
+# Tansu's async runtime gets this many worker threads (the default is one per core: two here). In CI the
+# broker went silent for minutes with every thread parked on a futex, no CPU used and clients' closed
+# connections left unread (tests/mesh.py's broker-silence.txt, 2026-12-03): the signature of runtime workers
+# all blocked at once. More workers make that less likely; whether they remove it is not proven yet.
+TOKIO_WORKER_THREADS = 8
+
+
+def broker_env(env: dict | None = None) -> dict:
+    return {**(os.environ if env is None else env), "TOKIO_WORKER_THREADS": str(TOKIO_WORKER_THREADS)}
+
+
 class LocalBroker:
     """A Tansu broker on a port of this machine, for tests and the local stack."""
 
@@ -44,7 +55,8 @@ class LocalBroker:
 
     def start(self, timeout: float = 10.0) -> LocalBroker:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(broker_command(self.port, self.host), stdout=log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(broker_command(self.port, self.host), env=broker_env(), stdout=log,
+                                     stderr=subprocess.STDOUT,
                                      start_new_session=True)
         wait_for_port(self.host, self.port, timeout)
         return self

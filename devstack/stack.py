@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from posemesh.devstack.broker import broker_command
+from posemesh.devstack.broker import broker_command, broker_env
 from posemesh.devstack.processes import free_port, free_ports, kill_group, stop_process
 from posemesh.mesh.health import grpc_healthy
 from posemesh.mesh.pipeline import STAGE_NAMES
@@ -167,7 +167,7 @@ class Stack:
                 self._add("rtsp", rtsp.command(self.config.rtsp_port), lambda: _port_open(self.config.rtsp_port), 20)
             if not self.config.kafka:
                 self._add("broker", broker_command(self.config.kafka_port),
-                          lambda: _port_open(self.config.kafka_port), 15)
+                          lambda: _port_open(self.config.kafka_port), 15, env=broker_env(self.env))
             if not self.config.triton_url:
                 onnx_dir = REPO_ROOT / "run" / "onnx"
                 prepare(onnx_dir)
