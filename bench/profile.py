@@ -28,7 +28,7 @@ ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
     ("encode", ("stages/results.py", "live_out.py")),
     ("decode", ("mesh/media.py", "/av/")),
     ("protobuf", ("google/protobuf", "SerializeToString", "FromString", "ParseFromString")),
-    ("Kafka", ("confluent_kafka", "stages/reading.py", "stages/pixels.py", "mesh/kafka.py", "gateway/producer.py",
+    ("Kafka", ("confluent_kafka", "stages/reading.py", "stages/pixels.py", "mesh/kafka.py", "mesh/frames.py",
                "consume (", "poll (", "produce (", "flush (")),
     ("pose crops", ("stages/pose.py",)),
     ("detect pre/post", ("stages/detect.py",)),

@@ -44,9 +44,8 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from posemesh.gateway.duties import GATEWAY_LEASE
-from posemesh.gateway.live import LiveConfig, LiveSource, StreamSoFar, stream_so_far
+from posemesh.gateway.live import LiveConfig, LiveSource
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
-from posemesh.gateway.producer import FrameProducer
 from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.stats import MeshActivity
@@ -54,6 +53,7 @@ from posemesh.gateway.store import ACTIVE, TERMINAL, ActiveTask, TaskStore, now_
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.validation import Refused
 from posemesh.mesh import kafka, media, names, records, tracing
+from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -163,28 +163,9 @@ class TaskLifecycle:
     def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
 
-        def on_decoded(reader: media.FrameReader) -> None:
-            """VideoInfo from here on says what decoded (the probe counted packets): frame_count is the frames
-            every stage gets, duration_s is measured on them; frames that did not decode get a warning."""
-            if self.store.epoch(task_id) != epoch:
-                return
-            count, duration = reader.decoded, reader.duration_s()
-
-            def apply(t: tpb.Task) -> None:
-                counted, t.video.frame_count = t.video.frame_count, count
-                if duration is not None:
-                    t.video.duration_s = round(duration, 6)
-                if counted > reader.read:
-                    kept = f"; {count} of them sampled" if count < reader.read else ""
-                    warning = (f"{counted - reader.read} of the {counted} frames of the upload could not be decoded "
-                               f"and were skipped; the {reader.read} that decoded are processed{kept}")
-                elif reader.skipped:
-                    warning = f"{reader.skipped} damaged packets of the video could not be decoded and were skipped"
-                else:
-                    return
-                if warning not in t.warnings:
-                    t.warnings.append(warning)
-            self.store.update(task_id, apply)
+        def on_decoded(decoded: Decoded) -> None:
+            if self.store.epoch(task_id) == epoch:
+                self.store.update(task_id, decoded.apply)
 
         def on_done(count: int) -> None:
             if self.store.epoch(task_id) != epoch:

@@ -40,10 +40,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import av
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from posemesh.gateway.sources import Source
 from posemesh.mesh import jpeg, kafka, media, records
+from posemesh.mesh.frames import StreamSoFar
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -52,8 +53,6 @@ log = logging.getLogger("posemesh.gateway")
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
 DETACH_FLUSH_S = 5.0
-READ_BACK_S = 5.0  # the longest a take-over reads back where a live stream stopped (stream_so_far)
-UNKNOWN_GAP_S = 0.04  # the gap a resumed stream shows when the broker did not time its last frame
 # FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
 # is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
 # takes the size from the first key frame, so half a second of probing is enough. (Not `fflags nobuffer`:
@@ -70,91 +69,6 @@ class LiveConfig:
     jpeg_quality: int = 90
     partitions: int = 4
     limits: media.Limits = field(default_factory=media.Limits)
-
-
-@dataclass(frozen=True)
-class StreamSoFar:
-    """What a live task's earlier reader published before it stopped with its gateway (`stream_so_far`)."""
-
-    frames: int  # indices 0..frames-1 are on the topic, every one of them (closed: the end of stream's count)
-    last_timestamp_s: float  # the newest frame's time in the task's stream
-    last_written_s: float  # when it was written (wall clock, the record's broker timestamp; 0: not known)
-    closed: bool  # an end-of-stream record is out: the stream cannot go on
-    newest: int  # the newest index on the topic + 1: more than `frames` when a frame below it is lost
-
-    @property
-    def hole(self) -> bool:
-        """Frames after a lost one are on the topic (see stream_so_far): going on would contradict them."""
-        return self.newest > self.frames
-
-    def start_time_s(self, now_s: float) -> float:
-        """The time of the first frame read after the gap: the gap shows in the stream as long as it was."""
-        if not self.frames:
-            return 0.0
-        gap = now_s - self.last_written_s if self.last_written_s > 0 else UNKNOWN_GAP_S
-        return self.last_timestamp_s + max(0.001, gap)
-
-
-def stream_so_far(consumer_config: dict, task_id: str, epoch: int, partitions: int,
-                  timeout_s: float = READ_BACK_S) -> StreamSoFar:
-    """Read back where a task's live stream stopped: the last record of each raw_frames partition (frames
-    go to partition index % P, in index order within each), read up to the partition's end from just before
-    it (the local broker's high watermark names the last record batch, not the last record). A producer
-    that died may have had frames of several partitions in flight, and a later one may have landed while an
-    earlier one did not (another broker leads its partition); the stream then has a hole, and cannot go on
-    without times going back (the caller closes it instead). `timeout_s` bounds the whole read: it runs on
-    the thread that renews the gateway's leases (take_over)."""
-    topic = kafka.task_topic(kafka.RAW_FRAMES, task_id)
-    consumer = Consumer({**consumer_config, "enable.auto.commit": False, "enable.partition.eof": True})
-    last: dict[int, tuple[int, float, float]] = {}  # partition -> (index, timestamp_s, written_s)
-    closed_total: int | None = None
-    deadline = time.monotonic() + timeout_s
-
-    def left() -> float:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError(f"the end of {topic} could not be read within {timeout_s:.0f} s")
-        return remaining
-
-    try:
-        tails = []
-        for p in range(partitions):
-            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=left())
-            if high > low:
-                tails.append(TopicPartition(topic, p, high - 1))
-        if tails:
-            consumer.assign(tails)
-            waiting = {tp.partition for tp in tails}
-            while waiting and time.monotonic() < deadline:
-                msg = consumer.poll(0.5)
-                if msg is None:
-                    continue
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        waiting.discard(msg.partition())
-                        continue
-                    raise KafkaException(msg.error())
-                record = pb.StageRecord.FromString(msg.value())
-                if record.epoch != epoch:
-                    continue
-                if record.HasField("end_of_stream"):
-                    closed_total = record.end_of_stream.total_frames
-                else:
-                    kind, written_ms = msg.timestamp()
-                    written = written_ms / 1000.0 if kind != TIMESTAMP_NOT_AVAILABLE else 0.0
-                    last[msg.partition()] = (record.frame.index, record.frame.timestamp_s, written)
-            if waiting:
-                left()  # raises: not every partition's end was reached
-    finally:
-        consumer.close()
-    newest = max(last.values(), default=(-1, 0.0, 0.0))
-    if closed_total is not None:  # its last frame may sit before the end of stream in partition 0: not read
-        return StreamSoFar(frames=closed_total, last_timestamp_s=newest[1], last_written_s=newest[2],
-                           closed=True, newest=closed_total)
-    # Partition p holds p, p+P, ... up to its last index: the first index missing is the least of last+P.
-    frames = min((last[p][0] + partitions if p in last else p) for p in range(partitions))
-    return StreamSoFar(frames=frames, last_timestamp_s=newest[1], last_written_s=newest[2], closed=False,
-                       newest=newest[0] + 1)
 
 
 class LiveSource(threading.Thread):

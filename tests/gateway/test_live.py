@@ -1,4 +1,4 @@
-"""Where a live stream stopped, read back from a real broker (gateway/live.py's `stream_so_far`): what a
+"""Where a live stream stopped, read back from a real broker (mesh/frames.py's `stream_so_far`): what a
 gateway that takes a live task over goes on after."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import time
 import pytest
 from confluent_kafka import Producer
 
-from posemesh.gateway.live import stream_so_far
 from posemesh.mesh import kafka, records
+from posemesh.mesh.frames import stream_so_far
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import make_settings
