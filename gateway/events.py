@@ -22,6 +22,7 @@ import threading
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, TopicPartition
 
 from posemesh.mesh import kafka
+from posemesh.mesh.pipeline import INGEST, progress_step
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 
@@ -33,11 +34,12 @@ INCARNATION_KEY = "events_incarnation"
 
 class EventReader(threading.Thread):
     def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None,
-                 activity=None, applying: bool = True):
+                 activity=None, applying: bool = True, on_source_read=None):
         super().__init__(name="events", daemon=True)
         self.settings, self.store, self.topics = settings, store, topics
         self.activity = activity  # gateway/stats.py's MeshActivity, or None
         self.on_result, self.on_failure = on_result, on_failure
+        self.on_source_read = on_source_read  # the ingest stage's SourceRead (POSEMESH_INGEST=stage)
         self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
         self.applying = applying  # to the store (this gateway holds the mesh duties), or only heard
         # Progress not yet written: (task, stage, epoch) -> (frame ranges, frames total).
@@ -90,29 +92,36 @@ class EventReader(threading.Thread):
 
     def handle(self, event: pb.WorkerEvent, sent_at: float) -> None:
         kind = event.WhichOneof("event")
+        step = progress_step(event.stage)  # the ingest stage's frames are the "decode" step's
         if kind == "heartbeat":
             self.topics.heartbeat(event.worker_id, sent_at, list(event.heartbeat.reading_tasks))
             if self.activity is not None:
-                self.activity.heartbeat(event.stage, event.worker_id, sent_at)
+                self.activity.heartbeat(step, event.worker_id, sent_at)
         elif kind == "progress":
             p = event.progress
             if self.activity is not None:
-                self.activity.finished(event.stage, sum(r.last - r.first + 1 for r in p.done), sent_at)
+                self.activity.finished(step, sum(r.last - r.first + 1 for r in p.done), sent_at)
             if self.applying:
-                ranges, total = self.progress.get((p.task_id, event.stage, p.epoch), ([], 0))
+                ranges, total = self.progress.get((p.task_id, step, p.epoch), ([], 0))
                 ranges += [(r.first, r.last) for r in p.done]
-                self.progress[(p.task_id, event.stage, p.epoch)] = ranges, max(total, p.frames_total)
+                self.progress[(p.task_id, step, p.epoch)] = ranges, max(total, p.frames_total)
         elif not self.applying:
             return
         elif kind == "result":
             self.apply_progress()  # a task's progress before its end
             if event.result.epoch >= self.store.epoch(event.result.task_id):
                 self.on_result(event.result)
+        elif kind == "source_read":
+            self.apply_progress()
+            if self.on_source_read is not None:
+                self.on_source_read(event.source_read)
         elif kind == "failure":
             self.apply_progress()
             f = event.failure
             if f.epoch >= self.store.epoch(f.task_id):
-                self.on_failure(f.task_id, f"{event.stage} failed: {f.error_message}")
+                # The ingest stage's failures say what failed in the upload, as the gateway's decoding does.
+                said = f.error_message if event.stage == INGEST else f"{event.stage} failed: {f.error_message}"
+                self.on_failure(f.task_id, said)
 
     def apply_progress(self) -> None:
         """Write the merged progress (one write per task, stage and run)."""

@@ -67,7 +67,9 @@ LIVE_RESULTS_WAIT_S = 120.0
 # Where a task's frames come from when it (re)starts: one of these, or None when they are all out already.
 @dataclass(frozen=True)
 class Upload:
-    path: Path  # decoded by a frame producer
+    """Decoded by a frame producer here (`path`: this gateway's copy), or by the ingest stage (None: the
+    upload is in the blob store, POSEMESH_INGEST=stage)."""
+    path: Path | None
 
 
 @dataclass(frozen=True)
@@ -127,11 +129,17 @@ class TaskLifecycle:
     def start(self, task: tpb.Task, path: Path) -> None:
         """A new task from an upload: topics first (explicitly, with their partition counts), then tell the
         workers, then frames."""
-        # Annotate muxes the upload's audio into the annotated video; on a shared store, a gateway that takes
-        # the task over if this one dies publishes its frames again from the stored upload.
-        if task.video.audio_codec or self.store.shared:
-            self.blobs.put_file(names.upload_key(task.task_id), path)
-        self._launch(task, self.store.epoch(task.task_id), Upload(path),
+        # The ingest stage decodes the stored upload (this gateway's copy moves there: a rename on a local
+        # store). Otherwise: annotate muxes the upload's audio into the annotated video; on a shared store, a
+        # gateway that takes the task over if this one dies publishes its frames again from the stored upload.
+        if self.settings.ingest_stage():
+            self.blobs.put_file(names.upload_key(task.task_id), path, move=True)
+            upload = Upload(None)
+        else:
+            if task.video.audio_codec or self.store.shared:
+                self.blobs.put_file(names.upload_key(task.task_id), path)
+            upload = Upload(path)
+        self._launch(task, self.store.epoch(task.task_id), upload,
                      make_topics=task.task_id not in self.reservations)  # a reserved id's topics are read already
         log.info("task %s started: topics created, workers told, frames flowing", task.task_id)
 
@@ -153,7 +161,11 @@ class TaskLifecycle:
             self.topics.publish_started(task, epoch, publish_url=self.publish_url(task), headers=headers)
             self.reservations.used(task_id)  # a reserved id: from here on it is this task's to end and clean up
             self.store.transition(task_id, tpb.TASK_STATE_RUNNING, from_states={tpb.TASK_STATE_QUEUED})
-            if isinstance(frames, Upload):
+            if isinstance(frames, Upload) and frames.path is None:
+                self.topics.publish_ingest_job(pb.IngestJob(
+                    task=tpb.Task(task_id=task_id, options=task.options, video=task.video), epoch=epoch,
+                    upload_key=names.upload_key(task_id)))
+            elif isinstance(frames, Upload):
                 self._produce(task, frames.path, epoch)
             elif isinstance(frames, Camera):
                 self._read_camera(task, frames.source, frames.transport, epoch, frames.so_far)
@@ -188,6 +200,17 @@ class TaskLifecycle:
                 old.cancelled.set()
             self.frame_producers[task_id] = producer
         producer.start()
+
+    def source_read(self, read: pb.SourceRead) -> None:
+        """The ingest stage's word on an upload it decoded: what decoded (before the end of stream), then, with
+        `produced`, that every frame and the end of stream are out (what on_decoded and on_done say here)."""
+        if self.store.epoch(read.task_id) != read.epoch:
+            return  # a run the broker lost
+        decoded = Decoded(read.frame_count, read.duration_s if read.HasField("duration_s") else None, read.warning)
+        self.store.update(read.task_id, decoded.apply)
+        if read.produced:
+            self.store.mark_produced(read.task_id)
+            self.store.add_done(read.task_id, "decode", [], read.epoch, frames_total=read.frame_count)
 
     def _decoded(self, task_id: str, first: int, last: int, epoch: int) -> None:
         self.store.add_done(task_id, "decode", [(first, last)], epoch)
@@ -286,7 +309,8 @@ class TaskLifecycle:
             if active is None:
                 continue  # it ended meanwhile
             log.info("task %s: its gateway is gone; this gateway takes it over", task_id)
-            if not active.live_url and not active.produced and self._upload_of(task_id) is None:
+            if (not active.live_url and not active.produced and not self.settings.ingest_stage()
+                    and self._upload_of(task_id) is None):
                 try:
                     path = names.upload_path(self.settings.jobs_dir, task_id)
                     path.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +322,7 @@ class TaskLifecycle:
     def _resume(self, active: ActiveTask, on_broker: dict[str, list[str]], what_happened: str) -> None:
         """Go on with a task whose frames stopped with their gateway (`what_happened` to it, for messages)."""
         task = active.task
-        path = self._upload_of(task.task_id)
+        upload = self._upload_of(task.task_id)
         topics_intact = set(kafka.task_topics(task.task_id)) - set(on_broker.get(task.task_id, [])) <= {
             kafka.task_topic(kafka.LIVE_FRAMES, task.task_id)}  # the live topic exists only if watched
         if active.live_url and not active.produced:
@@ -307,7 +331,7 @@ class TaskLifecycle:
             log.info("task %s: frames all published before the gateway %s; waiting for the stages", task.task_id,
                      what_happened)
             self._launch(task, active.epoch, None, make_topics=False)
-        elif path is not None:
+        elif upload is not None:
             if topics_intact:
                 # Republish from frame 0: the stages drop frames they have already seen, by index.
                 log.info("task %s: resuming the frame producer (the gateway %s)", task.task_id, what_happened)
@@ -315,7 +339,7 @@ class TaskLifecycle:
             else:  # the broker lost the topics: a new run, so no worker mistakes it for redelivery
                 epoch = self.store.new_run(task.task_id, "the message broker lost this task's frames while the "
                                                           "gateway was down; it was run again from the start")
-            self._launch(task, epoch, Upload(path))
+            self._launch(task, epoch, upload)
         else:
             self.fail(task.task_id, f"the gateway {what_happened} while the upload was being processed and the "
                                     "upload file is gone; please upload again")
@@ -388,9 +412,12 @@ class TaskLifecycle:
             total = self.store.frames_done(task_id, "decode")
         self._launch(active.task, active.epoch, StreamEnd(total, state, message), make_topics=False)
 
-    def _upload_of(self, task_id: str) -> Path | None:
+    def _upload_of(self, task_id: str) -> Upload | None:
+        """The task's upload where its decoder reads it: the blob store for the ingest stage, else here."""
+        if self.settings.ingest_stage():
+            return Upload(None) if self.blobs.size(names.upload_key(task_id)) is not None else None
         path = names.upload_path(self.settings.jobs_dir, task_id)
-        return path if path.exists() else None
+        return Upload(path) if path.exists() else None
 
     def halt(self, join_s: float = 0.0) -> None:
         """Stop publishing every task's frames and leave the tasks RUNNING: the gateway stops (`recover` goes
@@ -432,8 +459,8 @@ class TaskLifecycle:
                     self.fail(task_id, f"the message broker lost this live task's frames and it could not "
                                        f"start over ({exc})")
                 continue
-            path = self._upload_of(task_id)
-            if path is None:
+            upload = self._upload_of(task_id)
+            if upload is None:
                 self.fail(task_id, "the message broker lost this task's frames and the upload is no longer here; "
                                    "please upload again")
                 continue
@@ -441,7 +468,7 @@ class TaskLifecycle:
                                                 "from its first frame")
             task = self.store.get(task_id)
             try:
-                self._launch(task, epoch, Upload(path))
+                self._launch(task, epoch, upload)
                 log.info("task %s: run %d started after the broker lost its data", task_id, epoch)
             except Exception as exc:  # noqa: BLE001 - it broke again: say so instead of hanging
                 self.fail(task_id, f"the message broker lost this task's frames and it could not be restarted ({exc})")

@@ -109,7 +109,8 @@ class Gateway:
             self.events.stop()
             self.events.join(5)
         self.events = EventReader(self.settings, self.store, self.topics, self.lifecycle.complete,
-                                  self.lifecycle.fail, self.incarnation, self.activity, applying=self.duties.holding)
+                                  self.lifecycle.fail, self.incarnation, self.activity, applying=self.duties.holding,
+                                  on_source_read=self.lifecycle.source_read)
         self.events.start()
 
     def _reserved(self, task_id: str) -> bool:

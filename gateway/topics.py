@@ -60,18 +60,26 @@ class TopicManager:
 
     def _control(self, event: pb.ControlEvent, headers: list | None = None) -> None:
         """`headers`: Kafka headers of the event's own record (a TaskStarted's carry its run's trace context)."""
+        self._publish(kafka.CONTROL_TOPIC, kafka.control_records(event), headers)
+
+    def _publish(self, topic: str, records: list[tuple[bytes, bytes | None]], headers: list | None = None) -> None:
+        """Write `records` (key, value) and wait until the broker has them; `headers` go on the first."""
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
         with self.publish_lock:
-            for i, (key, value) in enumerate(kafka.control_records(event)):
+            for i, (key, value) in enumerate(records):
                 own = headers if i == 0 and headers else None  # the event's record, not its tombstones
-                self.producer.produce(kafka.CONTROL_TOPIC, value, key=key, headers=own)
+                self.producer.produce(topic, value, key=key, headers=own)
             try:
                 remaining = self.producer.flush(10)
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
-                raise RuntimeError(f"could not publish to posemesh.control ({exc})") from None
+                raise RuntimeError(f"could not publish to {topic} ({exc})") from None
             if remaining:
-                raise RuntimeError("could not publish to posemesh.control")
+                raise RuntimeError(f"could not publish to {topic}")
+
+    def publish_ingest_job(self, job: pb.IngestJob) -> None:
+        """Hand an upload to the ingest stage (keyed by task: a task's jobs share a partition, and so a replica)."""
+        self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())])
 
     def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str, headers: list | None = None) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(

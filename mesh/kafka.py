@@ -22,6 +22,8 @@ from posemesh.v1 import pipeline_pb2 as pb
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
 CONTROL_TOPIC = "posemesh.control"
 EVENTS_TOPIC = "posemesh.events"
+# Uploads to decode (IngestJob), read by the ingest stage's consumer group when POSEMESH_INGEST=stage.
+INGEST_TOPIC = "posemesh.ingest"
 # Never written to: every worker stays subscribed to it, so a worker with no task left keeps its group
 # membership instead of leaving and re-joining. On the local broker, two members of a round-robin group
 # that unsubscribed and subscribed again at about the same time were never given partitions again.
@@ -275,7 +277,8 @@ def ensure_shared_topics(settings: Settings, client: AdminClient | None = None) 
     # Compaction keeps one record per key (task and kind of event, see control_key) on Apache Kafka.
     control = {**cfg, "cleanup.policy": "compact"}
     create_topics(client or admin(settings), [TopicSpec(CONTROL_TOPIC, 1, control), TopicSpec(EVENTS_TOPIC, 1, cfg),
-                                              TopicSpec(IDLE_TOPIC, 1, cfg)])
+                                              TopicSpec(IDLE_TOPIC, 1, cfg),
+                                              TopicSpec(INGEST_TOPIC, settings.ingest_partitions, cfg)])
 
 
 def incarnation(client: AdminClient, timeout: float = 5.0) -> str | None:

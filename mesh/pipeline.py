@@ -1,6 +1,6 @@
 """The pipeline, declared once: the stages in order, the per-task topics between them, their partitions.
 
-    upload -> raw_frames_<task> -> detect -> yolox_<task> -> pose -> rtmpose_<task> -> track
+    upload -> (ingest) -> raw_frames_<task> -> detect -> yolox_<task> -> pose -> rtmpose_<task> -> track
            -> bytetrack_<task> -> annotate -> results/<task>/
 
 Everything else derives from this table: topic names and partition counts (posemesh.mesh.kafka and the
@@ -54,8 +54,18 @@ LIVE_FRAMES = "live"
 # Every per-task topic: the gateway writes the first, each stage the next; then the live frames.
 TASK_TOPIC_PREFIXES: tuple[str, ...] = ((STAGES[0].reads,) + tuple(s.writes for s in STAGES if s.writes)
                                         + (LIVE_FRAMES,))
-# Progress is reported per step a frame takes: the gateway's decode, then every stage.
+# Uploads are decoded into raw_frames_<task> before the first stage: by the gateway that took them, or by the
+# ingest stage (stages/ingest.py: a source, not a stage of this table; POSEMESH_INGEST says which).
+INGEST = "ingest"
+# Every kind of worker `python -m posemesh.stages` runs.
+WORKER_NAMES: tuple[str, ...] = (INGEST,) + STAGE_NAMES
+# Progress is reported per step a frame takes: its decoding (by either), then every stage.
 PROGRESS_STEPS: tuple[str, ...] = ("decode",) + STAGE_NAMES
+
+
+def progress_step(worker: str) -> str:
+    """The progress step a worker's reports count towards."""
+    return "decode" if worker == INGEST else worker
 
 
 def reader_of(prefix: str) -> StageSpec | None:

@@ -142,6 +142,14 @@ class Settings:
     # keys, one per line, the first sealing (a Kubernetes or Compose secret). Empty: data_dir/secrets.key,
     # made on the first start with mode 0600 (one machine; keep it apart from the data in production).
     secrets_key_file: str = field(default_factory=lambda: env("SECRETS_KEY_FILE", ""))
+    # Who decodes uploads into frames: "gateway" (each gateway decodes its own uploads: one machine, nothing
+    # more to run) or "stage" (the ingest stage, python -m posemesh.stages ingest, any number of replicas on
+    # any hosts: the gateway only probes an upload, stores it and hands it over on posemesh.ingest).
+    ingest: str = field(default_factory=lambda: env("INGEST", "gateway"))
+    # posemesh.ingest's partitions (the most ingest replicas that get work), and the uploads one replica
+    # decodes at once.
+    ingest_partitions: int = field(default_factory=lambda: int(env("INGEST_PARTITIONS", "8")))
+    ingest_max_jobs: int = field(default_factory=lambda: int(env("INGEST_MAX_JOBS", "4")))
     # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
     # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
     max_frames_ahead: int = field(default_factory=lambda: int(env("MAX_FRAMES_AHEAD", "64")))
@@ -205,6 +213,12 @@ class Settings:
     def scratch_dir(self) -> Path:
         """Files a process writes for itself only (a segment being coded, a result being assembled)."""
         return self.data_dir / "scratch"
+
+    def ingest_stage(self) -> bool:
+        """Whether uploads are decoded by the ingest stage (else by the gateway that took them)."""
+        if self.ingest not in ("gateway", "stage"):
+            raise ValueError(f"POSEMESH_INGEST is {self.ingest!r}: it must be 'gateway' or 'stage'")
+        return self.ingest == "stage"
 
     def blob_store(self):
         from posemesh.mesh.blobs import open_blob_store

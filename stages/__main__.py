@@ -1,4 +1,5 @@
-"""python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker.
+"""python -m posemesh.stages NAME [--control-port P] [--metrics-port P]: run one stage worker, or the ingest
+worker that decodes uploads for them (stages/ingest.py).
 
 The stages and their classes are declared in mesh/pipeline.py."""
 
@@ -10,7 +11,7 @@ import logging
 import os
 import sys
 
-from posemesh.mesh.pipeline import SPECS, STAGE_NAMES
+from posemesh.mesh.pipeline import INGEST, SPECS, WORKER_NAMES
 from posemesh.mesh.settings import Settings
 from posemesh.stages.worker import serve
 
@@ -22,7 +23,7 @@ def load(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m posemesh.stages", description="Run one posemesh stage worker.")
-    parser.add_argument("stage", choices=STAGE_NAMES)
+    parser.add_argument("stage", choices=WORKER_NAMES)
     parser.add_argument("--control-port", type=int, default=0, help="StageService + health (0: any free port)")
     parser.add_argument("--metrics-port", type=int, default=0, help="Prometheus metrics (0: off)")
     return parser
@@ -31,7 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
-    serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
+    if args.stage == INGEST:  # a source, not a stage of the frames' pipeline
+        from posemesh.stages.ingest import serve as serve_ingest
+
+        serve_ingest(Settings(), args.control_port)
+    else:
+        serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
     # The worker has left its group, flushed its outputs and said goodbye: exit without the interpreter's
     # teardown, whose garbage collection destroys the Kafka clients, and a destroy can wait on librdkafka's
     # threads (trying librdkafka 2.4.0: at every worker stop after a few tasks, until the SIGKILL).

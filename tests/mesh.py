@@ -18,7 +18,7 @@ import grpc
 from posemesh.devstack.broker import LocalBroker
 from posemesh.devstack.processes import free_port, stop_process
 from posemesh.devstack.triton_server import TritonServer
-from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.pipeline import INGEST, STAGE_NAMES
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
@@ -101,7 +101,8 @@ class SilenceRecorder(threading.Thread):
 
 
 class Mesh:
-    def __init__(self, root: Path, onnx_dir: Path, replicas: int = 2, **settings):
+    def __init__(self, root: Path, onnx_dir: Path, replicas: int = 2, ingest: int = 0, **settings):
+        """`ingest`: replicas of the ingest stage (POSEMESH_INGEST=stage); 0: the gateway decodes uploads."""
         self.root = root
         self.logs = root / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -110,11 +111,14 @@ class Mesh:
         self.silence.start()
         self.triton = TritonServer(onnx_dir, root / "triton", log_path=self.logs / "triton.log").start()
         self.settings = make_settings(self.broker, root / "data", triton_url=self.triton.url,
-                                      group_prefix=f"mesh{time.monotonic_ns()}", **settings)
+                                      group_prefix=f"mesh{time.monotonic_ns()}",
+                                      ingest="stage" if ingest else "gateway", **settings)
         self.gateway_port = free_port()
         self.gateway: subprocess.Popen | None = None
         self.workers: list[Worker] = []
         self.start_gateway()
+        for _ in range(ingest):
+            self.start_worker(INGEST)
         for stage in STAGE_NAMES:
             for _ in range(replicas):
                 self.start_worker(stage)

@@ -99,6 +99,16 @@ class ControlEvent(_message.Message):
     reserved: TaskReserved
     def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ..., reserved: _Optional[_Union[TaskReserved, _Mapping]] = ...) -> None: ...
 
+class IngestJob(_message.Message):
+    __slots__ = ("task", "epoch", "upload_key")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    task: _task_service_pb2.Task
+    epoch: int
+    upload_key: str
+    def __init__(self, task: _Optional[_Union[_task_service_pb2.Task, _Mapping]] = ..., epoch: _Optional[int] = ..., upload_key: _Optional[str] = ...) -> None: ...
+
 class IndexRange(_message.Message):
     __slots__ = ("first", "last")
     FIRST_FIELD_NUMBER: _ClassVar[int]
@@ -151,18 +161,36 @@ class Heartbeat(_message.Message):
     reading_tasks: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, reading_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class SourceRead(_message.Message):
+    __slots__ = ("task_id", "epoch", "frame_count", "duration_s", "warning", "produced")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FRAME_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    epoch: int
+    frame_count: int
+    duration_s: float
+    warning: str
+    produced: bool
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., frame_count: _Optional[int] = ..., duration_s: _Optional[float] = ..., warning: _Optional[str] = ..., produced: _Optional[bool] = ...) -> None: ...
+
 class WorkerEvent(_message.Message):
-    __slots__ = ("worker_id", "stage", "heartbeat", "progress", "result", "failure")
+    __slots__ = ("worker_id", "stage", "heartbeat", "progress", "result", "failure", "source_read")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_READ_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     heartbeat: Heartbeat
     progress: TaskProgress
     result: TaskResult
     failure: TaskFailure
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ...) -> None: ...
+    source_read: SourceRead
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., source_read: _Optional[_Union[SourceRead, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,81 @@
+"""The ingest stage (POSEMESH_INGEST=stage): uploads decoded by replicas of their own, not by the gateway.
+
+One mesh of real processes with two ingest replicas and one replica of every stage. The frame producer stays
+at most 8 frames ahead of detect, so an upload is still being decoded well into its task and a replica can
+be killed mid-file. Results must equal the undisturbed run's frame by frame, as in test_resilience.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from posemesh.mesh.pipeline import INGEST
+from posemesh.v1 import task_service_pb2 as tpb
+from tests.conftest import auth, media
+from tests.helpers import make_clip, upload, wait_for
+from tests.mesh import Mesh
+from tests.test_resilience import FRAMES, assert_same_as_reference, decoded
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(media("towncentre_1080p_302f.mp4"), tmp_path_factory.mktemp("clip") / "town60.mp4", FRAMES)
+
+
+@pytest.fixture(scope="module")
+def mesh(onnx_dir, tmp_path_factory):
+    m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=1, ingest=2, topic_delete_delay_s=1.0,
+             max_frames_ahead=8)
+    yield m
+    m.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(mesh, clip):
+    task = upload(mesh.stub, clip, auth())
+    done = mesh.wait_done(task.task_id)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    records, video = mesh.results(task.task_id)
+    return records, decoded(video)
+
+
+def _decoding(mesh: Mesh, task_id: str, at_least: int):
+    """The ingest replica decoding the task, once it sent `at_least` of its frames."""
+    def holder():
+        for worker in mesh.replicas(INGEST):
+            tasks = {t.task_id: t for t in worker.status().tasks}
+            if task_id in tasks and tasks[task_id].frames_done >= at_least:
+                return worker
+        return None
+    return wait_for(holder, 120, 0.05, f"an ingest replica to decode {at_least} frames of {task_id}")
+
+
+def test_an_upload_is_decoded_by_an_ingest_replica_and_the_task_says_what_decoded(mesh, clip, reference):
+    task = upload(mesh.stub, clip, auth())
+    worker = _decoding(mesh, task.task_id, 1)
+    done = assert_same_as_reference(mesh, task.task_id, reference)
+    assert done.video.frame_count == FRAMES and done.video.duration_s > 0
+    assert worker.status().frames_processed >= FRAMES
+    # The upload went to the blob store for the ingest stage: nothing of it stays on the gateway's disk.
+    assert not (mesh.settings.jobs_dir / task.task_id).exists()
+
+
+def test_sigkill_of_the_ingest_replica_mid_upload_changes_nothing(mesh, clip, reference):
+    task = upload(mesh.stub, clip, auth())
+    victim = _decoding(mesh, task.task_id, 12)
+    assert victim.status().tasks[0].frames_done < FRAMES, "decoding was over before the kill: nothing tested"
+    mesh.kill(victim)
+    replacement = mesh.start_worker(INGEST)  # as a supervisor would; the other replica takes the job meanwhile
+    assert_same_as_reference(mesh, task.task_id, reference)
+    mesh.wait_healthy()
+    assert replacement.alive()
+
+
+def test_the_gateway_killed_mid_upload_leaves_the_decoding_going_and_changes_nothing(mesh, clip, reference):
+    task = upload(mesh.stub, clip, auth())
+    _decoding(mesh, task.task_id, 12)
+    mesh.kill_gateway()
+    mesh.start_gateway()
+    assert_same_as_reference(mesh, task.task_id, reference)
