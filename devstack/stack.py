@@ -4,6 +4,7 @@
     posemesh down              # stop a stack started by `up` in another terminal
     posemesh run VIDEO         # start, process one video, write the results, stop
     posemesh up --gateways 2   # several gateways on one mesh: a local PostgreSQL task store they share
+    posemesh up --workers ingest=2   # uploads decoded by two ingest replicas instead of the gateway
 
 Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open)
 -> Triton (models ready) -> gateway (gRPC health) -> workers (gRPC health). A process that dies is restarted
@@ -34,7 +35,7 @@ from pathlib import Path
 from posemesh.devstack.broker import broker_command, broker_env
 from posemesh.devstack.processes import free_port, free_ports, kill_group, stop_process
 from posemesh.mesh.health import grpc_healthy
-from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.pipeline import INGEST, STAGE_NAMES, WORKER_NAMES
 from posemesh.mesh.settings import REPO_ROOT, env
 
 log = logging.getLogger("posemesh.stack")
@@ -143,6 +144,8 @@ class Stack:
                 self.rtsp_url = f"rtsp://127.0.0.1:{config.rtsp_port}"
                 self.env["POSEMESH_LIVE_PUBLISH_URL"] = f"{self.rtsp_url}/publish/{{task}}"
                 self.env["POSEMESH_LIVE_STREAM_URL"] = f"{self.rtsp_url}/live/{{task}}"
+        if config.workers.get(INGEST):  # ingest replicas decode the uploads, not the gateway
+            self.env["POSEMESH_INGEST"] = "stage"
         if not self.env.get("POSEMESH_API_KEYS") and not self.env.get("POSEMESH_API_KEYS_FILE"):
             # The gateway fails closed without keys; the local stack opts in to the development key.
             self.env["POSEMESH_API_KEYS"] = "dev:posemesh-dev-key"
@@ -260,7 +263,7 @@ class Stack:
             services = list(reversed(self.services))
         for s in services:
             s.stopping = True
-        workers = [s for s in services if s.name.split("-")[0] in STAGE_NAMES]
+        workers = [s for s in services if s.name.split("-")[0] in WORKER_NAMES]
         for s in workers:  # workers in parallel: each leaves its group and drops partial outputs
             if s.proc.poll() is None:
                 s.proc.send_signal(signal.SIGTERM)

@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     if args.stage == INGEST:  # a source, not a stage of the frames' pipeline
         from posemesh.stages.ingest import serve as serve_ingest
 
-        serve_ingest(Settings(), args.control_port)
+        serve_ingest(Settings(), args.control_port, args.metrics_port)
     else:
         serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
     # The worker has left its group, flushed its outputs and said goodbye: exit without the interpreter's

@@ -33,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from prometheus_client import Counter, start_http_server
 
 from posemesh.mesh import kafka, media, tracing
 from posemesh.mesh.frames import Decoded, FrameProducer, stream_so_far
@@ -45,6 +46,9 @@ from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
 
 log = logging.getLogger("posemesh.ingest")
+
+FRAMES = Counter("posemesh_ingest_frames_total", "Frames of uploads decoded (sent, or found out already)")
+JOBS = Counter("posemesh_ingest_jobs_total", "Jobs finished here", ["outcome"])  # decoded, failed, skipped, stopped
 
 POLL_S = 0.2
 # How often a decoding ahead of the detect stage asks the broker how far detect got.
@@ -104,7 +108,8 @@ class Run:
 
 
 class IngestWorker:
-    def __init__(self, settings: Settings, control_port: int = 0):
+    def __init__(self, settings: Settings, control_port: int = 0, metrics_port: int = 0):
+        self.metrics_port = metrics_port
         self.settings = settings
         self.worker_id = f"ingest-{socket.gethostname()}-{os.getpid()}"
         self.control = ControlFollower(settings, self.worker_id)
@@ -125,12 +130,18 @@ class IngestWorker:
     def run(self) -> None:
         self.control.start()
         self.api.start()
+        if self.metrics_port:
+            start_http_server(self.metrics_port, addr=self.settings.control_host)
         self.reporter.start()
         if not self.control.caught_up.wait(CATCH_UP_S):
             log.warning("posemesh.control not replayed within %.0f s: taking jobs anyway", CATCH_UP_S)
         try:
             while not self.halt.is_set():
-                self._session(self.control.generation)
+                try:
+                    self._session(self.control.generation)
+                except Exception:
+                    log.exception("ingest session ended")
+                    self.halt.wait(1.0)
         finally:
             self.reporter.stop()
             self.api.stop()
@@ -143,7 +154,9 @@ class IngestWorker:
     def _session(self, generation: int) -> None:
         """Take jobs until the broker's data is lost (a new generation) or the worker stops."""
         kafka.ensure_shared_topics(self.settings)
-        consumer = Consumer(kafka.consumer_config(self.settings, self.group_name(), self.worker_id))
+        # Jobs come seconds apart at most: a held fetch of FOLLOWER_FETCH_WAIT_MS costs an idle broker less, and
+        # a job at most that much delay.
+        consumer = Consumer(kafka.follower_config(self.settings, self.group_name(), self.worker_id))
         events = kafka.Sender(_producer(self.settings, self.worker_id))
         self.reporter.attach(events.producer)
         consumer.subscribe([kafka.INGEST_TOPIC], on_assign=self._assigned, on_revoke=self._revoked)
@@ -211,6 +224,7 @@ class IngestWorker:
                 run = Run(job or pb.IngestJob())
                 if job is None or self._nothing_to_do(job):
                     run.finished.set()
+                    JOBS.labels("skipped").inc()
                 else:
                     self.runs[key] = run
                     threading.Thread(target=self._decode, args=(run,), name=f"ingest-{key[0][:12]}",
@@ -275,6 +289,7 @@ class IngestWorker:
                         return
         finally:
             run.finished.set()  # done, failed, or stopped because its task ended: its job is committed
+            JOBS.labels("failed" if run.failure else "stopped" if run.cancelled.is_set() else "decoded").inc()
 
     def _decode_once(self, run: Run) -> None:
         job, task_id, settings = run.job, run.task_id, self.settings
@@ -312,6 +327,7 @@ class IngestWorker:
 
     def _progress(self, run: Run, first: int, last: int) -> None:
         self.frames_decoded += last - first + 1
+        FRAMES.inc(last - first + 1)
         for index in range(first, last + 1):
             self.reporter.done(run.task_id, index, run.job.epoch, None)
 
@@ -378,13 +394,13 @@ def _producer(settings: Settings, client_id: str):
     return Producer(kafka.producer_config(settings, client_id))
 
 
-def serve(settings: Settings | None = None, control_port: int = 0) -> None:
+def serve(settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
     """Run an ingest worker until SIGTERM/SIGINT. Stopping is as safe as dying: its unfinished jobs are
     not committed, and the replica that gets them next goes on after the frames that are out."""
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     faulthandler.enable(all_threads=True)
     tracing.setup(f"posemesh-{INGEST}")
-    worker = IngestWorker(settings or Settings(), control_port)
+    worker = IngestWorker(settings or Settings(), control_port, metrics_port)
     signal.signal(signal.SIGTERM, worker.stop)
     signal.signal(signal.SIGINT, worker.stop)
     try:

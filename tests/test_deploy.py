@@ -8,7 +8,7 @@ from __future__ import annotations
 import yaml
 
 from posemesh.mesh.models import MODELS
-from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.mesh.pipeline import STAGE_NAMES, WORKER_NAMES
 from posemesh.mesh.settings import REPO_ROOT
 
 DEPLOY = REPO_ROOT / "deploy"
@@ -17,16 +17,16 @@ DEPLOY = REPO_ROOT / "deploy"
 def test_compose_runs_every_stage_and_the_gateway():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(STAGE_NAMES) | {"gateway", "kafka", "triton"} <= set(services)
-    for stage in STAGE_NAMES:
+    assert set(WORKER_NAMES) | {"gateway", "kafka", "triton"} <= set(services)
+    for stage in WORKER_NAMES:
         assert services[stage]["command"][:4] == ["python", "-m", "posemesh.stages", stage]
 
 
 def test_kubernetes_manifests_have_a_deployment_per_stage_with_grpc_probes():
     docs = [d for d in yaml.safe_load_all((DEPLOY / "k8s" / "posemesh.yaml").read_text()) if d]
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    assert set(STAGE_NAMES) | {"gateway", "triton"} <= set(deployments)
-    for name in [*STAGE_NAMES, "gateway"]:
+    assert set(WORKER_NAMES) | {"gateway", "triton"} <= set(deployments)
+    for name in [*WORKER_NAMES, "gateway"]:
         container = deployments[name]["spec"]["template"]["spec"]["containers"][0]
         assert "grpc" in container["readinessProbe"]
 
@@ -96,7 +96,7 @@ def _flag(command: list[str], name: str) -> int:
 
 def test_compose_commands_ports_and_health_checks_match_the_code():
     services = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
-    for stage in STAGE_NAMES:
+    for stage in WORKER_NAMES:
         service = services[stage]
         args = build_parser().parse_args([str(a) for a in service["command"][3:]])  # the real argument parser
         assert args.stage == stage and args.control_port and args.metrics_port
@@ -118,7 +118,7 @@ def test_kubernetes_probes_ports_and_commands_match_the_code():
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
     assert config["POSEMESH_CONTROL_HOST"] == "0.0.0.0"  # probes come from outside the pod
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
-    for stage in STAGE_NAMES:
+    for stage in WORKER_NAMES:
         pod = deployments[stage]["spec"]["template"]
         container = pod["spec"]["containers"][0]
         args = build_parser().parse_args([str(a) for a in container["command"][3:]])
@@ -468,10 +468,11 @@ def test_triton_lands_on_a_gpu_node_with_declared_ports_and_http_probes():
 def test_no_volume_is_shared_between_pods_results_go_to_object_storage():
     """Gateway and annotate meet in the bucket of POSEMESH_BLOB_URL, not on a disk: no claim is
     ReadWriteMany, the only one is the models' (Triton, or its loader), and the gateways and annotate keep
-    only emptyDirs."""
+    only emptyDirs. The gateways do not decode uploads: the ingest Deployment does, from the bucket."""
     docs = all_k8s_docs()
     config = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "posemesh")["data"]
     assert config["POSEMESH_BLOB_URL"].startswith("s3://")
+    assert config["POSEMESH_INGEST"] == "stage"
     claims = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "PersistentVolumeClaim"}
     assert all(c["spec"]["accessModes"] == ["ReadWriteOnce"] for c in claims.values()), claims
     users: dict[str, set[str]] = {}
@@ -480,7 +481,7 @@ def test_no_volume_is_shared_between_pods_results_go_to_object_storage():
             if "persistentVolumeClaim" in v:
                 users.setdefault(v["persistentVolumeClaim"]["claimName"], set()).add(name)
     assert set(users) == {"posemesh-trt-models"}
-    for part in ("Deployment/annotate", "Deployment/gateway"):
+    for part in ("Deployment/annotate", "Deployment/gateway", "Deployment/ingest"):
         spec = next(spec for name, _, spec in pod_specs(docs) if name == part)
         assert [v for v in spec["volumes"] if "emptyDir" not in v and "secret" not in v] == [], part
 

@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kafka-port", type=int, default=0, help="local broker port (0: any free)")
     p.add_argument("--kafka", default="", help="use this Kafka instead of the local broker")
     p.add_argument("--triton-url", default="", help="use this Triton instead of the local one")
-    p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage)")
+    p.add_argument("--workers", default="", help="e.g. detect=2,pose=2 (default one per stage); ingest=N: uploads "
+                                                 "are decoded by N ingest replicas instead of the gateway")
     p.add_argument("--gateways", type=int, default=1,
                    help="gateways on the one mesh (more than 1: a local PostgreSQL store they share)")
     p.add_argument("--rtsp-port", type=int, default=8554, help="local RTSP relay for live output (-1: none)")
