@@ -33,8 +33,9 @@ def alive(pid: int) -> bool:
 
 
 def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_path):
-    """`posemesh up --gateways 2`: two gateways on a local PostgreSQL store (stopped and deleted with the
-    stack); a task uploaded through both addresses completes; a killed worker is restarted."""
+    """`posemesh up --gateways 2 --workers ingest=1`: two gateways on a local PostgreSQL store (stopped and
+    deleted with the stack) and an ingest replica decoding their uploads; a task uploaded through both
+    addresses completes; a killed worker is restarted."""
     from tests import clips
 
     run_dir = tmp_path / "stack"
@@ -42,14 +43,14 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("POSEMESH_API_KEYS", None)
     up = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "up", "--run-dir", str(run_dir),
-                           "--gateway-port", str(port), "--gateways", "2"], cwd=REPO_ROOT, env=env,
+                           "--gateway-port", str(port), "--gateways", "2", "--workers", "ingest=1"], cwd=REPO_ROOT, env=env,
                           stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
     try:
         state_file = run_dir / "stack.json"
         wait_for(state_file.exists, 240, 0.2, "the stack to come up")
         state = json.loads(state_file.read_text())
         assert set(state["services"]) == {"rtsp", "broker", "triton", "gateway-0", "gateway-1", "detect-0", "pose-0",
-                                          "track-0", "annotate-0"}
+                                          "track-0", "annotate-0", "ingest-0"}
         assert state["rtsp"].startswith("rtsp://127.0.0.1:")  # the relay live tasks publish to
         assert state["gateway"].startswith(f"127.0.0.1:{port},127.0.0.1:") and state["postgres"]
         for address in state["gateway"].split(","):
@@ -60,11 +61,14 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
             assert client.wait(task.task_id, timeout_s=120).state == tpb.TASK_STATE_COMPLETED
         # Prometheus metrics from the gateways and every worker.
         import urllib.request
-        assert set(state["metrics"]) == {"gateway-0", "gateway-1", "detect-0", "pose-0", "track-0", "annotate-0"}
+        assert set(state["metrics"]) == {"gateway-0", "gateway-1", "detect-0", "pose-0", "track-0", "annotate-0",
+                                         "ingest-0"}
         text = urllib.request.urlopen(state["metrics"]["gateway-1"], timeout=10).read().decode()
         assert "posemesh_gateway_uploads_total" in text
         text = urllib.request.urlopen(state["metrics"]["pose-0"], timeout=10).read().decode()
         assert "posemesh_stage_frames_total" in text
+        text = urllib.request.urlopen(state["metrics"]["ingest-0"], timeout=10).read().decode()
+        assert "posemesh_ingest_frames_total 10.0" in text  # the ingest replica decoded the upload
         # One log per process.
         assert {p.stem for p in (run_dir / "logs").glob("*.log")} >= set(state["services"])
 
