@@ -413,9 +413,10 @@ class TaskLifecycle:
         self._launch(active.task, active.epoch, StreamEnd(total, state, message), make_topics=False)
 
     def _upload_of(self, task_id: str) -> Upload | None:
-        """The task's upload where its decoder reads it: the blob store for the ingest stage, else here."""
+        """The task's upload where its decoder reads it: the blob store for the ingest stage (not looked at
+        here: an ingest replica that does not find it fails the task, saying so), else here."""
         if self.settings.ingest_stage():
-            return Upload(None) if self.blobs.size(names.upload_key(task_id)) is not None else None
+            return Upload(None)
         path = names.upload_path(self.settings.jobs_dir, task_id)
         return Upload(path) if path.exists() else None
 
@@ -586,6 +587,8 @@ class TaskLifecycle:
     def abandon(self, task_id: str) -> None:
         """Undo a task that could not be started (the broker is down): no row, no topic, no file remains."""
         self._stop_frames(task_id, quietly=True)
+        if self.settings.ingest_stage():  # its TaskStarted may be out (the job was not): workers let go of it
+            self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)
         if task_id in self.reservations:  # workers read a reserved id's topics: they must let go first
             self.reservations.used(task_id)
             self._announce_end(task_id, tpb.TASK_STATE_CANCELLED)

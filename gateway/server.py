@@ -57,6 +57,7 @@ ORPHAN_SCAN_S = 30.0
 class Gateway:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or Settings()
+        self.settings.ingest_stage()  # a wrong POSEMESH_INGEST stops the gateway here, saying so
         private_dir(self.settings.data_dir)  # not readable by other users (the gateway's and annotate's files)
         self.settings.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.auth = Authenticator(load_keys(self.settings.api_keys, self.settings.api_keys_file))

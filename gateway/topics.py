@@ -75,6 +75,9 @@ class TopicManager:
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
                 raise RuntimeError(f"could not publish to {topic} ({exc})") from None
             if remaining:
+                # Not sent later either: the caller undoes what the records were about (a task that could not
+                # start), and a job delivered after that would have a replica decode a task that is gone.
+                self.producer.purge()
                 raise RuntimeError(f"could not publish to {topic}")
 
     def publish_ingest_job(self, job: pb.IngestJob) -> None:

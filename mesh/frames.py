@@ -116,6 +116,8 @@ class FrameProducer(threading.Thread):
                 while (self.max_ahead and self.frames_consumed and frame.index % 8 == 0
                        and frame.index - self.frames_consumed() > self.max_ahead and not self.cancelled.is_set()):
                     self.producer.poll(0.05)
+                if self.cancelled.is_set():
+                    return
                 data = jpeg.encode(frame.image, self.quality)
                 h, w = frame.image.shape[:2]
                 self._send(records.frame_record(task_id, self.task.options, self.epoch, pb.Frame(
@@ -129,6 +131,8 @@ class FrameProducer(threading.Thread):
                 return
             if self.on_decoded is not None:
                 self.on_decoded(Decoded.of(reader, self.task.video.frame_count))
+                if self.cancelled.is_set():
+                    return
             self._send(records.end_of_stream_record(task_id, self.task.options, self.epoch, count, self.task.video.fps))
             wait_s = kafka.MESSAGE_TIMEOUT_S + kafka.DELIVERY_MARGIN_S
             if not self.sender.delivered(wait_s, give_up=self.cancelled.is_set):

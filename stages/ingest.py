@@ -5,10 +5,12 @@ announces the task and writes an IngestJob to posemesh.ingest, keyed by task. Th
 group over that topic: the replica holding a job's partition decodes the upload with mesh/frames.py's frame
 producer (JPEG frames, then the end of stream) and tells the gateway on posemesh.events what it did: progress
 (the "decode" step), what decoded (SourceRead) and failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS
-uploads at once; while it has that many, its partitions are paused (the others' replicas go on).
+uploads at once; the jobs after those wait in its queue, and the gateway's stall limit (STALL_TIMEOUT_S)
+counts that wait: size the replicas and POSEMESH_INGEST_MAX_JOBS so that no upload waits that long.
 
-Exactly once, as in the stages: a job's offset is committed only once its end of stream is on the broker
-(what is committed is the lowest offset of the partition whose job is not finished). A replica that dies
+Exactly once, as in the stages: a job's offset is committed only once its outcome is on the broker (the end
+of stream and the gateway told, or the failure told; what is committed is the lowest offset of the partition
+whose job is not finished). A replica that dies
 leaves its jobs uncommitted; the group gives its partitions to another, which reads the jobs again and reads
 back how far each task's raw_frames_<task> got (stream_so_far): a closed stream is done; otherwise the upload
 is decoded again and sending goes on after the frames that are out, every one of them. The few frames sent
@@ -32,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from posemesh.mesh import kafka, media, tracing
@@ -57,8 +59,10 @@ CONSUMED_EVERY_S = 0.25
 # meanwhile must be recognised as such, not decoded again.
 CATCH_UP_S = 30.0
 EVENT_WAIT_S = kafka.MESSAGE_TIMEOUT_S + kafka.DELIVERY_MARGIN_S
-# What fails around a decoding (the read-back, the upload's fetch) is tried this often, RETRY_S apart and more.
-ATTEMPTS, RETRY_S = 3, 2.0
+# What fails around a decoding (the read-back, the upload's fetch, telling the outcome) is tried again, first
+# RETRY_S later, then twice as late each time up to RETRY_MAX_S, until the task ends (the broker or the blob
+# store is away: the gateway's stall limit decides when a task has waited long enough).
+RETRY_S, RETRY_MAX_S = 1.0, 30.0
 
 
 class DetectConsumed:
@@ -88,38 +92,57 @@ class DetectConsumed:
 
 @dataclass
 class Run:
-    """One run (task and epoch) being decoded here. Its jobs are committed once it is `finished`."""
+    """One run (task and epoch) being decoded here. Its jobs are committed once it is `finished`: its outcome
+    is on the broker, or its task ended (nothing to tell). Only its own thread sets `finished`."""
 
     job: pb.IngestJob
     producer: FrameProducer | None = None
+    thread: threading.Thread | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
-    failure: str = ""
+    start_at: int = 0  # frames out already when it started (a take-over)
+    failure: str = ""  # why it failed, once told
+    stop_reason: str = ""  # an operator stopped it here (StopTask): the failure to tell
+    retry: str = ""  # why this attempt could not finish (the broker, the blob store): tried again
     decoded: Decoded | None = None
 
     @property
     def task_id(self) -> str:
         return self.job.task.task_id
 
+    @property
+    def key(self) -> tuple[str, int]:
+        return self.job.task.task_id, self.job.epoch
+
+    @property
+    def active(self) -> bool:
+        """Its thread still runs (a cancelled one too, until it noticed)."""
+        return self.thread is not None and self.thread.is_alive()
+
     def cancel(self) -> None:
         self.cancelled.set()
-        if self.producer is not None:
-            self.producer.cancelled.set()
+        producer = self.producer
+        if producer is not None:
+            producer.cancelled.set()
+
+
+class Undelivered(Exception):
+    """What the gateway must hear of a run (what decoded, its end, its failure) did not reach the broker."""
 
 
 class IngestWorker:
     def __init__(self, settings: Settings, control_port: int = 0, metrics_port: int = 0):
-        self.metrics_port = metrics_port
-        self.settings = settings
+        settings.ingest_stage()  # a wrong POSEMESH_INGEST stops the process here, saying so
+        self.settings, self.metrics_port = settings, metrics_port
         self.worker_id = f"ingest-{socket.gethostname()}-{os.getpid()}"
         self.control = ControlFollower(settings, self.worker_id)
         self.reporter = Reporter(self.worker_id, INGEST)
         self.blobs = settings.blob_store()
         self.lock = threading.Lock()
         self.runs: dict[tuple[str, int], Run] = {}  # (task, epoch) -> its run here
+        self.queue: list[Run] = []  # runs waiting for one of the INGEST_MAX_JOBS slots
         self.jobs: dict[int, dict[int, Run]] = {}  # partition -> offset -> the run that job is part of
         self.assigned: set[int] = set()
-        self.paused = False
         self.halt = threading.Event()
         self.started_at = time.time()
         self.frames_decoded = 0
@@ -137,6 +160,11 @@ class IngestWorker:
             log.warning("posemesh.control not replayed within %.0f s: taking jobs anyway", CATCH_UP_S)
         try:
             while not self.halt.is_set():
+                # The group is named after the broker's incarnation (as the stages' are, stages/worker.py): a
+                # replica that joined before knowing it would be in a group of its own and do every job twice.
+                if self.control.incarnation is None:
+                    self.halt.wait(0.1)
+                    continue
                 try:
                     self._session(self.control.generation)
                 except Exception:
@@ -147,9 +175,11 @@ class IngestWorker:
             self.api.stop()
             self.control.stop()
 
-    def group_name(self) -> str:
-        """One group per life of the broker's data, as the stages' (stages/worker.py)."""
-        return f"{self.settings.group_prefix}-{INGEST}-{(self.control.incarnation or '')[:8]}"
+    def group_name(self, stage: str = INGEST) -> str:
+        """A stage's consumer group, as stages/worker.py names it: one per life of the broker's data."""
+        if self.control.incarnation is None:
+            raise RuntimeError("the consumer groups are named after the broker's incarnation, not known yet")
+        return f"{self.settings.group_prefix}-{stage}-{self.control.incarnation[:8]}"
 
     def _session(self, generation: int) -> None:
         """Take jobs until the broker's data is lost (a new generation) or the worker stops."""
@@ -160,14 +190,8 @@ class IngestWorker:
         events = kafka.Sender(_producer(self.settings, self.worker_id))
         self.reporter.attach(events.producer)
         consumer.subscribe([kafka.INGEST_TOPIC], on_assign=self._assigned, on_revoke=self._revoked)
-        self.paused = False
         try:
             while not self.halt.is_set() and self.control.generation == generation:
-                full = self._running() >= self.settings.ingest_max_jobs
-                if full != self.paused and self.assigned:
-                    parts = [TopicPartition(kafka.INGEST_TOPIC, p) for p in self.assigned]
-                    (consumer.pause if full else consumer.resume)(parts)
-                    self.paused = full
                 msg = consumer.poll(POLL_S)
                 if msg is not None:
                     if msg.error():
@@ -176,40 +200,46 @@ class IngestWorker:
                     else:
                         self._take(msg.partition(), msg.offset(), msg.value())
                 self._stop_ended()
+                self._start_queued()
                 self._commit(consumer)
+                self._forget_done()
+                # Running and queued: the gateway deletes no topic a live worker lists.
                 self.reporter.reading_tasks(sorted({r.task_id for r in self.runs.values() if not r.finished.is_set()}))
                 events.producer.poll(0)
         finally:
-            for run in list(self.runs.values()):
+            with self.lock:
+                runs = list(self.runs.values())
+                self.runs.clear()
+                self.queue.clear()
+                self.jobs.clear()
+                self.assigned.clear()
+            for run in runs:  # uncommitted: the next holder of their partitions does them
                 run.cancel()
             self.reporter.attach(None)
             events.flush(5)
             consumer.close()
-            with self.lock:
-                self.runs.clear()
-                self.jobs.clear()
-                self.assigned.clear()
 
-    def _assigned(self, _consumer, partitions) -> None:
+    def _assigned(self, consumer, partitions) -> None:
+        consumer.assign(partitions)
         with self.lock:
             self.assigned = {tp.partition for tp in partitions}
-            self.paused = False  # a new assignment is not paused
-            gone = [p for p in self.jobs if p not in self.assigned]
-            for p in gone:  # another replica does these jobs now
+            for p in [p for p in self.jobs if p not in self.assigned]:  # another replica does these jobs now
                 for run in self.jobs.pop(p).values():
                     if not any(run in jobs.values() for jobs in self.jobs.values()):
                         run.cancel()
-                        self.runs.pop((run.task_id, run.job.epoch), None)
+                        self.runs.pop(run.key, None)
+                        if run in self.queue:
+                            self.queue.remove(run)
         log.info("ingest partitions %s", sorted(self.assigned))
 
-    def _revoked(self, _consumer, _partitions) -> None:
-        # The eager protocol takes every partition away before it hands them out again: runs go on until the
-        # assignment says who has their partitions now (it is most often this worker again).
+    def _revoked(self, consumer, _partitions) -> None:
+        # Answered here, as stages/reading.py does (left unanswered, confluent-kafka answers it holding the GIL,
+        # and during close() that can wait forever: librdkafka #4041). The eager protocol takes every partition
+        # away before handing them out again: runs go on until the assignment says who has their partitions now
+        # (most often this worker again).
+        consumer.unassign()
         with self.lock:
             self.assigned = set()
-
-    def _running(self) -> int:
-        return sum(1 for r in self.runs.values() if not r.finished.is_set())
 
     def _take(self, partition: int, offset: int, value: bytes) -> None:
         try:
@@ -217,19 +247,27 @@ class IngestWorker:
         except Exception:  # noqa: BLE001 - not a job: nothing to do, commit past it
             log.warning("posemesh.ingest[%d] offset %d is not an IngestJob: skipped", partition, offset)
             job = None
-        key = (job.task.task_id, job.epoch) if job else None
         with self.lock:
-            run = self.runs.get(key) if key else None
+            run = self.runs.get((job.task.task_id, job.epoch)) if job else None
             if run is None:
                 run = Run(job or pb.IngestJob())
                 if job is None or self._nothing_to_do(job):
                     run.finished.set()
                     JOBS.labels("skipped").inc()
                 else:
-                    self.runs[key] = run
-                    threading.Thread(target=self._decode, args=(run,), name=f"ingest-{key[0][:12]}",
-                                     daemon=True).start()
+                    self.runs[run.key] = run
+                    self.queue.append(run)
             self.jobs.setdefault(partition, {})[offset] = run
+
+    def _start_queued(self) -> None:
+        with self.lock:
+            running = sum(1 for r in self.runs.values() if r.active)
+            while self.queue and running < self.settings.ingest_max_jobs:
+                run = self.queue.pop(0)
+                run.thread = threading.Thread(target=self._decode, args=(run,), name=f"ingest-{run.task_id[:12]}",
+                                              daemon=True)
+                run.thread.start()
+                running += 1
 
     def _nothing_to_do(self, job: pb.IngestJob) -> bool:
         """The job's task ended, or a newer run of it replaced this one."""
@@ -242,6 +280,11 @@ class IngestWorker:
             if not run.cancelled.is_set() and not run.finished.is_set() and self._nothing_to_do(run.job):
                 log.info("task %s ended or runs again: this run's decoding stops", run.task_id)
                 run.cancel()
+                if run.thread is None:  # still queued: nothing to stop, nothing to tell
+                    with self.lock:
+                        if run in self.queue:
+                            self.queue.remove(run)
+                    run.finished.set()
 
     def _commit(self, consumer: Consumer) -> None:
         """Per partition, past every job whose run is finished, up to the first that is not."""
@@ -258,63 +301,84 @@ class IngestWorker:
                 if done:
                     offsets.append(TopicPartition(kafka.INGEST_TOPIC, partition, done[-1] + 1))
                     for offset in done:
-                        run = jobs.pop(offset)
-                        if run.finished.is_set() and not any(run in j.values() for j in self.jobs.values()):
-                            self.runs.pop((run.task_id, run.job.epoch), None)
+                        jobs.pop(offset)
         if offsets:
             try:
                 consumer.commit(offsets=offsets, asynchronous=False)
             except KafkaException as exc:  # a rebalance took the partition: its new holder does the job again
                 log.warning("ingest commit failed: %s", exc)
 
+    def _forget_done(self) -> None:
+        """Runs finished and no job of which is left uncommitted (their last progress goes out first)."""
+        with self.lock:
+            pending = {id(run) for jobs in self.jobs.values() for run in jobs.values()}
+            done = [key for key, run in self.runs.items()
+                    if run.finished.is_set() and not run.active and id(run) not in pending]
+            if not done:
+                return
+            self.reporter.flush_progress()
+            for key in done:
+                self.reporter.forget(self.runs.pop(key).task_id)
+
     # ------------------------------------------------------------------ one upload
 
     def _decode(self, run: Run) -> None:
-        """Decode the run's upload, going on after the frames that are out. What fails around the decoding
-        (reading back where the frames got, fetching the upload) is tried again, ATTEMPTS times; the decoding
-        itself reports its own failures (a broken upload fails the task, saying where)."""
+        """Decode the run's upload, going on after the frames that are out, and tell the gateway how it went.
+        What fails around the decoding (reading back where the frames got, fetching the upload, telling the
+        outcome) is tried again until it works or the task ends; the decoding itself reports its own failures
+        (a broken upload fails the task, saying where)."""
+        delay = RETRY_S
         try:
-            for attempt in range(1, ATTEMPTS + 1):
+            while not run.cancelled.is_set() and not self.halt.is_set():
+                run.retry = ""
                 try:
                     self._decode_once(run)
-                    return
                 except Exception as exc:  # noqa: BLE001 - the broker or the blob store failed
-                    if run.cancelled.is_set():
-                        return
-                    log.warning("task %s: decoding failed (attempt %d of %d): %s", run.task_id, attempt, ATTEMPTS,
-                                exc)
-                    if attempt == ATTEMPTS:
-                        self._fail(run, f"the upload could not be decoded ({exc})")
-                    elif run.cancelled.wait(RETRY_S * attempt):
-                        return
+                    run.retry = str(exc)
+                if not run.retry or run.cancelled.is_set():
+                    break
+                log.warning("task %s: decoding could not go on (%s); again in %.0f s", run.task_id, run.retry, delay)
+                if run.cancelled.wait(delay):
+                    break
+                delay = min(RETRY_MAX_S, delay * 2)
+            if run.stop_reason and not self.halt.is_set():  # an operator stopped it: say so, on a producer of its own
+                self._tell(run, self._failure(run, run.stop_reason), None)
+            if run.failure or run.cancelled.is_set() and not self.halt.is_set():
+                run.finished.set()  # (a decoded run set it once the gateway had heard)
+            if run.finished.is_set():
+                JOBS.labels("failed" if run.failure else "stopped" if run.cancelled.is_set() else "decoded").inc()
+        except Undelivered as exc:
+            log.error("task %s: %s; its job is left to the next holder of its partition", run.task_id, exc)
         finally:
-            run.finished.set()  # done, failed, or stopped because its task ended: its job is committed
-            JOBS.labels("failed" if run.failure else "stopped" if run.cancelled.is_set() else "decoded").inc()
+            run.producer = None  # the producer's callbacks refer to the run: no cycle outlives it
 
     def _decode_once(self, run: Run) -> None:
         job, task_id, settings = run.job, run.task_id, self.settings
         partitions = kafka.partitions_for(kafka.RAW_FRAMES, settings)
         so_far = stream_so_far(kafka.consumer_config(settings, f"{self.worker_id}-resume", self.worker_id),
                                task_id, job.epoch, partitions)
-        if so_far.closed:
+        if so_far.closed:  # a replica that died after the end of stream: the gateway may not have heard of it
             log.info("task %s: its frames are out already (%d)", task_id, so_far.frames)
+            self._tell(run, self._source_read(run, Decoded(so_far.frames, None), produced=True), None)
+            run.finished.set()
             return
         if so_far.frames:
             log.info("task %s: going on after the %d frames an earlier replica sent", task_id, so_far.frames)
-        consumed = DetectConsumed(settings, f"{settings.group_prefix}-detect-{(self.control.incarnation or '')[:8]}",
-                                  task_id, partitions)
+        run.start_at = so_far.frames
+        consumed = DetectConsumed(settings, self.group_name("detect"), task_id, partitions)
         try:
             with self.blobs.local_copy(job.upload_key) as path:
                 if path is None:
-                    self._fail(run, "the upload is not in the blob store any more; please upload again")
+                    self._tell(run, self._failure(run, "the upload is not in the blob store any more; please upload "
+                                                       "again"), None)
                     return
                 producer = FrameProducer(
                     job.task, path, kafka.producer_config(settings, self.worker_id), partitions,
                     settings.jpeg_quality, epoch=job.epoch,
                     on_progress=lambda first, last: self._progress(run, first, last),
-                    on_decoded=lambda decoded: self._read(run, decoded, produced=False),
-                    on_done=lambda count: self._read(run, None, produced=True, count=count),
-                    on_error=lambda message: self._fail(run, message),
+                    on_decoded=lambda decoded: self._decoded(run, decoded),
+                    on_done=lambda count: self._done(run, count),
+                    on_error=lambda message: self._from_producer(run, self._failure(run, message)),
                     frames_consumed=consumed, max_ahead=settings.max_frames_ahead,
                     limits=media.Limits.from_settings(settings), trace=self.control.trace(task_id),
                     start_at=so_far.frames, client="ingest")
@@ -326,40 +390,61 @@ class IngestWorker:
             consumed.close()
 
     def _progress(self, run: Run, first: int, last: int) -> None:
-        self.frames_decoded += last - first + 1
-        FRAMES.inc(last - first + 1)
+        # Every index is reported (those an earlier replica sent too: its reports may be lost with it; the gateway
+        # counts a union); only the frames this run sent count as its work.
+        sent = last - max(first, run.start_at) + 1
+        if sent > 0:
+            self.frames_decoded += sent
+            FRAMES.inc(sent)
         for index in range(first, last + 1):
             self.reporter.done(run.task_id, index, run.job.epoch, None)
 
-    def _read(self, run: Run, decoded: Decoded | None, produced: bool, count: int = 0) -> None:
-        """Tell the gateway what decoded (before the end of stream), then that the frames are all out."""
-        if decoded is not None:
-            run.decoded = decoded
-        decoded = run.decoded or Decoded(count, None)
+    def _decoded(self, run: Run, decoded: Decoded) -> None:
+        """Every frame is read, the end of stream not sent yet: the gateway hears what decoded first."""
+        run.decoded = decoded
+        self._from_producer(run, self._source_read(run, decoded, produced=False))
+
+    def _done(self, run: Run, count: int) -> None:
+        """The frames and the end of stream are on the broker: the gateway hears that the upload is read."""
+        if self._from_producer(run, self._source_read(run, run.decoded or Decoded(count, None), produced=True)):
+            run.finished.set()
+
+    def _from_producer(self, run: Run, event: pb.WorkerEvent) -> bool:
+        """`_tell` from the frame producer's callbacks: undelivered, the producer stops (sending nothing more:
+        no end of stream before the gateway heard what decoded) and the run is tried again (`retry`)."""
+        try:
+            self._tell(run, event, run.producer)
+            return True
+        except Undelivered as exc:
+            run.retry = str(exc)
+            if run.producer is not None:
+                run.producer.cancelled.set()
+            return False
+
+    def _source_read(self, run: Run, decoded: Decoded, produced: bool) -> pb.WorkerEvent:
         read = pb.SourceRead(task_id=run.task_id, epoch=run.job.epoch, frame_count=decoded.frame_count,
                              warning=decoded.warning, produced=produced)
         if decoded.duration_s is not None:
             read.duration_s = decoded.duration_s
-        self._event(run, pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, source_read=read))
+        return pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, source_read=read)
 
-    def _fail(self, run: Run, message: str) -> None:
-        run.failure = message
-        self._event(run, pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, failure=pb.TaskFailure(
-            task_id=run.task_id, error_message=message, epoch=run.job.epoch)))
+    def _failure(self, run: Run, message: str) -> pb.WorkerEvent:
+        return pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, failure=pb.TaskFailure(
+            task_id=run.task_id, error_message=message, epoch=run.job.epoch))
 
-    def _event(self, run: Run, event: pb.WorkerEvent) -> None:
-        """On the run's own producer (its callbacks are served on this thread), waited for: what decoded
-        reaches the gateway before the end of stream can reach any stage. One that cannot be delivered while
-        librdkafka keeps it is lost: the broker is gone that long, and the gateway's stall limit ends the task."""
-        producer = run.producer
-        if producer is None:  # failed before decoding: a producer of its own
-            sender = kafka.Sender(_producer(self.settings, f"{self.worker_id}-failure"))
-        else:
-            sender = producer.sender
+    def _tell(self, run: Run, event: pb.WorkerEvent, producer: FrameProducer | None) -> None:
+        """Deliver `event` to the gateway and wait for it, from the run's thread: on the run's producer while it
+        decodes (its callbacks are served on this thread, and what decoded so reaches the gateway before the end
+        of stream reaches any stage), else on one of its own. Raises Undelivered when librdkafka gave up on it
+        (the broker was away for MESSAGE_TIMEOUT_S) or the worker stops: the job is then not committed."""
+        sender = producer.sender if producer is not None else kafka.Sender(
+            _producer(self.settings, f"{self.worker_id}-{run.task_id[:12]}"))
         sender.send(kafka.EVENTS_TOPIC, event.SerializeToString())
-        if not sender.delivered(EVENT_WAIT_S, give_up=run.cancelled.is_set) and not run.cancelled.is_set():
-            log.error("task %s: an event for the gateway was not delivered (%s)", run.task_id,
-                      sender.errors[0] if sender.errors else "timed out")
+        if not sender.delivered(EVENT_WAIT_S, give_up=self.halt.is_set):
+            raise Undelivered(f"an event for the gateway was not delivered "
+                              f"({sender.errors[0] if sender.errors else 'the worker stopped'})")
+        if event.WhichOneof("event") == "failure":
+            run.failure = event.failure.error_message
 
     # ------------------------------------------------------------------ the control API
 
@@ -373,15 +458,20 @@ class IngestWorker:
                  for r in list(self.runs.values())]
         return spb.GetStatusResponse(worker_id=self.worker_id, stage=INGEST, frames_processed=self.frames_decoded,
                                      tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem,
-                                     problem=problem, consumer_group=self.group_name())
+                                     problem=problem,
+                                     consumer_group=self.group_name() if self.control.incarnation else "")
 
     def stop_task_here(self, task_id: str) -> bool:
-        """An operator stops a task's decoding here: the task fails, saying so."""
-        runs = [r for r in list(self.runs.values()) if r.task_id == task_id and not r.finished.is_set()]
+        """An operator stops a task's decoding here: the task fails, saying so (told by the run's thread)."""
+        with self.lock:
+            runs = [r for r in self.runs.values() if r.task_id == task_id and not r.finished.is_set()]
+            queued = [r for r in runs if r in self.queue]
+            for run in queued:  # it never started: it starts now, only to say it was stopped
+                self.queue.remove(run)
+                self.queue.insert(0, run)
         for run in runs:
+            run.stop_reason = f"its decoding was stopped by an operator on {self.worker_id}"
             run.cancel()
-            self._fail(run, f"its decoding was stopped by an operator on {self.worker_id}")
-            run.finished.set()
         return bool(runs)
 
     def stop(self, *_args) -> None:
@@ -389,8 +479,6 @@ class IngestWorker:
 
 
 def _producer(settings: Settings, client_id: str):
-    from confluent_kafka import Producer
-
     return Producer(kafka.producer_config(settings, client_id))
 
 

@@ -140,7 +140,8 @@ class Mesh:
                     "POSEMESH_LIVE_MAX_LAG_S": str(self.settings.live_max_lag_s),
                     "POSEMESH_LIVE_OUTAGE_S": str(self.settings.live_outage_s),
                     "POSEMESH_RESERVED_TASKS": str(self.settings.reserved_tasks),
-                    "POSEMESH_RESERVE_QUIET_S": str(self.settings.reserve_quiet_s)})
+                    "POSEMESH_RESERVE_QUIET_S": str(self.settings.reserve_quiet_s),
+                    "POSEMESH_INGEST_MAX_JOBS": str(self.settings.ingest_max_jobs)})
         return env
 
     # ------------------------------------------------------------------ processes

@@ -1,19 +1,26 @@
 """The ingest stage (POSEMESH_INGEST=stage): uploads decoded by replicas of their own, not by the gateway.
 
-One mesh of real processes with two ingest replicas and one replica of every stage. The frame producer stays
-at most 8 frames ahead of detect, so an upload is still being decoded well into its task and a replica can
-be killed mid-file. Results must equal the undisturbed run's frame by frame, as in test_resilience.
+One mesh of real processes with two ingest replicas (each decoding at most two uploads at once) and one
+replica of every stage. The frame producer stays at most 8 frames ahead of detect, so an upload is still
+being decoded well into its task and a replica can be killed mid-file. Results must equal the undisturbed
+run's frame by frame, as in test_resilience.
 """
 
 from __future__ import annotations
 
+import threading
+
+import grpc
 import pytest
 
 from posemesh.mesh.pipeline import INGEST
+from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
 from tests.helpers import make_clip, upload, wait_for
 from tests.mesh import Mesh
+from tests.mp4_craft import damaged_tail
 from tests.test_resilience import FRAMES, assert_same_as_reference, decoded
 
 pytestmark = pytest.mark.slow
@@ -27,7 +34,7 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh(onnx_dir, tmp_path_factory):
     m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=1, ingest=2, topic_delete_delay_s=1.0,
-             max_frames_ahead=8)
+             max_frames_ahead=8, ingest_max_jobs=2)
     yield m
     m.stop()
 
@@ -79,3 +86,50 @@ def test_the_gateway_killed_mid_upload_leaves_the_decoding_going_and_changes_not
     mesh.kill_gateway()
     mesh.start_gateway()
     assert_same_as_reference(mesh, task.task_id, reference)
+
+
+def test_more_uploads_than_decoding_slots_wait_their_turn_and_all_come_out_frame_exact(mesh, clip, reference):
+    """Five uploads at once, four decoding slots (two replicas of two): one at least waits in a queue."""
+    tasks, errors = [], []
+
+    def send():
+        try:
+            tasks.append(upload(mesh.stub, clip, auth()))
+        except grpc.RpcError as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=send) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(tasks) == 5
+    for task in tasks:
+        assert_same_as_reference(mesh, task.task_id, reference)
+
+
+def test_what_decoded_reaches_the_task_before_it_completes(mesh, tmp_path):
+    """The 5-frame clip with its last 40 KB zeroed: 5 packets, 2 frames (tests/test_inputs.py has the gateway
+    decoding it). The ingest replica tells the gateway what decoded before the end of stream goes out, so the
+    completed task says 2 frames, 0.4 s and why."""
+    task = upload(mesh.stub, damaged_tail(tmp_path / "tail.mp4", 40_000), auth())
+    assert (task.video.frame_count, task.video.duration_s) == (5, 1.0)  # the probe's estimate
+    done = mesh.wait_done(task.task_id)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    assert (done.video.frame_count, done.video.duration_s) == (2, 0.4)
+    assert done.warnings == ["3 of the 5 frames of the upload could not be decoded and were skipped; the 2 that "
+                             "decoded are processed"]
+    assert {p.stage: (p.frames_done, p.frames_total) for p in done.progress}["decode"] == (2, 2)
+
+
+def test_an_operator_stopping_a_task_on_its_ingest_replica_fails_it_saying_so(mesh, clip):
+    task = upload(mesh.stub, clip, auth())
+    holder = _decoding(mesh, task.task_id, 1)
+    with grpc.insecure_channel(f"127.0.0.1:{holder.port}") as channel:
+        stopped = spb_grpc.StageServiceStub(channel).StopTask(spb.StopTaskRequest(task_id=task.task_id), timeout=10)
+    assert stopped.was_active
+    done = mesh.wait_done(task.task_id)
+    assert done.state == tpb.TASK_STATE_FAILED
+    assert done.error_message == f"its decoding was stopped by an operator on {holder.status().worker_id}"
+    # Its job is done with: no replica decodes the task again.
+    wait_for(lambda: all(task.task_id not in {t.task_id for t in w.status().tasks} for w in mesh.replicas(INGEST)),
+             30, 0.2, "the stopped task to leave the ingest replicas")
