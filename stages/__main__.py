@@ -6,14 +6,16 @@ The stages and their classes are declared in mesh/pipeline.py."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib
 import logging
 import os
+import signal
 import sys
 
+from posemesh.mesh import tracing
 from posemesh.mesh.pipeline import INGEST, SPECS, WORKER_NAMES
 from posemesh.mesh.settings import Settings
-from posemesh.stages.worker import serve
 
 
 def load(name: str):
@@ -29,15 +31,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def make_worker(name: str, control_port: int, metrics_port: int):
+    if name == INGEST:  # a source for the stages, not a stage of the frames' pipeline
+        from posemesh.stages.ingest import IngestWorker
+
+        return IngestWorker(Settings(), control_port, metrics_port)
+    from posemesh.stages.worker import StageWorker
+
+    return StageWorker(load(name), Settings(), control_port, metrics_port)
+
+
+def serve(name: str, control_port: int, metrics_port: int) -> None:
+    """Run a worker until SIGTERM/SIGINT. SIGUSR1 writes every thread's stack to the log (a worker that
+    seems stuck says where), and so does a fatal signal on a Python thread before the process dies. A crash
+    in a librdkafka thread prints nothing (those threads block signals): exit status -11, read the core."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    faulthandler.enable(all_threads=True)
+    tracing.setup(f"posemesh-{name}")
+    worker = make_worker(name, control_port, metrics_port)
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
+    try:
+        worker.run()
+    finally:
+        tracing.shutdown()
+
+
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
-    if args.stage == INGEST:  # a source, not a stage of the frames' pipeline
-        from posemesh.stages.ingest import serve as serve_ingest
-
-        serve_ingest(Settings(), args.control_port, args.metrics_port)
-    else:
-        serve(load(args.stage), Settings(), args.control_port, args.metrics_port)
+    serve(args.stage, args.control_port, args.metrics_port)
     # The worker has left its group, flushed its outputs and said goodbye: exit without the interpreter's
     # teardown, whose garbage collection destroys the Kafka clients, and a destroy can wait on librdkafka's
     # threads (trying librdkafka 2.4.0: at every worker stop after a few tasks, until the SIGKILL).

@@ -25,10 +25,8 @@ the task's (the broker lost its data and the task is run again under a new epoch
 
 from __future__ import annotations
 
-import faulthandler
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -37,7 +35,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
-from posemesh.mesh import kafka, media, tracing
+from posemesh.mesh import kafka, media
 from posemesh.mesh.frames import Decoded, FrameProducer, stream_so_far
 from posemesh.mesh.pipeline import INGEST
 from posemesh.mesh.settings import Settings
@@ -480,18 +478,3 @@ class IngestWorker:
 
 def _producer(settings: Settings, client_id: str):
     return Producer(kafka.producer_config(settings, client_id))
-
-
-def serve(settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
-    """Run an ingest worker until SIGTERM/SIGINT. Stopping is as safe as dying: its unfinished jobs are
-    not committed, and the replica that gets them next goes on after the frames that are out."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    faulthandler.enable(all_threads=True)
-    tracing.setup(f"posemesh-{INGEST}")
-    worker = IngestWorker(settings or Settings(), control_port, metrics_port)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    try:
-        worker.run()
-    finally:
-        tracing.shutdown()

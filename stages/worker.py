@@ -28,7 +28,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import signal
 import socket
 import threading
 import time
@@ -642,19 +641,3 @@ def _on_the_side(work: Callable[[], None], wait_s: float, what: str) -> None:
         faulthandler.dump_traceback(all_threads=True)
     else:
         log.info("%s took %.1f s", what, time.monotonic() - t0)
-
-
-def serve(stage: Stage, settings: Settings | None = None, control_port: int = 0, metrics_port: int = 0) -> None:
-    """Run a worker until SIGTERM/SIGINT. SIGUSR1 writes every thread's stack to the log (a worker that
-    seems stuck says where), and so does a fatal signal on a Python thread before the process dies. A crash
-    in a librdkafka thread prints nothing (those threads block signals): exit status -11, read the core."""
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    faulthandler.enable(all_threads=True)
-    tracing.setup(f"posemesh-{stage.name}")
-    worker = StageWorker(stage, settings or Settings(), control_port, metrics_port)
-    signal.signal(signal.SIGTERM, worker.stop)
-    signal.signal(signal.SIGINT, worker.stop)
-    try:
-        worker.run()
-    finally:
-        tracing.shutdown()

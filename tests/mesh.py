@@ -4,6 +4,8 @@ each on fixed ports so a restarted process comes back where clients expect it.""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -13,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import av
 import grpc
 
 from posemesh.devstack.broker import LocalBroker
@@ -24,8 +27,8 @@ from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
-from tests.conftest import USERS, auth, make_settings, settings_env
-from tests.helpers import wait_for
+from tests.conftest import USERS, auth, make_settings, media, settings_env
+from tests.helpers import make_clip, upload, wait_for
 
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
 
@@ -248,6 +251,44 @@ class Mesh:
         return records, out[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO]
 
 
+def town_clip(folder: Path, frames: int) -> Path:
+    """The first `frames` frames of the 1080p street with 6-12 people (towncentre)."""
+    return make_clip(media("towncentre_1080p_302f.mp4"), folder / f"town{frames}.mp4", frames)
+
+
+def decoded(video: bytes) -> list[tuple[float, str]]:
+    """(time, md5 of the pixels) of every frame of an MP4."""
+    with av.open(io.BytesIO(video)) as c:
+        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
+                for f in c.decode(video=0)]
+
+
+def reference_run(mesh: Mesh, clip: Path) -> tuple[list[dict], list[tuple[float, str]]]:
+    """An undisturbed run of `clip`: its keypoint records and annotated frames, what disturbed runs must equal."""
+    task = upload(mesh.stub, clip, auth())
+    done = mesh.wait_done(task.task_id)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    records, video = mesh.results(task.task_id)
+    return records, decoded(video)
+
+
+def assert_same_as_reference(mesh: Mesh, task_id: str, reference) -> tpb.Task:
+    """The task completed with the reference's results frame by frame: the same frames, boxes, keypoints and
+    track ids, the same annotated video; and its progress counted every frame once at every step."""
+    done = mesh.wait_done(task_id)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    records, video = mesh.results(task_id)
+    ref_records, ref_frames = reference
+    frames = len(ref_records)
+    assert [r["index"] for r in records] == list(range(frames))  # every frame, once, in order
+    for mine, ref in zip(records, ref_records):
+        assert mine == ref, f"frame {mine['index']} differs from the undisturbed run"
+    assert decoded(video) == ref_frames
+    # Progress counts distinct frames: a frame redone after the kill is not counted twice.
+    assert {p.stage: p.frames_done for p in done.progress} == {s: frames for s in ("decode", *STAGE_NAMES)}
+    return done
+
+
 def _healthy(address: str) -> bool:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -262,4 +303,4 @@ def _dead(worker: Worker) -> bool:
     return not worker.alive()
 
 
-__all__ = ["Mesh", "Worker", "USERS"]
+__all__ = ["Mesh", "Worker", "USERS", "assert_same_as_reference", "decoded", "reference_run", "town_clip"]

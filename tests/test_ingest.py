@@ -18,18 +18,19 @@ from posemesh.mesh.pipeline import INGEST
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
-from tests.conftest import auth, media
-from tests.helpers import make_clip, upload, wait_for
-from tests.mesh import Mesh
+from tests.conftest import auth
+from tests.helpers import upload, wait_for
+from tests.mesh import Mesh, assert_same_as_reference, reference_run, town_clip
 from tests.mp4_craft import damaged_tail
-from tests.test_resilience import FRAMES, assert_same_as_reference, decoded
 
 pytestmark = pytest.mark.slow
+
+FRAMES = 60
 
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    return make_clip(media("towncentre_1080p_302f.mp4"), tmp_path_factory.mktemp("clip") / "town60.mp4", FRAMES)
+    return town_clip(tmp_path_factory.mktemp("clip"), FRAMES)
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +43,7 @@ def mesh(onnx_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(mesh, clip):
-    task = upload(mesh.stub, clip, auth())
-    done = mesh.wait_done(task.task_id)
-    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-    records, video = mesh.results(task.task_id)
-    return records, decoded(video)
+    return reference_run(mesh, clip)
 
 
 def _decoding(mesh: Mesh, task_id: str, at_least: int):

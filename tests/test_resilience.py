@@ -9,8 +9,6 @@ same boxes and keypoints, the same track ids, the same annotated video.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
 import signal
 import subprocess
@@ -18,7 +16,6 @@ import sys
 import threading
 import time
 
-import av
 import grpc
 import pytest
 
@@ -26,8 +23,8 @@ from posemesh.mesh import kafka
 from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
-from tests.helpers import make_clip, reserved_task_ids, upload, wait_for
-from tests.mesh import DONE, Mesh
+from tests.helpers import reserved_task_ids, upload, wait_for
+from tests.mesh import DONE, Mesh, assert_same_as_reference, reference_run, town_clip
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +33,7 @@ FRAMES = 60
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    return make_clip(media("towncentre_1080p_302f.mp4"), tmp_path_factory.mktemp("clip") / "town60.mp4", FRAMES)
+    return town_clip(tmp_path_factory.mktemp("clip"), FRAMES)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +44,6 @@ def mesh(onnx_dir, tmp_path_factory):
              triton_timeout_s=0.5, triton_outage_s=20.0)
     yield m
     m.stop()
-
-
-def decoded(video: bytes) -> list[tuple[float, str]]:
-    """(time, md5 of the pixels) of every frame of an MP4."""
-    with av.open(io.BytesIO(video)) as c:
-        return [(round(f.time, 4), hashlib.md5(f.to_ndarray(format="rgb24").tobytes()).hexdigest())
-                for f in c.decode(video=0)]
 
 
 @pytest.fixture(autouse=True)
@@ -83,25 +73,7 @@ def _triton_revived(mesh):
 
 @pytest.fixture(scope="module")
 def reference(mesh, clip):
-    task = upload(mesh.stub, clip, auth())
-    done = mesh.wait_done(task.task_id)
-    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-    records, video = mesh.results(task.task_id)
-    return records, decoded(video)
-
-
-def assert_same_as_reference(mesh, task_id: str, reference) -> tpb.Task:
-    done = mesh.wait_done(task_id)
-    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
-    records, video = mesh.results(task_id)
-    ref_records, ref_frames = reference
-    assert [r["index"] for r in records] == list(range(FRAMES))  # every frame, once, in order
-    for mine, ref in zip(records, ref_records):
-        assert mine == ref, f"frame {mine['index']} differs from the undisturbed run"
-    assert decoded(video) == ref_frames
-    # Progress counts distinct frames: a frame redone after the kill is not counted twice.
-    assert {p.stage: p.frames_done for p in done.progress} == {s: FRAMES for s in ("decode", *STAGE_NAMES)}
-    return done
+    return reference_run(mesh, clip)
 
 
 def test_undisturbed_run_tracks_every_person_from_its_first_frame(reference):

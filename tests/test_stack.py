@@ -43,7 +43,8 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("POSEMESH_API_KEYS", None)
     up = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "up", "--run-dir", str(run_dir),
-                           "--gateway-port", str(port), "--gateways", "2", "--workers", "ingest=1"], cwd=REPO_ROOT, env=env,
+                           "--gateway-port", str(port), "--gateways", "2", "--workers", "ingest=1"],
+                          cwd=REPO_ROOT, env=env,
                           stdout=open(tmp_path / "up.log", "wb"), stderr=subprocess.STDOUT)
     try:
         state_file = run_dir / "stack.json"
