@@ -86,7 +86,7 @@ class Statuses(grpc.aio.ServerInterceptor):
             try:
                 yield
             except Refused as exc:
-                await context.abort(exc.code, exc.message)
+                await context.abort(exc.code, exc.message, trailing_metadata=exc.trailers)
             except LimitExceeded as exc:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
             except grpc.aio.AbortError:

@@ -365,8 +365,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             try:
                 video = await asyncio.to_thread(probe_source, source, request.source.transport, 10.0)
             except ValueError as exc:
-                raise Refused(grpc.StatusCode.UNAVAILABLE,
-                              f"{source.shown[:200]}: {exc}; try again once it streams") from None
+                raise Refused(grpc.StatusCode.UNAVAILABLE, f"{source.shown[:200]}: {exc}; try again once it streams",
+                              trailers=((validation.UNAVAILABLE_TRAILER, "source"),)) from None
             try:
                 media.Limits.from_settings(self.settings).check_size(video.width, video.height)
             except media.NotAVideo as exc:

@@ -21,13 +21,19 @@ MAX_PAGE_TOKEN = 64
 MAX_OFFSET = 10**9
 
 
+# The trailer of an UNAVAILABLE that the gateway answers about something else than itself: "source", a live
+# source that does not answer. Clients that retry UNAVAILABLE (an unreachable or restarting gateway) do not
+# retry this one by themselves: the gateway is there, and the camera is for the user to look at.
+UNAVAILABLE_TRAILER = "posemesh-unavailable"
+
+
 class Refused(Exception):
     """A request the gateway answers with `code` and `message` (raised anywhere in a call: the status
-    interceptor, gateway/interceptors.py, turns it into the call's status)."""
+    interceptor, gateway/interceptors.py, turns it into the call's status, with `trailers`)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, trailers: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.trailers = code, message, trailers
 
 
 def shorten(text: str, limit: int = 40) -> str:

@@ -290,7 +290,7 @@ def test_a_camera_gone_longer_than_the_outage_limit_fails_the_task_keeping_its_r
 
 
 def test_sources_outside_the_allow_list_are_refused_and_leave_nothing(mesh, client):
-    """The gateway's own answers, through the generated stub: the SDK would retry the UNAVAILABLE for 90 s."""
+    """The gateway's own answers, through the generated stub, and the SDK's for the camera that does not answer."""
     before = topics(mesh.settings.kafka_bootstrap)
     for url, code in (("rtsp://10.1.2.3:554/stream", grpc.StatusCode.PERMISSION_DENIED),
                       ("rtsp://example.com/cam", grpc.StatusCode.PERMISSION_DENIED),
@@ -305,6 +305,12 @@ def test_sources_outside_the_allow_list_are_refused_and_leave_nothing(mesh, clie
         assert "passwd" not in err.value.details() or code == grpc.StatusCode.INVALID_ARGUMENT
         if code == grpc.StatusCode.UNAVAILABLE:
             assert "nothing-listens: the live source does not answer" in err.value.details(), err.value.details()
+            assert ("posemesh-unavailable", "source") in err.value.trailing_metadata()
+            # The SDK does not retry the gateway's word about a camera (it would for 90 s, as for a gateway).
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as sdk:
+                client.start_live(url)
+            assert sdk.value.code() == code and time.monotonic() - t0 < 15
     assert not [t for t in client.list() if t.state in (tpb.TASK_STATE_QUEUED, tpb.TASK_STATE_RUNNING)]
     assert topics(mesh.settings.kafka_bootstrap) - before - reserved_topics(mesh.settings.kafka_bootstrap) == set()
 

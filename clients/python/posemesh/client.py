@@ -12,6 +12,9 @@ Retries: calls that are safe to repeat are retried with exponential back-off (ca
 restart takes 20-60 s), then fail with GatewayUnreachable, which says for how long and why. Uploads are safe
 to repeat because each carries one idempotency key through all its attempts; watches reconnect the same way.
 
+An UNAVAILABLE the gateway answers about a live source (its trailer posemesh-unavailable: source, e.g. a
+camera that does not answer) is not retried: the gateway is there, the camera is for the caller to check.
+
 Several gateways: give every address, comma-separated ("10.0.0.5:50051,10.0.0.6:50051"), or one DNS name
 that resolves to them all (a Kubernetes headless Service). Calls are spread over them (gRPC's round_robin),
 and a call that fails because its gateway died is retried on another.
@@ -100,7 +103,7 @@ class Client:
             try:
                 return call()
             except grpc.RpcError as exc:
-                if exc.code() not in retryable:
+                if exc.code() not in retryable or _about_a_source(exc):
                     raise
                 if not waits.wait():
                     raise GatewayUnreachable(self.address, waits.waited, exc) from None
@@ -308,3 +311,9 @@ class _NoClose(io.RawIOBase):
 
     def close(self):
         pass
+
+
+def _about_a_source(exc: grpc.RpcError) -> bool:
+    """The gateway's UNAVAILABLE about a live source, not about itself (gateway/validation.py's trailer)."""
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return any(key == "posemesh-unavailable" and value == "source" for key, value in trailers or ())

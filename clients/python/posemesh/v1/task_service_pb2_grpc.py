@@ -151,7 +151,9 @@ class TaskServiceServicer:
         until CancelTask stops it (CANCELLED) or the source sends no frame for the server's outage limit:
         an interrupted stream (ended, broken off, refused, unreachable) is tried again until then. Then it
         is COMPLETED if the source's server still answers (its stream ended) and FAILED if it does not, with
-        the reason; each keeps the results of what was processed.
+        the reason; each keeps the results of what was processed. A source that does not answer when the task
+        is asked for is UNAVAILABLE with the trailer `posemesh-unavailable: source`: the server is there, the
+        camera is not (clients that retry UNAVAILABLE on their own should not retry this one).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
