@@ -227,17 +227,37 @@ class TaskLifecycle:
         task_id = task.task_id
 
         counted = [so_far.frames if so_far else 0]  # frames published when last told, for the decode rate
+        # The task store away (a failover, the network): the camera is read on, its status and the annotated
+        # count are the last known, and the store is told again at the next status. Should the store stay away
+        # until this gateway's lease could lapse, the duties' cut-off stops the reading first (`halt`).
+        annotated, store_away = [0], [False]
+
+        def stored(call, *args):
+            try:
+                result = call(*args)
+            except Exception as exc:  # noqa: BLE001 - see above
+                if not store_away[0]:
+                    log.warning("live task %s: the task store does not answer (%s); the camera is read on",
+                                task_id, exc.__class__.__name__)
+                store_away[0] = True
+                return None
+            store_away[0] = False
+            return result
 
         def on_status(status: tpb.LiveStatus, published: int) -> None:
             def apply(t: tpb.Task):
                 if t.state not in ACTIVE:
                     return False
                 t.live.CopyFrom(status)
-            self.store.update(task_id, apply)
-            if published:
-                self.store.add_done(task_id, "decode", [(0, published - 1)], epoch)
+            stored(self.store.update, task_id, apply)
+            if published and stored(self.store.add_done, task_id, "decode", [(0, published - 1)], epoch) is not None:
                 self.activity.finished("decode", published - counted[0], time.time())
                 counted[0] = published
+
+        def frames_annotated() -> int:
+            done = stored(self.store.frames_done, task_id, "annotate")
+            annotated[0] = annotated[0] if done is None else done
+            return annotated[0]
 
         def on_end(state: int, message: str, total: int) -> None:
             if self.store.epoch(task_id) != epoch:
@@ -254,8 +274,7 @@ class TaskLifecycle:
             log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
 
         live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
-                          self.live_config(task.live.max_lag_s), lambda: self.store.frames_done(task_id, "annotate"),
-                          on_status, on_end, so_far)
+                          self.live_config(task.live.max_lag_s), frames_annotated, on_status, on_end, so_far)
         with self.lock:
             old = self.live_sources.pop(task_id, None)
             self.live_sources[task_id] = live
@@ -285,6 +304,17 @@ class TaskLifecycle:
         for task_id, state in self.store.ended_with_topics():
             if task_id in on_broker:
                 self._announce_end(task_id, state)
+
+    def go_on(self, what_happened: str) -> None:
+        """After the frames of every task stopped here (`halt`) while the gateway itself ran on (cut off from the
+        task store): the tasks still its own go on as after a restart; those another gateway took over meanwhile
+        are that one's now."""
+        on_broker = self.topics.on_broker()
+        for active in self.store.active_tasks(owner=self.owner):
+            try:
+                self._resume(active, on_broker, what_happened)
+            except Exception:
+                log.exception("task %s could not go on", active.task.task_id)
 
     def _remove_stale_uploads(self, keep: set[str]) -> None:
         """Uploads on this gateway's disk that no task of its own needs any more: one cut off mid-stream when

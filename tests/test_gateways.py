@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -314,16 +315,119 @@ def test_a_live_task_goes_on_with_its_camera_on_the_other_gateway_when_its_gatew
     done = wait_state(b.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED,
                                                     tpb.TASK_STATE_CANCELLED}, timeout=120)
     assert done.state == tpb.TASK_STATE_CANCELLED, done.error_message
-    got = {kind: b"".join(c.chunk for c in b.stub.DownloadResult(
-        tpb.DownloadResultRequest(task_id=task.task_id, kind=kind), metadata=auth(), timeout=60))
+    times = _one_stream(b, task.task_id, done, read_before + 8)
+    # The gap shows in the stream: the frames either side of it are further apart than the camera's frames.
+    assert max(t1 - t0 for t0, t1 in zip(times, times[1:])) > LEASE_TTL_S / 2, (gap_s, times)
+    a.start()
+    assert _seen(a, task.task_id).state == tpb.TASK_STATE_CANCELLED
+
+
+def _one_stream(gw: GatewayProcess, task_id: str, done: tpb.Task, at_least: int) -> list[float]:
+    """The task's results are one stream, whoever read its camera: every frame once, in order, times growing,
+    the video as long as the keypoints. Returns the frames' times."""
+    got = {kind: b"".join(c.chunk for c in gw.stub.DownloadResult(
+        tpb.DownloadResultRequest(task_id=task_id, kind=kind), metadata=auth(), timeout=60))
         for kind in (tpb.ARTIFACT_KIND_ANNOTATED_VIDEO, tpb.ARTIFACT_KIND_KEYPOINTS)}
     records = [json.loads(line) for line in got[tpb.ARTIFACT_KIND_KEYPOINTS].decode().splitlines()]
     assert [r["index"] for r in records] == list(range(len(records))), "every frame once, in order"
-    assert len(records) >= read_before + 8 and len(records) == done.progress[0].frames_done
+    assert len(records) >= at_least and len(records) == done.progress[0].frames_done
     times = [r["timestamp_s"] for r in records]
     assert all(t1 > t0 for t0, t1 in zip(times, times[1:])), "times grow across the readers"
-    # The gap shows in the stream: the frames either side of it are further apart than the camera's frames.
-    assert max(t1 - t0 for t0, t1 in zip(times, times[1:])) > LEASE_TTL_S / 2, (gap_s, times)
     assert len(decoded_pictures(got[tpb.ARTIFACT_KIND_ANNOTATED_VIDEO])) == len(records)
-    a.start()
-    assert _seen(a, task.task_id).state == tpb.TASK_STATE_CANCELLED
+    return times
+
+
+class CuttableProxy:
+    """A TCP relay to `upstream` that can be cut: every connection through it closed and new ones refused, the
+    network between one gateway and the store failing (its calls fail at once), not the store going away for
+    everyone."""
+
+    def __init__(self, upstream: tuple[str, int]):
+        self.upstream = upstream
+        self.cut = threading.Event()
+        self.lock = threading.Lock()
+        self.sockets: set[socket.socket] = set()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.cut.is_set():
+                client.close()
+                continue
+            server = socket.create_connection(self.upstream)
+            with self.lock:
+                self.sockets |= {client, server}
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._close(src, dst)
+
+    def _close(self, *sockets: socket.socket) -> None:
+        for sock in sockets:
+            with self.lock:
+                self.sockets.discard(sock)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def cut_off(self) -> None:
+        self.cut.set()
+        with self.lock:
+            sockets = list(self.sockets)
+        self._close(*sockets)
+
+    def stop(self) -> None:
+        self.cut_off()
+        self.listener.close()
+
+
+@pytest.mark.slow
+def test_a_gateway_cut_off_from_the_store_lets_its_camera_go_before_another_reads_it(mesh, camera):
+    """A third gateway reads a camera; then its connections to PostgreSQL are cut (its store calls fail; the
+    broker and the camera still answer it). It reads on through the store's absence, but must stop publishing
+    the camera's frames before its lease lapses and another gateway opens the camera again: two readers would
+    publish different frames under the same indices. When it reaches the store again, the task is the other
+    gateway's."""
+    (a, b), _store, root = mesh
+    url = a.env["POSEMESH_STORE_URL"]
+    host_port = url.split("@", 1)[1].split("/", 1)[0]
+    proxy = CuttableProxy((host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1])))
+    c = GatewayProcess({**a.env, "POSEMESH_STORE_URL": url.replace(host_port, f"127.0.0.1:{proxy.port}")},
+                       root / "gateway-cut", root)
+    try:
+        task = c.stub.StartLiveTask(tpb.StartLiveTaskRequest(source=tpb.LiveSource(url=camera.url("cam/long"))),
+                                    metadata=auth(), timeout=60).task
+        wait_for(lambda: _seen(b, task.task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
+        before = _seen(b, task.task_id)
+        proxy.cut_off()
+        going_on = wait_for(lambda: (t := _seen(b, task.task_id)).live.reconnects > before.live.reconnects and
+                            t.progress[-1].frames_done >= before.progress[0].frames_done + 8 and t, 120, 0.2,
+                            "another gateway to read the camera again and 8 more frames to be annotated")
+        assert going_on.state == tpb.TASK_STATE_RUNNING
+        proxy.cut.clear()  # the cut gateway reaches the store again: the task is not its own any more
+        time.sleep(2 * LEASE_TTL_S / 5)
+        b.stub.CancelTask(tpb.CancelTaskRequest(task_id=task.task_id), metadata=auth(), timeout=10)
+        done = wait_state(b.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED,
+                                                        tpb.TASK_STATE_CANCELLED}, timeout=120)
+        assert done.state == tpb.TASK_STATE_CANCELLED, done.error_message
+        _one_stream(b, task.task_id, done, before.progress[0].frames_done + 8)
+        log = (root / f"gateway-{c.port}.log").read_text()
+        assert "its tasks' frames stop here" in log
+    finally:
+        c.stop()
+        proxy.stop()
