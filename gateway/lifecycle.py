@@ -562,11 +562,11 @@ class TaskLifecycle:
             here = [task_id] if task_id is not None else [*self.frame_producers, *self.live_sources]
             here = [t for t in here if t in self.frame_producers or t in self.live_sources]
         for tid in here:
-            task = self.store.get(tid)
+            task, owner = self.store.get_with_owner(tid) or (None, None)
             if task is None or task.state in TERMINAL:
                 self._stop_frames(tid)
                 continue
-            if self.store.owner_of(tid) not in (None, self.owner):
+            if owner not in (None, self.owner):
                 # Another gateway took the task over (this one's lease lapsed: it was stopped or cut off from
                 # the store): the frames are its to publish now, and a camera must have one reader.
                 log.warning("task %s: another gateway took it over; its frames stop here", tid)

@@ -591,10 +591,12 @@ class TaskStore:
                             (*ACTIVE, lease_prefix, now_us()))
         return [r["task_id"] for r in rows]
 
-    def owner_of(self, task_id: str) -> str | None:
-        """The gateway that publishes the task's frames (None: a task of a version that did not record it)."""
-        rows = self._select("SELECT owner FROM tasks WHERE task_id = ?", (task_id,))
-        return rows[0]["owner"] if rows else None
+    def get_with_owner(self, task_id: str) -> tuple[tpb.Task, str | None] | None:
+        """The task and the gateway that publishes its frames (None: a task of a version that did not record
+        it), in one read."""
+        with self.lock:
+            row = self._row(task_id)
+            return (self._task(row), row["owner"]) if row is not None else None
 
     def take_over(self, task_id: str, owner: str, lease_prefix: str) -> bool:
         """Make `owner` the task's owner if its owner's lease lapsed (one gateway wins). The other gateways

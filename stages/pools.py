@@ -87,9 +87,21 @@ class _Unordered:
     taken: int = 0
 
 
-class LowestFirstPool:
+class _TaskPools:
+    """Frames waiting per task (`tasks[task_id].waiting`, index -> Pooled): what both pools share."""
+
     def __init__(self) -> None:
-        self.tasks: dict[str, _Unordered] = {}
+        self.tasks: dict = {}
+
+    def drop_task(self, task_id: str) -> None:
+        self.tasks.pop(task_id, None)
+
+    def pooled(self) -> int:
+        return sum(len(t.waiting) for t in self.tasks.values())
+
+
+class LowestFirstPool(_TaskPools):
+    tasks: dict[str, _Unordered]
 
     def add(self, entry: Pooled) -> bool:
         """Pools a frame; False when its index was seen already (a redelivery)."""
@@ -140,12 +152,6 @@ class LowestFirstPool:
                 task.seen.discard(index)
                 task.low = min(task.low, index)
 
-    def drop_task(self, task_id: str) -> None:
-        self.tasks.pop(task_id, None)
-
-    def pooled(self) -> int:
-        return sum(len(t.waiting) for t in self.tasks.values())
-
     def waiting_by_partition(self) -> Counter:
         counts: Counter = Counter()
         for task in self.tasks.values():
@@ -161,9 +167,8 @@ class _Sequence:
     taken: int = 0
 
 
-class SequencePool:
-    def __init__(self) -> None:
-        self.tasks: dict[str, _Sequence] = {}
+class SequencePool(_TaskPools):
+    tasks: dict[str, _Sequence]
 
     def start_at(self, task_id: str, index: int) -> None:
         """The task continues from `index` (after a replay reset or from a checkpoint)."""
@@ -200,8 +205,3 @@ class SequencePool:
         task = self.tasks.get(task_id)
         return task.next_index if task else 0
 
-    def pooled(self) -> int:
-        return sum(len(t.waiting) for t in self.tasks.values())
-
-    def drop_task(self, task_id: str) -> None:
-        self.tasks.pop(task_id, None)

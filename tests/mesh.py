@@ -59,28 +59,33 @@ class Worker:
 
 
 class SilenceRecorder(threading.Thread):
-    """Asks the local broker for its topics every 2 s; while it does not answer, writes what its process is
-    doing to logs/broker-silence.txt: its CPU time (spinning or blocked), its threads' states and its sockets'
-    queues. The broker has gone silent for minutes in CI (issue 21) and its binary has no symbols for a stack."""
+    """Asks the local broker for its topics every 2 s; `silent_s` sums the time it did not answer. While it
+    does not, writes what its process is doing to logs/broker-silence.txt: its CPU time (spinning or blocked),
+    its threads' states and its sockets' queues. The broker has gone silent for minutes in CI (issue 21) and
+    its binary has no symbols for a stack."""
 
     def __init__(self, broker, out: Path):
         """broker(): the mesh's LocalBroker as of now (a restart replaces it)."""
         super().__init__(name="broker-silence", daemon=True)
         self.broker, self.out, self.stopped = broker, out, threading.Event()
+        self.silent_s = 0.0
 
     def run(self) -> None:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.broker().bootstrap})
-        answered = time.monotonic()
+        answered = counted = time.monotonic()
         while not self.stopped.wait(2.0):
             try:
                 admin.list_topics(timeout=3)
-                answered = time.monotonic()
+                answered = counted = time.monotonic()
             except Exception:  # noqa: BLE001 - silent (or restarting): record what the process does
+                now = time.monotonic()
+                self.silent_s += now - counted  # silent since it last answered, or since the last count
+                counted = now
                 proc = self.broker().proc
-                if time.monotonic() - answered > 6 and proc is not None and proc.poll() is None:
-                    self._record(time.monotonic() - answered)
+                if now - answered > 6 and proc is not None and proc.poll() is None:
+                    self._record(now - answered)
 
     def _record(self, silent_s: float) -> None:
         proc = self.broker().proc

@@ -19,7 +19,6 @@ import time
 import grpc
 import pytest
 
-from posemesh.mesh import kafka
 from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
@@ -314,49 +313,17 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
     # reproduced alone, nor by stopping every process of the mesh for 40 s). The mesh is judged on what it does
     # while the broker answers: it gets 240 s of that to finish. Time the broker is silent is added, up to 200 s
     # (pytest's limit is 600 s a test); a broker silent for longer is reported as that expected failure.
-    with _BrokerWatch(mesh) as watch:
-        began = time.monotonic()
-        while _state(mesh, task.task_id) not in DONE and time.monotonic() - began < 240 + min(watch.silent_s, 200):
-            time.sleep(1)
-    if _state(mesh, task.task_id) not in DONE and watch.silent_s > 200:
-        pytest.xfail(f"the local broker did not answer for {watch.silent_s:.0f} s after the burn")
+    silent_before = mesh.silence.silent_s
+
+    def silent_s() -> float:
+        return mesh.silence.silent_s - silent_before
+    began = time.monotonic()
+    while _state(mesh, task.task_id) not in DONE and time.monotonic() - began < 240 + min(silent_s(), 200):
+        time.sleep(1)
+    if _state(mesh, task.task_id) not in DONE and silent_s() > 200:
+        pytest.xfail(f"the local broker did not answer for {silent_s():.0f} s after the burn")
     _wait_done_or_report(mesh, task.task_id, timeout=10)
     assert_same_as_reference(mesh, task.task_id, reference)
-
-
-class _BrokerWatch:
-    """Asks the broker for its topics every 2 s on a thread; `silent_s` sums the time it did not answer."""
-
-    def __init__(self, mesh):
-        self.admin, self.silent_s = kafka.admin(mesh.settings), 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> _BrokerWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(15)
-
-    def _run(self) -> None:
-        answered = time.monotonic()
-        while not self._stop.is_set():
-            if self._answers(within_s=5):
-                answered = time.monotonic()
-            else:  # silent since it last answered
-                now = time.monotonic()
-                self.silent_s += now - answered
-                answered = now
-            self._stop.wait(2)
-
-    def _answers(self, within_s: float) -> bool:
-        try:
-            self.admin.list_topics(timeout=within_s)
-            return True
-        except Exception:  # noqa: BLE001 - KafkaException on a timeout
-            return False
 
 
 def _wait_done_or_report(mesh, task_id: str, timeout: float) -> tpb.Task:
