@@ -1,6 +1,6 @@
 """What a running stack costs when nobody uses it: CPU of every process over a quiet minute.
 
-    .venv/bin/python bench/idle.py [--seconds 60] [--reserved 0 4]
+    .venv/bin/python bench/idle.py [--seconds 60] [--reserved 0 4] [--ingest N]
 
 Starts a local stack (broker, Triton, gateway, one worker per stage, no RTSP relay), lets it settle (the
 reserved task ids' topics are made and every stage has joined them), then samples each process tree's CPU
@@ -9,7 +9,7 @@ below 5% of one core in all. Each configuration runs with 0 and 4 reserved task 
 (POSEMESH_RESERVED_TASKS: per-task topics kept ready for the next uploads, read by every stage), to show
 how the idle cost scales with them, under the local stack's Kafka client settings and under deploy/'s
 (POSEMESH_KAFKA_FETCH_WAIT_MS=500 and a 1 s heartbeat, for Apache Kafka, which answers a held fetch as
-soon as a record arrives).
+soon as a record arrives). --ingest N adds N ingest replicas (POSEMESH_INGEST=stage).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.measure import tree_cpu
 from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.pipeline import INGEST, STAGE_NAMES
 
 TARGET = 5.0  # % of one core, all processes
 
@@ -36,10 +37,12 @@ CONFIGS = {
 }
 
 
-def idle_cpu(seconds: float, reserved: int, settle_s: float, config: dict[str, str]) -> dict[str, float]:
+def idle_cpu(seconds: float, reserved: int, settle_s: float, config: dict[str, str],
+             ingest: int = 0) -> dict[str, float]:
     os.environ.update(config, POSEMESH_RESERVED_TASKS=str(reserved))
+    workers = {s: 1 for s in STAGE_NAMES} | ({INGEST: ingest} if ingest else {})
     with tempfile.TemporaryDirectory(prefix="posemesh-bench-idle-") as tmp:
-        stack = Stack(StackConfig(run_dir=Path(tmp) / "stack", rtsp_port=-1)).start()
+        stack = Stack(StackConfig(run_dir=Path(tmp) / "stack", rtsp_port=-1, workers=workers)).start()
         try:
             time.sleep(settle_s)
             before = {s.name: tree_cpu(s.proc.pid) for s in stack.services}
@@ -58,8 +61,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--settle", type=float, default=20.0)
     parser.add_argument("--reserved", type=int, nargs="+", default=[0, 4])
+    parser.add_argument("--ingest", type=int, default=0, help="ingest replicas (0: the gateway decodes)")
     args = parser.parse_args()
-    runs = {f"{label}, {n} reserved": idle_cpu(args.seconds, n, args.settle, config)
+    runs = {f"{label}, {n} reserved": idle_cpu(args.seconds, n, args.settle, config, args.ingest)
             for label, config in CONFIGS.items() for n in args.reserved}
     names = list(next(iter(runs.values())))
     print(f"\nidle CPU, % of one core over {args.seconds:.0f} s, one stack (target: all < {TARGET:.0f}%)")
