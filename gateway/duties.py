@@ -54,82 +54,43 @@ def gateway_id(data_dir: Path) -> str:
 
 class Duties(threading.Thread):
     """Renews this gateway's leases; runs `on_gain()` when it takes the mesh duties and `on_loss()` when it
-    must stop doing them, and `each_round()` while it holds them. `on_cut_off()` when its own lease could not
-    be renewed for HOLD_FOR_S (another gateway may take its tasks over before long: their frames must stop
-    here first, or a camera would have two readers publishing under the same indices), `on_back()` once it
-    is renewed again (the tasks still its own go on).
+    must stop doing them (both on this thread only, so in order), and `each_round()` while it holds them.
 
-    Three threads, so that nothing slow delays a renewal or its checks: this one renews (two small writes),
-    `watch` sees a renewal go stale even when the store does not answer at all (a call that hangs), and
-    `rounds` does the duties (a take-over reads the broker for seconds)."""
+    The duty rounds run on a thread of their own (`rounds`): a round can take seconds (a take-over reads the
+    broker back), and a renewal waiting behind it could let the lease lapse under a live holder."""
 
-    def __init__(self, store, gateway: str, on_gain, on_loss, each_round=None, on_cut_off=None, on_back=None):
+    def __init__(self, store, gateway: str, on_gain, on_loss, each_round=None):
         super().__init__(name="duties", daemon=True)
         self.store, self.gateway = store, gateway
         self.on_gain, self.on_loss, self.each_round = on_gain, on_loss, each_round
-        self.on_cut_off, self.on_back = on_cut_off, on_back
         self.holding = False
-        self.cut_off = False
-        self.renewed = 0.0  # monotonic time the duties lease was last renewed
-        self.own_renewed = time.monotonic()  # ... and this gateway's own lease
-        self.lock = threading.Lock()  # the transitions of `holding` and `cut_off`
+        self.renewed = 0.0  # monotonic time the last successful renewal of the duties lease began
         self.halt = threading.Event()
-        self.watcher = threading.Thread(target=self._watch, name="duties-watch", daemon=True)
         self.rounder = threading.Thread(target=self._rounds, name="duty-rounds", daemon=True)
 
     def start(self) -> None:
         super().start()
-        self.watcher.start()
         self.rounder.start()
 
     def renew(self) -> None:
         """One renewal: both leases, the duties taken or given up as the store says."""
+        # A lease runs from when the store stamped it, which is before the call returns: age it from here.
+        began = time.monotonic()
         try:
             self.store.hold_lease(GATEWAY_LEASE + self.gateway, self.gateway, LEASE_TTL_S)
-            self.own_renewed = time.monotonic()
             held = self.store.hold_lease(DUTIES_LEASE, self.gateway, LEASE_TTL_S)
             if held:
-                self.renewed = time.monotonic()
+                self.renewed = began
         except Exception as exc:  # noqa: BLE001 - the store is away: the duties stop before the lease lapses
             log.warning("could not renew the gateway's leases (%s)", exc.__class__.__name__)
-            held = None  # not known: `check` decides by the age of the last renewal
-        if held is True:
-            self._gain()
-        elif held is False:
-            self._lose()
-        self.check()
-
-    def check(self) -> None:
-        """Leases renewed too long ago (the store is away or does not answer): the duties stop, and this
-        gateway's frames; both before the leases can lapse and another gateway take over."""
-        now = time.monotonic()
-        if self.holding and now - self.renewed >= HOLD_FOR_S:
-            self._lose()
-        late = now - self.own_renewed >= HOLD_FOR_S
-        with self.lock:
-            change, self.cut_off = late != self.cut_off, late
-        if change and late:
-            log.warning("gateway %s could not renew its lease for %.0f s: its tasks' frames stop here (another "
-                        "gateway may take them over)", self.gateway, now - self.own_renewed)
-            if self.on_cut_off is not None:
-                self.on_cut_off()
-        elif change:
-            log.info("gateway %s renews its lease again: its own tasks go on", self.gateway)
-            if self.on_back is not None:
-                self.on_back()
-
-    def _gain(self) -> None:
-        with self.lock:
-            gained, self.holding = not self.holding, True
-        if gained:
+            held = self.holding and time.monotonic() - self.renewed < HOLD_FOR_S
+        if held and not self.holding:
             log.info("gateway %s takes the mesh duties (events, sweep, webhooks, take-overs)", self.gateway)
+            self.holding = True
             self.on_gain()
-
-    def _lose(self) -> None:
-        with self.lock:
-            lost, self.holding = self.holding, False
-        if lost:
+        elif self.holding and not held:
             log.warning("gateway %s gives the mesh duties up", self.gateway)
+            self.holding = False
             self.on_loss()
 
     def run(self) -> None:
@@ -140,16 +101,10 @@ class Duties(threading.Thread):
                 log.exception("lease renewal failed")
             self.halt.wait(RENEW_S)
 
-    def _watch(self) -> None:
-        while not self.halt.wait(RENEW_S / 4):
-            try:
-                self.check()
-            except Exception:
-                log.exception("lease check failed")
-
     def _rounds(self) -> None:
         while not self.halt.wait(RENEW_S):
-            if self.holding and not self.cut_off and self.each_round is not None:
+            # Only while the last renewal is fresh: a holder whose store stopped answering does no duty.
+            if self.holding and time.monotonic() - self.renewed < HOLD_FOR_S and self.each_round is not None:
                 try:
                     self.each_round()
                 except Exception:  # the next round tries again
@@ -158,10 +113,12 @@ class Duties(threading.Thread):
     def stop(self) -> None:
         """Give both leases up (the gateway stops): another gateway takes the duties at once."""
         self.halt.set()
-        for thread in (self, self.watcher, self.rounder):
+        for thread in (self.rounder, self):
             if thread.is_alive():
                 thread.join(10)
-        self._lose()
+        if self.holding:
+            self.holding = False
+            self.on_loss()
         for name in (DUTIES_LEASE, GATEWAY_LEASE + self.gateway):
             try:
                 self.store.release_lease(name, self.gateway)

@@ -228,17 +228,18 @@ class TaskLifecycle:
 
         counted = [so_far.frames if so_far else 0]  # frames published when last told, for the decode rate
         # The task store away (a failover, the network): the camera is read on, its status and the annotated
-        # count are the last known, and the store is told again at the next status. Should the store stay away
-        # until this gateway's lease could lapse, the duties' cut-off stops the reading first (`halt`).
+        # count are the last known, and the store is told again at the next status. A frozen annotated count
+        # closes the reader's window within the lag bound: frames are dropped, not published, until the store
+        # answers again (and, if another gateway took the task over meanwhile, heard_elsewhere stops it here).
         annotated, store_away = [0], [False]
 
         def stored(call, *args):
             try:
                 result = call(*args)
-            except Exception as exc:  # noqa: BLE001 - see above
+            except Exception:  # noqa: BLE001 - see above
                 if not store_away[0]:
-                    log.warning("live task %s: the task store does not answer (%s); the camera is read on",
-                                task_id, exc.__class__.__name__)
+                    log.warning("live task %s: the task store does not answer; the camera is read on", task_id,
+                                exc_info=True)
                 store_away[0] = True
                 return None
             store_away[0] = False
@@ -304,17 +305,6 @@ class TaskLifecycle:
         for task_id, state in self.store.ended_with_topics():
             if task_id in on_broker:
                 self._announce_end(task_id, state)
-
-    def go_on(self, what_happened: str) -> None:
-        """After the frames of every task stopped here (`halt`) while the gateway itself ran on (cut off from the
-        task store): the tasks still its own go on as after a restart; those another gateway took over meanwhile
-        are that one's now."""
-        on_broker = self.topics.on_broker()
-        for active in self.store.active_tasks(owner=self.owner):
-            try:
-                self._resume(active, on_broker, what_happened)
-            except Exception:
-                log.exception("task %s could not go on", active.task.task_id)
 
     def _remove_stale_uploads(self, keep: set[str]) -> None:
         """Uploads on this gateway's disk that no task of its own needs any more: one cut off mid-stream when

@@ -210,6 +210,8 @@ class LiveSource(threading.Thread):
             self.status.frames_dropped += 1
             self._publish_status()
             return
+        if self.stop_requested.is_set():  # stopped or detached while it asked the store (a call that hung)
+            return
         if self.first_arrival is None:
             self.first_arrival = arrived
             if self.so_far is not None:

@@ -89,8 +89,7 @@ class Gateway:
         self.activity = self.lifecycle.activity  # what GetStats reports (gateway/stats.py)
         self.webhook_policy = webhook_policy
         self.webhooks: WebhookSender | None = None  # ended tasks' webhooks, sent by the duties' holder
-        self.duties = Duties(self.store, self.id, self._gain_duties, self._lose_duties, self._duty_round,
-                             on_cut_off=self._cut_off, on_back=self._back)
+        self.duties = Duties(self.store, self.id, self._gain_duties, self._lose_duties, self._duty_round)
         self.listening = threading.Event()  # set: stop hearing the other gateways' changes
         self.incarnation: str | None = None
         self._orphans_looked = -ORPHAN_SCAN_S
@@ -134,14 +133,6 @@ class Gateway:
             self.webhooks = None
         if self.running.is_set():
             self._start_events()
-
-    def _cut_off(self) -> None:
-        """This gateway's lease could not be renewed for a while: stop its tasks' frames before another gateway
-        can take them over (their cameras are detached, not closed: whoever goes on with them reads on)."""
-        self.lifecycle.halt()
-
-    def _back(self) -> None:
-        self.lifecycle.go_on("was cut off from the task store")
 
     def _duty_round(self) -> None:
         """What the duties' holder does each round besides the sweep: take over dead gateways' tasks, and now
