@@ -69,6 +69,17 @@ class ControlFollower(threading.Thread):
         with self.lock:
             return task_id in self.reserved
 
+    def has_ended(self, task_id: str) -> bool:
+        with self.lock:
+            return task_id in self.ended
+
+    def group_name(self, stage: str) -> str:
+        """A stage's consumer group: one per stage and per life of the broker's data. After the local broker
+        lost its data, the old members' re-joins and departures could leave a group of the old name without
+        partitions for good; a fresh name sidesteps that. On Apache Kafka the name never changes unless
+        posemesh.control itself is re-created. Consumers are made only once the incarnation is known."""
+        return f"{self.settings.group_prefix}-{stage}-{(self.incarnation or '')[:8]}"
+
     def lookup(self, task_id: str) -> tuple[pb.TaskStarted | None, bool]:
         """The task's TaskStarted (None if not started) and whether its id is reserved, read together."""
         with self.lock:

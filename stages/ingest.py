@@ -173,11 +173,8 @@ class IngestWorker:
             self.api.stop()
             self.control.stop()
 
-    def group_name(self, stage: str = INGEST) -> str:
-        """A stage's consumer group, as stages/worker.py names it: one per life of the broker's data."""
-        if self.control.incarnation is None:
-            raise RuntimeError("the consumer groups are named after the broker's incarnation, not known yet")
-        return f"{self.settings.group_prefix}-{stage}-{self.control.incarnation[:8]}"
+    def group_name(self) -> str:
+        return self.control.group_name(INGEST)
 
     def _session(self, generation: int) -> None:
         """Take jobs until the broker's data is lost (a new generation) or the worker stops."""
@@ -270,8 +267,7 @@ class IngestWorker:
     def _nothing_to_do(self, job: pb.IngestJob) -> bool:
         """The job's task ended, or a newer run of it replaced this one."""
         started, _reserved = self.control.lookup(job.task.task_id)
-        _live, ended = self.control.snapshot()
-        return job.task.task_id in ended or (started is not None and started.epoch > job.epoch)
+        return self.control.has_ended(job.task.task_id) or (started is not None and started.epoch > job.epoch)
 
     def _stop_ended(self) -> None:
         for run in list(self.runs.values()):
@@ -363,7 +359,7 @@ class IngestWorker:
         if so_far.frames:
             log.info("task %s: going on after the %d frames an earlier replica sent", task_id, so_far.frames)
         run.start_at = so_far.frames
-        consumed = DetectConsumed(settings, self.group_name("detect"), task_id, partitions)
+        consumed = DetectConsumed(settings, self.control.group_name("detect"), task_id, partitions)
         try:
             with self.blobs.local_copy(job.upload_key) as path:
                 if path is None:

@@ -206,11 +206,7 @@ class StageWorker:
         return self.spec.pixels and self.spec.reads != pipeline.PIXELS_TOPIC
 
     def group_name(self) -> str:
-        """The stage's consumer group: one per stage and per life of the broker's data. After the local
-        broker lost its data, the old members' re-joins and departures could leave a group of the old
-        name without partitions for good; a fresh name sidesteps that. On Apache Kafka the name never
-        changes unless posemesh.control itself is re-created."""
-        return f"{self.settings.group_prefix}-{self.stage.name}-{(self.control.incarnation or '')[:8]}"
+        return self.control.group_name(self.stage.name)
 
     def _reset(self, reason: str, why: str) -> None:
         """Start over as a restarted process would: no task state, new Kafka clients, inputs read again
