@@ -220,6 +220,7 @@ class Stack:
         shared = {**self.env, "POSEMESH_STORE_URL": self.postgres.url, "POSEMESH_SECRETS_KEY_FILE": str(key),
                   "POSEMESH_BLOB_URL": self.env.get("POSEMESH_BLOB_URL") or f"file://{self.run_dir / 'data'}"}
         self.env["POSEMESH_BLOB_URL"] = shared["POSEMESH_BLOB_URL"]  # the workers' too
+        self.env["POSEMESH_SECRETS_KEY_FILE"] = str(key)  # ingest replicas open the camera URLs the gateways seal
         for i, address in enumerate(self.gateway_addresses):
             name = f"gateway-{i}"
             self.metrics_ports[name] = free_port()

@@ -27,7 +27,7 @@ import time
 import uuid
 from pathlib import Path
 
-from posemesh.gateway.at_rest import private_file
+from posemesh.mesh.at_rest import private_file
 
 log = logging.getLogger("posemesh.gateway")
 

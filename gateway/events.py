@@ -34,12 +34,13 @@ INCARNATION_KEY = "events_incarnation"
 
 class EventReader(threading.Thread):
     def __init__(self, settings: Settings, store, topics, on_result, on_failure, incarnation: str | None = None,
-                 activity=None, applying: bool = True, on_source_read=None):
+                 activity=None, applying: bool = True, ingest=None):
         super().__init__(name="events", daemon=True)
         self.settings, self.store, self.topics = settings, store, topics
         self.activity = activity  # gateway/stats.py's MeshActivity, or None
         self.on_result, self.on_failure = on_result, on_failure
-        self.on_source_read = on_source_read  # the ingest stage's SourceRead (POSEMESH_INGEST=stage)
+        # What the ingest stage says (POSEMESH_INGEST=stage): the lifecycle's source_read, live_read, source_ended.
+        self.ingest = ingest
         self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
         self.applying = applying  # to the store (this gateway holds the mesh duties), or only heard
         # Progress not yet written: (task, stage, epoch) -> (frame ranges, frames total).
@@ -111,10 +112,13 @@ class EventReader(threading.Thread):
             self.apply_progress()  # a task's progress before its end
             if event.result.epoch >= self.store.epoch(event.result.task_id):
                 self.on_result(event.result)
-        elif kind == "source_read":
-            self.apply_progress()
-            if self.on_source_read is not None:
-                self.on_source_read(event.source_read)
+        elif kind in ("source_read", "source_ended"):
+            self.apply_progress()  # the frames that went in, before what follows from their end
+            if self.ingest is not None:
+                getattr(self.ingest, kind)(getattr(event, kind))
+        elif kind == "live_read":
+            if self.ingest is not None:
+                self.ingest.live_read(event.live_read)
         elif kind == "failure":
             self.apply_progress()
             f = event.failure

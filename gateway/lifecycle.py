@@ -44,16 +44,16 @@ from pathlib import Path
 from confluent_kafka import Producer
 
 from posemesh.gateway.duties import GATEWAY_LEASE
-from posemesh.gateway.live import LiveConfig, LiveSource
 from posemesh.gateway.metrics import TASKS_ENDED, TOPICS_DELETED
 from posemesh.gateway.reservations import Reservations
-from posemesh.gateway.sources import Source, SourcePolicy
+from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.stats import MeshActivity
 from posemesh.gateway.store import ACTIVE, TERMINAL, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.validation import Refused
 from posemesh.mesh import kafka, media, names, records, tracing
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
+from posemesh.mesh.live import LiveConfig, LiveSource, Source
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -167,6 +167,12 @@ class TaskLifecycle:
                     upload_key=names.upload_key(task_id)))
             elif isinstance(frames, Upload):
                 self._produce(task, frames.path, epoch)
+            elif isinstance(frames, Camera) and self.settings.ingest_stage():
+                self.topics.publish_ingest_job(pb.IngestJob(
+                    task=tpb.Task(task_id=task_id, options=task.options, video=task.video,  # counts: the reader's
+                                  live=tpb.LiveStatus(source=task.live.source, max_lag_s=task.live.max_lag_s)),
+                    epoch=epoch, live=pb.LiveJob(sealed_url=self.store.secrets.seal(frames.source.url),
+                                                 transport=frames.transport)))
             elif isinstance(frames, Camera):
                 self._read_camera(task, frames.source, frames.transport, epoch, frames.so_far)
             elif isinstance(frames, StreamEnd):
@@ -216,12 +222,6 @@ class TaskLifecycle:
         self.store.add_done(task_id, "decode", [(first, last)], epoch)
         self.activity.finished("decode", last - first + 1, time.time())
 
-    def live_config(self, max_lag_s: float = 0.0) -> LiveConfig:
-        s = self.settings
-        return LiveConfig(max_lag_s=max_lag_s or s.live_max_lag_s, outage_s=s.live_outage_s,
-                          jpeg_quality=s.jpeg_quality,
-                          partitions=kafka.partitions_for(kafka.RAW_FRAMES, s), limits=media.Limits.from_settings(s))
-
     def _read_camera(self, task: tpb.Task, source: Source, transport: int, epoch: int,
                      so_far: StreamSoFar | None = None) -> None:
         task_id = task.task_id
@@ -261,27 +261,48 @@ class TaskLifecycle:
             return annotated[0]
 
         def on_end(state: int, message: str, total: int) -> None:
-            if self.store.epoch(task_id) != epoch:
-                return  # this run was replaced (the broker lost its data)
             with self.lock:
                 # The source by its id, not by this closure: a closure holding it would make a reference
                 # cycle (source -> on_end -> source), and its producer's threads would stay until the GC.
-                done = self.live_sources.pop(task_id, None)
-                decided = self.store.get(task_id)
-                if decided is not None and decided.ending and decided.ending != state:  # CancelTask came first
-                    state, message = decided.ending, done.stop_reason if done else "cancelled by the user"
-                self._record_ending(task_id, state, message)
-            self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
-            log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
+                done = self.live_sources.pop(task_id, None) if self.store.epoch(task_id) == epoch else None
+            self._source_done(task_id, epoch, state, message, total,
+                              done.stop_reason if done else "cancelled by the user")
 
         live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
-                          self.live_config(task.live.max_lag_s), frames_annotated, on_status, on_end, so_far)
+                          LiveConfig.from_settings(self.settings, task.live.max_lag_s), frames_annotated, on_status,
+                          on_end, so_far)
         with self.lock:
             old = self.live_sources.pop(task_id, None)
             self.live_sources[task_id] = live
         if old:
             old.stop()
         live.start()
+
+    def _source_done(self, task_id: str, epoch: int, state: int, message: str, total: int,
+                     stop_reason: str = "cancelled by the user") -> None:
+        """A live task's camera is done and its stream closed after `total` frames: the task ends with `state`
+        and `message` once their results are in, unless CancelTask came first (then CANCELLED, `stop_reason`)
+        or an earlier reader's end was heard already (the first end stands)."""
+        if self.store.epoch(task_id) != epoch:
+            return  # this run was replaced (the broker lost its data)
+        with self.lock:
+            decided = self.store.get(task_id)
+            if decided is None or decided.state in TERMINAL or self.store.ending(task_id) is not None:
+                return
+            if decided.ending and decided.ending != state:  # CancelTask came first
+                state, message = decided.ending, stop_reason
+            self._record_ending(task_id, state, message)
+        self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
+        log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
+
+    def source_ended(self, ended: pb.SourceEnded) -> None:
+        """The ingest stage's word that a live task's camera is done (what on_end says here)."""
+        self._source_done(ended.task_id, ended.epoch, ended.state, ended.message, ended.total)
+
+    def live_read(self, read: pb.LiveRead) -> None:
+        """The ingest stage's status of a live task's camera (what on_status says here; its frames come as
+        progress)."""
+        self.store.apply_live_read(read.task_id, read.epoch, read.reader, read.status)
 
     def _close_stream(self, task: tpb.Task, epoch: int, end: StreamEnd) -> None:
         record = records.end_of_stream_record(task.task_id, task.options, epoch, end.total, task.video.fps)
@@ -370,6 +391,9 @@ class TaskLifecycle:
         broker), as after an outage of the camera. A task that was ending already (stopped, cancelled, its
         camera done) is closed instead; so is one whose stream cannot go on, saying why."""
         task_id = active.task.task_id
+        if self.settings.ingest_stage():
+            self._hand_camera_on(active, topics_intact, what_happened)
+            return
         if active.live_error or active.ending_state or active.task.ending or not topics_intact:
             self._close_live_after_restart(active, topics_intact, what_happened)
             return
@@ -412,6 +436,22 @@ class TaskLifecycle:
             log.info("task %s: the gateway %s during the live task; reading its camera again from frame %d on",
                      task_id, what_happened, so_far.frames)
             self._launch(task, active.epoch, Camera(source, active.live_transport, so_far), make_topics=False)
+
+    def _hand_camera_on(self, active: ActiveTask, topics_intact: bool, what_happened: str) -> None:
+        """A live task whose camera an ingest replica reads (POSEMESH_INGEST=stage), after its gateway restarted
+        or died: the replica reads on, whatever became of the gateway. Its job is written again (the gateway
+        may have died before it was: the replica holding it takes the copy for the same run), and a cancel
+        decided before is said again (it may not have reached the replica)."""
+        task_id = active.task.task_id
+        if not topics_intact:
+            self.fail(task_id, f"the gateway {what_happened} during the live task and the broker lost its frames")
+            return
+        if active.task.ending and not active.ending_state:
+            self.topics.publish_source_stopped(task_id, "cancelled by the user")
+        if active.live_error:  # not sealed again here: the job written before, if any, has it
+            return
+        self._launch(active.task, active.epoch, Camera(Source.of(active.live_url), active.live_transport),
+                     make_topics=False)
 
     def _close_live_after_restart(self, active: ActiveTask, topics_intact: bool, what_happened: str,
                                   because: str = "", total: int | None = None) -> None:
@@ -537,10 +577,14 @@ class TaskLifecycle:
         they are in (`complete`); one whose source is done already keeps the ending it has."""
         with self.lock:
             live = self.live_sources.get(task_id)
-            if live is not None or self.store.ending(task_id) or self.store.live_elsewhere(task_id, self.owner):
+            ended = self.store.ending(task_id) is not None
+            in_stage = self.settings.ingest_stage() and self.store.is_live(task_id)  # an ingest replica reads it
+            if live is not None or ended or in_stage or self.store.live_elsewhere(task_id, self.owner):
                 task = self._mark_ending(task_id, tpb.TASK_STATE_CANCELLED)
                 if live is not None:  # else its owner stops it when it hears of the ending (heard_elsewhere)
                     live.stop(reason)
+                elif in_stage and not ended:
+                    self.topics.publish_source_stopped(task_id, reason)
                 return task
         return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
 

@@ -25,7 +25,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from posemesh.gateway.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.gateway.auth import Authenticator, KeyConfigError, load_keys
 from posemesh.gateway.broker_watch import BrokerWatch
 from posemesh.gateway.changes import ChangeFeed
@@ -41,6 +40,7 @@ from posemesh.gateway.store import TaskStore
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.webhooks import WebhookPolicy, WebhookSender
 from posemesh.mesh import kafka, tracing
+from posemesh.mesh.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
@@ -111,7 +111,7 @@ class Gateway:
             self.events.join(5)
         self.events = EventReader(self.settings, self.store, self.topics, self.lifecycle.complete,
                                   self.lifecycle.fail, self.incarnation, self.activity, applying=self.duties.holding,
-                                  on_source_read=self.lifecycle.source_read)
+                                  ingest=self.lifecycle)
         self.events.start()
 
     def _reserved(self, task_id: str) -> bool:

@@ -33,13 +33,13 @@ from posemesh.gateway.auth import bearer_key, caller, webhook_secret
 from posemesh.gateway.blocking import AsyncTaskStore, run_to_the_end
 from posemesh.gateway.interceptors import for_task_service
 from posemesh.gateway.lifecycle import new_stream_token
-from posemesh.gateway.live import probe_source
 from posemesh.gateway.sql import Conflict
 from posemesh.gateway.stats import stats_response
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.gateway.webhooks import WebhookPolicy, shown
 from posemesh.mesh import media, names
+from posemesh.mesh.live import probe_source
 from posemesh.mesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc

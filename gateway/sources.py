@@ -16,25 +16,12 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from posemesh.gateway.at_rest import redact
 from posemesh.gateway.validation import Refused, shorten
+from posemesh.mesh.at_rest import redact
+from posemesh.mesh.live import RTSP_PORTS, Source
 
-SCHEMES = {"rtsp": 554, "rtsps": 322}
+SCHEMES = RTSP_PORTS
 MAX_URL = 2048
-
-
-@dataclass(frozen=True)
-class Source:
-    url: str  # as given, credentials included: what the server connects to
-    scheme: str
-    host: str
-    port: int
-
-    @property
-    def shown(self) -> str:
-        """The URL without credentials (user, password, credential-looking query values): what users and
-        logs see."""
-        return redact(self.url)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Tasks are protobuf `Task` messages plus the columns the gateway queries by. Ever
 names stay in this module: the rest of the gateway asks by name (`active_tasks`, `stalled`,
 `record_ending`, ...).
 
-What it keeps is private (gateway/at_rest.py): a live task's camera URL and a webhook's URL and secret are
+What it keeps is private (mesh/at_rest.py): a live task's camera URL and a webhook's URL and secret are
 stored sealed, and only while needed. On SQLite the database and its -wal and -shm files are mode 0600,
 deleted content is overwritten (secure_delete), and the write-ahead log is emptied after every deletion (a
 checkpoint that truncates it), so nothing of a deleted task stays in any file. On PostgreSQL a deleted row's
@@ -26,8 +26,8 @@ from pathlib import Path
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from posemesh.gateway.at_rest import KeyFileError, SecretBox, Unreadable, private_dir, private_file
 from posemesh.gateway.sql import Row, SQLiteDatabase, open_database
+from posemesh.mesh.at_rest import KeyFileError, SecretBox, Unreadable, private_dir, private_file
 from posemesh.mesh.pipeline import PROGRESS_STEPS
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -115,7 +115,10 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  ("webhook_body", "TEXT"),
                  # The gateway that publishes the task's frames (its upload's decoder or its camera's reader):
                  # it resumes them after its own restart; another takes them over once its lease lapses.
-                 ("owner", "TEXT")]
+                 ("owner", "TEXT"),
+                 # A live task's camera read by ingest replicas: the latest reader and the counts of those
+                 # before it, {"reader": ..., "base": [received, dropped, reconnects]} (apply_live_read).
+                 ("live_reader", "TEXT")]
 
 
 @dataclass(frozen=True)
@@ -347,6 +350,11 @@ class TaskStore:
         rows = self._select("SELECT owner, live_url FROM tasks WHERE task_id = ?", (task_id,))
         return bool(rows) and rows[0]["live_url"] is not None and rows[0]["owner"] not in (None, owner)
 
+    def is_live(self, task_id: str) -> bool:
+        """Whether `task_id` is a live task that has not ended."""
+        rows = self._select("SELECT live_url FROM tasks WHERE task_id = ?", (task_id,))
+        return bool(rows) and rows[0]["live_url"] is not None
+
     def ending(self, task_id: str) -> tuple[int, str] | None:
         """How a live task whose source is done ends once its results arrive: (state, message), or None."""
         rows = self._select("SELECT ending_state, ending_message FROM tasks WHERE task_id = ?", (task_id,))
@@ -490,6 +498,29 @@ class TaskStore:
             db.execute("UPDATE tasks SET live_url = ?, live_transport = ? WHERE task_id = ?",
                        (self.secrets.seal(url), transport, task_id))
 
+    def apply_live_read(self, task_id: str, epoch: int, reader: str, status: tpb.LiveStatus) -> None:
+        """A live task's camera status from the ingest replica reading it (pipeline.proto's LiveRead). Its counts
+        are that reader's: those of the readers before it (replicas that died) are kept as the base they add
+        to (the live_reader column), so a replayed status of the latest reader changes nothing and a late one
+        of an earlier reader is dropped."""
+        with self.transaction(task_id) as db:
+            row = db.one("SELECT task, live_reader, epoch, state FROM tasks WHERE task_id = ?", (task_id,))
+            if row is None or row[2] != epoch or row[3] not in ACTIVE:
+                return
+            task, mark = tpb.Task.FromString(row[0]), json.loads(row[1] or "{}")
+            if mark.get("reader") != reader:  # a new reader: what the task counted so far is its base
+                if mark.get("reader", "") > reader:
+                    return  # a late status of a reader already replaced (readers are named after their start)
+                live = task.live
+                mark = {"reader": reader, "base": [live.frames_received, live.frames_dropped, live.reconnects]}
+            received, dropped, reconnects = mark["base"]
+            task.live.CopyFrom(status)
+            task.live.frames_received += received
+            task.live.frames_dropped += dropped
+            task.live.reconnects += reconnects
+            db.execute("UPDATE tasks SET task = ?, live_reader = ? WHERE task_id = ?",
+                       (task.SerializeToString(), json.dumps(mark), task_id))
+
     def mark_produced(self, task_id: str) -> None:
         """Every frame of the task, and its end of stream, is on raw_frames_<task>."""
         with self.transaction(task_id) as db:
@@ -515,8 +546,9 @@ class TaskStore:
                 kept = tpb.Task(task_id=task_id, state=old.state, created_at=old.created_at,
                                 finished_at=old.finished_at)
                 db.execute("UPDATE tasks SET deleted = 1, idempotency_key = NULL, upload_sha256 = NULL, "
-                           "live_url = NULL, ending_message = NULL, progress = '{}', task = ?, webhook_url = NULL, "
-                           "webhook_secret = NULL, webhook_due_us = NULL, webhook_body = NULL WHERE task_id = ?",
+                           "live_url = NULL, live_reader = NULL, ending_message = NULL, progress = '{}', task = ?, "
+                           "webhook_url = NULL, webhook_secret = NULL, webhook_due_us = NULL, webhook_body = NULL "
+                           "WHERE task_id = ?",
                            (kept.SerializeToString(), task_id))
                 db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
             self.wal_dirty = True

@@ -44,11 +44,11 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from posemesh.gateway.at_rest import redact
 from posemesh.gateway.sources import Source, UrlPolicy
 from posemesh.gateway.store import PendingWebhook, TaskStore, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.mesh import names
+from posemesh.mesh.at_rest import redact
 from posemesh.mesh.blobs import BlobStore, blob_sha256
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb

@@ -248,7 +248,7 @@ def list_task_topics(client: AdminClient, timeout: float = 15.0) -> dict[str, li
 
 
 # What a task's control events say, one record key each (see control_key).
-CONTROL_KINDS: tuple[str, ...] = ("reserved", "started", "viewers", "ended")
+CONTROL_KINDS: tuple[str, ...] = ("reserved", "started", "viewers", "source_stopped", "ended")
 
 
 def control_key(task_id: str, kind: str) -> bytes:

@@ -138,7 +138,7 @@ class Settings:
     api_keys: str = field(default_factory=lambda: env("API_KEYS", ""))
     # Users (names from the API keys) whose GetStats shows every user's task counts, not only their own.
     admin_users: str = field(default_factory=lambda: env("ADMIN_USERS", ""))
-    # The key(s) sealing the camera credentials the gateway stores (gateway/at_rest.py): a file of Fernet
+    # The key(s) sealing the camera credentials the gateway stores (mesh/at_rest.py): a file of Fernet
     # keys, one per line, the first sealing (a Kubernetes or Compose secret). Empty: data_dir/secrets.key,
     # made on the first start with mode 0600 (one machine; keep it apart from the data in production).
     secrets_key_file: str = field(default_factory=lambda: env("SECRETS_KEY_FILE", ""))

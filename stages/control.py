@@ -34,6 +34,7 @@ class ControlFollower(threading.Thread):
         self.ended: dict[str, int] = {}
         self.viewers: dict[str, int] = {}  # task -> clients watching its annotated frames
         self.reserved: set[str] = set()  # task ids whose topics exist before their task (TaskReserved)
+        self.stopped: dict[str, str] = {}  # live task -> why its camera is to stop (SourceStopped)
         self.traces: dict[str, object] = {}  # task id -> its run's trace context (None while tracing is off)
         self.events = 0  # control events applied so far (the worker sees bursts settle by it)
         self.last_start = 0.0  # monotonic time of the latest TaskStarted or TaskReserved
@@ -68,6 +69,11 @@ class ControlFollower(threading.Thread):
     def is_reserved(self, task_id: str) -> bool:
         with self.lock:
             return task_id in self.reserved
+
+    def stop_reason(self, task_id: str) -> str | None:
+        """Why a live task's camera is to stop (SourceStopped), or None."""
+        with self.lock:
+            return self.stopped.get(task_id)
 
     def has_ended(self, task_id: str) -> bool:
         with self.lock:
@@ -173,6 +179,7 @@ class ControlFollower(threading.Thread):
                         self.ended.clear()
                         self.viewers.clear()
                         self.reserved.clear()
+                        self.stopped.clear()
                         self.incarnation = current
                         self.generation += 1
                     self.caught_up.clear()
@@ -208,7 +215,11 @@ class ControlFollower(threading.Thread):
                 self.traces.pop(event.task_id, None)
                 self.viewers.pop(event.task_id, None)
                 self.reserved.discard(event.task_id)
+                self.stopped.pop(event.task_id, None)
                 self.ended[event.task_id] = event.ended.state
+            elif event.HasField("source_stopped"):
+                if event.task_id not in self.ended:
+                    self.stopped[event.task_id] = event.source_stopped.reason
             elif event.HasField("viewers"):
                 if event.viewers.count > 0 and event.task_id not in self.ended:
                     self.viewers[event.task_id] = event.viewers.count

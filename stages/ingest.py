@@ -1,4 +1,5 @@
-"""The ingest stage: uploads decoded into raw_frames_<task> by any number of replicas (POSEMESH_INGEST=stage).
+"""The ingest stage: uploads decoded and cameras read into raw_frames_<task> by any number of replicas
+(POSEMESH_INGEST=stage).
 
 The gateway probes an upload (it still refuses bad input itself, at once), stores it in the blob store,
 announces the task and writes an IngestJob to posemesh.ingest, keyed by task. The replicas are one consumer
@@ -21,6 +22,19 @@ stage, read here from detect's committed offsets on raw_frames_<task> (a replica
 
 A job stops as soon as its task ends (TaskEnded on posemesh.control) and is skipped when its run is older than
 the task's (the broker lost its data and the task is run again under a new epoch).
+
+Cameras. A live task's job (LiveJob: the camera's URL, sealed with the gateways' key) is read by mesh/live.py's
+live source on the replica holding its partition, at once (a camera cannot wait for a slot; the gateway's
+per-user limits bound how many there are). What a gateway reading a camera writes to the task store itself
+travels on posemesh.events instead: the status every half second (LiveRead; the gateway adds up the counts of
+successive readers), the frames that went in (progress of the "decode" step) and the camera's end
+(SourceEnded, before the end of stream, so before annotate can finish the task). The lag bound follows the
+annotate stage through its progress on posemesh.events (AnnotatedSoFar; its committed offsets lag by a whole
+video segment).
+CancelTask reaches the camera as SourceStopped on posemesh.control. A replica that dies leaves the job
+uncommitted: the next holder reads back where the stream stopped and opens the camera again, as a gateway that
+took a live task over did. The job is committed once the camera's end is told, so jobs after it on its
+partition are committed only then (done again after a take-over, they find their streams closed).
 """
 
 from __future__ import annotations
@@ -32,11 +46,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
-from posemesh.mesh import kafka, media
-from posemesh.mesh.frames import Decoded, FrameProducer, stream_so_far
+from posemesh.mesh import kafka, media, records
+from posemesh.mesh.at_rest import KeyFileError, SecretBox, Unreadable
+from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
+from posemesh.mesh.live import LiveConfig, LiveSource, Source
 from posemesh.mesh.pipeline import INGEST
 from posemesh.mesh.settings import Settings
 from posemesh.stages.control import ControlFollower
@@ -44,14 +60,15 @@ from posemesh.stages.control_api import ControlApi
 from posemesh.stages.reporting import Reporter
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import task_service_pb2 as tpb
 
 log = logging.getLogger("posemesh.ingest")
 
-FRAMES = Counter("posemesh_ingest_frames_total", "Frames of uploads decoded (sent, or found out already)")
+FRAMES = Counter("posemesh_ingest_frames_total", "Frames of uploads decoded and of cameras sent")
 JOBS = Counter("posemesh_ingest_jobs_total", "Jobs finished here", ["outcome"])  # decoded, failed, skipped, stopped
 
 POLL_S = 0.2
-# How often a decoding ahead of the detect stage asks the broker how far detect got.
+# How often a decoding ahead of the detect stage asks the broker how far detect got (a camera: annotate).
 CONSUMED_EVERY_S = 0.25
 # How long a replica waits for posemesh.control's replay before it takes jobs: a job of a task that ended
 # meanwhile must be recognised as such, not decoded again.
@@ -88,6 +105,71 @@ class DetectConsumed:
         self.consumer.close()
 
 
+class AnnotatedSoFar:
+    """How far the annotate stage got with the cameras read here, for their lag bound: the progress annotate
+    reports on posemesh.events (what the gateway counts when it reads a camera itself), followed while a camera
+    is read here (one thread; gone a few seconds after the last camera). Annotate finishes a task's frames in
+    index order (an ordered stage), so the newest index reported done, plus one, is how many it finished; a
+    camera taken over from a replica that died starts at the frames that went in before (`floor`): its earlier
+    progress was not followed here."""
+
+    IDLE_S = 5.0
+
+    def __init__(self, settings: Settings, client_id: str):
+        self.settings, self.client_id = settings, client_id
+        self.lock = threading.Lock()
+        self.counts: dict[tuple[str, int], int] = {}  # (task, epoch) -> frames annotate finished
+        self.thread: threading.Thread | None = None
+        self.halt = threading.Event()
+
+    def follow(self, task_id: str, epoch: int, floor: int) -> None:
+        with self.lock:
+            self.counts[(task_id, epoch)] = max(floor, self.counts.get((task_id, epoch), 0))
+            if self.thread is None and not self.halt.is_set():
+                self.thread = threading.Thread(target=self._run, name="annotated", daemon=True)
+                self.thread.start()
+
+    def forget(self, task_id: str, epoch: int) -> None:
+        with self.lock:
+            self.counts.pop((task_id, epoch), None)
+
+    def __call__(self, task_id: str, epoch: int) -> int:
+        with self.lock:
+            return self.counts.get((task_id, epoch), 0)
+
+    def _run(self) -> None:
+        consumer = Consumer(kafka.follower_config(self.settings, f"{self.client_id}-annotated", self.client_id))
+        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, OFFSET_END)])
+        idle_since = time.monotonic()
+        try:
+            while not self.halt.is_set():
+                for msg in consumer.consume(num_messages=500, timeout=0.2):
+                    if msg.error() or msg.value() is None:
+                        continue
+                    event = pb.WorkerEvent.FromString(msg.value())
+                    if event.stage != "annotate" or event.WhichOneof("event") != "progress" or not event.progress.done:
+                        continue
+                    key = (event.progress.task_id, event.progress.epoch)
+                    newest = max(r.last for r in event.progress.done) + 1
+                    with self.lock:
+                        if key in self.counts and newest > self.counts[key]:
+                            self.counts[key] = newest
+                with self.lock:
+                    if self.counts:
+                        idle_since = time.monotonic()
+                    elif time.monotonic() - idle_since > self.IDLE_S:
+                        self.thread = None  # the next camera starts another
+                        return
+        finally:
+            consumer.close()
+
+    def stop(self) -> None:
+        self.halt.set()
+        thread = self.thread
+        if thread is not None:
+            thread.join(5)
+
+
 @dataclass
 class Run:
     """One run (task and epoch) being decoded here. Its jobs are committed once it is `finished`: its outcome
@@ -95,6 +177,7 @@ class Run:
 
     job: pb.IngestJob
     producer: FrameProducer | None = None
+    live: LiveSource | None = None  # a camera's reader, while it reads
     thread: threading.Thread | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
@@ -103,6 +186,8 @@ class Run:
     stop_reason: str = ""  # an operator stopped it here (StopTask): the failure to tell
     retry: str = ""  # why this attempt could not finish (the broker, the blob store): tried again
     decoded: Decoded | None = None
+    published: int = 0  # a camera: frames out (the next index), as last reported
+    ended: pb.WorkerEvent | None = None  # a camera: its SourceEnded, once the stream is closed (told again if lost)
 
     @property
     def task_id(self) -> str:
@@ -111,6 +196,10 @@ class Run:
     @property
     def key(self) -> tuple[str, int]:
         return self.job.task.task_id, self.job.epoch
+
+    @property
+    def is_camera(self) -> bool:
+        return self.job.HasField("live")
 
     @property
     def active(self) -> bool:
@@ -122,6 +211,9 @@ class Run:
         producer = self.producer
         if producer is not None:
             producer.cancelled.set()
+        live = self.live
+        if live is not None:
+            live.detach()  # the stream stays open for the next holder of the job (or nobody: the task ended)
 
 
 class Undelivered(Exception):
@@ -140,6 +232,7 @@ class IngestWorker:
         self.runs: dict[tuple[str, int], Run] = {}  # (task, epoch) -> its run here
         self.queue: list[Run] = []  # runs waiting for one of the INGEST_MAX_JOBS slots
         self.jobs: dict[int, dict[int, Run]] = {}  # partition -> offset -> the run that job is part of
+        self.annotated = AnnotatedSoFar(settings, self.worker_id)  # made again for every session
         self.assigned: set[int] = set()
         self.halt = threading.Event()
         self.started_at = time.time()
@@ -183,6 +276,7 @@ class IngestWorker:
         # a job at most that much delay.
         consumer = Consumer(kafka.follower_config(self.settings, self.group_name(), self.worker_id))
         events = kafka.Sender(_producer(self.settings, self.worker_id))
+        self.annotated = AnnotatedSoFar(self.settings, self.worker_id)
         self.reporter.attach(events.producer)
         consumer.subscribe([kafka.INGEST_TOPIC], on_assign=self._assigned, on_revoke=self._revoked)
         try:
@@ -195,6 +289,7 @@ class IngestWorker:
                     else:
                         self._take(msg.partition(), msg.offset(), msg.value())
                 self._stop_ended()
+                self._stop_cameras()
                 self._start_queued()
                 self._commit(consumer)
                 self._forget_done()
@@ -210,6 +305,7 @@ class IngestWorker:
                 self.assigned.clear()
             for run in runs:  # uncommitted: the next holder of their partitions does them
                 run.cancel()
+            self.annotated.stop()
             self.reporter.attach(None)
             events.flush(5)
             consumer.close()
@@ -255,14 +351,17 @@ class IngestWorker:
             self.jobs.setdefault(partition, {})[offset] = run
 
     def _start_queued(self) -> None:
+        """Uploads in their order while a slot is free; cameras at once."""
         with self.lock:
-            running = sum(1 for r in self.runs.values() if r.active)
-            while self.queue and running < self.settings.ingest_max_jobs:
-                run = self.queue.pop(0)
+            running = sum(1 for r in self.runs.values() if r.active and not r.is_camera)
+            for run in list(self.queue):
+                if not run.is_camera and running >= self.settings.ingest_max_jobs:
+                    continue
+                self.queue.remove(run)
                 run.thread = threading.Thread(target=self._decode, args=(run,), name=f"ingest-{run.task_id[:12]}",
                                               daemon=True)
                 run.thread.start()
-                running += 1
+                running += not run.is_camera
 
     def _nothing_to_do(self, job: pb.IngestJob) -> bool:
         """The job's task ended, or a newer run of it replaced this one."""
@@ -279,6 +378,15 @@ class IngestWorker:
                         if run in self.queue:
                             self.queue.remove(run)
                     run.finished.set()
+
+    def _stop_cameras(self) -> None:
+        """CancelTask on a camera read here (SourceStopped): it stops, closing its stream."""
+        for run in list(self.runs.values()):
+            live = run.live
+            if live is not None and not live.stop_requested.is_set():
+                reason = self.control.stop_reason(run.task_id)
+                if reason is not None:
+                    live.stop(reason)
 
     def _commit(self, consumer: Consumer) -> None:
         """Per partition, past every job whose run is finished, up to the first that is not."""
@@ -351,6 +459,9 @@ class IngestWorker:
         partitions = kafka.partitions_for(kafka.RAW_FRAMES, settings)
         so_far = stream_so_far(kafka.consumer_config(settings, f"{self.worker_id}-resume", self.worker_id),
                                task_id, job.epoch, partitions)
+        if run.is_camera:
+            self._read_camera(run, so_far)
+            return
         if so_far.closed:  # a replica that died after the end of stream: the gateway may not have heard of it
             log.info("task %s: its frames are out already (%d)", task_id, so_far.frames)
             self._tell(run, self._source_read(run, Decoded(so_far.frames, None), produced=True), None)
@@ -382,6 +493,104 @@ class IngestWorker:
                 producer.run()  # on this thread: the producer's delivery callbacks are served here
         finally:
             consumed.close()
+
+    # ------------------------------------------------------------------ one camera
+
+    def _read_camera(self, run: Run, so_far: StreamSoFar) -> None:
+        """Read the job's camera until it is done, going on after the frames an earlier reader sent, and tell the
+        gateway how it ended (or, when its stream cannot go on, close it and say why)."""
+        job, task_id, settings = run.job, run.task_id, self.settings
+        if so_far.closed:  # an earlier reader closed the stream; the gateway keeps the first end it heard
+            log.info("task %s: its live stream was closed after %d frames already", task_id, so_far.frames)
+            self._tell(run, run.ended or self._source_ended(
+                run, tpb.TASK_STATE_FAILED, "the ingest replica reading the camera stopped as it closed the stream; "
+                "the frames before that are in the results: start a new live task to continue", so_far.frames), None)
+            run.finished.set()
+            return
+        if so_far.hole:
+            log.warning("task %s: its live stream cannot go on (frames on the topic up to %d, all of them up to %d)",
+                        task_id, so_far.newest, so_far.frames)
+            self._close_stream(run, so_far.frames, "frames of its live stream were lost with the ingest replica that "
+                                                   "read it; the frames before that are in the results: start a new "
+                                                   "live task to continue")
+            return
+        try:
+            url = SecretBox.for_reader(settings).open(job.live.sealed_url, "the camera URL of this live task")
+        except (KeyFileError, Unreadable) as exc:
+            self._tell(run, self._failure(run, f"the ingest stage cannot read the camera: {exc}"), None)
+            return
+        if so_far.frames:
+            log.info("task %s: reading its camera again from frame %d on", task_id, so_far.frames)
+        run.start_at = run.published = so_far.frames
+        reader = f"{time.time():020.6f}/{self.worker_id}"  # ordered by when it took the camera (gateway/store.py)
+        self.annotated.follow(task_id, job.epoch, so_far.frames)
+        try:
+            live = LiveSource(job.task, Source.of(url), job.live.transport,
+                              kafka.producer_config(settings, self.worker_id), job.epoch,
+                              LiveConfig.from_settings(settings, job.task.live.max_lag_s),
+                              annotated=lambda: self.annotated(task_id, job.epoch),
+                              on_status=lambda status, published: self._camera_status(run, reader, status, published),
+                              on_closing=lambda state, message, total: self._camera_closing(run, state, message, total),
+                              on_end=lambda _state, _message, _total: self._camera_closed(run),
+                              so_far=so_far if so_far.frames else None, client="ingest")
+            run.live = live
+            reason = self.control.stop_reason(task_id)
+            if reason is not None:  # cancelled before its camera was opened here: the stream closes at once
+                live.stop(reason)
+            if not run.cancelled.is_set():
+                live.run()  # on this thread, as an upload's producer
+        finally:
+            run.live = None
+            self.annotated.forget(task_id, job.epoch)
+
+    def _camera_status(self, run: Run, reader: str, status: tpb.LiveStatus, published: int) -> None:
+        """The camera's status for the gateway (not waited for: the next one follows), and the frames out."""
+        for index in range(run.published, published):
+            self.reporter.done(run.task_id, index, run.job.epoch, None)
+        if published > run.published:
+            self.frames_decoded += published - run.published
+            FRAMES.inc(published - run.published)
+            run.published = published
+        live = run.live
+        if live is not None:
+            event = pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, live_read=pb.LiveRead(
+                task_id=run.task_id, epoch=run.job.epoch, reader=reader, status=status))
+            live.sender.send(kafka.EVENTS_TOPIC, event.SerializeToString())
+
+    def _camera_closing(self, run: Run, state: int, message: str, total: int) -> None:
+        """The camera is done: the gateway hears how the task ends before the end of stream goes out (so before
+        annotate's results). Undelivered (Undelivered raised), the stream stays open and the run is tried again.
+        A replica that dies after this and before the end of stream leaves a stream the next one opens the camera
+        again for; the gateway keeps the first end it heard."""
+        run.ended = self._source_ended(run, state, message, total)
+        self._tell(run, run.ended, None)
+
+    def _camera_closed(self, run: Run) -> None:
+        """The end of stream is out: the job is done. Not delivered, the run is tried again: it finds the stream
+        closed and tells its end again, or closes it."""
+        live = run.live
+        if live is not None and not live.sender.delivered(EVENT_WAIT_S, give_up=self.halt.is_set):
+            run.retry = "the end of the live stream was not delivered"
+            return
+        run.finished.set()
+
+    def _close_stream(self, run: Run, total: int, message: str) -> None:
+        """End the task's stream after `total` frames without reading the camera; the task fails, saying why."""
+        self._camera_closing(run, tpb.TASK_STATE_FAILED, message, total)
+        record = records.end_of_stream_record(run.task_id, run.job.task.options, run.job.epoch, total,
+                                              run.job.task.video.fps)
+        sender = kafka.Sender(_producer(self.settings, f"{self.worker_id}-{run.task_id[:12]}"))
+        sender.send(kafka.task_topic(kafka.RAW_FRAMES, run.task_id), record.SerializeToString(),
+                    records.partition_of(record, kafka.partitions_for(kafka.RAW_FRAMES, self.settings)))
+        if not sender.delivered(EVENT_WAIT_S, give_up=self.halt.is_set):
+            raise Undelivered("the end of the live stream was not delivered")
+        run.finished.set()
+
+    def _source_ended(self, run: Run, state: int, message: str, total: int) -> pb.WorkerEvent:
+        return pb.WorkerEvent(worker_id=self.worker_id, stage=INGEST, source_ended=pb.SourceEnded(
+            task_id=run.task_id, epoch=run.job.epoch, state=state, message=message, total=total))
+
+    # ------------------------------------------------------------------ progress and outcomes
 
     def _progress(self, run: Run, first: int, last: int) -> None:
         # Every index is reported (those an earlier replica sent too: its reports may be lost with it; the gateway
@@ -448,7 +657,7 @@ class IngestWorker:
     def status(self) -> spb.GetStatusResponse:
         problem = self.problem()
         tasks = [spb.StageTask(task_id=r.task_id, frames_done=self.reporter.done_count.get(r.task_id, 0),
-                               frames_total=r.job.task.video.frame_count, failure=r.failure)
+                               frames_total=0 if r.is_camera else r.job.task.video.frame_count, failure=r.failure)
                  for r in list(self.runs.values())]
         return spb.GetStatusResponse(worker_id=self.worker_id, stage=INGEST, frames_processed=self.frames_decoded,
                                      tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem,

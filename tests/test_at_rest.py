@@ -18,13 +18,13 @@ from confluent_kafka import Producer
 from cryptography.fernet import Fernet
 
 from posemesh.devstack import rtsp
-from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.lifecycle import TaskLifecycle
 from posemesh.gateway.reservations import Reservations
 from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.store import TaskStore, now_us, timestamp
 from posemesh.gateway.topics import TopicManager
 from posemesh.mesh import kafka, names
+from posemesh.mesh.at_rest import SecretBox
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, make_settings, media
 from tests.helpers import files_holding, wait_for, wait_state

@@ -42,6 +42,8 @@ def history() -> tuple[list[tuple[bytes, bytes | None]], dict[str, str]]:
         pb.ControlEvent(task_id=rerun, started=pb.TaskStarted(epoch=2)),  # run again after a broker loss
         pb.ControlEvent(task_id=rerun, viewers=pb.ViewersChanged(count=3)),
         pb.ControlEvent(task_id=running, viewers=pb.ViewersChanged(count=0)),  # the viewer left
+        pb.ControlEvent(task_id=running, source_stopped=pb.SourceStopped(reason="cancelled by the user")),
+        pb.ControlEvent(task_id=ended, source_stopped=pb.SourceStopped(reason="cancelled by the user")),
         pb.ControlEvent(task_id=ended, ended=pb.TaskEnded(state=tpb.TASK_STATE_COMPLETED)),
     ]
     return [record for event in events for record in kafka.control_records(event)], ids
@@ -52,7 +54,7 @@ def test_each_key_names_one_fact_of_one_task_and_an_end_clears_the_others():
     viewers = kafka.control_records(pb.ControlEvent(task_id="t" * 12, viewers=pb.ViewersChanged(count=1)))
     assert started[0][0] != viewers[0][0]
     ended = kafka.control_records(pb.ControlEvent(task_id="t" * 12, ended=pb.TaskEnded()))
-    assert ended[0][1] is not None and [v for _k, v in ended[1:]] == [None, None, None]
+    assert ended[0][1] is not None and [v for _k, v in ended[1:]] == [None] * (len(kafka.CONTROL_KINDS) - 1)
     assert {k for k, _v in ended} == {kafka.control_key("t" * 12, kind) for kind in kafka.CONTROL_KINDS}
 
 
@@ -73,14 +75,15 @@ def replayed(records: list[tuple[bytes, bytes | None]], tmp_path):
         try:
             assert follower.caught_up.wait(20), "the replay never reached the end of posemesh.control"
             with follower.lock:
-                return dict(follower.live), dict(follower.ended), dict(follower.viewers), set(follower.reserved)
+                return (dict(follower.live), dict(follower.ended), dict(follower.viewers), set(follower.reserved),
+                        dict(follower.stopped))
         finally:
             follower.stop()
             follower.join(5)
 
 
 def check_state(state, ids) -> None:
-    live, ended, viewers, reserved = state
+    live, ended, viewers, reserved, stopped = state
     assert set(live) == {ids["running"], ids["rerun"]}, "a running task was lost from the history"
     assert live[ids["running"]].options.pose_model == tpb.POSE_MODEL_BLAZEPOSE_FULL
     assert abs(live[ids["running"]].options.min_person_score - 0.4) < 1e-6
@@ -88,6 +91,7 @@ def check_state(state, ids) -> None:
     assert ended == {ids["ended"]: tpb.TASK_STATE_COMPLETED}
     assert viewers == {ids["rerun"]: 3}
     assert reserved == {ids["reserved"]}
+    assert stopped == {ids["running"]: "cancelled by the user"}  # a live task's camera to stop, until it ends
 
 
 def test_a_worker_rebuilds_every_task_from_a_history_compacted_as_apache_kafka_does(tmp_path):

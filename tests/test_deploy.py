@@ -371,8 +371,8 @@ def test_the_gateway_reads_its_secret_files_where_the_secrets_are_mounted():
 
 def test_the_example_secrets_fail_closed(tmp_path):
     """Applied by mistake, the placeholders must not open the API with a known key: the gateway refuses them."""
-    from posemesh.gateway.at_rest import KeyFileError, SecretBox
     from posemesh.gateway.auth import KeyConfigError, load_keys
+    from posemesh.mesh.at_rest import KeyFileError, SecretBox
 
     secrets = {d["metadata"]["name"]: d["stringData"] for f, d in all_k8s_docs()
                if f == "secrets.example.yaml" and d["kind"] == "Secret"}
@@ -385,8 +385,8 @@ def test_the_example_secrets_fail_closed(tmp_path):
 
 
 def test_make_secrets_writes_files_the_gateway_accepts_and_never_overwrites(tmp_path):
-    from posemesh.gateway.at_rest import SecretBox
     from posemesh.gateway.auth import load_keys
+    from posemesh.mesh.at_rest import SecretBox
 
     run = [str(DEPLOY / "make-secrets.sh"), str(tmp_path), "alice"]
     subprocess.run(run, check=True, capture_output=True)

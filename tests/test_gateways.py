@@ -21,9 +21,9 @@ from cryptography.fernet import Fernet
 from posemesh.client import Client
 from posemesh.devstack import rtsp
 from posemesh.devstack.processes import free_port, stop_process
-from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.duties import DUTIES_LEASE, GATEWAY_LEASE, LEASE_TTL_S
 from posemesh.gateway.store import TaskStore
+from posemesh.mesh.at_rest import SecretBox
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc

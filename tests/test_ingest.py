@@ -1,31 +1,40 @@
-"""The ingest stage (POSEMESH_INGEST=stage): uploads decoded by replicas of their own, not by the gateway.
+"""The ingest stage (POSEMESH_INGEST=stage): uploads decoded and cameras read by replicas of their own, not by
+the gateway.
 
 One mesh of real processes with two ingest replicas (each decoding one upload at a time) and one
 replica of every stage. The frame producer stays at most 8 frames ahead of detect, so an upload is still
 being decoded well into its task and a replica can be killed mid-file. Results must equal the undisturbed
-run's frame by frame, as in test_resilience.
+run's frame by frame, as in test_resilience. Cameras are served by a real RTSP server (GStreamer's), as in
+test_live: the lag stays bounded, and a camera whose replica is killed goes on from another.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import signal
 import threading
 
+import av
 import grpc
 import pytest
 
+from posemesh.client import Client
+from posemesh.devstack import rtsp
 from posemesh.mesh.pipeline import INGEST
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
-from tests.conftest import auth
-from tests.helpers import upload, wait_for
+from tests import clips
+from tests.conftest import USERS, auth, media
+from tests.helpers import PublishingCamera, rtsp_describe, upload, wait_for
 from tests.mesh import Mesh, assert_same_as_reference, reference_run, town_clip
 from tests.mp4_craft import damaged_tail
 
 pytestmark = pytest.mark.slow
 
 FRAMES = 60
+MAX_LAG_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +43,32 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mesh(onnx_dir, tmp_path_factory):
+def cameras(tmp_path_factory):
+    """The RTSP server, or None where GStreamer's is not installed (the camera tests skip)."""
+    if rtsp.available():
+        yield None
+        return
+    root = tmp_path_factory.mktemp("cameras")
+    long = clips.repeat(media("mmpose_demo_960x540_5f.mp4"), root / "long.mp4", 80)  # 80 s at 5 fps
+    with rtsp.RtspServer({"long": long}, log_path=root / "rtsp.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def mesh(onnx_dir, tmp_path_factory, cameras):
     m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=1, ingest=2, topic_delete_delay_s=1.0,
-             max_frames_ahead=8, ingest_max_jobs=1)
+             max_frames_ahead=8, ingest_max_jobs=1, live_sources="rtsp://127.0.0.1:*", live_max_lag_s=MAX_LAG_S,
+             live_outage_s=4.0)
     yield m
     m.stop()
+
+
+@pytest.fixture
+def client(mesh, cameras):
+    if cameras is None:
+        pytest.skip(rtsp.available())
+    with Client(f"127.0.0.1:{mesh.gateway_port}", USERS["alice"]) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +161,72 @@ def test_an_operator_stopping_a_task_on_its_ingest_replica_fails_it_saying_so(me
     # Its job is done with: no replica decodes the task again.
     wait_for(lambda: all(task.task_id not in {t.task_id for t in w.status().tasks} for w in mesh.replicas(INGEST)),
              30, 0.2, "the stopped task to leave the ingest replicas")
+
+
+def _reading_camera(mesh: Mesh, task_id: str):
+    """The ingest replica reading the task's camera."""
+    def holder():
+        return next((w for w in mesh.replicas(INGEST) if task_id in {t.task_id for t in w.status().tasks}), None)
+    return wait_for(holder, 60, 0.1, f"an ingest replica to read the camera of {task_id}")
+
+
+def _results(client: Client, task_id: str) -> tuple[list[dict], int]:
+    """The task's keypoint records, and the frames of its annotated video."""
+    keypoints, video = io.BytesIO(), io.BytesIO()
+    client.download(task_id, "keypoints", keypoints)
+    client.download(task_id, "video", video)
+    with av.open(io.BytesIO(video.getvalue())) as c:
+        frames = sum(1 for _ in c.decode(video=0))
+    return [json.loads(line) for line in keypoints.getvalue().decode().splitlines()], frames
+
+
+def test_a_camera_read_by_an_ingest_replica_is_thinned_to_keep_the_lag_bounded(mesh, client, cameras):
+    """A 1080p30 camera outruns two cores: the replica drops frames at the source to keep the lag within the
+    bound, following the annotate stage through its committed offsets; the camera's end completes the task."""
+    source = cameras.url("live/town")
+    camera = PublishingCamera(media("towncentre_1080p_302f.mp4"), cameras.url("publish/town"), loops=1).start()
+    wait_for(lambda: rtsp_describe(source)[0] == 200, 20, 0.1, "the camera to publish")
+    task = client.start_live(source)
+    lags, snapshot, holder = [], None, None
+    for snapshot in client.watch(task.task_id):
+        holder = holder or _reading_camera(mesh, task.task_id)
+        if snapshot.live.frames_received and snapshot.progress and snapshot.progress[-1].frames_done:
+            lags.append(snapshot.live.lag_s)  # once the mesh took the task on (see test_live)
+    camera.stop()
+    assert snapshot.state == tpb.TASK_STATE_COMPLETED and "ended" in snapshot.error_message, snapshot.error_message
+    live = snapshot.live
+    assert live.frames_dropped > 0 and lags and max(lags) <= MAX_LAG_S + 0.5, (live, lags)
+    records, video_frames = _results(client, task.task_id)
+    assert [r["index"] for r in records] == list(range(len(records))) and len(records) >= 5
+    assert len(records) == live.frames_received - live.frames_dropped == video_frames
+    assert holder.status().frames_processed >= len(records)  # the replica published them, not the gateway
+
+
+def test_sigkill_of_the_ingest_replica_reading_a_camera_moves_the_camera_to_another(mesh, client, cameras):
+    """The other replica takes the job over, reads back where the stream stopped and opens the camera again:
+    one result with every frame of both readers (indices dense, times growing across the gap), the counts of
+    both readers added up, and a cancel that reaches the new reader keeps the results."""
+    task = client.start_live(cameras.url("cam/long"))
+    victim = _reading_camera(mesh, task.task_id)
+    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
+    mesh.kill(victim)
+    replacement = mesh.start_worker(INGEST)  # as a supervisor would
+    before = client.get(task.task_id)
+    read_before = before.progress[0].frames_done  # as far as the killed replica got to say
+    going_on = wait_for(lambda: (t := client.get(task.task_id)).live.reconnects > before.live.reconnects and
+                        t.progress[-1].frames_done >= read_before + 8 and t, 120, 0.2, "8 more annotated frames")
+    assert going_on.state == tpb.TASK_STATE_RUNNING and not going_on.ending
+    assert going_on.live.frames_received > before.live.frames_received  # added to, not started over
+    client.cancel(task.task_id)
+    done = client.wait(task.task_id, timeout_s=120)
+    assert done.state == tpb.TASK_STATE_CANCELLED and done.artifacts, done.error_message
+    records, video_frames = _results(client, task.task_id)
+    assert [r["index"] for r in records] == list(range(len(records))) and len(records) >= read_before + 8
+    times = [r["timestamp_s"] for r in records]
+    assert all(t1 > t0 for t0, t1 in zip(times, times[1:])), "times grow across the take-over"
+    assert video_frames == len(records)
+    mesh.wait_healthy()
+    assert replacement.alive()
 
 
 def test_the_broker_killed_and_restarted_mid_decoding_runs_the_task_again_frame_exact(mesh, clip, reference):

@@ -26,7 +26,6 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.auth import Authenticator, load_keys
 from posemesh.gateway.changes import ChangeFeed
 from posemesh.gateway.limits import UserLimits
@@ -35,6 +34,7 @@ from posemesh.gateway.service import TaskService
 from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.store import TaskStore, now_us, timestamp
 from posemesh.mesh import names
+from posemesh.mesh.at_rest import SecretBox
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc

@@ -1,4 +1,4 @@
-"""Secrets at rest (gateway/at_rest.py, gateway/store.py): camera URLs are shown without credentials, stored
+"""Secrets at rest (mesh/at_rest.py, gateway/store.py): camera URLs are shown without credentials, stored
 sealed under the server's key, readable by a restarted store with the same key and refused, saying why,
 with another; the database files are the owner's alone, and a deleted task leaves no byte of itself in any
 file, write-ahead log included. Real SQLite files in tmp_path, read back byte by byte."""
@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from posemesh.gateway.at_rest import KEY_FILE, KeyFileError, SecretBox, Unreadable, redact
 from posemesh.gateway.sources import SourcePolicy
 from posemesh.gateway.store import ADDED_COLUMNS, SCHEMA, TaskStore, now_us, timestamp
 from posemesh.mesh import names
+from posemesh.mesh.at_rest import KEY_FILE, KeyFileError, SecretBox, Unreadable, redact
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.helpers import files_holding
 

@@ -10,10 +10,10 @@ import time
 import pytest
 from cryptography.fernet import Fernet
 
-from posemesh.gateway.at_rest import SecretBox
 from posemesh.gateway.sql import Conflict, open_database
 from posemesh.gateway.store import TaskStore, now_us, timestamp
 from posemesh.mesh import names
+from posemesh.mesh.at_rest import SecretBox
 from posemesh.v1 import task_service_pb2 as tpb
 
 
@@ -84,6 +84,27 @@ def test_frames_done_from_both_stores_at_once_count_each_frame_once(two_stores):
     expected = len({f for s in range(0, 600, 20) for f in range(s, s + 10)} |
                    {f for s in range(5, 600, 20) for f in range(s, min(s + 10, 610))})
     assert a.frames_done(task.task_id, "detect") == expected == b.frames_done(task.task_id, "detect")
+
+
+def test_the_camera_counts_of_successive_ingest_replicas_add_up(two_stores):
+    """A live task's camera read by one ingest replica, then (it died) by another: each says its own counts
+    (pipeline.proto's LiveRead); the task shows their sum, whichever store applies them."""
+    a, b = two_stores
+    task = _task()
+    task.live.source = "rtsp://cam/1"
+    a.create(task, "alice", None)
+    first, second = "0001796300000.000000/ingest-a", "0001796300009.000000/ingest-b"
+    a.apply_live_read(task.task_id, 0, first, tpb.LiveStatus(source="rtsp://cam/1", connected=True, frames_received=10,
+                                                              frames_dropped=4))
+    b.apply_live_read(task.task_id, 0, second, tpb.LiveStatus(source="rtsp://cam/1", frames_received=3, reconnects=1))
+    a.apply_live_read(task.task_id, 0, first, tpb.LiveStatus(frames_received=11))  # late, from the dead one
+    b.apply_live_read(task.task_id, 7, second, tpb.LiveStatus(frames_received=99))  # another run's
+    live = b.get(task.task_id).live
+    assert (live.frames_received, live.frames_dropped, live.reconnects, live.connected) == (13, 4, 1, False)
+    a.apply_live_read(task.task_id, 0, second, tpb.LiveStatus(connected=True, frames_received=5, frames_dropped=1,
+                                                              reconnects=1))
+    live = b.get(task.task_id).live
+    assert (live.frames_received, live.frames_dropped, live.reconnects, live.connected) == (15, 5, 1, True)
 
 
 def test_a_store_made_by_an_older_version_gains_the_new_columns(tmp_path, postgres):
@@ -186,7 +207,7 @@ def test_a_shared_store_tells_the_other_stores_which_task_changed(postgres):
 
 
 def test_gateways_sealing_with_different_keys_cannot_share_a_store(postgres):
-    from posemesh.gateway.at_rest import KeyFileError
+    from posemesh.mesh.at_rest import KeyFileError
 
     location = postgres.create_database(f"keys{time.monotonic_ns()}")
     TaskStore(location, SecretBox([Fernet.generate_key()])).close()

@@ -85,29 +85,47 @@ class TaskReserved(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class SourceStopped(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
 class ControlEvent(_message.Message):
-    __slots__ = ("task_id", "started", "ended", "viewers", "reserved")
+    __slots__ = ("task_id", "started", "ended", "viewers", "reserved", "source_stopped")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     ENDED_FIELD_NUMBER: _ClassVar[int]
     VIEWERS_FIELD_NUMBER: _ClassVar[int]
     RESERVED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_STOPPED_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     started: TaskStarted
     ended: TaskEnded
     viewers: ViewersChanged
     reserved: TaskReserved
-    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ..., reserved: _Optional[_Union[TaskReserved, _Mapping]] = ...) -> None: ...
+    source_stopped: SourceStopped
+    def __init__(self, task_id: _Optional[str] = ..., started: _Optional[_Union[TaskStarted, _Mapping]] = ..., ended: _Optional[_Union[TaskEnded, _Mapping]] = ..., viewers: _Optional[_Union[ViewersChanged, _Mapping]] = ..., reserved: _Optional[_Union[TaskReserved, _Mapping]] = ..., source_stopped: _Optional[_Union[SourceStopped, _Mapping]] = ...) -> None: ...
 
 class IngestJob(_message.Message):
-    __slots__ = ("task", "epoch", "upload_key")
+    __slots__ = ("task", "epoch", "upload_key", "live")
     TASK_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_KEY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_FIELD_NUMBER: _ClassVar[int]
     task: _task_service_pb2.Task
     epoch: int
     upload_key: str
-    def __init__(self, task: _Optional[_Union[_task_service_pb2.Task, _Mapping]] = ..., epoch: _Optional[int] = ..., upload_key: _Optional[str] = ...) -> None: ...
+    live: LiveJob
+    def __init__(self, task: _Optional[_Union[_task_service_pb2.Task, _Mapping]] = ..., epoch: _Optional[int] = ..., upload_key: _Optional[str] = ..., live: _Optional[_Union[LiveJob, _Mapping]] = ...) -> None: ...
+
+class LiveJob(_message.Message):
+    __slots__ = ("sealed_url", "transport")
+    SEALED_URL_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    sealed_url: str
+    transport: _task_service_pb2.RtspTransport
+    def __init__(self, sealed_url: _Optional[str] = ..., transport: _Optional[_Union[_task_service_pb2.RtspTransport, str]] = ...) -> None: ...
 
 class IndexRange(_message.Message):
     __slots__ = ("first", "last")
@@ -177,8 +195,34 @@ class SourceRead(_message.Message):
     produced: bool
     def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., frame_count: _Optional[int] = ..., duration_s: _Optional[float] = ..., warning: _Optional[str] = ..., produced: _Optional[bool] = ...) -> None: ...
 
+class LiveRead(_message.Message):
+    __slots__ = ("task_id", "epoch", "reader", "status")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    READER_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    epoch: int
+    reader: str
+    status: _task_service_pb2.LiveStatus
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., reader: _Optional[str] = ..., status: _Optional[_Union[_task_service_pb2.LiveStatus, _Mapping]] = ...) -> None: ...
+
+class SourceEnded(_message.Message):
+    __slots__ = ("task_id", "epoch", "state", "message", "total")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    epoch: int
+    state: _task_service_pb2.TaskState
+    message: str
+    total: int
+    def __init__(self, task_id: _Optional[str] = ..., epoch: _Optional[int] = ..., state: _Optional[_Union[_task_service_pb2.TaskState, str]] = ..., message: _Optional[str] = ..., total: _Optional[int] = ...) -> None: ...
+
 class WorkerEvent(_message.Message):
-    __slots__ = ("worker_id", "stage", "heartbeat", "progress", "result", "failure", "source_read")
+    __slots__ = ("worker_id", "stage", "heartbeat", "progress", "result", "failure", "source_read", "live_read", "source_ended")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +230,8 @@ class WorkerEvent(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_READ_FIELD_NUMBER: _ClassVar[int]
+    LIVE_READ_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ENDED_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     heartbeat: Heartbeat
@@ -193,4 +239,6 @@ class WorkerEvent(_message.Message):
     result: TaskResult
     failure: TaskFailure
     source_read: SourceRead
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., source_read: _Optional[_Union[SourceRead, _Mapping]] = ...) -> None: ...
+    live_read: LiveRead
+    source_ended: SourceEnded
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., failure: _Optional[_Union[TaskFailure, _Mapping]] = ..., source_read: _Optional[_Union[SourceRead, _Mapping]] = ..., live_read: _Optional[_Union[LiveRead, _Mapping]] = ..., source_ended: _Optional[_Union[SourceEnded, _Mapping]] = ...) -> None: ...

@@ -1,7 +1,8 @@
 """A live task's frames: read from the camera, thinned to what the mesh keeps up with, published.
 
-One thread per live task (never one per frame). It reads the RTSP source with PyAV and publishes each
-frame it keeps to raw_frames_<task>, as the upload producer does, with dense indices.
+One thread per live task (never one per frame), in the gateway (POSEMESH_INGEST=gateway) or in the ingest
+replica that holds the task's job (stage, stages/ingest.py). It reads the RTSP source with PyAV and publishes
+each frame it keeps to raw_frames_<task>, as the upload producer does, with dense indices.
 
 Bounded lag. The lag is how old the newest annotated frame is when it comes out: the time since that frame
 arrived from the camera. To keep it under `max_lag_s` when the mesh is slower than the camera, frames are
@@ -17,10 +18,10 @@ rate) matters: the mesh's rate is only what it was given, so a rate-based pace n
 mesh has, while a window fills a pipeline whose frames take 0.4 s each with enough frames to keep every
 stage busy.
 
-Its gateway's death. A live task whose gateway died (or restarted) is continued by the gateway that
-takes it over: it reads back from raw_frames_<task> where the stream stopped (`stream_so_far`: the next
-index, the last frame's time) and opens the camera again, so indices stay dense and times keep growing
-across the gap, which counts as an outage of the camera (it is one, for the task).
+Its reader's death. A live task whose reader died (its gateway, or its ingest replica) is continued by
+the one that takes it over: it reads back from raw_frames_<task> where the stream stopped (`stream_so_far`:
+the next index, the last frame's time) and opens the camera again, so indices stay dense and times keep
+growing across the gap, which counts as an outage of the camera (it is one, for the task).
 
 Outages. Whatever interrupts the stream is tried again with back-off (an end of stream included: a
 camera behind a relay that drops out for a while looks to FFmpeg like one whose stream ended, and the
@@ -38,18 +39,20 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import av
 from confluent_kafka import Producer
 
-from posemesh.gateway.sources import Source
 from posemesh.mesh import jpeg, kafka, media, records
+from posemesh.mesh.at_rest import redact
 from posemesh.mesh.frames import StreamSoFar
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
 log = logging.getLogger("posemesh.gateway")
 
+RTSP_PORTS = {"rtsp": 554, "rtsps": 322}  # the schemes of a live source, and their default ports
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
 DETACH_FLUSH_S = 5.0
@@ -58,6 +61,29 @@ DETACH_FLUSH_S = 5.0
 # takes the size from the first key frame, so half a second of probing is enough. (Not `fflags nobuffer`:
 # it throws away the frames read while probing, all of a short stream's.)
 LIVE_OPTIONS = {"protocol_whitelist": PROTOCOLS, "analyzeduration": "500000", "probesize": "500000"}
+
+
+@dataclass(frozen=True)
+class Source:
+    """A URL the server connects to (a camera; a webhook's target)."""
+
+    url: str  # as given, credentials included: what the server connects to
+    scheme: str
+    host: str
+    port: int
+
+    @property
+    def shown(self) -> str:
+        """The URL without credentials (user, password, credential-looking query values): what users and
+        logs see."""
+        return redact(self.url)
+
+    @classmethod
+    def of(cls, url: str) -> Source:
+        """A URL that was checked when its task started (gateway/sources.py's policy), read again."""
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        return cls(url, scheme, (parts.hostname or "").lower(), parts.port or RTSP_PORTS.get(scheme, 554))
 
 
 @dataclass
@@ -70,18 +96,27 @@ class LiveConfig:
     partitions: int = 4
     limits: media.Limits = field(default_factory=media.Limits)
 
+    @classmethod
+    def from_settings(cls, settings, max_lag_s: float = 0.0) -> LiveConfig:
+        """The settings' (POSEMESH_LIVE_*), with a task's own lag bound when it asked for one."""
+        return cls(max_lag_s=max_lag_s or settings.live_max_lag_s, outage_s=settings.live_outage_s,
+                   jpeg_quality=settings.jpeg_quality, partitions=kafka.partitions_for(kafka.RAW_FRAMES, settings),
+                   limits=media.Limits.from_settings(settings))
+
 
 class LiveSource(threading.Thread):
     def __init__(self, task: tpb.Task, source: Source, transport: int, producer_config: dict, epoch: int,
-                 config: LiveConfig, annotated, on_status, on_end, so_far: StreamSoFar | None = None):
-        """annotated(): frames the annotate stage has finished (distinct); on_status(LiveStatus, published);
-        on_end(state, message, total) once the end-of-stream record is out. `so_far`: the stream an earlier
-        reader (of a gateway that died) published, to go on from."""
+                 config: LiveConfig, annotated, on_status, on_end, so_far: StreamSoFar | None = None,
+                 client: str = "gateway", on_closing=None):
+        """annotated(): frames the annotate stage has finished; on_status(LiveStatus, published); on_end(state,
+        message, total) once the end-of-stream record is out; on_closing(state, message, total), when given,
+        just before it goes out (raising keeps the stream open). `so_far`: the stream an earlier reader (one
+        that died) published, to go on from. `client`: who reads (the Kafka client id's prefix)."""
         super().__init__(name=f"live-{task.task_id[:12]}", daemon=True)
         self.task, self.source, self.config, self.epoch = task, source, config, epoch
         self.transport = "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp"
-        self.annotated, self.on_status, self.on_end = annotated, on_status, on_end
-        self.producer = Producer({**producer_config, "client.id": f"gateway-live-{task.task_id[:12]}"})
+        self.annotated, self.on_status, self.on_end, self.on_closing = annotated, on_status, on_end, on_closing
+        self.producer = Producer({**producer_config, "client.id": f"{client}-live-{task.task_id[:12]}"})
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
         self.detached = threading.Event()
@@ -275,7 +310,11 @@ class LiveSource(threading.Thread):
 
     def _end(self, state: int, message: str) -> None:
         """Close the stream for the stages (end-of-stream with the count of frames that went in); the task
-        ends with `state` once annotate reports its results."""
+        ends with `state` once annotate reports its results. An ingest replica tells the gateway how the task
+        ends first (`on_closing`): its results, which the end of stream lets annotate make, come after that."""
+        self.on_status(self.status, self.index)
+        if self.on_closing is not None:
+            self.on_closing(state, message, self.index)
         record = records.end_of_stream_record(self.task.task_id, self.task.options, self.epoch, self.index,
                                               self.task.video.fps)
         try:
@@ -283,7 +322,6 @@ class LiveSource(threading.Thread):
             self.producer.flush(30)
         except Exception:  # the broker is away: the gateway fails the task after its wait
             log.exception("could not close the live stream of %s", self.task.task_id)
-        self.on_status(self.status, self.index)
         self.on_end(state, message, self.index)
 
 

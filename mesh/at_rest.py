@@ -1,5 +1,6 @@
 """What the gateway keeps on disk stays its own: a live task's camera URL (rtsp://user:password@host/...) is
-stored sealed, never in plain text; the task database and the data folder are not readable by other users;
+stored sealed, never in plain text (so is the URL in the job that hands the camera to the ingest stage, which
+opens it with the same key, `for_reader`); the task database and the data folder are not readable by other users;
 what users and logs see of a URL carries no credentials.
 
 - **Sealing**: Fernet from `cryptography` (AES-128-CBC with HMAC-SHA256, a random IV per value), stored as
@@ -122,6 +123,19 @@ class SecretBox:
         if settings.secrets_key_file:
             return cls.from_file(Path(settings.secrets_key_file))
         return cls.in_data_dir(settings.data_dir)
+
+    @classmethod
+    def for_reader(cls, settings) -> SecretBox:
+        """For a process that opens what the gateways sealed (an ingest replica reading a camera): their key,
+        never a new one. POSEMESH_SECRETS_KEY_FILE when set, else the data folder's (one machine's stack,
+        where the workers share the gateway's data folder)."""
+        if settings.secrets_key_file:
+            return cls.from_file(Path(settings.secrets_key_file))
+        path = settings.data_dir / KEY_FILE
+        if not path.exists():
+            raise KeyFileError(f"no key to open the camera URLs the gateways sealed: set POSEMESH_SECRETS_KEY_FILE "
+                               f"to the gateways' key file (there is no {path})")
+        return cls.from_file(path)
 
     def seal(self, text: str) -> str:
         return PREFIX + self._fernet.encrypt(text.encode()).decode()
