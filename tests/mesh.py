@@ -106,6 +106,31 @@ class SilenceRecorder(threading.Thread):
         with open(self.out, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; threads {threads}\n")
             f.write("".join(f"  {line}\n" for line in mine))
+            f.write("".join(f"  {line}\n" for line in _machine()))
+
+
+def _machine() -> list[str]:
+    """What the whole machine is doing: pressure stall information (the kernel's: was a task waiting for the
+    CPU, memory or IO), the memory left, and the processes using the most CPU. Is the broker starved, or
+    stuck by itself?"""
+    lines = []
+    for kind in ("cpu", "memory", "io"):
+        try:
+            lines += [f"pressure {kind}: {line}" for line in Path(f"/proc/pressure/{kind}").read_text().splitlines()]
+        except OSError:
+            pass
+    try:
+        lines += [line for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith(("MemAvailable", "SwapFree", "Dirty"))]
+    except OSError:
+        pass
+    try:
+        top = subprocess.run(["ps", "-eo", "pid,pcpu,rss,stat,etime,comm", "--sort=-pcpu"], capture_output=True,
+                             text=True, timeout=10).stdout.splitlines()[:8]
+        lines += [f"ps {line}" for line in top]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return lines
 
 
 class Mesh:
