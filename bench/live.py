@@ -2,6 +2,7 @@
 frame reaching a live-output client (WatchFrames), for a 1080p camera at 25 and at 5 frames/s.
 
     .venv/bin/python bench/live.py [--fps 25,5] [--seconds 40] [--clip PATH] [--pose-model blazepose_lite]
+                                   [--ingest N]
 
 The stack is started as `posemesh up` starts it (broker, Triton, gateway, one worker per stage, the local
 RTSP relay). The camera is a separate process that publishes H.264 to the relay over RTSP (as a camera
@@ -14,7 +15,9 @@ network; the client reads the barcode from every annotated JPEG it receives, so 
 frame and includes everything: relay, gateway decode, Kafka, detect, pose, track, annotate and delivery.
 
 Printed per frame rate: latency p50/p95/max (target p95 < 1.5 s), frames processed and dropped per second
-(dropped = skipped at the source to keep the lag bounded), the task's lag bound and its last lag.
+(dropped = skipped at the source to keep the lag bounded), the task's lag bound and its last lag, and the
+CPU the gateway and the ingest replicas spent per camera frame (received, dropped ones included). With
+`--ingest N` the cameras are read by N ingest replicas (POSEMESH_INGEST=stage), not by the gateway.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
                                "--stream", str(stream_file), "--sent", str(sent_file), "--fps", str(fps)])
     time.sleep(1.0)  # the publish exists before the task connects to its /live/ side
     client = Client(stack.gateway_address, "posemesh-dev-key")
+    cpu_before = cpu_of(stack)
     task = client.start_live(f"{stack.rtsp_url}/live/{path}", pose_model=pose_model, name=f"camera {fps} fps")
     received: dict[int, float] = {}
     viewer_dropped = 0
@@ -163,6 +167,7 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
     watcher.start()
     camera.wait()
     final = client.wait(task.task_id, timeout_s=120)
+    cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_of(stack).items()}
     watcher.join(30)
     sent = {int(k): v for k, v in json.loads(sent_file.read_text()).items()}
     latencies = [received[n] - sent[n] for n in sorted(received) if n in sent]
@@ -182,7 +187,21 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
         "steady_p95": percentile(steady, 0.95) if steady else float("nan"),
         "steady_max": max(steady) if steady else float("nan"),
         "first": received[min(received)] - sent[min(received)] if received else float("nan"),
+        "gateway_ms": 1000 * cpu.get("gateway", 0.0) / max(live.frames_received, 1),
+        "ingest_ms": 1000 * cpu.get("ingest", 0.0) / max(live.frames_received, 1),
     }
+
+
+def cpu_of(stack) -> dict[str, float]:
+    """CPU seconds so far of the gateway and of the ingest replicas."""
+    from bench.measure import tree_cpu
+
+    out: dict[str, float] = {}
+    for service in stack.services:
+        kind = service.name.split("-")[0]
+        if kind in ("gateway", "ingest"):
+            out[kind] = out.get(kind, 0.0) + tree_cpu(service.proc.pid)
+    return out
 
 
 def main() -> None:
@@ -191,6 +210,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--clip", default="")
     parser.add_argument("--pose-model", default="blazepose_lite")
+    parser.add_argument("--ingest", type=int, default=0, help="ingest replicas reading the cameras (0: the gateway)")
     parser.add_argument("--camera", help=argparse.SUPPRESS)
     parser.add_argument("--stream", help=argparse.SUPPRESS)
     parser.add_argument("--sent", help=argparse.SUPPRESS)
@@ -201,6 +221,7 @@ def main() -> None:
 
     from posemesh.devstack import rtsp
     from posemesh.devstack.stack import Stack, StackConfig
+    from posemesh.mesh.pipeline import STAGE_NAMES
     from posemesh.mesh.settings import default_media_dir
 
     missing = rtsp.available()
@@ -211,9 +232,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="posemesh-bench-live-") as tmp:
         work = Path(tmp)
         t = time.monotonic()
-        stack = Stack(StackConfig(run_dir=work / "stack")).start()
-        print(f"stack up in {time.monotonic() - t:.0f}s; camera: {clip.name} looped, 1080p, {args.seconds:.0f} s",
-              flush=True)
+        workers = {s: 1 for s in STAGE_NAMES} | ({"ingest": args.ingest} if args.ingest else {})
+        stack = Stack(StackConfig(run_dir=work / "stack", workers=workers)).start()
+        reader = f"{args.ingest} ingest replica(s)" if args.ingest else "the gateway"
+        print(f"stack up in {time.monotonic() - t:.0f}s; camera: {clip.name} looped, 1080p, {args.seconds:.0f} s; "
+              f"read by {reader}", flush=True)
         results = []
         try:
             for fps in rates:
@@ -223,15 +246,17 @@ def main() -> None:
                 print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, "
                       f"{r['dropped']} dropped, "
                       f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
-                      f"max {r['max']:.2f}s", flush=True)
+                      f"max {r['max']:.2f}s; CPU per camera frame: gateway {r['gateway_ms']:.1f} ms, ingest "
+                      f"{r['ingest_ms']:.1f} ms", flush=True)
         finally:
             stack.stop()
     print()
     print(f"glass-to-glass latency, 1080p camera ({clip.name}), pose model {args.pose_model}, "
           f"{args.seconds:.0f} s per run")
+    print(f"read by {reader}")
     print("| camera | latency p50 | p95 (target < 1.5 s) | max after the first 3 s | first frame | processed / s "
-          "| dropped / s | lag bound | met |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| dropped / s | lag bound | gateway CPU / camera frame | ingest CPU / camera frame | met |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         # Bounded lag: once the mesh has taken the task on (its first seconds include consumer-group joins),
         # no frame comes out later than the bound plus one frame's trip through the mesh.
@@ -239,7 +264,7 @@ def main() -> None:
         print(f"| {r['fps']} fps | {r['p50']:.2f} s | {r['p95']:.2f} s | {r['steady_max']:.2f} s "
               f"| {r['first']:.2f} s | "
               f"{r['processed'] / r['duration_s']:.1f} | {r['dropped'] / r['duration_s']:.1f} | "
-              f"{r['max_lag_s']:.1f} s | {met} |")
+              f"{r['max_lag_s']:.1f} s | {r['gateway_ms']:.1f} ms | {r['ingest_ms']:.1f} ms | {met} |")
 
 
 if __name__ == "__main__":

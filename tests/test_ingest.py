@@ -229,6 +229,29 @@ def test_sigkill_of_the_ingest_replica_reading_a_camera_moves_the_camera_to_anot
     assert replacement.alive()
 
 
+def test_a_camera_goes_on_uninterrupted_while_the_gateway_is_killed_and_started_again(mesh, client, cameras):
+    """The camera is its ingest replica's: the gateway that started the task dies and comes back, writes the
+    task's job again (the replica reading the camera keeps it: the same run), and the camera is never let go;
+    a cancel after that still reaches it and keeps the results."""
+    task = client.start_live(cameras.url("cam/long"))
+    holder = _reading_camera(mesh, task.task_id)
+    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 5, 120, 0.2, "5 annotated frames")
+    mesh.kill_gateway()
+    mesh.start_gateway()
+    before = client.get(task.task_id)
+    going_on = wait_for(lambda: (t := client.get(task.task_id)).progress[-1].frames_done >=
+                        before.progress[-1].frames_done + 5 and t, 120, 0.2, "5 more annotated frames")
+    assert going_on.live.reconnects == 0 and going_on.live.connected, going_on.live
+    readers = [w for w in mesh.replicas(INGEST) if task.task_id in {t.task_id for t in w.status().tasks}]
+    assert readers == [holder]
+    client.cancel(task.task_id)
+    done = client.wait(task.task_id, timeout_s=120)
+    assert done.state == tpb.TASK_STATE_CANCELLED and done.artifacts, done.error_message
+    records, video_frames = _results(client, task.task_id)
+    assert [r["index"] for r in records] == list(range(len(records))) == list(range(video_frames))
+    assert len(records) >= going_on.progress[-1].frames_done
+
+
 def test_the_broker_killed_and_restarted_mid_decoding_runs_the_task_again_frame_exact(mesh, clip, reference):
     """The memory-only broker comes back empty: the ingest replicas start over in a new group on the new
     posemesh.ingest, and the gateway hands the upload over again under a new run."""
