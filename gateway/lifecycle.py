@@ -705,5 +705,7 @@ class TaskLifecycle:
         timeout = self.settings.stall_timeout_s
         now, span = now_us(), int(timeout * 1e6)
         since = answering_since(span, now) if answering_since else now - span
+        waiting = self.topics.waiting_on_replicas()  # queued for a decoding slot: not stalled, the clock restarts
+        self.store.progress_now(sorted(waiting))
         for task_id in self.store.stalled(since):
             self.fail(task_id, f"no frame made progress through any stage for {timeout:.0f} s")

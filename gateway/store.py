@@ -387,6 +387,17 @@ class TaskStore:
                             (tpb.TASK_STATE_RUNNING, source_done_before_us))
         return [(r["task_id"], r["ending_state"], r["ending_message"] or "") for r in rows]
 
+    def progress_now(self, task_ids: list[str]) -> None:
+        """Count now (to the second) as the last progress of these running tasks (their upload waits for a
+        decoding slot)."""
+        if not task_ids:
+            return
+        now = now_us()
+        with self.transaction(None, notify=False) as db:
+            for task_id in task_ids:
+                db.execute("UPDATE tasks SET last_progress_us = ? WHERE task_id = ? AND state = ? AND "
+                           "last_progress_us < ?", (now, task_id, tpb.TASK_STATE_RUNNING, now - 1_000_000))
+
     def stalled(self, no_progress_since_us: int) -> list[str]:
         """Running tasks none of whose steps has made progress since `no_progress_since_us`."""
         rows = self._select("SELECT task_id FROM tasks WHERE state = ? AND last_progress_us < ?",

@@ -41,6 +41,7 @@ class TopicManager:
         self.lock = threading.Lock()
         self.publish_lock = threading.Lock()
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
+        self.waiting: dict[str, tuple[float, set[str]]] = {}  # ingest replica -> (heard at, tasks queued there)
         self.last_listed: dict[str, float] = {}  # task -> when a heartbeat last listed it (monotonic, here)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
         self.local_readers = set  # () -> tasks whose topics the gateway itself reads (live views)
@@ -101,19 +102,27 @@ class TopicManager:
     def publish_ended(self, task_id: str, state: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
 
-    def heartbeat(self, worker: str, sent_at: float, tasks: list[str]) -> None:
+    def heartbeat(self, worker: str, sent_at: float, tasks: list[str], waiting: list[str] = ()) -> None:
         with self.lock:
             known = self.readers.get(worker)
             if known is None or known[0] <= sent_at:
                 self.readers[worker] = (sent_at, set(tasks))
+                self.waiting[worker] = (sent_at, set(waiting))
             now = time.monotonic()
             for task_id in tasks:
                 self.last_listed[task_id] = now
+
+    def waiting_on_replicas(self) -> set[str]:
+        """Tasks whose upload a live ingest replica (heard from in the last LIVENESS_S) has queued for a slot."""
+        cutoff = time.time() - LIVENESS_S
+        with self.lock:
+            return set().union(*(tasks for at, tasks in self.waiting.values() if at >= cutoff))
 
     def forget_readers(self) -> None:
         """The broker lost its data: what workers said before is about topics that are gone."""
         with self.lock:
             self.readers.clear()
+            self.waiting.clear()
             self.orphans.clear()
             self.last_listed.clear()
 

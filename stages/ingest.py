@@ -6,8 +6,8 @@ announces the task and writes an IngestJob to posemesh.ingest, keyed by task. Th
 group over that topic: the replica holding a job's partition decodes the upload with mesh/frames.py's frame
 producer (JPEG frames, then the end of stream) and tells the gateway on posemesh.events what it did: progress
 (the "decode" step), what decoded (SourceRead) and failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS
-uploads at once; the jobs after those wait in its queue, and the gateway's stall limit (STALL_TIMEOUT_S)
-counts that wait: size the replicas and POSEMESH_INGEST_MAX_JOBS so that no upload waits that long.
+uploads at once; the jobs after those wait in its queue, which its heartbeats list (waiting_tasks): the
+gateway's stall limit (STALL_TIMEOUT_S) does not count that wait.
 
 Exactly once, as in the stages: a job's offset is committed only once its outcome is on the broker (the end
 of stream and the gateway told, or the failure told; what is committed is the lowest offset of the partition
@@ -295,6 +295,8 @@ class IngestWorker:
                 self._forget_done()
                 # Running and queued: the gateway deletes no topic a live worker lists.
                 self.reporter.reading_tasks(sorted({r.task_id for r in self.runs.values() if not r.finished.is_set()}))
+                with self.lock:  # waiting for a slot is no stall (gateway/lifecycle.py's sweep)
+                    self.reporter.waiting_tasks(sorted({r.task_id for r in self.queue}))
                 events.producer.poll(0)
         finally:
             with self.lock:

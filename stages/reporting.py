@@ -44,6 +44,7 @@ class Reporter:
         self.epochs: dict[str, int] = {}
         self.done_count: dict[str, int] = defaultdict(int)
         self.reading: list[str] = []
+        self.waiting: list[str] = []  # the ingest stage: tasks queued for a decoding slot
         self.halt = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -81,6 +82,11 @@ class Reporter:
             with self.lock:
                 self.reading = list(tasks)
 
+    def waiting_tasks(self, tasks: list[str]) -> None:
+        if tasks != self.waiting:
+            with self.lock:
+                self.waiting = list(tasks)
+
     def forget(self, task_id: str) -> None:
         with self.lock:
             for table in (self.new, self.totals, self.epochs, self.done_count):
@@ -109,7 +115,8 @@ class Reporter:
     def heartbeat(self) -> None:
         with self.lock:
             self._send([pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage,
-                                       heartbeat=pb.Heartbeat(reading_tasks=self.reading))])
+                                       heartbeat=pb.Heartbeat(reading_tasks=self.reading,
+                                                              waiting_tasks=self.waiting))])
 
     # ------------------------------------------------------------------ sending
 

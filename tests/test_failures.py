@@ -113,6 +113,34 @@ def test_a_task_that_stops_moving_is_failed_by_the_stall_timeout(gateway_factory
     assert time.monotonic() - t0 < 15
 
 
+def test_an_upload_waiting_for_a_decoding_slot_is_not_stalled(gateway_factory):
+    """POSEMESH_INGEST=stage: an ingest replica whose slots are all busy queues the next upload and lists it
+    in its heartbeats (stages/reporting.py's Reporter, as the replica sends them); the gateway's stall limit
+    starts again while it is listed, and runs once no live replica lists it."""
+    from posemesh.mesh.pipeline import INGEST
+    from posemesh.stages.reporting import Reporter
+
+    gw = gateway_factory(stall_timeout_s=3.0, ingest="stage")
+    task = upload(gw.stub, media("mmpose_demo_960x540_5f.mp4"), auth())  # its job is read by no replica here
+    reporter = Reporter("ingest-test", INGEST)
+    producer = Producer(kafka.producer_config(gw.settings, "ingest-test"))
+    reporter.attach(producer)
+    reporter.waiting_tasks([task.task_id])
+    reporter.start()
+    try:
+        time.sleep(8.0)  # well past the stall limit
+        got = gw.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task
+        assert got.state == tpb.TASK_STATE_RUNNING, got.error_message
+        reporter.waiting_tasks([])  # it got a slot (and then, here, nothing moved)
+        t0 = time.monotonic()
+        failed = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_FAILED}, timeout=30)
+        assert "no frame made progress" in failed.error_message
+        assert time.monotonic() - t0 > 2.0, "the wait in the queue counted"
+    finally:
+        reporter.stop()
+        producer.flush(5)
+
+
 def test_the_stall_limit_counts_from_when_a_silent_broker_answers_again(tmp_path):
     """A broker that stops answering stops every task; the stall limit must not fail them the moment it is
     back (CI: the broker was silent for 5 minutes, and the task failed as it answered again)."""
