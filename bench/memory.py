@@ -1,7 +1,7 @@
 """Memory of every process on the largest input the gateway accepts (3840x2160, the default
 POSEMESH_MAX_FRAME_PIXELS), next to a 1080p upload of the same scene, on one stack.
 
-    .venv/bin/python bench/memory.py [--frames 90]
+    .venv/bin/python bench/memory.py [--frames 90] [--ingest N]
 
 The 4K clip is towncentre scaled up (so detect and pose have real people to work on), encoded ahead.
 Each process's resident memory (with its children: Triton's Python-backend stubs) is sampled every 0.1 s;
@@ -9,7 +9,8 @@ printed per process: before the uploads, the peak during the 1080p task and the 
 Bounded means the workers' and the gateway's peaks do not grow with the video's length (frames are
 processed in a window of POSEMESH_MAX_FRAMES_AHEAD; annotate writes segments), only with the frame size:
 the 4K clip runs at two lengths. The memory-only local broker is the exception by design: it holds a
-task's records until the task's topics are deleted (Apache Kafka keeps them on disk).
+task's records until the task's topics are deleted (Apache Kafka keeps them on disk). With `--ingest N`,
+N ingest replicas decode the uploads (POSEMESH_INGEST=stage) and have a row of their own.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import av
 from bench.measure import tree_rss
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
+from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.mesh.settings import default_media_dir
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -76,6 +78,7 @@ class Sampler:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=90)
+    parser.add_argument("--ingest", type=int, default=0, help="ingest replicas decoding the uploads (0: the gateway)")
     args = parser.parse_args()
     src = default_media_dir() / "towncentre_1080p_302f.mp4"
     with tempfile.TemporaryDirectory(prefix="posemesh-bench-memory-") as tmp:
@@ -83,7 +86,8 @@ def main() -> None:
         clips = {f"1080p, {args.frames} frames": scaled_clip(src, work / "hd.mp4", 1920, 1080, args.frames),
                  f"4K, {args.frames} frames": scaled_clip(src, work / "uhd.mp4", 3840, 2160, args.frames),
                  f"4K, {3 * args.frames} frames": scaled_clip(src, work / "uhd3.mp4", 3840, 2160, 3 * args.frames)}
-        stack = Stack(StackConfig(run_dir=work / "stack", rtsp_port=-1)).start()
+        workers = {s: 1 for s in STAGE_NAMES} | ({"ingest": args.ingest} if args.ingest else {})
+        stack = Stack(StackConfig(run_dir=work / "stack", rtsp_port=-1, workers=workers)).start()
         try:
             before = Sampler(stack).sample()
             peaks = {}
