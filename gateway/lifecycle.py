@@ -62,6 +62,8 @@ log = logging.getLogger("posemesh.gateway")
 
 # How long an ending live task waits for annotate's results before it ends without them.
 LIVE_RESULTS_WAIT_S = 120.0
+# How often a cancelled live task whose camera an ingest replica still reads is told again to stop it.
+STOPS_AGAIN_S = 20.0
 
 
 # Where a task's frames come from when it (re)starts: one of these, or None when they are all out already.
@@ -114,6 +116,7 @@ class TaskLifecycle:
         self.lock = threading.RLock()
         self.blobs = settings.blob_store()  # uploads other processes read, and the results
         self.activity = MeshActivity()  # frames decoded here, and what the workers report (GetStats)
+        self.stops_said_at = 0.0  # when the sweep last told cancelled cameras to stop (_say_stops_again)
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
@@ -279,25 +282,38 @@ class TaskLifecycle:
         live.start()
 
     def _source_done(self, task_id: str, epoch: int, state: int, message: str, total: int,
-                     stop_reason: str = "cancelled by the user") -> None:
-        """A live task's camera is done and its stream closed after `total` frames: the task ends with `state`
-        and `message` once their results are in, unless CancelTask came first (then CANCELLED, `stop_reason`)
-        or an earlier reader's end was heard already (the first end stands)."""
+                     stop_reason: str = "cancelled by the user") -> bool:
+        """A live task's camera is done and its stream closes after `total` frames (here: closed already; an
+        ingest replica: it closes next): the task ends with `state` and `message` once their results are in,
+        unless CancelTask came first (then CANCELLED, `stop_reason`) or an earlier reader's end was heard
+        already (the first end stands). Returns whether this end was recorded."""
         if self.store.epoch(task_id) != epoch:
-            return  # this run was replaced (the broker lost its data)
+            return False  # this run was replaced (the broker lost its data)
         with self.lock:
             decided = self.store.get(task_id)
             if decided is None or decided.state in TERMINAL or self.store.ending(task_id) is not None:
-                return
+                return False
             if decided.ending and decided.ending != state:  # CancelTask came first
                 state, message = decided.ending, stop_reason
             self._record_ending(task_id, state, message)
         self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
         log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
+        return True
 
     def source_ended(self, ended: pb.SourceEnded) -> None:
-        """The ingest stage's word that a live task's camera is done (what on_end says here)."""
-        self._source_done(ended.task_id, ended.epoch, ended.state, ended.message, ended.total)
+        """The ingest stage's word that a live task's camera is done (what on_end says here). The camera is
+        then told to stop too: a replica that dies before its end of stream goes out leaves the job to another,
+        which must close the stream, not read the camera again."""
+        if self._source_done(ended.task_id, ended.epoch, ended.state, ended.message, ended.total):
+            self._stop_camera(ended.task_id, ended.message)
+
+    def _stop_camera(self, task_id: str, reason: str) -> None:
+        """Tell the ingest replica reading a live task's camera to stop (SourceStopped). Not published (the broker
+        is away), the sweep says it again for a cancelled task (`_say_stops_again`)."""
+        try:
+            self.topics.publish_source_stopped(task_id, reason)
+        except Exception:  # noqa: BLE001
+            log.warning("live task %s: could not tell its camera to stop yet", task_id)
 
     def live_read(self, read: pb.LiveRead) -> None:
         """The ingest stage's status of a live task's camera (what on_status says here; its frames come as
@@ -447,7 +463,7 @@ class TaskLifecycle:
             self.fail(task_id, f"the gateway {what_happened} during the live task and the broker lost its frames")
             return
         if active.task.ending and not active.ending_state:
-            self.topics.publish_source_stopped(task_id, "cancelled by the user")
+            self._stop_camera(task_id, "cancelled by the user")
         if active.live_error:  # not sealed again here: the job written before, if any, has it
             return
         self._launch(active.task, active.epoch, Camera(Source.of(active.live_url), active.live_transport),
@@ -583,10 +599,11 @@ class TaskLifecycle:
                 task = self._mark_ending(task_id, tpb.TASK_STATE_CANCELLED)
                 if live is not None:  # else its owner stops it when it hears of the ending (heard_elsewhere)
                     live.stop(reason)
-                elif in_stage and not ended:
-                    self.topics.publish_source_stopped(task_id, reason)
-                return task
-        return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
+            else:
+                return self._end(task_id, tpb.TASK_STATE_CANCELLED, reason)
+        if in_stage and not ended:  # outside the lock: a broker that is away holds it up to 10 s
+            self._stop_camera(task_id, reason)
+        return task
 
     def heard_elsewhere(self, task_id: str | None) -> None:
         """Another gateway changed `task_id` (None: maybe any task). A task whose frames this gateway publishes
@@ -674,6 +691,17 @@ class TaskLifecycle:
         self._remove_upload(task_id)
         self.store.mark_deleted(task_id)
 
+    def _say_stops_again(self) -> None:
+        """Every STOPS_AGAIN_S, by the gateway holding the duties: the cancelled live tasks whose camera an ingest
+        replica still reads (no end recorded) are told to stop again (the first SourceStopped may not have been
+        published, or reached a replica that died)."""
+        if not self.settings.ingest_stage() or time.monotonic() - self.stops_said_at < STOPS_AGAIN_S:
+            return
+        self.stops_said_at = time.monotonic()
+        for active in self.store.active_tasks():
+            if active.live_url and active.task.ending and not active.ending_state:
+                self._stop_camera(active.task.task_id, "cancelled by the user")
+
     def _remove_upload(self, task_id: str) -> None:
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
         try:
@@ -705,6 +733,7 @@ class TaskLifecycle:
         timeout = self.settings.stall_timeout_s
         now, span = now_us(), int(timeout * 1e6)
         since = answering_since(span, now) if answering_since else now - span
+        self._say_stops_again()
         waiting = self.topics.waiting_on_replicas()  # queued for a decoding slot: not stalled, the clock restarts
         self.store.progress_now(sorted(waiting))
         for task_id in self.store.stalled(since):

@@ -538,7 +538,8 @@ class TaskStore:
             db.execute("UPDATE tasks SET produced = 1 WHERE task_id = ?", (task_id,))
 
     def record_ending(self, task_id: str, state: int, message: str) -> None:
-        """A live task's source is done (its end of stream is out, so it is produced): the task ends with
+        """A live task's source is done (its end of stream is out, or goes out next from the ingest replica that
+        read it: it is produced): the task ends with
         `state` and `message` once annotate's results arrive (see `ending`, `endings_overdue`)."""
         with self.transaction(task_id) as db:
             db.execute("UPDATE tasks SET produced = 1, ending_state = ?, ending_message = ?, ending_us = ? "

@@ -24,7 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
-log = logging.getLogger("posemesh.gateway")
+log = logging.getLogger("posemesh.secrets")
 
 PREFIX = "fernet:"
 KEY_FILE = "secrets.key"  # the default key file, in the data folder

@@ -50,7 +50,7 @@ from posemesh.mesh.frames import StreamSoFar
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
-log = logging.getLogger("posemesh.gateway")
+log = logging.getLogger("posemesh.live")
 
 RTSP_PORTS = {"rtsp": 554, "rtsps": 322}  # the schemes of a live source, and their default ports
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
@@ -148,7 +148,7 @@ class LiveSource(threading.Thread):
         state, message = tpb.TASK_STATE_FAILED, ""
         try:
             state, message = self._read()
-        except Exception as exc:  # the task ends with the reason; the gateway goes on
+        except Exception as exc:  # the task ends with the reason; its reader's process goes on
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
         self.status.connected = False
@@ -164,8 +164,8 @@ class LiveSource(threading.Thread):
         self.stop_requested.set()
 
     def detach(self) -> None:
-        """Stop reading and leave the stream open, for a reader of another gateway (or of this one once it
-        starts again) to go on with: no end of stream, and the task does not end."""
+        """Stop reading and leave the stream open, for another reader (another gateway or ingest replica, or this
+        one once it starts again) to go on with: no end of stream, and the task does not end."""
         self.detached.set()
         self.stop_requested.set()
 
@@ -320,7 +320,7 @@ class LiveSource(threading.Thread):
         try:
             self._send(record)
             self.producer.flush(30)
-        except Exception:  # the broker is away: the gateway fails the task after its wait
+        except Exception:  # the broker is away: the task ends without results after LIVE_RESULTS_WAIT_S
             log.exception("could not close the live stream of %s", self.task.task_id)
         self.on_end(state, message, self.index)
 

@@ -78,6 +78,9 @@ EVENT_WAIT_S = kafka.MESSAGE_TIMEOUT_S + kafka.DELIVERY_MARGIN_S
 # RETRY_S later, then twice as late each time up to RETRY_MAX_S, until the task ends (the broker or the blob
 # store is away: the gateway's stall limit decides when a task has waited long enough).
 RETRY_S, RETRY_MAX_S = 1.0, 30.0
+# How long a stopping session waits for its cameras' readers: a read in progress (LiveConfig.read_timeout_s), then
+# the flush of what they sent (mesh/live.py's DETACH_FLUSH_S).
+CAMERA_STOP_S = 12.0
 
 
 class DetectConsumed:
@@ -109,59 +112,93 @@ class AnnotatedSoFar:
     """How far the annotate stage got with the cameras read here, for their lag bound: the progress annotate
     reports on posemesh.events (what the gateway counts when it reads a camera itself), followed while a camera
     is read here (one thread; gone a few seconds after the last camera). Annotate finishes a task's frames in
-    index order (an ordered stage), so the newest index reported done, plus one, is how many it finished; a
+    index order (an ordered stage), so the newest index reported done, plus one, is how many it finished. A
     camera taken over from a replica that died starts at the frames that went in before (`floor`): its earlier
-    progress was not followed here."""
+    progress was not followed here, and counting those frames as finished lets in up to one window more while
+    annotate still works on them (the lag can pass its bound that once)."""
 
     IDLE_S = 5.0
 
     def __init__(self, settings: Settings, client_id: str):
         self.settings, self.client_id = settings, client_id
         self.lock = threading.Lock()
-        self.counts: dict[tuple[str, int], int] = {}  # (task, epoch) -> frames annotate finished
+        self.counts: dict[tuple[str, int], list] = {}  # (task, epoch) -> [frames annotate finished, follower]
         self.thread: threading.Thread | None = None
+        self.started_at = 0.0
         self.halt = threading.Event()
 
-    def follow(self, task_id: str, epoch: int, floor: int) -> None:
-        with self.lock:
-            self.counts[(task_id, epoch)] = max(floor, self.counts.get((task_id, epoch), 0))
-            if self.thread is None and not self.halt.is_set():
-                self.thread = threading.Thread(target=self._run, name="annotated", daemon=True)
-                self.thread.start()
+    def _ensure_thread(self) -> None:
+        """Under the lock: a follower runs while a camera is followed (one that failed is replaced, at most
+        once a second)."""
+        if self.thread is None and self.counts and not self.halt.is_set() and time.monotonic() - self.started_at > 1:
+            self.started_at = time.monotonic()
+            self.thread = threading.Thread(target=self._run, name="annotated", daemon=True)
+            self.thread.start()
 
-    def forget(self, task_id: str, epoch: int) -> None:
+    def follow(self, task_id: str, epoch: int, floor: int) -> object:
+        """Follow a run's progress from `floor` on; returns the token that `forget` takes (a follower that
+        started later for the same run is not forgotten by an earlier one that ends after it)."""
+        token = object()
         with self.lock:
-            self.counts.pop((task_id, epoch), None)
+            self.counts[(task_id, epoch)] = [max(floor, self.counts.get((task_id, epoch), [0])[0]), token]
+            self.started_at = 0.0  # a new camera: no need to wait
+            self._ensure_thread()
+        return token
+
+    def forget(self, task_id: str, epoch: int, token: object) -> None:
+        with self.lock:
+            if self.counts.get((task_id, epoch), [0, None])[1] is token:
+                del self.counts[(task_id, epoch)]
 
     def __call__(self, task_id: str, epoch: int) -> int:
         with self.lock:
-            return self.counts.get((task_id, epoch), 0)
+            self._ensure_thread()
+            return self.counts.get((task_id, epoch), [0])[0]
 
     def _run(self) -> None:
-        consumer = Consumer(kafka.follower_config(self.settings, f"{self.client_id}-annotated", self.client_id))
-        consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, OFFSET_END)])
         idle_since = time.monotonic()
+        consumer = None
         try:
+            consumer = Consumer(kafka.follower_config(self.settings, f"{self.client_id}-annotated", self.client_id))
+            consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, OFFSET_END)])
             while not self.halt.is_set():
-                for msg in consumer.consume(num_messages=500, timeout=0.2):
-                    if msg.error() or msg.value() is None:
-                        continue
-                    event = pb.WorkerEvent.FromString(msg.value())
-                    if event.stage != "annotate" or event.WhichOneof("event") != "progress" or not event.progress.done:
-                        continue
-                    key = (event.progress.task_id, event.progress.epoch)
-                    newest = max(r.last for r in event.progress.done) + 1
-                    with self.lock:
-                        if key in self.counts and newest > self.counts[key]:
-                            self.counts[key] = newest
+                try:
+                    msgs = consumer.consume(num_messages=500, timeout=0.2)
+                except KafkaException as exc:  # the broker is away: the counts wait (the cameras' windows close)
+                    log.warning("annotate's progress not read: %s", exc)
+                    self.halt.wait(1.0)
+                    continue
+                for msg in msgs:
+                    self._apply(msg)
                 with self.lock:
                     if self.counts:
                         idle_since = time.monotonic()
                     elif time.monotonic() - idle_since > self.IDLE_S:
-                        self.thread = None  # the next camera starts another
+                        self.thread = None  # decided under the lock: the next follow() starts another
                         return
+        except Exception:
+            log.exception("following annotate's progress failed")
         finally:
-            consumer.close()
+            with self.lock:
+                if self.thread is threading.current_thread():
+                    self.thread = None  # failed: the next follow() starts another
+            if consumer is not None:
+                consumer.close()
+
+    def _apply(self, msg) -> None:
+        if msg.error() or msg.value() is None:
+            return
+        try:
+            event = pb.WorkerEvent.FromString(msg.value())
+        except Exception:  # noqa: BLE001 - not a worker event: nothing to follow
+            return
+        if event.stage != "annotate" or event.WhichOneof("event") != "progress" or not event.progress.done:
+            return
+        key = (event.progress.task_id, event.progress.epoch)
+        newest = max(r.last for r in event.progress.done) + 1
+        with self.lock:
+            if key in self.counts and newest > self.counts[key][0]:
+                self.counts[key][0] = newest
 
     def stop(self) -> None:
         self.halt.set()
@@ -187,7 +224,7 @@ class Run:
     retry: str = ""  # why this attempt could not finish (the broker, the blob store): tried again
     decoded: Decoded | None = None
     published: int = 0  # a camera: frames out (the next index), as last reported
-    ended: pb.WorkerEvent | None = None  # a camera: its SourceEnded, once the stream is closed (told again if lost)
+    ended: pb.WorkerEvent | None = None  # a camera: its SourceEnded, once told (its stream is then closed)
 
     @property
     def task_id(self) -> str:
@@ -307,6 +344,12 @@ class IngestWorker:
                 self.assigned.clear()
             for run in runs:  # uncommitted: the next holder of their partitions does them
                 run.cancel()
+            # A camera's frames in flight go out before the process may exit: left half sent, some partitions
+            # would have them and others not, a hole the next holder can only close the stream at.
+            deadline = time.monotonic() + CAMERA_STOP_S
+            for run in runs:
+                if run.is_camera and run.thread is not None:
+                    run.thread.join(max(0.0, deadline - time.monotonic()))
             self.annotated.stop()
             self.reporter.attach(None)
             events.flush(5)
@@ -512,9 +555,13 @@ class IngestWorker:
         if so_far.hole:
             log.warning("task %s: its live stream cannot go on (frames on the topic up to %d, all of them up to %d)",
                         task_id, so_far.newest, so_far.frames)
-            self._close_stream(run, so_far.frames, "frames of its live stream were lost with the ingest replica that "
-                                                   "read it; the frames before that are in the results: start a new "
-                                                   "live task to continue")
+            self._close_stream(run, so_far.frames, tpb.TASK_STATE_FAILED,
+                               "frames of its live stream were lost with the ingest replica that read it; the frames "
+                               "before that are in the results: start a new live task to continue")
+            return
+        if run.ended is not None:  # the gateway heard how it ends; the end of stream did not go out: no camera now
+            ended = run.ended.source_ended
+            self._close_stream(run, ended.total, ended.state, ended.message)
             return
         try:
             url = SecretBox.for_reader(settings).open(job.live.sealed_url, "the camera URL of this live task")
@@ -525,12 +572,13 @@ class IngestWorker:
             log.info("task %s: reading its camera again from frame %d on", task_id, so_far.frames)
         run.start_at = run.published = so_far.frames
         reader = f"{time.time():020.6f}/{self.worker_id}"  # ordered by when it took the camera (gateway/store.py)
-        self.annotated.follow(task_id, job.epoch, so_far.frames)
+        annotated = self.annotated  # this session's (a run outliving it must not touch the next one's)
+        following = annotated.follow(task_id, job.epoch, so_far.frames)
         try:
             live = LiveSource(job.task, Source.of(url), job.live.transport,
                               kafka.producer_config(settings, self.worker_id), job.epoch,
                               LiveConfig.from_settings(settings, job.task.live.max_lag_s),
-                              annotated=lambda: self.annotated(task_id, job.epoch),
+                              annotated=lambda: annotated(task_id, job.epoch),
                               on_status=lambda status, published: self._camera_status(run, reader, status, published),
                               on_closing=lambda state, message, total: self._camera_closing(run, state, message, total),
                               on_end=lambda _state, _message, _total: self._camera_closed(run),
@@ -543,7 +591,7 @@ class IngestWorker:
                 live.run()  # on this thread, as an upload's producer
         finally:
             run.live = None
-            self.annotated.forget(task_id, job.epoch)
+            annotated.forget(task_id, job.epoch, following)
 
     def _camera_status(self, run: Run, reader: str, status: tpb.LiveStatus, published: int) -> None:
         """The camera's status for the gateway (not waited for: the next one follows), and the frames out."""
@@ -562,8 +610,9 @@ class IngestWorker:
     def _camera_closing(self, run: Run, state: int, message: str, total: int) -> None:
         """The camera is done: the gateway hears how the task ends before the end of stream goes out (so before
         annotate's results). Undelivered (Undelivered raised), the stream stays open and the run is tried again.
-        A replica that dies after this and before the end of stream leaves a stream the next one opens the camera
-        again for; the gateway keeps the first end it heard."""
+        Once told, this run only closes the stream (_read_camera); a replica that dies before the end of stream
+        went out leaves it to the next holder, which the gateway tells to stop the camera (SourceStopped, sent
+        when it records the end): it closes the stream at once, and the gateway keeps the first end it heard."""
         run.ended = self._source_ended(run, state, message, total)
         self._tell(run, run.ended, None)
 
@@ -576,9 +625,9 @@ class IngestWorker:
             return
         run.finished.set()
 
-    def _close_stream(self, run: Run, total: int, message: str) -> None:
-        """End the task's stream after `total` frames without reading the camera; the task fails, saying why."""
-        self._camera_closing(run, tpb.TASK_STATE_FAILED, message, total)
+    def _close_stream(self, run: Run, total: int, state: int, message: str) -> None:
+        """End the task's stream after `total` frames without reading the camera, the task ending as said."""
+        self._camera_closing(run, state, message, total)
         record = records.end_of_stream_record(run.task_id, run.job.task.options, run.job.epoch, total,
                                               run.job.task.video.fps)
         sender = kafka.Sender(_producer(self.settings, f"{self.worker_id}-{run.task_id[:12]}"))
@@ -675,7 +724,8 @@ class IngestWorker:
                 self.queue.remove(run)
                 self.queue.insert(0, run)
         for run in runs:
-            run.stop_reason = f"its decoding was stopped by an operator on {self.worker_id}"
+            what = "the reading of its camera" if run.is_camera else "its decoding"
+            run.stop_reason = f"{what} was stopped by an operator on {self.worker_id}"
             run.cancel()
         return bool(runs)
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,27 @@ class Mesh:
         self.broker.proc.wait()
         time.sleep(down_s)
         self.broker = LocalBroker(self.broker.port, log_path=self.logs / "broker.log").start()
+
+    @contextmanager
+    def supervised(self):
+        """Workers that die meanwhile are started again, as `posemesh up`'s supervisor does (a stage of one
+        replica that died would otherwise stop every task). Yields the list of (stage, exit status) of those."""
+        died: list[tuple[str, int]] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.wait(0.5):
+                for worker in [w for w in self.workers if not w.alive()]:
+                    died.append((worker.stage, worker.proc.returncode))
+                    self.kill(worker)
+                    self.start_worker(worker.stage)
+        watcher = threading.Thread(target=watch, name="supervisor", daemon=True)
+        watcher.start()
+        try:
+            yield died
+        finally:
+            stop.set()
+            watcher.join(5)
 
     def restart_triton(self, down_s: float = 1.0) -> None:
         self.triton.kill()

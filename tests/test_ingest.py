@@ -257,14 +257,14 @@ def test_the_broker_killed_and_restarted_mid_decoding_runs_the_task_again_frame_
     posemesh.ingest, and the gateway hands the upload over again under a new run."""
     task = upload(mesh.stub, clip, auth())
     _decoding(mesh, task.task_id, 12)
-    mesh.restart_broker(down_s=1.0)
-    done = assert_same_as_reference(mesh, task.task_id, reference)
+    # One replica of each stage here: a worker that dies as the broker comes back is started again, as a
+    # supervisor would (a local run saw track die so, and the task wait for it forever).
+    with mesh.supervised() as died:
+        mesh.restart_broker(down_s=1.0)
+        done = assert_same_as_reference(mesh, task.task_id, reference)
     assert any("lost its data" in w for w in done.warnings)
-    dead = [w for w in mesh.workers if not w.alive()]
-    for worker in dead:  # replaced, as a supervisor would, for the tests after this one
-        mesh.kill(worker)
-        mesh.start_worker(worker.stage)
-    if dead:
-        mesh.wait_healthy()
+    mesh.wait_healthy()
     # librdkafka's SIGSEGV when cached topics go (see test_resilience's broker test); any other death fails.
-    assert all(w.proc.returncode == -signal.SIGSEGV for w in dead), [(w.stage, w.proc.returncode) for w in dead]
+    assert all(status == -signal.SIGSEGV for _stage, status in died), died
+    if died:
+        pytest.xfail(f"librdkafka's crash as the broker came back (task exact nonetheless, once restarted): {died}")

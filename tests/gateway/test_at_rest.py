@@ -98,7 +98,7 @@ def test_keys_rotate_the_first_seals_every_one_opens(tmp_path):
 
 def test_the_default_key_is_made_once_in_the_data_dir_with_mode_0600_and_said_so_once(tmp_path, caplog):
     data = tmp_path / "data"
-    with caplog.at_level(logging.INFO, logger="posemesh.gateway"):
+    with caplog.at_level(logging.INFO, logger="posemesh.secrets"):
         first = SecretBox.in_data_dir(data)
         second = SecretBox.in_data_dir(data)  # the next start: the same key
     assert mode(data / KEY_FILE) == 0o600 and mode(data) & 0o007 == 0
