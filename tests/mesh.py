@@ -70,6 +70,7 @@ class SilenceRecorder(threading.Thread):
         super().__init__(name="broker-silence", daemon=True)
         self.broker, self.out, self.stopped = broker, out, threading.Event()
         self.silent_s = 0.0
+        self.machine: dict = {}  # the machine's counters at the last record (_machine)
 
     def run(self) -> None:
         from confluent_kafka.admin import AdminClient
@@ -107,14 +108,26 @@ class SilenceRecorder(threading.Thread):
         with open(self.out, "a") as f:
             f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; threads {threads}\n")
             f.write("".join(f"  {line}\n" for line in mine))
-            f.write("".join(f"  {line}\n" for line in _machine()))
+            f.write("".join(f"  {line}\n" for line in _machine(self.machine)))
 
 
-def _machine() -> list[str]:
-    """What the whole machine is doing: pressure stall information (the kernel's: was a task waiting for the
-    CPU, memory or IO), the memory left, and the processes using the most CPU. Is the broker starved, or
-    stuck by itself?"""
+def _machine(before: dict) -> list[str]:
+    """What the whole machine did since the last record (`before`: the counters then, updated here): where its
+    CPU time went (user, system, idle, steal: a hypervisor that took the CPUs away), the kernel's pressure
+    stall information (was a task waiting for the CPU, memory or IO), the memory left, and the processes that
+    used the most CPU meanwhile. Is the broker starved, or stuck by itself?"""
     lines = []
+    try:
+        cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+        was = before.get("cpu", cpu)
+        spent = [a - b for a, b in zip(cpu, was)]
+        total = sum(spent) or 1
+        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+        lines.append("cpu since the last record: " + ", ".join(f"{n} {100 * v / total:.0f}%" for n, v in
+                                                                 zip(names, spent) if v))
+        before["cpu"] = cpu
+    except OSError:
+        pass
     for kind in ("cpu", "memory", "io"):
         try:
             lines += [f"pressure {kind}: {line}" for line in Path(f"/proc/pressure/{kind}").read_text().splitlines()]
@@ -125,12 +138,20 @@ def _machine() -> list[str]:
                   if line.startswith(("MemAvailable", "SwapFree", "Dirty"))]
     except OSError:
         pass
-    try:
-        top = subprocess.run(["ps", "-eo", "pid,pcpu,rss,stat,etime,comm", "--sort=-pcpu"], capture_output=True,
-                             text=True, timeout=10).stdout.splitlines()[:8]
-        lines += [f"ps {line}" for line in top]
-    except (OSError, subprocess.SubprocessError):
-        pass
+    ticks: dict[int, tuple[str, int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                text = (entry / "stat").read_text()
+                fields = text.rsplit(")", 1)[1].split()
+                ticks[int(entry.name)] = (text.split("(", 1)[1].rsplit(")", 1)[0], int(fields[11]) + int(fields[12]))
+            except (OSError, IndexError, ValueError):
+                continue
+    was_ticks = before.get("ticks", {})
+    used = sorted(((t - was_ticks.get(pid, (name, t))[1], pid, name) for pid, (name, t) in ticks.items()), reverse=True)
+    lines.append("most CPU since the last record (ticks): " + ", ".join(f"{name}[{pid}] {n}" for n, pid, name in
+                                                                        used[:8] if n > 0))
+    before["ticks"] = ticks
     return lines
 
 

@@ -279,6 +279,10 @@ def test_broker_killed_and_restarted_mid_task_recovers_within_seconds(mesh, clip
     assert all(w.status().resets >= resets_before.get(w.port, 0) for w in mesh.workers)
 
 
+# How long the broker may be silent after the burn before the test reports issue 21's stall instead of waiting.
+SILENT_LIMIT_S = 120.0
+
+
 # Last in the module on purpose: a tenfold oversubscription of this 2-core machine has left the shared mesh
 # damaged for minutes in CI (the broker starved: workers starting over, old consumers that would not close),
 # and the tests after it failed for that, not for what they test (CI runs 9-11, issue 21).
@@ -309,19 +313,22 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
         done = mesh.get(task.task_id)
         assert done.state == tpb.TASK_STATE_FAILED and "could not serve" in done.error_message, done
         pytest.xfail(f"Triton aborted under the burn ({gone}); the task failed as an outage, as it must")
-    # In CI the local broker stopped answering during or after the burn, for 3-5 minutes (issue 21, open: not
-    # reproduced alone, nor by stopping every process of the mesh for 40 s). The mesh is judged on what it does
-    # while the broker answers: it gets 240 s of that to finish. Time the broker is silent is added, up to 200 s
-    # (pytest's limit is 600 s a test); a broker silent for longer is reported as that expected failure.
+    # In CI the local broker stopped answering during or after the burn, for 2.5-5 minutes, in nearly every run
+    # (issue 21, open: not reproduced alone, nor by stopping every process of the mesh for 40 s, nor prevented by
+    # giving the broker nice -10). The mesh is judged on what it does while the broker answers: it gets 240 s of
+    # that to finish. A broker silent for more than SILENT_LIMIT_S is reported as that expected failure at once:
+    # waiting it out (up to 5 minutes) took the suite past its 25 minutes.
     silent_before = mesh.silence.silent_s
 
     def silent_s() -> float:
         return mesh.silence.silent_s - silent_before
     began = time.monotonic()
-    while _state(mesh, task.task_id) not in DONE and time.monotonic() - began < 240 + min(silent_s(), 200):
+    while (_state(mesh, task.task_id) not in DONE and time.monotonic() - began < 240 + silent_s()
+           and silent_s() <= SILENT_LIMIT_S):
         time.sleep(1)
-    if _state(mesh, task.task_id) not in DONE and silent_s() > 200:
-        pytest.xfail(f"the local broker did not answer for {silent_s():.0f} s after the burn")
+    if _state(mesh, task.task_id) not in DONE and silent_s() > SILENT_LIMIT_S:
+        pytest.xfail(f"the local broker did not answer for {silent_s():.0f} s after the burn (issue 21's stall; "
+                     f"see {mesh.logs}/broker-silence.txt)")
     done = _wait_done_or_report(mesh, task.task_id, timeout=10)
     # CI run 28: after the burn the broker was silent for minutes and Triton, alive, did not even complete a
     # connection's handshake for 80 s (the outage limit for a server that does not answer). A Triton that
