@@ -64,6 +64,9 @@ log = logging.getLogger("posemesh.gateway")
 LIVE_RESULTS_WAIT_S = 120.0
 # How often a cancelled live task whose camera an ingest replica still reads is told again to stop it.
 STOPS_AGAIN_S = 20.0
+# How often the sweep restarts the stall clock of uploads queued for a decoding slot (at most a quarter of the
+# stall limit): one store write per queued task per round, not per 0.5 s sweep.
+WAITING_AGAIN_S = 10.0
 
 
 # Where a task's frames come from when it (re)starts: one of these, or None when they are all out already.
@@ -117,6 +120,7 @@ class TaskLifecycle:
         self.blobs = settings.blob_store()  # uploads other processes read, and the results
         self.activity = MeshActivity()  # frames decoded here, and what the workers report (GetStats)
         self.stops_said_at = 0.0  # when the sweep last told cancelled cameras to stop (_say_stops_again)
+        self.waiting_said_at = 0.0  # when the sweep last restarted the stall clock of queued uploads
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
@@ -698,9 +702,9 @@ class TaskLifecycle:
         if not self.settings.ingest_stage() or time.monotonic() - self.stops_said_at < STOPS_AGAIN_S:
             return
         self.stops_said_at = time.monotonic()
-        for active in self.store.active_tasks():
-            if active.live_url and active.task.ending and not active.ending_state:
-                self._stop_camera(active.task.task_id, "cancelled by the user")
+        for task in self.store.cameras_reading():
+            if task.ending:
+                self._stop_camera(task.task_id, "cancelled by the user")
 
     def _remove_upload(self, task_id: str) -> None:
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)
@@ -734,7 +738,8 @@ class TaskLifecycle:
         now, span = now_us(), int(timeout * 1e6)
         since = answering_since(span, now) if answering_since else now - span
         self._say_stops_again()
-        waiting = self.topics.waiting_on_replicas()  # queued for a decoding slot: not stalled, the clock restarts
-        self.store.progress_now(sorted(waiting))
+        if time.monotonic() - self.waiting_said_at >= min(timeout / 4, WAITING_AGAIN_S):
+            self.waiting_said_at = time.monotonic()  # queued for a decoding slot: not stalled, the clock restarts
+            self.store.progress_now(sorted(self.topics.waiting_on_replicas()))
         for task_id in self.store.stalled(since):
             self.fail(task_id, f"no frame made progress through any stage for {timeout:.0f} s")

@@ -350,6 +350,12 @@ class TaskStore:
         rows = self._select("SELECT owner, live_url FROM tasks WHERE task_id = ?", (task_id,))
         return bool(rows) and rows[0]["live_url"] is not None and rows[0]["owner"] not in (None, owner)
 
+    def cameras_reading(self) -> list[tpb.Task]:
+        """Running live tasks whose source is not done (no ending recorded): a camera is still read for them."""
+        rows = self._select("SELECT task FROM tasks WHERE state = ? AND deleted = 0 AND live_url IS NOT NULL AND "
+                            "ending_state IS NULL", (tpb.TASK_STATE_RUNNING,))
+        return [tpb.Task.FromString(r["task"]) for r in rows]
+
     def is_live(self, task_id: str) -> bool:
         """Whether `task_id` is a live task that has not ended."""
         rows = self._select("SELECT live_url FROM tasks WHERE task_id = ?", (task_id,))
@@ -388,15 +394,14 @@ class TaskStore:
         return [(r["task_id"], r["ending_state"], r["ending_message"] or "") for r in rows]
 
     def progress_now(self, task_ids: list[str]) -> None:
-        """Count now (to the second) as the last progress of these running tasks (their upload waits for a
-        decoding slot)."""
+        """Count now as the last progress of these running tasks (their upload waits for a decoding slot)."""
         if not task_ids:
             return
         now = now_us()
         with self.transaction(None, notify=False) as db:
             for task_id in task_ids:
-                db.execute("UPDATE tasks SET last_progress_us = ? WHERE task_id = ? AND state = ? AND "
-                           "last_progress_us < ?", (now, task_id, tpb.TASK_STATE_RUNNING, now - 1_000_000))
+                db.execute("UPDATE tasks SET last_progress_us = ? WHERE task_id = ? AND state = ?",
+                           (now, task_id, tpb.TASK_STATE_RUNNING))
 
     def stalled(self, no_progress_since_us: int) -> list[str]:
         """Running tasks none of whose steps has made progress since `no_progress_since_us`."""

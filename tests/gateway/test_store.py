@@ -107,6 +107,25 @@ def test_the_camera_counts_of_successive_ingest_replicas_add_up(two_stores):
     assert (live.frames_received, live.frames_dropped, live.reconnects, live.connected) == (15, 5, 1, True)
 
 
+def test_the_cameras_still_read_are_the_running_live_tasks_with_no_ending(two_stores):
+    """What the sweep tells again to stop (lifecycle's _say_stops_again) comes from this query, on either
+    database: uploads, queued, ended and deleted tasks and a camera whose end is recorded are not in it."""
+    a, b = two_stores
+    tasks = {}
+    for name in ("reading", "upload", "queued", "source_done", "ended", "deleted"):
+        tasks[name] = task = _task(tpb.TASK_STATE_QUEUED if name == "queued" else tpb.TASK_STATE_RUNNING)
+        a.create(task, "alice", None)
+        if name != "upload":
+            a.set_live_source(task.task_id, f"rtsp://cam/{name}", 0)
+    a.update(tasks["reading"].task_id, lambda t: setattr(t, "ending", tpb.TASK_STATE_CANCELLED))
+    a.record_ending(tasks["source_done"].task_id, tpb.TASK_STATE_COMPLETED, "the camera ended")
+    a.transition(tasks["ended"].task_id, tpb.TASK_STATE_CANCELLED)
+    a.mark_deleted(tasks["deleted"].task_id)
+    reading = b.cameras_reading()
+    assert [t.task_id for t in reading] == [tasks["reading"].task_id]
+    assert reading[0].ending == tpb.TASK_STATE_CANCELLED
+
+
 def test_a_store_made_by_an_older_version_gains_the_new_columns(tmp_path, postgres):
     """The columns added after the first release are added at start-up, on either database."""
     for location in (tmp_path / "old.sqlite3", postgres.create_database(f"old{time.monotonic_ns()}")):
