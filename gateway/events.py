@@ -30,6 +30,9 @@ log = logging.getLogger("posemesh.gateway")
 
 OFFSET_KEY = "events_offset"
 INCARNATION_KEY = "events_incarnation"
+# What the ingest stage tells about sources (POSEMESH_INGEST=stage), by WorkerEvent kind: each goes to the
+# lifecycle's method of the same name.
+INGEST_EVENTS = ("source_read", "live_read", "source_ended")
 
 
 class EventReader(threading.Thread):
@@ -39,8 +42,7 @@ class EventReader(threading.Thread):
         self.settings, self.store, self.topics = settings, store, topics
         self.activity = activity  # gateway/stats.py's MeshActivity, or None
         self.on_result, self.on_failure = on_result, on_failure
-        # What the ingest stage says (POSEMESH_INGEST=stage): the lifecycle's source_read, live_read, source_ended.
-        self.ingest = ingest
+        self.ingest = ingest  # the lifecycle, which handles INGEST_EVENTS
         self.incarnation = incarnation  # of the broker's data: a saved offset from another one means nothing
         self.applying = applying  # to the store (this gateway holds the mesh duties), or only heard
         # Progress not yet written: (task, stage, epoch) -> (frame ranges, frames total).
@@ -113,13 +115,11 @@ class EventReader(threading.Thread):
             self.apply_progress()  # a task's progress before its end
             if event.result.epoch >= self.store.epoch(event.result.task_id):
                 self.on_result(event.result)
-        elif kind in ("source_read", "source_ended"):
-            self.apply_progress()  # the frames that went in, before what follows from their end
+        elif kind in INGEST_EVENTS:
+            if kind != "live_read":
+                self.apply_progress()  # the frames that went in, before what follows from their end
             if self.ingest is not None:
                 getattr(self.ingest, kind)(getattr(event, kind))
-        elif kind == "live_read":
-            if self.ingest is not None:
-                self.ingest.live_read(event.live_read)
         elif kind == "failure":
             self.apply_progress()
             f = event.failure
