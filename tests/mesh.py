@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -113,21 +114,27 @@ class SilenceRecorder(threading.Thread):
 
 def _machine(before: dict) -> list[str]:
     """What the whole machine did since the last record (`before`: the counters then, updated here): where its
-    CPU time went (user, system, idle, steal: a hypervisor that took the CPUs away), the kernel's pressure
-    stall information (was a task waiting for the CPU, memory or IO), the memory left, and the processes that
-    used the most CPU meanwhile. Is the broker starved, or stuck by itself?"""
-    lines = []
+    CPU time went, the kernel's pressure stall information, the memory left, and the processes that used the
+    most CPU meanwhile. Is the broker starved, or stuck by itself?"""
+    return _cpu_split(before) + _pressure() + _top_processes(before)
+
+
+def _cpu_split(before: dict) -> list[str]:
+    """Where the CPUs' time went since the last record: user, system, idle, steal (a hypervisor took them)."""
     try:
         cpu = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-        was = before.get("cpu", cpu)
-        spent = [a - b for a, b in zip(cpu, was)]
-        total = sum(spent) or 1
-        names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
-        lines.append("cpu since the last record: " + ", ".join(f"{n} {100 * v / total:.0f}%" for n, v in
-                                                                 zip(names, spent) if v))
-        before["cpu"] = cpu
     except OSError:
-        pass
+        return []
+    spent = [a - b for a, b in zip(cpu, before.get("cpu", cpu))]
+    before["cpu"] = cpu
+    total = sum(spent) or 1
+    names = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+    return ["cpu since the last record: " + ", ".join(f"{n} {100 * v / total:.0f}%" for n, v in zip(names, spent) if v)]
+
+
+def _pressure() -> list[str]:
+    """Whether tasks waited for the CPU, memory or IO (pressure stall information), and the memory left."""
+    lines = []
     for kind in ("cpu", "memory", "io"):
         try:
             lines += [f"pressure {kind}: {line}" for line in Path(f"/proc/pressure/{kind}").read_text().splitlines()]
@@ -138,20 +145,40 @@ def _machine(before: dict) -> list[str]:
                   if line.startswith(("MemAvailable", "SwapFree", "Dirty"))]
     except OSError:
         pass
-    ticks: dict[int, tuple[str, int]] = {}
+    return lines
+
+
+def _top_processes(before: dict) -> list[str]:
+    """The processes that used the most CPU since the last record, each with its parent, its age and its
+    command line: CI run 34 saw four python processes busy for minutes after the burn, their pids in the
+    burners' block (pids are shared with threads, so other processes can take pids in that block too)."""
+    ticks: dict[int, tuple[str, int, int, int]] = {}  # pid -> (name, CPU ticks, parent, start in ticks since boot)
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 text = (entry / "stat").read_text()
                 fields = text.rsplit(")", 1)[1].split()
-                ticks[int(entry.name)] = (text.split("(", 1)[1].rsplit(")", 1)[0], int(fields[11]) + int(fields[12]))
+                ticks[int(entry.name)] = (text.split("(", 1)[1].rsplit(")", 1)[0], int(fields[11]) + int(fields[12]),
+                                          int(fields[1]), int(fields[19]))
             except (OSError, IndexError, ValueError):
                 continue
-    was_ticks = before.get("ticks", {})
-    used = sorted(((t - was_ticks.get(pid, (name, t))[1], pid, name) for pid, (name, t) in ticks.items()), reverse=True)
-    lines.append("most CPU since the last record (ticks): " + ", ".join(f"{name}[{pid}] {n}" for n, pid, name in
-                                                                        used[:8] if n > 0))
+    was = before.get("ticks", {})
     before["ticks"] = ticks
+    used = sorted(((t[1] - was.get(pid, t)[1], pid) for pid, t in ticks.items()), reverse=True)
+    try:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:
+        uptime = 0.0
+    hz = os.sysconf("SC_CLK_TCK")
+    lines = ["most CPU since the last record (ticks), with parent, age and command line:"]
+    for n, pid in [(n, pid) for n, pid in used[:6] if n > 0]:
+        name, _, parent, started = ticks[pid]
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            command = command.replace("\n", "; ")[:160]
+        except OSError:
+            command = "?"
+        lines.append(f"  {name}[{pid}] {n} ticks, parent {parent}, age {uptime - started / hz:.0f} s: {command}")
     return lines
 
 

@@ -299,6 +299,7 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
     burn = f"import time\nend = time.monotonic() + {burn_s}\nwhile time.monotonic() < end: pass"
     silent_before = mesh.silence.silent_s  # the broker's silence counts from the burn's start (CI run 34)
     burners: list[subprocess.Popen] = []
+    burn_began = time.monotonic()
     try:  # until the task ends, or for longer than the outage limit
         for _ in range(10 * len(os.sched_getaffinity(0))):
             burners.append(subprocess.Popen([sys.executable, "-c", burn]))
@@ -309,6 +310,10 @@ def test_a_machine_oversubscribed_tenfold_slows_a_task_down_and_changes_nothing(
         for burner in burners:
             burner.kill()
             burner.wait()
+        # Which pids were burners, and how long the loop took: to read next to broker-silence.txt (issue 21).
+        (mesh.logs / "burners.txt").write_text(
+            f"burners {[b.pid for b in burners]}, the loop took {time.monotonic() - burn_began:.1f} s "
+            f"(burn_s {burn_s:.0f}), ended at {time.strftime('%H:%M:%S')}\n")
     gone = mesh.triton_exit()
     if gone and mesh.wait_done(task.task_id).state != tpb.TASK_STATE_COMPLETED:
         done = mesh.get(task.task_id)
