@@ -51,7 +51,7 @@ from posemesh.gateway.stats import MeshActivity
 from posemesh.gateway.store import ACTIVE, TERMINAL, ActiveTask, TaskStore, now_us
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.validation import Refused
-from posemesh.mesh import kafka, media, names, records, tracing
+from posemesh.mesh import given_boxes, kafka, media, names, records, tracing
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.live import LiveConfig, LiveSource, Source
 from posemesh.mesh.settings import Settings
@@ -139,6 +139,9 @@ class TaskLifecycle:
         # The ingest stage decodes the stored upload (this gateway's copy moves there: a rename on a local
         # store). Otherwise: annotate muxes the upload's audio into the annotated video; on a shared store, a
         # gateway that takes the task over if this one dies publishes its frames again from the stored upload.
+        boxes = path.parent / names.GIVEN_BOXES_FILE  # given instead of the detector: kept with the upload
+        if boxes.exists():
+            self.blobs.put_file(names.given_boxes_key(task.task_id), boxes, move=True)
         if self.settings.ingest_stage():
             self.blobs.put_file(names.upload_key(task.task_id), path, move=True)
             upload = Upload(None)
@@ -187,6 +190,11 @@ class TaskLifecycle:
 
     def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
+        try:
+            given = given_boxes.load(self.blobs, task)
+        except LookupError as exc:
+            self.fail(task_id, str(exc))
+            return
 
         def on_decoded(decoded: Decoded) -> None:
             if self.store.epoch(task_id) == epoch:
@@ -206,7 +214,7 @@ class TaskLifecycle:
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
-            trace=tracing.current())
+            trace=tracing.current(), given=given)
         with self.lock:
             old = self.frame_producers.pop(task_id, None)
             if old:

@@ -38,7 +38,7 @@ from posemesh.gateway.stats import stats_response
 from posemesh.gateway.store import ACTIVE, TERMINAL, now_us, timestamp
 from posemesh.gateway.validation import Refused
 from posemesh.gateway.webhooks import WebhookPolicy, shown
-from posemesh.mesh import media, names
+from posemesh.mesh import given_boxes, media, names
 from posemesh.mesh.live import probe_source
 from posemesh.mesh.models import pose_model_names
 from posemesh.v1 import task_service_pb2 as tpb
@@ -140,6 +140,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           "the first upload message must be `metadata` (file name and options), then `chunk`s")
         meta = first.metadata
         options = self._validated_options(meta.options)
+        given = list(options.given_boxes)  # kept with the upload; the task records their summary
+        if given:
+            options.boxes_given.CopyFrom(given_boxes.summary(given))
+            options.ClearField("given_boxes")
         webhook = await self._webhook(meta.callback_url, context)
         key = validation.idempotency_key(meta.idempotency_key)
         file_name = validation.display_file_name(meta.file_name)
@@ -149,10 +153,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if previous is not None:  # a retry of an upload that made a task already: it needs no new slot
             return await self._receive_and_start(user, options, key, file_name, previous, messages, webhook)
         async with self.limits.task_slot(user):
-            return await self._receive_and_start(user, options, key, file_name, None, messages, webhook)
+            return await self._receive_and_start(user, options, key, file_name, None, messages, webhook, given)
 
     async def _receive_and_start(self, user, options, key, file_name, previous, messages,
-                                 webhook=None) -> tpb.UploadResponse:
+                                 webhook=None, given=()) -> tpb.UploadResponse:
         task_id = self.gw.reservations.take() or names.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
         handed_over = False  # once true, _create_and_start makes the task or cleans up, whatever happens here
@@ -161,6 +165,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             path, size, digest = await self._receive(messages, job_dir)
             if previous is not None:
                 return self._same_upload(key, previous, digest)
+            if given:  # next to the upload: both go to the blob store as the task starts (TaskLifecycle.start)
+                (job_dir / names.GIVEN_BOXES_FILE).write_bytes(given_boxes.encode(given))
             async with self.probes:
                 try:
                     probed = await asyncio.to_thread(media.probe, path, media.Limits.from_settings(self.settings))
@@ -241,6 +247,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             seen.add(kind)
         if not 0.0 <= options.min_person_score < 1.0:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "min_person_score must be in [0, 1)")
+        options.ClearField("boxes_given")  # the server's to set
+        problem = validation.given_boxes_problem(options.given_boxes)
+        if problem:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"options.{problem}")
         problem = validation.region_problem([(p.x, p.y) for p in options.region_of_interest])
         if problem:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"options.region_of_interest: {problem}")
@@ -359,6 +369,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "options.sample_fps applies to uploads: a live task analyses the frames it can keep "
                           "within max_lag_s")
+        if options.given_boxes:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "options.given_boxes applies to uploads: a live task's frames are not known ahead, so its "
+                          "persons are detected")
         webhook = await self._webhook(request.callback_url, context)
         name = validation.display_file_name(request.name) if request.name else source.shown[:255]
         async with self.limits.task_slot(user):

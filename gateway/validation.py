@@ -14,6 +14,7 @@ import unicodedata
 import grpc
 
 from posemesh.mesh.names import TASK_ID_RE
+from posemesh.v1 import task_service_pb2 as tpb
 
 MAX_IDEMPOTENCY_KEY = 128
 MAX_FILE_NAME = 255
@@ -105,4 +106,29 @@ def region_problem(points: list[tuple[float, float]]) -> str:
     twice_area = sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1]))
     if abs(twice_area) < 2.0:
         return "the polygon encloses no area (its points are on one line or repeated)"
+    return ""
+
+
+MAX_GIVEN_BOXES = 100_000
+
+
+def given_boxes_problem(given: list[tpb.FrameBoxes]) -> str:
+    """What is wrong with the boxes a request gives ("" when nothing is), naming the entry."""
+    count, seen = 0, set()
+    for k, frame in enumerate(given):
+        where = f"given_boxes[{k}] (frame_index {frame.frame_index})"
+        if frame.frame_index < 0:
+            return f"{where}: frame_index counts frames from 0"
+        if frame.frame_index in seen:
+            return f"{where}: frame {frame.frame_index} is listed twice; give each frame's boxes in one entry"
+        seen.add(frame.frame_index)
+        count += len(frame.boxes)
+        if count > MAX_GIVEN_BOXES:
+            return f"given_boxes: more than {MAX_GIVEN_BOXES} boxes in all"
+        for j, b in enumerate(frame.boxes):
+            corners = (b.x1, b.y1, b.x2, b.y2)
+            if not all(math.isfinite(v) and -MAX_COORDINATE <= v <= MAX_COORDINATE for v in corners):
+                return f"{where}, box {j}: corners must be frame pixels within +-{MAX_COORDINATE:.0f}"
+            if not (b.x2 > b.x1 and b.y2 > b.y1):
+                return f"{where}, box {j}: x2 must be right of x1 and y2 below y1 (x1 y1 is the top-left corner)"
     return ""

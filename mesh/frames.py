@@ -72,11 +72,14 @@ class FrameProducer(threading.Thread):
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
                  limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None, trace=None,
-                 start_at: int = 0, client: str = "gateway"):
+                 start_at: int = 0, client: str = "gateway", given: dict[int, list[tpb.Box]] | None = None):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Frames below `start_at` are on the topic already (an earlier writer's, read back with
         # stream_so_far): they are decoded, to get to the next one, but neither encoded nor sent again.
         self.start_at = start_at
+        # The boxes the client gave instead of running the detector, by frame index (posemesh.mesh.given_boxes):
+        # each frame's go on its record, as its persons. None: the detector runs.
+        self.given = given
         # Backpressure: frames_consumed() says how many frames the first stage has taken.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
         self.task, self.path = task, path
@@ -120,8 +123,12 @@ class FrameProducer(threading.Thread):
                     return
                 data = jpeg.encode(frame.image, self.quality)
                 h, w = frame.image.shape[:2]
-                self._send(records.frame_record(task_id, self.task.options, self.epoch, pb.Frame(
-                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data)))
+                record = records.frame_record(task_id, self.task.options, self.epoch, pb.Frame(
+                    index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data))
+                if self.given is not None:
+                    for box in self.given.get(frame.index, ()):
+                        record.frame.persons.add(box=box, score=1.0)
+                self._send(record)
                 count = frame.index + 1
                 if count % PROGRESS_EVERY == 0:
                     self.producer.poll(0)

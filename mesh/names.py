@@ -16,6 +16,8 @@ TASK_ID_RE = re.compile(rf"^{TASK_ID_PATTERN}$")
 
 # A task's upload, as stored: jobs/<task>/upload. Never the client's file name (that is display only).
 UPLOAD_FILE = "upload"
+# The boxes a client gave with its upload instead of running the detector (posemesh.mesh.given_boxes).
+GIVEN_BOXES_FILE = "given_boxes"
 
 
 def new_task_id() -> str:
@@ -32,6 +34,10 @@ def upload_path(jobs_dir: Path, task_id: str) -> Path:
 
 def upload_key(task_id: str) -> str:
     return f"jobs/{task_id}/{UPLOAD_FILE}"
+
+
+def given_boxes_key(task_id: str) -> str:
+    return f"jobs/{task_id}/{GIVEN_BOXES_FILE}"
 
 
 def uploads_prefix(task_id: str) -> str:

@@ -115,15 +115,30 @@ class DetectStage(Stage):
         self.model.close()  # unregisters and frees its shared-memory regions
 
     def process(self, items: list[FrameItem]) -> None:
+        # A task whose client gave its boxes (TaskOptions.given_boxes) has them on its frames already, put there
+        # by the upload's decoder (posemesh.mesh.given_boxes): the model does not run for it.
+        given = [it for it in items if it.task.options.HasField("boxes_given")]
+        for item in given:
+            found = [(p.box.x1, p.box.y1, p.box.x2, p.box.y2) for p in item.frame.persons]
+            self._keep(item, np.array(found, np.float32).reshape(-1, 4), np.ones(len(found), np.float32))
+        items = [it for it in items if not it.task.options.HasField("boxes_given")]
+        if not items:
+            return
         decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
         min_scores = [it.task.options.min_person_score or self.min_score for it in items]
         results = self.detector([img for img, _f in decoded], min_scores)
         for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
-            del item.frame.persons[:]
-            boxes = boxes * factor
-            w, h = item.frame.width, item.frame.height
-            if w and h:
-                boxes = np.clip(boxes, 0, [w, h, w, h])
-            boxes, scores = chosen(boxes, scores, item.task.options)
-            for box, score in zip(boxes.tolist(), scores.tolist()):
-                item.frame.persons.add(box=tpb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)
+            self._keep(item, boxes * factor, scores)
+
+    @staticmethod
+    def _keep(item: FrameItem, boxes: np.ndarray, scores: np.ndarray) -> None:
+        """The frame's persons: these boxes (sorted by score) inside the frame, as the task chooses."""
+        del item.frame.persons[:]
+        w, h = item.frame.width, item.frame.height
+        if w and h:
+            boxes = np.clip(boxes, 0, [w, h, w, h])
+            inside = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # a given box may lie outside
+            boxes, scores = boxes[inside], scores[inside]
+        boxes, scores = chosen(boxes, scores, item.task.options)
+        for box, score in zip(boxes.tolist(), scores.tolist()):
+            item.frame.persons.add(box=tpb.Box(x1=box[0], y1=box[1], x2=box[2], y2=box[3]), score=score)

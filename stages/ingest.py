@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
-from posemesh.mesh import kafka, media, records
+from posemesh.mesh import given_boxes, kafka, media, records
 from posemesh.mesh.at_rest import KeyFileError, SecretBox, Unreadable
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.live import LiveConfig, LiveSource, Source
@@ -515,6 +515,11 @@ class IngestWorker:
         if so_far.frames:
             log.info("task %s: going on after the %d frames an earlier replica sent", task_id, so_far.frames)
         run.start_at = so_far.frames
+        try:
+            given = given_boxes.load(self.blobs, job.task)
+        except LookupError as exc:
+            self._tell(run, self._failure(run, str(exc)), None)
+            return
         consumed = DetectConsumed(settings, self.control.group_name("detect"), task_id, partitions)
         try:
             with self.blobs.local_copy(job.upload_key) as path:
@@ -531,7 +536,7 @@ class IngestWorker:
                     on_error=lambda message: self._from_producer(run, self._failure(run, message)),
                     frames_consumed=consumed, max_ahead=settings.max_frames_ahead,
                     limits=media.Limits.from_settings(settings), trace=self.control.trace(task_id),
-                    start_at=so_far.frames, client="ingest")
+                    start_at=so_far.frames, client="ingest", given=given)
                 run.producer = producer
                 if run.cancelled.is_set():
                     return

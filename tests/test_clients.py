@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from posemesh.client import Client
+from posemesh.client import Client, read_mot_boxes
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import USERS, media, settings_env
@@ -126,3 +126,16 @@ def test_cli_submit_status_list(gateway, tmp_path):
     out = subprocess.run(cli + ["status", "f" * 32], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 1 and "NOT_FOUND" in out.stderr
+
+
+def test_boxes_are_read_from_mot_files_and_a_bad_line_is_named(tmp_path):
+    """read_mot_boxes (the CLI's --boxes): MOT lines, frames from 1, become corners by frame index from 0."""
+    good = tmp_path / "det.txt"
+    good.write_text("1,-1,10,20,30,40,0.9,-1,-1,-1\n\n3,7,0.5,1,2,3\n1,2,0,0,5,5,1,-1,-1,-1\n")
+    assert read_mot_boxes(good) == {0: [(10, 20, 40, 60), (0, 0, 5, 5)], 2: [(0.5, 1, 2.5, 4)]}
+    for text, says in (("0,-1,1,1,2,2\n", "det.txt:1: frame 0: MOT files count frames from 1"),
+                       ("1,-1,1,1,2,2\n1,-1,1,1\n", "det.txt:2: not a MOT line"),
+                       ("1.5,-1,1,1,2,2\n", "frame 1.5")):
+        good.write_text(text)
+        with pytest.raises(ValueError, match=says):
+            read_mot_boxes(good)

@@ -19,15 +19,16 @@ import av
 import grpc
 import pytest
 
-from posemesh.client import Client
+from posemesh.client import Client, read_mot_boxes
 from posemesh.devstack import rtsp
+from posemesh.mesh import names
 from posemesh.mesh.pipeline import INGEST
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media
-from tests.helpers import PublishingCamera, rtsp_describe, upload, wait_for
+from tests.helpers import GIVEN_BOXES, PublishingCamera, assert_given_boxes_kept, rtsp_describe, upload, wait_for
 from tests.mesh import Mesh, assert_same_as_reference, reference_run, town_clip
 from tests.mp4_craft import damaged_tail
 
@@ -95,6 +96,27 @@ def test_an_upload_is_decoded_by_an_ingest_replica_and_the_task_says_what_decode
     assert worker.status().frames_processed >= FRAMES
     # The upload went to the blob store for the ingest stage: nothing of it stays on the gateway's disk.
     assert not (mesh.settings.jobs_dir / task.task_id).exists()
+
+
+def test_boxes_given_with_an_upload_reach_detect_through_the_ingest_stage(mesh, tmp_path):
+    """Boxes given instead of the detector (the SDK's given_boxes, read from a MOT file as the CLI's --boxes
+    does) are kept with the upload in the blob store; the ingest replica that decodes it puts each frame's on
+    its record, and detect keeps them."""
+    mot = tmp_path / "det.txt"
+    mot.write_text("".join(f"{i + 1},-1,{x1},{y1},{x2 - x1},{y2 - y1},1,-1,-1,-1\n"
+                           for i, boxes in GIVEN_BOXES.items() for x1, y1, x2, y2 in boxes))
+    assert read_mot_boxes(mot) == GIVEN_BOXES
+    with Client(f"127.0.0.1:{mesh.gateway_port}", USERS["alice"]) as client:
+        task = client.submit(media("mmpose_demo_960x540_5f.mp4"), outputs=["keypoints"],
+                             given_boxes=read_mot_boxes(mot))
+        done = mesh.wait_done(task.task_id)
+        assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+        keypoints = io.BytesIO()
+        client.download(task.task_id, "keypoints", keypoints)
+    assert_given_boxes_kept(done, [json.loads(line) for line in keypoints.getvalue().decode().splitlines()])
+    # They went with the upload when the task ended.
+    wait_for(lambda: mesh.settings.blob_store().size(names.given_boxes_key(task.task_id)) is None, 10, 0.1,
+             "the given boxes to be deleted with the upload")
 
 
 def test_sigkill_of_the_ingest_replica_mid_upload_changes_nothing(mesh, clip, reference):

@@ -13,8 +13,8 @@ import pytest
 
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
-from tests.conftest import auth
-from tests.helpers import upload, wait_state
+from tests.conftest import auth, media
+from tests.helpers import GIVEN_BOXES, assert_given_boxes_kept, upload, wait_state
 from tests.mp4_craft import damaged_tail
 
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
@@ -131,7 +131,7 @@ def test_exports_of_a_real_task_are_read_by_pycocotools_motmetrics_and_csv(pipel
 
     from posemesh.mesh.settings import REPO_ROOT
     from posemesh.stages import exports
-    from tests.conftest import USERS, media, settings_env
+    from tests.conftest import USERS, settings_env
     from tests.stages.test_exports import coco_ground
 
     gw, _workers = pipeline_once
@@ -207,3 +207,36 @@ def test_sample_fps_analyses_frames_on_the_video_clock_and_says_how_many(pipelin
     assert (done.video.frame_count, done.options.sample_fps) == (8, 2.5)
     assert done.video.duration_s == pytest.approx(3.0)
     assert not done.warnings, done.warnings
+
+
+def test_boxes_given_by_the_client_replace_the_detector(pipeline_once, tmp_path):
+    """TaskOptions.given_boxes: each frame's persons are the boxes given for it, clipped to the frame, and
+    none where none were given; the task records their summary. A retry with the same idempotency key and
+    other boxes is refused; with the same boxes it is the same task."""
+    import grpc
+
+    from tests.helpers import upload_requests
+
+    gw, _workers = pipeline_once
+    clip = media("mmpose_demo_960x540_5f.mp4")
+    given = GIVEN_BOXES
+    options = tpb.TaskOptions(given_boxes=[
+        tpb.FrameBoxes(frame_index=i, boxes=[tpb.Box(x1=a, y1=b, x2=c, y2=d) for a, b, c, d in corners])
+        for i, corners in given.items()])
+    task = gw.stub.Upload(upload_requests(clip.read_bytes(), clip.name, options=options, key="given-1"),
+                          metadata=auth()).task
+    done = wait_state(gw.stub, task.task_id, auth(), DONE, timeout=240)
+    assert done.state == tpb.TASK_STATE_COMPLETED, done.error_message
+    chunks = gw.stub.DownloadResult(tpb.DownloadResultRequest(task_id=task.task_id, kind=tpb.ARTIFACT_KIND_KEYPOINTS),
+                                    metadata=auth())
+    records = [json.loads(line) for line in b"".join(c.chunk for c in list(chunks)[1:]).decode().splitlines()]
+    assert_given_boxes_kept(done, records)
+    again = gw.stub.Upload(upload_requests(clip.read_bytes(), clip.name, options=options, key="given-1"),
+                           metadata=auth()).task
+    assert again.task_id == task.task_id
+    other = tpb.TaskOptions()
+    other.CopyFrom(options)
+    other.given_boxes[0].boxes[0].x1 = 101
+    with pytest.raises(grpc.RpcError) as err:
+        gw.stub.Upload(upload_requests(clip.read_bytes(), clip.name, options=other, key="given-1"), metadata=auth())
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "different options" in err.value.details()

@@ -261,9 +261,12 @@ def test_a_trickling_upload_ends_with_deadline_exceeded_and_frees_its_slots(api_
     expect(api, grpc.StatusCode.DEADLINE_EXCEEDED, lambda: api.stub.Upload(silent(), metadata=auth()))
 
 
-def test_a_bad_region_of_interest_max_persons_or_sample_fps_is_invalid_argument_naming_the_field(api):
+def test_a_bad_region_of_interest_max_persons_sample_fps_or_given_boxes_is_invalid_argument_naming_the_field(api):
     def point(x, y):
         return tpb.Point(x=x, y=y)
+
+    def boxes(index, *corners):
+        return tpb.FrameBoxes(frame_index=index, boxes=[tpb.Box(x1=a, y1=b, x2=c, y2=d) for a, b, c, d in corners])
 
     square = [point(0, 0), point(100, 0), point(100, 100), point(0, 100)]
     for options, says in (
@@ -275,7 +278,15 @@ def test_a_bad_region_of_interest_max_persons_or_sample_fps_is_invalid_argument_
             (tpb.TaskOptions(max_persons=1001), "options.max_persons must be at most 1000"),
             (tpb.TaskOptions(sample_fps=-1), "options.sample_fps must be between 0 (every frame) and 120"),
             (tpb.TaskOptions(sample_fps=float("inf")), "options.sample_fps must be between"),
-            (tpb.TaskOptions(sample_fps=500), "options.sample_fps must be between")):
+            (tpb.TaskOptions(sample_fps=500), "options.sample_fps must be between"),
+            (tpb.TaskOptions(given_boxes=[boxes(-1)]), "options.given_boxes[0] (frame_index -1): frame_index counts"),
+            (tpb.TaskOptions(given_boxes=[boxes(0), boxes(3), boxes(0)]), "given_boxes[2] (frame_index 0): frame 0 "
+                                                                          "is listed twice"),
+            (tpb.TaskOptions(given_boxes=[boxes(4, (10, 10, 5, 20))]), "given_boxes[0] (frame_index 4), box 0: x2 "
+                                                                       "must be right of x1"),
+            (tpb.TaskOptions(given_boxes=[boxes(4, (0, 0, 9, 9), (0, float("nan"), 1, 1))]), "box 1: corners"),
+            (tpb.TaskOptions(given_boxes=[boxes(i, *[(0, 0, 9, 9)] * 1000) for i in range(101)]),
+             "options.given_boxes: more than 100000 boxes in all")):
         msg = expect(api, grpc.StatusCode.INVALID_ARGUMENT,
                      lambda options=options: api.stub.Upload(upload_requests(b"x", options=options), metadata=auth()))
         assert says in msg, msg

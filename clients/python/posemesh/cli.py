@@ -21,7 +21,7 @@ from pathlib import Path
 
 import grpc
 
-from posemesh.client import ARTIFACTS, POSE_MODELS, Client, state_name
+from posemesh.client import ARTIFACTS, POSE_MODELS, Client, read_mot_boxes, state_name
 from posemesh.v1 import task_service_pb2 as tpb
 
 
@@ -101,9 +101,15 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def cmd_submit(args, client: Client) -> int:
+    try:
+        given = read_mot_boxes(args.boxes) if args.boxes else None
+    except (OSError, ValueError) as exc:
+        print(f"posemesh: --boxes: {exc}", file=sys.stderr)
+        return 2
     task = client.submit(args.video, pose_model=args.pose_model, outputs=args.outputs or None,
                          min_person_score=args.min_person_score, region_of_interest=args.region,
-                         max_persons=args.max_persons, sample_fps=args.sample_fps, callback_url=args.callback_url)
+                         max_persons=args.max_persons, sample_fps=args.sample_fps, callback_url=args.callback_url,
+                         given_boxes=given)
     print(task.task_id if args.quiet else task_line(task))
     if not args.wait:
         return 0
@@ -217,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-persons", type=int, default=0, help="keep the N highest-scoring persons per frame")
     p.add_argument("--sample-fps", type=float, default=0.0,
                    help="frames per second to analyse (default: every frame)")
+    p.add_argument("--boxes", metavar="MOT_FILE",
+                   help="the persons' boxes, used instead of the detector: a MOT file (frame,id,left,top,width,"
+                        "height,...; frames from 1), e.g. another task's MOT export")
     p.add_argument("--callback-url", default="",
                    help="where the server POSTs the task's outcome when it ends (signed; see the README)")
     p.add_argument("--wait", action="store_true", help="show progress and download the results")

@@ -82,6 +82,24 @@ def state_name(state: int) -> str:
     return tpb.TaskState.Name(state).removeprefix("TASK_STATE_").lower()
 
 
+def read_mot_boxes(path: str | Path) -> dict[int, list[tuple[float, float, float, float]]]:
+    """Boxes from a MOT Challenge file (det.txt or gt.txt, or the mesh's own MOT export): one line per box,
+    `frame,id,bb_left,bb_top,bb_width,bb_height,...` with frames counted from 1. Returns x1, y1, x2, y2 by
+    frame index (from 0), as `Client.submit(given_boxes=...)` takes them."""
+    boxes: dict[int, list[tuple[float, float, float, float]]] = {}
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            frame, _id, left, top, width, height = (float(v) for v in line.split(",")[:6])
+        except ValueError:
+            raise ValueError(f"{path}:{n}: not a MOT line (frame,id,bb_left,bb_top,bb_width,bb_height,...)") from None
+        if frame < 1 or frame != int(frame):
+            raise ValueError(f"{path}:{n}: frame {frame:g}: MOT files count frames from 1")
+        boxes.setdefault(int(frame) - 1, []).append((left, top, left + width, top + height))
+    return boxes
+
+
 class Client:
     def __init__(self, address: str | None = None, api_key: str | None = None, retry_s: float = 90.0,
                  backoff_s: float = 0.2, timeout_s: float = 30.0, channel: grpc.Channel | None = None):
@@ -114,11 +132,14 @@ class Client:
                min_person_score: float = 0.0, idempotency_key: str | None = None, file_name: str | None = None,
                on_bytes: Callable[[int], None] | None = None,
                region_of_interest: list[tuple[float, float]] | None = None, max_persons: int = 0,
-               sample_fps: float = 0.0, callback_url: str = "") -> tpb.Task:
+               sample_fps: float = 0.0, callback_url: str = "",
+               given_boxes: dict[int, list[tuple[float, float, float, float]]] | None = None) -> tpb.Task:
         """Upload a video (a path or a binary file object) and return the task at once. region_of_interest:
         polygon vertices (x, y) in frame pixels; only persons whose box centre is inside are kept.
         max_persons: the highest-scoring persons kept per frame (0: all). sample_fps: frames per second to
-        analyse (0: every frame). callback_url: where the server POSTs the outcome when the task ends."""
+        analyse (0: every frame). callback_url: where the server POSTs the outcome when the task ends.
+        given_boxes: the persons' boxes (x1, y1, x2, y2 in frame pixels) by frame index (0-based, as the results
+        count frames), used instead of running the detector (`read_mot_boxes` reads them from a MOT file)."""
         if isinstance(video, (str, Path)):
             path = Path(video)
             opener = lambda: open(path, "rb")  # noqa: E731
@@ -135,7 +156,9 @@ class Client:
             pose_model=POSE_MODELS[pose_model] if isinstance(pose_model, str) else pose_model,
             outputs=[ARTIFACTS[o] for o in outputs or []], min_person_score=min_person_score,
             region_of_interest=[tpb.Point(x=x, y=y) for x, y in region_of_interest or []], max_persons=max_persons,
-            sample_fps=sample_fps)
+            sample_fps=sample_fps, given_boxes=[
+                tpb.FrameBoxes(frame_index=i, boxes=[tpb.Box(x1=b[0], y1=b[1], x2=b[2], y2=b[3]) for b in boxes])
+                for i, boxes in sorted((given_boxes or {}).items())])
         metadata = tpb.UploadMetadata(file_name=str(Path(file_name).name), options=options,
                                       idempotency_key=idempotency_key or uuid.uuid4().hex, callback_url=callback_url)
 

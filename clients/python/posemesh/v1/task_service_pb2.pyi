@@ -106,20 +106,42 @@ class Person(_message.Message):
     def __init__(self, box: _Optional[_Union[Box, _Mapping]] = ..., score: _Optional[float] = ..., keypoints: _Optional[_Iterable[_Union[Keypoint, _Mapping]]] = ..., track_id: _Optional[int] = ...) -> None: ...
 
 class TaskOptions(_message.Message):
-    __slots__ = ("pose_model", "outputs", "min_person_score", "region_of_interest", "max_persons", "sample_fps")
+    __slots__ = ("pose_model", "outputs", "min_person_score", "region_of_interest", "max_persons", "sample_fps", "given_boxes", "boxes_given")
     POSE_MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MIN_PERSON_SCORE_FIELD_NUMBER: _ClassVar[int]
     REGION_OF_INTEREST_FIELD_NUMBER: _ClassVar[int]
     MAX_PERSONS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FPS_FIELD_NUMBER: _ClassVar[int]
+    GIVEN_BOXES_FIELD_NUMBER: _ClassVar[int]
+    BOXES_GIVEN_FIELD_NUMBER: _ClassVar[int]
     pose_model: PoseModel
     outputs: _containers.RepeatedScalarFieldContainer[ArtifactKind]
     min_person_score: float
     region_of_interest: _containers.RepeatedCompositeFieldContainer[Point]
     max_persons: int
     sample_fps: float
-    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ..., region_of_interest: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., max_persons: _Optional[int] = ..., sample_fps: _Optional[float] = ...) -> None: ...
+    given_boxes: _containers.RepeatedCompositeFieldContainer[FrameBoxes]
+    boxes_given: BoxesGiven
+    def __init__(self, pose_model: _Optional[_Union[PoseModel, str]] = ..., outputs: _Optional[_Iterable[_Union[ArtifactKind, str]]] = ..., min_person_score: _Optional[float] = ..., region_of_interest: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., max_persons: _Optional[int] = ..., sample_fps: _Optional[float] = ..., given_boxes: _Optional[_Iterable[_Union[FrameBoxes, _Mapping]]] = ..., boxes_given: _Optional[_Union[BoxesGiven, _Mapping]] = ...) -> None: ...
+
+class FrameBoxes(_message.Message):
+    __slots__ = ("frame_index", "boxes")
+    FRAME_INDEX_FIELD_NUMBER: _ClassVar[int]
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    frame_index: int
+    boxes: _containers.RepeatedCompositeFieldContainer[Box]
+    def __init__(self, frame_index: _Optional[int] = ..., boxes: _Optional[_Iterable[_Union[Box, _Mapping]]] = ...) -> None: ...
+
+class BoxesGiven(_message.Message):
+    __slots__ = ("boxes", "frames", "sha256")
+    BOXES_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    boxes: int
+    frames: int
+    sha256: str
+    def __init__(self, boxes: _Optional[int] = ..., frames: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class Point(_message.Message):
     __slots__ = ("x", "y")
