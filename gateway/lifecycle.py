@@ -139,9 +139,7 @@ class TaskLifecycle:
         # The ingest stage decodes the stored upload (this gateway's copy moves there: a rename on a local
         # store). Otherwise: annotate muxes the upload's audio into the annotated video; on a shared store, a
         # gateway that takes the task over if this one dies publishes its frames again from the stored upload.
-        boxes = path.parent / names.GIVEN_BOXES_FILE  # given instead of the detector: kept with the upload
-        if boxes.exists():
-            self.blobs.put_file(names.given_boxes_key(task.task_id), boxes, move=True)
+        self._store_given_boxes(task.task_id, path)
         if self.settings.ingest_stage():
             self.blobs.put_file(names.upload_key(task.task_id), path, move=True)
             upload = Upload(None)
@@ -188,12 +186,24 @@ class TaskLifecycle:
             elif isinstance(frames, StreamEnd):
                 self._close_stream(task, epoch, frames)
 
+    def _store_given_boxes(self, task_id: str, upload: Path) -> None:
+        """Boxes given instead of the detector (posemesh.mesh.given_boxes) wait next to the upload as it arrives;
+        they go to the blob store as the task starts (or as it runs again, when the gateway died in between)."""
+        boxes = upload.parent / names.GIVEN_BOXES_FILE
+        if boxes.exists():
+            self.blobs.put_file(names.given_boxes_key(task_id), boxes, move=True)
+
     def _produce(self, task: tpb.Task, path: Path, epoch: int) -> None:
         task_id = task.task_id
         try:
+            self._store_given_boxes(task_id, path)
             given = given_boxes.load(self.blobs, task)
         except LookupError as exc:
             self.fail(task_id, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the blob store does not answer: say so rather than stall
+            self.fail(task_id, f"the boxes given with the upload could not be read from the blob store ({exc}); "
+                               "please upload again")
             return
 
         def on_decoded(decoded: Decoded) -> None:

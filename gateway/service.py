@@ -140,7 +140,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
                           "the first upload message must be `metadata` (file name and options), then `chunk`s")
         meta = first.metadata
         options = self._validated_options(meta.options)
-        given = list(options.given_boxes)  # kept with the upload; the task records their summary
+        # Kept with the upload, in frame order (the summary's hash does not depend on the order sent); the task
+        # records their summary.
+        given = sorted((tpb.FrameBoxes(frame_index=f.frame_index, boxes=f.boxes) for f in options.given_boxes),
+                       key=lambda f: f.frame_index)
         if given:
             options.boxes_given.CopyFrom(given_boxes.summary(given))
             options.ClearField("given_boxes")
@@ -166,7 +169,7 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             if previous is not None:
                 return self._same_upload(key, previous, digest)
             if given:  # next to the upload: both go to the blob store as the task starts (TaskLifecycle.start)
-                (job_dir / names.GIVEN_BOXES_FILE).write_bytes(given_boxes.encode(given))
+                await asyncio.to_thread((job_dir / names.GIVEN_BOXES_FILE).write_bytes, given_boxes.encode(given))
             async with self.probes:
                 try:
                     probed = await asyncio.to_thread(media.probe, path, media.Limits.from_settings(self.settings))
@@ -364,15 +367,15 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unknown source.transport {request.source.transport}")
         if not 0 <= request.max_lag_s <= 60:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "max_lag_s must be between 0 (the server's default) and 60")
+        if request.options.given_boxes:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
+                          "options.given_boxes applies to uploads: a live task's frames are not known ahead, so its "
+                          "persons are detected")
         options = self._validated_options(request.options)
         if options.sample_fps:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
                           "options.sample_fps applies to uploads: a live task analyses the frames it can keep "
                           "within max_lag_s")
-        if options.given_boxes:
-            raise Refused(grpc.StatusCode.INVALID_ARGUMENT,
-                          "options.given_boxes applies to uploads: a live task's frames are not known ahead, so its "
-                          "persons are detected")
         webhook = await self._webhook(request.callback_url, context)
         name = validation.display_file_name(request.name) if request.name else source.shown[:255]
         async with self.limits.task_slot(user):

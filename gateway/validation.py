@@ -122,6 +122,8 @@ def given_boxes_problem(given: list[tpb.FrameBoxes]) -> str:
         if frame.frame_index in seen:
             return f"{where}: frame {frame.frame_index} is listed twice; give each frame's boxes in one entry"
         seen.add(frame.frame_index)
+        if len(frame.boxes) > MAX_PERSONS:
+            return f"{where}: {len(frame.boxes)} boxes; at most {MAX_PERSONS} in a frame"
         count += len(frame.boxes)
         if count > MAX_GIVEN_BOXES:
             return f"given_boxes: more than {MAX_GIVEN_BOXES} boxes in all"

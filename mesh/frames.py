@@ -8,6 +8,7 @@ when the mesh has no ingest stage (POSEMESH_INGEST=gateway, one machine) and rea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from posemesh.mesh import jpeg, kafka, media, records, tracing
+from posemesh.mesh import given_boxes, jpeg, kafka, media, records, tracing
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -137,7 +138,11 @@ class FrameProducer(threading.Thread):
             if self.cancelled.is_set():
                 return
             if self.on_decoded is not None:
-                self.on_decoded(Decoded.of(reader, self.task.video.frame_count))
+                decoded = Decoded.of(reader, self.task.video.frame_count)
+                unused = given_boxes.beyond(self.given, decoded.frame_count) if self.given else ""
+                if unused:
+                    decoded = dataclasses.replace(decoded, warning="; ".join(filter(None, [decoded.warning, unused])))
+                self.on_decoded(decoded)
                 if self.cancelled.is_set():
                     return
             self._send(records.end_of_stream_record(task_id, self.task.options, self.epoch, count, self.task.video.fps))

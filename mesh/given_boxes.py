@@ -1,7 +1,8 @@
 """Boxes a client gives instead of running the detector (TaskOptions.given_boxes), from the upload request to
 the frames. The gateway checks them (gateway/validation.py) and keeps them with the upload, as a blob next to
-it (`names.given_boxes_key`): records and control events carry the options on every message, and Kafka's
-default record limit is 1 MB. The task's options keep only their summary (`BoxesGiven`). Whoever decodes the
+it (`names.given_boxes_key`): records and control events carry the options on every message, and up to 100,000
+boxes copied onto every frame's record would multiply what the broker carries. The task's options keep only
+their summary (`BoxesGiven`). Whoever decodes the
 upload (the gateway, or a replica of the ingest stage) puts each frame's boxes on its raw_frames record, and
 detect keeps them instead of running YOLOX."""
 
@@ -11,6 +12,16 @@ import hashlib
 
 from posemesh.mesh import names
 from posemesh.v1 import task_service_pb2 as tpb
+
+
+def beyond(given: dict[int, list[tpb.Box]], frame_count: int) -> str:
+    """The task's warning when boxes were given for frames the upload does not have ("" when none were)."""
+    past = sum(1 for index in given if index >= frame_count)
+    if not past:
+        return ""
+    return (f"boxes were given for {past} frame{'s' if past > 1 else ''} past the last of the {frame_count} "
+            "analysed (frame_index counts "
+            "the analysed frames from 0, after sample_fps): they were not used")
 
 
 def summary(given: list[tpb.FrameBoxes]) -> tpb.BoxesGiven:
@@ -41,4 +52,7 @@ def load(blobs, task: tpb.Task) -> dict[int, list[tpb.Box]] | None:
     key = names.given_boxes_key(task.task_id)
     if blobs.size(key) is None:
         raise LookupError(GONE)
-    return decode(b"".join(blobs.read_chunks(key)))
+    try:
+        return decode(b"".join(blobs.read_chunks(key)))
+    except FileNotFoundError:  # deleted since: the task ended meanwhile
+        raise LookupError(GONE) from None

@@ -256,9 +256,10 @@ def decoded_pictures(video: bytes) -> list[tuple[float, str]]:
 
 # Boxes given for 3 of the 5 frames of mmpose_demo_960x540_5f.mp4 (960x540), by frame index, as
 # Client.submit(given_boxes=...) takes them, and the persons the results must then hold: frame 2's box is
-# clipped to the frame, frame 4's lies outside it and is dropped, frames 1 and 3 have none. No detector finds
-# these boxes, nor gives every person the score 1.
-GIVEN_BOXES = {0: [(100, 50, 260, 500), (600.5, 80, 700, 400)], 2: [(900, 100, 1100, 300)], 4: [(2000, 10, 2100, 90)]}
+# clipped to the frame, frame 4's lies outside it and is dropped, frames 1 and 3 have none, frame 9 is past the
+# video's end. No detector finds these boxes, nor gives every person the score 1.
+GIVEN_BOXES = {0: [(100, 50, 260, 500), (600.5, 80, 700, 400)], 2: [(900, 100, 1100, 300)], 4: [(2000, 10, 2100, 90)],
+               9: [(1, 1, 50, 50)]}
 GIVEN_BOXES_KEPT = {0: [[100, 50, 260, 500], [600.5, 80, 700, 400]], 1: [], 2: [[900, 100, 960, 300]], 3: [], 4: []}
 
 
@@ -268,4 +269,6 @@ def assert_given_boxes_kept(done: tpb.Task, records: list[dict]) -> None:
     assert all(p["score"] == 1.0 and len(p["keypoints"]) == 17 for r in records for p in r["persons"])
     assert not done.options.given_boxes  # kept with the upload, not on the task
     given = done.options.boxes_given
-    assert (given.boxes, given.frames, len(given.sha256)) == (4, 3, 64)
+    assert (given.boxes, given.frames, len(given.sha256)) == (5, 4, 64)
+    assert any(w.startswith("boxes were given for 1 frame past the last of the 5 analysed") for w in done.warnings), \
+        done.warnings

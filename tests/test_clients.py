@@ -131,11 +131,12 @@ def test_cli_submit_status_list(gateway, tmp_path):
 def test_boxes_are_read_from_mot_files_and_a_bad_line_is_named(tmp_path):
     """read_mot_boxes (the CLI's --boxes): MOT lines, frames from 1, become corners by frame index from 0."""
     good = tmp_path / "det.txt"
-    good.write_text("1,-1,10,20,30,40,0.9,-1,-1,-1\n\n3,7,0.5,1,2,3\n1,2,0,0,5,5,1,-1,-1,-1\n")
+    good.write_text("1,-1,11,21,30,40,0.9,-1,-1,-1\n\n3 7 1.5 2 2 3\n1,2,1,1,5,5,1,-1,-1,-1\n")
     assert read_mot_boxes(good) == {0: [(10, 20, 40, 60), (0, 0, 5, 5)], 2: [(0.5, 1, 2.5, 4)]}
     for text, says in (("0,-1,1,1,2,2\n", "det.txt:1: frame 0: MOT files count frames from 1"),
                        ("1,-1,1,1,2,2\n1,-1,1,1\n", "det.txt:2: not a MOT line"),
-                       ("1.5,-1,1,1,2,2\n", "frame 1.5")):
+                       ("1.5,-1,1,1,2,2\n", "frame 1.5"), ("nan,-1,1,1,2,2\n", "frame nan"),
+                       ("inf,-1,1,1,2,2\n", "frame inf"), ("\n\n", "no boxes in it")):
         good.write_text(text)
         with pytest.raises(ValueError, match=says):
             read_mot_boxes(good)

@@ -103,7 +103,7 @@ def test_boxes_given_with_an_upload_reach_detect_through_the_ingest_stage(mesh, 
     does) are kept with the upload in the blob store; the ingest replica that decodes it puts each frame's on
     its record, and detect keeps them."""
     mot = tmp_path / "det.txt"
-    mot.write_text("".join(f"{i + 1},-1,{x1},{y1},{x2 - x1},{y2 - y1},1,-1,-1,-1\n"
+    mot.write_text("".join(f"{i + 1},-1,{x1 + 1},{y1 + 1},{x2 - x1},{y2 - y1},1,-1,-1,-1\n"  # pixels from 1
                            for i, boxes in GIVEN_BOXES.items() for x1, y1, x2, y2 in boxes))
     assert read_mot_boxes(mot) == GIVEN_BOXES
     with Client(f"127.0.0.1:{mesh.gateway_port}", USERS["alice"]) as client:

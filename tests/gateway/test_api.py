@@ -285,6 +285,7 @@ def test_a_bad_region_of_interest_max_persons_sample_fps_or_given_boxes_is_inval
             (tpb.TaskOptions(given_boxes=[boxes(4, (10, 10, 5, 20))]), "given_boxes[0] (frame_index 4), box 0: x2 "
                                                                        "must be right of x1"),
             (tpb.TaskOptions(given_boxes=[boxes(4, (0, 0, 9, 9), (0, float("nan"), 1, 1))]), "box 1: corners"),
+            (tpb.TaskOptions(given_boxes=[boxes(3, *[(0, 0, 9, 9)] * 1001)]), "1001 boxes; at most 1000 in a frame"),
             (tpb.TaskOptions(given_boxes=[boxes(i, *[(0, 0, 9, 9)] * 1000) for i in range(101)]),
              "options.given_boxes: more than 100000 boxes in all")):
         msg = expect(api, grpc.StatusCode.INVALID_ARGUMENT,

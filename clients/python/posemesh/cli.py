@@ -101,6 +101,9 @@ def _point(text: str) -> tuple[float, float]:
 
 
 def cmd_submit(args, client: Client) -> int:
+    if args.boxes and args.sample_fps:  # a MOT file counts the video's frames, given_boxes the analysed ones
+        print("posemesh: --boxes counts every frame of the video: it cannot go with --sample-fps", file=sys.stderr)
+        return 2
     try:
         given = read_mot_boxes(args.boxes) if args.boxes else None
     except (OSError, ValueError) as exc:

@@ -23,8 +23,10 @@ and a call that fails because its gateway died is retried on another.
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -83,20 +85,24 @@ def state_name(state: int) -> str:
 
 
 def read_mot_boxes(path: str | Path) -> dict[int, list[tuple[float, float, float, float]]]:
-    """Boxes from a MOT Challenge file (det.txt or gt.txt, or the mesh's own MOT export): one line per box,
-    `frame,id,bb_left,bb_top,bb_width,bb_height,...` with frames counted from 1. Returns x1, y1, x2, y2 by
-    frame index (from 0), as `Client.submit(given_boxes=...)` takes them."""
+    """Boxes from a MOT Challenge file (a det.txt, or the mesh's own MOT export; a gt.txt's boxes are all read,
+    distractors included): one line per box, `frame,id,bb_left,bb_top,bb_width,bb_height,...` (commas or
+    spaces), frames and pixels counted from 1. Returns x1, y1, x2, y2 (pixels from 0) by frame index (from 0),
+    as `Client.submit(given_boxes=...)` takes them. A file without boxes is refused: none would mean the
+    detector runs."""
     boxes: dict[int, list[tuple[float, float, float, float]]] = {}
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
-            frame, _id, left, top, width, height = (float(v) for v in line.split(",")[:6])
+            frame, _id, left, top, width, height = (float(v) for v in re.split(r"[,\s]+", line.strip())[:6])
         except ValueError:
             raise ValueError(f"{path}:{n}: not a MOT line (frame,id,bb_left,bb_top,bb_width,bb_height,...)") from None
-        if frame < 1 or frame != int(frame):
+        if not (math.isfinite(frame) and frame >= 1 and frame == int(frame)):
             raise ValueError(f"{path}:{n}: frame {frame:g}: MOT files count frames from 1")
-        boxes.setdefault(int(frame) - 1, []).append((left, top, left + width, top + height))
+        boxes.setdefault(int(frame) - 1, []).append((left - 1, top - 1, left - 1 + width, top - 1 + height))
+    if not boxes:
+        raise ValueError(f"{path}: no boxes in it")
     return boxes
 
 
@@ -140,6 +146,8 @@ class Client:
         analyse (0: every frame). callback_url: where the server POSTs the outcome when the task ends.
         given_boxes: the persons' boxes (x1, y1, x2, y2 in frame pixels) by frame index (0-based, as the results
         count frames), used instead of running the detector (`read_mot_boxes` reads them from a MOT file)."""
+        if given_boxes is not None and not given_boxes:
+            raise ValueError("given_boxes is empty: give None to have the detector find the persons")
         if isinstance(video, (str, Path)):
             path = Path(video)
             opener = lambda: open(path, "rb")  # noqa: E731

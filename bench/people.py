@@ -1,0 +1,222 @@
+"""Who is found and who is followed (issue 22, items 1, 3 and 4: detector recall, tracking figures).
+
+    .venv/bin/python bench/people.py                  # towncentre and vtest, every frame
+    .venv/bin/python bench/people.py --frames 100     # the first 100 frames of each
+
+On the clips in ../shared/media, our detector (detect.py's YOLOX-nano code on the served yolox.onnx, ONNX
+Runtime, one thread) runs on every frame once, keeping persons scored above 0.3; every figure below is
+computed from those detections at each minimum score.
+
+- **Recall against an independent detector**: OpenMMLab's YOLOX-nano trained on COCO + Human-Art (the
+  `yolox_nano_humanart_person_416_end2end.onnx` in ../shared/models, NMS inside, not our weights), run on the
+  whole frame and on 2x2 overlapping tiles plus the whole frame, merged (boxes cut by an inner tile edge
+  dropped, then NMS): the tiled reference sees small people a 416 px input cannot. A reference person is
+  found when one of ours overlaps it with IoU >= 0.5 (greedy, best first). Printed by the reference
+  person's height, since small people are what a 416 px detector loses; "extra" are ours matching no
+  reference person (not necessarily wrong: neither detector is ground truth).
+- **Ours on tiles**: the same tiling with our own detector, what it would find and cost (not in the stages).
+- **Tracking**: the track stage's TaskTracker (ByteTrack from `trackers`, the stage's settings) on our
+  detections at the default minimum score, for several memories (POSEMESH_TRACK_MEMORY_S): ids, and the
+  ids' lifetimes (first to last frame seen): short-lived ids are fragments of someone's track. Switches
+  need identities nobody annotated here, so they are not counted.
+
+Deterministic (ONNX Runtime on the CPU): no ratios to time; the milliseconds are this machine's, noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import cv2
+import numpy as np
+
+from bench.loop import OnnxModel
+from posemesh.mesh import media
+from posemesh.mesh.models import prepare
+from posemesh.mesh.settings import REPO_ROOT, default_media_dir, default_models_dir
+from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector, letterbox
+from posemesh.stages.track import TaskTracker
+
+CLIPS = ("towncentre_1080p_302f.mp4", "vtest_opencv_480x360.mp4")
+REFERENCE_MODEL = "yolox_nano_humanart_person_416_end2end.onnx"
+REFERENCE_MIN_SCORE = 0.5
+LEAST_SCORE = 0.3  # ours are kept down to this once, then counted above each threshold
+THRESHOLDS = (0.3, 0.4, 0.5)
+MEMORIES_S = (1.0, 2.0, 3.0)
+HEIGHTS = ((0, 60), (60, 100), (100, 200), (200, 10_000))  # reference person's box height, frame pixels
+LIFETIMES_S = ((0, 1), (1, 3), (3, 10), (10, 1e9))
+MATCH_IOU = 0.5
+NMS_IOU = 0.5
+OVERLAP = 0.2  # of a tile's side, shared with its neighbour
+
+
+class ReferenceDetector:
+    """OpenMMLab's YOLOX-nano (COCO + Human-Art), NMS inside the graph: `dets` [1, N, 5] in input pixels."""
+
+    def __init__(self, path: Path):
+        self.model = OnnxModel(path)
+
+    def __call__(self, image: np.ndarray, min_score: float) -> tuple[np.ndarray, np.ndarray]:
+        canvas, ratio = letterbox(image)
+        out = self.model(input=canvas[None].astype(np.float32))
+        dets, labels = out["dets"][0], out["labels"][0]
+        keep = (labels == 0) & (dets[:, 4] > min_score)
+        return dets[keep, :4] / ratio, dets[keep, 4]
+
+
+def tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """The whole frame, then 2x2 tiles overlapping by OVERLAP: (x0, y0, x1, y1)."""
+    tw, th = int(width * (1 + OVERLAP) / 2), int(height * (1 + OVERLAP) / 2)
+    return [(0, 0, width, height)] + [(x, y, x + tw, y + th) for y in (0, height - th) for x in (0, width - tw)]
+
+
+def tiled(detect, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`detect(image) -> (boxes, scores)` on the whole frame and on each tile, merged: a tile's box touching an
+    inner edge of its tile (a person cut by it) is dropped, then NMS over everything."""
+    h, w = image.shape[:2]
+    boxes, scores = [], []
+    for x0, y0, x1, y1 in tiles(w, h):
+        b, s = detect(image[y0:y1, x0:x1])
+        b = b + [x0, y0, x0, y0]
+        if (x0, y0, x1, y1) != (0, 0, w, h):
+            inner = (((b[:, 0] <= x0 + 2) & (x0 > 0)) | ((b[:, 2] >= x1 - 2) & (x1 < w))
+                     | ((b[:, 1] <= y0 + 2) & (y0 > 0)) | ((b[:, 3] >= y1 - 2) & (y1 < h)))
+            b, s = b[~inner], s[~inner]
+        boxes.append(b)
+        scores.append(s)
+    boxes, scores = np.concatenate(boxes).reshape(-1, 4), np.concatenate(scores)
+    if not len(boxes):
+        return boxes, scores
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), 0.0, NMS_IOU), np.int64).reshape(-1)
+    return boxes[keep], scores[keep]
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU of boxes a [N, 4] and b [M, 4] -> [N, M]."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
+
+
+def matched(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
+    """For each reference box, whether one of ours matches it (greedy by IoU, each of ours used once)."""
+    found = np.zeros(len(reference), bool)
+    if not len(reference) or not len(ours):
+        return found
+    overlaps = iou(reference, ours)
+    used = np.zeros(len(ours), bool)
+    for r, o in sorted(zip(*np.nonzero(overlaps >= MATCH_IOU)), key=lambda ro: -overlaps[ro]):
+        if not found[r] and not used[o]:
+            found[r] = used[o] = True
+    return found
+
+
+def read(clip: Path, frames: int) -> tuple[list[np.ndarray], list[float], float]:
+    info = media.probe(clip).video
+    images, times = [], []
+    for frame in media.FrameReader(clip, info.fps):
+        if frames and len(images) >= frames:
+            break
+        images.append(frame.image)
+        times.append(frame.timestamp_s)
+    return images, times, info.fps or 30.0
+
+
+def recall_rows(name: str, reference: list[np.ndarray], ours: list[tuple[np.ndarray, np.ndarray]], what: str,
+                ms: float) -> None:
+    n = len(reference)
+    for threshold in THRESHOLDS:
+        kept = [b[s > threshold] for b, s in ours]
+        found = [matched(r, k) for r, k in zip(reference, kept)]
+        heights = np.concatenate([r[:, 3] - r[:, 1] for r in reference]) if n else np.zeros(0)
+        hits = np.concatenate(found) if n else np.zeros(0, bool)
+        by_height = []
+        for lo, hi in HEIGHTS:
+            sel = (heights >= lo) & (heights < hi)
+            by_height.append(f"{hits[sel].mean():.2f} ({sel.sum()})" if sel.any() else "-")
+        extra = sum(len(k) - f.sum() for k, f in zip(kept, found)) / n
+        print(f"| {name} | {what} | {threshold} | {sum(len(k) for k in kept) / n:.2f} | "
+              f"{hits.mean() if len(hits) else 0:.2f} | " + " | ".join(by_height) + f" | {extra:.2f} | {ms:.0f} |")
+
+
+def tracking_rows(name: str, ours: list[tuple[np.ndarray, np.ndarray]], times: list[float], fps: float) -> None:
+    for memory_s in MEMORIES_S:
+        tracker = TaskTracker(fps, DEFAULT_MIN_SCORE, memory_s=memory_s)
+        seen: dict[int, list[float]] = {}
+        for (boxes, scores), t in zip(ours, times):
+            keep = scores > DEFAULT_MIN_SCORE
+            for track_id in tracker.update(boxes[keep], scores[keep], t):
+                if track_id:
+                    seen.setdefault(track_id, []).append(t)
+        lives = [max(ts) - min(ts) + 1 / fps for ts in seen.values()]
+        bins = [sum(lo <= life < hi for life in lives) for lo, hi in LIFETIMES_S]
+        print(f"| {name} | {memory_s:g} | {len(seen)} | " + " | ".join(map(str, bins))
+              + f" | {np.median(lives) if lives else 0:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--media", type=Path, default=default_media_dir())
+    parser.add_argument("--frames", type=int, default=0, help="the first N frames of each clip (0: all)")
+    parser.add_argument("--no-tiles", action="store_true", help="skip our detector on tiles (5x the time)")
+    args = parser.parse_args()
+    onnx_dir = REPO_ROOT / "run" / "onnx"
+    prepare(onnx_dir)
+    ours_model = Detector(OnnxModel(onnx_dir / "yolox.onnx"))
+    reference_model = ReferenceDetector(default_models_dir() / REFERENCE_MODEL)
+
+    def detect(image):
+        [(boxes, scores)] = ours_model([image], [LEAST_SCORE])
+        h, w = image.shape[:2]
+        return np.clip(boxes, 0, [w, h, w, h]), scores
+
+    detections, recall = {}, []
+    for clip in CLIPS:
+        images, times, fps = read(args.media / clip, args.frames)
+        name = f"{clip.split('_')[0]} ({len(images)} frames, {images[0].shape[1]}x{images[0].shape[0]})"
+        t0 = time.perf_counter()
+        ours = [detect(image) for image in images]
+        ms = 1000 * (time.perf_counter() - t0) / len(images)
+        t0 = time.perf_counter()
+        reference = [tiled(lambda im: reference_model(im, REFERENCE_MIN_SCORE), image)[0] for image in images]
+        reference_ms = 1000 * (time.perf_counter() - t0) / len(images)
+        whole = [reference_model(image, REFERENCE_MIN_SCORE)[0] for image in images]
+        recall.append((name, reference, whole, ours, ms, reference_ms))
+        if not args.no_tiles:
+            t0 = time.perf_counter()
+            recall[-1] += ([tiled(detect, image) for image in images], 1000 * (time.perf_counter() - t0) / len(images))
+        detections[name] = (ours, times, fps)
+
+    print("## Recall against the independent detector\n")
+    print(f"Reference: {REFERENCE_MODEL}, score > {REFERENCE_MIN_SCORE}, on the whole frame and 2x2 tiles "
+          f"(persons per frame: " + ", ".join(f"{r[0].split(' ')[0]} {sum(map(len, r[1])) / len(r[1]):.2f} tiled, "
+                                               f"{sum(map(len, r[2])) / len(r[2]):.2f} whole frame" for r in recall)
+          + f"; tiled reference {', '.join(f'{r[5]:.0f}' for r in recall)} ms/frame). Recall by the reference "
+          "person's height in pixels, (n) reference persons.\n")
+    print("| clip | ours | min score | persons/frame | recall | <60 px | 60-100 | 100-200 | >=200 | extra/frame "
+          "| ms/frame |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, reference, _whole, ours, ms, _rms, *tiles_run in recall:
+        recall_rows(name, reference, ours, "whole frame (the stage)", ms)
+        if tiles_run:
+            recall_rows(name, reference, tiles_run[0], "2x2 tiles + whole", tiles_run[1])
+    print("\n## Tracking: the track stage's ByteTrack on our detections, min score "
+          f"{DEFAULT_MIN_SCORE}\n")
+    print("| clip | memory s | ids | lived < 1 s | 1-3 s | 3-10 s | >= 10 s | median life s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (ours, times, fps) in detections.items():
+        tracking_rows(name, ours, times, fps)
+
+
+if __name__ == "__main__":
+    main()
