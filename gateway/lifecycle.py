@@ -327,13 +327,14 @@ class TaskLifecycle:
         then told to stop too: a replica that dies before its end of stream goes out leaves the job to another,
         which must close the stream, not read the camera again."""
         if self._source_done(ended.task_id, ended.epoch, ended.state, ended.message, ended.total):
-            self._stop_camera(ended.task_id, ended.message)
+            self._stop_camera(ended.task_id, ended.message, ended.state)
 
-    def _stop_camera(self, task_id: str, reason: str) -> None:
-        """Tell the ingest replica reading a live task's camera to stop (SourceStopped). Not published (the broker
-        is away), the sweep says it again for a cancelled task (`_say_stops_again`)."""
+    def _stop_camera(self, task_id: str, reason: str, state: int = tpb.TASK_STATE_CANCELLED) -> None:
+        """Tell the ingest replica reading a live task's camera to stop (SourceStopped); the task then ends in
+        `state` with `reason`. Not published (the broker is away), the sweep says it again for a cancelled task
+        (`_say_stops_again`)."""
         try:
-            self.topics.publish_source_stopped(task_id, reason)
+            self.topics.publish_source_stopped(task_id, reason, state)
         except Exception:  # noqa: BLE001
             log.warning("live task %s: could not tell its camera to stop yet", task_id)
 
@@ -479,7 +480,8 @@ class TaskLifecycle:
         """A live task whose camera an ingest replica reads (POSEMESH_INGEST=stage), after its gateway restarted
         or died: the replica reads on, whatever became of the gateway. Its job is written again (the gateway
         may have died before it was: the replica holding it takes the copy for the same run), and a cancel
-        decided before is said again (it may not have reached the replica)."""
+        decided before is said again (it may not have reached the replica). A camera the allow-list no longer
+        admits (the operator changed it for this start) is stopped, the task failing with the results so far."""
         task_id = active.task.task_id
         if not topics_intact:
             self.fail(task_id, f"the gateway {what_happened} during the live task and the broker lost its frames")
@@ -488,6 +490,14 @@ class TaskLifecycle:
             self._stop_camera(task_id, "cancelled by the user")
         if active.live_error:  # not sealed again here: the job written before, if any, has it
             return
+        if not active.ending_state and not active.task.ending:
+            try:
+                self.source_policy.check(active.live_url)
+            except Refused as exc:  # the operator took its host off the allow-list: as _continue_live does
+                self._stop_camera(task_id, f"the gateway {what_happened} during the live task and its camera is not "
+                                           f"allowed any more: {exc.message}; the frames before that are in the "
+                                           "results", tpb.TASK_STATE_FAILED)
+                return
         self._launch(active.task, active.epoch, Camera(Source.of(active.live_url), active.live_transport),
                      make_topics=False)
 

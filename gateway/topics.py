@@ -96,8 +96,8 @@ class TopicManager:
     def publish_viewers(self, task_id: str, count: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, viewers=pb.ViewersChanged(count=count)))
 
-    def publish_source_stopped(self, task_id: str, reason: str) -> None:
-        self._control(pb.ControlEvent(task_id=task_id, source_stopped=pb.SourceStopped(reason=reason)))
+    def publish_source_stopped(self, task_id: str, reason: str, state: int = tpb.TASK_STATE_CANCELLED) -> None:
+        self._control(pb.ControlEvent(task_id=task_id, source_stopped=pb.SourceStopped(reason=reason, state=state)))
 
     def publish_ended(self, task_id: str, state: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))

@@ -121,6 +121,7 @@ class LiveSource(threading.Thread):
         self.stop_requested = threading.Event()
         self.detached = threading.Event()
         self.stop_reason = "stopped by the user"
+        self.stop_state = tpb.TASK_STATE_CANCELLED
         self.status = tpb.LiveStatus(source=source.shown, max_lag_s=config.max_lag_s)
         self.index = 0
         self.time_base = 0.0  # the first frame's timestamp_s: 0, or after what an earlier reader published
@@ -157,10 +158,12 @@ class LiveSource(threading.Thread):
             return
         self._end(state, message)
 
-    def stop(self, reason: str = "") -> None:
-        """CancelTask: stop reading; the frames so far are still processed into results."""
+    def stop(self, reason: str = "", state: int = tpb.TASK_STATE_CANCELLED) -> None:
+        """CancelTask (or the gateway's word that the camera is not allowed any more: `state` FAILED): stop
+        reading; the frames so far are still processed into results, and the task ends in `state`."""
         if reason:
             self.stop_reason = reason
+        self.stop_state = state or tpb.TASK_STATE_CANCELLED
         self.stop_requested.set()
 
     def detach(self) -> None:
@@ -211,7 +214,7 @@ class LiveSource(threading.Thread):
             self.status.connected = False
             if not self.stop_requested.is_set():
                 log.info("live source of %s: %s; reconnecting", self.task.task_id, reason)
-        return tpb.TASK_STATE_CANCELLED, self.stop_reason
+        return self.stop_state, self.stop_reason
 
     def _gone(self, reason: str) -> tuple[int, str]:
         """No frame for `outage_s`. A server that still answers has no stream for us (it ended: COMPLETED);

@@ -34,7 +34,7 @@ class ControlFollower(threading.Thread):
         self.ended: dict[str, int] = {}
         self.viewers: dict[str, int] = {}  # task -> clients watching its annotated frames
         self.reserved: set[str] = set()  # task ids whose topics exist before their task (TaskReserved)
-        self.stopped: dict[str, str] = {}  # live task -> why its camera is to stop (SourceStopped)
+        self.stopped: dict[str, pb.SourceStopped] = {}  # live task -> why its camera is to stop, and how it ends
         self.traces: dict[str, object] = {}  # task id -> its run's trace context (None while tracing is off)
         self.events = 0  # control events applied so far (the worker sees bursts settle by it)
         self.last_start = 0.0  # monotonic time of the latest TaskStarted or TaskReserved
@@ -70,8 +70,8 @@ class ControlFollower(threading.Thread):
         with self.lock:
             return task_id in self.reserved
 
-    def stop_reason(self, task_id: str) -> str | None:
-        """Why a live task's camera is to stop (SourceStopped), or None."""
+    def stop_of(self, task_id: str) -> pb.SourceStopped | None:
+        """Why a live task's camera is to stop, and how the task then ends (SourceStopped), or None."""
         with self.lock:
             return self.stopped.get(task_id)
 
@@ -219,7 +219,7 @@ class ControlFollower(threading.Thread):
                 self.ended[event.task_id] = event.ended.state
             elif event.HasField("source_stopped"):
                 if event.task_id not in self.ended:
-                    self.stopped[event.task_id] = event.source_stopped.reason
+                    self.stopped[event.task_id] = event.source_stopped
             elif event.HasField("viewers"):
                 if event.viewers.count > 0 and event.task_id not in self.ended:
                     self.viewers[event.task_id] = event.viewers.count

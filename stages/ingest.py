@@ -429,9 +429,9 @@ class IngestWorker:
         for run in list(self.runs.values()):
             live = run.live
             if live is not None and not live.stop_requested.is_set():
-                reason = self.control.stop_reason(run.task_id)
-                if reason is not None:
-                    live.stop(reason)
+                stop = self.control.stop_of(run.task_id)
+                if stop is not None:
+                    live.stop(stop.reason, stop.state)
 
     def _commit(self, consumer: Consumer) -> None:
         """Per partition, past every job whose run is finished, up to the first that is not."""
@@ -589,9 +589,9 @@ class IngestWorker:
                               on_end=lambda _state, _message, _total: self._camera_closed(run),
                               so_far=so_far if so_far.frames else None, client="ingest")
             run.live = live
-            reason = self.control.stop_reason(task_id)
-            if reason is not None:  # cancelled before its camera was opened here: the stream closes at once
-                live.stop(reason)
+            stop = self.control.stop_of(task_id)
+            if stop is not None:  # stopped before its camera was opened here: the stream closes at once
+                live.stop(stop.reason, stop.state)
             if not run.cancelled.is_set():
                 live.run()  # on this thread, as an upload's producer
         finally:

@@ -228,9 +228,11 @@ class Mesh:
 
     # ------------------------------------------------------------------ processes
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, **env: str) -> None:
+        """`env`: settings of this start only, e.g. POSEMESH_LIVE_SOURCES (an operator's change)."""
         log = open(self.logs / "gateway.log", "ab")
-        self.gateway = subprocess.Popen([sys.executable, "-m", "posemesh.gateway"], cwd=REPO_ROOT, env=self.env,
+        self.gateway = subprocess.Popen([sys.executable, "-m", "posemesh.gateway"], cwd=REPO_ROOT,
+                                        env=self.env | env,
                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(lambda: _healthy(f"127.0.0.1:{self.gateway_port}"), 60, 0.1, "the gateway to serve")
 

@@ -42,7 +42,8 @@ def history() -> tuple[list[tuple[bytes, bytes | None]], dict[str, str]]:
         pb.ControlEvent(task_id=rerun, started=pb.TaskStarted(epoch=2)),  # run again after a broker loss
         pb.ControlEvent(task_id=rerun, viewers=pb.ViewersChanged(count=3)),
         pb.ControlEvent(task_id=running, viewers=pb.ViewersChanged(count=0)),  # the viewer left
-        pb.ControlEvent(task_id=running, source_stopped=pb.SourceStopped(reason="cancelled by the user")),
+        pb.ControlEvent(task_id=running, source_stopped=pb.SourceStopped(reason="not allowed any more",
+                                                                         state=tpb.TASK_STATE_FAILED)),
         pb.ControlEvent(task_id=ended, source_stopped=pb.SourceStopped(reason="cancelled by the user")),
         pb.ControlEvent(task_id=ended, ended=pb.TaskEnded(state=tpb.TASK_STATE_COMPLETED)),
     ]
@@ -91,7 +92,8 @@ def check_state(state, ids) -> None:
     assert ended == {ids["ended"]: tpb.TASK_STATE_COMPLETED}
     assert viewers == {ids["rerun"]: 3}
     assert reserved == {ids["reserved"]}
-    assert stopped == {ids["running"]: "cancelled by the user"}  # a live task's camera to stop, until it ends
+    # A live task's camera to stop, and how the task then ends, until it ends.
+    assert stopped == {ids["running"]: pb.SourceStopped(reason="not allowed any more", state=tpb.TASK_STATE_FAILED)}
 
 
 def test_a_worker_rebuilds_every_task_from_a_history_compacted_as_apache_kafka_does(tmp_path):

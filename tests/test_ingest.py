@@ -21,6 +21,7 @@ import pytest
 
 from posemesh.client import Client, read_mot_boxes
 from posemesh.devstack import rtsp
+from posemesh.devstack.processes import stop_process
 from posemesh.mesh import names
 from posemesh.mesh.pipeline import INGEST
 from posemesh.v1 import stage_service_pb2 as spb
@@ -272,6 +273,28 @@ def test_a_camera_goes_on_uninterrupted_while_the_gateway_is_killed_and_started_
     records, video_frames = _results(client, task.task_id)
     assert [r["index"] for r in records] == list(range(len(records))) == list(range(video_frames))
     assert len(records) >= going_on.progress[-1].frames_done
+
+
+def test_a_camera_taken_off_the_allow_list_is_stopped_as_the_gateway_starts_again(mesh, client, cameras):
+    """The operator narrows POSEMESH_LIVE_SOURCES and restarts the gateway: the camera an ingest replica reads
+    from a host no longer allowed is stopped, and the task fails saying why, its frames so far in the results
+    (as when the gateway itself read the camera)."""
+    task = client.start_live(cameras.url("cam/long"))
+    _reading_camera(mesh, task.task_id)
+    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 5, 120, 0.2, "5 annotated frames")
+    mesh.kill_gateway()
+    try:
+        mesh.start_gateway(POSEMESH_LIVE_SOURCES="rtsp://192.0.2.1:*")
+        done = client.wait(task.task_id, timeout_s=120)
+    finally:
+        stop_process(mesh.gateway, grace=10)
+        mesh.start_gateway()
+    assert done.state == tpb.TASK_STATE_FAILED and "not allowed any more" in done.error_message, done.error_message
+    assert done.artifacts
+    records, video_frames = _results(client, task.task_id)
+    assert [r["index"] for r in records] == list(range(len(records))) == list(range(video_frames))
+    assert len(records) >= 5
+    assert not [w for w in mesh.replicas(INGEST) if task.task_id in {t.task_id for t in w.status().tasks}]
 
 
 def test_the_broker_killed_and_restarted_mid_decoding_runs_the_task_again_frame_exact(mesh, clip, reference):

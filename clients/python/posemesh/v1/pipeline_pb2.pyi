@@ -86,10 +86,12 @@ class TaskReserved(_message.Message):
     def __init__(self) -> None: ...
 
 class SourceStopped(_message.Message):
-    __slots__ = ("reason",)
+    __slots__ = ("reason", "state")
     REASON_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     reason: str
-    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+    state: _task_service_pb2.TaskState
+    def __init__(self, reason: _Optional[str] = ..., state: _Optional[_Union[_task_service_pb2.TaskState, str]] = ...) -> None: ...
 
 class ControlEvent(_message.Message):
     __slots__ = ("task_id", "started", "ended", "viewers", "reserved", "source_stopped")
