@@ -14,7 +14,8 @@ computed from those detections at each minimum score.
   found when one of ours overlaps it with IoU >= 0.5 (greedy, best first). Printed by the reference
   person's height, since small people are what a 416 px detector loses; "extra" are ours matching no
   reference person (not necessarily wrong: neither detector is ground truth).
-- **Ours on tiles**: the same tiling with our own detector, what it would find and cost (not in the stages).
+- **Ours on tiles**: the same tiling with our own detector, as the detect stage does with
+  POSEMESH_DETECT_TILES=1 (here on the full-resolution frame; the stage decodes the JPEG at half size).
 - **Tracking**: the track stage's TaskTracker (ByteTrack from `trackers`, the stage's settings) on our
   detections at two minimum scores, for several memories (POSEMESH_TRACK_MEMORY_S): ids, and the
   ids' lifetimes (first to last frame seen): short-lived ids are fragments of someone's track. Switches
@@ -32,14 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cv2
 import numpy as np
 
 from bench.loop import OnnxModel
 from posemesh.mesh import media
 from posemesh.mesh.models import prepare
 from posemesh.mesh.settings import REPO_ROOT, default_media_dir, default_models_dir
-from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector, letterbox
+from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector, letterbox, merge_tiles, tiles
 from posemesh.stages.track import TaskTracker
 
 CLIPS = ("towncentre_1080p_302f.mp4", "vtest_opencv_480x360.mp4")
@@ -52,8 +52,6 @@ TRACK_THRESHOLDS = (0.4, 0.5)  # the tracker's threshold is the detector's (stag
 HEIGHTS = ((0, 60), (60, 100), (100, 200), (200, 10_000))  # reference person's box height, frame pixels
 LIFETIMES_S = ((0, 1), (1, 3), (3, 10), (10, 1e9))
 MATCH_IOU = 0.5
-NMS_IOU = 0.5
-OVERLAP = 0.2  # of a tile's side, shared with its neighbour
 
 
 class ReferenceDetector:
@@ -70,32 +68,12 @@ class ReferenceDetector:
         return dets[keep, :4] / ratio, dets[keep, 4]
 
 
-def tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """The whole frame, then 2x2 tiles overlapping by OVERLAP: (x0, y0, x1, y1)."""
-    tw, th = int(width * (1 + OVERLAP) / 2), int(height * (1 + OVERLAP) / 2)
-    return [(0, 0, width, height)] + [(x, y, x + tw, y + th) for y in (0, height - th) for x in (0, width - tw)]
-
-
 def tiled(detect, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`detect(image) -> (boxes, scores)` on the whole frame and on each tile, merged: a tile's box touching an
-    inner edge of its tile (a person cut by it) is dropped, then NMS over everything."""
+    """`detect(picture) -> (boxes, scores)` on the whole frame and on each of its 2x2 tiles, merged as the
+    detect stage merges its own with POSEMESH_DETECT_TILES (stages/detect.py)."""
     h, w = image.shape[:2]
-    boxes, scores = [], []
-    for x0, y0, x1, y1 in tiles(w, h):
-        b, s = detect(image[y0:y1, x0:x1])
-        b = b + [x0, y0, x0, y0]
-        if (x0, y0, x1, y1) != (0, 0, w, h):
-            inner = (((b[:, 0] <= x0 + 2) & (x0 > 0)) | ((b[:, 2] >= x1 - 2) & (x1 < w))
-                     | ((b[:, 1] <= y0 + 2) & (y0 > 0)) | ((b[:, 3] >= y1 - 2) & (y1 < h)))
-            b, s = b[~inner], s[~inner]
-        boxes.append(b)
-        scores.append(s)
-    boxes, scores = np.concatenate(boxes).reshape(-1, 4), np.concatenate(scores)
-    if not len(boxes):
-        return boxes, scores
-    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-    keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), 0.0, NMS_IOU), np.int64).reshape(-1)
-    return boxes[keep], scores[keep]
+    windows = tiles(w, h)
+    return merge_tiles([detect(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in windows], windows, w, h)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

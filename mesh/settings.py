@@ -96,8 +96,13 @@ class Settings:
     default_pose_model: str = field(default_factory=lambda: env("DEFAULT_POSE_MODEL", "blazepose_lite"))
     # The detector's least person score (YOLOX objectness x person), for tasks whose min_person_score is 0;
     # also the tracker's threshold for starting a track. Towncentre, persons a frame: 8.4 at 0.5, 9.3 at
-    # 0.4, 10.6 at 0.3 (vtest 6.2 / 6.7 / 6.8); what the extra ones are worth is not measured yet.
+    # 0.4, 10.6 at 0.3 (vtest 6.2 / 6.7 / 6.8). bench/people.py: at 0.4 recall against an independent detector
+    # rises 0.77 -> 0.82 on towncentre, but the tracker then makes 9 more ids that live under 1 s.
     detect_min_score: float = field(default_factory=lambda: float(env("DETECT_MIN_SCORE", "0.5")))
+    # The detector also looks at 2x2 overlapping tiles of each frame (stages/detect.py): small people a 416 px
+    # input loses are found (bench/people.py, towncentre 1080p: recall 0.77 -> 0.92, people 60-100 px tall
+    # 0.52 -> 0.80) for about 5x the detector's work. Off by default: on CPUs the detector's time is the cost.
+    detect_tiles: bool = field(default_factory=lambda: env("DETECT_TILES", "0").lower() in ("1", "true", "yes"))
     # Tracking (ByteTrack, stages/track.py). How long a track whose person is not detected is remembered, in
     # seconds of the video (any frame rate): a person unseen for longer gets a new id. 2 s bridges the 38-frame
     # detection gap (1.3 s at 30 fps) that split a person on towncentre with the former 30-frame (1 s) memory.

@@ -19,6 +19,10 @@ from posemesh.v1 import task_service_pb2 as tpb
 DEFAULT_MIN_SCORE = 0.5  # POSEMESH_DETECT_MIN_SCORE's default (mesh/settings.py); a task's min_person_score overrides
 NMS_IOU = 0.45
 STRIDES = (8, 16, 32)
+# POSEMESH_DETECT_TILES: each frame is also cut into 2x2 tiles sharing this part of their side with their
+# neighbours (a person on a tile edge is whole in one tile, or in the whole frame), merged by this NMS IoU.
+TILE_OVERLAP = 0.2
+TILE_NMS_IOU = 0.5
 
 
 def _grid(size: int = YOLOX_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -76,12 +80,44 @@ def chosen(boxes: np.ndarray, scores: np.ndarray, options: tpb.TaskOptions) -> t
     return boxes, scores
 
 
-def decode_for_detection(jpeg: bytes, width: int, height: int) -> tuple[np.ndarray, float]:
+def tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Where the detector looks with POSEMESH_DETECT_TILES: the whole picture, then 2x2 tiles overlapping by
+    TILE_OVERLAP, as (x0, y0, x1, y1)."""
+    tw, th = int(width * (1 + TILE_OVERLAP) / 2), int(height * (1 + TILE_OVERLAP) / 2)
+    return [(0, 0, width, height)] + [(x, y, x + tw, y + th) for y in (0, height - th) for x in (0, width - tw)]
+
+
+def merge_tiles(found: list[tuple[np.ndarray, np.ndarray]], windows: list[tuple[int, int, int, int]],
+                width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """The persons of a picture from those found in each of its `windows` (`tiles`; boxes in each window's
+    pixels): a tile's box touching an inner edge of its tile (a person cut by it) is dropped, the rest are
+    merged by NMS, highest score first."""
+    boxes, scores = [], []
+    for (b, s), (x0, y0, x1, y1) in zip(found, windows):
+        b = b + np.array([x0, y0, x0, y0], np.float32)
+        if (x0, y0, x1, y1) != (0, 0, width, height):
+            cut = (((b[:, 0] <= x0 + 2) & (x0 > 0)) | ((b[:, 2] >= x1 - 2) & (x1 < width))
+                   | ((b[:, 1] <= y0 + 2) & (y0 > 0)) | ((b[:, 3] >= y1 - 2) & (y1 < height)))
+            b, s = b[~cut], s[~cut]
+        boxes.append(b)
+        scores.append(s)
+    boxes, scores = np.concatenate(boxes).reshape(-1, 4), np.concatenate(scores)
+    if not len(boxes):
+        return boxes.astype(np.float32), scores.astype(np.float32)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+    keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), 0.0, TILE_NMS_IOU), np.int64).reshape(-1)
+    keep = keep[np.argsort(-scores[keep])]
+    return boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
+
+
+def decode_for_detection(jpeg: bytes, width: int, height: int, tiled: bool = False) -> tuple[np.ndarray, float]:
     """Decode a JPEG at the smallest DCT scale that still covers the 416 input: a 1080p frame decodes at
-    1/4 size several times faster, and the detector never sees more than 416 pixels anyway.
+    1/4 size several times faster, and the detector never sees more than 416 pixels anyway (with `tiled`, a
+    tile's side, (1 + TILE_OVERLAP) / 2 of the picture's, must still cover 416).
     Returns the image and the factor from decoded pixels back to frame pixels."""
+    side = int(YOLOX_SIZE * 2 / (1 + TILE_OVERLAP)) if tiled else YOLOX_SIZE
     try:
-        return jpeg_codec.decode_for(jpeg, width, height, YOLOX_SIZE)
+        return jpeg_codec.decode_for(jpeg, width, height, side)
     except jpeg_codec.BadJpeg as exc:
         raise StageError(str(exc)) from None
 
@@ -97,6 +133,17 @@ class Detector:
         output = self.model(images=np.stack([b for b, _r in boxed]))["output"]
         return [decode(output[i], r, s) for i, ((_b, r), s) in enumerate(zip(boxed, min_scores))]
 
+    def tiled(self, images: list[np.ndarray], min_scores: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The same, each picture looked at whole and in 2x2 tiles (`tiles`), in one batch, then merged."""
+        windows = [tiles(img.shape[1], img.shape[0]) for img in images]
+        crops = [img[y0:y1, x0:x1] for img, ws in zip(images, windows) for x0, y0, x1, y1 in ws]
+        found = self(crops, [s for s, ws in zip(min_scores, windows) for _w in ws])
+        out, at = [], 0
+        for img, ws in zip(images, windows):
+            out.append(merge_tiles(found[at:at + len(ws)], ws, img.shape[1], img.shape[0]))
+            at += len(ws)
+        return out
+
 
 class DetectStage(Stage):
     name = "detect"
@@ -107,6 +154,7 @@ class DetectStage(Stage):
         self.model.wait_ready(120)
         self.detector = Detector(self.model)
         self.min_score = settings.detect_min_score
+        self.tiled = settings.detect_tiles
 
     def problem(self) -> str:
         return self.model.problem
@@ -124,9 +172,10 @@ class DetectStage(Stage):
         items = [it for it in items if not it.task.options.HasField("boxes_given")]
         if not items:
             return
-        decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height) for it in items]
+        decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height, self.tiled) for it in items]
         min_scores = [it.task.options.min_person_score or self.min_score for it in items]
-        results = self.detector([img for img, _f in decoded], min_scores)
+        detect = self.detector.tiled if self.tiled else self.detector
+        results = detect([img for img, _f in decoded], min_scores)
         for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
             self._keep(item, boxes * factor, scores)
 

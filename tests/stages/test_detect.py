@@ -4,6 +4,7 @@ and a real crowd frame, and the track stage agreeing with it (every detection it
 from __future__ import annotations
 
 import cv2
+import numpy as np
 import pytest
 
 from posemesh.mesh import jpeg
@@ -68,3 +69,35 @@ def test_a_region_of_interest_and_max_persons_choose_who_is_kept(triton, crowd, 
     assert [p.score for p in top] == sorted((p.score for p in everyone), reverse=True)[:2]
     both = detect_and_track(crowd, tpb.TaskOptions(region_of_interest=left, max_persons=1))
     assert [p.score for p in both] == [max(p.score for p in inside)]
+
+
+def test_tiles_find_the_small_people_the_whole_frame_loses(triton, monkeypatch):
+    """POSEMESH_DETECT_TILES: a 1080p towncentre frame looked at whole and in 2x2 tiles finds more people, and
+    every person found in the whole frame is found again (a box overlapping it by IoU >= 0.5); each person is
+    found once (the tiles' duplicates merged), and the tracker gives each an id."""
+    import av
+
+    with av.open(str(media("towncentre_1080p_302f.mp4"))) as c:
+        frame = next(c.decode(video=0)).to_ndarray(format="bgr24")
+    monkeypatch.setenv("POSEMESH_TRITON_URL", triton.url)
+    whole = detect_and_track(frame, tpb.TaskOptions())
+    monkeypatch.setenv("POSEMESH_DETECT_TILES", "1")
+    tiled = detect_and_track(frame, tpb.TaskOptions())
+    assert len(tiled) > len(whole) >= 5
+    whole_boxes, tiled_boxes = _boxes(whole), _boxes(tiled)
+    assert (_iou(whole_boxes, tiled_boxes).max(axis=1) >= 0.5).all(), "a person of the whole frame was lost"
+    among_tiled = _iou(tiled_boxes, tiled_boxes)
+    np.fill_diagonal(among_tiled, 0)
+    assert among_tiled.max() < 0.5, "a person found twice"
+    assert all(p.track_id > 0 for p in tiled) and len({p.track_id for p in tiled}) == len(tiled)
+
+
+def _boxes(persons):
+    return np.array([[p.box.x1, p.box.y1, p.box.x2, p.box.y2] for p in persons])
+
+
+def _iou(a, b):
+    inter = (np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
+             .prod(axis=2))
+    area_a, area_b = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
