@@ -6,7 +6,7 @@ TRITON_VENV := .venv-triton
 PY := $(VENV)/bin/python
 VIDEO ?= ../shared/media/mmpose_demo_960x540_5f.mp4
 
-.PHONY: venv wheel image run up test test-fast bench lint protos configs clean system-deps
+.PHONY: venv wheel image run up test test-fast bench bench-mediapipe lint protos configs clean system-deps
 
 venv: $(VENV)/.installed $(TRITON_VENV)/.installed
 
@@ -60,6 +60,15 @@ image: venv
 
 bench: venv
 	$(PY) bench/end_to_end.py
+
+# A bench-only environment for bench/mediapipe_agreement.py: mediapipe pins its own numpy and protobuf, so it
+# stays out of the project's.
+bench-mediapipe: .venv-mediapipe/.installed
+
+.venv-mediapipe/.installed:
+	$(PYTHON) -m venv .venv-mediapipe
+	.venv-mediapipe/bin/python -m pip install -q mediapipe==0.10.14
+	touch $@
 
 protos: venv
 	$(PY) -m posemesh.devstack.codegen
