@@ -23,6 +23,8 @@ STRIDES = (8, 16, 32)
 # neighbours (a person on a tile edge is whole in one tile, or in the whole frame), merged by this NMS IoU.
 TILE_OVERLAP = 0.2
 TILE_NMS_IOU = 0.5
+TILE_CUT_MARGIN = 4  # a box this close to a tile's inner edge (in the detector's 416 px input) is cut by it
+TILED_FRAMES_PER_CALL = 4  # frames whose crops go to Triton at once: five crops a frame, and outputs of 1.2 MB
 
 
 def _grid(size: int = YOLOX_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +84,10 @@ def chosen(boxes: np.ndarray, scores: np.ndarray, options: tpb.TaskOptions) -> t
 
 def tiles(width: int, height: int) -> list[tuple[int, int, int, int]]:
     """Where the detector looks with POSEMESH_DETECT_TILES: the whole picture, then 2x2 tiles overlapping by
-    TILE_OVERLAP, as (x0, y0, x1, y1)."""
+    TILE_OVERLAP, as (x0, y0, x1, y1). A picture no larger than the detector's input is only looked at whole:
+    its tiles would only be enlarged."""
+    if max(width, height) <= YOLOX_SIZE:
+        return [(0, 0, width, height)]
     tw, th = int(width * (1 + TILE_OVERLAP) / 2), int(height * (1 + TILE_OVERLAP) / 2)
     return [(0, 0, width, height)] + [(x, y, x + tw, y + th) for y in (0, height - th) for x in (0, width - tw)]
 
@@ -96,8 +101,9 @@ def merge_tiles(found: list[tuple[np.ndarray, np.ndarray]], windows: list[tuple[
     for (b, s), (x0, y0, x1, y1) in zip(found, windows):
         b = b + np.array([x0, y0, x0, y0], np.float32)
         if (x0, y0, x1, y1) != (0, 0, width, height):
-            cut = (((b[:, 0] <= x0 + 2) & (x0 > 0)) | ((b[:, 2] >= x1 - 2) & (x1 < width))
-                   | ((b[:, 1] <= y0 + 2) & (y0 > 0)) | ((b[:, 3] >= y1 - 2) & (y1 < height)))
+            m = TILE_CUT_MARGIN * max(x1 - x0, y1 - y0) / YOLOX_SIZE  # the margin in this tile's pixels
+            cut = (((b[:, 0] <= x0 + m) & (x0 > 0)) | ((b[:, 2] >= x1 - m) & (x1 < width))
+                   | ((b[:, 1] <= y0 + m) & (y0 > 0)) | ((b[:, 3] >= y1 - m) & (y1 < height)))
             b, s = b[~cut], s[~cut]
         boxes.append(b)
         scores.append(s)
@@ -106,7 +112,7 @@ def merge_tiles(found: list[tuple[np.ndarray, np.ndarray]], windows: list[tuple[
         return boxes.astype(np.float32), scores.astype(np.float32)
     xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
     keep = np.asarray(cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), 0.0, TILE_NMS_IOU), np.int64).reshape(-1)
-    keep = keep[np.argsort(-scores[keep])]
+    keep = keep[np.argsort(-scores[keep], kind="stable")]  # highest first, whatever OpenCV's order
     return boxes[keep].astype(np.float32), scores[keep].astype(np.float32)
 
 
@@ -134,14 +140,19 @@ class Detector:
         return [decode(output[i], r, s) for i, ((_b, r), s) in enumerate(zip(boxed, min_scores))]
 
     def tiled(self, images: list[np.ndarray], min_scores: list[float]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The same, each picture looked at whole and in 2x2 tiles (`tiles`), in one batch, then merged."""
-        windows = [tiles(img.shape[1], img.shape[0]) for img in images]
-        crops = [img[y0:y1, x0:x1] for img, ws in zip(images, windows) for x0, y0, x1, y1 in ws]
-        found = self(crops, [s for s, ws in zip(min_scores, windows) for _w in ws])
-        out, at = [], 0
-        for img, ws in zip(images, windows):
-            out.append(merge_tiles(found[at:at + len(ws)], ws, img.shape[1], img.shape[0]))
-            at += len(ws)
+        """The same, each picture looked at whole and in 2x2 tiles (`tiles`), then merged; TILED_FRAMES_PER_CALL
+        pictures' crops to Triton at once, so that a batch's tensors stay near an untiled batch's."""
+        out = []
+        for first in range(0, len(images), TILED_FRAMES_PER_CALL):
+            some = images[first:first + TILED_FRAMES_PER_CALL]
+            windows = [tiles(img.shape[1], img.shape[0]) for img in some]
+            crops = [img[y0:y1, x0:x1] for img, ws in zip(some, windows) for x0, y0, x1, y1 in ws]
+            scores = min_scores[first:first + TILED_FRAMES_PER_CALL]
+            found = self(crops, [s for s, ws in zip(scores, windows) for _w in ws])
+            at = 0
+            for img, ws in zip(some, windows):
+                out.append(merge_tiles(found[at:at + len(ws)], ws, img.shape[1], img.shape[0]))
+                at += len(ws)
         return out
 
 
