@@ -64,6 +64,14 @@ log = logging.getLogger("posemesh.gateway")
 LIVE_RESULTS_WAIT_S = 120.0
 # How often a cancelled live task whose camera an ingest replica still reads is told again to stop it.
 STOPS_AGAIN_S = 20.0
+# What a live task's camera is told when it must stop (SourceStopped), by how the task ends (Task.ending): a
+# user's cancel, or a camera the allow-list no longer admits (found as the gateway starts again). Said again by
+# the sweep until the camera's end is recorded.
+STOPPED_BECAUSE = {
+    tpb.TASK_STATE_CANCELLED: "cancelled by the user",
+    tpb.TASK_STATE_FAILED: "its camera is not allowed any more (the operator changed the allow-list); the frames "
+                           "before that are in the results",
+}
 # How often the sweep restarts the stall clock of uploads queued for a decoding slot (at most a quarter of the
 # stall limit): one store write per queued task per round, not per 0.5 s sweep.
 WAITING_AGAIN_S = 10.0
@@ -315,8 +323,9 @@ class TaskLifecycle:
             decided = self.store.get(task_id)
             if decided is None or decided.state in TERMINAL or self.store.ending(task_id) is not None:
                 return False
-            if decided.ending and decided.ending != state:  # CancelTask came first
-                state, message = decided.ending, stop_reason
+            if decided.ending and decided.ending != state:  # CancelTask (or the allow-list) came first
+                state = decided.ending
+                message = stop_reason if state == tpb.TASK_STATE_CANCELLED else STOPPED_BECAUSE.get(state, message)
             self._record_ending(task_id, state, message)
         self.store.add_done(task_id, "decode", [], epoch, frames_total=total)
         log.info("live task %s: source done (%s); %d frames, waiting for the results", task_id, message, total)
@@ -327,7 +336,8 @@ class TaskLifecycle:
         then told to stop too: a replica that dies before its end of stream goes out leaves the job to another,
         which must close the stream, not read the camera again."""
         if self._source_done(ended.task_id, ended.epoch, ended.state, ended.message, ended.total):
-            self._stop_camera(ended.task_id, ended.message, ended.state)
+            state, message = self.store.ending(ended.task_id) or (ended.state, ended.message)
+            self._stop_camera(ended.task_id, message, state)  # what was recorded: the first end stands
 
     def _stop_camera(self, task_id: str, reason: str, state: int = tpb.TASK_STATE_CANCELLED) -> None:
         """Tell the ingest replica reading a live task's camera to stop (SourceStopped); the task then ends in
@@ -487,17 +497,22 @@ class TaskLifecycle:
             self.fail(task_id, f"the gateway {what_happened} during the live task and the broker lost its frames")
             return
         if active.task.ending and not active.ending_state:
-            self._stop_camera(task_id, "cancelled by the user")
+            self._stop_camera(task_id, STOPPED_BECAUSE.get(active.task.ending, ""), active.task.ending)
         if active.live_error:  # not sealed again here: the job written before, if any, has it
             return
         if not active.ending_state and not active.task.ending:
             try:
                 self.source_policy.check(active.live_url)
             except Refused as exc:  # the operator took its host off the allow-list: as _continue_live does
-                self._stop_camera(task_id, f"the gateway {what_happened} during the live task and its camera is not "
-                                           f"allowed any more: {exc.message}; the frames before that are in the "
-                                           "results", tpb.TASK_STATE_FAILED)
-                return
+                message = (f"the gateway {what_happened} during the live task and its camera is not allowed any "
+                           f"more: {exc.message}; the frames before that are in the results")
+                if active.task.state == tpb.TASK_STATE_QUEUED:  # no frame was read: nothing to finish
+                    self.fail(task_id, message)
+                    return
+                # Shown on the task, and said again by the sweep until the camera's end is recorded; the job is
+                # written again below, so a replica that never got it closes the stream at once.
+                self._mark_ending(task_id, tpb.TASK_STATE_FAILED)
+                self._stop_camera(task_id, message, tpb.TASK_STATE_FAILED)
         self._launch(active.task, active.epoch, Camera(Source.of(active.live_url), active.live_transport),
                      make_topics=False)
 
@@ -688,8 +703,8 @@ class TaskLifecycle:
         if task is not None:
             with self.lock:  # a live source recording its ending finishes first
                 ending = self.store.ending(result.task_id)
-            if not ending and task.ending == tpb.TASK_STATE_CANCELLED:  # cancelled; the source is not done yet
-                ending = (tpb.TASK_STATE_CANCELLED, "cancelled by the user")
+            if not ending and task.ending in STOPPED_BECAUSE:  # stopped; the source is not done yet
+                ending = (task.ending, STOPPED_BECAUSE[task.ending])
             if ending:  # a live task ends as its source did, results attached
                 self._end(result.task_id, *ending)
             else:
@@ -724,15 +739,16 @@ class TaskLifecycle:
         self.store.mark_deleted(task_id)
 
     def _say_stops_again(self) -> None:
-        """Every STOPS_AGAIN_S, by the gateway holding the duties: the cancelled live tasks whose camera an ingest
-        replica still reads (no end recorded) are told to stop again (the first SourceStopped may not have been
-        published, or reached a replica that died)."""
+        """Every STOPS_AGAIN_S, by the gateway holding the duties: the stopped live tasks (cancelled, or their
+        camera not allowed any more: STOPPED_BECAUSE) whose camera an ingest replica still reads (no end
+        recorded) are told to stop again (the first SourceStopped may not have been published, or reached a
+        replica that died)."""
         if not self.settings.ingest_stage() or time.monotonic() - self.stops_said_at < STOPS_AGAIN_S:
             return
         self.stops_said_at = time.monotonic()
         for task in self.store.cameras_reading():
-            if task.ending:
-                self._stop_camera(task.task_id, "cancelled by the user")
+            if task.ending in STOPPED_BECAUSE:
+                self._stop_camera(task.task_id, STOPPED_BECAUSE[task.ending], task.ending)
 
     def _remove_upload(self, task_id: str) -> None:
         shutil.rmtree(self.settings.jobs_dir / task_id, ignore_errors=True)

@@ -163,7 +163,7 @@ class LiveSource(threading.Thread):
         reading; the frames so far are still processed into results, and the task ends in `state`."""
         if reason:
             self.stop_reason = reason
-        self.stop_state = state or tpb.TASK_STATE_CANCELLED
+        self.stop_state = state if state == tpb.TASK_STATE_FAILED else tpb.TASK_STATE_CANCELLED
         self.stop_requested.set()
 
     def detach(self) -> None:
