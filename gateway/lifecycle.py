@@ -180,7 +180,7 @@ class TaskLifecycle:
             if isinstance(frames, Upload) and frames.path is None:
                 self.topics.publish_ingest_job(pb.IngestJob(
                     task=tpb.Task(task_id=task_id, options=task.options, video=task.video), epoch=epoch,
-                    upload_key=names.upload_key(task_id)))
+                    upload_key=names.upload_key(task_id)), headers)
             elif isinstance(frames, Upload):
                 self._produce(task, frames.path, epoch)
             elif isinstance(frames, Camera) and self.settings.ingest_stage():
@@ -188,7 +188,7 @@ class TaskLifecycle:
                     task=tpb.Task(task_id=task_id, options=task.options, video=task.video,  # counts: the reader's
                                   live=tpb.LiveStatus(source=task.live.source, max_lag_s=task.live.max_lag_s)),
                     epoch=epoch, live=pb.LiveJob(sealed_url=self.store.secrets.seal(frames.source.url),
-                                                 transport=frames.transport)))
+                                                 transport=frames.transport)), headers)
             elif isinstance(frames, Camera):
                 self._read_camera(task, frames.source, frames.transport, epoch, frames.so_far)
             elif isinstance(frames, StreamEnd):

@@ -81,9 +81,10 @@ class TopicManager:
                 self.producer.purge()
                 raise RuntimeError(f"could not publish to {topic}")
 
-    def publish_ingest_job(self, job: pb.IngestJob) -> None:
-        """Hand an upload to the ingest stage (keyed by task: a task's jobs share a partition, and so a replica)."""
-        self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())])
+    def publish_ingest_job(self, job: pb.IngestJob, headers: list | None = None) -> None:
+        """Hand an upload to the ingest stage (keyed by task: a task's jobs share a partition, and so a replica).
+        `headers`: the run's trace context, as on its TaskStarted (the replica may read the job first)."""
+        self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())], headers)
 
     def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str, headers: list | None = None) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(

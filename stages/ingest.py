@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
-from posemesh.mesh import given_boxes, kafka, media, records
+from posemesh.mesh import given_boxes, kafka, media, records, tracing
 from posemesh.mesh.at_rest import KeyFileError, SecretBox, Unreadable
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.live import LiveConfig, LiveSource, Source
@@ -225,6 +225,7 @@ class Run:
     decoded: Decoded | None = None
     published: int = 0  # a camera: frames out (the next index), as last reported
     ended: pb.WorkerEvent | None = None  # a camera: its SourceEnded, once told (its stream is then closed)
+    trace: object = None  # the run's trace context (posemesh.mesh.tracing), from its job's headers
 
     @property
     def task_id(self) -> str:
@@ -324,7 +325,7 @@ class IngestWorker:
                         if msg.error().code() != KafkaError._PARTITION_EOF:
                             log.warning("consume: %s", msg.error())
                     else:
-                        self._take(msg.partition(), msg.offset(), msg.value())
+                        self._take(msg.partition(), msg.offset(), msg.value(), msg.headers())
                 self._stop_ended()
                 self._stop_cameras()
                 self._start_queued()
@@ -377,7 +378,7 @@ class IngestWorker:
         with self.lock:
             self.assigned = set()
 
-    def _take(self, partition: int, offset: int, value: bytes) -> None:
+    def _take(self, partition: int, offset: int, value: bytes, headers: list | None = None) -> None:
         try:
             job = pb.IngestJob.FromString(value)
         except Exception:  # noqa: BLE001 - not a job: nothing to do, commit past it
@@ -386,7 +387,9 @@ class IngestWorker:
         with self.lock:
             run = self.runs.get((job.task.task_id, job.epoch)) if job else None
             if run is None:
-                run = Run(job or pb.IngestJob())
+                # The run's trace context comes with its job: this replica may read the job before its control
+                # follower reads the run's TaskStarted.
+                run = Run(job or pb.IngestJob(), trace=tracing.context_of(headers))
                 if job is None or self._nothing_to_do(job):
                     run.finished.set()
                     JOBS.labels("skipped").inc()
@@ -535,7 +538,7 @@ class IngestWorker:
                     on_done=lambda count: self._done(run, count),
                     on_error=lambda message: self._from_producer(run, self._failure(run, message)),
                     frames_consumed=consumed, max_ahead=settings.max_frames_ahead,
-                    limits=media.Limits.from_settings(settings), trace=self.control.trace(task_id),
+                    limits=media.Limits.from_settings(settings), trace=run.trace or self.control.trace(task_id),
                     start_at=so_far.frames, client="ingest", given=given)
                 run.producer = producer
                 if run.cancelled.is_set():

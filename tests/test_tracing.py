@@ -97,13 +97,16 @@ def test_tracing_is_off_unless_an_endpoint_is_configured(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("ingest", ["gateway", "stage"])
 def test_one_trace_covers_a_task_from_decoding_through_every_stage_and_its_triton_calls(broker, triton, tmp_path,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, ingest):
+    """`ingest`: who decodes the upload (POSEMESH_INGEST): the gateway, or a replica of the ingest stage, whose
+    decoding span joins the task's trace through TaskStarted's context."""
     receiver = OtlpReceiver()
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint)
     monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "200")  # export every 0.2 s, not every 5 s
     settings = make_settings(broker, tmp_path / "data", triton_url=triton.url,
-                             group_prefix=f"trace{time.monotonic_ns()}")
+                             group_prefix=f"trace{time.monotonic_ns()}", ingest=ingest)
     port = free_port()
     gateway = subprocess.Popen([sys.executable, "-m", "posemesh.gateway"], cwd=REPO_ROOT,
                                env={**settings_env(settings), "POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{port}"},
@@ -111,7 +114,7 @@ def test_one_trace_covers_a_task_from_decoding_through_every_stage_and_its_trito
                                start_new_session=True)
     workers = Workers(settings, tmp_path)
     try:
-        for stage in STAGES:
+        for stage in (*STAGES, "ingest") if ingest == "stage" else STAGES:
             workers.start(stage)
         wait_for(lambda: _healthy(f"127.0.0.1:{port}"), 60, 0.1, "the gateway to serve")
         workers.wait_healthy()
@@ -146,7 +149,8 @@ def test_one_trace_covers_a_task_from_decoding_through_every_stage_and_its_trito
             assert calls, f"{stage}'s Triton calls are in the trace"
             assert all(by_id[c["parent"]]["name"] == f"posemesh.{stage}" for c in calls)
         decode = next(s for s in spans if s["name"] == "posemesh.decode")
-        assert decode["parent"] == root["id"] and decode["service"] == "posemesh-gateway"
+        decoder = "posemesh-ingest" if ingest == "stage" else "posemesh-gateway"
+        assert decode["parent"] == root["id"] and decode["service"] == decoder, decode
     finally:
         workers.stop()
         stop_process(gateway, grace=15)
