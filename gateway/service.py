@@ -320,7 +320,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     async def GetStats(self, request, context):
         user = caller()
         admins = {name.strip() for name in self.settings.admin_users.split(",") if name.strip()}
-        self.gw.activity.heartbeat("decode", "this gateway", time.time())  # the gateway decodes: it is alive
+        if not self.settings.ingest_stage():  # the gateway decodes: it is alive (else ingest replicas are counted)
+            self.gw.activity.heartbeat("decode", "this gateway", time.time())
         return await asyncio.to_thread(stats_response, self.gw.activity, self.store,
                                        None if user in admins else user)
 

@@ -99,6 +99,16 @@ def test_an_upload_is_decoded_by_an_ingest_replica_and_the_task_says_what_decode
     assert not (mesh.settings.jobs_dir / task.task_id).exists()
 
 
+def test_stats_count_the_ingest_replicas_as_the_decode_step(mesh):
+    """GetStats' "decode" step counts the ingest replicas, which decode here, and not the gateway."""
+    alive = [w for w in mesh.replicas(INGEST) if w.alive()]
+
+    def counted() -> int:
+        stats = mesh.stub.GetStats(tpb.GetStatsRequest(), metadata=auth(), timeout=10)
+        return {s.stage: s.workers_alive for s in stats.stages}["decode"]
+    wait_for(lambda: counted() == len(alive) == 2, 15, 0.5, "the 2 ingest replicas counted as the decode step")
+
+
 def test_boxes_given_with_an_upload_reach_detect_through_the_ingest_stage(mesh, tmp_path):
     """Boxes given instead of the detector (the SDK's given_boxes, read from a MOT file as the CLI's --boxes
     does) are kept with the upload in the blob store; the ingest replica that decodes it puts each frame's on
