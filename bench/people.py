@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
+import supervision as sv
 
 from bench.loop import OnnxModel
 from posemesh.mesh import media
@@ -76,23 +77,12 @@ def tiled(detect, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return merge_tiles([detect(image[y0:y1, x0:x1]) for x0, y0, x1, y1 in windows], windows, w, h)
 
 
-def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes a [N, 4] and b [M, 4] -> [N, M]."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
 def matched(reference: np.ndarray, ours: np.ndarray) -> np.ndarray:
     """For each reference box, whether one of ours matches it (greedy by IoU, each of ours used once)."""
     found = np.zeros(len(reference), bool)
     if not len(reference) or not len(ours):
         return found
-    overlaps = iou(reference, ours)
+    overlaps = sv.box_iou_batch(reference, ours)
     used = np.zeros(len(ours), bool)
     for r, o in sorted(zip(*np.nonzero(overlaps >= MATCH_IOU)), key=lambda ro: -overlaps[ro]):
         if not found[r] and not used[o]:

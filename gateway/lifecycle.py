@@ -147,8 +147,8 @@ class TaskLifecycle:
         # The ingest stage decodes the stored upload (this gateway's copy moves there: a rename on a local
         # store). Otherwise: annotate muxes the upload's audio into the annotated video; on a shared store, a
         # gateway that takes the task over if this one dies publishes its frames again from the stored upload.
-        self._store_given_boxes(task.task_id, path)
-        if self.settings.ingest_stage():
+        if self.settings.ingest_stage():  # (the gateway's own decoding stores given boxes itself: _produce)
+            self._store_given_boxes(task.task_id, path)
             self.blobs.put_file(names.upload_key(task.task_id), path, move=True)
             upload = Upload(None)
         else:

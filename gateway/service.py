@@ -144,8 +144,9 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         # records their summary.
         given = sorted((tpb.FrameBoxes(frame_index=f.frame_index, boxes=f.boxes) for f in options.given_boxes),
                        key=lambda f: f.frame_index)
+        given_blob = given_boxes.encode(given) if given else b""
         if given:
-            options.boxes_given.CopyFrom(given_boxes.summary(given))
+            options.boxes_given.CopyFrom(given_boxes.summary(given, given_blob))
             options.ClearField("given_boxes")
         webhook = await self._webhook(meta.callback_url, context)
         key = validation.idempotency_key(meta.idempotency_key)
@@ -156,10 +157,10 @@ class TaskService(tpb_grpc.TaskServiceServicer):
         if previous is not None:  # a retry of an upload that made a task already: it needs no new slot
             return await self._receive_and_start(user, options, key, file_name, previous, messages, webhook)
         async with self.limits.task_slot(user):
-            return await self._receive_and_start(user, options, key, file_name, None, messages, webhook, given)
+            return await self._receive_and_start(user, options, key, file_name, None, messages, webhook, given_blob)
 
     async def _receive_and_start(self, user, options, key, file_name, previous, messages,
-                                 webhook=None, given=()) -> tpb.UploadResponse:
+                                 webhook=None, given_blob: bytes = b"") -> tpb.UploadResponse:
         task_id = self.gw.reservations.take() or names.new_task_id()
         job_dir = self.settings.jobs_dir / task_id
         handed_over = False  # once true, _create_and_start makes the task or cleans up, whatever happens here
@@ -168,8 +169,8 @@ class TaskService(tpb_grpc.TaskServiceServicer):
             path, size, digest = await self._receive(messages, job_dir)
             if previous is not None:
                 return self._same_upload(key, previous, digest)
-            if given:  # next to the upload: both go to the blob store as the task starts (TaskLifecycle.start)
-                await asyncio.to_thread((job_dir / names.GIVEN_BOXES_FILE).write_bytes, given_boxes.encode(given))
+            if given_blob:  # next to the upload: both go to the blob store as the task starts (TaskLifecycle)
+                await asyncio.to_thread((job_dir / names.GIVEN_BOXES_FILE).write_bytes, given_blob)
             async with self.probes:
                 try:
                     probed = await asyncio.to_thread(media.probe, path, media.Limits.from_settings(self.settings))

@@ -24,16 +24,15 @@ def beyond(given: dict[int, list[tpb.Box]], frame_count: int) -> str:
             "the analysed frames from 0, after sample_fps): they were not used")
 
 
-def summary(given: list[tpb.FrameBoxes]) -> tpb.BoxesGiven:
-    """What the task records of the boxes (the boxes themselves stay with the upload)."""
-    data = tpb.TaskOptions(given_boxes=given).SerializeToString(deterministic=True)
-    return tpb.BoxesGiven(boxes=sum(len(f.boxes) for f in given), frames=len(given),
-                          sha256=hashlib.sha256(data).hexdigest())
-
-
 def encode(given: list[tpb.FrameBoxes]) -> bytes:
-    """The blob kept with the upload."""
-    return tpb.TaskOptions(given_boxes=given).SerializeToString()
+    """The blob kept with the upload, serialized deterministically: its hash is the summary's."""
+    return tpb.TaskOptions(given_boxes=given).SerializeToString(deterministic=True)
+
+
+def summary(given: list[tpb.FrameBoxes], blob: bytes) -> tpb.BoxesGiven:
+    """What the task records of the boxes (the boxes themselves stay with the upload, as `blob`)."""
+    return tpb.BoxesGiven(boxes=sum(len(f.boxes) for f in given), frames=len(given),
+                          sha256=hashlib.sha256(blob).hexdigest())
 
 
 def decode(data: bytes) -> dict[int, list[tpb.Box]]:

@@ -176,11 +176,14 @@ class DetectStage(Stage):
     def process(self, items: list[FrameItem]) -> None:
         # A task whose client gave its boxes (TaskOptions.given_boxes) has them on its frames already, put there
         # by the upload's decoder (posemesh.mesh.given_boxes): the model does not run for it.
-        given = [it for it in items if it.task.options.HasField("boxes_given")]
-        for item in given:
+        detected = []
+        for item in items:
+            if not item.task.options.HasField("boxes_given"):
+                detected.append(item)
+                continue
             found = [(p.box.x1, p.box.y1, p.box.x2, p.box.y2) for p in item.frame.persons]
             self._keep(item, np.array(found, np.float32).reshape(-1, 4), np.ones(len(found), np.float32))
-        items = [it for it in items if not it.task.options.HasField("boxes_given")]
+        items = detected
         if not items:
             return
         decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height, self.tiled) for it in items]

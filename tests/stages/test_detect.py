@@ -6,6 +6,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+import supervision as sv
 
 from posemesh.mesh import jpeg
 from posemesh.mesh.settings import Settings
@@ -85,8 +86,8 @@ def test_tiles_find_the_small_people_the_whole_frame_loses(triton, monkeypatch):
     tiled = detect_and_track(frame, tpb.TaskOptions())
     assert len(tiled) > len(whole) >= 5
     whole_boxes, tiled_boxes = _boxes(whole), _boxes(tiled)
-    assert (_iou(whole_boxes, tiled_boxes).max(axis=1) >= 0.5).all(), "a person of the whole frame was lost"
-    among_tiled = _iou(tiled_boxes, tiled_boxes)
+    assert (sv.box_iou_batch(whole_boxes, tiled_boxes).max(axis=1) >= 0.5).all(), "a person of the whole frame was lost"
+    among_tiled = sv.box_iou_batch(tiled_boxes, tiled_boxes)
     np.fill_diagonal(among_tiled, 0)
     assert among_tiled.max() < 0.5, "a person found twice"
     assert all(p.track_id > 0 for p in tiled) and len({p.track_id for p in tiled}) == len(tiled)
@@ -95,9 +96,3 @@ def test_tiles_find_the_small_people_the_whole_frame_loses(triton, monkeypatch):
 def _boxes(persons):
     return np.array([[p.box.x1, p.box.y1, p.box.x2, p.box.y2] for p in persons])
 
-
-def _iou(a, b):
-    inter = (np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:]) - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)
-             .prod(axis=2))
-    area_a, area_b = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]), (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return inter / (area_a[:, None] + area_b[None, :] - inter)
