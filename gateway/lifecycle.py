@@ -54,6 +54,7 @@ from posemesh.gateway.validation import Refused
 from posemesh.mesh import given_boxes, kafka, media, names, records, tracing
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.live import LiveConfig, LiveSource, Source
+from posemesh.mesh.pipeline import LAST_STAGE
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -230,7 +231,7 @@ class TaskLifecycle:
             self.settings.jpeg_quality, epoch=epoch,
             on_progress=lambda first, last: self._decoded(task_id, first, last, epoch),
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
-            frames_consumed=lambda: self.store.frames_done(task_id, "detect"),
+            frames_consumed=lambda: self.store.frames_done(task_id, LAST_STAGE),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
             trace=tracing.current(), given=given)
         with self.lock:

@@ -81,7 +81,7 @@ class FrameProducer(threading.Thread):
         # The boxes the client gave instead of running the detector, by frame index (posemesh.mesh.given_boxes):
         # each frame's go on its record, as its persons. None: the detector runs.
         self.given = given
-        # Backpressure: frames_consumed() says how many frames the first stage has taken.
+        # Backpressure: frames_consumed() says how many frames the last stage has finished.
         self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
         self.task, self.path = task, path
         self.producer = Producer({**producer_config, "client.id": f"{client}-frames-{task.task_id[:12]}"})

@@ -45,6 +45,7 @@ STAGES: tuple[StageSpec, ...] = (
 )
 SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+LAST_STAGE = STAGE_NAMES[-1]  # a frame it finished is through the whole pipeline
 
 # The topic that carries the pixels.
 PIXELS_TOPIC = STAGES[0].reads

@@ -155,8 +155,10 @@ class Settings:
     # decodes at once.
     ingest_partitions: int = field(default_factory=lambda: int(env("INGEST_PARTITIONS", "8")))
     ingest_max_jobs: int = field(default_factory=lambda: int(env("INGEST_MAX_JOBS", "4")))
-    # The frame producer stays at most this many frames ahead of the detect stage: the pipeline gets the
-    # CPU at a task's start (first results sooner) and the broker holds a window, not the whole video.
+    # The frame producer stays at most this many frames ahead of the last stage (annotate): the pipeline gets
+    # the CPU at a task's start (first results sooner), every stage gets its share all along (bench/README.md's
+    # loop.py: measured ahead of detect, the first stages raced ahead and pose ran alone at the end with the CPUs
+    # partly idle), and the broker holds a window, not the whole video.
     max_frames_ahead: int = field(default_factory=lambda: int(env("MAX_FRAMES_AHEAD", "64")))
     # Pose models this server refuses (comma-separated, e.g. "rtmpose" when only the untrained stand-in
     # is installed): a task asking for one fails at once instead of producing meaningless keypoints.

@@ -17,8 +17,9 @@ back how far each task's raw_frames_<task> got (stream_so_far): a closed stream 
 is decoded again and sending goes on after the frames that are out, every one of them. The few frames sent
 twice (the dead replica's in flight) have the same index and content: the stages drop repeats by index.
 
-Back-pressure, as the gateway's producer has it: at most POSEMESH_MAX_FRAMES_AHEAD frames ahead of the detect
-stage, read here from detect's committed offsets on raw_frames_<task> (a replica has no task store).
+Back-pressure, as the gateway's producer has it: at most POSEMESH_MAX_FRAMES_AHEAD frames ahead of the last
+stage (annotate), followed here through its progress on posemesh.events (AnnotatedSoFar; a replica has no task
+store, and annotate's committed offsets lag by a whole video segment).
 
 A job stops as soon as its task ends (TaskEnded on posemesh.control) and is skipped when its run is older than
 the task's (the broker lost its data and the task is run again under a new epoch).
@@ -29,8 +30,7 @@ per-user limits bound how many there are). What a gateway reading a camera write
 travels on posemesh.events instead: the status every half second (LiveRead; the gateway adds up the counts of
 successive readers), the frames that went in (progress of the "decode" step) and the camera's end
 (SourceEnded, before the end of stream, so before annotate can finish the task). The lag bound follows the
-annotate stage through its progress on posemesh.events (AnnotatedSoFar; its committed offsets lag by a whole
-video segment).
+annotate stage as an upload's back-pressure does.
 CancelTask reaches the camera as SourceStopped on posemesh.control. A replica that dies leaves the job
 uncommitted: the next holder reads back where the stream stopped and opens the camera again, as a gateway that
 took a live task over did. The job is committed once the camera's end is told, so jobs after it on its
@@ -53,7 +53,7 @@ from posemesh.mesh import given_boxes, kafka, media, records, tracing
 from posemesh.mesh.at_rest import KeyFileError, SecretBox, Unreadable
 from posemesh.mesh.frames import Decoded, FrameProducer, StreamSoFar, stream_so_far
 from posemesh.mesh.live import LiveConfig, LiveSource, Source
-from posemesh.mesh.pipeline import INGEST
+from posemesh.mesh.pipeline import INGEST, LAST_STAGE
 from posemesh.mesh.settings import Settings
 from posemesh.stages.control import ControlFollower
 from posemesh.stages.control_api import ControlApi
@@ -68,8 +68,6 @@ FRAMES = Counter("posemesh_ingest_frames_total", "Frames of uploads decoded and 
 JOBS = Counter("posemesh_ingest_jobs_total", "Jobs finished here", ["outcome"])  # decoded, failed, skipped, stopped
 
 POLL_S = 0.2
-# How often a decoding ahead of the detect stage asks the broker how far detect got (a camera: annotate).
-CONSUMED_EVERY_S = 0.25
 # How long a replica waits for posemesh.control's replay before it takes jobs: a job of a task that ended
 # meanwhile must be recognised as such, not decoded again.
 CATCH_UP_S = 30.0
@@ -83,39 +81,14 @@ RETRY_S, RETRY_MAX_S = 1.0, 30.0
 CAMERA_STOP_S = 12.0
 
 
-class DetectConsumed:
-    """How many of a task's frames the detect stage has taken: the sum of its group's committed offsets on
-    raw_frames_<task>, asked at most every CONSUMED_EVERY_S (a repeat sent after a take-over counts too, so
-    this can run a few frames ahead of the truth: the bound loosens by that much, never tightens)."""
-
-    def __init__(self, settings: Settings, group: str, task_id: str, partitions: int):
-        self.consumer = Consumer({**kafka.consumer_config(settings, group, f"ingest-lag-{task_id[:12]}")})
-        self.partitions = [TopicPartition(kafka.task_topic(kafka.RAW_FRAMES, task_id), p) for p in range(partitions)]
-        self.value, self.asked = 0, 0.0
-
-    def __call__(self) -> int:
-        now = time.monotonic()
-        if now - self.asked >= CONSUMED_EVERY_S:
-            self.asked = now
-            try:
-                committed = self.consumer.committed(self.partitions, timeout=5)
-                self.value = sum(max(tp.offset, 0) for tp in committed)
-            except KafkaException as exc:  # the broker is busy or away: keep the last answer
-                log.debug("detect's offsets not read: %s", exc)
-        return self.value
-
-    def close(self) -> None:
-        self.consumer.close()
-
-
 class AnnotatedSoFar:
-    """How far the annotate stage got with the cameras read here, for their lag bound: the progress annotate
-    reports on posemesh.events (what the gateway counts when it reads a camera itself), followed while a camera
-    is read here (one thread; gone a few seconds after the last camera). Annotate finishes a task's frames in
-    index order (an ordered stage), so the newest index reported done, plus one, is how many it finished. A
-    camera taken over from a replica that died starts at the frames that went in before (`floor`): its earlier
-    progress was not followed here, and counting those frames as finished lets in up to one window more while
-    annotate still works on them (the lag can pass its bound that once)."""
+    """How far the annotate stage got with the uploads and cameras read here, for their back-pressure and lag
+    bound: the progress annotate reports on posemesh.events (what the gateway counts when it decodes itself),
+    followed while a task is read here (one thread; gone a few seconds after the last). Annotate finishes a
+    task's frames in index order (an ordered stage), so the newest index reported done, plus one, is how many it
+    finished. A task taken over from a replica that died starts at the frames that went in before (`floor`):
+    its earlier progress was not followed here, and counting those frames as finished lets in up to one window
+    more while annotate still works on them (the bound can be passed that once)."""
 
     IDLE_S = 5.0
 
@@ -192,7 +165,7 @@ class AnnotatedSoFar:
             event = pb.WorkerEvent.FromString(msg.value())
         except Exception:  # noqa: BLE001 - not a worker event: nothing to follow
             return
-        if event.stage != "annotate" or event.WhichOneof("event") != "progress" or not event.progress.done:
+        if event.stage != LAST_STAGE or event.WhichOneof("event") != "progress" or not event.progress.done:
             return
         key = (event.progress.task_id, event.progress.epoch)
         newest = max(r.last for r in event.progress.done) + 1
@@ -523,7 +496,8 @@ class IngestWorker:
         except LookupError as exc:
             self._tell(run, self._failure(run, str(exc)), None)
             return
-        consumed = DetectConsumed(settings, self.control.group_name("detect"), task_id, partitions)
+        annotated = self.annotated  # this session's (a run outliving it must not touch the next one's)
+        following = annotated.follow(task_id, job.epoch, so_far.frames)
         try:
             with self.blobs.local_copy(job.upload_key) as path:
                 if path is None:
@@ -537,7 +511,7 @@ class IngestWorker:
                     on_decoded=lambda decoded: self._decoded(run, decoded),
                     on_done=lambda count: self._done(run, count),
                     on_error=lambda message: self._from_producer(run, self._failure(run, message)),
-                    frames_consumed=consumed, max_ahead=settings.max_frames_ahead,
+                    frames_consumed=lambda: annotated(task_id, job.epoch), max_ahead=settings.max_frames_ahead,
                     limits=media.Limits.from_settings(settings), trace=run.trace or self.control.trace(task_id),
                     start_at=so_far.frames, client="ingest", given=given)
                 run.producer = producer
@@ -545,7 +519,7 @@ class IngestWorker:
                     return
                 producer.run()  # on this thread: the producer's delivery callbacks are served here
         finally:
-            consumed.close()
+            annotated.forget(task_id, job.epoch, following)
 
     # ------------------------------------------------------------------ one camera
 

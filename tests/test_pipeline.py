@@ -168,3 +168,50 @@ def test_a_gateway_on_postgresql_runs_a_task_and_another_gateway_process_serves_
     assert again.state == tpb.TASK_STATE_COMPLETED
     assert {p.stage: p.frames_done for p in again.progress} == {p.stage: p.frames_done for p in done.progress}
     assert download(successor.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS) == keypoints
+
+
+def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, triton, tmp_path, gateway_factory):
+    """Back-pressure follows the slowest stage: with annotate paused (SIGSTOP), decoding stops within
+    MAX_FRAMES_AHEAD of what annotate finished, although detect, pose and track could take every frame. (Bounded
+    ahead of detect only, the first stages raced through a burst of uploads while pose fell behind and ran alone
+    at the end, the CPUs partly idle: bench/loop.py.) Resumed, the task completes with every frame."""
+    import signal
+
+    from tests.helpers import make_clip
+
+    ahead = 8
+    gw = gateway_factory(max_frames_ahead=ahead, triton_url=triton.url, group_prefix=f"test{time.monotonic_ns()}")
+    workers = Workers(gw.settings, tmp_path)
+    for stage in ("detect", "pose", "track", "annotate"):
+        workers.start(stage)
+    annotate = next(proc for stage, _port, proc in workers.procs if stage == "annotate")
+    try:
+        workers.wait_healthy()
+        clip = make_clip(media("vtest_opencv_480x360.mp4"), tmp_path / "vtest80.mp4", 80)
+        task = upload(gw.stub, clip, auth())
+
+        def done() -> dict[str, int]:
+            got = gw.stub.GetTask(tpb.GetTaskRequest(task_id=task.task_id), metadata=auth()).task
+            return {p.stage: p.frames_done for p in got.progress}
+
+        wait_for(lambda: done().get("annotate", 0) >= 1, 120, 0.02, "annotate's first frame")
+        annotate.send_signal(signal.SIGSTOP)
+        try:
+            settled, deadline = done(), time.monotonic() + 30
+            while time.monotonic() < deadline:  # until the counts stop moving for 2 s
+                time.sleep(2.0)
+                now, settled = settled, done()
+                if now == settled:
+                    break
+        finally:
+            annotate.send_signal(signal.SIGCONT)
+        # What went in reached track (decode's own count is reported every 10 frames). The producer looks at
+        # annotate's count every 8th frame, so it may pass the window by up to 8.
+        assert settled["detect"] == settled["track"] <= settled["annotate"] + ahead + 8, settled
+        assert settled["track"] < 80, settled
+        finished = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED}, 180)
+        assert finished.state == tpb.TASK_STATE_COMPLETED, finished.error_message
+        lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
+        assert [json.loads(line)["index"] for line in lines] == list(range(80))
+    finally:
+        workers.stop()
