@@ -92,7 +92,7 @@ class LiveConfig:
     outage_s: float = 20.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 5.0
-    jpeg_quality: int = 90
+    jpeg_quality: int = 80  # Settings.jpeg_quality's default
     partitions: int = 4
     limits: media.Limits = field(default_factory=media.Limits)
 
