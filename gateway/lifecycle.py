@@ -290,7 +290,7 @@ class TaskLifecycle:
                 counted[0] = published
 
         def frames_annotated() -> int:
-            done = stored(self.store.frames_done, task_id, "annotate")
+            done = stored(self.store.frames_done, task_id, LAST_STAGE)
             annotated[0] = annotated[0] if done is None else done
             return annotated[0]
 

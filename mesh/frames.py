@@ -32,6 +32,8 @@ PROGRESS_EVERY = 10
 # priority, four uploads' read-ahead doubled the first frames' model time (pose: 0.3 -> 1.4 s for a frame).
 # The decode threads therefore yield the CPU to everything else (Linux: per-thread nice value).
 DECODE_NICE = 10
+CONSUMED_EVERY_S = 0.1  # how often a producer ahead of the pipeline asks how far the last stage got
+STUCK_S = 30.0  # how long that count may stand still before the producer sends its next frames anyway
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,28 @@ class FrameProducer(threading.Thread):
     def _send(self, record: pb.StageRecord) -> None:
         self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.partitions))
 
+    def _wait_for_the_pipeline(self, index: int) -> None:
+        """Back-pressure: wait while frame `index` would be more than max_ahead ahead of the last stage. The
+        count is asked every CONSUMED_EVERY_S; one that cannot be read keeps its last value; one that has not
+        moved for STUCK_S lets the next frames in anyway: back-pressure paces a task, it must not stop one whose
+        progress reports were lost (the stall limit is for tasks that really do not move)."""
+        consumed, moved = -1, time.monotonic()
+        while not self.cancelled.is_set():
+            try:
+                now = self.frames_consumed()
+            except Exception as exc:  # noqa: BLE001 - e.g. the task store is briefly away: ask again
+                log.debug("how far %s got not read: %s", self.task.task_id, exc)
+                now = consumed
+            if now != consumed:
+                consumed, moved = now, time.monotonic()
+            if index - consumed <= self.max_ahead:
+                return
+            if time.monotonic() - moved > STUCK_S:
+                log.warning("task %s: the last stage reported no progress for %.0f s; decoding goes on",
+                            self.task.task_id, STUCK_S)
+                return
+            self.producer.poll(CONSUMED_EVERY_S)
+
     def run(self) -> None:
         with tracing.child_span("posemesh.decode", self.trace, {"posemesh.task_id": self.task.task_id}):
             self._run()
@@ -117,9 +141,8 @@ class FrameProducer(threading.Thread):
                 if frame.index < self.start_at:
                     count = frame.index + 1
                     continue
-                while (self.max_ahead and self.frames_consumed and frame.index % 8 == 0
-                       and frame.index - self.frames_consumed() > self.max_ahead and not self.cancelled.is_set()):
-                    self.producer.poll(0.05)
+                if self.max_ahead and self.frames_consumed and frame.index % 8 == 0:
+                    self._wait_for_the_pipeline(frame.index)
                 if self.cancelled.is_set():
                     return
                 data = jpeg.encode(frame.image, self.quality)

@@ -101,7 +101,7 @@ class AnnotatedSoFar:
         self.halt = threading.Event()
 
     def _ensure_thread(self) -> None:
-        """Under the lock: a follower runs while a camera is followed (one that failed is replaced, at most
+        """Under the lock: a follower runs while a task is followed (one that failed is replaced, at most
         once a second)."""
         if self.thread is None and self.counts and not self.halt.is_set() and time.monotonic() - self.started_at > 1:
             self.started_at = time.monotonic()
@@ -114,7 +114,7 @@ class AnnotatedSoFar:
         token = object()
         with self.lock:
             self.counts[(task_id, epoch)] = [max(floor, self.counts.get((task_id, epoch), [0])[0]), token]
-            self.started_at = 0.0  # a new camera: no need to wait
+            self.started_at = 0.0  # a new task: no need to wait
             self._ensure_thread()
         return token
 
@@ -137,7 +137,7 @@ class AnnotatedSoFar:
             while not self.halt.is_set():
                 try:
                     msgs = consumer.consume(num_messages=500, timeout=0.2)
-                except KafkaException as exc:  # the broker is away: the counts wait (the cameras' windows close)
+                except KafkaException as exc:  # the broker is away: the counts wait (the windows close)
                     log.warning("annotate's progress not read: %s", exc)
                     self.halt.wait(1.0)
                     continue

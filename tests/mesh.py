@@ -212,7 +212,6 @@ class Mesh:
     def env(self) -> dict:
         env = settings_env(self.settings)
         env.update({"POSEMESH_GATEWAY_LISTEN": f"127.0.0.1:{self.gateway_port}",
-                    "POSEMESH_MAX_FRAMES_AHEAD": str(self.settings.max_frames_ahead),
                     "POSEMESH_STALL_TIMEOUT_S": str(self.settings.stall_timeout_s),
                     "POSEMESH_TRITON_TIMEOUT_S": str(self.settings.triton_timeout_s),
                     "POSEMESH_TRITON_OUTAGE_S": str(self.settings.triton_outage_s),

@@ -2,7 +2,7 @@
 the gateway.
 
 One mesh of real processes with two ingest replicas (each decoding one upload at a time) and one
-replica of every stage. The frame producer stays at most 8 frames ahead of detect, so an upload is still
+replica of every stage. The frame producer stays at most 8 frames ahead of annotate, so an upload is still
 being decoded well into its task and a replica can be killed mid-file. Results must equal the undisturbed
 run's frame by frame, as in test_resilience. Cameras are served by a real RTSP server (GStreamer's), as in
 test_live: the lag stays bounded, and a camera whose replica is killed goes on from another.
