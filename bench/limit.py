@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from posemesh.mesh import jpeg, media
+from posemesh.mesh.settings import JPEG_QUALITY
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, decode, letterbox
 from posemesh.stages.pose import PoseEstimator
 
@@ -50,7 +51,8 @@ class Workload:
         return np.load(self.crops, mmap_mode="r").shape[0] / self.frames
 
 
-def prepare(clip: Path, onnx_dir: Path, pose_model: str, quality: int = 90, work: Path | None = None) -> Workload:
+def prepare(clip: Path, onnx_dir: Path, pose_model: str, quality: int = JPEG_QUALITY,
+            work: Path | None = None) -> Workload:
     work = work or Path(tempfile.mkdtemp(prefix="posemesh-limit-"))
     work.mkdir(parents=True, exist_ok=True)
     info = media.probe(clip).video

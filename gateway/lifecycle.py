@@ -105,6 +105,29 @@ class StreamEnd:
 Frames = Upload | Camera | StreamEnd | None
 
 
+class FinishedSoFar:
+    """How many frames of a task the last stage has finished, as the task store says: what decoding is paced by
+    (an upload's back-pressure, a camera's lag bound). While the store does not answer (a failover, the
+    network), the last count read stands, so the window closes instead of failing the task; that is said once
+    until the store answers again."""
+
+    def __init__(self, store: TaskStore, task_id: str):
+        self.store, self.task_id = store, task_id
+        self.count, self.away = 0, False
+
+    def __call__(self) -> int:
+        try:
+            self.count = self.store.frames_done(self.task_id, LAST_STAGE)
+        except Exception:  # noqa: BLE001 - see above
+            if not self.away:
+                log.warning("task %s: the task store does not answer; its last count of finished frames (%d) "
+                            "paces decoding", self.task_id, self.count, exc_info=True)
+            self.away = True
+            return self.count
+        self.away = False
+        return self.count
+
+
 def new_stream_token() -> str:
     """A live task's stream secret: 128 random bits, URL-safe (22 characters of [A-Za-z0-9_-])."""
     return secrets.token_urlsafe(16)
@@ -231,7 +254,7 @@ class TaskLifecycle:
             self.settings.jpeg_quality, epoch=epoch,
             on_progress=lambda first, last: self._decoded(task_id, first, last, epoch),
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
-            frames_consumed=lambda: self.store.frames_done(task_id, LAST_STAGE),
+            frames_finished=FinishedSoFar(self.store, task_id),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
             trace=tracing.current(), given=given)
         with self.lock:
@@ -265,7 +288,7 @@ class TaskLifecycle:
         # count are the last known, and the store is told again at the next status. A frozen annotated count
         # closes the reader's window within the lag bound: frames are dropped, not published, until the store
         # answers again (and, if another gateway took the task over meanwhile, heard_elsewhere stops it here).
-        annotated, store_away = [0], [False]
+        store_away = [False]
 
         def stored(call, *args):
             try:
@@ -289,11 +312,6 @@ class TaskLifecycle:
                 self.activity.finished("decode", published - counted[0], time.time())
                 counted[0] = published
 
-        def frames_annotated() -> int:
-            done = stored(self.store.frames_done, task_id, LAST_STAGE)
-            annotated[0] = annotated[0] if done is None else done
-            return annotated[0]
-
         def on_end(state: int, message: str, total: int) -> None:
             with self.lock:
                 # The source by its id, not by this closure: a closure holding it would make a reference
@@ -303,8 +321,8 @@ class TaskLifecycle:
                               done.stop_reason if done else "cancelled by the user")
 
         live = LiveSource(task, source, transport, kafka.producer_config(self.settings, "gateway"), epoch,
-                          LiveConfig.from_settings(self.settings, task.live.max_lag_s), frames_annotated, on_status,
-                          on_end, so_far)
+                          LiveConfig.from_settings(self.settings, task.live.max_lag_s),
+                          FinishedSoFar(self.store, task_id), on_status, on_end, so_far)
         with self.lock:
             old = self.live_sources.pop(task_id, None)
             self.live_sources[task_id] = live

@@ -32,8 +32,9 @@ PROGRESS_EVERY = 10
 # priority, four uploads' read-ahead doubled the first frames' model time (pose: 0.3 -> 1.4 s for a frame).
 # The decode threads therefore yield the CPU to everything else (Linux: per-thread nice value).
 DECODE_NICE = 10
-CONSUMED_EVERY_S = 0.1  # how often a producer ahead of the pipeline asks how far the last stage got
-STUCK_S = 30.0  # how long that count may stand still before the producer sends its next frames anyway
+FINISHED_EVERY_S = 0.1  # how often a producer ahead of the pipeline asks how far the last stage got
+PACED_EVERY = 8  # the frames sent between two looks at that count
+STUCK_S = 30.0  # how long that count may stand still before the producer stops waiting for it
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class FrameProducer(threading.Thread):
     lost its data) is thrown away with whatever it still holds."""
 
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
-                 on_progress, on_done, on_error, frames_consumed=None, max_ahead: int = 0,
+                 on_progress, on_done, on_error, frames_finished=None, max_ahead: int = 0,
                  limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None, trace=None,
                  start_at: int = 0, client: str = "gateway", given: dict[int, list[tpb.Box]] | None = None):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
@@ -83,8 +84,11 @@ class FrameProducer(threading.Thread):
         # The boxes the client gave instead of running the detector, by frame index (posemesh.mesh.given_boxes):
         # each frame's go on its record, as its persons. None: the detector runs.
         self.given = given
-        # Backpressure: frames_consumed() says how many frames the last stage has finished.
-        self.frames_consumed, self.max_ahead = frames_consumed, max_ahead
+        # Back-pressure: frames_finished() says how many frames the last stage has finished. It must not raise:
+        # the caller decides what a count it cannot read means (the gateway keeps the last one it read).
+        self.frames_finished, self.max_ahead = frames_finished, max_ahead
+        self.finished, self.moved = -1, time.monotonic()  # its last value, and when it last changed
+        self.stuck_said = False  # the warning that it stands still is given once until it moves again
         self.task, self.path = task, path
         self.producer = Producer({**producer_config, "client.id": f"{client}-frames-{task.task_id[:12]}"})
         self.partitions, self.quality = partitions, jpeg_quality
@@ -102,26 +106,23 @@ class FrameProducer(threading.Thread):
         self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.partitions))
 
     def _wait_for_the_pipeline(self, index: int) -> None:
-        """Back-pressure: wait while frame `index` would be more than max_ahead ahead of the last stage. The
-        count is asked every CONSUMED_EVERY_S; one that cannot be read keeps its last value; one that has not
-        moved for STUCK_S lets the next frames in anyway: back-pressure paces a task, it must not stop one whose
-        progress reports were lost (the stall limit is for tasks that really do not move)."""
-        consumed, moved = -1, time.monotonic()
+        """Back-pressure: wait while frame `index` would be more than max_ahead ahead of the last stage, asking
+        its count every FINISHED_EVERY_S. A count that has not moved for STUCK_S stops the waiting until it
+        moves again: back-pressure paces a task, it must not stop one whose progress reports are lost (the
+        stall limit is for tasks that really do not move)."""
         while not self.cancelled.is_set():
-            try:
-                now = self.frames_consumed()
-            except Exception as exc:  # noqa: BLE001 - e.g. the task store is briefly away: ask again
-                log.debug("how far %s got not read: %s", self.task.task_id, exc)
-                now = consumed
-            if now != consumed:
-                consumed, moved = now, time.monotonic()
-            if index - consumed <= self.max_ahead:
+            now = self.frames_finished()
+            if now != self.finished:
+                self.finished, self.moved, self.stuck_said = now, time.monotonic(), False
+            if index - self.finished <= self.max_ahead:
                 return
-            if time.monotonic() - moved > STUCK_S:
-                log.warning("task %s: the last stage reported no progress for %.0f s; decoding goes on",
-                            self.task.task_id, STUCK_S)
+            if time.monotonic() - self.moved > STUCK_S:
+                if not self.stuck_said:
+                    log.warning("task %s: the last stage reported no progress for %.0f s; decoding goes on "
+                                "without waiting for it", self.task.task_id, STUCK_S)
+                    self.stuck_said = True
                 return
-            self.producer.poll(CONSUMED_EVERY_S)
+            self.producer.poll(FINISHED_EVERY_S)
 
     def run(self) -> None:
         with tracing.child_span("posemesh.decode", self.trace, {"posemesh.task_id": self.task.task_id}):
@@ -141,7 +142,7 @@ class FrameProducer(threading.Thread):
                 if frame.index < self.start_at:
                     count = frame.index + 1
                     continue
-                if self.max_ahead and self.frames_consumed and frame.index % 8 == 0:
+                if self.max_ahead and self.frames_finished and frame.index % PACED_EVERY == 0:
                     self._wait_for_the_pipeline(frame.index)
                 if self.cancelled.is_set():
                     return

@@ -47,6 +47,7 @@ from confluent_kafka import Producer
 from posemesh.mesh import jpeg, kafka, media, records
 from posemesh.mesh.at_rest import redact
 from posemesh.mesh.frames import StreamSoFar
+from posemesh.mesh.settings import JPEG_QUALITY
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -92,7 +93,7 @@ class LiveConfig:
     outage_s: float = 20.0
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 5.0
-    jpeg_quality: int = 80  # Settings.jpeg_quality's default
+    jpeg_quality: int = JPEG_QUALITY
     partitions: int = 4
     limits: media.Limits = field(default_factory=media.Limits)
 

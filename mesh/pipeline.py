@@ -46,6 +46,9 @@ STAGES: tuple[StageSpec, ...] = (
 SPECS: dict[str, StageSpec] = {s.name: s for s in STAGES}
 STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 LAST_STAGE = STAGE_NAMES[-1]  # a frame it finished is through the whole pipeline
+# Ordered: it finishes a task's frames in index order, so the newest index it reports done, plus one, is how many
+# it finished (what decoding is paced by: FrameProducer, the ingest stage's AnnotatedSoFar).
+assert SPECS[LAST_STAGE].ordered, LAST_STAGE
 
 # The topic that carries the pixels.
 PIXELS_TOPIC = STAGES[0].reads

@@ -25,6 +25,7 @@ def _checkout_root() -> Path | None:
 CHECKOUT = _checkout_root()
 REPO_ROOT = CHECKOUT or Path.cwd()
 RUN_DIR = REPO_ROOT / "run"
+JPEG_QUALITY = 80  # the frames' JPEG quality on raw_frames unless POSEMESH_JPEG_QUALITY says otherwise
 
 
 def env(name: str, default: str) -> str:
@@ -166,7 +167,7 @@ class Settings:
     # The frames' JPEG quality on raw_frames. 80: a third fewer bytes than 90 for the broker to write once and
     # serve three times, and slightly cheaper decodes; the keypoints move by a median 0.7% of the box height
     # from the uncompressed picture's (0.5% at 90) and detect finds the same persons (bench/jpeg_quality.py).
-    jpeg_quality: int = field(default_factory=lambda: int(env("JPEG_QUALITY", "80")))
+    jpeg_quality: int = field(default_factory=lambda: int(env("JPEG_QUALITY", str(JPEG_QUALITY))))
     # Live tasks. Sources the server may read, as scheme://host:port patterns (gateway/sources.py); empty
     # allows none. The lag bound (seconds the annotated output may trail the camera), how long a source may
     # send no frame (retried meanwhile) before the task ends (COMPLETED if its server still answers, FAILED

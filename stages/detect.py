@@ -183,14 +183,13 @@ class DetectStage(Stage):
                 continue
             found = [(p.box.x1, p.box.y1, p.box.x2, p.box.y2) for p in item.frame.persons]
             self._keep(item, np.array(found, np.float32).reshape(-1, 4), np.ones(len(found), np.float32))
-        items = detected
-        if not items:
+        if not detected:
             return
-        decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height, self.tiled) for it in items]
-        min_scores = [it.task.options.min_person_score or self.min_score for it in items]
+        decoded = [decode_for_detection(it.frame.jpeg, it.frame.width, it.frame.height, self.tiled) for it in detected]
+        min_scores = [it.task.options.min_person_score or self.min_score for it in detected]
         detect = self.detector.tiled if self.tiled else self.detector
         results = detect([img for img, _f in decoded], min_scores)
-        for item, (_img, factor), (boxes, scores) in zip(items, decoded, results):
+        for item, (_img, factor), (boxes, scores) in zip(detected, decoded, results):
             self._keep(item, boxes * factor, scores)
 
     @staticmethod

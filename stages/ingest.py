@@ -46,7 +46,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from prometheus_client import Counter, start_http_server
 
 from posemesh.mesh import given_boxes, kafka, media, records, tracing
@@ -91,6 +91,7 @@ class AnnotatedSoFar:
     more while annotate still works on them (the bound can be passed that once)."""
 
     IDLE_S = 5.0
+    POSITIONED_S = 5.0  # the longest follow() waits for a new follower to find the end of the events topic
 
     def __init__(self, settings: Settings, client_id: str):
         self.settings, self.client_id = settings, client_id
@@ -99,12 +100,16 @@ class AnnotatedSoFar:
         self.thread: threading.Thread | None = None
         self.started_at = 0.0
         self.halt = threading.Event()
+        # Set once the follower reads from a known offset: a report sent after that is seen. A follower that
+        # only asked for "the end" would find it at its first fetch, and miss the reports sent before then.
+        self.positioned = threading.Event()
 
     def _ensure_thread(self) -> None:
         """Under the lock: a follower runs while a task is followed (one that failed is replaced, at most
         once a second)."""
         if self.thread is None and self.counts and not self.halt.is_set() and time.monotonic() - self.started_at > 1:
             self.started_at = time.monotonic()
+            self.positioned.clear()
             self.thread = threading.Thread(target=self._run, name="annotated", daemon=True)
             self.thread.start()
 
@@ -116,6 +121,7 @@ class AnnotatedSoFar:
             self.counts[(task_id, epoch)] = [max(floor, self.counts.get((task_id, epoch), [0])[0]), token]
             self.started_at = 0.0  # a new task: no need to wait
             self._ensure_thread()
+        self.positioned.wait(self.POSITIONED_S)  # before its frames go out, so none of their reports is missed
         return token
 
     def forget(self, task_id: str, epoch: int, token: object) -> None:
@@ -133,7 +139,9 @@ class AnnotatedSoFar:
         consumer = None
         try:
             consumer = Consumer(kafka.follower_config(self.settings, f"{self.client_id}-annotated", self.client_id))
-            consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, OFFSET_END)])
+            _, end = consumer.get_watermark_offsets(TopicPartition(kafka.EVENTS_TOPIC, 0), timeout=self.POSITIONED_S)
+            consumer.assign([TopicPartition(kafka.EVENTS_TOPIC, 0, end)])
+            self.positioned.set()
             while not self.halt.is_set():
                 try:
                     msgs = consumer.consume(num_messages=500, timeout=0.2)
@@ -511,7 +519,7 @@ class IngestWorker:
                     on_decoded=lambda decoded: self._decoded(run, decoded),
                     on_done=lambda count: self._done(run, count),
                     on_error=lambda message: self._from_producer(run, self._failure(run, message)),
-                    frames_consumed=lambda: annotated(task_id, job.epoch), max_ahead=settings.max_frames_ahead,
+                    frames_finished=lambda: annotated(task_id, job.epoch), max_ahead=settings.max_frames_ahead,
                     limits=media.Limits.from_settings(settings), trace=run.trace or self.control.trace(task_id),
                     start_at=so_far.frames, client="ingest", given=given)
                 run.producer = producer

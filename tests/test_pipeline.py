@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections import Counter
 
@@ -11,11 +12,12 @@ import grpc
 import pytest
 
 from posemesh.mesh import kafka
+from posemesh.mesh.frames import PACED_EVERY
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import Workers, auth, media
-from tests.helpers import topics, upload, wait_for, wait_state
+from tests.helpers import make_clip, topics, upload, wait_for, wait_state
 
 
 def download(stub, task_id: str, kind: int) -> bytes:
@@ -84,11 +86,6 @@ def test_clip_through_all_stages(pipeline, tmp_path):
 def test_a_worker_killed_mid_task_loses_no_frame_and_duplicates_none(pipeline, tmp_path):
     """Two pose workers share a task; one is SIGKILLed mid-task. Its partitions move to the other, which
     resumes from the committed offsets; whatever was redone is dropped by index downstream."""
-    import signal
-    import time
-
-    from tests.helpers import make_clip
-
     gw, workers = pipeline
     survivor_port = workers.start("pose")
     workers.wait_healthy()
@@ -124,8 +121,6 @@ def test_a_worker_killed_mid_task_loses_no_frame_and_duplicates_none(pipeline, t
 def test_tasks_starting_and_ending_mid_task_do_not_stall_others(pipeline, tmp_path):
     """Each task start or end makes every worker re-subscribe (a rebalance) while other tasks are in
     flight, with partitions paused by flow control and frames pooled. Nothing may stall or be lost."""
-    from tests.helpers import make_clip
-
     gw, _workers = pipeline
     long_clip = make_clip(media("vtest_opencv_480x360.mp4"), tmp_path / "vtest40.mp4", 40)
     first = upload(gw.stub, long_clip, auth())
@@ -179,10 +174,6 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
     progress on posemesh.events). (Bounded ahead of detect only, the first stages raced through a burst of uploads
     while pose fell behind and ran alone at the end, the CPUs partly idle: bench/README.md, loop.py.) Resumed, the
     task completes with every frame."""
-    import signal
-
-    from tests.helpers import make_clip
-
     ahead = 8
     gw = gateway_factory(max_frames_ahead=ahead, triton_url=triton.url, group_prefix=f"test{time.monotonic_ns()}",
                          ingest=ingest)
@@ -212,9 +203,9 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
         finally:
             annotate.send_signal(signal.SIGCONT)
         # Detect takes what goes in (decode's own count is reported every 10 frames). The producer looks at
-        # annotate's count every 8th frame, so it may pass the window by up to 8. Without the bound detect would
-        # take all 80.
-        assert settled["detect"] <= settled["annotate"] + ahead + 8, settled
+        # annotate's count every PACED_EVERY frames, so it may pass the window by that many. Without the bound
+        # detect would take all 80.
+        assert settled["detect"] <= settled["annotate"] + ahead + PACED_EVERY, settled
         finished = wait_state(gw.stub, task.task_id, auth(), {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED}, 180)
         assert finished.state == tpb.TASK_STATE_COMPLETED, finished.error_message
         lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
