@@ -22,9 +22,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-from supervision import box_iou_batch
 
 from bench.loop import OnnxModel
+from bench.people import matched
 from posemesh.mesh import jpeg, media
 from posemesh.mesh.models import prepare
 from posemesh.mesh.settings import REPO_ROOT, default_media_dir
@@ -79,12 +79,8 @@ def main() -> None:
                 boxes, _scores = _detect_scaled(detector, image, factor)
                 true_boxes = truth[i][0]
                 total += len(true_boxes)
-                if len(true_boxes) and len(boxes):
-                    iou = box_iou_batch(true_boxes, boxes)
-                    found += int((iou.max(axis=1) >= 0.5).sum())
-                    extra += int((iou.max(axis=0) < 0.5).sum())
-                else:
-                    extra += len(boxes)
+                hits = int(matched(true_boxes, boxes).sum())  # one to one, as bench/people.py counts
+                found, extra = found + hits, extra + len(boxes) - hits
                 points, _ = keypoints(estimator, decoded[i], true_boxes)
                 ref_points, ref_scores = truth_points[i]
                 heights = (true_boxes[:, 3] - true_boxes[:, 1])[:, None] if len(true_boxes) else np.zeros((0, 1))
