@@ -19,6 +19,7 @@ from pathlib import Path
 
 import av
 import grpc
+import pytest
 
 from posemesh.devstack.broker import LocalBroker
 from posemesh.devstack.processes import free_port, stop_process
@@ -33,6 +34,10 @@ from tests.conftest import USERS, auth, make_settings, media, settings_env
 from tests.helpers import make_clip, upload, wait_for
 
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
+# How long the local broker may be silent while a test waits for a task before the test reports issue 21's stall
+# (an expected failure) instead of judging the mesh on it: waiting out a 5-minute stall took the suite past its
+# 25 minutes, and a task the stall failed says nothing about the mesh.
+SILENT_LIMIT_S = 120.0
 
 
 @dataclass
@@ -61,10 +66,15 @@ class Worker:
 
 
 class SilenceRecorder(threading.Thread):
-    """Asks the local broker for its topics every 2 s; `silent_s` sums the time it did not answer. While it
-    does not, writes what its process is doing to logs/broker-silence.txt: its CPU time (spinning or blocked),
-    its threads' states and its sockets' queues. The broker has gone silent for minutes in CI (issue 21) and
-    its binary has no symbols for a stack."""
+    """Writes a record to the local broker every 2 s and waits for its acknowledgement; `silent_s` sums the time
+    it did not answer. While it does not, writes what its process is doing to logs/broker-silence.txt: its CPU
+    time (spinning or blocked), its threads' states, its open files, and its sockets' queues (the listener's
+    backlog among them: is it still accepting?). The broker has gone silent for minutes in CI (issue 21) and its
+    binary has no symbols for a stack. A record, not a metadata request: in CI run 41 every client's produce,
+    fetch and heartbeat went unanswered for 300 s while a metadata request on a connection of its own was
+    answered throughout."""
+
+    PROBE_TOPIC = "test-broker-probe"  # not a task topic: no gateway or worker looks at it
 
     def __init__(self, broker, out: Path):
         """broker(): the mesh's LocalBroker as of now (a restart replaces it)."""
@@ -74,21 +84,46 @@ class SilenceRecorder(threading.Thread):
         self.machine: dict = {}  # the machine's counters at the last record (_machine)
 
     def run(self) -> None:
+        from confluent_kafka import Producer
         from confluent_kafka.admin import AdminClient
 
-        admin = AdminClient({"bootstrap.servers": self.broker().bootstrap})
+        bootstrap = self.broker().bootstrap
+        admin = AdminClient({"bootstrap.servers": bootstrap})
+        # Not idempotent: after a record that timed out, an idempotent producer bumps its epoch, which the local
+        # broker refuses from then on (it would look silent for good).
+        producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "message.timeout.ms": 3000,
+                             "allow.auto.create.topics": False})
         answered = counted = time.monotonic()
         while not self.stopped.wait(2.0):
-            try:
-                admin.list_topics(timeout=3)
+            if self._answers(admin, producer):
                 answered = counted = time.monotonic()
-            except Exception:  # noqa: BLE001 - silent (or restarting): record what the process does
-                now = time.monotonic()
-                self.silent_s += now - counted  # silent since it last answered, or since the last count
-                counted = now
-                proc = self.broker().proc
-                if now - answered > 6 and proc is not None and proc.poll() is None:
-                    self._record(now - answered)
+                continue
+            now = time.monotonic()  # silent (or restarting): record what the process does
+            self.silent_s += now - counted  # silent since it last answered, or since the last count
+            counted = now
+            proc = self.broker().proc
+            if now - answered > 6 and proc is not None and proc.poll() is None:
+                self._record(now - answered)
+
+    def _answers(self, admin, producer) -> bool:
+        """A record written and acknowledged within 3 s (the probe topic made first where it is missing: the
+        broker keeps its topics in memory, and a restarted one has none)."""
+        from confluent_kafka.admin import NewTopic
+
+        try:
+            if self.PROBE_TOPIC not in admin.list_topics(timeout=3).topics:
+                admin.create_topics([NewTopic(self.PROBE_TOPIC, 1, replication_factor=-1)],
+                                    request_timeout=3)[self.PROBE_TOPIC].result(timeout=5)
+        except Exception:  # noqa: BLE001 - not answered (or restarting)
+            return False
+        outcome: list = []
+        try:
+            producer.produce(self.PROBE_TOPIC, b"", on_delivery=lambda err, _msg: outcome.append(err))
+        except Exception:  # noqa: BLE001 - e.g. the topic is not known yet to the producer (made again)
+            producer.poll(0.5)
+            return False
+        producer.flush(4)
+        return outcome == [None]
 
     def _record(self, silent_s: float) -> None:
         proc = self.broker().proc
@@ -99,15 +134,19 @@ class SilenceRecorder(threading.Thread):
             cpu = sum(int(x) for x in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13])
             threads = [f"{t.name}:{(t / 'stat').read_text().rsplit(')', 1)[1].split()[0]}:"
                        f"{(t / 'wchan').read_text()}" for t in Path(f"/proc/{pid}/task").iterdir()]
+            files = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+            limit = next((line.split()[3] for line in Path(f"/proc/{pid}/limits").read_text().splitlines()
+                          if line.startswith("Max open files")), "?")
         except OSError as exc:  # it exited meanwhile
-            cpu, threads = -1, [repr(exc)]
-        try:
-            sockets = subprocess.run(["ss", "-tnp"], capture_output=True, text=True, timeout=10).stdout
+            cpu, threads, files, limit = -1, [repr(exc)], -1, "?"
+        try:  # -a: the listening socket too (its Recv-Q: connections waiting to be accepted)
+            sockets = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, timeout=10).stdout
         except (OSError, subprocess.SubprocessError):
             sockets = ""
         mine = [line for line in sockets.splitlines() if f"pid={pid}," in line]
         with open(self.out, "a") as f:
-            f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; threads {threads}\n")
+            f.write(f"{time.strftime('%H:%M:%S')} silent {silent_s:.0f} s; cpu ticks {cpu}; open files {files} "
+                    f"(limit {limit}); threads {threads}\n")
             f.write("".join(f"  {line}\n" for line in mine))
             f.write("".join(f"  {line}\n" for line in _machine(self.machine)))
 
@@ -334,13 +373,25 @@ class Mesh:
         return self.stub.GetTask(tpb.GetTaskRequest(task_id=task_id), metadata=auth(user), timeout=10).task
 
     def wait_done(self, task_id: str, timeout: float = 240, user: str = "alice") -> tpb.Task:
-        def check():
+        """The task once it ended, within `timeout` plus however long the local broker was silent meanwhile. A
+        silence longer than SILENT_LIMIT_S (issue 21's stall, recorded in logs/broker-silence.txt) is reported
+        as that expected failure, unless the task completed all the same."""
+        silent_before, began = self.silence.silent_s, time.monotonic()
+        while True:
             try:
                 task = self.get(task_id, user)
             except grpc.RpcError:
-                return None  # the gateway is restarting
-            return task if task.state in DONE else None
-        return wait_for(check, timeout, 0.2, f"task {task_id} to finish")
+                task = None  # the gateway is restarting
+            silent = self.silence.silent_s - silent_before
+            if silent > SILENT_LIMIT_S and (task is None or task.state != tpb.TASK_STATE_COMPLETED):
+                pytest.xfail(f"the local broker did not answer for {silent:.0f} s while task {task_id} ran "
+                             f"(issue 21's stall; see {self.logs}/broker-silence.txt)")
+            if task is not None and task.state in DONE:
+                return task
+            if time.monotonic() - began > timeout + silent:
+                raise AssertionError(f"timed out after {timeout}s (and {silent:.0f} s of the broker's silence) "
+                                     f"waiting for task {task_id} to finish")
+            time.sleep(0.2)
 
     def results(self, task_id: str) -> tuple[list[dict], bytes]:
         out = {}

@@ -23,7 +23,7 @@ from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import auth, media
 from tests.helpers import reserved_task_ids, upload, wait_for
-from tests.mesh import DONE, Mesh, assert_same_as_reference, reference_run, town_clip
+from tests.mesh import DONE, SILENT_LIMIT_S, Mesh, assert_same_as_reference, reference_run, town_clip
 
 pytestmark = pytest.mark.slow
 
@@ -277,10 +277,6 @@ def test_broker_killed_and_restarted_mid_task_recovers_within_seconds(mesh, clip
     if dead:
         pytest.xfail(f"librdkafka's crash as the broker came back (task exact nonetheless): {said}")
     assert all(w.status().resets >= resets_before.get(w.port, 0) for w in mesh.workers)
-
-
-# How long the broker may be silent after the burn before the test reports issue 21's stall instead of waiting.
-SILENT_LIMIT_S = 120.0
 
 
 # Last in the module on purpose: a tenfold oversubscription of this 2-core machine has left the shared mesh
