@@ -8,8 +8,9 @@ seconds over the window. Prints % of one core per process and the total, against
 below 5% of one core in all. Each configuration runs with 0 and 4 reserved task ids
 (POSEMESH_RESERVED_TASKS: per-task topics kept ready for the next uploads, read by every stage), to show
 how the idle cost scales with them, under the local stack's Kafka client settings and under deploy/'s
-(POSEMESH_KAFKA_FETCH_WAIT_MS=500 and a 1 s heartbeat, for Apache Kafka, which answers a held fetch as
-soon as a record arrives). --ingest N adds N ingest replicas (POSEMESH_INGEST=stage).
+(POSEMESH_KAFKA_FETCH_WAIT_MS=500, a 1 s heartbeat and a 10 s metadata refresh, for Apache Kafka, which
+answers a held fetch as soon as a record arrives and keeps its topics). --ingest N adds N ingest replicas
+(POSEMESH_INGEST=stage).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ TARGET = 5.0  # % of one core, all processes
 CONFIGS = {
     "local stack": {},
     "deploy/ settings": {"POSEMESH_KAFKA_FETCH_WAIT_MS": "500", "POSEMESH_KAFKA_HEARTBEAT_MS": "1000",
-                         "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": "10000"},
+                         "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": "10000", "POSEMESH_KAFKA_METADATA_REFRESH_MS": "10000"},
 }
 
 
