@@ -110,12 +110,12 @@ class Settings:
     # And the least IoU between a track's predicted box and a detection for them to match (the library's).
     track_memory_s: float = field(default_factory=lambda: float(env("TRACK_MEMORY_S", "2.0")))
     track_min_iou: float = field(default_factory=lambda: float(env("TRACK_MIN_IOU", "0.1")))
-    # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
-    # durability: a worker that takes a task over continues from the last finished segment).
     # BlazePose: a second pass on the region the first pass's landmarks give (centred on the hips, rotated
     # upright), as MediaPipe's own pipeline does. bench/accuracy.py: COCO keypoint AP 0.245 -> 0.352 (lite)
     # and 0.363 -> 0.401 (full) with our detector, for about twice the pose model's work per person.
     pose_refine: bool = field(default_factory=lambda: env("POSE_REFINE", "0").lower() in ("1", "true", "yes"))
+    # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
+    # durability: a worker that takes a task over continues from the last finished segment).
     x264_preset: str = field(default_factory=lambda: env("X264_PRESET", "veryfast"))
     segment_frames: int = field(default_factory=lambda: int(env("SEGMENT_FRAMES", "60")))
     # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:
