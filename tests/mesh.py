@@ -24,6 +24,7 @@ import pytest
 from posemesh.devstack.broker import LocalBroker
 from posemesh.devstack.processes import free_port, stop_process
 from posemesh.devstack.triton_server import TritonServer
+from posemesh.mesh import kafka
 from posemesh.mesh.pipeline import INGEST, STAGE_NAMES
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import stage_service_pb2 as spb
@@ -108,12 +109,9 @@ class SilenceRecorder(threading.Thread):
     def _answers(self, admin, producer) -> bool:
         """A record written and acknowledged within 3 s (the probe topic made first where it is missing: the
         broker keeps its topics in memory, and a restarted one has none)."""
-        from confluent_kafka.admin import NewTopic
-
         try:
             if self.PROBE_TOPIC not in admin.list_topics(timeout=3).topics:
-                admin.create_topics([NewTopic(self.PROBE_TOPIC, 1, replication_factor=-1)],
-                                    request_timeout=3)[self.PROBE_TOPIC].result(timeout=5)
+                kafka.create_topics(admin, [kafka.TopicSpec(self.PROBE_TOPIC, 1, {})], timeout=3)
         except Exception:  # noqa: BLE001 - not answered (or restarting)
             return False
         outcome: list = []
