@@ -517,8 +517,11 @@ class TaskLifecycle:
             return
         if active.task.ending and not active.ending_state:
             self._stop_camera(task_id, STOPPED_BECAUSE.get(active.task.ending, ""), active.task.ending)
-        if active.live_error:  # not sealed again here: the job written before, if any, has it
-            return
+        if active.live_error:  # its URL cannot be sealed again here
+            if active.task.state == tpb.TASK_STATE_QUEUED:  # no job was written (it follows RUNNING): no replica
+                self.fail(task_id, f"the gateway {what_happened} before the live task started, and "  # reads it
+                                   f"{active.live_error}")
+            return  # RUNNING: the job written before has the URL; the replica holding it reads on or says why not
         if not active.ending_state and not active.task.ending:
             try:
                 self.source_policy.check(active.live_url)

@@ -149,3 +149,30 @@ def test_a_live_task_whose_url_cannot_be_opened_any_more_fails_saying_why(broker
            "have" in failed.error_message and failed.error_message.endswith("start a new live task")
     assert task.task_id not in lifecycle.live_sources
     store.close()
+
+
+def test_a_queued_camera_task_whose_url_cannot_be_opened_fails_at_the_restart_with_the_ingest_stage(broker, tmp_path):
+    """The gateway died before the task ran (no ingest job is written before RUNNING), and came back with
+    another key: it cannot write the job, so no replica would ever read the camera. It fails at once, saying
+    why, instead of waiting for the stall limit."""
+    settings = make_settings(broker, tmp_path / "data", live_sources="rtsp://127.0.0.1:*", reserved_tasks=0,
+                             ingest="stage")
+    settings.jobs_dir.mkdir(parents=True)
+    kafka.ensure_shared_topics(settings)
+    task = tpb.Task(task_id=names.new_task_id(), state=tpb.TASK_STATE_QUEUED, file_name="cam",
+                    created_at=timestamp(now_us()), video=tpb.VideoInfo(width=64, height=48, fps=5.0),
+                    live=tpb.LiveStatus(source="rtsp://127.0.0.1:9/cam", max_lag_s=2.0))
+    before = TaskStore(settings.db_path)
+    before.create(task, "alice", None)
+    before.set_live_source(task.task_id, "rtsp://u:pw@127.0.0.1:9/cam", tpb.RTSP_TRANSPORT_TCP)
+    before.close()
+    store = TaskStore(settings.db_path, SecretBox([Fernet.generate_key()]))  # another key
+    topics = TopicManager(settings, Producer(kafka.producer_config(settings, "at-rest-test")), store)
+    topics.create(task.task_id)
+    lifecycle = TaskLifecycle(settings, store, topics, Reservations(topics, 0, 5.0), SourcePolicy(settings.live_sources))
+    lifecycle.recover()
+    failed = store.get(task.task_id)
+    assert failed.state == tpb.TASK_STATE_FAILED, failed
+    assert failed.error_message.startswith("the gateway restarted before the live task started, and the camera URL "
+                                           "of this live task was encrypted with a key this server does not have")
+    store.close()
