@@ -169,7 +169,8 @@ def test_a_queued_camera_task_whose_url_cannot_be_opened_fails_at_the_restart_wi
     store = TaskStore(settings.db_path, SecretBox([Fernet.generate_key()]))  # another key
     topics = TopicManager(settings, Producer(kafka.producer_config(settings, "at-rest-test")), store)
     topics.create(task.task_id)
-    lifecycle = TaskLifecycle(settings, store, topics, Reservations(topics, 0, 5.0), SourcePolicy(settings.live_sources))
+    lifecycle = TaskLifecycle(settings, store, topics, Reservations(topics, 0, 5.0),
+                              SourcePolicy(settings.live_sources))
     lifecycle.recover()
     failed = store.get(task.task_id)
     assert failed.state == tpb.TASK_STATE_FAILED, failed
