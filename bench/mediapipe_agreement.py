@@ -40,7 +40,7 @@ from bench.loop import OnnxModel
 from posemesh.mesh.models import prepare
 from posemesh.mesh.settings import REPO_ROOT, default_media_dir
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector
-from posemesh.stages.pose import BLAZEPOSE_TO_COCO, PoseEstimator, crop_matrix, to_image, whole_body_box
+from posemesh.stages.pose import BLAZEPOSE_TO_COCO, PoseEstimator, crop_matrix, crop_region, to_image, whole_body_box
 
 MEDIAPIPE_PYTHON = REPO_ROOT / ".venv-mediapipe" / "bin" / "python"
 # Ours -> MediaPipe's model_complexity. The mediapipe wheel ships only the full landmark model
@@ -113,7 +113,8 @@ def main() -> None:
         region = "box, then landmarks (POSE_REFINE)" if refine else "box"
         for name, persons in sets.items():
             ours, our_scores = estimator.estimate([image for image, _b in persons], [box for _i, box in persons])
-            matrices = [crop_matrix(whole_body_box(box, image.shape[0]), CROP, CROP) for image, box in persons]
+            matrices = [crop_matrix(crop_region(whole_body_box(box, image.shape[0]), CROP, CROP), CROP, CROP)
+                        for image, box in persons]
             crops = np.stack([cv2.cvtColor(cv2.warpAffine(image, m, (CROP, CROP), flags=cv2.INTER_LINEAR),
                                            cv2.COLOR_BGR2RGB) for (image, _b), m in zip(persons, matrices)])
             theirs = mediapipe(crops, complexity)
