@@ -111,8 +111,8 @@ class Settings:
     track_memory_s: float = field(default_factory=lambda: float(env("TRACK_MEMORY_S", "2.0")))
     track_min_iou: float = field(default_factory=lambda: float(env("TRACK_MIN_IOU", "0.1")))
     # BlazePose: a second pass on the region the first pass's landmarks give (centred on the hips, rotated
-    # upright), as MediaPipe's own pipeline does. bench/accuracy.py: COCO keypoint AP 0.245 -> 0.352 (lite)
-    # and 0.363 -> 0.401 (full) with our detector, for about twice the pose model's work per person.
+    # upright), as MediaPipe's own pipeline does. bench/accuracy.py: COCO keypoint AP 0.280 -> 0.374 (lite)
+    # and 0.349 -> 0.400 (full) with our detector, for about twice the pose model's work per person.
     pose_refine: bool = field(default_factory=lambda: env("POSE_REFINE", "0").lower() in ("1", "true", "yes"))
     # Annotate's H.264 encoder: the x264 preset, and frames per segment (a segment is annotate's unit of
     # durability: a worker that takes a task over continues from the last finished segment).
