@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/people.py                  # towncentre and vtest, every frame
     .venv/bin/python bench/people.py --frames 100     # the first 100 frames of each
+    .venv/bin/python bench/people.py --no-tiles --relink-crops /tmp/relinks   # and each re-link, to look at
 
 On the clips in ../shared/media, our detector (detect.py's YOLOX-nano code on the served yolox.onnx, ONNX
 Runtime, one thread) runs on every frame once, keeping persons scored above 0.3; every figure below is
@@ -19,7 +20,9 @@ computed from those detections at each minimum score.
 - **Tracking**: the track stage's TaskTracker (ByteTrack from `trackers`, the stage's settings) on our
   detections at two minimum scores, for several memories (POSEMESH_TRACK_MEMORY_S): ids, and the
   ids' lifetimes (first to last frame seen): short-lived ids are fragments of someone's track. Switches
-  need identities nobody annotated here, so they are not counted.
+  need identities nobody annotated here, so they are not counted; with re-linking (POSEMESH_TRACK_RELINK_S)
+  each re-link can be looked at: `--relink-crops DIR` writes the forgotten track's last box and the new
+  track's first side by side, for a person to say whether they are the same one.
 
 Deterministic (ONNX Runtime on the CPU): no ratios to time; the milliseconds are this machine's, noisy.
 """
@@ -33,13 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import cv2
 import numpy as np
 import supervision as sv
 
 from bench.loop import OnnxModel
 from posemesh.mesh import media
 from posemesh.mesh.models import prepare
-from posemesh.mesh.settings import REPO_ROOT, default_media_dir, default_models_dir
+from posemesh.mesh.settings import REPO_ROOT, Settings, default_media_dir, default_models_dir
 from posemesh.stages.detect import DEFAULT_MIN_SCORE, Detector, letterbox, merge_tiles, tiles
 from posemesh.stages.track import TaskTracker
 
@@ -49,6 +53,7 @@ REFERENCE_MIN_SCORE = 0.5
 LEAST_SCORE = 0.3  # ours are kept down to this once, then counted above each threshold
 THRESHOLDS = (0.3, 0.4, 0.5)
 MEMORIES_S = (1.0, 2.0, 3.0)
+RELINKS_S = (3.0, 5.0, 10.0)  # POSEMESH_TRACK_RELINK_S, at the default min score and memory
 TRACK_THRESHOLDS = (0.4, 0.5)  # the tracker's threshold is the detector's (stages/track.py)
 HEIGHTS = ((0, 60), (60, 100), (100, 200), (200, 10_000))  # reference person's box height, frame pixels
 LIFETIMES_S = ((0, 1), (1, 3), (3, 10), (10, 1e9))
@@ -118,19 +123,46 @@ def recall_rows(name: str, reference: list[np.ndarray], ours: list[tuple[np.ndar
               f"{hits.mean() if len(hits) else 0:.2f} | " + " | ".join(by_height) + f" | {extra:.2f} | {ms:.0f} |")
 
 
-def tracking_rows(name: str, ours: list[tuple[np.ndarray, np.ndarray]], times: list[float], fps: float) -> None:
-    for threshold, memory_s in ((t, m) for t in TRACK_THRESHOLDS for m in MEMORIES_S):
-        tracker = TaskTracker(fps, threshold, memory_s=memory_s)
+def tracking_rows(name: str, ours: list[tuple[np.ndarray, np.ndarray]], times: list[float], fps: float,
+                  images: list[np.ndarray], relink_crops: Path | None) -> None:
+    runs = [(t, m, 0.0) for t in TRACK_THRESHOLDS for m in MEMORIES_S]
+    runs += [(DEFAULT_MIN_SCORE, Settings().track_memory_s, r) for r in RELINKS_S]
+    frame_at = {t: i for i, t in enumerate(times)}
+    for threshold, memory_s, relink_s in runs:
+        tracker = TaskTracker(fps, threshold, memory_s=memory_s, relink_s=relink_s)
         seen: dict[int, list[float]] = {}
         for (boxes, scores), t in zip(ours, times):
             keep = scores > threshold
+            relinks = tracker.relinks
             for track_id in tracker.update(boxes[keep], scores[keep], t):
                 if track_id:
                     seen.setdefault(track_id, []).append(t)
+            if relink_crops and tracker.relinks > relinks:
+                forgotten, box = tracker.last_relink
+                save_pair(relink_crops / f"{name.split(' ')[0]}-relink{relink_s:g}s-{tracker.relinks:02d}-"
+                          f"id{forgotten.track_id}.png", images[frame_at[forgotten.seen_at]], forgotten.box,
+                          images[frame_at[t]], box)
         lives = [max(ts) - min(ts) + 1 / fps for ts in seen.values()]
         bins = [sum(lo <= life < hi for life in lives) for lo, hi in LIFETIMES_S]
-        print(f"| {name} | {threshold} | {memory_s:g} | {len(seen)} | " + " | ".join(map(str, bins))
-              + f" | {np.median(lives) if lives else 0:.1f} |")
+        print(f"| {name} | {threshold} | {memory_s:g} | {relink_s:g} | {len(seen)} | {tracker.relinks} | "
+              + " | ".join(map(str, bins)) + f" | {np.median(lives) if lives else 0:.1f} |")
+
+
+def save_pair(path: Path, before: np.ndarray, box_before: np.ndarray, after: np.ndarray, box_after: np.ndarray):
+    """The person's last box before the tracker forgot them and the new track's first, side by side (each
+    with some context around it, the box outlined), for a person to tell whether they are the same."""
+    crops = []
+    for image, box in ((before, box_before), (after, box_after)):
+        h, w = image.shape[:2]
+        pad = 0.5 * (box[3] - box[1])
+        x1, y1 = int(max(0, box[0] - pad)), int(max(0, box[1] - pad))
+        x2, y2 = int(min(w, box[2] + pad)), int(min(h, box[3] + pad))
+        crop = image[y1:y2, x1:x2].copy()
+        cv2.rectangle(crop, (int(box[0]) - x1, int(box[1]) - y1), (int(box[2]) - x1, int(box[3]) - y1),
+                      (0, 255, 0), 1)
+        crops.append(cv2.resize(crop, (int(crop.shape[1] * 240 / crop.shape[0]), 240)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), np.hstack([crops[0], np.zeros((240, 8, 3), np.uint8), crops[1]]))
 
 
 def main() -> None:
@@ -138,6 +170,7 @@ def main() -> None:
     parser.add_argument("--media", type=Path, default=default_media_dir())
     parser.add_argument("--frames", type=int, default=0, help="the first N frames of each clip (0: all)")
     parser.add_argument("--no-tiles", action="store_true", help="skip our detector on tiles (5x the time)")
+    parser.add_argument("--relink-crops", type=Path, help="write each re-link's two boxes here, as PNGs to look at")
     args = parser.parse_args()
     onnx_dir = REPO_ROOT / "run" / "onnx"
     prepare(onnx_dir)
@@ -164,7 +197,7 @@ def main() -> None:
         if not args.no_tiles:
             t0 = time.perf_counter()
             recall[-1] += ([tiled(detect, image) for image in images], 1000 * (time.perf_counter() - t0) / len(images))
-        detections[name] = (ours, times, fps)
+        detections[name] = (ours, times, fps, images)
 
     print("## Recall against the independent detector\n")
     print(f"Reference: {REFERENCE_MODEL}, score > {REFERENCE_MIN_SCORE}, on the whole frame and 2x2 tiles "
@@ -180,10 +213,11 @@ def main() -> None:
         if tiles_run:
             recall_rows(name, reference, tiles_run[0], "2x2 tiles + whole", tiles_run[1])
     print(f"\n## Tracking: the track stage's ByteTrack on our detections (default min score {DEFAULT_MIN_SCORE})\n")
-    print("| clip | min score | memory s | ids | lived < 1 s | 1-3 s | 3-10 s | >= 10 s | median life s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, (ours, times, fps) in detections.items():
-        tracking_rows(name, ours, times, fps)
+    print("| clip | min score | memory s | re-link s | ids | re-links | lived < 1 s | 1-3 s | 3-10 s | >= 10 s "
+          "| median life s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, (ours, times, fps, images) in detections.items():
+        tracking_rows(name, ours, times, fps, images, args.relink_crops)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ class Settings:
     # And the least IoU between a track's predicted box and a detection for them to match (the library's).
     track_memory_s: float = field(default_factory=lambda: float(env("TRACK_MEMORY_S", "2.0")))
     track_min_iou: float = field(default_factory=lambda: float(env("TRACK_MIN_IOU", "0.1")))
+    # A track forgotten (unseen for longer than the memory) hands its id to a new track that starts where it
+    # would be by now, within this many seconds (stages/track.py); 0: never.
+    track_relink_s: float = field(default_factory=lambda: float(env("TRACK_RELINK_S", "0")))
     # BlazePose: a second pass on the region the first pass's landmarks give (centred on the hips, rotated
     # upright), as MediaPipe's own pipeline does. bench/accuracy.py: COCO keypoint AP 0.280 -> 0.374 (lite)
     # and 0.349 -> 0.400 (full) with our detector, for about twice the pose model's work per person.

@@ -55,3 +55,51 @@ def test_the_memory_is_a_setting_in_seconds(monkeypatch):
     assert set(before) == set(after) == {2}
     monkeypatch.delenv("POSEMESH_TRACK_MEMORY_S")
     assert Settings().track_memory_s == 2.0
+
+
+def test_relinking_is_off_by_default_and_a_setting(monkeypatch):
+    assert Settings().track_relink_s == 0
+    monkeypatch.setenv("POSEMESH_TRACK_RELINK_S", "4")
+    stage = TrackStage()
+    stage.setup(Settings())
+    assert stage.relink_s == 4.0
+
+
+@pytest.mark.parametrize("fps", [25.0, 10.0])
+def test_a_walker_forgotten_by_the_tracker_gets_their_id_back_where_they_walked_on_to(fps):
+    """Unseen for 2.6 s with a 1 s memory: ByteTrack forgets the walker; re-linking finds the new track
+    where the old one's velocity (40 px/s) says it would be by now, and hands it the old id."""
+    tracker = TaskTracker(fps, 0.5, memory_s=1.0, relink_s=4.0)
+    before, after = walk(tracker, fps, gap_s=2.6)
+    assert set(before) == set(after) == {2} and tracker.relinks == 1
+    # Not when the gap is longer than relink_s.
+    tracker = TaskTracker(fps, 0.5, memory_s=1.0, relink_s=2.0)
+    before, after = walk(tracker, fps, gap_s=2.6)
+    assert set(before) == {2} and set(after) == {3} and tracker.relinks == 0
+
+
+def standing(tracker: TaskTracker, fps: float, people: list[list[float]], then: list[list[float]],
+             gap_s: float = 3.0) -> list[int]:
+    """`people` stand still for a second, nobody is seen for gap_s, then `then` stand there: their ids."""
+    for i in range(int(fps)):
+        tracker.update(np.array(people, np.float32), np.full(len(people), 0.9, np.float32), i / fps)
+    t = (int(fps) - 1) / fps + gap_s
+    return tracker.update(np.array(then, np.float32), np.full(len(then), 0.9, np.float32), t)
+
+
+def test_a_new_track_that_two_forgotten_ones_fit_about_as_well_keeps_its_new_id():
+    """A wrong re-link is an id switch: when two forgotten people fit nearly as well, nobody's id is handed on;
+    where one clearly fits, it is."""
+    two = [[100, 300, 150, 420], [160, 300, 210, 420]]
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, two, [[130, 300, 180, 420]]) == [3]
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, two, [[102, 300, 152, 420]]) == [1]
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, two,
+                    [[102, 300, 152, 420], [158, 300, 208, 420]]) == [1, 2]
+
+
+def test_a_new_track_of_another_size_or_too_far_away_is_someone_else():
+    one = [[100, 300, 150, 420]]
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, one, [[100, 240, 150, 420]]) == [2]
+    # Reach after a 3 s gap standing still: (0.3 + 0.15 x 3) x 120 px = 90 px from where it was.
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, one, [[185, 300, 235, 420]]) == [1]
+    assert standing(TaskTracker(10.0, 0.5, memory_s=1.0, relink_s=5.0), 10.0, one, [[195, 300, 245, 420]]) == [2]
