@@ -388,8 +388,26 @@ class Mesh:
                 return task
             if time.monotonic() - began > timeout + silent:
                 raise AssertionError(f"timed out after {timeout}s (and {silent:.0f} s of the broker's silence) "
-                                     f"waiting for task {task_id} to finish")
+                                     f"waiting for task {task_id} to finish; {self.where(task_id, task)}")
             time.sleep(0.2)
+
+    def where(self, task_id: str, task: tpb.Task | None) -> str:
+        """Where a task that did not finish stands, for a timeout's message: its state and progress, what each
+        worker has done of it, and whether Triton runs (CI keeps only the test's output, not the mesh's logs)."""
+        if task is None:
+            said = "the gateway did not answer"
+        else:
+            said = (f"state {tpb.TaskState.Name(task.state)}, progress "
+                    + ", ".join(f"{p.stage} {p.frames_done}/{p.frames_total}" for p in task.progress))
+        workers = []
+        for w in self.workers:
+            try:
+                done = next((t.frames_done for t in w.status(timeout=2).tasks if t.task_id == task_id), 0)
+                workers.append(f"{w.stage}:{w.port} {done}")
+            except grpc.RpcError as e:
+                workers.append(f"{w.stage}:{w.port} " + (e.code().name if w.alive() else f"exited {w.proc.returncode}"))
+        return (f"{said}; its frames by worker: {', '.join(workers)}; Triton {self.triton_exit() or 'running'}; "
+                f"logs in {self.logs}")
 
     def results(self, task_id: str) -> tuple[list[dict], bytes]:
         out = {}
