@@ -1,0 +1,124 @@
+"""What the local broker (Tansu) spends its CPU on: the bytes it carries, or the requests it answers.
+
+    .venv/bin/python bench/broker_cost.py      # about 5 minutes
+
+On a broker of its own (devstack's LocalBroker), with the mesh's own client settings (mesh/kafka.py):
+
+1. **Per message, by size**: one producer writes 300 messages at 10 a second (a 1080p frame's pace) into a
+   topic of 4 partitions while 1 or 3 consumer groups read all of them (3: detect, pose and annotate reading
+   every frame's JPEG). Printed: the broker's CPU ms per message, for 180 kB (a 1080p JPEG), 18 kB and 1 kB.
+2. **Per empty fetch**: one consumer on an idle topic of 1 or 8 partitions, at several fetch.wait.max.ms
+   (the local broker holds an empty fetch for its whole wait, so the wait sets the request rate). Printed:
+   the broker's CPU, % of one core.
+
+Process CPU of the broker from /proc (utime + stime). One run each: compare within a table.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from posemesh.devstack.broker import LocalBroker
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
+
+SIZES = (180_000, 18_000, 1_000)
+READERS = (3, 1)
+MESSAGES, RATE = 300, 10.0
+WAITS_MS = (10, 50, 200)
+
+
+def broker_cpu_s(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Readers:
+    """Consumers, each in a group of its own, reading a topic from the start on threads of this process."""
+
+    def __init__(self, settings: Settings, topic: str, count: int, **overrides):
+        self.read = [0] * count
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._consume, args=(settings, topic, i, overrides))
+                        for i in range(count)]
+        for thread in self.threads:
+            thread.start()
+
+    def _consume(self, settings: Settings, topic: str, i: int, overrides: dict) -> None:
+        consumer = Consumer({**kafka.consumer_config(settings, f"{topic}-reader-{i}", f"reader-{i}"),
+                             "auto.offset.reset": "earliest", **overrides})
+        consumer.subscribe([topic])
+        while not self.stop.is_set():
+            for message in consumer.consume(64, 0.05):
+                if not message.error():
+                    self.read[i] += 1
+        consumer.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def per_message(broker: LocalBroker, settings: Settings, admin: AdminClient, size: int, readers: int) -> float:
+    topic = f"bytes-{size}-{readers}-{time.time_ns()}"
+    admin.create_topics([NewTopic(topic, 4, 1)])[topic].result()
+    group = Readers(settings, topic, readers)
+    time.sleep(3)  # the groups joined
+    producer = Producer(kafka.producer_config(settings, "broker-cost"))
+    payload = os.urandom(size)
+    before, start = broker_cpu_s(broker.proc.pid), time.monotonic()
+    for i in range(MESSAGES):
+        producer.produce(topic, payload, partition=i % 4)
+        producer.poll(0)
+        time.sleep(1 / RATE)
+    producer.flush()
+    while min(group.read) < MESSAGES and time.monotonic() - start < 120:
+        time.sleep(0.05)
+    used = broker_cpu_s(broker.proc.pid) - before
+    group.close()
+    return 1000 * used / MESSAGES
+
+
+def empty_fetches(broker: LocalBroker, settings: Settings, admin: AdminClient, partitions: int, wait_ms: int) -> float:
+    topic = f"idle-{partitions}-{wait_ms}-{time.time_ns()}"
+    admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result()
+    group = Readers(settings, topic, 1, **{"fetch.wait.max.ms": wait_ms})
+    time.sleep(5)
+    before = broker_cpu_s(broker.proc.pid)
+    time.sleep(10)
+    used = (broker_cpu_s(broker.proc.pid) - before) / 10
+    group.close()
+    return 100 * used
+
+
+def main() -> None:
+    with LocalBroker() as broker:
+        settings = Settings()
+        settings.kafka_bootstrap = broker.bootstrap
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        print(f"## Broker CPU ms per message: {MESSAGES} messages at {RATE:g}/s, 4 partitions\n")
+        print("| message | " + " | ".join(f"{r} reader{'s' if r > 1 else ''}" for r in READERS) + " |")
+        print("|---|" + "---|" * len(READERS))
+        for size in SIZES:
+            cells = [f"{per_message(broker, settings, admin, size, r):.2f}" for r in READERS]
+            print(f"| {size / 1000:g} kB | " + " | ".join(cells) + " |", flush=True)
+        print("\n## Broker CPU with one consumer on an idle topic, % of one core\n")
+        print("| partitions | " + " | ".join(f"fetch.wait.max.ms {w}" for w in WAITS_MS) + " |")
+        print("|---|" + "---|" * len(WAITS_MS))
+        for partitions in (1, 8):
+            cells = [f"{empty_fetches(broker, settings, admin, partitions, w):.1f}" for w in WAITS_MS]
+            print(f"| {partitions} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
