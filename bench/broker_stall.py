@@ -1,6 +1,6 @@
 """Does the local broker (Tansu) stall when its consumer groups rebalance as several uploads start writing?
 
-    .venv/bin/python bench/broker_stall.py [--rounds 3] [--seconds 30]     # about 2 minutes a round
+    .venv/bin/python bench/broker_stall.py [--rounds 3] [--seconds 30] [--burst]     # about 2 minutes a round
 
 What the mesh does when four uploads start right after the gateway topped its reserve of task ids up (CI, the
 four-concurrent-tasks test, issue 21), with nothing else of the mesh: a broker of its own; four consumer groups
@@ -37,7 +37,7 @@ from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
 
 GROUPS, MEMBERS, TASKS, PARTITIONS = 4, 2, 4, 4
-RECORD_BYTES, RATE = 180_000, 15.0  # RATE: records a second per producer; 0 with --burst
+RECORD_BYTES, RATE = 180_000, 15.0  # RATE: records a second per producer, unless --burst
 STALL_S = 10.0
 
 
@@ -75,17 +75,17 @@ class Member(threading.Thread):
         self.consumer.close()
 
 
-def write(settings: Settings, topic: str, seconds: float, acked: list[int]) -> None:
+def write(settings: Settings, topic: str, records: int, paced: bool, acked: list[int]) -> None:
     producer = Producer(kafka.producer_config(settings, f"frames-{topic}"))
     payload = os.urandom(RECORD_BYTES)
 
     def delivered(err, _msg):
         if err is None:
             acked[0] += 1
-    for i in range(int(seconds * 15)):
+    for i in range(records):
         producer.produce(topic, payload, partition=i % PARTITIONS, on_delivery=delivered)
         producer.poll(0)
-        if RATE:
+        if paced:
             time.sleep(1 / RATE)
     producer.flush(60)
 
@@ -108,7 +108,9 @@ def threads_of(pid: int) -> str:
     return ", ".join(f"{s} x{states.count(s)}" for s in sorted(set(states)))
 
 
-def trial(broker: LocalBroker, settings: Settings, admin: AdminClient, rebalance: bool, seconds: float) -> dict:
+def trial(broker: LocalBroker, settings: Settings, admin: AdminClient, rebalance: bool, seconds: float,
+          paced: bool) -> dict:
+    records = int(seconds * RATE)  # each producer's
     stamp = time.time_ns()
     tasks = [f"raw_frames_{stamp}_{i}" for i in range(TASKS + 1)]
     admin.create_topics([NewTopic(t, PARTITIONS, 1) for t in tasks[:TASKS]] + [NewTopic(f"probe_{stamp}", 1, 1)])
@@ -127,12 +129,12 @@ def trial(broker: LocalBroker, settings: Settings, admin: AdminClient, rebalance
         for member in members:
             member.wanted = tasks
     acked = [0]
-    writers = [threading.Thread(target=write, args=(settings, t, seconds, acked), daemon=True)
+    writers = [threading.Thread(target=write, args=(settings, t, records, paced, acked), daemon=True)
                for t in tasks[:TASKS]]
     began, read[0], gap, seen = time.monotonic(), time.monotonic(), 0.0, ""
     for writer in writers:
         writer.start()
-    expected = GROUPS * TASKS * int(seconds * 15)
+    expected = GROUPS * TASKS * records
     while time.monotonic() - began < seconds + 90 and sum(m.count for m in members) < expected:
         time.sleep(0.2)
         quiet = time.monotonic() - read[0]
@@ -149,7 +151,7 @@ def trial(broker: LocalBroker, settings: Settings, admin: AdminClient, rebalance
     for member in members:
         member.join(30)
     admin.delete_topics(tasks[:TASKS + (1 if rebalance else 0)] + [f"probe_{stamp}"])
-    return {"written": TASKS * int(seconds * 15), "acked": acked[0], "read": sum(m.count for m in members),
+    return {"written": TASKS * records, "acked": acked[0], "read": sum(m.count for m in members),
             "expected": expected, "gap": gap, "probe": worst[0], "threads": seen,
             "took": time.monotonic() - began}
 
@@ -161,21 +163,19 @@ def main() -> None:
     parser.add_argument("--burst", action="store_true",
                         help="each producer writes its records as fast as it can, as the gateway's decoders do")
     args = parser.parse_args()
-    global RATE
-    if args.burst:
-        RATE = 0.0
     with LocalBroker() as broker:
         settings = Settings()
         settings.kafka_bootstrap = broker.bootstrap
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        print(f"{GROUPS} groups x {MEMBERS} members, {TASKS} producers x {RATE:g}/s x {RECORD_BYTES // 1000} kB "
-              f"for {args.seconds:g} s\n")
+        pace = "as fast as they can" if args.burst else f"at {RATE:g}/s"
+        print(f"{GROUPS} groups x {MEMBERS} members, {TASKS} producers x {int(args.seconds * RATE)} records of "
+              f"{RECORD_BYTES // 1000} kB {pace}\n")
         print("| round | trial | written | acked | read / expected | longest read gap s | slowest probe s | took s |")
         print("|---|---|---|---|---|---|---|---|")
         stalls = {"rebalance": 0, "steady": 0}
         for r in range(args.rounds):
             for mode in ("rebalance", "steady"):
-                res = trial(broker, settings, admin, mode == "rebalance", args.seconds)
+                res = trial(broker, settings, admin, mode == "rebalance", args.seconds, not args.burst)
                 stalls[mode] += res["gap"] > STALL_S
                 print(f"| {r + 1} | {mode} | {res['written']} | {res['acked']} | {res['read']} / {res['expected']} "
                       f"| {res['gap']:.1f} | {res['probe']:.1f} | {res['took']:.0f} |", flush=True)

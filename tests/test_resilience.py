@@ -98,8 +98,7 @@ def _subscriptions(mesh) -> dict:
 def _reserve_ready(mesh) -> tuple[set[str], dict]:
     """Waits until the gateway holds its full reserve of task ids and every consumer group has settled (the
     reserved topics are assigned, ended tasks' let go). Returns the reserved ids and the workers'
-    subscriptions then. Uploads made now start without any group rebalancing: the local broker has stalled
-    for minutes when a rebalance met several uploads starting (issue 21)."""
+    subscriptions then. Uploads made now take reserved ids and start without any group rebalancing."""
     bootstrap = mesh.settings.kafka_bootstrap
     wait_for(lambda: len(reserved_task_ids(bootstrap)) == mesh.settings.reserved_tasks, 90, 0.5, "the reservations")
     _subscriptions(mesh)  # no worker crashed meanwhile
