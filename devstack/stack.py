@@ -42,6 +42,10 @@ log = logging.getLogger("posemesh.stack")
 
 
 
+class StackStopped(RuntimeError):
+    """stop() came while start() was still bringing services up."""
+
+
 @dataclass
 class Service:
     name: str
@@ -63,9 +67,11 @@ class Service:
                                      cwd=REPO_ROOT, start_new_session=True)
         self.started_at = time.monotonic()
 
-    def wait_healthy(self, timeout: float) -> None:
+    def wait_healthy(self, timeout: float, stopping: threading.Event) -> None:
         deadline = time.monotonic() + timeout
         while not self.healthy():
+            if stopping.is_set():
+                raise StackStopped(f"the stack was stopped while {self.name} was starting")
             if self.proc.poll() is not None:
                 raise RuntimeError(
                     f"{self.name} exited with {self.proc.returncode} while starting; see {self.log_path}")
@@ -113,6 +119,7 @@ class Stack:
         self.metrics_ports: dict[str, int] = {}
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.stop_lock = threading.Lock()
         self.bootstrap = config.kafka or f"127.0.0.1:{config.kafka_port}"
         self.triton_url = config.triton_url or f"127.0.0.1:{config.triton_grpc_port}"
         ports = [config.gateway_port, *free_ports(config.gateways - 1)]
@@ -152,10 +159,12 @@ class Stack:
 
     def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None) -> Service:
         service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log")
-        service.start()
-        with self.lock:
+        with self.lock:  # stop() either sees this service or this refuses to start it
+            if self.stopping.is_set():
+                raise StackStopped(f"the stack was stopped before {name} started")
+            service.start()
             self.services.append(service)
-        service.wait_healthy(timeout)
+        service.wait_healthy(timeout, self.stopping)
         log.info("%-12s healthy (pid %d)", name, service.proc.pid)
         return service
 
@@ -213,6 +222,8 @@ class Stack:
         from posemesh.devstack.postgres import LocalPostgres
 
         self.postgres = LocalPostgres(log_path=self.logs / "postgres.log").start()
+        if self.stopping.is_set():  # stop() may have looked for it before it was there: start() stops it
+            raise StackStopped("the stack was stopped while PostgreSQL was starting")
         key = self.run_dir / "secrets.key"
         if not key.exists():
             key.write_text(Fernet.generate_key().decode() + "\n")
@@ -258,8 +269,13 @@ class Stack:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """Reverse start order: workers, gateway, Triton, broker. Nothing is left running."""
+        """Reverse start order: workers, gateway, Triton, broker. Nothing is left running. Safe to call again,
+        and from another thread than start()'s: each call stops what is still running."""
         self.stopping.set()
+        with self.stop_lock:
+            self._stop()
+
+    def _stop(self) -> None:
         with self.lock:
             services = list(reversed(self.services))
         for s in services:
@@ -276,6 +292,7 @@ class Stack:
             kill_group(s.proc.pid)  # nothing a service started outlives the stack
         if self.postgres is not None:
             self.postgres.stop()
+            self.postgres = None
         state = self.run_dir / "stack.json"
         state.unlink(missing_ok=True)
         log.info("stack stopped")
@@ -298,21 +315,71 @@ def _triton_ready(url: str) -> bool:
         return False
 
 
-def up(config: StackConfig) -> None:
+def serve(config: StackConfig, work: Callable[[Stack], int | None]) -> int:
+    """Start a stack, run `work(stack)` on it, stop it; SIGINT or SIGTERM stops it at any moment, even while it
+    is starting. `work` returns an exit status, or None to keep the stack up until a signal comes.
+
+    The main thread only waits: start() and `work` run on a helper thread. A signal handler that raises in a
+    thread inside a gRPC call (a health check, an upload) can leave that channel's close() deadlocked
+    (grpc/grpc#19973), and then nothing would stop the stack: a CI run saw `posemesh run` ignore SIGTERM."""
     stack = Stack(config)
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stack.start()
-    print(f"posemesh is up: gateway {stack.gateway_address} (API key posemesh-dev-key unless POSEMESH_API_KEYS is set)")
-    if len(stack.gateway_addresses) > 1:
-        print(f"{len(stack.gateway_addresses)} gateways: give clients every address, e.g. "
-              f"POSEMESH_ADDRESS={stack.gateway_address}")
-    if stack.rtsp_url:
-        print(f"live output: annotated live tasks play at {stack.rtsp_url}/live/<task>")
-    print(f"logs in {stack.logs}; Ctrl-C or `posemesh down` stops it")
-    stop.wait()
+    signalled: list[int] = []
+    wake = threading.Event()
+    outcome: dict = {}
+
+    def on_signal(signum, _frame) -> None:
+        signalled.append(signum)
+        wake.set()
+
+    def body() -> None:
+        try:
+            stack.start()
+            outcome["started"] = True
+            code = work(stack)
+            if code is None:
+                outcome["serving"] = True  # a signal is how this ends: a clean stop, status 0
+            else:
+                outcome["code"] = code
+                wake.set()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, which re-raises it
+            outcome["error"] = exc
+            wake.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    helper = threading.Thread(target=body, name="stack-work", daemon=True)
+    helper.start()
+    while not wake.wait(0.5):  # a timed wait: the handler runs between waits
+        pass
     stack.stop()
+    if signalled:
+        if not outcome.get("started"):  # start() fails fast now and stops what it started late (PostgreSQL)
+            helper.join(30)
+            stack.stop()
+        code = 0 if outcome.get("serving") else 128 + signalled[0]
+        if helper.is_alive():  # inside a gRPC call that could hang the interpreter's exit too
+            log.info("stopped by signal %d", signalled[0])
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
+    if "error" in outcome and not isinstance(outcome["error"], StackStopped):
+        raise outcome["error"]
+    return outcome.get("code", 1)
+
+
+def up(config: StackConfig) -> int:
+    def announce(stack: Stack) -> None:
+        print(f"posemesh is up: gateway {stack.gateway_address} "
+              "(API key posemesh-dev-key unless POSEMESH_API_KEYS is set)")
+        if len(stack.gateway_addresses) > 1:
+            print(f"{len(stack.gateway_addresses)} gateways: give clients every address, e.g. "
+                  f"POSEMESH_ADDRESS={stack.gateway_address}")
+        if stack.rtsp_url:
+            print(f"live output: annotated live tasks play at {stack.rtsp_url}/live/<task>")
+        print(f"logs in {stack.logs}; Ctrl-C or `posemesh down` stops it", flush=True)
+
+    return serve(config, announce)
 
 
 def down(run_dir: Path) -> int:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -91,8 +92,23 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
         socket.create_connection(("127.0.0.1", int(state["postgres"].rsplit(":", 1)[1].split("/")[0])), timeout=2)
 
 
-def test_run_stops_its_stack_when_terminated(tmp_path):
-    """`posemesh run` killed with SIGTERM (a CI timeout, say) stops everything it started."""
+def started_from(run_dir) -> list[int]:
+    """Processes whose environment names `run_dir`: everything a stack started there, whatever it is."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if str(run_dir).encode() in f.read() and alive(int(pid)):
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("when", ["starting", "working"])
+def test_run_stops_its_stack_when_terminated(tmp_path, when):
+    """`posemesh run` killed with SIGTERM (a CI timeout, say) stops everything it started, whether its stack is
+    still starting (Triton loading, health checks in flight) or a task is being uploaded and followed."""
     from tests.conftest import media
 
     run_dir = tmp_path / "once"
@@ -100,9 +116,15 @@ def test_run_stops_its_stack_when_terminated(tmp_path):
                              "--run-dir", str(run_dir), "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
                             stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT)
     state_file = run_dir / "stack.json"
-    wait_for(state_file.exists, 240, 0.2, "the stack of `posemesh run` to come up")
-    pids = list(json.loads(state_file.read_text())["services"].values())
+    sign = state_file if when == "working" else run_dir / "logs" / "triton.log"
+    wait_for(sign.exists, 240, 0.05, f"`posemesh run` to get to {sign.name}")
     proc.send_signal(signal.SIGTERM)
-    proc.wait(90)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        subprocess.run([str(Path(sys.executable).parent / "py-spy"), "dump", "--pid", str(proc.pid)], check=False)
+        proc.kill()
+        pytest.fail(f"`posemesh run` still running 60 s after SIGTERM; its log:\n{(tmp_path / 'run.log').read_text()}")
+    assert proc.returncode == 128 + signal.SIGTERM
     assert not state_file.exists()
-    assert [p for p in pids if alive(p)] == []
+    assert started_from(run_dir) == []

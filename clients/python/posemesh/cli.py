@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 import time
 from pathlib import Path
@@ -187,26 +186,24 @@ def missing_extra(command: str, extras: str) -> int:
 
 def cmd_run(args) -> int:
     """Start the stack, process one video, write its results, stop the stack."""
-    from posemesh.devstack.stack import Stack, StackConfig
+    from posemesh.devstack.stack import Stack, StackConfig, serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     video = Path(args.video)
     if not video.exists():
         print(f"no such video: {video}", file=sys.stderr)
         return 2
-    # SIGTERM (a CI timeout, `kill`) must stop the stack too: SystemExit runs the `finally` below.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    stack = Stack(StackConfig(run_dir=Path(args.run_dir), rtsp_port=-1))  # one file: no live output
     t0 = time.monotonic()
-    try:
-        stack.start()
+
+    def once(stack: Stack) -> int:
         print(f"stack up in {time.monotonic() - t0:.1f}s (logs: {stack.logs})")
         with Client(stack.gateway_address) as client:
             task = client.submit(video, pose_model=args.pose_model)
             print(task_line(task))
             return follow_and_fetch(client, task.task_id, Path(args.out))
-    finally:
-        stack.stop()
+
+    # SIGTERM (a CI timeout, `kill`) or Ctrl-C stops the stack at any moment, exit status 128 + the signal.
+    return serve(StackConfig(run_dir=Path(args.run_dir), rtsp_port=-1), once)  # one file: no live output
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,11 +300,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in filter(None, args.workers.split(",")):
             name, _, n = item.partition("=")
             workers[name] = int(n)
-        stack.up(stack.StackConfig(run_dir=Path(args.run_dir), kafka=args.kafka, kafka_port=args.kafka_port,
+        return stack.up(stack.StackConfig(run_dir=Path(args.run_dir), kafka=args.kafka, kafka_port=args.kafka_port,
                                    triton_url=args.triton_url, gateway_port=args.gateway_port,
                                    gateways=args.gateways, workers=workers,
                                    rtsp_port=args.rtsp_port, live_sources=args.live_sources))
-        return 0
 
     client = Client(args.address, args.api_key)
     try:
