@@ -137,6 +137,20 @@ def follower_config(settings: Settings, group_id: str, client_id: str) -> dict:
             "fetch.wait.max.ms": max(settings.kafka_fetch_wait_ms, FOLLOWER_FETCH_WAIT_MS)}
 
 
+def _collect_errors(errors: list):
+    """A delivery callback that holds the error list and nothing else. librdkafka keeps each unacknowledged
+    record's callback where Python's garbage collector cannot see it, until a poll serves its report: a bound
+    method of the Sender there held the Sender, and so the producer, its threads and broker connections, for
+    as long as the process, whenever a producer was dropped with records unsent (a cancelled task, a broker
+    that never answered). Dropping the producer now destroys it, unsent records and all."""
+
+    def delivered(err, _msg) -> None:
+        if err is not None:
+            errors.append(err)
+
+    return delivered
+
+
 class Sender:
     """How every posemesh process writes records: produce() that waits for room when the producer's local
     queue is full (BufferError), delivery errors collected for the writer to act on, and a flush with a
@@ -146,6 +160,7 @@ class Sender:
     def __init__(self, producer: Producer):
         self.producer = producer
         self.errors: list = []
+        self._delivered = _collect_errors(self.errors)
 
     def send(self, topic: str, data: bytes | None, partition: int = 0, key: bytes | str | None = None) -> None:
         while True:
@@ -154,10 +169,6 @@ class Sender:
                 return
             except BufferError:  # the local queue is full: let the broker take some
                 self.producer.poll(0.05)
-
-    def _delivered(self, err, _msg) -> None:
-        if err is not None:
-            self.errors.append(err)
 
     def flush(self, timeout_s: float, give_up=lambda: False) -> int:
         """Wait until everything sent is acknowledged, in short slices so `give_up()` (a cancelled task, a

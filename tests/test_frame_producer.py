@@ -85,3 +85,50 @@ def test_the_gateway_keeps_the_last_count_while_the_task_store_is_away(caplog):
     assert len([r for r in caplog.records if "does not answer" in r.getMessage()]) == 1
     store.away, store.done = False, 20
     assert finished() == 20
+
+
+LETS_GO = """
+import gc, os, sys, time
+from pathlib import Path
+from posemesh.mesh import frames
+from posemesh.v1 import task_service_pb2 as tpb
+
+def kafka_threads():
+    return sum(open(f"/proc/self/task/{t}/comm").read().startswith("rdk:") for t in os.listdir("/proc/self/task"))
+
+task = tpb.Task(task_id="t1")
+task.video.fps = 25.0
+p = frames.FrameProducer(task, Path(sys.argv[1]), {"bootstrap.servers": "127.0.0.1:9"}, 4, 80,
+                         on_progress=lambda first, last: None, on_done=None, on_error=None)
+p.start()
+deadline = time.monotonic() + 60
+while len(p.producer) < 40 and time.monotonic() < deadline:
+    time.sleep(0.05)
+held = len(p.producer)
+p.cancelled.set()
+p.join(30)
+print("held", held, "alive", p.is_alive())
+with_it = kafka_threads()
+del p
+gc.collect()
+time.sleep(1.0)
+print("threads", with_it, kafka_threads())
+"""
+
+
+def test_a_cancelled_frame_producer_lets_go_of_its_kafka_client():
+    """A task's producer dropped with records still unsent (a cancelled task; a broker that never answered) must
+    take its librdkafka client with it: each record holds its delivery callback, and a callback that held the
+    producer kept it, its threads and its broker connections alive as long as the gateway (a CI run ended with
+    hundreds). Its own process: librdkafka's threads are counted."""
+    import subprocess
+    import sys
+
+    from tests.conftest import media
+
+    out = subprocess.run([sys.executable, "-c", LETS_GO, str(media("vtest_opencv_480x360.mp4"))],
+                         capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert int(lines["held"].split()[0]) >= 40 and lines["held"].split()[-1] == "False", out.stdout + out.stderr
+    with_it, after = (int(n) for n in lines["threads"].split())
+    assert with_it > 0 and after == 0, out.stdout
