@@ -1,6 +1,7 @@
 """What the local broker (Tansu) spends its CPU on: the bytes it carries, or the requests it answers.
 
-    .venv/bin/python bench/broker_cost.py      # about 5 minutes
+    .venv/bin/python bench/broker_cost.py                 # about 6 minutes
+    .venv/bin/python bench/broker_cost.py --only idle     # part 3 alone, about a minute
 
 On a broker of its own (devstack's LocalBroker), with the mesh's own client settings (mesh/kafka.py):
 
@@ -10,6 +11,10 @@ On a broker of its own (devstack's LocalBroker), with the mesh's own client sett
 2. **Per empty fetch**: one consumer on an idle topic of 1 or 8 partitions, at several fetch.wait.max.ms
    (the local broker holds an empty fetch for its whole wait, so the wait sets the request rate). Printed:
    the broker's CPU, % of one core.
+3. **Per idle producer**: producers that each wrote one record to a task topic, since deleted, and were
+   then left open: what a producer leaked by its own delivery callbacks cost (mesh/kafka.py's Sender,
+   until December 2026). Each refreshes its metadata every topic.metadata.refresh.interval.ms (the mesh's
+   500 ms). Printed: the broker's CPU, % of one core, for 0, 25 and 100 of them.
 
 Process CPU of the broker from /proc (utime + stime). One run each: compare within a table.
 """
@@ -101,11 +106,32 @@ def empty_fetches(broker: LocalBroker, settings: Settings, admin: AdminClient, p
     return 100 * used
 
 
+def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, count: int) -> float:
+    producers = []
+    for i in range(count):
+        topic = f"gone-{count}-{i}-{time.time_ns()}"
+        admin.create_topics([NewTopic(topic, 1, 1)])[topic].result()
+        producer = Producer(kafka.producer_config(settings, f"left-open-{i}"))
+        producer.produce(topic, b"x")
+        producer.flush(10)
+        admin.delete_topics([topic])[topic].result()
+        producers.append(producer)
+    time.sleep(5)
+    before = broker_cpu_s(broker.proc.pid)
+    time.sleep(10)
+    used = (broker_cpu_s(broker.proc.pid) - before) / 10
+    producers.clear()
+    return 100 * used
+
+
 def main() -> None:
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
     with LocalBroker() as broker:
         settings = Settings()
         settings.kafka_bootstrap = broker.bootstrap
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        if only == "idle":
+            return print_idle_producers(broker, settings, admin)
         print(f"## Broker CPU ms per message: {MESSAGES} messages at {RATE:g}/s, 4 partitions\n")
         print("| message | " + " | ".join(f"{r} reader{'s' if r > 1 else ''}" for r in READERS) + " |")
         print("|---|" + "---|" * len(READERS))
@@ -118,6 +144,15 @@ def main() -> None:
         for partitions in (1, 8):
             cells = [f"{empty_fetches(broker, settings, admin, partitions, w):.1f}" for w in WAITS_MS]
             print(f"| {partitions} | " + " | ".join(cells) + " |", flush=True)
+        print_idle_producers(broker, settings, admin)
+
+
+def print_idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient) -> None:
+    counts = (0, 25, 100)
+    print("\n## Broker CPU with producers left open after their topics were deleted, % of one core\n")
+    print("| " + " | ".join(f"{n} producers" for n in counts) + " |")
+    print("|" + "---|" * len(counts))
+    print("| " + " | ".join(f"{idle_producers(broker, settings, admin, n):.1f}" for n in counts) + " |", flush=True)
 
 
 if __name__ == "__main__":
