@@ -723,6 +723,7 @@ class TaskLifecycle:
 
         task = self.store.update(result.task_id, attach)
         if task is not None:
+            self.store.finish_progress(result.task_id, result.frames_written, result.epoch)
             with self.lock:  # a live source recording its ending finishes first
                 ending = self.store.ending(result.task_id)
             if not ending and task.ending in STOPPED_BECAUSE:  # stopped; the source is not done yet

@@ -491,6 +491,24 @@ class TaskStore:
                        " WHERE task_id = ?", (json.dumps(progress), total, *((now_us(),) if grew else ()), task_id))
             return grew
 
+    def finish_progress(self, task_id: str, frames: int, epoch: int) -> None:
+        """The task's results are in, made of `frames` frames: every step did every one of them (annotate writes
+        its results once the end of stream has come through every stage, behind every frame). Steps whose
+        progress reports are still on their way (another process's, read in no set order with annotate's
+        result) are counted complete now rather than moments after the task says COMPLETED."""
+        if frames <= 0:
+            return
+        with self.transaction(task_id) as db:
+            row = db.one("SELECT progress, frames_total, epoch FROM tasks WHERE task_id = ?", (task_id,))
+            if row is None or epoch < row[2]:
+                return
+            progress = json.loads(row[0])
+            if all(int(progress.get(step, 0)) >= frames for step in PROGRESS_STEPS) and row[1]:
+                return
+            progress.update({step: max(frames, int(progress.get(step, 0))) for step in PROGRESS_STEPS})
+            db.execute("UPDATE tasks SET progress = ?, frames_total = ? WHERE task_id = ?",
+                       (json.dumps(progress), row[1] or frames, task_id))
+
     def new_run(self, task_id: str, warning: str) -> int:
         """The task runs again from its first frame (the broker lost its topics): a new epoch, no progress."""
         with self.transaction(task_id) as db:

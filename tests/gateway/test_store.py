@@ -232,3 +232,27 @@ def test_gateways_sealing_with_different_keys_cannot_share_a_store(postgres):
     TaskStore(location, SecretBox([Fernet.generate_key()])).close()
     with pytest.raises(KeyFileError, match="same POSEMESH_SECRETS_KEY_FILE"):
         TaskStore(location, SecretBox([Fernet.generate_key()]))
+
+
+def test_a_task_whose_results_are_in_counts_every_step_complete_and_late_reports_change_nothing(two_stores):
+    """annotate's result (60 frames written) read before track's last progress report, from another process:
+    every step counts 60 at once; the late report does not lower it; a result of an older run is ignored."""
+    a, b = two_stores
+    task = _task()
+    a.create(task, "alice", None)
+    a.add_done(task.task_id, "decode", [(0, 59)], 0, frames_total=60)
+    for step in ("detect", "pose", "annotate"):
+        a.add_done(task.task_id, step, [(0, 59)], 0)
+    a.add_done(task.task_id, "track", [(0, 51)], 0)
+    b.finish_progress(task.task_id, 60, epoch=0)
+    counts = {p.stage: (p.frames_done, p.frames_total) for p in a.get(task.task_id).progress}
+    assert counts == {s: (60, 60) for s in ("decode", "detect", "pose", "track", "annotate")}
+    assert not a.add_done(task.task_id, "track", [(52, 59)], 0)
+    assert a.frames_done(task.task_id, "track") == 60
+
+    rerun = _task()
+    a.create(rerun, "alice", None)
+    a.new_run(rerun.task_id, "the broker lost its data")
+    a.add_done(rerun.task_id, "track", [(0, 9)], 1, frames_total=60)
+    b.finish_progress(rerun.task_id, 60, epoch=0)
+    assert a.frames_done(rerun.task_id, "track") == 10
