@@ -1,7 +1,9 @@
 """The production image (deploy/Dockerfile), built from this checkout and run.
 
-What it holds: the headless OpenCV build and the runtime parts only, each entry point answering. How it runs:
-The gateway and each stage run as containers on a user-defined bridge network: each has its own network
+What it holds: the headless OpenCV build and the runtime parts only, each entry point answering (the server's
+environment, deploy/install-server.sh on both wheels, is tested here and nowhere else).
+
+How it runs: the gateway and each stage run as containers on a user-defined bridge network: each has its own network
 namespace and its own /dev/shm, and no two share a disk. They use the broker, Triton and an S3-protocol
 store that run on this machine, listening on the bridge's address. A real clip's results (keypoints byte
 for byte, every annotated picture) must equal those of the same processes run on the host.
