@@ -33,6 +33,7 @@ rm -f "$WHEELHOUSE"/posemesh-* "$WHEELHOUSE"/posemesh_server-*
 PORT=$("$PY" -c "
 import socket
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the last build's connections in TIME_WAIT: still free
 try:
     s.bind(('127.0.0.1', ${WHEELHOUSE_PORT:-38451}))
 except OSError:

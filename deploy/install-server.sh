@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Install posemesh's server side into PYTHON's environment, the one way every environment is built:
-# deploy/Dockerfile (production image), `make venv` (--dev) and tests/test_packaging.py (the image's
-# environment rebuilt in a clean venv).
+# deploy/Dockerfile (production image; tests/test_image.py builds and checks it) and `make venv` (--dev).
 #
 #   deploy/install-server.sh PYTHON [WHEELS]       WHEELS: a folder holding the client wheel (posemesh-*.whl)
 #                                                  and the server wheel (posemesh_server-*.whl), as `make wheel`
 #                                                  writes them to dist/; default: both built from this checkout
 #   deploy/install-server.sh PYTHON --dev          both distributions editable, with the dev extra (tests, bench)
+#   deploy/install-server.sh PYTHON --dependencies what the two distributions depend on, and nothing of posemesh
+#                                                  (read from ./pyproject.toml and ./clients/python/pyproject.toml):
+#                                                  the Dockerfile's cached layer, before posemesh's code is copied
 #
 # pip cannot drop one dependency of a dependency, so trackers and supervision (which declare the GUI
 # opencv-python) are installed --no-deps after the extra, which brings headless OpenCV and what they import.
@@ -30,6 +32,18 @@ if [ "$SOURCE" = --dev ]; then
     if ! "$PY" -c "import cv2" 2>/dev/null; then  # cv2/ damaged by an earlier mixed install
         "${PIP[@]}" --force-reinstall --no-deps opencv-python-headless==5.0.0.93
     fi
+elif [ "$SOURCE" = --dependencies ]; then
+    LIST=$(mktemp)
+    "$PY" -c "
+import tomllib
+for path in ('pyproject.toml', 'clients/python/pyproject.toml'):
+    for requirement in tomllib.load(open(path, 'rb'))['project']['dependencies']:
+        if not requirement.startswith('posemesh'):
+            print(requirement)" > "$LIST"
+    "${PIP[@]}" -r "$LIST"
+    "${PIP[@]}" --no-deps -r "$HERE/requirements-nodeps.txt"
+    rm -f "$LIST"
+    exit 0  # nothing of posemesh to check yet: the full install after it does
 else
     if [ -d "$SOURCE" ] && ls "$SOURCE"/posemesh_server-*.whl >/dev/null 2>&1; then
         WHEELS=$(realpath "$SOURCE")
