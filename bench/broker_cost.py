@@ -94,16 +94,21 @@ def per_message(broker: LocalBroker, settings: Settings, admin: AdminClient, siz
     return 1000 * used / MESSAGES
 
 
+def settled_cpu_percent(broker: LocalBroker, settle_s: float = 5.0, measure_s: float = 10.0) -> float:
+    """The broker's CPU, % of one core, over `measure_s` after `settle_s` for the clients to settle."""
+    time.sleep(settle_s)
+    before = broker_cpu_s(broker.proc.pid)
+    time.sleep(measure_s)
+    return 100 * (broker_cpu_s(broker.proc.pid) - before) / measure_s
+
+
 def empty_fetches(broker: LocalBroker, settings: Settings, admin: AdminClient, partitions: int, wait_ms: int) -> float:
     topic = f"idle-{partitions}-{wait_ms}-{time.time_ns()}"
     admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result()
     group = Readers(settings, topic, 1, **{"fetch.wait.max.ms": wait_ms})
-    time.sleep(5)
-    before = broker_cpu_s(broker.proc.pid)
-    time.sleep(10)
-    used = (broker_cpu_s(broker.proc.pid) - before) / 10
+    used = settled_cpu_percent(broker)
     group.close()
-    return 100 * used
+    return used
 
 
 def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, count: int) -> float:
@@ -116,12 +121,9 @@ def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, 
         producer.flush(10)
         admin.delete_topics([topic])[topic].result()
         producers.append(producer)
-    time.sleep(5)
-    before = broker_cpu_s(broker.proc.pid)
-    time.sleep(10)
-    used = (broker_cpu_s(broker.proc.pid) - before) / 10
+    used = settled_cpu_percent(broker)
     producers.clear()
-    return 100 * used
+    return used
 
 
 def main() -> None:
