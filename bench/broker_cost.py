@@ -111,7 +111,8 @@ def empty_fetches(broker: LocalBroker, settings: Settings, admin: AdminClient, p
     return used
 
 
-def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, count: int) -> float:
+def left_open(settings: Settings, admin: AdminClient, count: int) -> list[Producer]:
+    """`count` producers, each having written a record to a topic deleted since, as the leaked ones were."""
     producers = []
     for i in range(count):
         topic = f"gone-{count}-{i}-{time.time_ns()}"
@@ -121,6 +122,11 @@ def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, 
         producer.flush(10)
         admin.delete_topics([topic])[topic].result()
         producers.append(producer)
+    return producers
+
+
+def idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient, count: int) -> float:
+    producers = left_open(settings, admin, count)
     used = settled_cpu_percent(broker)
     producers.clear()
     return used

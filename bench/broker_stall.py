@@ -1,6 +1,7 @@
 """Does the local broker (Tansu) stall when its consumer groups rebalance as several uploads start writing?
 
-    .venv/bin/python bench/broker_stall.py [--rounds 3] [--seconds 30] [--burst]     # about 2 minutes a round
+    .venv/bin/python bench/broker_stall.py [--rounds 3] [--seconds 30] [--burst] [--left-open 150]
+                                                                                  # about 2 minutes a round
 
 What the mesh does when four uploads start right after the gateway topped its reserve of task ids up (CI, the
 four-concurrent-tasks test, issue 21), with nothing else of the mesh: a broker of its own; four consumer groups
@@ -14,6 +15,8 @@ writing 180 kB records (1080p JPEGs) at 15 a second each. A round runs two trial
 
 Printed for each trial: records written and read, the longest time no member read anything while records
 were outstanding, and the slowest acknowledgement of a record a separate plain producer writes every 0.5 s.
+`--left-open N`: N producers left open on the broker first, each having written to a topic since deleted
+(what the tests' process had accumulated by the late full-suite runs that stalled; bench/broker_cost.py).
 A trial whose longest gap passes 10 s is a stall; the broker's threads (state, kernel wait channel) are
 printed then, to compare with `broker-silence.txt` from the mesh's tests.
 """
@@ -29,6 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from broker_cost import left_open  # bench/ is on sys.path: the script's own folder
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -162,11 +166,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="how long each producer writes")
     parser.add_argument("--burst", action="store_true",
                         help="each producer writes its records as fast as it can, as the gateway's decoders do")
+    parser.add_argument("--left-open", type=int, default=0, metavar="N",
+                        help="producers left open on the broker first (leaked ones, as in the tests' process)")
     args = parser.parse_args()
     with LocalBroker() as broker:
         settings = Settings()
         settings.kafka_bootstrap = broker.bootstrap
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        leaked = left_open(settings, admin, args.left_open)
+        if leaked:
+            print(f"{len(leaked)} producers left open on the broker")
         pace = "as fast as they can" if args.burst else f"at {RATE:g}/s"
         print(f"{GROUPS} groups x {MEMBERS} members, {TASKS} producers x {int(args.seconds * RATE)} records of "
               f"{RECORD_BYTES // 1000} kB {pace}\n")
