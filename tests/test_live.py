@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -218,15 +221,31 @@ def test_a_thinned_live_stream_plays_at_once_for_its_token_holders_only_and_is_r
             client.wait(task.task_id, timeout_s=120)
 
 
-def test_stopping_a_live_task_keeps_its_results(client, cameras):
-    task = client.start_live(cameras.url("cam/long"))
-    wait_for(lambda: client.get(task.task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
-    client.cancel(task.task_id)
-    done = client.wait(task.task_id, timeout_s=120)
+def test_stopping_a_live_task_with_ctrl_c_in_the_cli_keeps_its_results(mesh, client, cameras, tmp_path):
+    """`posemesh live URL --wait`, then Ctrl-C: the CLI cancels the task, waits for its results and writes them."""
+    out = tmp_path / "out"
+    cli = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "--address", f"127.0.0.1:{mesh.gateway_port}",
+                            "--api-key", USERS["alice"], "live", cameras.url("cam/long"), "--wait", "--quiet",
+                            "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    task_id = cli.stdout.readline().strip()
+    wait_for(lambda: client.get(task_id).progress[-1].frames_done >= 8, 120, 0.2, "8 annotated frames")
+    cli.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = cli.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        cli.kill()
+        pytest.fail(f"`posemesh live --wait` still running 120 s after Ctrl-C: {cli.communicate()}")
+    assert cli.returncode == 0, stdout + stderr
+    assert "stopping; the results of what was processed follow" in stderr
+    done = client.get(task_id)
     assert done.state == tpb.TASK_STATE_CANCELLED and done.artifacts
-    records, video = results(client, task.task_id)
+    records, video = results(client, task_id)
     assert len(records) >= 8 and [r["index"] for r in records] == list(range(len(records)))
     assert frame_count(video) == len(records)
+    written = sorted(out.iterdir())
+    assert len(written) == len(done.artifacts), written
+    assert all(any(p.name.endswith("." + a.file_name) for p in written) for a in done.artifacts), written
+    assert next(p for p in written if p.suffix == ".mp4").read_bytes() == video
 
 
 def test_a_camera_that_dies_and_comes_back_is_reconnected(client, tmp_path):

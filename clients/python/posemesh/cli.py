@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -133,16 +134,25 @@ def follow_and_fetch(client: Client, task_id: str, out: Path, quiet: bool = Fals
 def cmd_live(args, client: Client) -> int:
     task = client.start_live(args.url, pose_model=args.pose_model, name=args.name, transport=args.transport,
                              max_lag_s=args.max_lag_s)
-    print(task.task_id if args.quiet else task_line(task))
+    print(task.task_id if args.quiet else task_line(task), flush=True)
     if not args.wait:
         return 0
-    try:
+
+    def show_updates() -> None:
         for update in client.watch(task.task_id):
             if not args.quiet:
                 print(task_line(update), flush=True)
+
+    # The watch runs on a helper thread and the main thread only waits, so Ctrl-C never lands inside a gRPC call
+    # (an exception raised there can leave the channel's close() hanging: grpc/grpc#19973).
+    watching = threading.Thread(target=show_updates, name="watch", daemon=True)
+    watching.start()
+    try:
+        while watching.is_alive():
+            watching.join(0.5)
     except KeyboardInterrupt:  # stop the live task; its results are still written
         client.cancel(task.task_id)
-        print("stopping; the results of what was processed follow", file=sys.stderr)
+        print("stopping; the results of what was processed follow", file=sys.stderr, flush=True)
     return follow_and_fetch(client, task.task_id, Path(args.out), quiet=True, results_of_any_end=True)
 
 
