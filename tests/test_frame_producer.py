@@ -94,7 +94,13 @@ from posemesh.mesh import frames
 from posemesh.v1 import task_service_pb2 as tpb
 
 def kafka_threads():
-    return sum(open(f"/proc/self/task/{t}/comm").read().startswith("rdk:") for t in os.listdir("/proc/self/task"))
+    count = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            count += open(f"/proc/self/task/{t}/comm").read().startswith("rdk:")
+        except (FileNotFoundError, ProcessLookupError):  # a thread that ended meanwhile
+            pass
+    return count
 
 task = tpb.Task(task_id="t1")
 task.video.fps = 25.0
