@@ -544,7 +544,7 @@ class TaskStore:
             task, mark = tpb.Task.FromString(row[0]), json.loads(row[1] or "{}")
             if mark.get("reader") != reader:  # a new reader: what the task counted so far is its base
                 if mark.get("reader", "") > reader:
-                    return  # a late status of a reader already replaced (readers are named after their start)
+                    return  # a late status of a reader already replaced (stages/ingest.py's reader_name)
                 live = task.live
                 mark = {"reader": reader, "base": [live.frames_received, live.frames_dropped, live.reconnects]}
             received, dropped, reconnects = mark["base"]

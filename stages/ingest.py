@@ -81,6 +81,15 @@ RETRY_S, RETRY_MAX_S = 1.0, 30.0
 CAMERA_STOP_S = 12.0
 
 
+def reader_name(resumed_at: int, worker_id: str, now: float | None = None) -> str:
+    """The name a camera's reader gives its LiveRead statuses. The gateway keeps the counts of the reader whose
+    name sorts last and drops a late status of an earlier one (gateway/store.py's apply_live_read), so names
+    sort by the frame the reader went on from: a reader that takes a camera over resumes after every frame
+    its predecessors sent, whatever the hosts' clocks say. The clock only breaks a tie (a predecessor that
+    sent no frame). The leading "@" sorts after the digits of the older names (the clock alone)."""
+    return f"@{resumed_at:012d}/{time.time() if now is None else now:020.6f}/{worker_id}"
+
+
 class AnnotatedSoFar:
     """How far the annotate stage got with the uploads and cameras read here, for their back-pressure and lag
     bound: the progress annotate reports on posemesh.events (what the gateway counts when it decodes itself),
@@ -561,7 +570,7 @@ class IngestWorker:
         if so_far.frames:
             log.info("task %s: reading its camera again from frame %d on", task_id, so_far.frames)
         run.start_at = run.published = so_far.frames
-        reader = f"{time.time():020.6f}/{self.worker_id}"  # ordered by when it took the camera (gateway/store.py)
+        reader = reader_name(so_far.frames, self.worker_id)
         annotated = self.annotated  # this session's (a run outliving it must not touch the next one's)
         following = annotated.follow(task_id, job.epoch, so_far.frames)
         try:

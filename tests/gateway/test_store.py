@@ -14,6 +14,7 @@ from posemesh.gateway.sql import Conflict, open_database
 from posemesh.gateway.store import TaskStore, now_us, timestamp
 from posemesh.mesh import names
 from posemesh.mesh.at_rest import SecretBox
+from posemesh.stages.ingest import reader_name
 from posemesh.v1 import task_service_pb2 as tpb
 
 
@@ -105,6 +106,26 @@ def test_the_camera_counts_of_successive_ingest_replicas_add_up(two_stores):
                                                               reconnects=1))
     live = b.get(task.task_id).live
     assert (live.frames_received, live.frames_dropped, live.reconnects, live.connected) == (15, 5, 1, True)
+
+
+def test_a_reader_that_took_the_camera_over_counts_whatever_its_hosts_clock_says(two_stores):
+    """The replica that takes a camera over names itself after the frame it goes on from, so its statuses
+    replace its predecessor's even when its clock is an hour behind, and the predecessor's late ones are dropped."""
+    a, b = two_stores
+    task = _task()
+    task.live.source = "rtsp://cam/1"
+    a.create(task, "alice", None)
+    first = reader_name(0, "ingest-a", now=1796300000.0)
+    second = reader_name(40, "ingest-b", now=1796300000.0 - 3600)  # resumed after the first one's 40 frames
+    a.apply_live_read(task.task_id, 0, first, tpb.LiveStatus(frames_received=40, frames_dropped=2))
+    b.apply_live_read(task.task_id, 0, second, tpb.LiveStatus(frames_received=5, reconnects=1))
+    a.apply_live_read(task.task_id, 0, first, tpb.LiveStatus(frames_received=41, frames_dropped=2))  # late
+    live = b.get(task.task_id).live
+    assert (live.frames_received, live.frames_dropped, live.reconnects) == (45, 2, 1)
+    # A predecessor that sent no frame: the clock decides, as before.
+    assert reader_name(7, "x", now=2.0) > reader_name(7, "y", now=1.0) > reader_name(6, "z", now=9.0)
+    # Names of replicas from before this naming (the clock alone) sort before any of these.
+    assert reader_name(0, "x", now=0.0) > f"{1796300000.0:020.6f}/old"
 
 
 def test_the_cameras_still_read_are_the_running_live_tasks_with_no_ending(two_stores):
