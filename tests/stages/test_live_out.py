@@ -25,6 +25,9 @@ KEYFRAME_S = 2.0
 CAMERA_FPS = 25.0
 KEPT_EVERY_S = 0.4  # 1 frame in 10 of a 25 fps camera reaches annotate: 90 % dropped at the source
 SIZE = (640, 360)
+# "Refused at once" against what it replaced: a relay that kept a player waiting ~20 s before its 503. Bounded
+# well above a refusal's real time (tens of ms) so that a busy machine's hiccup is not taken for that.
+AT_ONCE_S = 3.0
 PLAYER = LIVE_PLAYER  # players set for live viewing (tests/helpers.py says what that is)
 
 
@@ -140,7 +143,7 @@ def test_a_published_stream_plays_only_at_its_secret_path_and_is_refused_at_once
     images = clips.source_frames(SIZE)
     try:
         code, took = describe(play)
-        assert code == 404 and took < 1.0, (code, took)  # nothing published yet: refused, not kept waiting
+        assert code == 404 and took < AT_ONCE_S, (code, took)  # nothing published yet: refused, not kept waiting
         out.publisher.start()
         for index in range(3):
             out.write(pb.Frame(index=index, timestamp_s=index * KEPT_EVERY_S), images[index % len(images)])
@@ -151,18 +154,18 @@ def test_a_published_stream_plays_only_at_its_secret_path_and_is_refused_at_once
         for guess in (relay.url(f"live/{path.split('/')[0]}"), relay.url(f"live/{path[:-1]}x"),
                       relay.url(f"live/{path.split('/')[0]}/")):
             code, took = describe(guess)
-            assert code == 404 and took < 1.0, (guess, code, took)
+            assert code == 404 and took < AT_ONCE_S, (guess, code, took)
         with pytest.raises(av.error.FFmpegError):  # a real player is refused as fast
             av.open(relay.url(f"live/{path.split('/')[0]}"), options=PLAYER, timeout=(5, 5))
         out.close_segment()
         out.publisher.close()  # the task's results are written: annotate stops publishing
         out.publisher.join(10)
         ended = time.monotonic()
-        while describe(play)[0] != 404:
+        while describe(play)[0] != 404 and time.monotonic() - ended < 30:
             time.sleep(0.05)
         refused_after = time.monotonic() - ended
         print(f"refused {refused_after:.2f} s after the publisher left")
-        assert refused_after < 1.0
+        assert refused_after < AT_ONCE_S, f"still played {refused_after:.2f} s after the publisher left"
     finally:
         out.abandon()
         relay.stop()
