@@ -293,8 +293,9 @@ def test_compose_brings_the_mesh_up_healthy_and_its_results_equal_the_host_proce
         image, broker_image, bridge, services, host_reference, tmp_path):
     """deploy/compose.yaml with deploy/compose.local.yaml, as its comment says to run it: the broker image
     built from the pinned wheel, Triton at POSEMESH_TRITON_URL (this machine's, on the network's address),
-    secrets made by deploy/make-secrets.sh. Every service passes its health check, metrics answer on the
-    Compose network, a real clip's results equal the host processes', and `down -v` leaves nothing."""
+    secrets made by deploy/make-secrets.sh, pose scaled to two replicas. Every container passes its health
+    check, metrics answer on the Compose network, a real clip's results equal the host processes', and `down -v`
+    leaves nothing."""
     version = subprocess.run(["docker", "compose", "version", "--short"], capture_output=True, text=True, timeout=30)
     have = tuple(int(p) for p in version.stdout.strip().lstrip("v").split(".")[:3] if p.isdigit())
     assert version.returncode == 0 and have >= (2, 24, 4), (  # !override and !reset
@@ -325,9 +326,11 @@ secrets:
     compose = Compose(project, extra, {"POSEMESH_TRITON_URL": triton_url, "POSEMESH_IMAGE": image,
                                        "POSEMESH_BROKER_IMAGE": broker_image})
     try:
-        compose("up", "-d", "--no-build", "--pull", "never", "--wait", "--wait-timeout", "240", timeout=300)
+        # Two pose replicas, as deploy/README.md scales a stage: nothing in the file may pin one container per service.
+        compose("up", "-d", "--no-build", "--pull", "never", "--scale", "pose=2", "--wait", "--wait-timeout", "240",
+                timeout=300)
         states = [json.loads(line) for line in compose("ps", "--format", "json").splitlines()]
-        assert {s["Service"] for s in states} == {"kafka", "gateway", "ingest", *STAGES}, states
+        assert sorted(s["Service"] for s in states) == sorted(["kafka", "gateway", "ingest", "pose", *STAGES]), states
         for s in states:
             assert s["State"] == "running" and s["Health"] == ("" if s["Service"] == "kafka" else "healthy"), s
 
