@@ -4,7 +4,7 @@
 #
 #   deploy/build-broker-image.sh [TAG]      default TAG: posemesh-broker:local (what deploy/compose.local.yaml runs)
 #
-# No base image: the binary is statically linked, so the image is the binary alone (about 50 MB).
+# No base image: the binary is statically linked, so the image is the binary alone (about 40 MB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAG=${1:-posemesh-broker:local}
