@@ -30,6 +30,57 @@ def decode(jpeg: bytes) -> np.ndarray:
         raise BadJpeg(f"undecodable JPEG ({exc})") from None
 
 
+class Pictures:
+    """Full decodes into buffers that are kept and written over again, for a stage that holds a batch of
+    decoded frames at once (pose).
+
+    Fresh arrays for a batch of decoded frames cost the pose worker about 3 ms of CPU a 1080p frame in new
+    pages: in the stack, 2 uploads of towncentre alternated twice, pose took 13.1-14.1 ms a frame with fresh
+    arrays and 10.3-10.8 with these buffers (bench/README.md). A loop that decodes batches of 8 towncentre
+    frames while holding their records and crops, as the worker does, took 9.2 ms and 820 minor page faults a
+    frame with fresh arrays, 6.5 ms and 34 with these (getrusage): the batch's memory goes back to the kernel
+    and comes again. Annotate, which decodes one frame at a time and drops it, measured the same either way,
+    as did a decode loop alone (bench/jpeg_quality.py). A
+    picture handed out stays valid until the next recycle(): call it when every picture decoded since the
+    last one is no longer used (the next batch). At most RETAIN_BYTES of buffers are kept between batches
+    (ten 1080p frames, two 4K ones); the rest are allocated and dropped as before.
+    """
+
+    RETAIN_BYTES = 64 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.free: list[np.ndarray] = []  # flat uint8 buffers, no picture of the current batch in them
+        self.lent: list[np.ndarray] = []
+
+    def decode(self, data: bytes) -> np.ndarray:
+        """The whole picture, BGR, in a buffer of this object's (valid until the next recycle())."""
+        try:
+            height, width, _colorspace, _subsampling = simplejpeg.decode_jpeg_header(data)
+        except ValueError as exc:
+            raise BadJpeg(f"undecodable JPEG ({exc})") from None
+        size = height * width * 3
+        fits = [i for i, b in enumerate(self.free) if size <= b.size <= 2 * size]
+        buffer = self.free.pop(fits[0]) if fits else np.empty(size, np.uint8)
+        self.lent.append(buffer)
+        DECODES.labels("full").inc()
+        try:
+            return simplejpeg.decode_jpeg(data, "BGR", buffer=buffer)
+        except ValueError as exc:
+            raise BadJpeg(f"undecodable JPEG ({exc})") from None
+
+    def recycle(self) -> None:
+        """Every picture decoded so far may be written over from now on."""
+        self.free.extend(self.lent)
+        self.lent.clear()
+        self.free.sort(key=lambda b: b.size, reverse=True)
+        kept = 0
+        for i, buffer in enumerate(self.free):
+            if kept + buffer.size > self.RETAIN_BYTES:
+                del self.free[i:]
+                break
+            kept += buffer.size
+
+
 def decode_for(jpeg: bytes, width: int, height: int, longest_side: int) -> tuple[np.ndarray, float]:
     """The picture at the smallest DCT scale (1/8, 1/4, 1/2, 1) whose longest side is still at least
     `longest_side`, and the factor from its pixels back to the frame's."""

@@ -206,6 +206,7 @@ class PoseStage(Stage):
     def setup(self, settings) -> None:
         self.settings = settings
         self.estimators: dict[str, PoseEstimator] = {}
+        self.pictures = jpeg.Pictures()  # a batch's decoded frames, in buffers reused by the next batch
 
     def estimator(self, name: str) -> PoseEstimator:
         if name not in self.estimators:
@@ -224,11 +225,12 @@ class PoseStage(Stage):
         # Persons grouped by model across all frames and tasks of the batch: one Triton call per model (two
         # with POSE_REFINE).
         images, boxes, where = defaultdict(list), defaultdict(list), defaultdict(list)
+        self.pictures.recycle()  # the last batch's pictures are done with
         for item in items:
             if not item.frame.persons:
                 continue
             try:
-                image = jpeg.decode(item.frame.jpeg)
+                image = self.pictures.decode(item.frame.jpeg)
             except jpeg.BadJpeg as exc:
                 raise StageError(f"frame {item.frame.index}: {exc}") from None
             estimator = self.estimator(model_name(item.task.options.pose_model, self.settings.default_pose_model))

@@ -1,0 +1,50 @@
+"""mesh/jpeg.py: decoding into kept buffers gives the same pictures as a fresh decode, and keeps memory bounded."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from posemesh.mesh import jpeg
+
+
+def _jpeg(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    picture = cv2.resize(rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8), (width, height))
+    return jpeg.encode(picture, 80)
+
+
+def test_pictures_are_the_fresh_decodes_and_buffers_are_reused_only_after_recycle():
+    pictures = jpeg.Pictures()
+    first, second = _jpeg(640, 360, 1), _jpeg(640, 360, 2)
+    a, b = pictures.decode(first), pictures.decode(second)
+    assert np.array_equal(a, jpeg.decode(first)) and np.array_equal(b, jpeg.decode(second))
+    assert not np.shares_memory(a, b)  # one batch: each picture has a buffer of its own
+    pictures.recycle()
+    c = pictures.decode(second)
+    assert np.shares_memory(c, a) or np.shares_memory(c, b)  # the next batch writes over the last one's
+    assert np.array_equal(c, jpeg.decode(second))
+
+
+def test_a_buffer_is_reused_only_for_a_picture_of_about_its_size():
+    pictures = jpeg.Pictures()
+    big = pictures.decode(_jpeg(1280, 720, 3))
+    pictures.recycle()
+    small = pictures.decode(_jpeg(320, 180, 4))  # 1/16 of the big one: a buffer of its own
+    assert not np.shares_memory(small, big)
+    assert small.shape == (180, 320, 3)
+
+
+def test_buffers_kept_between_batches_are_bounded(monkeypatch):
+    monkeypatch.setattr(jpeg.Pictures, "RETAIN_BYTES", 3 * 640 * 360 * 3)
+    pictures = jpeg.Pictures()
+    for seed in range(5):
+        pictures.decode(_jpeg(640, 360, seed))
+    pictures.recycle()
+    assert len(pictures.free) == 3 and not pictures.lent
+
+
+def test_an_undecodable_frame_is_a_bad_jpeg():
+    with pytest.raises(jpeg.BadJpeg):
+        jpeg.Pictures().decode(b"\xff\xd8 not a picture")
