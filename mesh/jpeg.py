@@ -34,16 +34,16 @@ class Pictures:
     """Full decodes into buffers that are kept and written over again, for a stage that holds a batch of
     decoded frames at once (pose).
 
-    Fresh arrays for a batch of decoded frames cost the pose worker about 3 ms of CPU a 1080p frame in new
-    pages: in the stack, 2 uploads of towncentre alternated twice, pose took 13.1-14.1 ms a frame with fresh
-    arrays and 10.3-10.8 with these buffers (bench/README.md). A loop that decodes batches of 8 towncentre
-    frames while holding their records and crops, as the worker does, took 9.2 ms and 820 minor page faults a
-    frame with fresh arrays, 6.5 ms and 34 with these (getrusage): the batch's memory goes back to the kernel
-    and comes again. Annotate, which decodes one frame at a time and drops it, measured the same either way,
-    as did a decode loop alone (bench/jpeg_quality.py). A
-    picture handed out stays valid until the next recycle(): call it when every picture decoded since the
-    last one is no longer used (the next batch). At most RETAIN_BYTES of buffers are kept between batches
-    (ten 1080p frames, two 4K ones); the rest are allocated and dropped as before.
+    Fresh arrays for a batch of decoded frames cost the pose worker about 3 ms of CPU a 1080p frame in new pages:
+    in the stack, 2 uploads of towncentre alternated twice, pose took 13.1-14.1 ms a frame with fresh arrays and
+    10.3-10.8 with these buffers (bench/README.md, 2026-12-04). A loop that decodes batches of 8 towncentre frames
+    while holding their records and crops, as the worker does, took 9.2 ms and 820 minor page faults a frame with
+    fresh arrays, 6.5 ms and 34 with these (getrusage): the batch's memory goes back to the kernel and comes
+    again. Annotate, which decodes one frame at a time and drops it, measured the same either way in the stack, as
+    did a loop decoding and dropping one frame at a time (4.96 ms a towncentre frame at quality 80, 4.95 into a
+    kept buffer). A picture handed out stays valid until the next recycle(): call it when every picture decoded
+    since the last one is no longer used (the next batch). At most RETAIN_BYTES of buffers are kept between
+    batches (ten 1080p frames, two 4K ones); the rest are allocated and dropped as before.
     """
 
     RETAIN_BYTES = 64 * 1024 * 1024
@@ -60,7 +60,7 @@ class Pictures:
             raise BadJpeg(f"undecodable JPEG ({exc})") from None
         size = height * width * 3
         fits = [i for i, b in enumerate(self.free) if size <= b.size <= 2 * size]
-        buffer = self.free.pop(fits[0]) if fits else np.empty(size, np.uint8)
+        buffer = self.free.pop(fits[-1]) if fits else np.empty(size, np.uint8)  # the smallest that fits
         self.lent.append(buffer)
         DECODES.labels("full").inc()
         try:
@@ -72,13 +72,15 @@ class Pictures:
         """Every picture decoded so far may be written over from now on."""
         self.free.extend(self.lent)
         self.lent.clear()
-        self.free.sort(key=lambda b: b.size, reverse=True)
-        kept = 0
-        for i, buffer in enumerate(self.free):
-            if kept + buffer.size > self.RETAIN_BYTES:
-                del self.free[i:]
-                break
-            kept += buffer.size
+        # Largest first, each kept while the budget allows: a frame too big for it alone (8K) leaves the
+        # smaller buffers kept.
+        kept: list[np.ndarray] = []
+        budget = self.RETAIN_BYTES
+        for buffer in sorted(self.free, key=lambda b: b.size, reverse=True):
+            if buffer.size <= budget:
+                kept.append(buffer)
+                budget -= buffer.size
+        self.free = kept
 
 
 def decode_for(jpeg: bytes, width: int, height: int, longest_side: int) -> tuple[np.ndarray, float]:

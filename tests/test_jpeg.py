@@ -22,9 +22,11 @@ def test_pictures_are_the_fresh_decodes_and_buffers_are_reused_only_after_recycl
     assert np.array_equal(a, jpeg.decode(first)) and np.array_equal(b, jpeg.decode(second))
     assert not np.shares_memory(a, b)  # one batch: each picture has a buffer of its own
     pictures.recycle()
-    c = pictures.decode(second)
-    assert np.shares_memory(c, a) or np.shares_memory(c, b)  # the next batch writes over the last one's
-    assert np.array_equal(c, jpeg.decode(second))
+    c, d = pictures.decode(second), pictures.decode(first)
+    # The next batch writes over the last one's buffers, each picture still in a buffer of its own.
+    assert np.shares_memory(c, a) or np.shares_memory(c, b)
+    assert (np.shares_memory(d, a) or np.shares_memory(d, b)) and not np.shares_memory(c, d)
+    assert np.array_equal(c, jpeg.decode(second)) and np.array_equal(d, jpeg.decode(first))
 
 
 def test_a_buffer_is_reused_only_for_a_picture_of_about_its_size():
@@ -34,6 +36,23 @@ def test_a_buffer_is_reused_only_for_a_picture_of_about_its_size():
     small = pictures.decode(_jpeg(320, 180, 4))  # 1/16 of the big one: a buffer of its own
     assert not np.shares_memory(small, big)
     assert small.shape == (180, 320, 3)
+
+
+def test_the_smallest_kept_buffer_that_fits_is_taken():
+    pictures = jpeg.Pictures()
+    big, small = pictures.decode(_jpeg(704, 400, 5)), pictures.decode(_jpeg(640, 360, 6))
+    pictures.recycle()
+    again = pictures.decode(_jpeg(640, 360, 7))  # both fit (704x400 is within 2x): the smaller is used
+    assert np.shares_memory(again, small) and not np.shares_memory(again, big)
+
+
+def test_a_buffer_over_the_budget_alone_does_not_push_the_smaller_ones_out(monkeypatch):
+    monkeypatch.setattr(jpeg.Pictures, "RETAIN_BYTES", 2 * 640 * 360 * 3)
+    pictures = jpeg.Pictures()
+    pictures.decode(_jpeg(1280, 720, 8))  # 4x the small ones: over the budget on its own
+    pictures.decode(_jpeg(640, 360, 9))
+    pictures.recycle()
+    assert [b.size for b in pictures.free] == [640 * 360 * 3]
 
 
 def test_buffers_kept_between_batches_are_bounded(monkeypatch):
