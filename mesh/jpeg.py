@@ -21,11 +21,11 @@ class BadJpeg(ValueError):
     """The bytes are not a JPEG that decodes."""
 
 
-def decode(jpeg: bytes) -> np.ndarray:
-    """The whole picture, BGR."""
+def decode(jpeg: bytes, buffer: np.ndarray | None = None) -> np.ndarray:
+    """The whole picture, BGR (in `buffer` when given: at least height x width x 3 bytes)."""
     DECODES.labels("full").inc()
     try:
-        return simplejpeg.decode_jpeg(jpeg, "BGR")
+        return simplejpeg.decode_jpeg(jpeg, "BGR", buffer=buffer)
     except ValueError as exc:
         raise BadJpeg(f"undecodable JPEG ({exc})") from None
 
@@ -34,16 +34,13 @@ class Pictures:
     """Full decodes into buffers that are kept and written over again, for a stage that holds a batch of
     decoded frames at once (pose).
 
-    Fresh arrays for a batch of decoded frames cost the pose worker about 3 ms of CPU a 1080p frame in new pages:
-    in the stack, 2 uploads of towncentre alternated twice, pose took 13.1-14.1 ms a frame with fresh arrays and
-    10.3-10.8 with these buffers (bench/README.md, 2026-12-04). A loop that decodes batches of 8 towncentre frames
-    while holding their records and crops, as the worker does, took 9.2 ms and 820 minor page faults a frame with
-    fresh arrays, 6.5 ms and 34 with these (getrusage): the batch's memory goes back to the kernel and comes
-    again. Annotate, which decodes one frame at a time and drops it, measured the same either way in the stack, as
-    did a loop decoding and dropping one frame at a time (4.96 ms a towncentre frame at quality 80, 4.95 into a
-    kept buffer). A picture handed out stays valid until the next recycle(): call it when every picture decoded
-    since the last one is no longer used (the next batch). At most RETAIN_BYTES of buffers are kept between
-    batches (ten 1080p frames, two 4K ones); the rest are allocated and dropped as before.
+    Fresh arrays for a batch of decoded frames went back to the kernel between batches and came again as page
+    faults: about 3 ms of CPU a 1080p frame in the pose worker (13.1-14.1 against 10.3-10.8 ms a frame in the
+    stack; bench/README.md, 2026-12-04, has the measurements). A stage that decodes one frame at a time and drops it
+    (annotate) measured the same either way, and keeps `decode`. A picture handed out stays valid until the next
+    recycle(): call it when every picture decoded since the last one is no longer used (the next batch). At most
+    RETAIN_BYTES of buffers are kept between batches (ten 1080p frames, two 4K ones); the rest are allocated and
+    dropped as before.
     """
 
     RETAIN_BYTES = 64 * 1024 * 1024
@@ -62,11 +59,7 @@ class Pictures:
         fits = [i for i, b in enumerate(self.free) if size <= b.size <= 2 * size]
         buffer = self.free.pop(fits[-1]) if fits else np.empty(size, np.uint8)  # the smallest that fits
         self.lent.append(buffer)
-        DECODES.labels("full").inc()
-        try:
-            return simplejpeg.decode_jpeg(data, "BGR", buffer=buffer)
-        except ValueError as exc:
-            raise BadJpeg(f"undecodable JPEG ({exc})") from None
+        return decode(data, buffer)
 
     def recycle(self) -> None:
         """Every picture decoded so far may be written over from now on."""
