@@ -204,7 +204,7 @@ class TaskLifecycle:
             if isinstance(frames, Upload) and frames.path is None:
                 self.topics.publish_ingest_job(pb.IngestJob(
                     task=tpb.Task(task_id=task_id, options=task.options, video=task.video), epoch=epoch,
-                    upload_key=names.upload_key(task_id)), headers)
+                    upload_key=names.upload_key(task_id)), self._ingest_partition(task_id), headers)
             elif isinstance(frames, Upload):
                 self._produce(task, frames.path, epoch)
             elif isinstance(frames, Camera) and self.settings.ingest_stage():
@@ -212,11 +212,22 @@ class TaskLifecycle:
                     task=tpb.Task(task_id=task_id, options=task.options, video=task.video,  # counts: the reader's
                                   live=tpb.LiveStatus(source=task.live.source, max_lag_s=task.live.max_lag_s)),
                     epoch=epoch, live=pb.LiveJob(sealed_url=self.store.secrets.seal(frames.source.url),
-                                                 transport=frames.transport)), headers)
+                                                 transport=frames.transport)), self._ingest_partition(task_id), headers)
             elif isinstance(frames, Camera):
                 self._read_camera(task, frames.source, frames.transport, epoch, frames.so_far)
             elif isinstance(frames, StreamEnd):
                 self._close_stream(task, epoch, frames)
+
+    def _ingest_partition(self, task_id: str) -> int | None:
+        """The partition of posemesh.ingest the task's jobs go to: the one its first job went to, or one of the
+        least busy replica's (gateway/placement.py), kept before the job is written so that a job written again
+        for the run (after a gateway restart) reaches the same replica. None: where the task id hashes."""
+        partition = self.store.ingest_partition(task_id)
+        if partition is None or partition >= self.settings.ingest_partitions:
+            partition = self.topics.placement.choose(task_id)
+            if partition is not None:
+                self.store.set_ingest_partition(task_id, partition)
+        return partition
 
     def _store_given_boxes(self, task_id: str, upload: Path) -> None:
         """Boxes given instead of the detector (posemesh.mesh.given_boxes) wait next to the upload as it arrives;

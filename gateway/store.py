@@ -118,7 +118,10 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  ("owner", "TEXT"),
                  # A live task's camera read by ingest replicas: the latest reader and the counts of those
                  # before it, {"reader": ..., "base": [received, dropped, reconnects]} (apply_live_read).
-                 ("live_reader", "TEXT")]
+                 ("live_reader", "TEXT"),
+                 # The partition of posemesh.ingest the task's jobs go to (gateway/placement.py; NULL: keyed by
+                 # task, as before placement, or not decoded by the ingest stage).
+                 ("ingest_partition", "INTEGER")]
 
 
 @dataclass(frozen=True)
@@ -528,6 +531,15 @@ class TaskStore:
         with self.lock:
             row = self.db.one("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,))
             return row[0] if row else 0
+
+    def ingest_partition(self, task_id: str) -> int | None:
+        with self.lock:
+            row = self.db.one("SELECT ingest_partition FROM tasks WHERE task_id = ?", (task_id,))
+            return row[0] if row else None
+
+    def set_ingest_partition(self, task_id: str, partition: int) -> None:
+        with self.transaction(task_id, notify=False) as db:
+            db.execute("UPDATE tasks SET ingest_partition = ? WHERE task_id = ?", (partition, task_id))
 
     def set_live_source(self, task_id: str, url: str, transport: int) -> None:
         """The camera a live task reads (kept, sealed, to read it again after the broker lost its data)."""

@@ -22,6 +22,7 @@ import time
 
 from confluent_kafka import Producer
 
+from posemesh.gateway.placement import IngestPlacement
 from posemesh.gateway.store import TaskStore, now_us
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
@@ -42,6 +43,7 @@ class TopicManager:
         self.publish_lock = threading.Lock()
         self.readers: dict[str, tuple[float, set[str]]] = {}  # worker -> (heard at, tasks it reads)
         self.waiting: dict[str, tuple[float, set[str]]] = {}  # ingest replica -> (heard at, tasks queued there)
+        self.placement = IngestPlacement(settings.ingest_partitions)  # where new IngestJobs go
         self.last_listed: dict[str, float] = {}  # task -> when a heartbeat last listed it (monotonic, here)
         self.orphans: dict[str, float] = {}  # topics of unknown/finished tasks found on the broker
         self.local_readers = set  # () -> tasks whose topics the gateway itself reads (live views)
@@ -63,14 +65,19 @@ class TopicManager:
         """`headers`: Kafka headers of the event's own record (a TaskStarted's carry its run's trace context)."""
         self._publish(kafka.CONTROL_TOPIC, kafka.control_records(event), headers)
 
-    def _publish(self, topic: str, records: list[tuple[bytes, bytes | None]], headers: list | None = None) -> None:
-        """Write `records` (key, value) and wait until the broker has them; `headers` go on the first."""
+    def _publish(self, topic: str, records: list[tuple[bytes, bytes | None]], headers: list | None = None,
+                 partition: int | None = None) -> None:
+        """Write `records` (key, value) and wait until the broker has them; `headers` go on the first; all on
+        `partition` when given (else where their keys hash)."""
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
         with self.publish_lock:
             for i, (key, value) in enumerate(records):
                 own = headers if i == 0 and headers else None  # the event's record, not its tombstones
-                self.producer.produce(topic, value, key=key, headers=own)
+                if partition is None:
+                    self.producer.produce(topic, value, key=key, headers=own)
+                else:
+                    self.producer.produce(topic, value, key=key, headers=own, partition=partition)
             try:
                 remaining = self.producer.flush(10)
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
@@ -81,10 +88,11 @@ class TopicManager:
                 self.producer.purge()
                 raise RuntimeError(f"could not publish to {topic}")
 
-    def publish_ingest_job(self, job: pb.IngestJob, headers: list | None = None) -> None:
-        """Hand an upload to the ingest stage (keyed by task: a task's jobs share a partition, and so a replica).
-        `headers`: the run's trace context, as on its TaskStarted (the replica may read the job first)."""
-        self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())], headers)
+    def publish_ingest_job(self, job: pb.IngestJob, partition: int | None, headers: list | None = None) -> None:
+        """Hand an upload or a camera to the ingest stage, on the task's `partition` (gateway/placement.py; None:
+        where the task id hashes). Either way a task's jobs share a partition, and so a replica. `headers`: the
+        run's trace context, as on its TaskStarted (the replica may read the job first)."""
+        self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())], headers, partition)
 
     def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str, headers: list | None = None) -> None:
         self._control(pb.ControlEvent(task_id=task.task_id, started=pb.TaskStarted(
@@ -103,7 +111,10 @@ class TopicManager:
     def publish_ended(self, task_id: str, state: int) -> None:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
 
-    def heartbeat(self, worker: str, sent_at: float, tasks: list[str], waiting: list[str] = ()) -> None:
+    def heartbeat(self, worker: str, sent_at: float, tasks: list[str], waiting: list[str] = (),
+                  ingest_partitions: list[int] = ()) -> None:
+        if ingest_partitions:
+            self.placement.heard(worker, sent_at, tasks, ingest_partitions)
         with self.lock:
             known = self.readers.get(worker)
             if known is None or known[0] <= sent_at:
@@ -124,6 +135,7 @@ class TopicManager:
         with self.lock:
             self.readers.clear()
             self.waiting.clear()
+            self.placement.forget()
             self.orphans.clear()
             self.last_listed.clear()
 

@@ -2,10 +2,12 @@
 (POSEMESH_INGEST=stage).
 
 The gateway probes an upload (it still refuses bad input itself, at once), stores it in the blob store,
-announces the task and writes an IngestJob to posemesh.ingest, keyed by task. The replicas are one consumer
-group over that topic: the replica holding a job's partition decodes the upload with mesh/frames.py's frame
-producer (JPEG frames, then the end of stream) and tells the gateway on posemesh.events what it did: progress
-(the "decode" step), what decoded (SourceRead) and failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS
+announces the task and writes an IngestJob to posemesh.ingest, on a partition of the replica with the fewest
+tasks (gateway/placement.py: the partitions each replica holds are in its heartbeats), the same partition for
+every job of the task. The replicas are one consumer group over that topic: the replica holding a job's
+partition decodes the upload with mesh/frames.py's frame producer (JPEG frames, then the end of stream) and
+tells the gateway on posemesh.events what it did: progress (the "decode" step), what decoded (SourceRead) and
+failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS
 uploads at once; the jobs after those wait in its queue, which its heartbeats list (waiting_tasks): the
 gateway's stall limit (STALL_TIMEOUT_S) does not count that wait.
 
@@ -327,6 +329,7 @@ class IngestWorker:
                 self.reporter.reading_tasks(sorted({r.task_id for r in self.runs.values() if not r.finished.is_set()}))
                 with self.lock:  # waiting for a slot is no stall (gateway/lifecycle.py's sweep)
                     self.reporter.waiting_tasks(sorted({r.task_id for r in self.queue}))
+                    self.reporter.ingest_partitions(sorted(self.assigned))  # where gateways place new jobs
                 events.producer.poll(0)
         finally:
             with self.lock:

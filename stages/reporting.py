@@ -45,6 +45,7 @@ class Reporter:
         self.done_count: dict[str, int] = defaultdict(int)
         self.reading: list[str] = []
         self.waiting: list[str] = []  # the ingest stage: tasks queued for a decoding slot
+        self.partitions: list[int] = []  # the ingest stage: its partitions of posemesh.ingest
         self.halt = threading.Event()
         self.thread: threading.Thread | None = None
 
@@ -87,6 +88,11 @@ class Reporter:
             with self.lock:
                 self.waiting = list(tasks)
 
+    def ingest_partitions(self, partitions: list[int]) -> None:
+        if partitions != self.partitions:
+            with self.lock:
+                self.partitions = list(partitions)
+
     def forget(self, task_id: str) -> None:
         with self.lock:
             for table in (self.new, self.totals, self.epochs, self.done_count):
@@ -116,7 +122,8 @@ class Reporter:
         with self.lock:
             self._send([pb.WorkerEvent(worker_id=self.worker_id, stage=self.stage,
                                        heartbeat=pb.Heartbeat(reading_tasks=self.reading,
-                                                              waiting_tasks=self.waiting))])
+                                                              waiting_tasks=self.waiting,
+                                                              ingest_partitions=self.partitions))])
 
     # ------------------------------------------------------------------ sending
 

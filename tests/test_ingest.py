@@ -10,6 +10,7 @@ test_live: the lag stays bounded, and a camera whose replica is killed goes on f
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import signal
@@ -149,8 +150,10 @@ def test_the_gateway_killed_mid_upload_leaves_the_decoding_going_and_changes_not
     assert_same_as_reference(mesh, task.task_id, reference)
 
 
-def test_more_uploads_than_decoding_slots_wait_their_turn_and_all_come_out_frame_exact(mesh, clip, reference):
-    """Three uploads at once, two decoding slots (two replicas of one): one at least waits in a queue."""
+def test_more_uploads_than_decoding_slots_are_spread_over_the_replicas_and_all_come_out_frame_exact(
+        mesh, clip, reference):
+    """Four uploads at once, two decoding slots (two replicas of one): two wait in a queue, one on each replica
+    (gateway/placement.py; keyed by task id, all four could land on one replica while the other idles)."""
     tasks, errors = [], []
 
     def send():
@@ -158,12 +161,23 @@ def test_more_uploads_than_decoding_slots_wait_their_turn_and_all_come_out_frame
             tasks.append(upload(mesh.stub, clip, auth()))
         except grpc.RpcError as exc:
             errors.append(exc)
-    threads = [threading.Thread(target=send) for _ in range(3)]
+    threads = [threading.Thread(target=send) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert not errors and len(tasks) == 3
+    assert not errors and len(tasks) == 4
+    holders: dict[str, str] = {}  # task -> the replica that listed it first (queued or decoding)
+
+    def all_placed():
+        for worker in mesh.replicas(INGEST):
+            status = worker.status()
+            for listed in status.tasks:
+                holders.setdefault(listed.task_id, status.worker_id)
+        return all(t.task_id in holders for t in tasks)
+    wait_for(all_placed, 60, 0.05, "every upload to reach an ingest replica")
+    per_replica = collections.Counter(holders[t.task_id] for t in tasks)
+    assert sorted(per_replica.values()) == [2, 2], f"uploads per ingest replica: {dict(per_replica)}"
     for task in tasks:
         assert_same_as_reference(mesh, task.task_id, reference)
 

@@ -176,12 +176,14 @@ class TaskFailure(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., error_message: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("reading_tasks", "waiting_tasks")
+    __slots__ = ("reading_tasks", "waiting_tasks", "ingest_partitions")
     READING_TASKS_FIELD_NUMBER: _ClassVar[int]
     WAITING_TASKS_FIELD_NUMBER: _ClassVar[int]
+    INGEST_PARTITIONS_FIELD_NUMBER: _ClassVar[int]
     reading_tasks: _containers.RepeatedScalarFieldContainer[str]
     waiting_tasks: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, reading_tasks: _Optional[_Iterable[str]] = ..., waiting_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
+    ingest_partitions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reading_tasks: _Optional[_Iterable[str]] = ..., waiting_tasks: _Optional[_Iterable[str]] = ..., ingest_partitions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SourceRead(_message.Message):
     __slots__ = ("task_id", "epoch", "frame_count", "duration_s", "warning", "produced")
