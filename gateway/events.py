@@ -98,7 +98,8 @@ class EventReader(threading.Thread):
         step = progress_step(event.stage)  # the ingest stage's frames are the "decode" step's
         if kind == "heartbeat":
             self.topics.heartbeat(event.worker_id, sent_at, list(event.heartbeat.reading_tasks),
-                                  list(event.heartbeat.waiting_tasks), list(event.heartbeat.ingest_partitions))
+                                  list(event.heartbeat.waiting_tasks),
+                                  list(event.heartbeat.ingest_partitions) if event.stage == INGEST else None)
             if self.activity is not None:
                 self.activity.heartbeat(step, event.worker_id, sent_at)
         elif kind == "progress":

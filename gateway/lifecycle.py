@@ -219,15 +219,8 @@ class TaskLifecycle:
                 self._close_stream(task, epoch, frames)
 
     def _ingest_partition(self, task_id: str) -> int | None:
-        """The partition of posemesh.ingest the task's jobs go to: the one its first job went to, or one of the
-        least busy replica's (gateway/placement.py), kept before the job is written so that a job written again
-        for the run (after a gateway restart) reaches the same replica. None: where the task id hashes."""
-        partition = self.store.ingest_partition(task_id)
-        if partition is None or partition >= self.settings.ingest_partitions:
-            partition = self.topics.placement.choose(task_id)
-            if partition is not None:
-                self.store.set_ingest_partition(task_id, partition)
-        return partition
+        """Where the run's IngestJob goes: gateway/store.py's ingest_partition, placed by gateway/placement.py."""
+        return self.store.ingest_partition(task_id, lambda: self.topics.placement.choose(task_id))
 
     def _store_given_boxes(self, task_id: str, upload: Path) -> None:
         """Boxes given instead of the detector (posemesh.mesh.given_boxes) wait next to the upload as it arrives;

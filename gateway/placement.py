@@ -4,11 +4,11 @@ Keyed by task, jobs land where their task id hashes: with 8 uploads and two repl
 replica can get 5 and queue one for a whole decoding while the other has a slot free, since a consumer group
 hands out partitions, not records. So the gateway places each task's job itself. Every ingest replica lists in
 its heartbeats (every 0.5 s on posemesh.events, heard by every gateway) the partitions it holds and the tasks it
-decodes or has queued; the gateway picks the replica with the fewest, counting the jobs it placed since that
-heartbeat, and the partition of it that it placed the fewest jobs on lately (a rebalance later moves partitions,
-not replicas). The partition is kept with the task (gateway/store.py): every later job of the task goes to
-the same one, so a job written again for the same run (after a gateway restart) reaches the replica already
-doing it instead of a second replica decoding it too.
+decodes or has queued; the gateway picks the replica with the fewest, counting the jobs it placed there that
+no heartbeat lists yet, and of its partitions the one with the fewest of those (a rebalance later moves
+partitions, not replicas). The partition is kept with the task for its run (gateway/store.py's
+ingest_partition): every later job of the run goes there too, so a job written again after a gateway restart
+reaches the replica already doing the run instead of a second replica decoding it too.
 
 Best effort, and never in the way: with no replica heard from (the gateway just started, the broker lost its
 data), the job is keyed by task as before. Several gateways each count only their own placements between
@@ -22,7 +22,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-LIVENESS_S = 5.0  # a replica not heard from for this long gets no job
+LIVENESS_S = 5.0  # a replica not heard from for this long gets no job (nor does a heartbeat this old count)
 RECENT_S = 10.0  # a placement counts against its replica until a heartbeat lists its task, or this long
 
 
@@ -36,14 +36,18 @@ class Replica:
 
 
 class IngestPlacement:
-    def __init__(self, partitions: int, clock=time.monotonic, rng: random.Random | None = None):
+    def __init__(self, partitions: int, clock=time.monotonic, wall=time.time, rng: random.Random | None = None):
         self.partitions = partitions  # posemesh.ingest's: a replica's list is checked against it
-        self.clock, self.rng = clock, rng or random.Random()
+        self.clock, self.wall, self.rng = clock, wall, rng or random.Random()
         self.lock = threading.Lock()
         self.replicas: dict[str, Replica] = {}
 
     def heard(self, worker: str, sent_at: float, tasks: list[str], partitions: list[int]) -> None:
-        """An ingest replica's heartbeat: what it holds and what it does."""
+        """An ingest replica's heartbeat: what it holds (nothing, during a rebalance) and what it does. One sent
+        LIVENESS_S ago or more is no news: the events reader replays old heartbeats as it starts, dead replicas'
+        among them."""
+        if self.wall() - sent_at >= LIVENESS_S:
+            return
         now = self.clock()
         with self.lock:
             known = self.replicas.get(worker)

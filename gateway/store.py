@@ -119,9 +119,11 @@ ADDED_COLUMNS = [("upload_sha256", "TEXT"), ("epoch", "INTEGER NOT NULL DEFAULT 
                  # A live task's camera read by ingest replicas: the latest reader and the counts of those
                  # before it, {"reader": ..., "base": [received, dropped, reconnects]} (apply_live_read).
                  ("live_reader", "TEXT"),
-                 # The partition of posemesh.ingest the task's jobs go to (gateway/placement.py; NULL: keyed by
-                 # task, as before placement, or not decoded by the ingest stage).
+                 # The partition of posemesh.ingest the current run's jobs go to (gateway/placement.py): PLACE_NEXT
+                 # until its first job is written; NULL: where the task id hashes (no ingest replica was heard
+                 # from, or the task is older than placement).
                  ("ingest_partition", "INTEGER")]
+PLACE_NEXT = -1  # ingest_partition of a run whose first job is not placed yet
 
 
 @dataclass(frozen=True)
@@ -421,9 +423,10 @@ class TaskStore:
         url, secret = (self.secrets.seal(webhook[0]), self.secrets.seal(webhook[1])) if webhook else (None, None)
         with self.transaction(task.task_id) as db:
             db.execute('INSERT INTO tasks (task_id, "user", state, created_us, idempotency_key, task, last_progress_us,'
-                       " upload_sha256, webhook_url, webhook_secret, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       " upload_sha256, webhook_url, webhook_secret, owner, ingest_partition)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (task.task_id, user, task.state, task.created_at.ToMicroseconds(), idempotency_key or None,
-                        task.SerializeToString(), now_us(), upload_sha256 or None, url, secret, owner))
+                        task.SerializeToString(), now_us(), upload_sha256 or None, url, secret, owner, PLACE_NEXT))
             db.execute("DELETE FROM reserved WHERE task_id = ?", (task.task_id,))
 
     def update(self, task_id: str, fn) -> tpb.Task | None:
@@ -522,9 +525,11 @@ class TaskStore:
             task = tpb.Task.FromString(row[1])
             task.warnings.append(warning)
             db.execute("DELETE FROM done WHERE task_id = ?", (task_id,))
+            # A new run's first job is placed again: the old run's jobs are skipped wherever they are (its epoch is
+            # older), and posemesh.ingest may have been made again with other partitions.
             db.execute("UPDATE tasks SET epoch = ?, progress = '{}', produced = 0, frames_total = 0, task = ?, "
-                       "last_progress_us = ?, live_reader = NULL WHERE task_id = ?",
-                       (epoch, task.SerializeToString(), now_us(), task_id))
+                       "last_progress_us = ?, live_reader = NULL, ingest_partition = ? WHERE task_id = ?",
+                       (epoch, task.SerializeToString(), now_us(), PLACE_NEXT, task_id))
             return epoch
 
     def epoch(self, task_id: str) -> int:
@@ -532,14 +537,18 @@ class TaskStore:
             row = self.db.one("SELECT epoch FROM tasks WHERE task_id = ?", (task_id,))
             return row[0] if row else 0
 
-    def ingest_partition(self, task_id: str) -> int | None:
-        with self.lock:
-            row = self.db.one("SELECT ingest_partition FROM tasks WHERE task_id = ?", (task_id,))
-            return row[0] if row else None
-
-    def set_ingest_partition(self, task_id: str, partition: int) -> None:
+    def ingest_partition(self, task_id: str, choose) -> int | None:
+        """The partition of posemesh.ingest for a job of the task's current run (None: where the task id hashes).
+        The run's first job is placed by `choose()` (gateway/placement.py) and the choice kept, in the same
+        write (gateways sharing the store agree); every later job of the run goes there too, so a job written
+        again after a gateway restart reaches the replica already doing the run, not a second one."""
         with self.transaction(task_id, notify=False) as db:
+            row = db.one("SELECT ingest_partition FROM tasks WHERE task_id = ?", (task_id,))
+            if row is None or row[0] != PLACE_NEXT:
+                return row[0] if row else None
+            partition = choose()
             db.execute("UPDATE tasks SET ingest_partition = ? WHERE task_id = ?", (partition, task_id))
+            return partition
 
     def set_live_source(self, task_id: str, url: str, transport: int) -> None:
         """The camera a live task reads (kept, sealed, to read it again after the broker lost its data)."""

@@ -71,17 +71,22 @@ class TopicManager:
         `partition` when given (else where their keys hash)."""
         # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
         # and a producer's flush must not run on two threads at once.
+        failed: list = []  # delivery errors (a partition the topic does not have, say): flush() still returns 0
+
+        def delivered(err, _msg) -> None:
+            if err is not None:
+                failed.append(err)
+        where = {} if partition is None else {"partition": partition}
         with self.publish_lock:
             for i, (key, value) in enumerate(records):
                 own = headers if i == 0 and headers else None  # the event's record, not its tombstones
-                if partition is None:
-                    self.producer.produce(topic, value, key=key, headers=own)
-                else:
-                    self.producer.produce(topic, value, key=key, headers=own, partition=partition)
+                self.producer.produce(topic, value, key=key, headers=own, on_delivery=delivered, **where)
             try:
                 remaining = self.producer.flush(10)
             except Exception as exc:  # noqa: BLE001 - a fatal producer error: the broker watch replaces it
                 raise RuntimeError(f"could not publish to {topic} ({exc})") from None
+            if failed:
+                raise RuntimeError(f"could not publish to {topic} ({failed[0]})")
             if remaining:
                 # Not sent later either: the caller undoes what the records were about (a task that could not
                 # start), and a job delivered after that would have a replica decode a task that is gone.
@@ -89,9 +94,9 @@ class TopicManager:
                 raise RuntimeError(f"could not publish to {topic}")
 
     def publish_ingest_job(self, job: pb.IngestJob, partition: int | None, headers: list | None = None) -> None:
-        """Hand an upload or a camera to the ingest stage, on the task's `partition` (gateway/placement.py; None:
-        where the task id hashes). Either way a task's jobs share a partition, and so a replica. `headers`: the
-        run's trace context, as on its TaskStarted (the replica may read the job first)."""
+        """Hand an upload or a camera to the ingest stage, on the run's `partition` (gateway/store.py's
+        ingest_partition; None: where the task id hashes). Either way a run's jobs share a partition, and so a
+        replica. `headers`: the run's trace context, as on its TaskStarted (the replica may read the job first)."""
         self._publish(kafka.INGEST_TOPIC, [(job.task.task_id.encode(), job.SerializeToString())], headers, partition)
 
     def publish_started(self, task: tpb.Task, epoch: int, *, publish_url: str, headers: list | None = None) -> None:
@@ -112,8 +117,9 @@ class TopicManager:
         self._control(pb.ControlEvent(task_id=task_id, ended=pb.TaskEnded(state=state)))
 
     def heartbeat(self, worker: str, sent_at: float, tasks: list[str], waiting: list[str] = (),
-                  ingest_partitions: list[int] = ()) -> None:
-        if ingest_partitions:
+                  ingest_partitions: list[int] | None = None) -> None:
+        """A worker's heartbeat; `ingest_partitions` from an ingest replica (empty while it holds none)."""
+        if ingest_partitions is not None:
             self.placement.heard(worker, sent_at, tasks, ingest_partitions)
         with self.lock:
             known = self.readers.get(worker)

@@ -153,6 +153,33 @@ def test_the_cameras_still_read_are_the_running_live_tasks_with_no_ending(two_st
     assert reading[0].ending == tpb.TASK_STATE_CANCELLED
 
 
+def test_a_runs_ingest_partition_is_chosen_once_kept_for_its_jobs_and_chosen_again_for_a_new_run(two_stores):
+    """gateway/placement.py chooses where a run's first IngestJob goes; a job written again for the run (a gateway
+    restarted, another took the task over) must go to the same partition, or a second replica decodes the run."""
+    a, b = two_stores
+    task = _task()
+    a.create(task, "alice", None, "")
+    calls = []
+
+    def choose(partition):
+        return lambda: calls.append(partition) or partition
+    assert a.ingest_partition(task.task_id, choose(5)) == 5
+    assert b.ingest_partition(task.task_id, choose(2)) == 5, "the other gateway writes the run's job where it went"
+    assert calls == [5]
+    a.new_run(task.task_id, "the broker lost its data")
+    assert b.ingest_partition(task.task_id, choose(2)) == 2, "a new run is placed again"
+    assert a.ingest_partition(task.task_id, choose(7)) == 2
+    unplaced = _task()
+    a.create(unplaced, "alice", None, "")
+    assert a.ingest_partition(unplaced.task_id, choose(None)) is None  # no replica heard from: keyed by task
+    assert b.ingest_partition(unplaced.task_id, choose(3)) is None, "and so are the run's later jobs"
+    older = _task()  # a task of a gateway older than placement: its jobs went by key, and so do its run's next
+    a.create(older, "alice", None, "")
+    a.db.execute("UPDATE tasks SET ingest_partition = NULL WHERE task_id = ?", (older.task_id,))
+    assert b.ingest_partition(older.task_id, choose(4)) is None
+    assert calls == [5, 2, None]
+
+
 def test_a_store_made_by_an_older_version_gains_the_new_columns(tmp_path, postgres):
     """The columns added after the first release are added at start-up, on either database."""
     for location in (tmp_path / "old.sqlite3", postgres.create_database(f"old{time.monotonic_ns()}")):
