@@ -1,8 +1,8 @@
-"""Which partition of posemesh.ingest a new task's IngestJob goes to: one of the least busy ingest replica's.
+"""Which partition of posemesh.ingest a run's IngestJobs go to: one of the least busy ingest replica's.
 
 Keyed by task, jobs land where their task id hashes: with 8 uploads and two replicas of 4 slots each, one
 replica can get 5 and queue one for a whole decoding while the other has a slot free, since a consumer group
-hands out partitions, not records. So the gateway places each task's job itself. Every ingest replica lists in
+hands out partitions, not records. So the gateway places each run's first job itself. Every ingest replica lists in
 its heartbeats (every 0.5 s on posemesh.events, heard by every gateway) the partitions it holds and the tasks it
 decodes or has queued; the gateway picks the replica with the fewest, counting the jobs it placed there that
 no heartbeat lists yet, and of its partitions the one with the fewest of those (a rebalance later moves
