@@ -59,7 +59,7 @@ class IngestPlacement:
             self.replicas[worker] = Replica(sent_at, now, set(tasks), held, placed)
 
     def choose(self, task_id: str) -> int | None:
-        """The partition for a new task's job, counted as placed there; None when no live replica holds any."""
+        """The partition for a run's first job, counted as placed there; None when no live replica holds any."""
         now = self.clock()
         with self.lock:
             live = [r for r in self.replicas.values() if r.partitions and now - r.heard_here < LIVENESS_S]

@@ -69,14 +69,14 @@ class TopicManager:
                  partition: int | None = None) -> None:
         """Write `records` (key, value) and wait until the broker has them; `headers` go on the first; all on
         `partition` when given (else where their keys hash)."""
-        # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
-        # and a producer's flush must not run on two threads at once.
         failed: list = []  # delivery errors (a partition the topic does not have, say): flush() still returns 0
 
         def delivered(err, _msg) -> None:
             if err is not None:
                 failed.append(err)
         where = {} if partition is None else {"partition": partition}
+        # One thread at a time: several (uploads, the sweep, the broker watch) publish control events,
+        # and a producer's flush must not run on two threads at once.
         with self.publish_lock:
             for i, (key, value) in enumerate(records):
                 own = headers if i == 0 and headers else None  # the event's record, not its tombstones
