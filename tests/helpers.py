@@ -198,14 +198,23 @@ class PublishingCamera:
         self.clip = clip
         self.thread = None
         self.stopping = None
+        self.published = 0  # packets sent since the last start()
+        self.error = ""  # why publishing stopped early (the server closed the connection, say): "" when it did not
 
     def start(self) -> PublishingCamera:
         import threading
 
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._publish, args=(self.stopping,), daemon=True)
+        self.published, self.error = 0, ""
+        self.thread = threading.Thread(target=self._publish_or_say_why, args=(self.stopping,), daemon=True)
         self.thread.start()
         return self
+
+    def _publish_or_say_why(self, stopping) -> None:
+        try:
+            self._publish(stopping)
+        except Exception as exc:  # noqa: BLE001 - said by `error`: a test that finds no frames can tell why
+            self.error = f"the camera stopped publishing after {self.published} packets: {exc!r}"
 
     def _publish(self, stopping) -> None:
         import av
@@ -224,6 +233,7 @@ class PublishingCamera:
                     copy.pts = copy.dts = pts
                     copy.time_base, copy.is_keyframe, copy.stream = self.time_base, packet.is_keyframe, stream
                     out.mux(copy)
+                    self.published += 1
                 loop += 1
 
     def stop(self) -> None:
