@@ -29,15 +29,18 @@ def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
             "--storage-engine", "memory://tansu/", "--silent"]
 
 
-# Tansu's async runtime gets this many worker threads (the default is one per core: two here). In CI the
-# broker went silent for minutes with every thread parked on a futex, no CPU used and clients' closed
-# connections left unread (tests/mesh.py's broker-silence.txt, 2026-12-03): the signature of runtime workers
-# all blocked at once. More workers make that less likely; whether they remove it is not proven yet.
+# Tansu's async runtime gets this many worker threads unless the environment sets TOKIO_WORKER_THREADS (its
+# own default is one per core: two here). In CI the broker went silent for minutes with every thread parked on
+# a futex, no CPU used and clients' closed connections left unread (tests/mesh.py's broker-silence.txt,
+# 2026-12-03): the signature of runtime workers all blocked at once. More workers make that less likely;
+# whether they remove it is not proven yet. Fewer cost the broker no more idle CPU (bench/README.md, idle.py).
 TOKIO_WORKER_THREADS = 8
 
 
 def broker_env(env: dict | None = None) -> dict:
-    return {**(os.environ if env is None else env), "TOKIO_WORKER_THREADS": str(TOKIO_WORKER_THREADS)}
+    """The broker's environment: `env` (the process's by default), with TOKIO_WORKER_THREADS unless it says."""
+    env = os.environ if env is None else env
+    return {**env, "TOKIO_WORKER_THREADS": env.get("TOKIO_WORKER_THREADS") or str(TOKIO_WORKER_THREADS)}
 
 
 class LocalBroker:
