@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 LIVENESS_S = 5.0  # a replica not heard from for this long gets no job (nor does a heartbeat this old count)
@@ -66,16 +67,13 @@ class IngestPlacement:
             if not live:
                 return None
             for replica in live:
-                for task in [t for t, (_, at) in replica.placed.items() if now - at >= RECENT_S]:
-                    del replica.placed[task]
-            fewest = min(len(r.tasks | set(r.placed)) for r in live)
-            replica = self.rng.choice([r for r in live if len(r.tasks | set(r.placed)) == fewest])
-            used = {p: 0 for p in replica.partitions}
-            for partition, _ in replica.placed.values():
-                if partition in used:
-                    used[partition] += 1
-            least = min(used.values())
-            partition = self.rng.choice([p for p, n in used.items() if n == least])
+                replica.placed = {t: v for t, v in replica.placed.items() if now - v[1] < RECENT_S}
+            load = {id(r): len(r.tasks | set(r.placed)) for r in live}
+            fewest = min(load.values())
+            replica = self.rng.choice([r for r in live if load[id(r)] == fewest])
+            placed_on = Counter(p for p, _ in replica.placed.values())
+            least = min(placed_on[p] for p in replica.partitions)
+            partition = self.rng.choice([p for p in replica.partitions if placed_on[p] == least])
             replica.placed[task_id] = (partition, now)
             return partition
 

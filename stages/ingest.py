@@ -4,12 +4,12 @@
 The gateway probes an upload (it still refuses bad input itself, at once), stores it in the blob store,
 announces the task and writes an IngestJob to posemesh.ingest, on a partition of the replica with the fewest
 tasks (gateway/placement.py: the partitions each replica holds are in its heartbeats), the same partition for
-every job of the task. The replicas are one consumer group over that topic: the replica holding a job's
+every job of the run. The replicas are one consumer group over that topic: the replica holding a job's
 partition decodes the upload with mesh/frames.py's frame producer (JPEG frames, then the end of stream) and
 tells the gateway on posemesh.events what it did: progress (the "decode" step), what decoded (SourceRead) and
-failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS
-uploads at once; the jobs after those wait in its queue, which its heartbeats list (waiting_tasks): the
-gateway's stall limit (STALL_TIMEOUT_S) does not count that wait.
+failures. A replica decodes up to POSEMESH_INGEST_MAX_JOBS uploads at once; the jobs after those wait in its
+queue, which its heartbeats list (waiting_tasks): the gateway's stall limit (STALL_TIMEOUT_S) does not count
+that wait.
 
 Exactly once, as in the stages: a job's offset is committed only once its outcome is on the broker (the end
 of stream and the gateway told, or the failure told; what is committed is the lowest offset of the partition
