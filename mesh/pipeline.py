@@ -32,12 +32,16 @@ class StageSpec:
     # Whether the stage needs the frame's pixels. Only raw_frames carries them; a later stage that needs
     # them reads them from there by reference (Frame.source), so the JPEG enters Kafka once.
     pixels: bool = False
+    # Whether the stage hands its full decodes of frames to the later stages on the same host that need pixels
+    # (stages/shared_pictures.py): they then neither fetch nor decode those frames' JPEGs.
+    shares_pictures: bool = False
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("detect", RAW_FRAMES, YOLOX, ordered=False, entry="posemesh.stages.detect:DetectStage",
               pixels=True),
-    StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage", pixels=True),
+    StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage", pixels=True,
+              shares_pictures=True),
     StageSpec("track", RTMPOSE, BYTETRACK, ordered=True, entry="posemesh.stages.track:TrackStage",
               recovery="replay"),
     StageSpec("annotate", BYTETRACK, None, ordered=True, entry="posemesh.stages.annotate:AnnotateStage",
@@ -70,6 +74,12 @@ PROGRESS_STEPS: tuple[str, ...] = ("decode",) + STAGE_NAMES
 def progress_step(worker: str) -> str:
     """The progress step a worker's reports count towards."""
     return "decode" if worker == INGEST else worker
+
+
+def takes_shared_pictures(name: str) -> bool:
+    """Whether a stage needs pixels after a stage that shares its decoded frames (see StageSpec)."""
+    before = STAGES[:STAGE_NAMES.index(name)]
+    return SPECS[name].pixels and any(s.shares_pictures for s in before)
 
 
 def reader_of(prefix: str) -> StageSpec | None:

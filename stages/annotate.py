@@ -80,8 +80,8 @@ class AnnotateStage(Stage):
             image = None
             watched = item.task.viewers > 0
             if self.needs_pixels(item.task):  # the annotated video, or live viewers
-                try:
-                    image = jpeg.decode(frame.jpeg)
+                try:  # decoded already when pose handed it over on this host
+                    image = item.picture if item.picture is not None else jpeg.decode(frame.jpeg)
                 except jpeg.BadJpeg as exc:
                     raise StageError(str(exc)) from None
                 draw(image, frame.persons)

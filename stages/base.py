@@ -14,6 +14,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 from posemesh.mesh import pipeline
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
@@ -61,6 +63,9 @@ class FrameItem:
 
     task: TaskInfo
     frame: pb.Frame
+    # The frame decoded, when a stage before handed it over on this host (stages/shared_pictures.py): then
+    # frame.jpeg was not fetched.
+    picture: np.ndarray | None = None
 
     @property
     def task_id(self) -> str:
@@ -103,6 +108,10 @@ class Stage(ABC):
         """Write a record to the task's `prefix` topic besides the stage's own output (annotate's live
         frames); delivered in the same flush as the outputs. The worker provides it."""
         raise NotImplementedError("emit() is provided by the worker")
+
+    def share(self, item: FrameItem, picture: np.ndarray) -> None:  # noqa: B027 - the worker's, when it shares
+        """Stages declared with shares_pictures: hand a frame's full decode to the later stages on this host
+        (stages/shared_pictures.py). The worker provides it; outside one, nothing is shared."""
 
     def setup(self, settings: Settings) -> None:  # noqa: B027 - optional hook
         """Connect to Triton and the like; called once before the first frame."""

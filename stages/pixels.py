@@ -45,6 +45,10 @@ class RawFrames:
                                   "max.partition.fetch.bytes": 4 * 1024 * 1024})
         self.assigned: set[TP] = set()
         self.paused: set[TP] = set()
+        # Topics read only for the frames asked for, paused again after each fetch: their frames mostly come
+        # decoded from a stage before on this host (stages/shared_pictures.py), so reading ahead would fetch
+        # JPEGs nobody uses.
+        self.on_demand: set[str] = set()
         self.position: dict[TP, int] = {}  # next offset this reader will get from the partition
         self.cache: OrderedDict[tuple[TP, int], bytes] = OrderedDict()
         self.cached_bytes = 0
@@ -103,9 +107,18 @@ class RawFrames:
                 self.consumer.pause([TopicPartition(t, p) for t, p in pause])
                 self.paused.update(pause)
 
+    def read_on_demand(self, task_id: str, on: bool = True) -> None:
+        """Read the task's frames only when asked for them (no read-ahead), or as usual again."""
+        topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
+        if on:
+            self.on_demand.add(topic)
+        else:
+            self.on_demand.discard(topic)
+
     def drop_task(self, task_id: str) -> None:
         """Stop reading the task's raw frames (it ended, or left this worker): its topic may then go."""
         topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
+        self.on_demand.discard(topic)
         gone = [tp for tp in self.assigned if tp[0] == topic]
         if gone:
             self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in gone])
@@ -167,6 +180,10 @@ class RawFrames:
                     self.cache[key] = jpeg
                     self.cached_bytes += len(jpeg)
             self._bound_cache(set(tp for tp, _o in missing))
+        rest = [tp for tp in self.assigned if tp[0] in self.on_demand and tp not in self.paused]
+        if rest:
+            self.consumer.pause([TopicPartition(t, p) for t, p in rest])
+            self.paused.update(rest)
         return found
 
     @staticmethod

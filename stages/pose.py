@@ -233,6 +233,7 @@ class PoseStage(Stage):
                 image = self.pictures.decode(item.frame.jpeg)
             except jpeg.BadJpeg as exc:
                 raise StageError(f"frame {item.frame.index}: {exc}") from None
+            self.share(item, image)  # annotate on this host draws on it without decoding the JPEG again
             estimator = self.estimator(model_name(item.task.options.pose_model, self.settings.default_pose_model))
             for person in item.frame.persons:
                 b = person.box

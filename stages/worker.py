@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from google.protobuf.message import DecodeError
@@ -50,6 +51,7 @@ from posemesh.stages.pixels import RawFrames
 from posemesh.stages.pools import Pooled
 from posemesh.stages.reading import InputReader
 from posemesh.stages.reporting import Reporter
+from posemesh.stages.shared_pictures import PictureKey, SharedPictures
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import stage_service_pb2 as spb
 
@@ -91,6 +93,13 @@ class StageWorker:
         self.reporter = Reporter(self.worker_id, stage.name)
         self.api = ControlApi(self, control_port)
         stage.emit = self._emit
+        # Decoded frames handed from a stage to a later one on this host (stages/shared_pictures.py).
+        self.takes_pictures = pipeline.takes_shared_pictures(stage.name)
+        self.shared = None
+        if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures):
+            self.shared = SharedPictures(Path(settings.shared_pictures_dir), settings.shared_pictures_mb << 20)
+            if self.spec.shares_pictures:
+                stage.share = self._share
         self.control_port = self.api.port
         self.reader: InputReader | None = None  # made once the broker's incarnation is known (_open_kafka)
         self.generation = 0
@@ -128,6 +137,8 @@ class StageWorker:
     def run(self) -> None:
         kafka.ensure_shared_topics(self.settings)
         self.stage.setup(self.settings)
+        if self.shared is not None and self.takes_pictures:
+            self.shared.sweep()  # rings of this host's replicas that died
         self.control.start()
         self.api.start()
         if self.metrics_port:
@@ -259,6 +270,8 @@ class StageWorker:
                 log.warning("final flush: %s", exc)
             self.control.stop()
             self.stage.close()
+            if self.shared is not None:
+                self.shared.close()
 
     # ------------------------------------------------------------------ which topics to read
 
@@ -348,7 +361,21 @@ class StageWorker:
             task_id = kafka.task_of_topic(topic)
             if task_id:
                 wanted = on and self._wants_pixels(task_id)
-                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
+                ringed = self._ring(task_id, wanted)
+                self.pixels.read_on_demand(task_id, ringed)
+                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted and not ringed)
+
+    def _ring(self, task_id: str, wanted: bool) -> bool:
+        """A stage that takes shared pictures: make the task's ring on this host (or remove it); whether the
+        task has one."""
+        if self.shared is None or not self.takes_pictures:
+            return False
+        started = self.control.started(task_id)
+        if wanted and started is not None:
+            self.shared.make(task_id, started.video.width, started.video.height, started.video.frame_count)
+        else:
+            self.shared.remove(task_id)
+        return task_id in self.shared.rings
 
     def _wants_pixels(self, task_id: str) -> bool:
         """Stage.needs_pixels for a started task, from its TaskStarted; a reserved one reads nothing yet."""
@@ -388,6 +415,11 @@ class StageWorker:
         self._drop_task_state(task_id)
         if self.pixels is not None:  # before the gateway may delete its raw_frames topic
             self.pixels.drop_task(task_id)
+        if self.shared is not None:
+            if self.takes_pictures:
+                self.shared.remove(task_id)
+            else:
+                self.shared.forget(task_id)
         self.failed.pop(task_id, None)
         self.duplicates.pop(task_id, None)
         self.reporter.forget(task_id)
@@ -522,18 +554,38 @@ class StageWorker:
         """Fetch the pixels of the batch's frames that need them (Stage.needs_pixels); a task whose pixels
         cannot be read fails, the others go on."""
         try:
-            self.pixels.fill([e.item for e in ready if self.stage.needs_pixels(e.item.task)])
+            self.pixels.fill(self._take_shared([e.item for e in ready if self.stage.needs_pixels(e.item.task)]))
             return ready
         except Exception:  # noqa: BLE001 - narrowed down to tasks below
             log.warning("reading pixels for a batch failed; retrying task by task", exc_info=True)
         kept = []
         for task_id, entries in by_task(ready).items():
             try:
-                self.pixels.fill([e.item for e in entries if self.stage.needs_pixels(e.item.task)])
+                self.pixels.fill(self._take_shared([e.item for e in entries
+                                                    if self.stage.needs_pixels(e.item.task)]))
                 kept += entries
             except Exception as exc:  # noqa: BLE001
                 self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {describe(exc)}")
         return kept
+
+    def _take_shared(self, items: list[FrameItem]) -> list[FrameItem]:
+        """Give each frame its picture from the task's ring, where an earlier stage on this host left it; the
+        frames that are not there, whose JPEG must be fetched."""
+        if self.shared is None or not self.takes_pictures:
+            return items
+        missing = []
+        for item in items:
+            frame = item.frame
+            if item.picture is None and not frame.jpeg and frame.HasField("source"):
+                item.picture = self.shared.take(item.task_id, _picture_key(item), frame.width, frame.height)
+            if item.picture is None:
+                missing.append(item)
+        return missing
+
+    def _share(self, item: FrameItem, picture) -> None:
+        """Stage.share: the frame's full decode into its task's ring on this host, if there is one."""
+        if item.frame.HasField("source"):
+            self.shared.put(item.task_id, _picture_key(item), picture)
 
     def _fail(self, task_id: str, message: str) -> None:
         """This task cannot go on: tell the gateway, drop its state, skip its records from now on."""
@@ -613,7 +665,8 @@ class StageWorker:
             subscription_changes=self.subscription_changes + (self.reader.subscription_changes if self.reader else 0),
             consumer_group=self.group_name() if self.reader else "",
             pixel_frames_read=self.pixels.reads if self.pixels else 0,
-            pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0)
+            pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0,
+            pictures_shared=self.shared.put_count + self.shared.taken_count if self.shared else 0)
 
 
 def _later(delay_s: float, action: Callable[[], None]) -> None:
@@ -621,6 +674,11 @@ def _later(delay_s: float, action: Callable[[], None]) -> None:
     timer = threading.Timer(delay_s, action)
     timer.daemon = True
     timer.start()
+
+
+def _picture_key(item: FrameItem) -> PictureKey:
+    frame = item.frame
+    return PictureKey(item.task.epoch, frame.index, frame.source.partition, frame.source.offset)
 
 
 def _on_the_side(work: Callable[[], None], wait_s: float, what: str) -> None:

@@ -88,7 +88,7 @@ def settings_env(s: Settings) -> dict:
         "POSEMESH_TOPIC_DELETE_DELAY_S": str(s.topic_delete_delay_s), "PYTHONUNBUFFERED": "1",
         "POSEMESH_GROUP_PREFIX": s.group_prefix, "POSEMESH_BLOB_URL": s.blob_url,
         "POSEMESH_S3_ENDPOINT_URL": s.s3_endpoint_url, "POSEMESH_INGEST": s.ingest,
-        "POSEMESH_MAX_FRAMES_AHEAD": str(s.max_frames_ahead),
+        "POSEMESH_MAX_FRAMES_AHEAD": str(s.max_frames_ahead), "POSEMESH_SHARED_PICTURES_DIR": s.shared_pictures_dir,
     })
     return env
 

@@ -4,7 +4,10 @@ the four workers; the annotated MP4 is read back with PyAV."""
 
 from __future__ import annotations
 
+import functools
 import json
+import time
+from pathlib import Path
 
 import av
 import cv2
@@ -15,6 +18,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import auth, media
 from tests.helpers import GIVEN_BOXES, assert_given_boxes_kept, upload, wait_state
+from tests.mesh import town_clip
 from tests.mp4_craft import damaged_tail
 
 DONE = {tpb.TASK_STATE_COMPLETED, tpb.TASK_STATE_FAILED, tpb.TASK_STATE_CANCELLED}
@@ -166,12 +170,16 @@ def test_exports_of_a_real_task_are_read_by_pycocotools_motmetrics_and_csv(pipel
 
 
 def annotate_status(workers):
+    return stage_status(workers, "annotate")
+
+
+def stage_status(workers, name: str):
     import grpc
 
     from posemesh.v1 import stage_service_pb2 as spb
     from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 
-    [port] = [port for stage, port, _p in workers.procs if stage == "annotate"]
+    [port] = [port for stage, port, _p in workers.procs if stage == name]
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         return spb_grpc.StageServiceStub(ch).GetStatus(spb.GetStatusRequest(), timeout=5)
 
@@ -189,10 +197,34 @@ def test_a_keypoints_only_task_reads_no_pixels_after_pose(pipeline_once, tmp_pat
     after = annotate_status(workers)
     assert after.frames_processed - before.frames_processed == 24
     assert (after.pixel_frames_read, after.pixel_bytes_read) == (before.pixel_frames_read, before.pixel_bytes_read)
-    # The same clip with the annotated video: annotate reads each frame's pixels.
+    # The same clip with the annotated video: annotate gets each frame's pixels, decoded by pose on this host
+    # (shared pictures) or read from the broker.
     _done, _video, records = results(gw, clip, tmp_path)
     assert len(records) == 24
-    assert annotate_status(workers).pixel_frames_read - after.pixel_frames_read >= 24
+    last = annotate_status(workers)
+    assert (last.pixel_frames_read - after.pixel_frames_read) + (last.pictures_shared - after.pictures_shared) >= 24
+
+
+def test_annotate_draws_on_the_frames_pose_decoded_on_this_host_and_leaves_no_ring(pipeline_once, tmp_path):
+    """Pose and annotate on one host: annotate takes each frame that pose decoded (every frame with persons)
+    from the task's ring in shared memory instead of reading its JPEG from the broker and decoding it again;
+    the other frames it reads as before. The ring is gone once the task is."""
+    gw, workers = pipeline_once
+    status = {stage: functools.partial(stage_status, workers, stage) for stage in ("pose", "annotate")}
+    before = {stage: get() for stage, get in status.items()}
+    done, _video, records = results(gw, town_clip(tmp_path, 24), tmp_path)
+    after = {stage: get() for stage, get in status.items()}
+    with_persons = sum(1 for r in records if r["persons"])
+    assert len(records) == 24 and with_persons >= 20
+    shared = {stage: after[stage].pictures_shared - before[stage].pictures_shared for stage in status}
+    assert shared == {"pose": with_persons, "annotate": with_persons}
+    read = after["annotate"].pixel_frames_read - before["annotate"].pixel_frames_read
+    assert read == 24 - with_persons  # no read-ahead of frames it then takes decoded
+    folder = Path(gw.settings.shared_pictures_dir)
+    deadline = time.monotonic() + 10
+    while list(folder.glob(f"{done.task_id}.*")) and time.monotonic() < deadline:
+        time.sleep(0.2)  # removed when annotate hears the task ended
+    assert not list(folder.glob(f"{done.task_id}.*"))
 
 
 def test_sample_fps_analyses_frames_on_the_video_clock_and_says_how_many(pipeline_once, tmp_path):

@@ -1,0 +1,285 @@
+"""Decoded frames handed from pose to annotate on one host, so a frame's JPEG is decoded in full once there.
+
+Pose decodes every frame with persons in full (for its crops); annotate decodes the same JPEG again to draw on
+it (and reads it from the broker first). When both run on one host with a shared memory folder (the local
+stack; pods or containers that share /dev/shm), annotate makes a ring of picture slots for each task it owns
+(a file in that folder, its space reserved up front), pose copies each decoded frame into its slot, and
+annotate copies it out instead of fetching and decoding the JPEG: about 1 ms of copying a 1080p frame
+against 5 ms of decoding plus the broker's read (bench/README.md has the measurements).
+
+Nothing depends on it: a frame that is not in the ring (another host's pose did it, the ring was full of later
+frames, no persons to decode, no ring at all) is fetched and decoded as before, and gives the same pixels
+(the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way. A slot names the
+frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written under
+a record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written slot names
+no frame.
+
+Who owns what: the ring belongs to the annotate replica that owns the task on this host. It makes it when it
+gets the task's partitions and removes it when the task ends or moves (only its own: a replica that took the
+task over on the same host may have made a new one). The owner holds a record lock on the ring's first page
+for as long as it lives, so a ring whose lock can be taken is a dead replica's (the kernel dropped the lock
+with the process; pids would not do across containers): pose lets go of it, and the next replica to start
+on the host removes it (`sweep`). Pose only writes into rings it finds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import Counter
+
+# Frames annotate took from a ring ("taken") or had to fetch and decode ("missed"), pictures pose put in one.
+PICTURES = Counter("posemesh_shared_pictures_total", "Decoded frames handed over on one host", ["result"])
+
+log = logging.getLogger("posemesh.stage")
+
+# The file starts with a page its owner keeps locked, then the slots; each slot starts with the frame it holds.
+SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, picture bytes (-1: holds nothing)
+HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
+MAX_SLOTS = 128  # pose is seldom further ahead of annotate than decoding may be (MAX_FRAMES_AHEAD, 64)
+LOOK_AGAIN_S = 1.0  # pose looks for a task's ring (or checks it is still there) at most this often
+
+
+@dataclass(frozen=True)
+class PictureKey:
+    """The frame a slot holds: the same index can come again from another run (epoch) or another offset (a
+    re-decoded upload after the broker lost its data)."""
+
+    epoch: int
+    index: int
+    partition: int
+    offset: int
+
+
+EMPTY = PictureKey(-1, -1, -1, -1)
+
+
+class Ring:
+    """One task's slots, mapped into this process. The slot count is in the file's name (`<task>.<slots>`),
+    the slot size follows from the file's size."""
+
+    def __init__(self, path: Path, fd: int, slots: int):
+        self.path, self.fd, self.slots = path, fd, slots
+        self.stride = (os.fstat(fd).st_size - HEADER_BYTES) // slots
+        self.slot_bytes = self.stride - SLOT_HEADER.size
+        self.inode = os.fstat(fd).st_ino
+        self.map = mmap.mmap(fd, HEADER_BYTES + self.stride * slots)
+        self.checked = time.monotonic()
+        self.owned = False  # made by this process (which holds the lock on its first page)
+        self.taken = self.missed = 0  # the owner's takes
+
+    @classmethod
+    def create(cls, path: Path, slot_bytes: int, slots: int) -> Ring | None:
+        """A new ring at `path` (replacing any), its memory reserved now (a full shared memory folder gives
+        None here rather than SIGBUS at the first write), locked as this process's until it closes it."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
+            stride = SLOT_HEADER.size + slot_bytes
+            stride += -stride % mmap.PAGESIZE
+            os.posix_fallocate(fd, 0, HEADER_BYTES + stride * slots)
+            ring = cls(path, fd, slots)
+            ring.owned = True
+            for slot in range(slots):
+                ring._write_header(slot, EMPTY, -1)
+            os.rename(tmp, path)
+            return ring
+        except OSError as exc:
+            log.info("no shared pictures for %s: %s", path.name, exc)
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return None
+
+    @classmethod
+    def open(cls, path: Path) -> Ring | None:
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            return cls(path, fd, int(path.name.rsplit(".", 1)[1]))
+        except (OSError, ValueError, IndexError, ZeroDivisionError):
+            os.close(fd)
+            return None
+
+    def orphaned(self) -> bool:
+        """The file is gone or was replaced (the task moved on), or its owner died: nobody reads it."""
+        try:
+            if os.stat(self.path).st_ino != self.inode:
+                return True
+        except OSError:
+            return True
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, HEADER_BYTES, 0)
+        except OSError:
+            return False  # locked: its owner is alive
+        fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
+        return True
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)  # drops this process's locks on the file (the owner's included)
+
+    def _at(self, slot: int) -> int:
+        return HEADER_BYTES + slot * self.stride
+
+    def _write_header(self, slot: int, key: PictureKey, nbytes: int) -> None:
+        SLOT_HEADER.pack_into(self.map, self._at(slot), key.epoch, key.index, key.partition, key.offset, nbytes)
+
+    @contextlib.contextmanager
+    def _locked(self, slot: int, exclusive: bool):
+        at = self._at(slot)
+        fcntl.lockf(self.fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, self.stride, at)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, self.stride, at)
+
+    def put(self, key: PictureKey, image: np.ndarray) -> bool:
+        if image.nbytes > self.slot_bytes or not image.flags.c_contiguous:
+            return False
+        slot = key.index % self.slots
+        at = self._at(slot) + SLOT_HEADER.size
+        with self._locked(slot, exclusive=True):
+            self._write_header(slot, EMPTY, -1)  # a copy cut short names no frame
+            np.frombuffer(self.map, np.uint8, image.nbytes, at)[:] = image.reshape(-1)
+            self._write_header(slot, key, image.nbytes)
+        return True
+
+    def take(self, key: PictureKey, shape: tuple[int, int, int]) -> np.ndarray | None:
+        slot = key.index % self.slots
+        at = self._at(slot)
+        nbytes = shape[0] * shape[1] * shape[2]
+        with self._locked(slot, exclusive=False):
+            if SLOT_HEADER.unpack_from(self.map, at) != (key.epoch, key.index, key.partition, key.offset, nbytes):
+                return None
+            return np.frombuffer(self.map, np.uint8, nbytes, at + SLOT_HEADER.size).reshape(shape).copy()
+
+
+class SharedPictures:
+    """One worker's rings: those it owns (annotate) or those it writes into (pose)."""
+
+    def __init__(self, folder: Path, budget_bytes: int):
+        self.folder, self.budget_bytes = folder, budget_bytes
+        self.rings: dict[str, Ring] = {}
+        self.looked: dict[str, float] = {}  # pose: when it last looked for a task's ring
+        self.put_count = self.taken_count = 0  # pictures this process put into rings, and took out of its own
+
+    # ------------------------------------------------------------------ annotate's side
+
+    def make(self, task_id: str, width: int, height: int, frames: int = 0) -> None:
+        """Make the task's ring, for frames of up to width x height: as many slots as the budget holds, and no
+        more than the video's frames (0: not known)."""
+        if task_id in self.rings or width <= 0 or height <= 0:
+            return
+        slot_bytes = width * height * 3
+        fitting = self.budget_bytes // (slot_bytes + SLOT_HEADER.size + mmap.PAGESIZE)
+        slots = min(MAX_SLOTS, frames or MAX_SLOTS, fitting)
+        if slots < 2:
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.info("no shared pictures: %s", exc)
+            return
+        for old in self.folder.glob(f"{task_id}.*"):  # a predecessor's on this host, maybe of another size
+            with contextlib.suppress(OSError):
+                old.unlink()
+        ring = Ring.create(self.folder / f"{task_id}.{slots}", slot_bytes, slots)
+        if ring is not None:
+            self.rings[task_id] = ring
+
+    def take(self, task_id: str, key: PictureKey, width: int, height: int) -> np.ndarray | None:
+        ring = self.rings.get(task_id)
+        image = ring.take(key, (height, width, 3)) if ring is not None else None
+        if ring is not None:
+            ring.taken += image is not None
+            ring.missed += image is None
+        self.taken_count += image is not None
+        PICTURES.labels("missed" if image is None else "taken").inc()
+        return image
+
+    def remove(self, task_id: str) -> None:
+        """The task ended or moved: its ring goes (if it is still the one this replica made)."""
+        ring = self.rings.pop(task_id, None)
+        if ring is None:
+            return
+        log.info("shared pictures of %s: %d frames taken, %d fetched and decoded", task_id, ring.taken, ring.missed)
+        with contextlib.suppress(OSError):
+            if os.stat(ring.path).st_ino == ring.inode:
+                os.unlink(ring.path)
+        ring.close()
+
+    def sweep(self) -> None:
+        """Remove the rings of replicas that are gone (a SIGKILL leaves its rings behind)."""
+        if not self.folder.is_dir():
+            return
+        mine = {ring.path for ring in self.rings.values()}  # closing a file of ours would drop our lock on it
+        for path in self.folder.iterdir():
+            if path in mine:
+                continue
+            try:
+                fd = os.open(path, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
+                path.unlink()  # nobody holds it
+            except OSError:
+                pass  # its owner is alive
+            finally:
+                os.close(fd)
+
+    # ------------------------------------------------------------------ pose's side
+
+    def put(self, task_id: str, key: PictureKey, image: np.ndarray) -> None:
+        """Copy a decoded frame into the task's ring, if a replica on this host made one."""
+        ring = self._ring_to_write(task_id)
+        if ring is not None and ring.put(key, image):
+            self.put_count += 1
+            PICTURES.labels("put").inc()
+
+    def _ring_to_write(self, task_id: str) -> Ring | None:
+        now = time.monotonic()
+        ring = self.rings.get(task_id)
+        if ring is not None and now - ring.checked > LOOK_AGAIN_S:
+            ring.checked = now
+            if ring.orphaned():  # looked for again a second later: a new owner may have made one
+                self.rings.pop(task_id).close()
+                self.looked[task_id], ring = now, None
+        if ring is None and now - self.looked.get(task_id, -LOOK_AGAIN_S) >= LOOK_AGAIN_S:
+            self.looked[task_id] = now
+            path = next(iter(self.folder.glob(f"{task_id}.*")), None)
+            ring = Ring.open(path) if path is not None else None
+            if ring is not None and ring.orphaned():  # a dead owner's, not swept yet
+                ring.close()
+                ring = None
+            if ring is not None:
+                self.rings[task_id] = ring
+        return ring
+
+    def forget(self, task_id: str) -> None:
+        """Let go of a task's ring without removing it (pose: the task ended or moved, or nobody reads it)."""
+        ring = self.rings.pop(task_id, None)
+        self.looked.pop(task_id, None)
+        if ring is not None:
+            ring.close()
+
+    def close(self) -> None:
+        """Shutting down: the rings this worker owns are removed, the others let go of."""
+        for task_id, ring in list(self.rings.items()):
+            if ring.owned:
+                self.remove(task_id)
+            else:
+                self.forget(task_id)

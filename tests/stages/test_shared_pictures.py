@@ -1,0 +1,114 @@
+"""Rings of decoded frames between processes on one host: real files in a real shared memory folder, the
+writers and a dying owner in child processes."""
+
+import multiprocessing
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from posemesh.stages.shared_pictures import PictureKey, SharedPictures
+
+W, H = 64, 48
+BUDGET = 16 * (W * H * 3 + 4096 + 64)  # 16 slots
+
+
+def picture(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
+
+
+def key(index: int, epoch: int = 1, offset: int | None = None) -> PictureKey:
+    return PictureKey(epoch, index, index % 4, index if offset is None else offset)
+
+
+def put_from_another_process(folder, task_id: str, indices: list[int]) -> None:
+    def work():
+        writer = SharedPictures(folder, BUDGET)
+        for i in indices:
+            writer.put(task_id, key(i), picture(i))
+        os._exit(0 if writer.put_count == len(indices) else 1)
+
+    child = multiprocessing.get_context("fork").Process(target=work)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0, "the writer found no ring or could not put every picture"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path / "pictures"  # tmpfs or not: the same calls; /dev/shm is the default in the stack
+
+
+def test_a_picture_put_by_another_process_comes_out_identical_once_named_exactly(folder):
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", W, H)
+    put_from_another_process(folder, "t1", [0, 1, 2])
+    assert np.array_equal(owner.take("t1", key(1), W, H), picture(1))
+    assert owner.take("t1", key(1, epoch=2), W, H) is None  # another run's frame 1
+    assert owner.take("t1", key(1, offset=99), W, H) is None  # frame 1 at another offset
+    assert owner.take("t1", key(2), W + 1, H) is None  # another size
+    assert owner.take("t2", key(2), W, H) is None  # no ring for that task
+    assert (owner.rings["t1"].taken, owner.rings["t1"].missed) == (1, 3)
+
+
+def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(folder):
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", W, H)
+    slots = int(next(folder.glob("t1.*")).name.split(".")[1])
+    assert slots == 16
+    put_from_another_process(folder, "t1", [3, 3 + slots])
+    assert owner.take("t1", key(3), W, H) is None
+    assert np.array_equal(owner.take("t1", key(3 + slots), W, H), picture(3 + slots))
+
+
+def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", W, H, frames=5)
+    assert [p.name for p in folder.iterdir()] == ["t1.5"]
+
+
+def test_a_writer_without_a_ring_puts_nothing_and_a_ring_too_big_for_the_budget_is_not_made(folder):
+    writer = SharedPictures(folder, BUDGET)
+    writer.put("t1", key(0), picture(0))
+    assert writer.put_count == 0 and not folder.exists()
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", 4 * W, 4 * H)  # one slot would not be worth it
+    assert not list(folder.glob("t1.*")) and "t1" not in owner.rings
+
+
+def test_a_ring_is_removed_by_its_owner_only_while_it_is_the_one_it_made(folder):
+    first, second = SharedPictures(folder, BUDGET), SharedPictures(folder, BUDGET)
+    first.make("t1", W, H)
+    second.make("t1", W, H)  # the task moved to another replica on this host: a new ring replaces the file
+    first.remove("t1")
+    assert len(list(folder.glob("t1.*"))) == 1, "the new owner's ring was removed by the old owner"
+    second.remove("t1")
+    assert not list(folder.glob("t1.*"))
+
+
+def test_a_dead_owners_ring_is_let_go_by_writers_and_swept_by_the_next_owner(folder):
+    ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
+
+    def own():
+        owner = SharedPictures(folder, BUDGET)  # kept: dropping it would close the ring, and its lock with it
+        owner.make("t1", W, H)
+        ready.set()
+        done.wait(30)
+
+    child = multiprocessing.get_context("fork").Process(target=own)
+    child.start()
+    assert ready.wait(30)
+    writer = SharedPictures(folder, BUDGET)
+    writer.put("t1", key(0), picture(0))
+    assert writer.put_count == 1
+    sweeper = SharedPictures(folder, BUDGET)
+    sweeper.sweep()
+    assert list(folder.glob("t1.*")), "a live owner's ring was swept"
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    writer.rings["t1"].checked = 0.0  # as if LOOK_AGAIN_S had passed
+    writer.put("t1", key(1), picture(1))
+    assert writer.put_count == 1 and "t1" not in writer.rings, "a writer kept filling a dead owner's ring"
+    sweeper.sweep()
+    assert not list(folder.iterdir())
