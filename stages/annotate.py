@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
+
 from posemesh.mesh import jpeg, names, pipeline
 from posemesh.stages.base import FrameItem, Stage, StageError, TaskInfo
 from posemesh.stages.drawing import draw
@@ -42,6 +44,7 @@ class AnnotateStage(Stage):
         self.worker = f"{socket.gethostname()}-{os.getpid()}"  # unique on a volume shared by hosts
         self.scratch = own_scratch(settings.scratch_dir, self.worker)
         self.writers: dict[str, ResultWriter] = {}
+        self.buffer = np.empty(0, np.uint8)  # the picture being drawn on, when it came from pose (picture())
 
     def writer(self, task: TaskInfo, first: pb.Frame | None = None) -> ResultWriter:
         writer = self.writers.get(task.task_id)
@@ -80,10 +83,7 @@ class AnnotateStage(Stage):
             image = None
             watched = item.task.viewers > 0
             if self.needs_pixels(item.task):  # the annotated video, or live viewers
-                try:  # decoded already when pose handed it over on this host
-                    image = item.picture if item.picture is not None else jpeg.decode(frame.jpeg)
-                except jpeg.BadJpeg as exc:
-                    raise StageError(str(exc)) from None
+                image = self.picture(item)
                 draw(image, frame.persons)
             if watched:  # someone watches this task live: the annotated frame goes out now
                 live = tpb.AnnotatedFrame(index=frame.index, timestamp_s=frame.timestamp_s, width=frame.width,
@@ -96,6 +96,22 @@ class AnnotateStage(Stage):
                 if not writer.published_elsewhere(every_s=0):
                     raise
                 writer.abandon()  # published meanwhile by the other writer: this frame is in it
+
+    def picture(self, item: FrameItem) -> np.ndarray:
+        """The frame's pixels: copied out of the ring pose left them in on this host (into one buffer, written
+        over by the next frame), else decoded from its JPEG (fetched now when the ring no longer held it)."""
+        shared = item.shared_picture
+        if shared is not None:
+            if self.buffer.size < shared.nbytes:
+                self.buffer = np.empty(shared.nbytes, np.uint8)
+            image = shared.take(self.buffer)
+            if image is not None:
+                return image
+            self.fetch_pixels([item])
+        try:
+            return jpeg.decode(item.frame.jpeg)
+        except jpeg.BadJpeg as exc:
+            raise StageError(str(exc)) from None
 
     def finish_task(self, task: TaskInfo) -> pb.TaskResult:
         writer = self.writers.pop(task.task_id, None) or self.writer(task)

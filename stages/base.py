@@ -14,10 +14,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from enum import Enum
 
-import numpy as np
-
 from posemesh.mesh import pipeline
 from posemesh.mesh.settings import Settings
+from posemesh.stages.shared_pictures import SharedPicture
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -63,9 +62,9 @@ class FrameItem:
 
     task: TaskInfo
     frame: pb.Frame
-    # The frame decoded, when a stage before handed it over on this host (stages/shared_pictures.py): then
-    # frame.jpeg was not fetched.
-    picture: np.ndarray | None = None
+    # Where a stage before left the frame decoded on this host (stages/shared_pictures.py): then frame.jpeg was
+    # not fetched.
+    shared_picture: SharedPicture | None = None
 
     @property
     def task_id(self) -> str:
@@ -109,9 +108,14 @@ class Stage(ABC):
         frames); delivered in the same flush as the outputs. The worker provides it."""
         raise NotImplementedError("emit() is provided by the worker")
 
-    def share(self, item: FrameItem, picture: np.ndarray) -> None:  # noqa: B027 - the worker's, when it shares
-        """Stages declared with shares_pictures: hand a frame's full decode to the later stages on this host
-        (stages/shared_pictures.py). The worker provides it; outside one, nothing is shared."""
+    def share(self, item: FrameItem, picture) -> None:  # noqa: B027 - the worker's, when it shares
+        """Stages declared with shares_pictures: hand a frame's full decode (an array) to the later stages on
+        this host (stages/shared_pictures.py). The worker provides it; outside one, nothing is shared."""
+
+    def fetch_pixels(self, items: list[FrameItem]) -> None:
+        """Fetch the JPEG (frame.jpeg) of frames whose shared picture was gone by the time it was wanted. The
+        worker provides it."""
+        raise NotImplementedError("fetch_pixels() is provided by the worker")
 
     def setup(self, settings: Settings) -> None:  # noqa: B027 - optional hook
         """Connect to Triton and the like; called once before the first frame."""

@@ -130,6 +130,7 @@ class Ring:
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)  # drops this process's locks on the file (the owner's included)
+        self.fd = -1  # a picture found before cannot lock whatever file reuses the number (EBADF instead)
 
     def _at(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.stride
@@ -157,14 +158,50 @@ class Ring:
             self._write_header(slot, key, image.nbytes)
         return True
 
-    def take(self, key: PictureKey, shape: tuple[int, int, int]) -> np.ndarray | None:
+    def holds(self, key: PictureKey, nbytes: int) -> bool:
         slot = key.index % self.slots
-        at = self._at(slot)
-        nbytes = shape[0] * shape[1] * shape[2]
         with self._locked(slot, exclusive=False):
-            if SLOT_HEADER.unpack_from(self.map, at) != (key.epoch, key.index, key.partition, key.offset, nbytes):
-                return None
-            return np.frombuffer(self.map, np.uint8, nbytes, at + SLOT_HEADER.size).reshape(shape).copy()
+            return self._holds(slot, key, nbytes)
+
+    def _holds(self, slot: int, key: PictureKey, nbytes: int) -> bool:
+        held = SLOT_HEADER.unpack_from(self.map, self._at(slot))
+        return held == (key.epoch, key.index, key.partition, key.offset, nbytes)
+
+    def take(self, key: PictureKey, out: np.ndarray) -> bool:
+        """Copy the frame into `out` (its shape says the frame's); False when the slot no longer holds it."""
+        slot = key.index % self.slots
+        with self._locked(slot, exclusive=False):
+            if not self._holds(slot, key, out.nbytes):
+                return False
+            out.reshape(-1)[:] = np.frombuffer(self.map, np.uint8, out.nbytes, self._at(slot) + SLOT_HEADER.size)
+            return True
+
+
+@dataclass
+class SharedPicture:
+    """A frame found in its task's ring, to be copied out when it is drawn on (one buffer at a time, not a
+    batch of them): by then a pose far enough ahead may have written over its slot, and take() says so."""
+
+    ring: Ring
+    key: PictureKey
+    width: int
+    height: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.height * self.width * 3
+
+    def take(self, buffer: np.ndarray) -> np.ndarray | None:
+        """The picture, in `buffer` (flat, at least nbytes), or None if it is gone."""
+        out = buffer[:self.nbytes].reshape(self.height, self.width, 3)
+        try:
+            taken = self.ring.take(self.key, out)
+        except (ValueError, OSError):  # the ring was closed meanwhile (the task moved on)
+            taken = False
+        self.ring.taken += taken
+        self.ring.missed += not taken
+        PICTURES.labels("taken" if taken else "missed").inc()
+        return out if taken else None
 
 
 class SharedPictures:
@@ -174,7 +211,8 @@ class SharedPictures:
         self.folder, self.budget_bytes = folder, budget_bytes
         self.rings: dict[str, Ring] = {}
         self.looked: dict[str, float] = {}  # pose: when it last looked for a task's ring
-        self.put_count = self.taken_count = 0  # pictures this process put into rings, and took out of its own
+        self.put_count = 0  # pictures this process put into rings
+        self.taken_before = 0  # pictures taken out of rings this process has removed
 
     # ------------------------------------------------------------------ annotate's side
 
@@ -200,15 +238,20 @@ class SharedPictures:
         if ring is not None:
             self.rings[task_id] = ring
 
-    def take(self, task_id: str, key: PictureKey, width: int, height: int) -> np.ndarray | None:
+    def find(self, task_id: str, key: PictureKey, width: int, height: int) -> SharedPicture | None:
+        """The frame, if its task's ring holds it now."""
         ring = self.rings.get(task_id)
-        image = ring.take(key, (height, width, 3)) if ring is not None else None
+        if ring is not None and ring.holds(key, width * height * 3):
+            return SharedPicture(ring, key, width, height)
         if ring is not None:
-            ring.taken += image is not None
-            ring.missed += image is None
-        self.taken_count += image is not None
-        PICTURES.labels("missed" if image is None else "taken").inc()
-        return image
+            ring.missed += 1
+        PICTURES.labels("missed").inc()
+        return None
+
+    @property
+    def taken_count(self) -> int:
+        """Pictures taken out of this worker's rings (those still open, and those removed)."""
+        return self.taken_before + sum(ring.taken for ring in list(self.rings.values()))  # read by GetStatus
 
     def remove(self, task_id: str) -> None:
         """The task ended or moved: its ring goes (if it is still the one this replica made)."""
@@ -216,6 +259,7 @@ class SharedPictures:
         if ring is None:
             return
         log.info("shared pictures of %s: %d frames taken, %d fetched and decoded", task_id, ring.taken, ring.missed)
+        self.taken_before += ring.taken
         with contextlib.suppress(OSError):
             if os.stat(ring.path).st_ino == ring.inode:
                 os.unlink(ring.path)

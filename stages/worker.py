@@ -93,6 +93,7 @@ class StageWorker:
         self.reporter = Reporter(self.worker_id, stage.name)
         self.api = ControlApi(self, control_port)
         stage.emit = self._emit
+        stage.fetch_pixels = lambda items: self.pixels.fill(items)
         # Decoded frames handed from a stage to a later one on this host (stages/shared_pictures.py).
         self.takes_pictures = pipeline.takes_shared_pictures(stage.name)
         self.shared = None
@@ -554,31 +555,31 @@ class StageWorker:
         """Fetch the pixels of the batch's frames that need them (Stage.needs_pixels); a task whose pixels
         cannot be read fails, the others go on."""
         try:
-            self.pixels.fill(self._take_shared([e.item for e in ready if self.stage.needs_pixels(e.item.task)]))
+            self.pixels.fill(self._find_shared([e.item for e in ready if self.stage.needs_pixels(e.item.task)]))
             return ready
         except Exception:  # noqa: BLE001 - narrowed down to tasks below
             log.warning("reading pixels for a batch failed; retrying task by task", exc_info=True)
         kept = []
         for task_id, entries in by_task(ready).items():
             try:
-                self.pixels.fill(self._take_shared([e.item for e in entries
+                self.pixels.fill(self._find_shared([e.item for e in entries
                                                     if self.stage.needs_pixels(e.item.task)]))
                 kept += entries
             except Exception as exc:  # noqa: BLE001
                 self._fail(task_id, f"reading the pixels of frame {entries[0].index}: {describe(exc)}")
         return kept
 
-    def _take_shared(self, items: list[FrameItem]) -> list[FrameItem]:
-        """Give each frame its picture from the task's ring, where an earlier stage on this host left it; the
+    def _find_shared(self, items: list[FrameItem]) -> list[FrameItem]:
+        """Point each frame at its picture in the task's ring, where an earlier stage on this host left it; the
         frames that are not there, whose JPEG must be fetched."""
         if self.shared is None or not self.takes_pictures:
             return items
         missing = []
         for item in items:
             frame = item.frame
-            if item.picture is None and not frame.jpeg and frame.HasField("source"):
-                item.picture = self.shared.take(item.task_id, _picture_key(item), frame.width, frame.height)
-            if item.picture is None:
+            if item.shared_picture is None and not frame.jpeg and frame.HasField("source"):
+                item.shared_picture = self.shared.find(item.task_id, _picture_key(item), frame.width, frame.height)
+            if item.shared_picture is None:
                 missing.append(item)
         return missing
 

@@ -18,6 +18,12 @@ def picture(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (H, W, 3), dtype=np.uint8)
 
 
+def taken(pictures: SharedPictures, task_id: str, key: PictureKey, width: int = W, height: int = H):
+    """What annotate gets: the picture found and copied out, or None."""
+    found = pictures.find(task_id, key, width, height)
+    return found.take(np.empty(found.nbytes, np.uint8)) if found is not None else None
+
+
 def key(index: int, epoch: int = 1, offset: int | None = None) -> PictureKey:
     return PictureKey(epoch, index, index % 4, index if offset is None else offset)
 
@@ -44,12 +50,23 @@ def test_a_picture_put_by_another_process_comes_out_identical_once_named_exactly
     owner = SharedPictures(folder, BUDGET)
     owner.make("t1", W, H)
     put_from_another_process(folder, "t1", [0, 1, 2])
-    assert np.array_equal(owner.take("t1", key(1), W, H), picture(1))
-    assert owner.take("t1", key(1, epoch=2), W, H) is None  # another run's frame 1
-    assert owner.take("t1", key(1, offset=99), W, H) is None  # frame 1 at another offset
-    assert owner.take("t1", key(2), W + 1, H) is None  # another size
-    assert owner.take("t2", key(2), W, H) is None  # no ring for that task
-    assert (owner.rings["t1"].taken, owner.rings["t1"].missed) == (1, 3)
+    assert np.array_equal(taken(owner, "t1", key(1)), picture(1))
+    assert taken(owner, "t1", key(1, epoch=2)) is None  # another run's frame 1
+    assert taken(owner, "t1", key(1, offset=99)) is None  # frame 1 at another offset
+    assert taken(owner, "t1", key(2), W + 1) is None  # another size
+    assert taken(owner, "t2", key(2)) is None  # no ring for that task
+    assert (owner.rings["t1"].taken, owner.rings["t1"].missed, owner.taken_count) == (1, 3, 1)
+
+
+def test_a_picture_found_and_then_written_over_before_it_is_copied_out_is_reported_gone(folder):
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", W, H, frames=4)
+    put_from_another_process(folder, "t1", [1])
+    found = owner.find("t1", key(1), W, H)
+    put_from_another_process(folder, "t1", [5])  # the same slot: pose ran four frames further meanwhile
+    assert found.take(np.empty(found.nbytes, np.uint8)) is None
+    owner.remove("t1")
+    assert found.take(np.empty(found.nbytes, np.uint8)) is None  # and once its ring is closed
 
 
 def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(folder):
@@ -58,8 +75,8 @@ def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(fo
     slots = int(next(folder.glob("t1.*")).name.split(".")[1])
     assert slots == 16
     put_from_another_process(folder, "t1", [3, 3 + slots])
-    assert owner.take("t1", key(3), W, H) is None
-    assert np.array_equal(owner.take("t1", key(3 + slots), W, H), picture(3 + slots))
+    assert taken(owner, "t1", key(3)) is None
+    assert np.array_equal(taken(owner, "t1", key(3 + slots)), picture(3 + slots))
 
 
 def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
