@@ -96,6 +96,8 @@ class RawFrames:
         metadata asks for them (a task's first frame waited 0.2-0.5 s for its pixels without this)."""
         topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
         tps = [(topic, p) for p in partitions if (topic, p) in self.assigned]
+        if on and topic in self.on_demand:
+            return  # read when asked for only (read_on_demand)
         if on:
             resume = [tp for tp in tps if tp in self.paused]
             if resume:
@@ -108,12 +110,24 @@ class RawFrames:
                 self.paused.update(pause)
 
     def read_on_demand(self, task_id: str, on: bool = True) -> None:
-        """Read the task's frames only when asked for them (no read-ahead), or as usual again."""
+        """Read the task's frames only when asked for them (its partitions paused, no read-ahead), or read
+        ahead again."""
         topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
+        if on == (topic in self.on_demand):
+            return
+        tps = [tp for tp in self.assigned if tp[0] == topic]
         if on:
             self.on_demand.add(topic)
+            pause = [tp for tp in tps if tp not in self.paused]
+            if pause:
+                self.consumer.pause([TopicPartition(t, p) for t, p in pause])
+                self.paused.update(pause)
         else:
             self.on_demand.discard(topic)
+            resume = [tp for tp in tps if tp in self.paused]
+            if resume:
+                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
+                self.paused.difference_update(resume)
 
     def drop_task(self, task_id: str) -> None:
         """Stop reading the task's raw frames (it ended, or left this worker): its topic may then go."""
@@ -203,7 +217,7 @@ class RawFrames:
                 self.position[key] = tp.offset
         for tp, offset in lowest.items():
             at = self.position.get(tp, offset)
-            if at > offset or offset - at > SEEK_AHEAD:
+            if at > offset or offset - at > (0 if tp[0] in self.on_demand else SEEK_AHEAD):
                 self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
                 self.position[tp] = offset
         resume = [tp for tp in self.paused if tp in lowest]

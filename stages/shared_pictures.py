@@ -7,19 +7,20 @@ stack; pods or containers that share /dev/shm), annotate makes a ring of picture
 annotate copies it out instead of fetching and decoding the JPEG: about 1 ms of copying a 1080p frame
 against 5 ms of decoding plus the broker's read (bench/README.md has the measurements).
 
-Nothing depends on it: a frame that is not in the ring (another host's pose did it, the ring was full of later
-frames, no persons to decode, no ring at all) is fetched and decoded as before, and gives the same pixels
-(the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way. A slot names the
-frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written under
-a record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written slot names
+Nothing depends on it: a frame that is not in the ring (another host's pose did it, pose ran so far ahead that
+a later frame took its slot, no persons to decode, no ring at all) is fetched and decoded as before, and gives
+the same pixels (the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way. Any
+error here (a full or unwritable folder, a slot locked for too long) is such a miss, never a failure. A slot
+names the frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written
+under a record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written slot names
 no frame.
 
 Who owns what: the ring belongs to the annotate replica that owns the task on this host. It makes it when it
 gets the task's partitions and removes it when the task ends or moves (only its own: a replica that took the
 task over on the same host may have made a new one). The owner holds a record lock on the ring's first page
 for as long as it lives, so a ring whose lock can be taken is a dead replica's (the kernel dropped the lock
-with the process; pids would not do across containers): pose lets go of it, and the next replica to start
-on the host removes it (`sweep`). Pose only writes into rings it finds.
+with the process; pids would not do across containers): pose removes it when it finds it so, and every annotate
+replica sweeps such rings when it starts. Pose only writes into rings it finds.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import mmap
 import os
 import struct
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +47,13 @@ log = logging.getLogger("posemesh.stage")
 # The file starts with a page its owner keeps locked, then the slots; each slot starts with the frame it holds.
 SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, picture bytes (-1: holds nothing)
 HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
-MAX_SLOTS = 128  # pose is seldom further ahead of annotate than decoding may be (MAX_FRAMES_AHEAD, 64)
+# Decoding runs at most MAX_FRAMES_AHEAD (64) frames ahead of annotate, so more slots would never be used; the
+# budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (41 of 1080p in 256 MB): a pose further ahead than
+# that makes annotate fetch and decode the frames it lapped.
+MAX_SLOTS = 128
 LOOK_AGAIN_S = 1.0  # pose looks for a task's ring (or checks it is still there) at most this often
+LOCK_TRIES = 20  # a slot is locked for a copy (about a millisecond): one locked for 20 tries is a miss
+LOCK_PAUSE_S = 0.0005
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,12 @@ class Ring:
     def create(cls, path: Path, slot_bytes: int, slots: int) -> Ring | None:
         """A new ring at `path` (replacing any), its memory reserved now (a full shared memory folder gives
         None here rather than SIGBUS at the first write), locked as this process's until it closes it."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # pids repeat across containers
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as exc:
+            log.info("no shared pictures for %s: %s", path.name, exc)
+            return None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
             stride = SLOT_HEADER.size + slot_bytes
@@ -114,18 +125,29 @@ class Ring:
             return None
 
     def orphaned(self) -> bool:
-        """The file is gone or was replaced (the task moved on), or its owner died: nobody reads it."""
-        try:
-            if os.stat(self.path).st_ino != self.inode:
-                return True
-        except OSError:
+        """The file is gone or was replaced (the task moved on), or its owner died: nobody reads it. A dead
+        owner's file is removed here."""
+        if not self.current():
             return True
         try:
             fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, HEADER_BYTES, 0)
         except OSError:
             return False  # locked: its owner is alive
-        fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
+        try:
+            if self.current():
+                os.unlink(self.path)
+        except OSError:
+            pass
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
         return True
+
+    def current(self) -> bool:
+        """The file at the ring's path is still this ring's."""
+        try:
+            return os.stat(self.path).st_ino == self.inode
+        except OSError:
+            return False
 
     def close(self) -> None:
         self.map.close()
@@ -140,8 +162,18 @@ class Ring:
 
     @contextlib.contextmanager
     def _locked(self, slot: int, exclusive: bool):
+        """Hold the slot's lock; OSError when it stays taken (a copy stopped half way: SIGSTOP, a paused
+        container) or the ring is closed."""
         at = self._at(slot)
-        fcntl.lockf(self.fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH, self.stride, at)
+        kind = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        for tries_left in range(LOCK_TRIES - 1, -1, -1):
+            try:
+                fcntl.lockf(self.fd, kind, self.stride, at)
+                break
+            except (BlockingIOError, PermissionError):
+                if not tries_left:
+                    raise
+                time.sleep(LOCK_PAUSE_S)
         try:
             yield
         finally:
@@ -152,16 +184,22 @@ class Ring:
             return False
         slot = key.index % self.slots
         at = self._at(slot) + SLOT_HEADER.size
-        with self._locked(slot, exclusive=True):
-            self._write_header(slot, EMPTY, -1)  # a copy cut short names no frame
-            np.frombuffer(self.map, np.uint8, image.nbytes, at)[:] = image.reshape(-1)
-            self._write_header(slot, key, image.nbytes)
+        try:
+            with self._locked(slot, exclusive=True):
+                self._write_header(slot, EMPTY, -1)  # a copy cut short names no frame
+                np.frombuffer(self.map, np.uint8, image.nbytes, at)[:] = image.reshape(-1)
+                self._write_header(slot, key, image.nbytes)
+        except (OSError, ValueError):  # locked too long, or closed
+            return False
         return True
 
     def holds(self, key: PictureKey, nbytes: int) -> bool:
         slot = key.index % self.slots
-        with self._locked(slot, exclusive=False):
-            return self._holds(slot, key, nbytes)
+        try:
+            with self._locked(slot, exclusive=False):
+                return self._holds(slot, key, nbytes)
+        except (OSError, ValueError):
+            return False
 
     def _holds(self, slot: int, key: PictureKey, nbytes: int) -> bool:
         held = SLOT_HEADER.unpack_from(self.map, self._at(slot))
@@ -219,7 +257,12 @@ class SharedPictures:
     def make(self, task_id: str, width: int, height: int, frames: int = 0) -> None:
         """Make the task's ring, for frames of up to width x height: as many slots as the budget holds, and no
         more than the video's frames (0: not known)."""
-        if task_id in self.rings or width <= 0 or height <= 0:
+        ring = self.rings.get(task_id)
+        if ring is not None and ring.current():
+            return
+        if ring is not None:  # removed meanwhile (by a replica that took the task over, then gave it back)
+            self.remove(task_id)
+        if width <= 0 or height <= 0:
             return
         slot_bytes = width * height * 3
         fitting = self.budget_bytes // (slot_bytes + SLOT_HEADER.size + mmap.PAGESIZE)
@@ -231,8 +274,8 @@ class SharedPictures:
         except OSError as exc:
             log.info("no shared pictures: %s", exc)
             return
-        for old in self.folder.glob(f"{task_id}.*"):  # a predecessor's on this host, maybe of another size
-            with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):
+            for old in self.folder.glob(f"{task_id}.*"):  # a predecessor's on this host, maybe of another size
                 old.unlink()
         ring = Ring.create(self.folder / f"{task_id}.{slots}", slot_bytes, slots)
         if ring is not None:
@@ -260,26 +303,27 @@ class SharedPictures:
             return
         log.info("shared pictures of %s: %d frames taken, %d fetched and decoded", task_id, ring.taken, ring.missed)
         self.taken_before += ring.taken
-        with contextlib.suppress(OSError):
-            if os.stat(ring.path).st_ino == ring.inode:
+        if ring.current():
+            with contextlib.suppress(OSError):
                 os.unlink(ring.path)
         ring.close()
 
     def sweep(self) -> None:
         """Remove the rings of replicas that are gone (a SIGKILL leaves its rings behind)."""
-        if not self.folder.is_dir():
-            return
         mine = {ring.path for ring in self.rings.values()}  # closing a file of ours would drop our lock on it
-        for path in self.folder.iterdir():
-            if path in mine:
-                continue
+        try:
+            paths = [p for p in self.folder.iterdir() if p not in mine]
+        except OSError:  # no folder (yet), or not ours to read
+            return
+        for path in paths:
             try:
                 fd = os.open(path, os.O_RDWR)
             except OSError:
                 continue
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
-                path.unlink()  # nobody holds it
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not replaced by a live ring meanwhile
+                    path.unlink()  # nobody holds it
             except OSError:
                 pass  # its owner is alive
             finally:
@@ -321,7 +365,7 @@ class SharedPictures:
             ring.close()
 
     def close(self) -> None:
-        """Shutting down: the rings this worker owns are removed, the others let go of."""
+        """Shutting down (or starting over): the rings this worker owns are removed, the others let go of."""
         for task_id, ring in list(self.rings.items()):
             if ring.owned:
                 self.remove(task_id)

@@ -242,6 +242,8 @@ class StageWorker:
                      0.0 if reason == "broker_lost" else 15.0, "the old consumer's close")
         if self.pixels is not None:
             _on_the_side(self.pixels.close, 5.0, "the old pixel reader's close")
+        if self.shared is not None:  # the new consumer's assignments make (or find) the rings again
+            self.shared.close()
         self._clear_state()
         self._open_kafka()
         log.info("%s: new Kafka clients, consumer group %s", self.worker_id, self.group_name())
@@ -270,9 +272,11 @@ class StageWorker:
             except KafkaException as exc:  # a fatal producer error at exit: nothing left to save
                 log.warning("final flush: %s", exc)
             self.control.stop()
-            self.stage.close()
-            if self.shared is not None:
-                self.shared.close()
+            try:
+                self.stage.close()
+            finally:
+                if self.shared is not None:
+                    self.shared.close()
 
     # ------------------------------------------------------------------ which topics to read
 
@@ -362,21 +366,19 @@ class StageWorker:
             task_id = kafka.task_of_topic(topic)
             if task_id:
                 wanted = on and self._wants_pixels(task_id)
-                ringed = self._ring(task_id, wanted)
-                self.pixels.read_on_demand(task_id, ringed)
-                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted and not ringed)
+                self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
+                self._ring(task_id, wanted)
 
-    def _ring(self, task_id: str, wanted: bool) -> bool:
-        """A stage that takes shared pictures: make the task's ring on this host (or remove it); whether the
-        task has one."""
+    def _ring(self, task_id: str, wanted: bool) -> None:
+        """A stage that takes shared pictures: make the task's ring on this host (or remove it). Its frames are
+        read ahead as before until the ring gives some (_find_shared)."""
         if self.shared is None or not self.takes_pictures:
-            return False
+            return
         started = self.control.started(task_id)
         if wanted and started is not None:
             self.shared.make(task_id, started.video.width, started.video.height, started.video.frame_count)
         else:
             self.shared.remove(task_id)
-        return task_id in self.shared.rings
 
     def _wants_pixels(self, task_id: str) -> bool:
         """Stage.needs_pixels for a started task, from its TaskStarted; a reserved one reads nothing yet."""
@@ -574,13 +576,23 @@ class StageWorker:
         frames that are not there, whose JPEG must be fetched."""
         if self.shared is None or not self.takes_pictures:
             return items
-        missing = []
+        missing, found = [], Counter()
         for item in items:
             frame = item.frame
             if item.shared_picture is None and not frame.jpeg and frame.HasField("source"):
                 item.shared_picture = self.shared.find(item.task_id, _picture_key(item), frame.width, frame.height)
             if item.shared_picture is None:
                 missing.append(item)
+            else:
+                found[item.task_id] += 1
+        # A task whose frames come from its ring needs no read-ahead of their JPEGs (the broker's reads of them
+        # cost about as much as the decodes saved); one whose ring stays empty (pose elsewhere) gets it back.
+        for task_id in {item.task_id for item in items} & set(self.shared.rings):
+            missed = sum(1 for item in missing if item.task_id == task_id)
+            if found[task_id] and not missed:
+                self.pixels.read_on_demand(task_id, True)
+            elif missed > found[task_id]:
+                self.pixels.read_on_demand(task_id, False)
         return missing
 
     def _share(self, item: FrameItem, picture) -> None:
