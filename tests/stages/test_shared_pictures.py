@@ -104,7 +104,7 @@ def test_a_ring_is_removed_by_its_owner_only_while_it_is_the_one_it_made(folder)
     assert not list(folder.glob("t1.*"))
 
 
-def test_a_dead_owners_ring_is_let_go_by_writers_and_swept_by_the_next_owner(folder):
+def test_a_dead_owners_ring_is_let_go_and_removed_by_a_writer(folder):
     ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
 
     def own():
@@ -127,5 +127,74 @@ def test_a_dead_owners_ring_is_let_go_by_writers_and_swept_by_the_next_owner(fol
     writer.rings["t1"].checked = 0.0  # as if LOOK_AGAIN_S had passed
     writer.put("t1", key(1), picture(1))
     assert writer.put_count == 1 and "t1" not in writer.rings, "a writer kept filling a dead owner's ring"
-    sweeper.sweep()
-    assert not list(folder.iterdir())
+    assert not list(folder.iterdir()), "the writer that found the owner dead left its ring behind"
+
+
+def test_a_dead_owners_rings_are_swept_by_the_next_owner_and_a_live_ones_kept(folder):
+    ctx = multiprocessing.get_context("fork")
+
+    def owner_of(*tasks):
+        ready, done = ctx.Event(), ctx.Event()  # one each: an Event a killed child waited on cannot be set
+
+        def own():
+            owner = SharedPictures(folder, BUDGET)  # kept: dropping it would close its rings, and their locks
+            for task_id in tasks:
+                owner.make(task_id, W, H)
+            ready.set()
+            done.wait(30)
+
+        child = ctx.Process(target=own)
+        child.start()
+        assert ready.wait(30)
+        return child, done
+
+    (dead, _), (live, live_done) = owner_of("t1", "t2"), owner_of("t3")
+    try:
+        os.kill(dead.pid, signal.SIGKILL)
+        dead.join(10)
+        SharedPictures(folder, BUDGET).sweep()  # as an annotate replica starting on this host
+        assert [p.name.split(".")[0] for p in folder.iterdir()] == ["t3"]
+    finally:
+        live_done.set()
+        live.join(10)
+
+
+def test_a_slot_locked_by_a_stopped_writer_is_a_miss_not_a_wait(folder):
+    """A pose stopped half way through a copy (SIGSTOP, a paused container) holds the slot's lock: annotate
+    gives up on that frame after a few tries and fetches its JPEG instead."""
+    import fcntl
+    import time
+
+    owner = SharedPictures(folder, BUDGET)
+    owner.make("t1", W, H)
+    put_from_another_process(folder, "t1", [2])
+    ring = owner.rings["t1"]
+    ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
+
+    def stuck():
+        fd = os.open(ring.path, os.O_RDWR)
+        fcntl.lockf(fd, fcntl.LOCK_EX, ring.stride, ring._at(2))
+        ready.set()
+        done.wait(30)
+
+    child = multiprocessing.get_context("fork").Process(target=stuck)
+    child.start()
+    try:
+        assert ready.wait(30)
+        started = time.monotonic()
+        assert owner.find("t1", key(2), W, H) is None
+        assert time.monotonic() - started < 1.0
+    finally:
+        done.set()
+        child.join(10)
+    assert np.array_equal(taken(owner, "t1", key(2)), picture(2))  # and found once the writer let go
+
+
+def test_a_folder_that_cannot_hold_rings_means_no_sharing_and_no_error(tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_bytes(b"")
+    pictures = SharedPictures(not_a_folder, BUDGET)
+    pictures.sweep()
+    pictures.make("t1", W, H)
+    pictures.put("t1", key(0), picture(0))
+    assert not pictures.rings and pictures.find("t1", key(0), W, H) is None
