@@ -585,8 +585,9 @@ class StageWorker:
                 missing.append(item)
             else:
                 found[item.task_id] += 1
-        # A task whose frames come from its ring needs no read-ahead of their JPEGs (the broker's reads of them
-        # cost about as much as the decodes saved); one whose ring stays empty (pose elsewhere) gets it back.
+        # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
+        # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
+        # empty (pose on another host) reads ahead again.
         for task_id in {item.task_id for item in items} & set(self.shared.rings):
             missed = sum(1 for item in missing if item.task_id == task_id)
             if found[task_id] and not missed:
