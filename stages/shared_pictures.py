@@ -47,9 +47,9 @@ log = logging.getLogger("posemesh.stage")
 # The file starts with a page its owner keeps locked, then the slots; each slot starts with the frame it holds.
 SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, picture bytes (-1: holds nothing)
 HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
-# Decoding runs at most MAX_FRAMES_AHEAD (64) frames ahead of annotate, so more slots would never be used; the
-# budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (41 of 1080p in 256 MB): a pose further ahead than
-# that makes annotate fetch and decode the frames it lapped.
+# Decoding runs at most MAX_FRAMES_AHEAD (64 by default) frames ahead of annotate, so more slots would seldom be
+# used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (41 of 1080p in 256 MB): a pose further
+# ahead than that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
 LOOK_AGAIN_S = 1.0  # pose looks for a task's ring (or checks it is still there) at most this often
 LOCK_TRIES = 20  # a slot is locked for a copy (about a millisecond): one locked for 20 tries is a miss
