@@ -51,7 +51,8 @@ HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
 # used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (41 of 1080p in 256 MB): a pose further
 # ahead than that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
-LOOK_AGAIN_S = 1.0  # pose looks for a task's ring (or checks it is still there) at most this often
+LOOK_AGAIN_S = 1.0  # pose checks that a ring it writes into is still read at most this often
+LOOK_FOR_RING_S = 0.2  # and looks for a task's ring, while it has none, at most this often (a glob)
 LOCK_TRIES = 20  # a slot is locked for a copy (about a millisecond): one locked for 20 tries is a miss
 LOCK_PAUSE_S = 0.0005
 
@@ -345,8 +346,8 @@ class SharedPictures:
             ring.checked = now
             if ring.orphaned():  # looked for again a second later: a new owner may have made one
                 self.rings.pop(task_id).close()
-                self.looked[task_id], ring = now, None
-        if ring is None and now - self.looked.get(task_id, -LOOK_AGAIN_S) >= LOOK_AGAIN_S:
+                self.looked[task_id], ring = now + LOOK_AGAIN_S - LOOK_FOR_RING_S, None
+        if ring is None and now - self.looked.get(task_id, -LOOK_FOR_RING_S) >= LOOK_FOR_RING_S:
             self.looked[task_id] = now
             path = next(iter(self.folder.glob(f"{task_id}.*")), None)
             ring = Ring.open(path) if path is not None else None

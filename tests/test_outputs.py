@@ -216,10 +216,12 @@ def test_annotate_draws_on_the_frames_pose_decoded_on_this_host_and_leaves_no_ri
     after = {stage: get() for stage, get in status.items()}
     with_persons = sum(1 for r in records if r["persons"])
     assert len(records) == 24 and with_persons >= 20
-    shared = {stage: after[stage].pictures_shared - before[stage].pictures_shared for stage in status}
-    assert shared == {"pose": with_persons, "annotate": with_persons}
+    put, taken = (after[stage].pictures_shared - before[stage].pictures_shared for stage in ("pose", "annotate"))
+    # Pose looks for a task's ring every 0.2 s until it finds one: at most its first batch (8 frames) can come
+    # before annotate made it (in practice none: annotate makes it as the task starts).
+    assert put == taken and with_persons - 8 <= taken <= with_persons
     read = after["annotate"].pixel_frames_read - before["annotate"].pixel_frames_read
-    assert read == 24 - with_persons  # no read-ahead of frames it then takes decoded
+    assert read == 24 - taken  # no read-ahead of frames it then takes decoded
     folder = Path(gw.settings.shared_pictures_dir)
     deadline = time.monotonic() + 10
     while list(folder.glob(f"{done.task_id}.*")) and time.monotonic() < deadline:
