@@ -71,6 +71,23 @@ class PictureKey:
 EMPTY = PictureKey(-1, -1, -1, -1)
 
 
+def remove_if_ownerless(fd: int, path: Path) -> bool:
+    """Whether the ring open as `fd` has no live owner (its first page's lock can be taken); if so, and `path` is
+    still that ring (not replaced by a live one meanwhile), the file is removed."""
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
+    except OSError:
+        return False  # locked: its owner is alive
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
+    return True
+
+
 class Ring:
     """One task's slots, mapped into this process. The slot count is in the file's name (`<task>.<slots>`),
     the slot size follows from the file's size."""
@@ -98,7 +115,7 @@ class Ring:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
             stride = SLOT_HEADER.size + slot_bytes
-            stride += -stride % mmap.PAGESIZE
+            stride += -stride % mmap.PAGESIZE  # whole pages
             os.posix_fallocate(fd, 0, HEADER_BYTES + stride * slots)
             ring = cls(path, fd, slots)
             ring.owned = True
@@ -128,20 +145,7 @@ class Ring:
     def orphaned(self) -> bool:
         """The file is gone or was replaced (the task moved on), or its owner died: nobody reads it. A dead
         owner's file is removed here."""
-        if not self.current():
-            return True
-        try:
-            fcntl.lockf(self.fd, fcntl.LOCK_SH | fcntl.LOCK_NB, HEADER_BYTES, 0)
-        except OSError:
-            return False  # locked: its owner is alive
-        try:
-            if self.current():
-                os.unlink(self.path)
-        except OSError:
-            pass
-        finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, HEADER_BYTES, 0)
-        return True
+        return not self.current() or remove_if_ownerless(self.fd, self.path)
 
     def current(self) -> bool:
         """The file at the ring's path is still this ring's."""
@@ -266,7 +270,7 @@ class SharedPictures:
         if width <= 0 or height <= 0:
             return
         slot_bytes = width * height * 3
-        fitting = self.budget_bytes // (slot_bytes + SLOT_HEADER.size + mmap.PAGESIZE)
+        fitting = self.budget_bytes // (slot_bytes + SLOT_HEADER.size + mmap.PAGESIZE)  # a stride at most
         slots = min(MAX_SLOTS, frames or MAX_SLOTS, fitting)
         if slots < 2:
             return
@@ -322,11 +326,7 @@ class SharedPictures:
             except OSError:
                 continue
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not replaced by a live ring meanwhile
-                    path.unlink()  # nobody holds it
-            except OSError:
-                pass  # its owner is alive
+                remove_if_ownerless(fd, path)
             finally:
                 os.close(fd)
 

@@ -576,23 +576,23 @@ class StageWorker:
         frames that are not there, whose JPEG must be fetched."""
         if self.shared is None or not self.takes_pictures:
             return items
-        missing, found = [], Counter()
+        missing, found, missed = [], Counter(), Counter()
         for item in items:
             frame = item.frame
             if item.shared_picture is None and not frame.jpeg and frame.HasField("source"):
                 item.shared_picture = self.shared.find(item.task_id, _picture_key(item), frame.width, frame.height)
             if item.shared_picture is None:
                 missing.append(item)
+                missed[item.task_id] += 1
             else:
                 found[item.task_id] += 1
         # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
         # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
         # empty (pose on another host) reads ahead again.
-        for task_id in {item.task_id for item in items} & set(self.shared.rings):
-            missed = sum(1 for item in missing if item.task_id == task_id)
-            if found[task_id] and not missed:
+        for task_id in (found | missed).keys() & self.shared.rings.keys():
+            if found[task_id] and not missed[task_id]:
                 self.pixels.read_on_demand(task_id, True)
-            elif missed > found[task_id]:
+            elif missed[task_id] > found[task_id]:
                 self.pixels.read_on_demand(task_id, False)
         return missing
 
