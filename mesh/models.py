@@ -90,7 +90,10 @@ RTMPOSE_M = Weights(
     url="https://download.openmmlab.com/mmpose/v1/projects/rtmposev1/onnx_sdk/"
         "rtmpose-m_simcc-body7_pt-body7_420e-256x192-e48f03d0_20230504.zip", member="end2end.onnx")
 
+# Raised with every change to a surgery below: served files prepared before are prepared again.
+SURGERY_REVISION = 2
 YOLOX_SIZE = 416
+YOLOX_COLUMNS = 6  # of the head's 85 per anchor: box (4), objectness, person (COCO class 0)
 BLAZEPOSE_SIZE = 256
 RTMPOSE_W, RTMPOSE_H = 192, 256
 # mmpose's RTMPose normalisation, RGB order.
@@ -100,7 +103,7 @@ RTMPOSE_STD = (58.395, 57.12, 57.375)
 MODELS: dict[str, ServedModel] = {m.name: m for m in [
     ServedModel("yolox", YOLOX_NANO, "yolox_surgery",
                 inputs=(Tensor("images", "UINT8", (3, YOLOX_SIZE, YOLOX_SIZE)),),
-                outputs=(Tensor("output", "FP32", (3549, 85)),),
+                outputs=(Tensor("output", "FP32", (3549, YOLOX_COLUMNS)),),
                 max_batch_cpu=4, preferred_cpu=(2, 4)),
     ServedModel("blazepose_lite", BLAZEPOSE_LITE, "blazepose_surgery",
                 inputs=(Tensor("input_1", "UINT8", (BLAZEPOSE_SIZE, BLAZEPOSE_SIZE, 3)),),
@@ -205,7 +208,26 @@ def yolox_surgery(model):
         if arr.dtype == np.int64 and arr.tolist() == [1, 85, -1]:
             init.CopyFrom(numpy_helper.from_array(np.array([0, 85, -1], np.int64), init.name))
     _uint8_input(model, "images")
+    _person_columns(model, "output")
     return model
+
+
+def _person_columns(model, name: str) -> None:
+    """Keep the columns of output `name` that detect reads (box 4, objectness, the person class): the head's
+    other 79 class scores were 1.2 MB a frame copied out of ONNX Runtime, through Triton and into the worker,
+    and never read."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    full = f"{name}__all_classes"
+    for node in graph.node:
+        node.output[:] = [full if x == name else x for x in node.output]
+    for const, value in (("starts", 0), ("ends", YOLOX_COLUMNS), ("axes", 2)):
+        graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), f"{name}__{const}"))
+    graph.node.append(helper.make_node("Slice", [full] + [f"{name}__{c}" for c in ("starts", "ends", "axes")],
+                                       [name]))
+    graph.output[0].type.tensor_type.shape.dim[2].dim_value = YOLOX_COLUMNS
 
 
 def blazepose_surgery(model):
@@ -289,7 +311,7 @@ def build_rtmpose_stand_in(seed: int = 0):
 
 def prepare(out_dir: Path, models_dir: Path | None = None, names: list[str] | None = None) -> dict[str, Path]:
     """Write the served ONNX file of each model into out_dir (atomically); returns name -> path.
-    Files whose source is unchanged are kept (a stamp holds the source sha256)."""
+    Files whose source and surgery are unchanged are kept (a stamp holds the source sha256 and SURGERY_REVISION)."""
     import onnx
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -299,11 +321,11 @@ def prepare(out_dir: Path, models_dir: Path | None = None, names: list[str] | No
         target = out_dir / spec.served_file
         try:
             source = resolve_weights(spec.weights, models_dir)
-            stamp = spec.weights.sha256
+            stamp = f"{spec.weights.sha256} surgery {SURGERY_REVISION}"
         except ModelError:
             if not spec.stand_in:
                 raise
-            source, stamp = None, f"stand-in:{spec.stand_in}"
+            source, stamp = None, f"stand-in:{spec.stand_in} surgery {SURGERY_REVISION}"
         stamp_file = target.with_suffix(".source")
         if target.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
             written[name] = target

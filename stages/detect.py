@@ -1,8 +1,9 @@
 """Detect stage: raw_frames_<task> -> yolox_<task>. Finds persons with YOLOX-nano on Triton.
 
 Pre- and post-processing follow Megvii's YOLOX demo: BGR 0..255 pixels letterboxed into the top-left of
-a 416x416 canvas padded with 114; the raw head output [N, 3549, 85] is decoded on the grid of strides
-8/16/32, scored obj x cls(person) and reduced with NMS at IoU 0.45.
+a 416x416 canvas padded with 114; the head's output, of which the served graph keeps the person columns
+([N, 3549, 6]: mesh/models.py), is decoded on the grid of strides 8/16/32, scored obj x cls(person) and
+reduced with NMS at IoU 0.45.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def letterbox(image: np.ndarray, size: int = YOLOX_SIZE) -> tuple[np.ndarray, fl
 
 def decode(output: np.ndarray, ratio: float, min_score: float,
            nms_iou: float = NMS_IOU) -> tuple[np.ndarray, np.ndarray]:
-    """One image's raw head [3549, 85] -> person boxes [M, 4] (x1 y1 x2 y2, input-image pixels), scores [M]."""
+    """One image's head output [3549, 6] (box, objectness, person) -> person boxes [M, 4] (x1 y1 x2 y2,
+    input-image pixels), scores [M]."""
     scores = output[:, 4] * output[:, 5]  # objectness x person class
     keep = scores > min_score
     if not keep.any():

@@ -40,6 +40,24 @@ def test_batch_of_n_equals_n_single_runs(onnx_dir, name):
             assert np.abs(b[i] - s[0]).max() <= 1e-4
 
 
+
+def test_served_yolox_gives_the_published_heads_person_columns(onnx_dir):
+    published = ort.InferenceSession(str(MODELS / models.YOLOX_NANO.file), providers=["CPUExecutionProvider"])
+    served = ort.InferenceSession(str(onnx_dir / "yolox.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).integers(0, 256, (1, 3, models.YOLOX_SIZE, models.YOLOX_SIZE), dtype=np.uint8)
+    (full,) = published.run(None, {published.get_inputs()[0].name: x.astype(np.float32)})
+    (kept,) = served.run(None, {"images": x})
+    assert full.shape == (1, 3549, 85) and kept.shape == (1, 3549, models.YOLOX_COLUMNS)
+    assert np.abs(kept - full[..., :models.YOLOX_COLUMNS]).max() <= 1e-4
+
+
+def test_a_prepared_file_is_prepared_again_when_its_surgery_changed(tmp_path, monkeypatch):
+    first = models.prepare(tmp_path, MODELS, names=["yolox"])["yolox"]
+    made = first.stat().st_mtime_ns
+    assert models.prepare(tmp_path, MODELS, names=["yolox"])["yolox"].stat().st_mtime_ns == made  # kept
+    monkeypatch.setattr(models, "SURGERY_REVISION", models.SURGERY_REVISION + 1)
+    assert models.prepare(tmp_path, MODELS, names=["yolox"])["yolox"].stat().st_mtime_ns != made
+
 def test_weights_are_verified_by_sha256(tmp_path):
     assert models.resolve_weights(models.YOLOX_NANO, MODELS).name == models.YOLOX_NANO.file
     corrupt = tmp_path / models.YOLOX_NANO.file
