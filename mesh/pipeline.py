@@ -35,11 +35,14 @@ class StageSpec:
     # Whether the stage hands its full decodes of frames to the later stages on the same host that need pixels
     # (stages/shared_pictures.py): they then neither fetch nor decode those frames' JPEGs.
     shares_pictures: bool = False
+    # Whether the stage reads the pixels' records and hands each frame's JPEG to the later stages on the same
+    # host that need pixels: they then take it there instead of reading the record from the broker again.
+    shares_jpegs: bool = False
 
 
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("detect", RAW_FRAMES, YOLOX, ordered=False, entry="posemesh.stages.detect:DetectStage",
-              pixels=True),
+              pixels=True, shares_jpegs=True),
     StageSpec("pose", YOLOX, RTMPOSE, ordered=False, entry="posemesh.stages.pose:PoseStage", pixels=True,
               shares_pictures=True),
     StageSpec("track", RTMPOSE, BYTETRACK, ordered=True, entry="posemesh.stages.track:TrackStage",
@@ -80,6 +83,12 @@ def takes_shared_pictures(name: str) -> bool:
     """Whether a stage needs pixels after a stage that shares its decoded frames (see StageSpec)."""
     before = STAGES[:STAGE_NAMES.index(name)]
     return SPECS[name].pixels and any(s.shares_pictures for s in before)
+
+
+def takes_shared_jpegs(name: str) -> bool:
+    """Whether a stage needs pixels after a stage that shares the frames' JPEGs (see StageSpec)."""
+    before = STAGES[:STAGE_NAMES.index(name)]
+    return SPECS[name].pixels and any(s.shares_jpegs for s in before)
 
 
 def reader_of(prefix: str) -> StageSpec | None:

@@ -121,9 +121,9 @@ class Settings:
     # durability: a worker that takes a task over continues from the last finished segment).
     x264_preset: str = field(default_factory=lambda: env("X264_PRESET", "veryfast"))
     segment_frames: int = field(default_factory=lambda: int(env("SEGMENT_FRAMES", "60")))
-    # Where pose hands its decoded frames to annotate on the same host (stages/shared_pictures.py): a shared
-    # memory folder both see, "" for never; and how much of it each task's ring may take (the frames pose may
-    # be ahead of annotate: 41 of 1080p in 256 MB).
+    # Where detect hands frames' JPEGs to pose, and pose its decoded frames to annotate, on the same host
+    # (stages/shared_pictures.py): a shared memory folder they all see, "" for never; and how much of it each
+    # task's ring may take (the frames pose may be ahead of annotate: 39 of 1080p in 256 MB, with their JPEGs).
     shared_pictures_dir: str = field(default_factory=lambda: env("SHARED_PICTURES_DIR", "/dev/shm/posemesh-pictures"))
     shared_pictures_mb: int = field(default_factory=lambda: int(env("SHARED_PICTURES_MB", "256")))
     # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:

@@ -1,26 +1,29 @@
-"""Decoded frames handed from pose to annotate on one host, so a frame's JPEG is decoded in full once there.
+"""Frames handed between stages on one host: decoded ones from pose to annotate, so a frame's JPEG is decoded in
+full once there, and JPEGs from detect to pose and annotate, so the broker serves a frame's JPEG once there.
 
 Pose decodes every frame with persons in full (for its crops); annotate decodes the same JPEG again to draw on
 it (and reads it from the broker first). When both run on one host with a shared memory folder (the local
 stack; pods or containers that share /dev/shm), annotate makes a ring of picture slots for each task it owns
 (a file in that folder, its space reserved up front), pose copies each decoded frame into its slot, and
 annotate copies it out instead of fetching and decoding the JPEG: about 1 ms of copying a 1080p frame
-against 5 ms of decoding plus the broker's read (bench/README.md has the measurements).
+against 5 ms of decoding plus the broker's read (bench/README.md has the measurements). Each slot also has room
+for a frame's JPEG: detect, which reads every frame's record from raw_frames, copies its JPEG there, and pose (and
+annotate, for a frame pose did not decode) take it from there instead of reading the record again from the broker.
 
-Nothing depends on it: a frame that is not in the ring (another host's pose did it, pose ran so far ahead that
-a later frame took its slot, no persons to decode, no ring at all) is fetched and decoded as before, and gives
-the same pixels (the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way. Any
-error here (a full or unwritable folder, a slot locked for too long) is such a miss, never a failure. A slot
-names the frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written
-under a record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written slot names
-no frame.
+Nothing depends on it: a frame that is not in the ring (another host's pose did it, pose ran so far ahead that a
+later frame took its slot, no persons to decode, no ring at all) is fetched and decoded as before, and gives the
+same pixels (the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way; a JPEG
+taken from a slot is the record's bytes, named by the record's partition and offset. Any error here (a full or
+unwritable folder, a slot locked for too long) is such a miss, never a failure. A slot part (picture, JPEG) names
+the frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written under a
+record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written part names no frame.
 
 Who owns what: the ring belongs to the annotate replica that owns the task on this host. It makes it when it
 gets the task's partitions and removes it when the task ends or moves (only its own: a replica that took the
 task over on the same host may have made a new one). The owner holds a record lock on the ring's first page
 for as long as it lives, so a ring whose lock can be taken is a dead replica's (the kernel dropped the lock
-with the process; pids would not do across containers): pose removes it when it finds it so, and every annotate
-replica sweeps such rings when it starts. Pose only writes into rings it finds.
+with the process; pids would not do across containers): detect and pose, which only use rings they find, remove
+it when they find it so, and every annotate replica sweeps such rings when it starts.
 """
 
 from __future__ import annotations
@@ -41,14 +44,22 @@ from prometheus_client import Counter
 
 # Frames annotate took from a ring ("taken") or had to fetch and decode ("missed"), pictures pose put in one.
 PICTURES = Counter("posemesh_shared_pictures_total", "Decoded frames handed over on one host", ["result"])
+# JPEGs detect put in a ring, and those pose or annotate took from one or had to fetch from the broker.
+JPEGS = Counter("posemesh_shared_jpegs_total", "Frames' JPEGs handed over on one host", ["result"])
 
 log = logging.getLogger("posemesh.stage")
 
-# The file starts with a page its owner keeps locked, then the slots; each slot starts with the frame it holds.
-SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, picture bytes (-1: holds nothing)
-HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
+# The file starts with a page its owner keeps locked, which also says how a slot is laid out, then the slots. A
+# slot has two parts, each starting with the frame it holds: the decoded picture, then the JPEG.
+SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, bytes held (-1: holds nothing)
+LAYOUT = struct.Struct("<qq")  # at the file's start: the picture part's bytes (header included), the JPEG's room
+HEADER_BYTES = 4096  # the owner's lock; slots and their parts are page-aligned too
+# Room for a JPEG: a tenth of the decoded picture (a 1080p frame at the mesh's quality 80 is about 180 kB of 6.2
+# MB, at quality 95 about 400 kB); a larger one is not handed over, only fetched.
+JPEG_SHARE = 10
+JPEG_MIN_BYTES = 64 * 1024
 # Decoding runs at most MAX_FRAMES_AHEAD (64 by default) frames ahead of annotate, so more slots would seldom be
-# used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (41 of 1080p in 256 MB): a pose further
+# used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (39 of 1080p in 256 MB): a pose further
 # ahead than that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
 LOOK_AGAIN_S = 1.0  # pose checks that a ring it writes into is still read at most this often
@@ -71,6 +82,20 @@ class PictureKey:
 EMPTY = PictureKey(-1, -1, -1, -1)
 
 
+def _pages(n: int) -> int:
+    return n + -n % mmap.PAGESIZE
+
+
+def _jpeg_room(picture_bytes: int) -> int:
+    return max(JPEG_MIN_BYTES, picture_bytes // JPEG_SHARE)
+
+
+def slot_stride(width: int, height: int) -> int:
+    """The bytes a ring's slot takes for frames of up to width x height: the picture part and the JPEG part."""
+    picture = width * height * 3
+    return _pages(SLOT_HEADER.size + picture) + _pages(SLOT_HEADER.size + _jpeg_room(picture))
+
+
 def remove_if_ownerless(fd: int, path: Path) -> bool:
     """Whether the ring open as `fd` has no live owner (its first page's lock can be taken); if so, and `path` is
     still that ring (not replaced by a live one meanwhile), the file is removed."""
@@ -90,14 +115,18 @@ def remove_if_ownerless(fd: int, path: Path) -> bool:
 
 class Ring:
     """One task's slots, mapped into this process. The slot count is in the file's name (`<task>.<slots>`),
-    the slot size follows from the file's size."""
+    the slot size follows from the file's size, the split between a slot's parts is on its first page."""
 
     def __init__(self, path: Path, fd: int, slots: int):
         self.path, self.fd, self.slots = path, fd, slots
         self.stride = (os.fstat(fd).st_size - HEADER_BYTES) // slots
-        self.slot_bytes = self.stride - SLOT_HEADER.size
         self.inode = os.fstat(fd).st_ino
         self.map = mmap.mmap(fd, HEADER_BYTES + self.stride * slots)
+        self.picture_part, self.jpeg_room = LAYOUT.unpack_from(self.map, 0)
+        self.slot_bytes = self.picture_part - SLOT_HEADER.size  # a picture's room
+        if not 0 < self.picture_part < self.stride or self.jpeg_room > self.stride - self.picture_part:
+            self.map.close()
+            raise ValueError(f"{path.name} is not laid out as a ring")
         self.checked = time.monotonic()
         self.owned = False  # made by this process (which holds the lock on its first page)
         self.taken = self.missed = 0  # the owner's takes
@@ -114,13 +143,15 @@ class Ring:
             return None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
-            stride = SLOT_HEADER.size + slot_bytes
-            stride += -stride % mmap.PAGESIZE  # whole pages
+            picture_part, jpeg_room = _pages(SLOT_HEADER.size + slot_bytes), _jpeg_room(slot_bytes)  # whole pages
+            stride = picture_part + _pages(SLOT_HEADER.size + jpeg_room)
             os.posix_fallocate(fd, 0, HEADER_BYTES + stride * slots)
+            os.pwrite(fd, LAYOUT.pack(picture_part, jpeg_room), 0)
             ring = cls(path, fd, slots)
             ring.owned = True
             for slot in range(slots):
                 ring._write_header(slot, EMPTY, -1)
+                ring._write_header(slot, EMPTY, -1, ring.picture_part)
             os.rename(tmp, path)
             return ring
         except OSError as exc:
@@ -138,7 +169,7 @@ class Ring:
             return None
         try:
             return cls(path, fd, int(path.name.rsplit(".", 1)[1]))
-        except (OSError, ValueError, IndexError, ZeroDivisionError):
+        except (OSError, ValueError, IndexError, ZeroDivisionError, struct.error):
             os.close(fd)
             return None
 
@@ -162,18 +193,21 @@ class Ring:
     def _at(self, slot: int) -> int:
         return HEADER_BYTES + slot * self.stride
 
-    def _write_header(self, slot: int, key: PictureKey, nbytes: int) -> None:
-        SLOT_HEADER.pack_into(self.map, self._at(slot), key.epoch, key.index, key.partition, key.offset, nbytes)
+    def _write_header(self, slot: int, key: PictureKey, nbytes: int, part: int = 0) -> None:
+        SLOT_HEADER.pack_into(self.map, self._at(slot) + part, key.epoch, key.index, key.partition, key.offset, nbytes)
+
+    def _part_bytes(self, part: int) -> int:
+        return self.picture_part if part == 0 else self.stride - self.picture_part
 
     @contextlib.contextmanager
-    def _locked(self, slot: int, exclusive: bool):
-        """Hold the slot's lock; OSError when it stays taken (a copy stopped half way: SIGSTOP, a paused
-        container) or the ring is closed."""
-        at = self._at(slot)
+    def _locked(self, slot: int, exclusive: bool, part: int = 0):
+        """Hold the lock of a slot's part (0: the picture, picture_part: the JPEG); OSError when it stays taken
+        (a copy stopped half way: SIGSTOP, a paused container) or the ring is closed."""
+        at, length = self._at(slot) + part, self._part_bytes(part)
         kind = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         for tries_left in range(LOCK_TRIES - 1, -1, -1):
             try:
-                fcntl.lockf(self.fd, kind, self.stride, at)
+                fcntl.lockf(self.fd, kind, length, at)
                 break
             except (BlockingIOError, PermissionError):
                 if not tries_left:
@@ -182,7 +216,7 @@ class Ring:
         try:
             yield
         finally:
-            fcntl.lockf(self.fd, fcntl.LOCK_UN, self.stride, at)
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, length, at)
 
     def put(self, key: PictureKey, image: np.ndarray) -> bool:
         if image.nbytes > self.slot_bytes or not image.flags.c_contiguous:
@@ -219,6 +253,33 @@ class Ring:
             out.reshape(-1)[:] = np.frombuffer(self.map, np.uint8, out.nbytes, self._at(slot) + SLOT_HEADER.size)
             return True
 
+    def put_jpeg(self, key: PictureKey, data: bytes) -> bool:
+        if len(data) > self.jpeg_room:
+            return False
+        slot, part = key.index % self.slots, self.picture_part
+        at = self._at(slot) + part + SLOT_HEADER.size
+        try:
+            with self._locked(slot, exclusive=True, part=part):
+                self._write_header(slot, EMPTY, -1, part)
+                self.map[at:at + len(data)] = data
+                self._write_header(slot, key, len(data), part)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def jpeg(self, key: PictureKey) -> bytes | None:
+        """The frame's JPEG, if the slot holds it."""
+        slot, part = key.index % self.slots, self.picture_part
+        at = self._at(slot) + part
+        try:
+            with self._locked(slot, exclusive=False, part=part):
+                *held, nbytes = SLOT_HEADER.unpack_from(self.map, at)
+                if tuple(held) != (key.epoch, key.index, key.partition, key.offset) or nbytes < 0:
+                    return None
+                return self.map[at + SLOT_HEADER.size:at + SLOT_HEADER.size + nbytes]
+        except (OSError, ValueError):
+            return None
+
 
 @dataclass
 class SharedPicture:
@@ -248,14 +309,15 @@ class SharedPicture:
 
 
 class SharedPictures:
-    """One worker's rings: those it owns (annotate) or those it writes into (pose)."""
+    """One worker's rings: those it owns (annotate) or those it uses (detect, pose)."""
 
     def __init__(self, folder: Path, budget_bytes: int):
         self.folder, self.budget_bytes = folder, budget_bytes
         self.rings: dict[str, Ring] = {}
-        self.looked: dict[str, float] = {}  # pose: when it last looked for a task's ring
+        self.looked: dict[str, float] = {}  # detect, pose: when it last looked for a task's ring
         self.put_count = 0  # pictures this process put into rings
         self.taken_before = 0  # pictures taken out of rings this process has removed
+        self.jpegs_put = self.jpegs_taken = 0
 
     # ------------------------------------------------------------------ annotate's side
 
@@ -270,8 +332,7 @@ class SharedPictures:
         if width <= 0 or height <= 0:
             return
         slot_bytes = width * height * 3
-        fitting = self.budget_bytes // (slot_bytes + SLOT_HEADER.size + mmap.PAGESIZE)  # a stride at most
-        slots = min(MAX_SLOTS, frames or MAX_SLOTS, fitting)
+        slots = min(MAX_SLOTS, frames or MAX_SLOTS, self.budget_bytes // slot_stride(width, height))
         if slots < 2:
             return
         try:
@@ -330,16 +391,33 @@ class SharedPictures:
             finally:
                 os.close(fd)
 
-    # ------------------------------------------------------------------ pose's side
+    # ------------------------------------------------------------------ detect's and pose's side
 
     def put(self, task_id: str, key: PictureKey, image: np.ndarray) -> None:
         """Copy a decoded frame into the task's ring, if a replica on this host made one."""
-        ring = self._ring_to_write(task_id)
+        ring = self._ring_found(task_id)
         if ring is not None and ring.put(key, image):
             self.put_count += 1
             PICTURES.labels("put").inc()
 
-    def _ring_to_write(self, task_id: str) -> Ring | None:
+    def put_jpeg(self, task_id: str, key: PictureKey, data: bytes) -> None:
+        """Copy a frame's JPEG, as read from its raw_frames record, into the task's ring (detect)."""
+        ring = self._ring_found(task_id)
+        if ring is not None and ring.put_jpeg(key, data):
+            self.jpegs_put += 1
+            JPEGS.labels("put").inc()
+
+    def jpeg(self, task_id: str, key: PictureKey) -> bytes | None:
+        """The frame's JPEG, if detect left it in the task's ring on this host (pose, annotate)."""
+        ring = self.rings.get(task_id)
+        if ring is None or not ring.owned:  # the owner's own (annotate's) is never an orphan to it
+            ring = self._ring_found(task_id)
+        data = ring.jpeg(key) if ring is not None else None
+        self.jpegs_taken += data is not None
+        JPEGS.labels("missed" if data is None else "taken").inc()
+        return data
+
+    def _ring_found(self, task_id: str) -> Ring | None:
         now = time.monotonic()
         ring = self.rings.get(task_id)
         if ring is not None and now - ring.checked > LOOK_AGAIN_S:

@@ -93,11 +93,13 @@ class StageWorker:
         self.reporter = Reporter(self.worker_id, stage.name)
         self.api = ControlApi(self, control_port)
         stage.emit = self._emit
-        stage.fetch_pixels = lambda items: self.pixels.fill(items)
-        # Decoded frames handed from a stage to a later one on this host (stages/shared_pictures.py).
+        stage.fetch_pixels = lambda items: self.pixels.fill(self._find_jpegs(items))
+        # Decoded frames and JPEGs handed from a stage to a later one on this host (stages/shared_pictures.py).
         self.takes_pictures = pipeline.takes_shared_pictures(stage.name)
+        self.takes_jpegs = pipeline.takes_shared_jpegs(stage.name)
         self.shared = None
-        if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures):
+        if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures
+                                             or self.spec.shares_jpegs or self.takes_jpegs):
             self.shared = SharedPictures(Path(settings.shared_pictures_dir), settings.shared_pictures_mb << 20)
             if self.spec.shares_pictures:
                 stage.share = self._share
@@ -547,6 +549,8 @@ class StageWorker:
             frame = entry.item.frame
             if self.spec.reads == pipeline.PIXELS_TOPIC:  # where later stages find this frame's pixels
                 frame.source.partition, frame.source.offset = entry.tp[1], entry.offset
+                if self.shared is not None and self.spec.shares_jpegs and frame.jpeg:
+                    self.shared.put_jpeg(task.task_id, _picture_key(entry.item), frame.jpeg)
             frame.ClearField("jpeg")  # the pixels enter Kafka once: only raw_frames carries them
             if self.spec.writes:
                 self._send(records.frame_record(task.task_id, task.options, task.epoch, frame))
@@ -572,20 +576,23 @@ class StageWorker:
         return kept
 
     def _find_shared(self, items: list[FrameItem]) -> list[FrameItem]:
-        """Point each frame at its picture in the task's ring, where an earlier stage on this host left it; the
-        frames that are not there, whose JPEG must be fetched."""
-        if self.shared is None or not self.takes_pictures:
+        """Point each frame at its picture in the task's ring, where an earlier stage on this host left it, or
+        else give it the JPEG left there; the frames that are in neither, whose JPEG must be fetched."""
+        if self.shared is None or not (self.takes_pictures or self.takes_jpegs):
             return items
         missing, found, missed = [], Counter(), Counter()
         for item in items:
             frame = item.frame
-            if item.shared_picture is None and not frame.jpeg and frame.HasField("source"):
+            if frame.jpeg or not frame.HasField("source"):
+                missing.append(item)  # nothing to look for: fill() takes or refuses it
+                continue
+            if self.takes_pictures and item.shared_picture is None:
                 item.shared_picture = self.shared.find(item.task_id, _picture_key(item), frame.width, frame.height)
-            if item.shared_picture is None:
+            if item.shared_picture is not None or not self._find_jpegs([item]):
+                found[item.task_id] += 1
+            else:
                 missing.append(item)
                 missed[item.task_id] += 1
-            else:
-                found[item.task_id] += 1
         # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
         # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
         # empty (pose on another host) reads ahead again.
@@ -594,6 +601,20 @@ class StageWorker:
                 self.pixels.read_on_demand(task_id, True)
             elif missed[task_id] > found[task_id]:
                 self.pixels.read_on_demand(task_id, False)
+        return missing
+
+    def _find_jpegs(self, items: list[FrameItem]) -> list[FrameItem]:
+        """Give each frame the JPEG an earlier stage on this host left in its task's ring; the frames whose
+        JPEG is not there."""
+        if self.shared is None or not self.takes_jpegs:
+            return items
+        missing = []
+        for item in items:
+            frame = item.frame
+            if not frame.jpeg and frame.HasField("source"):
+                frame.jpeg = self.shared.jpeg(item.task_id, _picture_key(item)) or b""
+            if not frame.jpeg:
+                missing.append(item)
         return missing
 
     def _share(self, item: FrameItem, picture) -> None:
@@ -680,7 +701,8 @@ class StageWorker:
             consumer_group=self.group_name() if self.reader else "",
             pixel_frames_read=self.pixels.reads if self.pixels else 0,
             pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0,
-            pictures_shared=self.shared.put_count + self.shared.taken_count if self.shared else 0)
+            pictures_shared=self.shared.put_count + self.shared.taken_count if self.shared else 0,
+            jpegs_shared=self.shared.jpegs_put + self.shared.jpegs_taken if self.shared else 0)
 
 
 def _later(delay_s: float, action: Callable[[], None]) -> None:

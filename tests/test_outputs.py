@@ -205,23 +205,35 @@ def test_a_keypoints_only_task_reads_no_pixels_after_pose(pipeline_once, tmp_pat
     assert (last.pixel_frames_read - after.pixel_frames_read) + (last.pictures_shared - after.pictures_shared) >= 24
 
 
-def test_annotate_draws_on_the_frames_pose_decoded_on_this_host_and_leaves_no_ring(pipeline_once, tmp_path):
-    """Pose and annotate on one host: annotate takes each frame that pose decoded (every frame with persons)
-    from the task's ring in shared memory instead of reading its JPEG from the broker and decoding it again;
-    the other frames it reads as before. The ring is gone once the task is."""
+def test_on_one_host_pose_and_annotate_take_frames_from_the_ring_and_the_broker_serves_each_jpeg_once(
+        pipeline_once, tmp_path):
+    """Detect, pose and annotate on one host: detect leaves each frame's JPEG in the task's ring in shared memory
+    and pose takes it there instead of reading the frame's record from the broker again; annotate takes each
+    frame that pose decoded (every frame with persons) instead of decoding it again, and the others' JPEGs. The
+    ring is gone once the task is."""
     gw, workers = pipeline_once
-    status = {stage: functools.partial(stage_status, workers, stage) for stage in ("pose", "annotate")}
+    status = {stage: functools.partial(stage_status, workers, stage) for stage in ("detect", "pose", "annotate")}
     before = {stage: get() for stage, get in status.items()}
     done, _video, records = results(gw, town_clip(tmp_path, 24), tmp_path)
     after = {stage: get() for stage, get in status.items()}
+    change = {stage: {field: getattr(after[stage], field) - getattr(before[stage], field)
+                      for field in ("pictures_shared", "jpegs_shared", "pixel_frames_read")} for stage in after}
     with_persons = sum(1 for r in records if r["persons"])
     assert len(records) == 24 and with_persons >= 20
-    put, taken = (after[stage].pictures_shared - before[stage].pictures_shared for stage in ("pose", "annotate"))
-    # Pose looks for a task's ring every 0.2 s until it finds one: at most its first batch (8 frames) can come
-    # before annotate made it (in practice none: annotate makes it as the task starts).
+    put, taken = change["pose"]["pictures_shared"], change["annotate"]["pictures_shared"]
+    # Detect and pose look for a task's ring every 0.2 s until they find one: at most their first batch (8 frames)
+    # can come before annotate made it (in practice none: annotate makes it as the task starts).
     assert put == taken and with_persons - 8 <= taken <= with_persons
-    read = after["annotate"].pixel_frames_read - before["annotate"].pixel_frames_read
-    assert read == 24 - taken  # no read-ahead of frames it then takes decoded
+    jpegs_put = change["detect"]["jpegs_shared"]
+    assert 24 - 8 <= jpegs_put <= 24
+    assert jpegs_put - 8 <= change["pose"]["jpegs_shared"] <= jpegs_put
+    # Pose read from the broker the frames it did not take (and, while it read ahead, maybe more): none when it
+    # took them all.
+    pose_read = change["pose"]["pixel_frames_read"]
+    assert pose_read >= 24 - change["pose"]["jpegs_shared"]
+    assert pose_read == 0 or change["pose"]["jpegs_shared"] < 24
+    # Annotate read no frame ahead that it then took decoded or as a JPEG.
+    assert change["annotate"]["pixel_frames_read"] + change["annotate"]["jpegs_shared"] == 24 - taken
     folder = Path(gw.settings.shared_pictures_dir)
     deadline = time.monotonic() + 10
     while list(folder.glob(f"{done.task_id}.*")) and time.monotonic() < deadline:

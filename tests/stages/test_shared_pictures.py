@@ -8,10 +8,10 @@ import signal
 import numpy as np
 import pytest
 
-from posemesh.stages.shared_pictures import PictureKey, SharedPictures
+from posemesh.stages.shared_pictures import PictureKey, SharedPictures, slot_stride
 
 W, H = 64, 48
-BUDGET = 16 * (W * H * 3 + 4096 + 64)  # 16 slots
+BUDGET = 16 * slot_stride(W, H)  # 16 slots
 
 
 def picture(seed: int) -> np.ndarray:
@@ -79,6 +79,70 @@ def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(fo
     assert np.array_equal(taken(owner, "t1", key(3 + slots)), picture(3 + slots))
 
 
+
+def jpeg(index: int, size: int = 5000) -> bytes:
+    return np.random.default_rng(1000 + index).integers(0, 256, size, dtype=np.uint8).tobytes()
+
+
+def put_jpegs_from_another_process(folder, task_id: str, jpegs: dict[int, bytes]) -> None:
+    def work():
+        detect = SharedPictures(folder, BUDGET)
+        for i, data in jpegs.items():
+            detect.put_jpeg(task_id, key(i), data)
+        os._exit(0 if detect.jpegs_put == len(jpegs) else 1)
+
+    child = multiprocessing.get_context("fork").Process(target=work)
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0, "detect found no ring or could not put every JPEG"
+
+
+def jpegs_taken_in_another_process(folder, task_id: str, keys: list[PictureKey]) -> list[bytes | None]:
+    """What pose gets (a process of its own: record locks are a process's, so the owner's lock would not keep
+    a reader in the owner's own process from taking the ring for a dead owner's)."""
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+
+    def work():
+        pose = SharedPictures(folder, BUDGET)
+        queue.put([pose.jpeg(task_id, k) for k in keys] + [pose.jpegs_taken])
+
+    child = ctx.Process(target=work)
+    child.start()
+    *got, count = queue.get(timeout=30)
+    child.join(30)
+    assert count == sum(g is not None for g in got)
+    return got
+
+
+def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_named_exactly(folder):
+    annotate = SharedPictures(folder, BUDGET)
+    annotate.make("t1", W, H)
+    put_jpegs_from_another_process(folder, "t1", {0: jpeg(0), 1: jpeg(1, 70), 2: jpeg(2, 1)})
+    keys = [key(0), key(1), key(2), key(1, epoch=2), key(1, offset=99), key(3)]
+    assert jpegs_taken_in_another_process(folder, "t1", keys) == [jpeg(0), jpeg(1, 70), jpeg(2, 1), None, None, None]
+    assert jpegs_taken_in_another_process(folder, "t2", [key(0)]) == [None]  # no ring for that task
+    assert annotate.jpeg("t1", key(1)) == jpeg(1, 70) and annotate.jpegs_taken == 1  # the owner reads its own
+    assert list(folder.glob("t1.*")), "reading a live owner's ring removed it"
+
+
+def test_a_slot_holds_one_frames_picture_and_a_later_frames_jpeg_apart(folder):
+    """Detect runs ahead of annotate: it puts frame i + slots's JPEG into the slot whose picture part still holds
+    frame i for annotate; neither part spoils the other, and a JPEG too big for its room is not put."""
+    annotate = SharedPictures(folder, BUDGET)
+    annotate.make("t1", W, H)
+    slots = annotate.rings["t1"].slots
+    put_from_another_process(folder, "t1", [3])
+    put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots)})
+    assert np.array_equal(taken(annotate, "t1", key(3)), picture(3))
+    assert annotate.jpeg("t1", key(3)) is None  # written over by the later frame's
+    assert annotate.jpeg("t1", key(3 + slots)) == jpeg(3 + slots)
+    room = annotate.rings["t1"].jpeg_room
+    put_jpegs_from_another_process(folder, "t1", {6: jpeg(6, room)})
+    with pytest.raises(AssertionError, match="could not put every JPEG"):
+        put_jpegs_from_another_process(folder, "t1", {5: jpeg(5, room + 1)})
+    assert annotate.jpeg("t1", key(5)) is None and annotate.jpeg("t1", key(6)) == jpeg(6, room)
+
 def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
     owner = SharedPictures(folder, BUDGET)
     owner.make("t1", W, H, frames=5)
@@ -90,7 +154,7 @@ def test_a_writer_without_a_ring_puts_nothing_and_a_ring_too_big_for_the_budget_
     writer.put("t1", key(0), picture(0))
     assert writer.put_count == 0 and not folder.exists()
     owner = SharedPictures(folder, BUDGET)
-    owner.make("t1", 4 * W, 4 * H)  # one slot would not be worth it
+    owner.make("t1", 16 * W, 16 * H)  # one slot would not be worth it
     assert not list(folder.glob("t1.*")) and "t1" not in owner.rings
 
 
