@@ -113,8 +113,8 @@ class Stage(ABC):
         this host (stages/shared_pictures.py). The worker provides it; outside one, nothing is shared."""
 
     def fetch_pixels(self, items: list[FrameItem]) -> None:
-        """Fetch the JPEG (frame.jpeg) of frames whose shared picture was gone by the time it was wanted. The
-        worker provides it."""
+        """Get the JPEG (frame.jpeg) of frames whose shared picture was gone by the time it was wanted: from the
+        task's ring on this host if detect left it there, else from the broker. The worker provides it."""
         raise NotImplementedError("fetch_pixels() is provided by the worker")
 
     def setup(self, settings: Settings) -> None:  # noqa: B027 - optional hook

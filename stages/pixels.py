@@ -46,8 +46,8 @@ class RawFrames:
         self.assigned: set[TP] = set()
         self.paused: set[TP] = set()
         # Topics read only for the frames asked for, paused again after each fetch: their frames mostly come
-        # decoded from a stage before on this host (stages/shared_pictures.py), so reading ahead would fetch
-        # JPEGs nobody uses.
+        # from a stage before on this host, decoded or as JPEGs (stages/shared_pictures.py), so reading ahead
+        # would fetch JPEGs nobody uses.
         self.on_demand: set[str] = set()
         self.position: dict[TP, int] = {}  # next offset this reader will get from the partition
         self.cache: OrderedDict[tuple[TP, int], bytes] = OrderedDict()

@@ -62,7 +62,7 @@ JPEG_MIN_BYTES = 64 * 1024
 # used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (39 of 1080p in 256 MB): a pose further
 # ahead than that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
-LOOK_AGAIN_S = 1.0  # pose checks that a ring it writes into is still read at most this often
+LOOK_AGAIN_S = 1.0  # detect and pose check that a ring they use is still read at most this often
 LOOK_FOR_RING_S = 0.2  # and looks for a task's ring, while it has none, at most this often (a glob)
 LOCK_TRIES = 20  # a slot is locked for a copy (about a millisecond): one locked for 20 tries is a miss
 LOCK_PAUSE_S = 0.0005
@@ -124,7 +124,8 @@ class Ring:
         self.map = mmap.mmap(fd, HEADER_BYTES + self.stride * slots)
         self.picture_part, self.jpeg_room = LAYOUT.unpack_from(self.map, 0)
         self.slot_bytes = self.picture_part - SLOT_HEADER.size  # a picture's room
-        if not 0 < self.picture_part < self.stride or self.jpeg_room > self.stride - self.picture_part:
+        jpeg_part = self.stride - self.picture_part
+        if not 0 < self.picture_part < self.stride or not 0 <= self.jpeg_room <= jpeg_part - SLOT_HEADER.size:
             self.map.close()
             raise ValueError(f"{path.name} is not laid out as a ring")
         self.checked = time.monotonic()
@@ -274,7 +275,8 @@ class Ring:
         try:
             with self._locked(slot, exclusive=False, part=part):
                 *held, nbytes = SLOT_HEADER.unpack_from(self.map, at)
-                if tuple(held) != (key.epoch, key.index, key.partition, key.offset) or nbytes < 0:
+                if (tuple(held) != (key.epoch, key.index, key.partition, key.offset)
+                        or not 0 <= nbytes <= self.jpeg_room):
                     return None
                 return self.map[at + SLOT_HEADER.size:at + SLOT_HEADER.size + nbytes]
         except (OSError, ValueError):
@@ -309,10 +311,11 @@ class SharedPicture:
 
 
 class SharedPictures:
-    """One worker's rings: those it owns (annotate) or those it uses (detect, pose)."""
+    """One worker's rings: those it owns (annotate: `owner`, which reads only its own) or those it finds and uses
+    (detect, pose)."""
 
-    def __init__(self, folder: Path, budget_bytes: int):
-        self.folder, self.budget_bytes = folder, budget_bytes
+    def __init__(self, folder: Path, budget_bytes: int, owner: bool = False):
+        self.folder, self.budget_bytes, self.owner = folder, budget_bytes, owner
         self.rings: dict[str, Ring] = {}
         self.looked: dict[str, float] = {}  # detect, pose: when it last looked for a task's ring
         self.put_count = 0  # pictures this process put into rings
@@ -369,7 +372,7 @@ class SharedPictures:
             return
         log.info("shared pictures of %s: %d frames taken, %d fetched and decoded", task_id, ring.taken, ring.missed)
         self.taken_before += ring.taken
-        if ring.current():
+        if ring.owned and ring.current():
             with contextlib.suppress(OSError):
                 os.unlink(ring.path)
         ring.close()
@@ -409,9 +412,8 @@ class SharedPictures:
 
     def jpeg(self, task_id: str, key: PictureKey) -> bytes | None:
         """The frame's JPEG, if detect left it in the task's ring on this host (pose, annotate)."""
-        ring = self.rings.get(task_id)
-        if ring is None or not ring.owned:  # the owner's own (annotate's) is never an orphan to it
-            ring = self._ring_found(task_id)
+        # An owner's ring is never an orphan to it (its lock is its own process's), and it uses no other.
+        ring = self.rings.get(task_id) if self.owner else self._ring_found(task_id)
         data = ring.jpeg(key) if ring is not None else None
         self.jpegs_taken += data is not None
         JPEGS.labels("missed" if data is None else "taken").inc()

@@ -100,7 +100,8 @@ class StageWorker:
         self.shared = None
         if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures
                                              or self.spec.shares_jpegs or self.takes_jpegs):
-            self.shared = SharedPictures(Path(settings.shared_pictures_dir), settings.shared_pictures_mb << 20)
+            self.shared = SharedPictures(Path(settings.shared_pictures_dir), settings.shared_pictures_mb << 20,
+                                         owner=self.takes_pictures)
             if self.spec.shares_pictures:
                 stage.share = self._share
         self.control_port = self.api.port
@@ -595,8 +596,8 @@ class StageWorker:
                 missed[item.task_id] += 1
         # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
         # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
-        # empty (pose on another host) reads ahead again.
-        for task_id in (found | missed).keys() & self.shared.rings.keys():
+        # empty (the stage before on another host) or went away reads ahead again.
+        for task_id in (found | missed).keys():
             if found[task_id] and not missed[task_id]:
                 self.pixels.read_on_demand(task_id, True)
             elif missed[task_id] > found[task_id]:

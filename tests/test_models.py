@@ -40,7 +40,6 @@ def test_batch_of_n_equals_n_single_runs(onnx_dir, name):
             assert np.abs(b[i] - s[0]).max() <= 1e-4
 
 
-
 def test_served_yolox_gives_the_published_heads_person_columns(onnx_dir):
     published = ort.InferenceSession(str(MODELS / models.YOLOX_NANO.file), providers=["CPUExecutionProvider"])
     served = ort.InferenceSession(str(onnx_dir / "yolox.onnx"), providers=["CPUExecutionProvider"])
@@ -57,6 +56,7 @@ def test_a_prepared_file_is_prepared_again_when_its_surgery_changed(tmp_path, mo
     assert models.prepare(tmp_path, MODELS, names=["yolox"])["yolox"].stat().st_mtime_ns == made  # kept
     monkeypatch.setattr(models, "SURGERY_REVISION", models.SURGERY_REVISION + 1)
     assert models.prepare(tmp_path, MODELS, names=["yolox"])["yolox"].stat().st_mtime_ns != made
+
 
 def test_weights_are_verified_by_sha256(tmp_path):
     assert models.resolve_weights(models.YOLOX_NANO, MODELS).name == models.YOLOX_NANO.file

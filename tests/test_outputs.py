@@ -198,11 +198,13 @@ def test_a_keypoints_only_task_reads_no_pixels_after_pose(pipeline_once, tmp_pat
     assert after.frames_processed - before.frames_processed == 24
     assert (after.pixel_frames_read, after.pixel_bytes_read) == (before.pixel_frames_read, before.pixel_bytes_read)
     # The same clip with the annotated video: annotate gets each frame's pixels, decoded by pose on this host
-    # (shared pictures) or read from the broker.
+    # (shared pictures), its JPEG left by detect on this host, or read from the broker.
     _done, _video, records = results(gw, clip, tmp_path)
     assert len(records) == 24
     last = annotate_status(workers)
-    assert (last.pixel_frames_read - after.pixel_frames_read) + (last.pictures_shared - after.pictures_shared) >= 24
+    got = {field: getattr(last, field) - getattr(after, field)
+           for field in ("pixel_frames_read", "pictures_shared", "jpegs_shared")}
+    assert sum(got.values()) >= 24, got
 
 
 def test_on_one_host_pose_and_annotate_take_frames_from_the_ring_and_the_broker_serves_each_jpeg_once(

@@ -79,7 +79,6 @@ def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(fo
     assert np.array_equal(taken(owner, "t1", key(3 + slots)), picture(3 + slots))
 
 
-
 def jpeg(index: int, size: int = 5000) -> bytes:
     return np.random.default_rng(1000 + index).integers(0, 256, size, dtype=np.uint8).tobytes()
 
@@ -116,7 +115,7 @@ def jpegs_taken_in_another_process(folder, task_id: str, keys: list[PictureKey])
 
 
 def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_named_exactly(folder):
-    annotate = SharedPictures(folder, BUDGET)
+    annotate = SharedPictures(folder, BUDGET, owner=True)
     annotate.make("t1", W, H)
     put_jpegs_from_another_process(folder, "t1", {0: jpeg(0), 1: jpeg(1, 70), 2: jpeg(2, 1)})
     keys = [key(0), key(1), key(2), key(1, epoch=2), key(1, offset=99), key(3)]
@@ -129,7 +128,7 @@ def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_
 def test_a_slot_holds_one_frames_picture_and_a_later_frames_jpeg_apart(folder):
     """Detect runs ahead of annotate: it puts frame i + slots's JPEG into the slot whose picture part still holds
     frame i for annotate; neither part spoils the other, and a JPEG too big for its room is not put."""
-    annotate = SharedPictures(folder, BUDGET)
+    annotate = SharedPictures(folder, BUDGET, owner=True)
     annotate.make("t1", W, H)
     slots = annotate.rings["t1"].slots
     put_from_another_process(folder, "t1", [3])
@@ -142,6 +141,7 @@ def test_a_slot_holds_one_frames_picture_and_a_later_frames_jpeg_apart(folder):
     with pytest.raises(AssertionError, match="could not put every JPEG"):
         put_jpegs_from_another_process(folder, "t1", {5: jpeg(5, room + 1)})
     assert annotate.jpeg("t1", key(5)) is None and annotate.jpeg("t1", key(6)) == jpeg(6, room)
+
 
 def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
     owner = SharedPictures(folder, BUDGET)
