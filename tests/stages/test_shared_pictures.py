@@ -143,6 +143,31 @@ def test_a_slot_holds_one_frames_picture_and_a_later_frames_jpeg_apart(folder):
     assert annotate.jpeg("t1", key(5)) is None and annotate.jpeg("t1", key(6)) == jpeg(6, room)
 
 
+def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
+    """Annotate without a ring of its own for a task (it does not own the task, or has not made it yet) takes
+    nothing from another live replica's ring and keeps no hold on it."""
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Event(), ctx.Event()
+
+    def own():
+        other = SharedPictures(folder, BUDGET, owner=True)  # kept: dropping it would close the ring and its lock
+        other.make("t1", W, H)
+        ready.set()
+        done.wait(30)
+
+    child = ctx.Process(target=own)
+    child.start()
+    try:
+        assert ready.wait(30)
+        put_jpegs_from_another_process(folder, "t1", {0: jpeg(0)})
+        annotate = SharedPictures(folder, BUDGET, owner=True)
+        assert annotate.jpeg("t1", key(0)) is None and "t1" not in annotate.rings
+        assert jpegs_taken_in_another_process(folder, "t1", [key(0)]) == [jpeg(0)]  # pose finds it there
+    finally:
+        done.set()
+        child.join(10)
+
+
 def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
     owner = SharedPictures(folder, BUDGET)
     owner.make("t1", W, H, frames=5)
