@@ -110,17 +110,21 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     camera = PublishingCamera(media("towncentre_1080p_302f.mp4"), cameras.url("publish/town"), loops=1).start()
     wait_for(lambda: rtsp_describe(source)[0] == 200, 20, 0.1, "the camera to publish")
     task = client.start_live(source)
-    lags, snapshot = [], None
+    lags, snapshot, taken_on = [], None, None
     for snapshot in client.watch(task.task_id):
-        # The bound holds once the mesh has taken the task on; before its first annotated frame the lag is
-        # that frame's wait (consumer-group joins: seconds on a loaded machine), which no admission can help.
-        if snapshot.live.frames_received and snapshot.progress and snapshot.progress[-1].frames_done:
+        # The bound holds once the mesh has taken the task on. The frames let in before its first annotated
+        # frame came out waited for that (consumer-group joins: seconds on a loaded machine; a CI run saw 3.7 s),
+        # which no admission can help: their lags are not the bound's.
+        done = snapshot.progress[-1].frames_done if snapshot.progress else 0
+        if done and taken_on is None:
+            taken_on = snapshot.live.frames_received - snapshot.live.frames_dropped  # let in by then
+        if taken_on is not None and done > taken_on:
             lags.append(snapshot.live.lag_s)
     camera.stop()
     assert snapshot.state == tpb.TASK_STATE_COMPLETED, snapshot.error_message
     live = snapshot.live
     assert live.frames_dropped > 0, "a 1080p camera at 30 fps outruns two cores: frames must be dropped"
-    assert max(lags) <= MAX_LAG_S + 0.5, lags
+    assert len(lags) > 10 and max(lags) <= MAX_LAG_S + 0.5, lags
     records, _video = results(client, task.task_id)
     assert [r["index"] for r in records] == list(range(len(records)))  # dense for the frames that went in
     assert len(records) == live.frames_received - live.frames_dropped
