@@ -222,13 +222,17 @@ class Ring:
     def put(self, key: PictureKey, image: np.ndarray) -> bool:
         if image.nbytes > self.slot_bytes or not image.flags.c_contiguous:
             return False
+        return self._write(key, 0, image.reshape(-1))
+
+    def _write(self, key: PictureKey, part: int, data) -> bool:
+        """Copy `data` (bytes-like) into the frame's slot's part, named as the frame's once it is all there."""
         slot = key.index % self.slots
-        at = self._at(slot) + SLOT_HEADER.size
+        at = self._at(slot) + part + SLOT_HEADER.size
         try:
-            with self._locked(slot, exclusive=True):
-                self._write_header(slot, EMPTY, -1)  # a copy cut short names no frame
-                np.frombuffer(self.map, np.uint8, image.nbytes, at)[:] = image.reshape(-1)
-                self._write_header(slot, key, image.nbytes)
+            with self._locked(slot, exclusive=True, part=part):
+                self._write_header(slot, EMPTY, -1, part)  # a copy cut short names no frame
+                self.map[at:at + len(data)] = data
+                self._write_header(slot, key, len(data), part)
         except (OSError, ValueError):  # locked too long, or closed
             return False
         return True
@@ -255,18 +259,7 @@ class Ring:
             return True
 
     def put_jpeg(self, key: PictureKey, data: bytes) -> bool:
-        if len(data) > self.jpeg_room:
-            return False
-        slot, part = key.index % self.slots, self.picture_part
-        at = self._at(slot) + part + SLOT_HEADER.size
-        try:
-            with self._locked(slot, exclusive=True, part=part):
-                self._write_header(slot, EMPTY, -1, part)
-                self.map[at:at + len(data)] = data
-                self._write_header(slot, key, len(data), part)
-        except (OSError, ValueError):
-            return False
-        return True
+        return len(data) <= self.jpeg_room and self._write(key, self.picture_part, data)
 
     def jpeg(self, key: PictureKey) -> bytes | None:
         """The frame's JPEG, if the slot holds it."""

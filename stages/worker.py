@@ -589,7 +589,7 @@ class StageWorker:
                 continue
             if self.takes_pictures and item.shared_picture is None:
                 item.shared_picture = self.shared.find(item.task_id, _picture_key(item), frame.width, frame.height)
-            if item.shared_picture is not None or not self._find_jpegs([item]):
+            if item.shared_picture is not None or self._take_jpeg(item):
                 found[item.task_id] += 1
             else:
                 missing.append(item)
@@ -609,14 +609,14 @@ class StageWorker:
         JPEG is not there."""
         if self.shared is None or not self.takes_jpegs:
             return items
-        missing = []
-        for item in items:
-            frame = item.frame
-            if not frame.jpeg and frame.HasField("source"):
-                frame.jpeg = self.shared.jpeg(item.task_id, _picture_key(item)) or b""
-            if not frame.jpeg:
-                missing.append(item)
-        return missing
+        return [item for item in items if not self._take_jpeg(item)]
+
+    def _take_jpeg(self, item: FrameItem) -> bool:
+        """Whether the frame has its JPEG now, taken from its task's ring if it had none."""
+        frame = item.frame
+        if self.takes_jpegs and not frame.jpeg and frame.HasField("source"):
+            frame.jpeg = self.shared.jpeg(item.task_id, _picture_key(item)) or b""
+        return bool(frame.jpeg)
 
     def _share(self, item: FrameItem, picture) -> None:
         """Stage.share: the frame's full decode into its task's ring on this host, if there is one."""
