@@ -641,13 +641,22 @@ class StageWorker:
     def _send(self, record: pb.StageRecord) -> None:
         """A record onto the stage's output topic of its task."""
         partitions = kafka.partitions_for(self.spec.writes, self.settings)
-        self.sender.send(kafka.task_topic(self.spec.writes, record.task_id), record.SerializeToString(),
-                         records.partition_of(record, partitions))
-        self.unflushed = True
+        self._produce(kafka.task_topic(self.spec.writes, record.task_id), record.SerializeToString(),
+                      records.partition_of(record, partitions))
 
     def _emit(self, prefix: str, task: TaskInfo, data: bytes) -> None:
         """Stage.emit: a record onto another topic of the task, delivered with the step's flush."""
-        self.sender.send(kafka.task_topic(prefix, task.task_id), data, partition=0)
+        self._produce(kafka.task_topic(prefix, task.task_id), data, 0)
+
+    def _produce(self, topic: str, data: bytes, partition: int) -> None:
+        """A producer that failed for good (a broker that lost its data answers an idempotent producer's next
+        records with OUT_OF_ORDER_SEQUENCE_NUMBER, fatal) refuses every record: kept as a delivery error, so
+        the step's flush starts over with new clients, as for an error reported at delivery (CI run 72: raised
+        here, it killed a pose worker)."""
+        try:
+            self.sender.send(topic, data, partition)
+        except (KafkaException, SystemError) as exc:
+            self.sender.errors.append(exc)
         self.unflushed = True
 
     def _flush(self) -> bool:
