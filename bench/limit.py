@@ -60,8 +60,7 @@ def prepare(clip: Path, onnx_dir: Path, pose_model: str, quality: int = JPEG_QUA
     estimator = PoseEstimator(pose_model, None)
     images, crops = [], []
     for frame in media.FrameReader(clip, info.fps):
-        h, w = frame.image.shape[:2]
-        data = jpeg.encode(frame.image, quality)  # what raw_frames carries
+        data, w, h = frame.jpeg(quality)  # what raw_frames carries
         small, factor = jpeg.decode_for(data, w, h, 416)  # what detect decodes
         boxed, ratio = letterbox(small)
         images.append(boxed)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from posemesh.mesh import given_boxes, jpeg, kafka, media, records, tracing
+from posemesh.mesh import given_boxes, kafka, media, records, tracing
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 
@@ -146,8 +146,7 @@ class FrameProducer(threading.Thread):
                     self._wait_for_the_pipeline(frame.index)
                 if self.cancelled.is_set():
                     return
-                data = jpeg.encode(frame.image, self.quality)
-                h, w = frame.image.shape[:2]
+                data, w, h = frame.jpeg(self.quality)
                 record = records.frame_record(task_id, self.task.options, self.epoch, pb.Frame(
                     index=frame.index, timestamp_s=frame.timestamp_s, width=w, height=h, jpeg=data))
                 if self.given is not None:

@@ -44,7 +44,7 @@ from urllib.parse import urlsplit
 import av
 from confluent_kafka import Producer
 
-from posemesh.mesh import jpeg, kafka, media, records
+from posemesh.mesh import kafka, media, records
 from posemesh.mesh.at_rest import redact
 from posemesh.mesh.frames import StreamSoFar
 from posemesh.mesh.settings import JPEG_QUALITY
@@ -255,11 +255,10 @@ class LiveSource(threading.Thread):
             self.first_arrival = arrived
             if self.so_far is not None:
                 self.time_base = self.so_far.start_time_s(time.time())
-        image = frame.to_ndarray(format="bgr24")
-        h, w = image.shape[:2]
+        data, w, h = media.frame_jpeg(frame, self.config.jpeg_quality)
         self._send(records.frame_record(self.task.task_id, self.task.options, self.epoch, pb.Frame(
             index=self.index, timestamp_s=self.time_base + arrived - self.first_arrival, width=w, height=h,
-            jpeg=jpeg.encode(image, self.config.jpeg_quality))))
+            jpeg=data)))
         self.arrivals.append((self.index, arrived))
         self.index += 1
         self.producer.poll(0)
