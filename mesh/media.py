@@ -309,9 +309,9 @@ def jfif_planes(frame: av.VideoFrame) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 def frame_jpeg(frame: av.VideoFrame, quality: int, clockwise: int = 0) -> tuple[bytes, int, int]:
     """The frame turned upright as a JPEG, and its width and height. A frame from a BT.601 (or untagged) 4:2:0
-    video goes to JPEG from its own planes: no conversion to BGR and back, which took about 5 of 14 ms of CPU a
-    1080p frame and read the colours less exactly (FFmpeg's fast integer conversion is about one level dark:
-    bench/README.md, "JPEG from the decoder's planes")."""
+    video goes to JPEG from its own planes: no conversion to BGR and back, which took about a third of the 10 ms of
+    CPU a 1080p frame's JPEG cost and read the colours less exactly (FFmpeg's integer conversion is about one level
+    dark: bench/frame_jpeg.py)."""
     planes = jfif_planes(frame)
     if planes is None:
         image = upright(frame.to_ndarray(format="bgr24"), clockwise)
