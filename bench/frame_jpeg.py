@@ -8,7 +8,9 @@ rounds in one process: CPU ms a frame for decoding alone and for decoding plus e
 each JPEG's decoded picture is from the frame's colours computed exactly (floats, BT.601), mean absolute and mean
 signed, in levels of 0-255; and what the stages make of the two JPEGs: persons detect finds in the planes' JPEG
 against those it finds in the BGR one (IoU 0.5, one to one), and how far pose's keypoints move for the same boxes
-(a share of the box height, over keypoints scored above 0.5). The stages' own code on the prepared ONNX files.
+(a share of the box height, over keypoints scored above 0.5). The stages' own code on the prepared ONNX files. And
+the stages' full decode of a frame's JPEG with libjpeg-turbo's chroma smoothing and with its fast upsampling
+(repeating each chroma sample: what mesh/jpeg.py's decode does).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2
 import numpy as np
+import simplejpeg
 
 from bench.jpeg_quality import _detect_scaled, keypoints
 from bench.loop import OnnxModel
@@ -111,6 +114,21 @@ def main() -> None:
         points, _ = keypoints(estimator, jpeg.decode(data["from planes"]), bgr_boxes)
         heights = (bgr_boxes[:, 3] - bgr_boxes[:, 1])[:, None] if len(bgr_boxes) else np.zeros((0, 1))
         distances += (np.linalg.norm(points - ref_points, axis=-1) / np.maximum(heights, 1))[ref_scores > 0.5].tolist()
+    decode_ms: dict[str, list[float]] = {"smoothing": [], "repeating": []}
+    data = media.frame_jpeg(next(iter(media.FrameReader(path, fps))).frame, quality)[0]
+    for _ in range(args.rounds):
+        for way, fast in (("smoothing", False), ("repeating", True)):
+            start = time.process_time()
+            for _ in range(50):
+                simplejpeg.decode_jpeg(data, "BGR", fastupsample=fast)
+            decode_ms[way].append(1000 * (time.process_time() - start) / 50)
+    smooth = simplejpeg.decode_jpeg(data, "BGR").astype(np.int16)
+    apart = np.abs(smooth - simplejpeg.decode_jpeg(data, "BGR", fastupsample=True))
+    print("\nthe stages' full decode of a frame's JPEG (mesh/jpeg.py's decode), chroma upsampled by smoothing "
+          "(libjpeg-turbo's default) or by repeating: CPU ms (each round)")
+    for way, ms in decode_ms.items():
+        print(f"  {way}: {' / '.join(f'{m:.2f}' for m in ms)}")
+    print(f"  pixels apart: mean {apart.mean():.2f} levels, 99th percentile {np.percentile(apart, 99):.0f}")
     print(f"\ncolours against the exact conversion, {args.compared} frames (levels of 0-255):")
     for way in error:
         print(f"  {way}: mean absolute {np.mean(error[way]):.2f}, mean signed {np.mean(bias[way]):+.2f}")
