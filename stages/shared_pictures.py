@@ -6,17 +6,18 @@ it (and reads it from the broker first). When both run on one host with a shared
 stack; pods or containers that share /dev/shm), annotate makes a ring of picture slots for each task it owns
 (a file in that folder, its space reserved up front), pose copies each decoded frame into its slot, and
 annotate copies it out instead of fetching and decoding the JPEG: about 1 ms of copying a 1080p frame
-against 5 ms of decoding plus the broker's read (bench/README.md has the measurements). Each slot also has room
-for a frame's JPEG: detect, which reads every frame's record from raw_frames, copies its JPEG there, and pose (and
-annotate, for a frame pose did not decode) take it from there instead of reading the record again from the broker.
+against 5 ms of decoding plus the broker's read (bench/README.md has the measurements). The ring also has slots
+for frames' JPEGs, three for each picture slot (detect runs further ahead than pose): detect, which reads every
+frame's record from raw_frames, copies its JPEG there, and pose (and annotate, for a frame pose did not decode) take
+it from there instead of reading the record again from the broker.
 
 Nothing depends on it: a frame that is not in the ring (another host's pose did it, pose ran so far ahead that a
 later frame took its slot, no persons to decode, no ring at all) is fetched and decoded as before, and gives the
 same pixels (the same libjpeg-turbo decode of the same bytes), so results are frame-exact either way; a JPEG
 taken from a slot is the record's bytes, named by the record's partition and offset. Any error here (a full or
-unwritable folder, a slot locked for too long) is such a miss, never a failure. A slot part (picture, JPEG) names
-the frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written under a
-record lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written part names no frame.
+unwritable folder, a slot locked for too long) is such a miss, never a failure. A slot (picture or JPEG) names the
+frame it holds (the run's epoch, index and raw_frames partition and offset) and is read and written under a record
+lock on its bytes, released by the kernel if its holder dies mid-copy; a half-written slot names no frame.
 
 Who owns what: the ring belongs to the annotate replica that owns the task on this host. It makes it when it
 gets the task's partitions and removes it when the task ends or moves (only its own: a replica that took the
@@ -49,18 +50,25 @@ JPEGS = Counter("posemesh_shared_jpegs_total", "Frames' JPEGs handed over on one
 
 log = logging.getLogger("posemesh.stage")
 
-# The file starts with a page its owner keeps locked, which also says how a slot is laid out, then the slots. A
-# slot has two parts, each starting with the frame it holds: the decoded picture, then the JPEG.
+# The file starts with a page its owner keeps locked, which also says how the slots are laid out, then the picture
+# slots, then the JPEG slots. Each slot starts with the frame it holds.
 SLOT_HEADER = struct.Struct("<qqqqq")  # epoch, index, partition, offset, bytes held (-1: holds nothing)
-LAYOUT = struct.Struct("<qq")  # at the file's start: the picture part's bytes (header included), the JPEG's room
-HEADER_BYTES = 4096  # the owner's lock; slots and their parts are page-aligned too
+# At the file's start: the layout's mark, a picture slot's bytes (header included), the JPEG slots' count and bytes,
+# a JPEG's room. The mark keeps a worker of another layout from reading the slots at the wrong places.
+LAYOUT = struct.Struct("<8sqqqq")
+LAYOUT_MARK = b"pmring2\0"
+HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
 # Room for a JPEG: a tenth of the decoded picture (a 1080p frame at the mesh's quality 80 is about 180 kB of 6.2
 # MB, at quality 95 about 400 kB); a larger one is not handed over, only fetched.
 JPEG_SHARE = 10
 JPEG_MIN_BYTES = 64 * 1024
-# Decoding runs at most MAX_FRAMES_AHEAD (64 by default) frames ahead of annotate, so more slots would seldom be
-# used; the budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (39 of 1080p in 256 MB): a pose further
-# ahead than that makes annotate fetch and decode the frames it lapped.
+# Detect, which puts the JPEGs, runs further ahead of pose than pose of annotate (the frames' decoding is bounded by
+# MAX_FRAMES_AHEAD, 64 by default, ahead of annotate only): with one slot count for both, pose found 137 of 302
+# JPEGs (bench/README.md). JPEG slots are a tenth of a picture's, so a ring has this many of them per picture slot.
+JPEG_SLOTS_PER_PICTURE = 3
+# More slots would seldom be used (decoding runs at most MAX_FRAMES_AHEAD frames ahead of annotate); the budget
+# (POSEMESH_SHARED_PICTURES_MB) usually allows fewer pictures (41 of 1080p, with 123 JPEGs, in 320 MB): a pose
+# further ahead than that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
 LOOK_AGAIN_S = 1.0  # detect and pose check that a ring they use is still read at most this often
 LOOK_FOR_RING_S = 0.2  # and looks for a task's ring, while it has none, at most this often (a glob)
@@ -90,10 +98,16 @@ def _jpeg_room(picture_bytes: int) -> int:
     return max(JPEG_MIN_BYTES, picture_bytes // JPEG_SHARE)
 
 
-def slot_stride(width: int, height: int) -> int:
-    """The bytes a ring's slot takes for frames of up to width x height: the picture part and the JPEG part."""
+def _parts(width: int, height: int) -> tuple[int, int]:
+    """The bytes of a picture slot and of a JPEG slot, for frames of up to width x height (whole pages)."""
     picture = width * height * 3
-    return _pages(SLOT_HEADER.size + picture) + _pages(SLOT_HEADER.size + _jpeg_room(picture))
+    return _pages(SLOT_HEADER.size + picture), _pages(SLOT_HEADER.size + _jpeg_room(picture))
+
+
+def slot_stride(width: int, height: int) -> int:
+    """The bytes a ring takes per picture slot for frames of up to width x height, its JPEG slots included."""
+    picture_part, jpeg_part = _parts(width, height)
+    return picture_part + JPEG_SLOTS_PER_PICTURE * jpeg_part
 
 
 def remove_if_ownerless(fd: int, path: Path) -> bool:
@@ -114,18 +128,22 @@ def remove_if_ownerless(fd: int, path: Path) -> bool:
 
 
 class Ring:
-    """One task's slots, mapped into this process. The slot count is in the file's name (`<task>.<slots>`),
-    the slot size follows from the file's size, the split between a slot's parts is on its first page."""
+    """One task's slots, mapped into this process. The picture slots' count is in the file's name
+    (`<task>.<slots>`), the rest of the layout on its first page."""
 
     def __init__(self, path: Path, fd: int, slots: int):
         self.path, self.fd, self.slots = path, fd, slots
-        self.stride = (os.fstat(fd).st_size - HEADER_BYTES) // slots
+        size = os.fstat(fd).st_size
         self.inode = os.fstat(fd).st_ino
-        self.map = mmap.mmap(fd, HEADER_BYTES + self.stride * slots)
-        self.picture_part, self.jpeg_room = LAYOUT.unpack_from(self.map, 0)
+        if size < HEADER_BYTES:
+            raise ValueError(f"{path.name} is not laid out as a ring")
+        self.map = mmap.mmap(fd, size)
+        mark, self.picture_part, self.jpeg_slots, self.jpeg_part, self.jpeg_room = LAYOUT.unpack_from(self.map, 0)
         self.slot_bytes = self.picture_part - SLOT_HEADER.size  # a picture's room
-        jpeg_part = self.stride - self.picture_part
-        if not 0 < self.picture_part < self.stride or not 0 <= self.jpeg_room <= jpeg_part - SLOT_HEADER.size:
+        self.jpegs_at = HEADER_BYTES + slots * self.picture_part
+        if (mark != LAYOUT_MARK or slots <= 0 or self.slot_bytes <= 0 or self.jpeg_slots <= 0
+                or not 0 <= self.jpeg_room <= self.jpeg_part - SLOT_HEADER.size
+                or self.jpegs_at + self.jpeg_slots * self.jpeg_part != size):
             self.map.close()
             raise ValueError(f"{path.name} is not laid out as a ring")
         self.checked = time.monotonic()
@@ -133,7 +151,7 @@ class Ring:
         self.taken = self.missed = 0  # the owner's takes
 
     @classmethod
-    def create(cls, path: Path, slot_bytes: int, slots: int) -> Ring | None:
+    def create(cls, path: Path, width: int, height: int, slots: int, jpeg_slots: int) -> Ring | None:
         """A new ring at `path` (replacing any), its memory reserved now (a full shared memory folder gives
         None here rather than SIGBUS at the first write), locked as this process's until it closes it."""
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")  # pids repeat across containers
@@ -144,15 +162,16 @@ class Ring:
             return None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
-            picture_part, jpeg_room = _pages(SLOT_HEADER.size + slot_bytes), _jpeg_room(slot_bytes)  # whole pages
-            stride = picture_part + _pages(SLOT_HEADER.size + jpeg_room)
-            os.posix_fallocate(fd, 0, HEADER_BYTES + stride * slots)
-            os.pwrite(fd, LAYOUT.pack(picture_part, jpeg_room), 0)
+            picture_part, jpeg_part = _parts(width, height)
+            os.posix_fallocate(fd, 0, HEADER_BYTES + slots * picture_part + jpeg_slots * jpeg_part)
+            os.pwrite(fd, LAYOUT.pack(LAYOUT_MARK, picture_part, jpeg_slots, jpeg_part,
+                                      _jpeg_room(width * height * 3)), 0)
             ring = cls(path, fd, slots)
             ring.owned = True
             for slot in range(slots):
-                ring._write_header(slot, EMPTY, -1)
-                ring._write_header(slot, EMPTY, -1, ring.picture_part)
+                ring._write_header(ring._picture_at(slot), EMPTY, -1)
+            for slot in range(jpeg_slots):
+                ring._write_header(ring._jpeg_at(slot), EMPTY, -1)
             os.rename(tmp, path)
             return ring
         except OSError as exc:
@@ -170,7 +189,7 @@ class Ring:
             return None
         try:
             return cls(path, fd, int(path.name.rsplit(".", 1)[1]))
-        except (OSError, ValueError, IndexError, ZeroDivisionError, struct.error):
+        except (OSError, ValueError, IndexError, struct.error):
             os.close(fd)
             return None
 
@@ -191,20 +210,19 @@ class Ring:
         os.close(self.fd)  # drops this process's locks on the file (the owner's included)
         self.fd = -1  # a picture found before cannot lock whatever file reuses the number (EBADF instead)
 
-    def _at(self, slot: int) -> int:
-        return HEADER_BYTES + slot * self.stride
+    def _picture_at(self, slot: int) -> int:
+        return HEADER_BYTES + slot * self.picture_part
 
-    def _write_header(self, slot: int, key: PictureKey, nbytes: int, part: int = 0) -> None:
-        SLOT_HEADER.pack_into(self.map, self._at(slot) + part, key.epoch, key.index, key.partition, key.offset, nbytes)
+    def _jpeg_at(self, slot: int) -> int:
+        return self.jpegs_at + slot * self.jpeg_part
 
-    def _part_bytes(self, part: int) -> int:
-        return self.picture_part if part == 0 else self.stride - self.picture_part
+    def _write_header(self, at: int, key: PictureKey, nbytes: int) -> None:
+        SLOT_HEADER.pack_into(self.map, at, key.epoch, key.index, key.partition, key.offset, nbytes)
 
     @contextlib.contextmanager
-    def _locked(self, slot: int, exclusive: bool, part: int = 0):
-        """Hold the lock of a slot's part (0: the picture, picture_part: the JPEG); OSError when it stays taken
-        (a copy stopped half way: SIGSTOP, a paused container) or the ring is closed."""
-        at, length = self._at(slot) + part, self._part_bytes(part)
+    def _locked(self, at: int, length: int, exclusive: bool):
+        """Hold the lock of the slot at `at`; OSError when it stays taken (a copy stopped half way: SIGSTOP, a
+        paused container) or the ring is closed."""
         kind = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
         for tries_left in range(LOCK_TRIES - 1, -1, -1):
             try:
@@ -222,51 +240,49 @@ class Ring:
     def put(self, key: PictureKey, image: np.ndarray) -> bool:
         if image.nbytes > self.slot_bytes or not image.flags.c_contiguous:
             return False
-        return self._write(key, 0, image.reshape(-1))
+        return self._write(self._picture_at(key.index % self.slots), self.picture_part, key, image.reshape(-1))
 
-    def _write(self, key: PictureKey, part: int, data) -> bool:
-        """Copy `data` (bytes-like) into the frame's slot's part, named as the frame's once it is all there."""
-        slot = key.index % self.slots
-        at = self._at(slot) + part + SLOT_HEADER.size
+    def _write(self, at: int, length: int, key: PictureKey, data) -> bool:
+        """Copy `data` (bytes-like) into the slot at `at`, named as the frame's once it is all there."""
         try:
-            with self._locked(slot, exclusive=True, part=part):
-                self._write_header(slot, EMPTY, -1, part)  # a copy cut short names no frame
-                self.map[at:at + len(data)] = data
-                self._write_header(slot, key, len(data), part)
+            with self._locked(at, length, exclusive=True):
+                self._write_header(at, EMPTY, -1)  # a copy cut short names no frame
+                self.map[at + SLOT_HEADER.size:at + SLOT_HEADER.size + len(data)] = data
+                self._write_header(at, key, len(data))
         except (OSError, ValueError):  # locked too long, or closed
             return False
         return True
 
     def holds(self, key: PictureKey, nbytes: int) -> bool:
-        slot = key.index % self.slots
+        at = self._picture_at(key.index % self.slots)
         try:
-            with self._locked(slot, exclusive=False):
-                return self._holds(slot, key, nbytes)
+            with self._locked(at, self.picture_part, exclusive=False):
+                return self._holds(at, key, nbytes)
         except (OSError, ValueError):
             return False
 
-    def _holds(self, slot: int, key: PictureKey, nbytes: int) -> bool:
-        held = SLOT_HEADER.unpack_from(self.map, self._at(slot))
+    def _holds(self, at: int, key: PictureKey, nbytes: int) -> bool:
+        held = SLOT_HEADER.unpack_from(self.map, at)
         return held == (key.epoch, key.index, key.partition, key.offset, nbytes)
 
     def take(self, key: PictureKey, out: np.ndarray) -> bool:
         """Copy the frame into `out` (its shape says the frame's); False when the slot no longer holds it."""
-        slot = key.index % self.slots
-        with self._locked(slot, exclusive=False):
-            if not self._holds(slot, key, out.nbytes):
+        at = self._picture_at(key.index % self.slots)
+        with self._locked(at, self.picture_part, exclusive=False):
+            if not self._holds(at, key, out.nbytes):
                 return False
-            out.reshape(-1)[:] = np.frombuffer(self.map, np.uint8, out.nbytes, self._at(slot) + SLOT_HEADER.size)
+            out.reshape(-1)[:] = np.frombuffer(self.map, np.uint8, out.nbytes, at + SLOT_HEADER.size)
             return True
 
     def put_jpeg(self, key: PictureKey, data: bytes) -> bool:
-        return len(data) <= self.jpeg_room and self._write(key, self.picture_part, data)
+        return len(data) <= self.jpeg_room and self._write(self._jpeg_at(key.index % self.jpeg_slots),
+                                                           self.jpeg_part, key, data)
 
     def jpeg(self, key: PictureKey) -> bytes | None:
         """The frame's JPEG, if the slot holds it."""
-        slot, part = key.index % self.slots, self.picture_part
-        at = self._at(slot) + part
+        at = self._jpeg_at(key.index % self.jpeg_slots)
         try:
-            with self._locked(slot, exclusive=False, part=part):
+            with self._locked(at, self.jpeg_part, exclusive=False):
                 *held, nbytes = SLOT_HEADER.unpack_from(self.map, at)
                 if (tuple(held) != (key.epoch, key.index, key.partition, key.offset)
                         or not 0 <= nbytes <= self.jpeg_room):
@@ -327,7 +343,6 @@ class SharedPictures:
             self.remove(task_id)
         if width <= 0 or height <= 0:
             return
-        slot_bytes = width * height * 3
         slots = min(MAX_SLOTS, frames or MAX_SLOTS, self.budget_bytes // slot_stride(width, height))
         if slots < 2:
             return
@@ -339,7 +354,8 @@ class SharedPictures:
         with contextlib.suppress(OSError):
             for old in self.folder.glob(f"{task_id}.*"):  # a predecessor's on this host, maybe of another size
                 old.unlink()
-        ring = Ring.create(self.folder / f"{task_id}.{slots}", slot_bytes, slots)
+        jpeg_slots = min(MAX_SLOTS, frames or MAX_SLOTS, JPEG_SLOTS_PER_PICTURE * slots)
+        ring = Ring.create(self.folder / f"{task_id}.{slots}", width, height, slots, jpeg_slots)
         if ring is not None:
             self.rings[task_id] = ring
 

@@ -11,7 +11,7 @@ import pytest
 from posemesh.stages.shared_pictures import PictureKey, SharedPictures, slot_stride
 
 W, H = 64, 48
-BUDGET = 16 * slot_stride(W, H)  # 16 slots
+BUDGET = 16 * slot_stride(W, H)  # 16 picture slots (and 48 for JPEGs)
 
 
 def picture(seed: int) -> np.ndarray:
@@ -125,22 +125,41 @@ def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_
     assert list(folder.glob("t1.*")), "reading a live owner's ring removed it"
 
 
-def test_a_slot_holds_one_frames_picture_and_a_later_frames_jpeg_apart(folder):
-    """Detect runs ahead of annotate: it puts frame i + slots's JPEG into the slot whose picture part still holds
-    frame i for annotate; neither part spoils the other, and a JPEG too big for its room is not put."""
+def test_jpegs_have_slots_of_their_own_three_times_as_many_as_pictures(folder):
+    """Detect runs further ahead than pose: it puts frame i + slots's JPEG while the ring still holds frame i's picture
+    for annotate and frame i's JPEG for pose; a JPEG goes only when one a JPEG ring's length later is put, and a JPEG
+    too big for its room is not put."""
     annotate = SharedPictures(folder, BUDGET, owner=True)
     annotate.make("t1", W, H)
-    slots = annotate.rings["t1"].slots
+    ring = annotate.rings["t1"]
+    slots, jpeg_slots = ring.slots, ring.jpeg_slots
+    assert (slots, jpeg_slots) == (16, 48)
     put_from_another_process(folder, "t1", [3])
     put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots)})
     assert np.array_equal(taken(annotate, "t1", key(3)), picture(3))
-    assert annotate.jpeg("t1", key(3)) is None  # written over by the later frame's
-    assert annotate.jpeg("t1", key(3 + slots)) == jpeg(3 + slots)
-    room = annotate.rings["t1"].jpeg_room
+    assert annotate.jpeg("t1", key(3)) == jpeg(3) and annotate.jpeg("t1", key(3 + slots)) == jpeg(3 + slots)
+    put_jpegs_from_another_process(folder, "t1", {3 + jpeg_slots: jpeg(3 + jpeg_slots)})
+    assert annotate.jpeg("t1", key(3)) is None  # written over by the frame a JPEG ring later
+    assert annotate.jpeg("t1", key(3 + jpeg_slots)) == jpeg(3 + jpeg_slots)
+    assert np.array_equal(taken(annotate, "t1", key(3)), picture(3))  # the picture slots are apart
+    room = ring.jpeg_room
     put_jpegs_from_another_process(folder, "t1", {6: jpeg(6, room)})
     with pytest.raises(AssertionError, match="could not put every JPEG"):
         put_jpegs_from_another_process(folder, "t1", {5: jpeg(5, room + 1)})
     assert annotate.jpeg("t1", key(5)) is None and annotate.jpeg("t1", key(6)) == jpeg(6, room)
+
+
+def test_a_file_of_another_layout_is_no_ring(folder):
+    """A worker of another version on the same host (its ring laid out otherwise) is neither read nor written."""
+    owner = SharedPictures(folder, BUDGET, owner=True)
+    owner.make("t1", W, H)
+    path = owner.rings["t1"].path
+    with open(path, "r+b") as f:
+        f.write(b"pmring1\0")
+    writer = SharedPictures(folder, BUDGET)
+    writer.put_jpeg("t1", key(0), jpeg(0))
+    writer.put("t1", key(0), picture(0))
+    assert writer.jpegs_put == writer.put_count == 0 and "t1" not in writer.rings
 
 
 def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
@@ -262,7 +281,7 @@ def test_a_slot_locked_by_a_stopped_writer_is_a_miss_not_a_wait(folder):
 
     def stuck():
         fd = os.open(ring.path, os.O_RDWR)
-        fcntl.lockf(fd, fcntl.LOCK_EX, ring.stride, ring._at(2))
+        fcntl.lockf(fd, fcntl.LOCK_EX, ring.picture_part, ring._picture_at(2))
         ready.set()
         done.wait(30)
 
