@@ -78,6 +78,9 @@ FLUSH_TIMEOUT_S = 30.0
 # starts reaches it through its consumer's callbacks (revoke, then assign), each served after a wait: the
 # group's join can wait up to twice this much longer for it.
 IDLE_WAIT_S = 0.25
+# A stage taking frames handed over on its host reads a task's JPEGs ahead from the broker only after this many
+# batches in a row found most of their frames missing from the task's ring (the stage before is on another host).
+MISSING_BATCHES_TO_READ_AHEAD = 2
 
 
 class StageWorker:
@@ -97,6 +100,7 @@ class StageWorker:
         # Decoded frames and JPEGs handed from a stage to a later one on this host (stages/shared_pictures.py).
         self.takes_pictures = pipeline.takes_shared_pictures(stage.name)
         self.takes_jpegs = pipeline.takes_shared_jpegs(stage.name)
+        self.missing_streaks: Counter[str] = Counter()  # task -> batches in a row its ring mostly missed
         self.shared = None
         if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures
                                              or self.spec.shares_jpegs or self.takes_jpegs):
@@ -369,12 +373,20 @@ class StageWorker:
             task_id = kafka.task_of_topic(topic)
             if task_id:
                 wanted = on and self._wants_pixels(task_id)
+                if wanted and self._takes_shared() and self.missing_streaks[task_id] < MISSING_BATCHES_TO_READ_AHEAD:
+                    # On one host the frames come from the task's ring: reading them ahead fetched a task's first
+                    # 50 or so frames from the broker for nothing before the first batch found the ring.
+                    self.pixels.read_on_demand(task_id, True)
                 self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
                 self._ring(task_id, wanted)
 
+    def _takes_shared(self) -> bool:
+        """Whether this stage takes frames (decoded, or their JPEGs) that an earlier one on this host handed over."""
+        return self.shared is not None and (self.takes_pictures or self.takes_jpegs)
+
     def _ring(self, task_id: str, wanted: bool) -> None:
-        """A stage that takes shared pictures: make the task's ring on this host (or remove it). Its frames are
-        read ahead as before until the ring gives some (_find_shared)."""
+        """A stage that takes shared pictures: make the task's ring on this host (or remove it). Its frames' JPEGs
+        are read from the broker only for the frames it misses, ahead only if it keeps missing them (_find_shared)."""
         if self.shared is None or not self.takes_pictures:
             return
         started = self.control.started(task_id)
@@ -428,6 +440,7 @@ class StageWorker:
                 self.shared.forget(task_id)
         self.failed.pop(task_id, None)
         self.duplicates.pop(task_id, None)
+        self.missing_streaks.pop(task_id, None)
         self.reporter.forget(task_id)
 
     def stop_task_here(self, task_id: str) -> bool:
@@ -579,7 +592,7 @@ class StageWorker:
     def _find_shared(self, items: list[FrameItem]) -> list[FrameItem]:
         """Point each frame at its picture in the task's ring, where an earlier stage on this host left it, or
         else give it the JPEG left there; the frames that are in neither, whose JPEG must be fetched."""
-        if self.shared is None or not (self.takes_pictures or self.takes_jpegs):
+        if not self._takes_shared():
             return items
         missing, found, missed = [], Counter(), Counter()
         for item in items:
@@ -596,12 +609,16 @@ class StageWorker:
                 missed[item.task_id] += 1
         # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
         # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
-        # empty (the stage before on another host) or went away reads ahead again.
+        # empty (the stage before on another host) or went away reads ahead again. One batch of misses is not
+        # enough to say so: a task's first frames may come before the ring was made.
         for task_id in (found | missed).keys():
             if found[task_id] and not missed[task_id]:
+                self.missing_streaks[task_id] = 0
                 self.pixels.read_on_demand(task_id, True)
             elif missed[task_id] > found[task_id]:
-                self.pixels.read_on_demand(task_id, False)
+                self.missing_streaks[task_id] += 1
+                if self.missing_streaks[task_id] >= MISSING_BATCHES_TO_READ_AHEAD:
+                    self.pixels.read_on_demand(task_id, False)
         return missing
 
     def _find_jpegs(self, items: list[FrameItem]) -> list[FrameItem]:
