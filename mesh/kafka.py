@@ -67,6 +67,9 @@ def base_config(settings: Settings) -> dict:
         # librdkafka producers default to true: their periodic metadata refresh of a topic they once
         # wrote to would re-create it right after the gateway deleted it. Topics are created explicitly.
         "allow.auto.create.topics": False,
+        # librdkafka (2.5+) asks the broker for a telemetry subscription (KIP-714) every few seconds per client:
+        # 5 requests a second of an idle local stack's 83 (bench/README.md), for metrics nobody collects.
+        "enable.metrics.push": False,
     }
 
 
