@@ -23,9 +23,12 @@ def broker_binary() -> Path:
     return path
 
 
-def broker_command(port: int, host: str = "127.0.0.1") -> list[str]:
+def broker_command(port: int, host: str = "127.0.0.1", advertised_port: int | None = None) -> list[str]:
+    """The broker listening on host:port; it tells clients to connect to host:advertised_port (a proxy in front of
+    it: bench/broker_requests.py), host:port by default."""
     url = f"tcp://{host}:{port}"
-    return [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+    advertised = f"tcp://{host}:{advertised_port or port}"
+    return [str(broker_binary()), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
             "--storage-engine", "memory://tansu/", "--silent"]
 
 
