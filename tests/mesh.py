@@ -4,6 +4,7 @@ each on fixed ports so a restarted process comes back where clients expect it.""
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import io
 import json
@@ -408,6 +409,17 @@ class Mesh:
                 workers.append(f"{w.stage}:{w.port} " + (e.code().name if w.alive() else f"exited {w.proc.returncode}"))
         return (f"{said}; its frames by worker: {', '.join(workers)}; Triton {self.triton_exit() or 'running'}; "
                 f"logs in {self.logs}")
+
+    def log_lines(self, since: float, *words: str) -> list[str]:
+        """The lines of the processes' logs stamped at `since` (time.time()) or later that contain any of `words`, in
+        time order: what the mesh said around a failure, for its message (CI keeps only the test's output)."""
+        start = datetime.datetime.fromtimestamp(since).strftime("%Y-%m-%d %H:%M:%S,%f")[:23]
+        found = []
+        for path in sorted(self.logs.glob("*.log")):
+            for line in path.read_text(errors="replace").splitlines():
+                if line[:23] >= start and line[:4].isdigit() and any(w in line for w in words):
+                    found.append(f"{line[11:23]} {path.stem}: {line[24:200]}")
+        return sorted(found)
 
     def results(self, task_id: str) -> tuple[list[dict], bytes]:
         out = {}

@@ -15,6 +15,7 @@ import io
 import json
 import signal
 import threading
+import time
 
 import av
 import grpc
@@ -233,17 +234,21 @@ def test_a_camera_read_by_an_ingest_replica_is_thinned_to_keep_the_lag_bounded(m
     source = cameras.url("live/town")
     camera = PublishingCamera(media("towncentre_1080p_302f.mp4"), cameras.url("publish/town"), loops=1).start()
     wait_for(lambda: rtsp_describe(source)[0] == 200, 20, 0.1, "the camera to publish")
+    started = time.time()
     task = client.start_live(source)
     lags, snapshot, holder = [], None, None
     for snapshot in client.watch(task.task_id):
         holder = holder or _reading_camera(mesh, task.task_id)
         if snapshot.live.frames_received and snapshot.progress and snapshot.progress[-1].frames_done:
-            lags.append(snapshot.live.lag_s)  # once the mesh took the task on (see test_live)
+            lags.append((round(time.time() - started, 1), round(snapshot.live.lag_s, 2)))  # once the mesh took it on
     camera.stop()
     assert snapshot.state == tpb.TASK_STATE_COMPLETED and "ended" in snapshot.error_message, snapshot.error_message
     live = snapshot.live
-    assert live.frames_dropped > 0 and lags and max(lags) <= MAX_LAG_S + 0.5, (
-        live, lags, f"the camera sent {camera.published} packets", camera.error)
+    # When the lag went over, it says when (seconds after the start, lag) and what the processes did meanwhile (a
+    # consumer group's rebalance stops annotate for a second or more: CI run 75 saw 3.48 s once).
+    assert live.frames_dropped > 0 and lags and max(lag for _t, lag in lags) <= MAX_LAG_S + 0.5, (
+        live, lags, f"the camera sent {camera.published} packets", camera.error,
+        mesh.log_lines(started, "reading", "new Kafka clients", "ingest partitions", "took", "WARNING", "ERROR"))
     records, video_frames = _results(client, task.task_id)
     assert [r["index"] for r in records] == list(range(len(records))) and len(records) >= 5
     assert len(records) == live.frames_received - live.frames_dropped == video_frames
