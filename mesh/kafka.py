@@ -127,6 +127,16 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
     }
 
 
+# Clients that assign the partitions they read (the control and events followers, the pixel readers), the ingest
+# replicas' group on posemesh.ingest (its partitions never change) and admin clients (whose calls ask the broker
+# each time) learn nothing they need from the periodic metadata refresh, which
+# the local stack runs every 500 ms for the clients that do (a memory-only broker that lost its topics: producers,
+# group members). A broker that lost its data is found by the incarnation checks (ControlFollower, the gateway's
+# BrokerWatch), which replace these clients; a partition that moved shows as a fetch error, which makes librdkafka
+# refresh at once. About 20 of an idle local stack's 78 requests a second (bench/broker_requests.py).
+QUIET_METADATA = {"topic.metadata.refresh.interval.ms": 10_000}
+
+
 # Followers of the control and events topics (a worker's TaskStarted/TaskEnded, the gateway's progress reports)
 # fetch one partition all the time, also on an idle stack. The local broker answers a held fetch only when its
 # wait is over, so at 50 ms each follower cost it ~14 fetches a second; at 250 ms a task start or a progress
@@ -136,7 +146,7 @@ FOLLOWER_FETCH_WAIT_MS = 250
 
 def follower_config(settings: Settings, group_id: str, client_id: str) -> dict:
     """A consumer that follows one shared topic (control, events) by assignment."""
-    return {**consumer_config(settings, group_id, client_id),
+    return {**consumer_config(settings, group_id, client_id), **QUIET_METADATA,
             "fetch.wait.max.ms": max(settings.kafka_fetch_wait_ms, FOLLOWER_FETCH_WAIT_MS)}
 
 
@@ -188,7 +198,7 @@ class Sender:
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient(base_config(settings))
+    return AdminClient({**base_config(settings), **QUIET_METADATA})
 
 
 @dataclass

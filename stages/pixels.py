@@ -39,6 +39,7 @@ class RawFrames:
     def __init__(self, settings: Settings, client_id: str):
         self.consumer = Consumer({**kafka.consumer_config(settings, f"{client_id}-pixels-{uuid.uuid4().hex[:6]}",
                                                           f"{client_id}-pixels"),
+                                  **kafka.QUIET_METADATA,  # it assigns its partitions itself
                                   "enable.auto.commit": False, "auto.offset.reset": "earliest",
                                   # Reading ahead is the point here: a deeper local queue and bigger fetches.
                                   "queued.max.messages.kbytes": 32 * 1024, "fetch.max.bytes": 8 * 1024 * 1024,
