@@ -3,7 +3,7 @@
 Keyed by task, jobs land where their task id hashes: with 8 uploads and two replicas of 4 slots each, one
 replica can get 5 and queue one for a whole decoding while the other has a slot free, since a consumer group
 hands out partitions, not records. So the gateway places each run's first job itself. Every ingest replica lists in
-its heartbeats (every 0.5 s on posemesh.events, heard by every gateway) the partitions it holds and the tasks it
+its heartbeats (every second on posemesh.events, heard by every gateway) the partitions it holds and the tasks it
 decodes or has queued; the gateway picks the replica with the fewest, counting the jobs it placed there that
 no heartbeat lists yet, and of its partitions the one with the fewest of those (a rebalance later moves
 partitions, not replicas). The partition is kept with the task for its run (gateway/store.py's

@@ -1,8 +1,9 @@
 """GetStats: the mesh at a glance, from what the gateway already hears.
 
-Workers send a heartbeat every 0.5 s and report the frames they finish on posemesh.events (EventReader);
-the gateway's own frame producers report decoded frames. MeshActivity keeps the last minute of that, by
-the events' own send times (a gateway that restarts and reads old events again counts none of them).
+Workers send a heartbeat every second (and within 0.5 s of a change) and report the frames they finish on
+posemesh.events (EventReader); the gateway's own frame producers report decoded frames. MeshActivity keeps the
+last minute of that, by the events' own send times (a gateway that restarts and reads old events again counts
+none of them).
 Backlogs come from the task store: the frames the step before has done and a step has not.
 """
 

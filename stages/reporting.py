@@ -5,15 +5,16 @@ gateway counts the union over all workers of a stage, so a frame redone after a 
 counted once. The worker queues a report with every batch's outputs, so one flush delivers both before
 the inputs are committed.
 
-Heartbeats (every 0.5 s) list the tasks whose topics the worker reads. They come from their own thread,
-so a worker busy in a long call (Triton retrying through an outage) still says which topics it holds:
-the gateway never deletes a topic under a live reader.
+Heartbeats list the tasks whose topics the worker reads: within 0.5 s of a change of what they say, else every
+second. They come from their own thread, so a worker busy in a long call (Triton retrying through an outage)
+still says which topics it holds: the gateway never deletes a topic under a live reader.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
 
 from posemesh.mesh import kafka
@@ -21,7 +22,11 @@ from posemesh.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("posemesh.stage")
 
-EVERY_S = 0.5
+EVERY_S = 0.5  # the heartbeat thread's tick: progress not sent with a batch goes then, and a changed heartbeat
+# A heartbeat that says what the last one said goes this often: every heartbeat is a request to the broker and an
+# event for every gateway (an idle local stack: 2 a second per worker at 0.5 s, bench/broker_requests.py); the
+# gateway counts a worker gone after 5 s without one (gateway/stats.py, placement.py).
+HEARTBEAT_S = 1.0
 
 
 def ranges(indices: list[int]) -> list[pb.IndexRange]:
@@ -135,7 +140,7 @@ class Reporter:
         An event that cannot be queued (no producer while the worker resets, the local queue full, a failed
         producer) is dropped, and nothing sends it again: a progress report's indices left `new` when it was
         made. Its frames stay uncounted at this stage unless their outputs failed too (a failed producer:
-        the worker resets, redoes those frames and reports them then). A heartbeat goes again EVERY_S later."""
+        the worker resets, redoes those frames and reports them then). A heartbeat goes again HEARTBEAT_S later."""
         if self.producer is None or not events:
             return
         for event in events:
@@ -145,9 +150,18 @@ class Reporter:
                 log.debug("could not send a worker event", exc_info=True)
 
     def _beat(self) -> None:
+        said, sent_at = None, 0.0
         while not self.halt.wait(EVERY_S):
             try:
                 self.flush_progress()
-                self.heartbeat()
+                now = time.monotonic()
+                saying = self._heartbeat_says()
+                if saying != said or now - sent_at >= HEARTBEAT_S - EVERY_S / 2:
+                    self.heartbeat()
+                    said, sent_at = saying, now
             except Exception:  # noqa: BLE001
                 log.debug("heartbeat failed", exc_info=True)
+
+    def _heartbeat_says(self) -> tuple:
+        with self.lock:
+            return tuple(self.reading), tuple(self.waiting), tuple(self.partitions)
