@@ -22,7 +22,7 @@ from posemesh.v1 import pipeline_pb2 as pb
 
 log = logging.getLogger("posemesh.stage")
 
-EVERY_S = 0.5  # the heartbeat thread's tick: progress not sent with a batch goes then, and a changed heartbeat
+EVERY_S = 0.5  # the heartbeat thread's tick: progress not yet sent with a batch goes then, as does a heartbeat
 # A heartbeat that says what the last one said goes this often: every heartbeat is a request to the broker and an
 # event for every gateway (an idle local stack: 2 a second per worker at 0.5 s, bench/broker_requests.py); the
 # gateway counts a worker gone after 5 s without one (gateway/stats.py, placement.py).
