@@ -43,12 +43,20 @@ class LiveViews:
         self.settings, self.loop = settings, loop
         self.publish_viewers = publish_viewers  # (task_id, count): tells annotate, on posemesh.control
         self.tasks: dict[str, _Watched] = {}
+        # Readers told to stop whose consumer may still be assigned to the live topic: deleting a topic under one
+        # kills the gateway (librdkafka's SIGSEGV, README's topic lifecycle). Most likely what CI run 79 saw: a slow
+        # watcher left 10 s after its task was cancelled, the topics were deleted right then (between `leave`
+        # forgetting the task and its reader closing its consumer, as it was), and the gateway died without a word.
+        self.stopping: dict[str, list[threading.Thread]] = {}
         self.lock = threading.Lock()
 
     def reading(self) -> set[str]:
-        """Tasks whose live topic this gateway reads (their topics must not be deleted under it)."""
+        """Tasks whose live topic this gateway reads, or did until a moment ago and has not let go of yet (their
+        topics must not be deleted under it)."""
         with self.lock:
-            return {t for t, w in self.tasks.items() if w.reader is not None}
+            for task_id in [t for t, readers in self.stopping.items() if not any(r.is_alive() for r in readers)]:
+                del self.stopping[task_id]
+            return {t for t, w in self.tasks.items() if w.reader is not None} | set(self.stopping)
 
     async def join(self, task_id: str) -> Viewer:
         viewer = Viewer(asyncio.Queue(maxsize=self.settings.live_view_queue))
@@ -82,6 +90,8 @@ class LiveViews:
                 del self.tasks[task_id]
                 watched.stop.set()
                 reader = watched.reader
+                if reader is not None:
+                    self.stopping.setdefault(task_id, []).append(reader)
         if reader is not None:
             await asyncio.to_thread(reader.join, 5)
         try:
