@@ -114,7 +114,7 @@ def client_kind(client: str) -> str:
     """A client id without its process's and task's parts: "pose-<host>-<pid>-<id>-pixels" -> "pose pixels"."""
     parts = client.split("-")
     if parts[0] in ("detect", "pose", "track", "annotate", "ingest"):
-        return parts[0] + (" " + parts[-1] if parts[-1] in ("pixels", "control") else "")
+        return parts[0] + (" " + parts[-1] if parts[-1] == "pixels" else "")
     if client.startswith("gateway-frames"):
         return "gateway frames"
     return client or "(no id)"

@@ -123,7 +123,8 @@ class Settings:
     segment_frames: int = field(default_factory=lambda: int(env("SEGMENT_FRAMES", "60")))
     # Where detect hands frames' JPEGs to pose, and pose its decoded frames to annotate, on the same host
     # (stages/shared_pictures.py): a shared memory folder they all see, "" for never; and how much of it each
-    # task's ring may take (the frames pose may be ahead of annotate: 41 of 1080p in 320 MB, with 123 JPEGs).
+    # task's ring may take (a JPEG slot for every frame decoding may run ahead, the rest for pictures: 80 JPEGs and 45
+    # pictures of 1080p in 320 MB).
     shared_pictures_dir: str = field(default_factory=lambda: env("SHARED_PICTURES_DIR", "/dev/shm/posemesh-pictures"))
     shared_pictures_mb: int = field(default_factory=lambda: int(env("SHARED_PICTURES_MB", "320")))
     # The address the control API (StageService, gRPC health) and the metrics endpoints listen on:

@@ -7,9 +7,9 @@ stack; pods or containers that share /dev/shm), annotate makes a ring of picture
 (a file in that folder, its space reserved up front), pose copies each decoded frame into its slot, and
 annotate copies it out instead of fetching and decoding the JPEG: about 1 ms of copying a 1080p frame
 against 5 ms of decoding plus the broker's read (bench/README.md has the measurements). The ring also has slots
-for frames' JPEGs, three for each picture slot (detect runs further ahead than pose): detect, which reads every
-frame's record from raw_frames, copies its JPEG there, and pose (and annotate, for a frame pose did not decode) take
-it from there instead of reading the record again from the broker.
+for frames' JPEGs, as many as decoding may run ahead of annotate (detect runs further ahead than pose): detect,
+which reads every frame's record from raw_frames, copies its JPEG there, and pose (and annotate, for a frame pose did
+not decode) take it from there instead of reading the record again from the broker.
 
 Nothing depends on it: a frame that is not in the ring (another host's pose did it, pose ran so far ahead that a
 later frame took its slot, no persons to decode, no ring at all) is fetched and decoded as before, and gives the
@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Counter
 
+from posemesh.mesh.frames import PACED_EVERY
+
 # Frames annotate took from a ring ("taken") or had to fetch and decode ("missed"), pictures pose put in one.
 PICTURES = Counter("posemesh_shared_pictures_total", "Decoded frames handed over on one host", ["result"])
 # JPEGs detect put in a ring, and those pose or annotate took from one or had to fetch from the broker.
@@ -62,14 +64,18 @@ HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
 # MB, at quality 95 about 400 kB); a larger one is not handed over, only fetched.
 JPEG_SHARE = 10
 JPEG_MIN_BYTES = 64 * 1024
-# Detect, which puts the JPEGs, runs further ahead of pose than pose of annotate (the frames' decoding is bounded by
-# MAX_FRAMES_AHEAD, 64 by default, ahead of annotate only): with one slot count for both, pose found 137 of 302
-# JPEGs (bench/README.md). JPEG slots are a tenth of a picture's, so a ring has this many of them per picture slot.
-JPEG_SLOTS_PER_PICTURE = 3
-# More slots would seldom be used (decoding runs at most MAX_FRAMES_AHEAD frames ahead of annotate); the budget
-# (POSEMESH_SHARED_PICTURES_MB) usually allows fewer pictures (41 of 1080p, with 123 JPEGs, in 320 MB): a pose
-# further ahead than that makes annotate fetch and decode the frames it lapped.
+# Detect, which puts the JPEGs, runs further ahead of pose than pose of annotate: decoding is bounded only ahead of
+# annotate, by MAX_FRAMES_AHEAD (64 by default), looked at every PACED_EVERY frames. With one slot count for both
+# parts, pose found 137 of 302 JPEGs (bench/README.md). So a ring has a JPEG slot for every frame decoding may put
+# ahead of annotate: detect, at most that far ahead of what pose and annotate still read, never writes over a JPEG
+# they will take. The JPEG slots come first out of the budget (a tenth of a picture slot each: 80 of 1080p take 50
+# MB), and the picture slots get the rest.
+JPEG_SLOTS_BEYOND_AHEAD = 2 * PACED_EVERY
+# More picture slots would seldom be used (pose runs at most MAX_FRAMES_AHEAD frames ahead of annotate); the
+# budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (43 of 1080p in 320 MB): a pose further ahead than
+# that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
+MIN_PICTURE_SLOTS = 2  # fewer would not be worth a ring
 LOOK_AGAIN_S = 1.0  # detect and pose check that a ring they use is still read at most this often
 LOOK_FOR_RING_S = 0.2  # and looks for a task's ring, while it has none, at most this often (a glob)
 LOCK_TRIES = 20  # a slot is locked for a copy (about a millisecond): one locked for 20 tries is a miss
@@ -104,10 +110,15 @@ def _parts(width: int, height: int) -> tuple[int, int]:
     return _pages(SLOT_HEADER.size + picture), _pages(SLOT_HEADER.size + _jpeg_room(picture))
 
 
-def slot_stride(width: int, height: int) -> int:
-    """The bytes a ring takes per picture slot for frames of up to width x height, its JPEG slots included."""
+def ring_slots(width: int, height: int, frames: int, budget_bytes: int, frames_ahead: int) -> tuple[int, int]:
+    """A ring's picture and JPEG slots for frames of up to width x height in `budget_bytes`, for a video of `frames`
+    frames (0: not known) decoded at most `frames_ahead` frames ahead of annotate (0: not bounded); (0, 0): no ring."""
     picture_part, jpeg_part = _parts(width, height)
-    return picture_part + JPEG_SLOTS_PER_PICTURE * jpeg_part
+    room = budget_bytes - HEADER_BYTES
+    jpegs = frames_ahead + JPEG_SLOTS_BEYOND_AHEAD if frames_ahead else MAX_SLOTS
+    jpegs = min(jpegs, frames or jpegs, max(0, room - MIN_PICTURE_SLOTS * picture_part) // jpeg_part)
+    pictures = min(MAX_SLOTS, frames or MAX_SLOTS, (room - jpegs * jpeg_part) // picture_part)
+    return (pictures, jpegs) if pictures >= MIN_PICTURE_SLOTS and jpegs else (0, 0)
 
 
 def remove_if_ownerless(fd: int, path: Path) -> bool:
@@ -133,8 +144,8 @@ class Ring:
 
     def __init__(self, path: Path, fd: int, slots: int):
         self.path, self.fd, self.slots = path, fd, slots
-        size = os.fstat(fd).st_size
-        self.inode = os.fstat(fd).st_ino
+        stat = os.fstat(fd)
+        size, self.inode = stat.st_size, stat.st_ino
         if size < HEADER_BYTES:
             raise ValueError(f"{path.name} is not laid out as a ring")
         self.map = mmap.mmap(fd, size)
@@ -323,8 +334,9 @@ class SharedPictures:
     """One worker's rings: those it owns (annotate: `owner`, which reads only its own) or those it finds and uses
     (detect, pose)."""
 
-    def __init__(self, folder: Path, budget_bytes: int, owner: bool = False):
+    def __init__(self, folder: Path, budget_bytes: int, owner: bool = False, frames_ahead: int = 64):
         self.folder, self.budget_bytes, self.owner = folder, budget_bytes, owner
+        self.frames_ahead = frames_ahead  # how far decoding may run ahead of annotate (MAX_FRAMES_AHEAD)
         self.rings: dict[str, Ring] = {}
         self.looked: dict[str, float] = {}  # detect, pose: when it last looked for a task's ring
         self.put_count = 0  # pictures this process put into rings
@@ -343,8 +355,8 @@ class SharedPictures:
             self.remove(task_id)
         if width <= 0 or height <= 0:
             return
-        slots = min(MAX_SLOTS, frames or MAX_SLOTS, self.budget_bytes // slot_stride(width, height))
-        if slots < 2:
+        slots, jpeg_slots = ring_slots(width, height, frames, self.budget_bytes, self.frames_ahead)
+        if not slots:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -354,7 +366,6 @@ class SharedPictures:
         with contextlib.suppress(OSError):
             for old in self.folder.glob(f"{task_id}.*"):  # a predecessor's on this host, maybe of another size
                 old.unlink()
-        jpeg_slots = min(MAX_SLOTS, frames or MAX_SLOTS, JPEG_SLOTS_PER_PICTURE * slots)
         ring = Ring.create(self.folder / f"{task_id}.{slots}", width, height, slots, jpeg_slots)
         if ring is not None:
             self.rings[task_id] = ring

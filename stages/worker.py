@@ -105,7 +105,7 @@ class StageWorker:
         if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures
                                              or self.spec.shares_jpegs or self.takes_jpegs):
             self.shared = SharedPictures(Path(settings.shared_pictures_dir), settings.shared_pictures_mb << 20,
-                                         owner=self.takes_pictures)
+                                         owner=self.takes_pictures, frames_ahead=settings.max_frames_ahead)
             if self.spec.shares_pictures:
                 stage.share = self._share
         self.control_port = self.api.port

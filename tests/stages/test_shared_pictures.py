@@ -8,10 +8,24 @@ import signal
 import numpy as np
 import pytest
 
-from posemesh.stages.shared_pictures import PictureKey, SharedPictures, slot_stride
+from posemesh.stages.shared_pictures import (
+    HEADER_BYTES,
+    JPEG_SLOTS_BEYOND_AHEAD,
+    MAX_SLOTS,
+    PictureKey,
+    SharedPictures,
+    _parts,
+    ring_slots,
+)
 
 W, H = 64, 48
-BUDGET = 16 * slot_stride(W, H)  # 16 picture slots (and 48 for JPEGs)
+AHEAD = 32  # how far decoding may run ahead of annotate (MAX_FRAMES_AHEAD)
+PICTURE_PART, JPEG_PART = _parts(W, H)
+BUDGET = HEADER_BYTES + 16 * PICTURE_PART + (AHEAD + JPEG_SLOTS_BEYOND_AHEAD) * JPEG_PART  # 16 pictures, 48 JPEGs
+
+
+def shared(folder, owner: bool = False) -> SharedPictures:
+    return SharedPictures(folder, BUDGET, owner=owner, frames_ahead=AHEAD)
 
 
 def picture(seed: int) -> np.ndarray:
@@ -30,7 +44,7 @@ def key(index: int, epoch: int = 1, offset: int | None = None) -> PictureKey:
 
 def put_from_another_process(folder, task_id: str, indices: list[int]) -> None:
     def work():
-        writer = SharedPictures(folder, BUDGET)
+        writer = shared(folder)
         for i in indices:
             writer.put(task_id, key(i), picture(i))
         os._exit(0 if writer.put_count == len(indices) else 1)
@@ -47,7 +61,7 @@ def folder(tmp_path):
 
 
 def test_a_picture_put_by_another_process_comes_out_identical_once_named_exactly(folder):
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", W, H)
     put_from_another_process(folder, "t1", [0, 1, 2])
     assert np.array_equal(taken(owner, "t1", key(1)), picture(1))
@@ -59,7 +73,7 @@ def test_a_picture_put_by_another_process_comes_out_identical_once_named_exactly
 
 
 def test_a_picture_found_and_then_written_over_before_it_is_copied_out_is_reported_gone(folder):
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", W, H, frames=4)
     put_from_another_process(folder, "t1", [1])
     found = owner.find("t1", key(1), W, H)
@@ -70,7 +84,7 @@ def test_a_picture_found_and_then_written_over_before_it_is_copied_out_is_report
 
 
 def test_a_slot_written_over_by_a_later_frame_no_longer_gives_the_earlier_one(folder):
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", W, H)
     slots = int(next(folder.glob("t1.*")).name.split(".")[1])
     assert slots == 16
@@ -85,7 +99,7 @@ def jpeg(index: int, size: int = 5000) -> bytes:
 
 def put_jpegs_from_another_process(folder, task_id: str, jpegs: dict[int, bytes]) -> None:
     def work():
-        detect = SharedPictures(folder, BUDGET)
+        detect = shared(folder)
         for i, data in jpegs.items():
             detect.put_jpeg(task_id, key(i), data)
         os._exit(0 if detect.jpegs_put == len(jpegs) else 1)
@@ -103,7 +117,7 @@ def jpegs_taken_in_another_process(folder, task_id: str, keys: list[PictureKey])
     queue = ctx.Queue()
 
     def work():
-        pose = SharedPictures(folder, BUDGET)
+        pose = shared(folder)
         queue.put([pose.jpeg(task_id, k) for k in keys] + [pose.jpegs_taken])
 
     child = ctx.Process(target=work)
@@ -115,7 +129,7 @@ def jpegs_taken_in_another_process(folder, task_id: str, keys: list[PictureKey])
 
 
 def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_named_exactly(folder):
-    annotate = SharedPictures(folder, BUDGET, owner=True)
+    annotate = shared(folder, owner=True)
     annotate.make("t1", W, H)
     put_jpegs_from_another_process(folder, "t1", {0: jpeg(0), 1: jpeg(1, 70), 2: jpeg(2, 1)})
     keys = [key(0), key(1), key(2), key(1, epoch=2), key(1, offset=99), key(3)]
@@ -125,19 +139,20 @@ def test_a_jpeg_put_by_detect_comes_out_byte_for_byte_to_pose_and_annotate_once_
     assert list(folder.glob("t1.*")), "reading a live owner's ring removed it"
 
 
-def test_jpegs_have_slots_of_their_own_three_times_as_many_as_pictures(folder):
-    """Detect runs further ahead than pose: it puts frame i + slots's JPEG while the ring still holds frame i's picture
-    for annotate and frame i's JPEG for pose; a JPEG goes only when one a JPEG ring's length later is put, and a JPEG
-    too big for its room is not put."""
-    annotate = SharedPictures(folder, BUDGET, owner=True)
+def test_jpegs_have_a_slot_for_every_frame_decoding_may_run_ahead_and_pictures_the_rest_of_the_budget(folder):
+    """Detect runs further ahead than pose, at most as far as decoding runs ahead of annotate: it puts frame i + AHEAD's
+    JPEG while the ring still holds frame i's picture for annotate and frame i's JPEG for pose; a JPEG goes only when
+    one a JPEG ring's length later is put, and a JPEG too big for its room is not put."""
+    annotate = shared(folder, owner=True)
     annotate.make("t1", W, H)
     ring = annotate.rings["t1"]
     slots, jpeg_slots = ring.slots, ring.jpeg_slots
-    assert (slots, jpeg_slots) == (16, 48)
+    assert (slots, jpeg_slots) == (16, AHEAD + JPEG_SLOTS_BEYOND_AHEAD)
     put_from_another_process(folder, "t1", [3])
-    put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots)})
+    put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots), 3 + AHEAD: jpeg(3 + AHEAD)})
     assert np.array_equal(taken(annotate, "t1", key(3)), picture(3))
-    assert annotate.jpeg("t1", key(3)) == jpeg(3) and annotate.jpeg("t1", key(3 + slots)) == jpeg(3 + slots)
+    assert [annotate.jpeg("t1", key(i)) for i in (3, 3 + slots, 3 + AHEAD)] == [jpeg(3), jpeg(3 + slots),
+                                                                                jpeg(3 + AHEAD)]
     put_jpegs_from_another_process(folder, "t1", {3 + jpeg_slots: jpeg(3 + jpeg_slots)})
     assert annotate.jpeg("t1", key(3)) is None  # written over by the frame a JPEG ring later
     assert annotate.jpeg("t1", key(3 + jpeg_slots)) == jpeg(3 + jpeg_slots)
@@ -149,14 +164,31 @@ def test_jpegs_have_slots_of_their_own_three_times_as_many_as_pictures(folder):
     assert annotate.jpeg("t1", key(5)) is None and annotate.jpeg("t1", key(6)) == jpeg(6, room)
 
 
+def test_the_jpeg_slots_come_first_out_of_the_budget_and_leave_room_for_two_pictures():
+    mb = 1 << 20
+    # 1080p in the default 320 MB, decoding at most 64 frames ahead: 80 JPEG slots (50 MB), 45 pictures.
+    assert ring_slots(1920, 1080, 0, 320 * mb, 64) == (45, 64 + JPEG_SLOTS_BEYOND_AHEAD)
+    # 4K: the JPEGs still all fit, the pictures get what is left.
+    assert ring_slots(3840, 2160, 0, 320 * mb, 64) == (5, 64 + JPEG_SLOTS_BEYOND_AHEAD)
+    # A short video needs no more slots of either kind than its frames.
+    assert ring_slots(1920, 1080, 30, 320 * mb, 64) == (30, 30)
+    # Decoding not bounded: as many JPEG slots as a ring may have.
+    assert ring_slots(640, 480, 0, 320 * mb, 0) == (MAX_SLOTS, MAX_SLOTS)
+    # A budget too small for all the JPEG slots keeps two picture slots and gives the JPEGs the rest.
+    pictures, jpegs = ring_slots(1920, 1080, 0, 40 * mb, 64)
+    assert pictures == 2 and 0 < jpegs < 64
+    # A budget without room for two pictures makes no ring.
+    assert ring_slots(1920, 1080, 0, 12 * mb, 64) == (0, 0)
+
+
 def test_a_file_of_another_layout_is_no_ring(folder):
     """A worker of another version on the same host (its ring laid out otherwise) is neither read nor written."""
-    owner = SharedPictures(folder, BUDGET, owner=True)
+    owner = shared(folder, owner=True)
     owner.make("t1", W, H)
     path = owner.rings["t1"].path
     with open(path, "r+b") as f:
         f.write(b"pmring1\0")
-    writer = SharedPictures(folder, BUDGET)
+    writer = shared(folder)
     writer.put_jpeg("t1", key(0), jpeg(0))
     writer.put("t1", key(0), picture(0))
     assert writer.jpegs_put == writer.put_count == 0 and "t1" not in writer.rings
@@ -169,7 +201,7 @@ def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
     ready, done = ctx.Event(), ctx.Event()
 
     def own():
-        other = SharedPictures(folder, BUDGET, owner=True)  # kept: dropping it would close the ring and its lock
+        other = shared(folder, owner=True)  # kept: dropping it would close the ring and its lock
         other.make("t1", W, H)
         ready.set()
         done.wait(30)
@@ -179,7 +211,7 @@ def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
     try:
         assert ready.wait(30)
         put_jpegs_from_another_process(folder, "t1", {0: jpeg(0)})
-        annotate = SharedPictures(folder, BUDGET, owner=True)
+        annotate = shared(folder, owner=True)
         assert annotate.jpeg("t1", key(0)) is None and "t1" not in annotate.rings
         assert jpegs_taken_in_another_process(folder, "t1", [key(0)]) == [jpeg(0)]  # pose finds it there
     finally:
@@ -188,22 +220,22 @@ def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
 
 
 def test_a_ring_has_no_more_slots_than_the_video_has_frames(folder):
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", W, H, frames=5)
     assert [p.name for p in folder.iterdir()] == ["t1.5"]
 
 
 def test_a_writer_without_a_ring_puts_nothing_and_a_ring_too_big_for_the_budget_is_not_made(folder):
-    writer = SharedPictures(folder, BUDGET)
+    writer = shared(folder)
     writer.put("t1", key(0), picture(0))
     assert writer.put_count == 0 and not folder.exists()
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", 16 * W, 16 * H)  # one slot would not be worth it
     assert not list(folder.glob("t1.*")) and "t1" not in owner.rings
 
 
 def test_a_ring_is_removed_by_its_owner_only_while_it_is_the_one_it_made(folder):
-    first, second = SharedPictures(folder, BUDGET), SharedPictures(folder, BUDGET)
+    first, second = shared(folder), shared(folder)
     first.make("t1", W, H)
     second.make("t1", W, H)  # the task moved to another replica on this host: a new ring replaces the file
     first.remove("t1")
@@ -216,7 +248,7 @@ def test_a_dead_owners_ring_is_let_go_and_removed_by_a_writer(folder):
     ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
 
     def own():
-        owner = SharedPictures(folder, BUDGET)  # kept: dropping it would close the ring, and its lock with it
+        owner = shared(folder)  # kept: dropping it would close the ring, and its lock with it
         owner.make("t1", W, H)
         ready.set()
         done.wait(30)
@@ -224,10 +256,10 @@ def test_a_dead_owners_ring_is_let_go_and_removed_by_a_writer(folder):
     child = multiprocessing.get_context("fork").Process(target=own)
     child.start()
     assert ready.wait(30)
-    writer = SharedPictures(folder, BUDGET)
+    writer = shared(folder)
     writer.put("t1", key(0), picture(0))
     assert writer.put_count == 1
-    sweeper = SharedPictures(folder, BUDGET)
+    sweeper = shared(folder)
     sweeper.sweep()
     assert list(folder.glob("t1.*")), "a live owner's ring was swept"
     os.kill(child.pid, signal.SIGKILL)
@@ -245,7 +277,7 @@ def test_a_dead_owners_rings_are_swept_by_the_next_owner_and_a_live_ones_kept(fo
         ready, done = ctx.Event(), ctx.Event()  # one each: an Event a killed child waited on cannot be set
 
         def own():
-            owner = SharedPictures(folder, BUDGET)  # kept: dropping it would close its rings, and their locks
+            owner = shared(folder)  # kept: dropping it would close its rings, and their locks
             for task_id in tasks:
                 owner.make(task_id, W, H)
             ready.set()
@@ -260,7 +292,7 @@ def test_a_dead_owners_rings_are_swept_by_the_next_owner_and_a_live_ones_kept(fo
     try:
         os.kill(dead.pid, signal.SIGKILL)
         dead.join(10)
-        SharedPictures(folder, BUDGET).sweep()  # as an annotate replica starting on this host
+        shared(folder).sweep()  # as an annotate replica starting on this host
         assert [p.name.split(".")[0] for p in folder.iterdir()] == ["t3"]
     finally:
         live_done.set()
@@ -273,7 +305,7 @@ def test_a_slot_locked_by_a_stopped_writer_is_a_miss_not_a_wait(folder):
     import fcntl
     import time
 
-    owner = SharedPictures(folder, BUDGET)
+    owner = shared(folder)
     owner.make("t1", W, H)
     put_from_another_process(folder, "t1", [2])
     ring = owner.rings["t1"]
@@ -301,7 +333,7 @@ def test_a_slot_locked_by_a_stopped_writer_is_a_miss_not_a_wait(folder):
 def test_a_folder_that_cannot_hold_rings_means_no_sharing_and_no_error(tmp_path):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_bytes(b"")
-    pictures = SharedPictures(not_a_folder, BUDGET)
+    pictures = shared(not_a_folder)
     pictures.sweep()
     pictures.make("t1", W, H)
     pictures.put("t1", key(0), picture(0))
