@@ -72,7 +72,7 @@ JPEG_MIN_BYTES = 64 * 1024
 # MB), and the picture slots get the rest.
 JPEG_SLOTS_BEYOND_AHEAD = 2 * PACED_EVERY
 # More picture slots would seldom be used (pose runs at most MAX_FRAMES_AHEAD frames ahead of annotate); the
-# budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (43 of 1080p in 320 MB): a pose further ahead than
+# budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (45 of 1080p in 320 MB): a pose further ahead than
 # that makes annotate fetch and decode the frames it lapped.
 MAX_SLOTS = 128
 MIN_PICTURE_SLOTS = 2  # fewer would not be worth a ring
@@ -104,7 +104,7 @@ def _jpeg_room(picture_bytes: int) -> int:
     return max(JPEG_MIN_BYTES, picture_bytes // JPEG_SHARE)
 
 
-def _parts(width: int, height: int) -> tuple[int, int]:
+def slot_parts(width: int, height: int) -> tuple[int, int]:
     """The bytes of a picture slot and of a JPEG slot, for frames of up to width x height (whole pages)."""
     picture = width * height * 3
     return _pages(SLOT_HEADER.size + picture), _pages(SLOT_HEADER.size + _jpeg_room(picture))
@@ -113,7 +113,7 @@ def _parts(width: int, height: int) -> tuple[int, int]:
 def ring_slots(width: int, height: int, frames: int, budget_bytes: int, frames_ahead: int) -> tuple[int, int]:
     """A ring's picture and JPEG slots for frames of up to width x height in `budget_bytes`, for a video of `frames`
     frames (0: not known) decoded at most `frames_ahead` frames ahead of annotate (0: not bounded); (0, 0): no ring."""
-    picture_part, jpeg_part = _parts(width, height)
+    picture_part, jpeg_part = slot_parts(width, height)
     room = budget_bytes - HEADER_BYTES
     jpegs = frames_ahead + JPEG_SLOTS_BEYOND_AHEAD if frames_ahead else MAX_SLOTS
     jpegs = min(jpegs, frames or jpegs, max(0, room - MIN_PICTURE_SLOTS * picture_part) // jpeg_part)
@@ -173,7 +173,7 @@ class Ring:
             return None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, HEADER_BYTES, 0)
-            picture_part, jpeg_part = _parts(width, height)
+            picture_part, jpeg_part = slot_parts(width, height)
             os.posix_fallocate(fd, 0, HEADER_BYTES + slots * picture_part + jpeg_slots * jpeg_part)
             os.pwrite(fd, LAYOUT.pack(LAYOUT_MARK, picture_part, jpeg_slots, jpeg_part,
                                       _jpeg_room(width * height * 3)), 0)
@@ -334,7 +334,7 @@ class SharedPictures:
     """One worker's rings: those it owns (annotate: `owner`, which reads only its own) or those it finds and uses
     (detect, pose)."""
 
-    def __init__(self, folder: Path, budget_bytes: int, owner: bool = False, frames_ahead: int = 64):
+    def __init__(self, folder: Path, budget_bytes: int, *, frames_ahead: int, owner: bool = False):
         self.folder, self.budget_bytes, self.owner = folder, budget_bytes, owner
         self.frames_ahead = frames_ahead  # how far decoding may run ahead of annotate (MAX_FRAMES_AHEAD)
         self.rings: dict[str, Ring] = {}

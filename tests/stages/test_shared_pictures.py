@@ -14,13 +14,13 @@ from posemesh.stages.shared_pictures import (
     MAX_SLOTS,
     PictureKey,
     SharedPictures,
-    _parts,
     ring_slots,
+    slot_parts,
 )
 
 W, H = 64, 48
 AHEAD = 32  # how far decoding may run ahead of annotate (MAX_FRAMES_AHEAD)
-PICTURE_PART, JPEG_PART = _parts(W, H)
+PICTURE_PART, JPEG_PART = slot_parts(W, H)
 BUDGET = HEADER_BYTES + 16 * PICTURE_PART + (AHEAD + JPEG_SLOTS_BEYOND_AHEAD) * JPEG_PART  # 16 pictures, 48 JPEGs
 
 
