@@ -183,6 +183,11 @@ class Sender:
             except BufferError:  # the local queue is full: let the broker take some
                 self.producer.poll(0.05)
 
+    def keep_error(self, exc: Exception) -> None:
+        """A record the producer refused outright (a fatal producer error), kept with the delivery errors for the
+        writer to act on at its flush, as for a record that failed in delivery."""
+        self.errors.append(exc)
+
     def flush(self, timeout_s: float, give_up=lambda: False) -> int:
         """Wait until everything sent is acknowledged, in short slices so `give_up()` (a cancelled task, a
         lost broker) is acted on at once. Returns how many records are still undelivered."""

@@ -673,7 +673,7 @@ class StageWorker:
         try:
             self.sender.send(topic, data, partition)
         except (KafkaException, SystemError) as exc:
-            self.sender.errors.append(exc)
+            self.sender.keep_error(exc)
         self.unflushed = True
 
     def _flush(self) -> bool:
