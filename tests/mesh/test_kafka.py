@@ -1,0 +1,24 @@
+"""The Sender every posemesh process writes records with, against the real local broker."""
+
+from __future__ import annotations
+
+import uuid
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from posemesh.mesh import kafka
+from tests.conftest import make_settings
+
+
+def test_a_record_the_producer_refused_outright_fails_the_writers_flush_like_a_failed_delivery(broker, tmp_path):
+    settings = make_settings(broker, tmp_path)
+    topic = f"sender-{uuid.uuid4().hex[:8]}"
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(topic, 1, {})])
+    sender = kafka.Sender(Producer(kafka.producer_config(settings, "test-sender")))
+    sender.send(topic, b"one")
+    assert sender.delivered(30)  # acknowledged, no error so far
+    refused = KafkaException(KafkaError(KafkaError._FATAL, "the producer failed for good"))
+    sender.keep_error(refused)
+    sender.send(topic, b"two")
+    assert not sender.delivered(30)  # the next flush says so, although "two" itself was acknowledged
+    assert sender.errors == [refused]
