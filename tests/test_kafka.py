@@ -1,4 +1,4 @@
-"""The Sender every posemesh process writes records with, against the real local broker."""
+"""The Sender every posemesh process writes records with (mesh/kafka.py), against the real local broker."""
 
 from __future__ import annotations
 
