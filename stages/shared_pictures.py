@@ -65,11 +65,15 @@ HEADER_BYTES = 4096  # the owner's lock; slots are page-aligned too
 JPEG_SHARE = 10
 JPEG_MIN_BYTES = 64 * 1024
 # Detect, which puts the JPEGs, runs further ahead of pose than pose of annotate: decoding is bounded only ahead of
-# annotate, by MAX_FRAMES_AHEAD (64 by default), looked at every PACED_EVERY frames. With one slot count for both
-# parts, pose found 137 of 302 JPEGs (bench/README.md). So a ring has a JPEG slot for every frame decoding may put
-# ahead of annotate: detect, at most that far ahead of what pose and annotate still read, never writes over a JPEG
-# they will take. The JPEG slots come first out of the budget (a tenth of a picture slot each: 80 of 1080p take 50
-# MB), and the picture slots get the rest.
+# annotate, by MAX_FRAMES_AHEAD (64 by default), looked at every PACED_EVERY frames, so the newest frame decoded is
+# at most MAX_FRAMES_AHEAD + PACED_EVERY - 1 past annotate's count. With one slot count for both parts, pose found 137
+# of 302 JPEGs (bench/README.md). So a ring has a JPEG slot for each of those frames, and PACED_EVERY more: in steady
+# running detect never writes over a JPEG pose or annotate will still take. What can still lap it (a miss, served
+# from the broker, never a wrong frame): an ingest replica taking a task over (it counts from where the stream
+# stopped), decoding that stopped waiting for a stuck count (STUCK_S), a stage replaying from its committed offsets,
+# a live camera (bounded by its lag, not by MAX_FRAMES_AHEAD), a decoder configured further ahead than annotate.
+# The JPEG slots come first out of the budget (a tenth of a picture slot each: 80 of 1080p take 48 of the default
+# 320 MB), and the picture slots get the rest.
 JPEG_SLOTS_BEYOND_AHEAD = 2 * PACED_EVERY
 # More picture slots would seldom be used (pose runs at most MAX_FRAMES_AHEAD frames ahead of annotate); the
 # budget (POSEMESH_SHARED_PICTURES_MB) usually allows fewer (45 of 1080p in 320 MB): a pose further ahead than
@@ -112,13 +116,14 @@ def slot_parts(width: int, height: int) -> tuple[int, int]:
 
 def ring_slots(width: int, height: int, frames: int, budget_bytes: int, frames_ahead: int) -> tuple[int, int]:
     """A ring's picture and JPEG slots for frames of up to width x height in `budget_bytes`, for a video of `frames`
-    frames (0: not known) decoded at most `frames_ahead` frames ahead of annotate (0: not bounded); (0, 0): no ring."""
+    frames (0: not known) decoded at most `frames_ahead` frames ahead of annotate (0: not bounded, and then MAX_SLOTS
+    JPEG slots, a guess); (0, 0): no ring."""
     picture_part, jpeg_part = slot_parts(width, height)
     room = budget_bytes - HEADER_BYTES
-    jpegs = frames_ahead + JPEG_SLOTS_BEYOND_AHEAD if frames_ahead else MAX_SLOTS
+    jpegs = max(0, frames_ahead) + JPEG_SLOTS_BEYOND_AHEAD if frames_ahead else MAX_SLOTS
     jpegs = min(jpegs, frames or jpegs, max(0, room - MIN_PICTURE_SLOTS * picture_part) // jpeg_part)
     pictures = min(MAX_SLOTS, frames or MAX_SLOTS, (room - jpegs * jpeg_part) // picture_part)
-    return (pictures, jpegs) if pictures >= MIN_PICTURE_SLOTS and jpegs else (0, 0)
+    return (pictures, jpegs) if pictures >= MIN_PICTURE_SLOTS and jpegs > 0 else (0, 0)
 
 
 def remove_if_ownerless(fd: int, path: Path) -> bool:

@@ -8,6 +8,7 @@ import signal
 import numpy as np
 import pytest
 
+from posemesh.mesh.frames import PACED_EVERY
 from posemesh.stages.shared_pictures import (
     HEADER_BYTES,
     JPEG_SLOTS_BEYOND_AHEAD,
@@ -149,10 +150,11 @@ def test_jpegs_have_a_slot_for_every_frame_decoding_may_run_ahead_and_pictures_t
     slots, jpeg_slots = ring.slots, ring.jpeg_slots
     assert (slots, jpeg_slots) == (16, AHEAD + JPEG_SLOTS_BEYOND_AHEAD)
     put_from_another_process(folder, "t1", [3])
-    put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots), 3 + AHEAD: jpeg(3 + AHEAD)})
+    furthest = 3 + AHEAD + PACED_EVERY - 1  # the newest frame decoding may put while annotate has not finished 3
+    put_jpegs_from_another_process(folder, "t1", {3: jpeg(3), 3 + slots: jpeg(3 + slots), furthest: jpeg(furthest)})
     assert np.array_equal(taken(annotate, "t1", key(3)), picture(3))
-    assert [annotate.jpeg("t1", key(i)) for i in (3, 3 + slots, 3 + AHEAD)] == [jpeg(3), jpeg(3 + slots),
-                                                                                jpeg(3 + AHEAD)]
+    assert [annotate.jpeg("t1", key(i)) for i in (3, 3 + slots, furthest)] == [jpeg(3), jpeg(3 + slots),
+                                                                               jpeg(furthest)]
     put_jpegs_from_another_process(folder, "t1", {3 + jpeg_slots: jpeg(3 + jpeg_slots)})
     assert annotate.jpeg("t1", key(3)) is None  # written over by the frame a JPEG ring later
     assert annotate.jpeg("t1", key(3 + jpeg_slots)) == jpeg(3 + jpeg_slots)
@@ -177,8 +179,10 @@ def test_the_jpeg_slots_come_first_out_of_the_budget_and_leave_room_for_two_pict
     # A budget too small for all the JPEG slots keeps two picture slots and gives the JPEGs the rest.
     pictures, jpegs = ring_slots(1920, 1080, 0, 40 * mb, 64)
     assert pictures == 2 and 0 < jpegs < 64
-    # A budget without room for two pictures makes no ring.
+    # A budget without room for two pictures makes no ring, nor does a nonsensical bound or budget.
     assert ring_slots(1920, 1080, 0, 12 * mb, 64) == (0, 0)
+    assert ring_slots(1920, 1080, 0, 320 * mb, -100)[1] == JPEG_SLOTS_BEYOND_AHEAD  # below 0: only the margin
+    assert ring_slots(1920, 1080, 0, -1, 64) == (0, 0)
 
 
 def test_a_file_of_another_layout_is_no_ring(folder):
