@@ -212,30 +212,34 @@ def test_on_one_host_pose_and_annotate_take_frames_from_the_ring_and_the_broker_
     """Detect, pose and annotate on one host: detect leaves each frame's JPEG in the task's ring in shared memory
     and pose takes it there instead of reading the frame's record from the broker again; annotate takes each
     frame that pose decoded (every frame with persons) instead of decoding it again, and the others' JPEGs. The
-    ring is gone once the task is."""
+    clip is long enough for detect to run far ahead of pose (decoding is bounded only ahead of annotate): the ring
+    has a JPEG slot for every frame it may run ahead, so pose still takes them all. The ring is gone once the task
+    is."""
+    frames = 96
     gw, workers = pipeline_once
     status = {stage: functools.partial(stage_status, workers, stage) for stage in ("detect", "pose", "annotate")}
     before = {stage: get() for stage, get in status.items()}
-    done, _video, records = results(gw, town_clip(tmp_path, 24), tmp_path)
+    done, _video, records = results(gw, town_clip(tmp_path, frames), tmp_path)
     after = {stage: get() for stage, get in status.items()}
     change = {stage: {field: getattr(after[stage], field) - getattr(before[stage], field)
                       for field in ("pictures_shared", "jpegs_shared", "pixel_frames_read")} for stage in after}
     with_persons = sum(1 for r in records if r["persons"])
-    assert len(records) == 24 and with_persons >= 20
+    assert len(records) == frames and with_persons >= frames - 4
     put, taken = change["pose"]["pictures_shared"], change["annotate"]["pictures_shared"]
     # Detect and pose look for a task's ring every 0.2 s until they find one: at most their first batch (8 frames)
-    # can come before annotate made it (in practice none: annotate makes it as the task starts).
-    assert put == taken and with_persons - 8 <= taken <= with_persons
+    # can come before annotate made it (in practice none: annotate makes it as the task starts). Pose may run
+    # further ahead of annotate than the ring has picture slots (45 of 1080p): annotate then uses the JPEG.
+    assert with_persons - 8 <= put <= with_persons and taken <= put
     jpegs_put = change["detect"]["jpegs_shared"]
-    assert 24 - 8 <= jpegs_put <= 24
+    assert frames - 8 <= jpegs_put <= frames
     assert jpegs_put - 8 <= change["pose"]["jpegs_shared"] <= jpegs_put
     # Pose read from the broker the frames it did not take (and, while it read ahead, maybe more): none when it
     # took them all.
     pose_read = change["pose"]["pixel_frames_read"]
-    assert pose_read >= 24 - change["pose"]["jpegs_shared"]
-    assert pose_read == 0 or change["pose"]["jpegs_shared"] < 24
+    assert pose_read >= frames - change["pose"]["jpegs_shared"]
+    assert pose_read == 0 or change["pose"]["jpegs_shared"] < frames
     # Annotate read no frame ahead that it then took decoded or as a JPEG.
-    assert change["annotate"]["pixel_frames_read"] + change["annotate"]["jpegs_shared"] == 24 - taken
+    assert change["annotate"]["pixel_frames_read"] + change["annotate"]["jpegs_shared"] == frames - taken
     folder = Path(gw.settings.shared_pictures_dir)
     deadline = time.monotonic() + 10
     while list(folder.glob(f"{done.task_id}.*")) and time.monotonic() < deadline:
