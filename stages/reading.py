@@ -47,6 +47,7 @@ class InputReader:
         # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
+        self.rebalance_since = 0.0  # when this member stopped reading for a rebalance (0: it is not in one)
         self.assignments = 0  # answers from the group so far (each one a rebalance)
         self.subscription_changes = 0
         self.leaving: set[str] = set()
@@ -66,6 +67,7 @@ class InputReader:
         self.leaving |= set(self.subscribed) - set(topics)
         self.subscribed = topics
         self.joining = True
+        self.rebalance_since = self.rebalance_since or time.monotonic()
         self.subscription_changes += 1
         return True
 
@@ -75,12 +77,19 @@ class InputReader:
 
     def _on_revoke(self, consumer, partitions) -> None:
         self.revokes += 1
+        self.rebalance_since = self.rebalance_since or time.monotonic()  # a rebalance another member began
         # Answer the revoke here. Left unanswered, confluent-kafka answers it itself and first asks
         # librdkafka for the rebalance protocol while holding the GIL; during close() that question can
         # wait forever (librdkafka #4041), and with the GIL held the whole worker froze (seen in CI).
         consumer.unassign()
 
     def _on_assign(self, consumer, partitions) -> None:
+        if self.rebalance_since:
+            # No replica of the stage reads while its group rebalances: at least a second on the local broker (it
+            # holds each JoinGroup that long), and a live task's lag grows by as much (tests/test_live.py).
+            log.info("rebalanced in %.2f s, reading nothing meanwhile: %d partitions now",
+                     time.monotonic() - self.rebalance_since, len(partitions))
+            self.rebalance_since = 0.0
         self.joining = False
         self.assignments += 1
         self.leaving = set()

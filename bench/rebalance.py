@@ -1,0 +1,73 @@
+"""How long a consumer group reads nothing when its subscription changes, on the local broker (Tansu).
+
+    .venv/bin/python bench/rebalance.py            # about 40 s
+
+A stage worker adds a task's topics to its subscription, or lets go of an ended task's, with one subscribe();
+under the eager protocol (mesh/kafka.py) the member gives up every partition, joins the group again and gets
+its assignment back, reading nothing meanwhile. On a broker of its own (devstack's LocalBroker), one member
+with the mesh's consumer settings subscribes to 1, 2, 3 and 4 topics in turn, at several session timeouts;
+printed: the seconds from each subscribe() to the assignment that answers it (the first includes finding the
+group's coordinator). A live task's lag grows by this much (README, "Bounded lag"; the workers log each one as
+`rebalanced in ... s`).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from posemesh.devstack.broker import LocalBroker
+from posemesh.mesh import kafka
+from posemesh.mesh.settings import Settings
+
+SESSION_TIMEOUTS_MS = (1000, 2000, 4000, 10000)
+TOPICS = [f"rebalance_{n}" for n in range(4)]
+
+
+def subscribe_times(bootstrap: str, session_timeout_ms: int) -> list[float]:
+    settings = Settings()
+    config = {**kafka.consumer_config(settings, f"bench-rebalance-{session_timeout_ms}", "bench-rebalance"),
+              "bootstrap.servers": bootstrap, "session.timeout.ms": session_timeout_ms,
+              "heartbeat.interval.ms": min(settings.kafka_heartbeat_ms, session_timeout_ms // 3)}
+    consumer = Consumer(config)
+    assigned_at: list[float] = []
+
+    def on_assign(c, partitions):
+        assigned_at.append(time.monotonic())
+        c.assign(partitions)
+
+    times = []
+    try:
+        for n in range(1, len(TOPICS) + 1):
+            assigned_at.clear()
+            start = time.monotonic()
+            consumer.subscribe(TOPICS[:n], on_assign=on_assign, on_revoke=lambda c, _p: c.unassign())
+            while not assigned_at and time.monotonic() - start < 30:
+                consumer.poll(0.05)
+            times.append(assigned_at[0] - start if assigned_at else float("nan"))
+    finally:
+        consumer.close()
+    return times
+
+
+def main() -> None:
+    with LocalBroker() as broker:
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        for future in admin.create_topics([NewTopic(t, 4, 1) for t in TOPICS]).values():
+            future.result()
+        print("| session timeout | first join, s | each later subscription change, s (median of 3) |")
+        print("|---|---|---|")
+        for timeout_ms in SESSION_TIMEOUTS_MS:
+            first, *later = subscribe_times(broker.bootstrap, timeout_ms)
+            print(f"| {timeout_ms} ms | {first:.2f} | {statistics.median(later):.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
