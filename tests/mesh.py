@@ -421,6 +421,39 @@ class Mesh:
                     found.append(f"{line[11:23]} {path.stem}: {line[24:200]}")
         return sorted(found)
 
+    def rebalances(self, since: float) -> list[tuple[float, float]]:
+        """When the stages' consumer groups stopped reading to rebalance, from `since` (time.time()) on: (start,
+        end) spans in time.time() seconds, overlapping ones merged (every stage joins at about the same time)."""
+        spans = []
+        for path in self.logs.glob("*.log"):
+            for line in path.read_text(errors="replace").splitlines():
+                if "rebalanced in " in line and line[:4].isdigit():  # stages/reading.py's line, stamped at the end
+                    end = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    if end >= since:
+                        spans.append((end - float(line.split("rebalanced in ", 1)[1].split(" ", 1)[0]), end))
+        merged: list[tuple[float, float]] = []
+        for start, end in sorted(spans):
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
+
+    def lags_over_bound(self, lags: list[tuple[float, float]], started: float, bound: float,
+                        slack: float = 0.5) -> list[tuple[float, float]]:
+        """Of a live task's lag readings ((seconds after `started`, lag)), those over `bound` + `slack` by more than a
+        rebalance explains. While the stages rebalance they read nothing, so the frames in flight come out later by
+        that long (at least a second on the local broker: README, "Bounded lag"); that allowance holds from the
+        rebalance's start until `bound` after its end, when the frames that waited have come out."""
+        spans = self.rebalances(started)
+        over = []
+        for t, lag in lags:
+            at = started + t
+            stall = max((end - start for start, end in spans if start <= at <= end + bound), default=0.0)
+            if lag > bound + slack + stall:
+                over.append((t, lag))
+        return over
+
     def results(self, task_id: str) -> tuple[list[dict], bytes]:
         out = {}
         for kind in (tpb.ARTIFACT_KIND_KEYPOINTS, tpb.ARTIFACT_KIND_ANNOTATED_VIDEO):
