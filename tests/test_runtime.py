@@ -192,6 +192,47 @@ def test_closing_or_abandoning_a_reader_returns_at_once_and_its_partition_moves_
     handover_s(leave=False)
 
 
+def test_a_rebalance_is_logged_with_how_long_the_member_read_nothing(broker, tmp_path, caplog):
+    """The live lag tests allow what a logged rebalance explains (tests/mesh.py `lags_over_bound`), so the logged
+    length must be the time from the subscription change (or, when another member began the rebalance, from the
+    revoke) to the assignment that ends it."""
+    settings = make_settings(broker, tmp_path)
+    topic_with_records(broker, settings, "rebalancelog_a", 2)
+    topic_with_records(broker, settings, "rebalancelog_b", 2)
+    group = f"rebalancelog{time.monotonic_ns()}"
+    first = InputReader(settings, group, "a", Recovery.REDO, lambda tps: None, lambda tps: None)
+
+    def logged() -> list[float]:
+        return [float(r.getMessage().split("rebalanced in ", 1)[1].split(" ", 1)[0]) for r in caplog.records
+                if "rebalanced in " in r.getMessage()]
+
+    def until_assigned(readers, seconds=20.0) -> None:
+        deadline = time.monotonic() + seconds
+        counts = [r.assignments for r in readers]
+        while any(r.assignments == n for r, n in zip(readers, counts)) and time.monotonic() < deadline:
+            for r in readers:
+                r.poll(1, 0.05)
+        assert all(r.assignments > n for r, n in zip(readers, counts))
+
+    with caplog.at_level("INFO", logger="posemesh.stage"):
+        first.subscribe(["rebalancelog_a"])
+        until_assigned([first])
+        caplog.clear()
+        t0 = time.monotonic()
+        first.subscribe(["rebalancelog_a", "rebalancelog_b"])  # a task's topics taken on
+        until_assigned([first])
+        took = time.monotonic() - t0
+        [length] = logged()
+        assert 0 < length <= took + 0.05 and length > took - 0.3, (length, took)
+        caplog.clear()
+        second = InputReader(settings, group, "b", Recovery.REDO, lambda tps: None, lambda tps: None)
+        second.subscribe(["rebalancelog_a", "rebalancelog_b"])  # another member begins a rebalance
+        until_assigned([first, second])
+        assert len(logged()) == 2 and all(0 < length < 20 for length in logged()), logged()
+        first.close()
+        second.close()
+
+
 def test_the_control_follower_says_caught_up_only_after_replaying_the_whole_history(broker, tmp_path):
     """A (re)started worker must not subscribe while it replays posemesh.control: midway, tasks whose
     TaskEnded is still ahead look live, and their topics may be deleted under it (which crashes
