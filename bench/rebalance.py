@@ -1,14 +1,14 @@
-"""How long a consumer group reads nothing when its subscription changes, on the local broker (Tansu).
+"""How long a consumer group fetches nothing when its subscription changes, on the local broker (Tansu).
 
     .venv/bin/python bench/rebalance.py            # about 40 s
 
 A stage worker adds a task's topics to its subscription, or lets go of an ended task's, with one subscribe();
 under the eager protocol (mesh/kafka.py) the member gives up every partition, joins the group again and gets
-its assignment back, reading nothing meanwhile. On a broker of its own (devstack's LocalBroker), one member
-with the mesh's consumer settings subscribes to 1, 2, 3 and 4 topics in turn, at several session timeouts;
-printed: the seconds from each subscribe() to the assignment that answers it (the first includes finding the
-group's coordinator). A live task's lag grows by this much (README, "Bounded lag"; the workers log each one as
-`rebalanced in ... s`).
+its assignment back, fetching nothing meanwhile. On a broker of its own (devstack's LocalBroker), one member (the
+workers' own InputReader, stages/reading.py) subscribes to 1, 2, 3 and 4 topics in turn, at several session
+timeouts; printed: the seconds from each subscribe() to the assignment that answers it (the first includes
+finding the group's coordinator). A live task's lag grows by this much (README, "Bounded lag"; the workers log
+each one as `rebalanced in ... s`).
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from posemesh.devstack.broker import LocalBroker
 from posemesh.mesh import kafka
 from posemesh.mesh.settings import Settings
+from posemesh.stages.base import Recovery
+from posemesh.stages.reading import InputReader
 
 SESSION_TIMEOUTS_MS = (1000, 2000, 4000, 10000)
 TOPICS = [f"rebalance_{n}" for n in range(4)]
@@ -33,32 +34,29 @@ TOPICS = [f"rebalance_{n}" for n in range(4)]
 
 def subscribe_times(bootstrap: str, session_timeout_ms: int) -> list[float]:
     settings = Settings()
-    config = {**kafka.consumer_config(settings, f"bench-rebalance-{session_timeout_ms}", "bench-rebalance"),
-              "bootstrap.servers": bootstrap, "session.timeout.ms": session_timeout_ms,
-              "heartbeat.interval.ms": min(settings.kafka_heartbeat_ms, session_timeout_ms // 3)}
-    consumer = Consumer(config)
-    assigned_at: list[float] = []
-
-    def on_assign(c, partitions):
-        assigned_at.append(time.monotonic())
-        c.assign(partitions)
-
+    settings.kafka_bootstrap = bootstrap
+    settings.kafka_session_timeout_ms = session_timeout_ms
+    settings.kafka_heartbeat_ms = min(settings.kafka_heartbeat_ms, session_timeout_ms // 3)
+    reader = InputReader(settings, f"bench-rebalance-{session_timeout_ms}", "bench-rebalance", Recovery.REDO,
+                         lambda tps: None, lambda tps: None)
     times = []
     try:
         for n in range(1, len(TOPICS) + 1):
-            assigned_at.clear()
-            start = time.monotonic()
-            consumer.subscribe(TOPICS[:n], on_assign=on_assign, on_revoke=lambda c, _p: c.unassign())
-            while not assigned_at and time.monotonic() - start < 30:
-                consumer.poll(0.05)
-            times.append(assigned_at[0] - start if assigned_at else float("nan"))
+            assignments, start = reader.assignments, time.monotonic()
+            reader.subscribe(TOPICS[:n])
+            while reader.assignments == assignments and time.monotonic() - start < 30:
+                reader.poll(1, 0.05)
+            times.append(time.monotonic() - start if reader.assignments > assignments else float("nan"))
     finally:
-        consumer.close()
+        reader.close()
     return times
 
 
 def main() -> None:
     with LocalBroker() as broker:
+        settings = Settings()
+        settings.kafka_bootstrap = broker.bootstrap
+        kafka.ensure_shared_topics(settings)  # the idle topic every stage's group reads
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
         for future in admin.create_topics([NewTopic(t, 4, 1) for t in TOPICS]).values():
             future.result()

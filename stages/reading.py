@@ -85,10 +85,11 @@ class InputReader:
 
     def _on_assign(self, consumer, partitions) -> None:
         if self.rebalance_since:
-            # No replica of the stage reads while its group rebalances: at least a second on the local broker (it
-            # holds each JoinGroup that long), and a live task's lag grows by as much (tests/test_live.py).
-            log.info("rebalanced in %.2f s, reading nothing meanwhile: %d partitions now",
-                     time.monotonic() - self.rebalance_since, len(partitions))
+            # While its group rebalances no replica of the stage fetches (only records fetched before come out): at
+            # least a second on the local broker, which holds each JoinGroup that long, and a live task's lag grows
+            # by as much. Logged so an operator sees it; tests/mesh.py reads it to tell such a stall from others.
+            log.info("rebalanced in %.2f s: %d partitions now", time.monotonic() - self.rebalance_since,
+                     len(partitions))
             self.rebalance_since = 0.0
         self.joining = False
         self.assignments += 1

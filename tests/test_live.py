@@ -127,11 +127,11 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     assert live.frames_dropped > 0, "a 1080p camera at 30 fps outruns two cores: frames must be dropped"
     # The gateway makes its reserved task ids again a few seconds after this task took one, and the stages'
     # rebalance for it stops the mesh for a second or more: the lag grows by that long (CI run 84 saw 3.07 s
-    # among readings near 1 s). Over the bound by more than that, it says when (seconds after the start, lag)
-    # and what the processes did meanwhile.
-    assert len(lags) > 10 and not mesh.lags_over_bound(lags, started, MAX_LAG_S), (
-        mesh.lags_over_bound(lags, started, MAX_LAG_S), lags,
-        mesh.log_lines(started, "reading", "rebalanced", "took", "reserv", "WARNING", "ERROR"))
+    # among readings near 1 s, which needs at least 0.57 s of it). Over the bound by more than that, it says
+    # when (seconds after the start, lag) and what the processes did meanwhile.
+    over = mesh.lags_over_bound(lags, started, MAX_LAG_S)
+    assert len(lags) > 10 and not over, (
+        over, lags, mesh.log_lines(started, "reading", "rebalanced", "took", "reserv", "WARNING", "ERROR"))
     records, _video = results(client, task.task_id)
     assert [r["index"] for r in records] == list(range(len(records)))  # dense for the frames that went in
     assert len(records) == live.frames_received - live.frames_dropped
