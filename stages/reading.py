@@ -47,7 +47,7 @@ class InputReader:
         # Between a subscribe() and the assignment that answers it. Another subscribe() meanwhile would
         # start the join over: four tasks starting a second apart kept groups re-joining for 5 s.
         self.joining = False
-        self.rebalance_since = 0.0  # when this member stopped reading for a rebalance (0: it is not in one)
+        self.rebalance_since = 0.0  # when this member stopped fetching for a rebalance (0: it is not in one)
         self.assignments = 0  # answers from the group so far (each one a rebalance)
         self.subscription_changes = 0
         self.leaving: set[str] = set()
