@@ -13,14 +13,13 @@ each one as `rebalanced in ... s`).
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from posemesh.devstack.broker import LocalBroker
 from posemesh.mesh import kafka
@@ -32,11 +31,9 @@ SESSION_TIMEOUTS_MS = (1000, 2000, 4000, 10000)
 TOPICS = [f"rebalance_{n}" for n in range(4)]
 
 
-def subscribe_times(bootstrap: str, session_timeout_ms: int) -> list[float]:
-    settings = Settings()
-    settings.kafka_bootstrap = bootstrap
-    settings.kafka_session_timeout_ms = session_timeout_ms
-    settings.kafka_heartbeat_ms = min(settings.kafka_heartbeat_ms, session_timeout_ms // 3)
+def subscribe_times(settings: Settings, session_timeout_ms: int) -> list[float]:
+    settings = dataclasses.replace(settings, kafka_session_timeout_ms=session_timeout_ms,
+                                   kafka_heartbeat_ms=min(settings.kafka_heartbeat_ms, session_timeout_ms // 3))
     reader = InputReader(settings, f"bench-rebalance-{session_timeout_ms}", "bench-rebalance", Recovery.REDO,
                          lambda tps: None, lambda tps: None)
     times = []
@@ -57,13 +54,11 @@ def main() -> None:
         settings = Settings()
         settings.kafka_bootstrap = broker.bootstrap
         kafka.ensure_shared_topics(settings)  # the idle topic every stage's group reads
-        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        for future in admin.create_topics([NewTopic(t, 4, 1) for t in TOPICS]).values():
-            future.result()
+        kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(t, 4, {}) for t in TOPICS])
         print("| session timeout | first join, s | each later subscription change, s (median of 3) |")
         print("|---|---|---|")
         for timeout_ms in SESSION_TIMEOUTS_MS:
-            first, *later = subscribe_times(broker.bootstrap, timeout_ms)
+            first, *later = subscribe_times(settings, timeout_ms)
             print(f"| {timeout_ms} ms | {first:.2f} | {statistics.median(later):.2f} |", flush=True)
 
 
