@@ -4,8 +4,10 @@ One thread per live task (never one per frame), in the gateway (POSEMESH_INGEST=
 replica that holds the task's job (stage, stages/ingest.py). It reads the RTSP source with PyAV and publishes
 each frame it keeps to raw_frames_<task>, as the upload producer does, with dense indices.
 
-Bounded lag. The lag is how old the newest annotated frame is when it comes out: the time since that frame
-arrived from the camera. To keep it under `max_lag_s` when the mesh is slower than the camera, frames are
+Bounded lag. The lag is how old the newest annotated frame is when it comes out: from its arrival from the
+camera to when the count of finished frames was first seen to include it (`FinishedClock`, looked at by a
+thread of its own while frames are in flight: a camera that goes quiet for a while delays the reader's next
+look, not the frames). To keep it under `max_lag_s` when the mesh is slower than the camera, frames are
 dropped here, at the source, and counted. What goes in is governed like a TCP congestion window, on the
 latency of each frame through the mesh (arrival here -> annotated): a window of frames may be in flight;
 it grows while frames come out close to the fastest latency seen (the mesh has room), and shrinks by a
@@ -56,6 +58,7 @@ log = logging.getLogger("posemesh.live")
 RTSP_PORTS = {"rtsp": 554, "rtsps": 322}  # the schemes of a live source, and their default ports
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
+FINISHED_LOOK_S = 0.1  # how often the count of finished frames is looked at while frames are in flight
 DETACH_FLUSH_S = 5.0
 # FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
 # is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
@@ -105,6 +108,47 @@ class LiveConfig:
                    limits=media.Limits.from_settings(settings))
 
 
+class FinishedClock:
+    """When each frame of a live task was first seen finished by the annotate stage. The count of finished
+    frames (`annotated()`) is looked at by the reader as each camera frame arrives and, while frames are in
+    flight, every FINISHED_LOOK_S by a thread of its own: otherwise a camera that sends nothing for three
+    seconds would make the frames finished meanwhile look three seconds late when the next one arrives
+    (a lag that is not the mesh's, and a window cut for nothing)."""
+
+    def __init__(self, annotated):
+        self.annotated = annotated
+        self.lock = threading.Lock()
+        self.count = 0
+        self.seen: deque[tuple[int, float]] = deque()  # (count, when first seen), counts rising
+
+    def look(self) -> int:
+        """The count of finished frames now, stamped with when it was first seen."""
+        count = self.annotated()
+        now = time.monotonic()
+        with self.lock:
+            if count > self.count:
+                self.count = count
+                self.seen.append((count, now))
+            return self.count
+
+    def finished_at(self, index: int) -> float:
+        """When frame `index` (one of the `look()`'s count) was first seen finished. Asked in index order: the
+        stamps of earlier counts are forgotten."""
+        with self.lock:
+            while len(self.seen) > 1 and self.seen[0][0] <= index:
+                self.seen.popleft()
+            return self.seen[0][1]
+
+    def follow(self, in_flight, stop: threading.Event) -> None:
+        """Look every FINISHED_LOOK_S while `in_flight()`, until `stop` is set (on a thread beside the reader's)."""
+        while not stop.wait(FINISHED_LOOK_S):
+            if in_flight():
+                try:
+                    self.look()
+                except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
+                    log.debug("looking at the finished frames failed", exc_info=True)
+
+
 class LiveSource(threading.Thread):
     def __init__(self, task: tpb.Task, source: Source, transport: int, producer_config: dict, epoch: int,
                  config: LiveConfig, annotated, on_status, on_end, so_far: StreamSoFar | None = None,
@@ -116,7 +160,8 @@ class LiveSource(threading.Thread):
         super().__init__(name=f"live-{task.task_id[:12]}", daemon=True)
         self.task, self.source, self.config, self.epoch = task, source, config, epoch
         self.transport = "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp"
-        self.annotated, self.on_status, self.on_end, self.on_closing = annotated, on_status, on_end, on_closing
+        self.finished = FinishedClock(annotated)
+        self.on_status, self.on_end, self.on_closing = on_status, on_end, on_closing
         self.producer = Producer({**producer_config, "client.id": f"{client}-live-{task.task_id[:12]}"})
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
@@ -148,11 +193,16 @@ class LiveSource(threading.Thread):
 
     def run(self) -> None:
         state, message = tpb.TASK_STATE_FAILED, ""
+        read = threading.Event()
+        threading.Thread(target=self.finished.follow, args=(lambda: bool(self.arrivals), read),
+                         name=f"finished-{self.task.task_id[:12]}", daemon=True).start()
         try:
             state, message = self._read()
         except Exception as exc:  # the task ends with the reason; its reader's process goes on
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
+        finally:
+            read.set()
         self.status.connected = False
         if self.detached.is_set():
             self.producer.flush(DETACH_FLUSH_S)  # the frames read so far go in; the stream stays open
@@ -266,11 +316,11 @@ class LiveSource(threading.Thread):
 
     def _follow_the_mesh(self, now: float) -> None:
         """What the annotate stage has finished, each frame's latency, and the window that follows."""
-        done = self.annotated()
+        done = self.finished.look()
         bound = self.config.max_lag_s
         while self.arrivals and self.arrivals[0][0] < done:
-            _index, arrived = self.arrivals.popleft()
-            latency = max(0.0, now - arrived)
+            index, arrived = self.arrivals.popleft()
+            latency = max(0.0, self.finished.finished_at(index) - arrived)
             self.status.lag_s = latency  # the newest annotated frame's age
             self.latency = latency if self.latency is None else 0.8 * self.latency + 0.2 * latency
             while self.fastest and (self.fastest[-1][1] >= latency or now - self.fastest[0][0] > 10.0):

@@ -183,7 +183,8 @@ def first_picture_s(url: str, size: tuple[int, int] | None = None) -> float:
 class PublishingCamera:
     """A camera that publishes a clip to an RTSP server (RTSP RECORD, packets copied, in real time, the clip
     `loops` times or over and over) as cameras publish to MediaMTX: readers play it from the server's /live/
-    side, which refuses the path while the camera is away. `stop()` takes it away; `start()` brings it back."""
+    side, which refuses the path while the camera is away. `stop()` takes it away; `start()` brings it back;
+    `go_quiet(s)` has it send nothing for `s` seconds, then go on where it was (a network that hiccups)."""
 
     def __init__(self, clip: Path, publish_url: str, loops: int | None = None):
         import av
@@ -200,6 +201,8 @@ class PublishingCamera:
         self.stopping = None
         self.published = 0  # packets sent since the last start()
         self.error = ""  # why publishing stopped early (the server closed the connection, say): "" when it did not
+        self.quiet_s = 0.0
+        self.quiet_spans: list[tuple[float, float]] = []  # (start, end) in time.time() of each quiet spell
 
     def start(self) -> PublishingCamera:
         import threading
@@ -229,12 +232,21 @@ class PublishingCamera:
                     delay = t0 + float(pts * self.time_base) - time.monotonic()
                     if stopping.wait(max(delay, 0.0)):
                         return
+                    if self.quiet_s:
+                        quiet, self.quiet_s, start = self.quiet_s, 0.0, time.time()
+                        if stopping.wait(quiet):
+                            return
+                        t0 += quiet
+                        self.quiet_spans.append((start, time.time()))
                     copy = av.Packet(bytes(packet))
                     copy.pts = copy.dts = pts
                     copy.time_base, copy.is_keyframe, copy.stream = self.time_base, packet.is_keyframe, stream
                     out.mux(copy)
                     self.published += 1
                 loop += 1
+
+    def go_quiet(self, seconds: float) -> None:
+        self.quiet_s = seconds
 
     def stop(self) -> None:
         if self.thread is not None:
