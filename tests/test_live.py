@@ -129,9 +129,10 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     # The gateway makes its reserved task ids again a few seconds after this task took one, and the stages'
     # rebalance for it stops the mesh for a second or more: the lag grows by that long (CI run 84 saw 3.07 s
     # among readings near 1 s, which needs at least 0.57 s of it). Over the bound by more than that, it says
-    # when (seconds after the start, lag, frames received by then) and what the processes did meanwhile.
+    # when (seconds after the start, lag, frames received by then) and what the processes did meanwhile. An idle
+    # machine gives about 70 readings, a loaded CI machine once gave 7 (none for 3.5 s, then 5 s): at least 5.
     over = mesh.lags_over_bound(lags, started, MAX_LAG_S)
-    assert len(lags) > 10 and not over, mesh.lag_report(lags, over, started, camera, "reading", "rebalanced", "took",
+    assert len(lags) >= 5 and not over, mesh.lag_report(lags, over, started, camera, "reading", "rebalanced", "took",
                                                         "reserv", "WARNING", "ERROR")
     records, _video = results(client, task.task_id)
     assert [r["index"] for r in records] == list(range(len(records)))  # dense for the frames that went in
