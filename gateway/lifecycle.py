@@ -116,16 +116,17 @@ class FinishedSoFar:
         self.count, self.away = 0, False
 
     def __call__(self) -> int:
+        """(A live task's count is asked from two threads: its reader's and its follower's, mesh/live.py.)"""
         try:
-            self.count = self.store.frames_done(self.task_id, LAST_STAGE)
+            count = self.store.frames_done(self.task_id, LAST_STAGE)
         except Exception:  # noqa: BLE001 - see above
             if not self.away:
                 log.warning("task %s: the task store does not answer; its last count of finished frames (%d) "
                             "paces decoding", self.task_id, self.count, exc_info=True)
             self.away = True
             return self.count
-        self.away = False
-        return self.count
+        self.count, self.away = max(self.count, count), False
+        return count
 
 
 def new_stream_token() -> str:

@@ -1,8 +1,9 @@
 """A live task's frames: read from the camera, thinned to what the mesh keeps up with, published.
 
-One thread per live task (never one per frame), in the gateway (POSEMESH_INGEST=gateway) or in the ingest
-replica that holds the task's job (stage, stages/ingest.py). It reads the RTSP source with PyAV and publishes
-each frame it keeps to raw_frames_<task>, as the upload producer does, with dense indices.
+A reader thread per live task (never one per frame, and a follower beside it: `FinishedClock`), in the gateway
+(POSEMESH_INGEST=gateway) or in the ingest replica that holds the task's job (stage, stages/ingest.py). It reads
+the RTSP source with PyAV and publishes each frame it keeps to raw_frames_<task>, as the upload producer does,
+with dense indices.
 
 Bounded lag. The lag is how old the newest annotated frame is when it comes out: from its arrival from the
 camera to when the count of finished frames was first seen to include it (`FinishedClock`, looked at by a
@@ -48,7 +49,7 @@ from confluent_kafka import Producer
 
 from posemesh.mesh import kafka, media, records
 from posemesh.mesh.at_rest import redact
-from posemesh.mesh.frames import StreamSoFar
+from posemesh.mesh.frames import FINISHED_EVERY_S, StreamSoFar
 from posemesh.mesh.settings import JPEG_QUALITY
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -58,7 +59,6 @@ log = logging.getLogger("posemesh.live")
 RTSP_PORTS = {"rtsp": 554, "rtsps": 322}  # the schemes of a live source, and their default ports
 PROTOCOLS = "rtsp,rtsps,rtp,srtp,udp,tcp,tls,crypto"  # what a live source may open, nothing on disk
 STATUS_EVERY_S = 0.5
-FINISHED_LOOK_S = 0.1  # how often the count of finished frames is looked at while frames are in flight
 DETACH_FLUSH_S = 5.0
 # FFmpeg reads up to 5 s of a stream before it hands out the first frame (stream probing): at 5 fps that
 # is the whole lag bound gone before the task starts. RTSP's SDP already names the codec, and the decoder
@@ -111,42 +111,47 @@ class LiveConfig:
 class FinishedClock:
     """When each frame of a live task was first seen finished by the annotate stage. The count of finished
     frames (`annotated()`) is looked at by the reader as each camera frame arrives and, while frames are in
-    flight, every FINISHED_LOOK_S by a thread of its own: otherwise a camera that sends nothing for three
-    seconds would make the frames finished meanwhile look three seconds late when the next one arrives
-    (a lag that is not the mesh's, and a window cut for nothing)."""
+    flight and the reader has not looked for FINISHED_EVERY_S, by a thread of its own: otherwise a camera that
+    sends nothing for three seconds would make the frames finished meanwhile look three seconds late when the
+    next one arrives (a lag that is not the mesh's, and a window cut for nothing)."""
 
     def __init__(self, annotated):
         self.annotated = annotated
         self.lock = threading.Lock()
         self.count = 0
+        self.looked_at = time.monotonic()
         self.seen: deque[tuple[int, float]] = deque()  # (count, when first seen), counts rising
 
     def look(self) -> int:
         """The count of finished frames now, stamped with when it was first seen."""
         count = self.annotated()
-        now = time.monotonic()
         with self.lock:
+            self.looked_at = now = time.monotonic()
             if count > self.count:
                 self.count = count
                 self.seen.append((count, now))
             return self.count
 
     def finished_at(self, index: int) -> float:
-        """When frame `index` (one of the `look()`'s count) was first seen finished. Asked in index order: the
-        stamps of earlier counts are forgotten."""
+        """When frame `index` (below the last `look()`'s count) was first seen finished. Asked in index order:
+        the stamps of earlier counts are forgotten."""
         with self.lock:
-            while len(self.seen) > 1 and self.seen[0][0] <= index:
+            assert index < self.count, f"frame {index} is not finished ({self.count} are)"
+            while self.seen[0][0] <= index:
                 self.seen.popleft()
             return self.seen[0][1]
 
-    def follow(self, in_flight, stop: threading.Event) -> None:
-        """Look every FINISHED_LOOK_S while `in_flight()`, until `stop` is set (on a thread beside the reader's)."""
-        while not stop.wait(FINISHED_LOOK_S):
-            if in_flight():
-                try:
-                    self.look()
-                except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
-                    log.debug("looking at the finished frames failed", exc_info=True)
+    def follow(self, waiting_for, stop: threading.Event) -> None:
+        """Until `stop` is set (on a thread beside the reader's): look whenever the reader has not looked for
+        FINISHED_EVERY_S while frames are in flight (`waiting_for()`: the newest index sent, or None)."""
+        while not stop.wait(FINISHED_EVERY_S):
+            newest = waiting_for()
+            if newest is None or newest < self.count or time.monotonic() - self.looked_at < FINISHED_EVERY_S:
+                continue
+            try:
+                self.look()
+            except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
+                log.debug("looking at the finished frames failed", exc_info=True)
 
 
 class LiveSource(threading.Thread):
@@ -194,9 +199,9 @@ class LiveSource(threading.Thread):
     def run(self) -> None:
         state, message = tpb.TASK_STATE_FAILED, ""
         read = threading.Event()
-        threading.Thread(target=self.finished.follow, args=(lambda: bool(self.arrivals), read),
-                         name=f"finished-{self.task.task_id[:12]}", daemon=True).start()
         try:
+            threading.Thread(target=self.finished.follow, args=(self._newest_in_flight, read),
+                             name=f"finished-{self.task.task_id[:12]}", daemon=True).start()
             state, message = self._read()
         except Exception as exc:  # the task ends with the reason; its reader's process goes on
             log.exception("live source of %s failed", self.task.task_id)
@@ -313,6 +318,13 @@ class LiveSource(threading.Thread):
         self.index += 1
         self.producer.poll(0)
         self._publish_status()
+
+    def _newest_in_flight(self) -> int | None:
+        """The newest frame sent and not yet seen finished (None: none), asked from the follower's thread."""
+        try:
+            return self.arrivals[-1][0]
+        except IndexError:
+            return None
 
     def _follow_the_mesh(self, now: float) -> None:
         """What the annotate stage has finished, each frame's latency, and the window that follows."""

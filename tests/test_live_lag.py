@@ -1,14 +1,17 @@
 """The clock of a live task's lag (posemesh.mesh.live.FinishedClock): when each frame was first seen finished
 by the annotate stage, looked at by a thread of its own while frames are in flight, so that a camera that
 sends nothing for a while does not make the frames finished meanwhile look late. Pure logic: the count of
-finished frames is a counter here (the real mesh's is in tests/test_live.py)."""
+finished frames is a counter here, the camera a port where nothing answers, and the reader's Kafka producer
+points at a port where nothing listens (nothing is sent). The real mesh's is in tests/test_live.py."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from posemesh.mesh.live import FINISHED_LOOK_S, FinishedClock
+from posemesh.mesh.frames import FINISHED_EVERY_S
+from posemesh.mesh.live import FinishedClock, LiveConfig, LiveSource, Source
+from posemesh.v1 import task_service_pb2 as tpb
 
 
 class Counter:
@@ -47,29 +50,63 @@ def test_a_count_read_lower_again_does_not_go_back():
 
 
 def test_frames_finished_while_the_camera_is_quiet_are_stamped_then_not_at_its_next_frame():
-    finished, in_flight, stop = Counter(), [True], threading.Event()
+    finished, stop = Counter(), threading.Event()
     clock = FinishedClock(finished)
-    follower = threading.Thread(target=clock.follow, args=(lambda: in_flight[0], stop), daemon=True)
+    follower = threading.Thread(target=clock.follow, args=(lambda: 3, stop), daemon=True)  # frames 0-3 in flight
     follower.start()
     try:
         time.sleep(0.2)
         finished.count = 4
         done = time.monotonic()
-        time.sleep(1.5)  # the camera is quiet: the reader looks again only at its next frame
+        time.sleep(2.0)  # the camera is quiet: the reader looks again only at its next frame
         assert clock.look() == 4
-        assert clock.finished_at(3) - done < 0.5, "stamped when the reader looked, not when the frames finished"
+        assert clock.finished_at(3) - done < 1.0, "stamped when the reader looked, not when the frames finished"
     finally:
         stop.set()
         follower.join(2)
     assert not follower.is_alive()
 
 
-def test_nothing_in_flight_is_not_looked_at():
-    finished, stop = Counter(), threading.Event()
+def test_the_follower_does_not_look_with_nothing_in_flight_or_all_of_it_seen():
+    finished, stop, newest = Counter(), threading.Event(), [None]
     clock = FinishedClock(finished)
-    follower = threading.Thread(target=clock.follow, args=(lambda: False, stop), daemon=True)
+    follower = threading.Thread(target=clock.follow, args=(lambda: newest[0], stop), daemon=True)
     follower.start()
-    time.sleep(5 * FINISHED_LOOK_S)
-    stop.set()
-    follower.join(2)
-    assert finished.asked == 0
+    try:
+        time.sleep(5 * FINISHED_EVERY_S)
+        assert finished.asked == 0  # nothing in flight
+        finished.count, newest[0] = 3, 2
+        wait = time.monotonic() + 5
+        while clock.count < 3 and time.monotonic() < wait:
+            time.sleep(0.01)
+        assert clock.count == 3
+        asked = finished.asked
+        time.sleep(5 * FINISHED_EVERY_S)
+        assert finished.asked == asked  # frames 0-2 are all seen finished: no more looks
+    finally:
+        stop.set()
+        follower.join(2)
+
+
+def test_a_live_reader_counts_the_lag_to_when_annotate_finished_not_to_its_cameras_next_frame():
+    """The reader's own lag, with its follower started by run(): no camera answers (it tries again with
+    back-off, as for a camera gone quiet) while the one frame in flight is finished."""
+    finished = Counter()
+    reader = LiveSource(tpb.Task(task_id="t1", video=tpb.VideoInfo(fps=25.0)), Source.of("rtsp://127.0.0.1:9/none"),
+                        tpb.RTSP_TRANSPORT_TCP, {"bootstrap.servers": "127.0.0.1:9"}, 1,
+                        LiveConfig(outage_s=60.0, connect_timeout_s=1.0), annotated=finished,
+                        on_status=lambda *_: None, on_end=lambda *_: None)
+    arrived = time.monotonic()
+    reader.arrivals.append((0, arrived))
+    reader.index = 1
+    reader.start()
+    try:
+        time.sleep(0.3)
+        finished.count = 1
+        time.sleep(2.0)
+        reader._follow_the_mesh(time.monotonic())  # what the camera's next frame does first
+        assert reader.status.lag_s < 1.0, f"the lag read {reader.status.lag_s:.2f} s for a frame finished after 0.3 s"
+    finally:
+        reader.detach()  # leaves the (empty) stream open: nothing to flush
+        reader.join(10)
+    assert not reader.is_alive()
