@@ -203,12 +203,15 @@ class PublishingCamera:
         self.error = ""  # why publishing stopped early (the server closed the connection, say): "" when it did not
         self.quiet_s = 0.0
         self.quiet_spans: list[tuple[float, float]] = []  # (start, end) in time.time() of each quiet spell
+        # How far the camera itself fell behind at once, in seconds, each time it fell more than half a second
+        # behind (its thread got no CPU, or the server took no packets): silences a reader sees that are not its own.
+        self.stalls: list[float] = []
 
     def start(self) -> PublishingCamera:
         import threading
 
         self.stopping = threading.Event()
-        self.published, self.error = 0, ""
+        self.published, self.error, self.stalls = 0, "", []
         self.thread = threading.Thread(target=self._publish_or_say_why, args=(self.stopping,), daemon=True)
         self.thread.start()
         return self
@@ -225,11 +228,14 @@ class PublishingCamera:
         with av.open(str(self.clip)) as src, av.open(self.url, "w", format="rtsp",
                                                      options={"rtsp_transport": "tcp"}) as out:
             stream = out.add_stream_from_template(src.streams.video[0])
-            t0, first, loop = time.monotonic(), self.packets[0].pts, 0
+            t0, first, loop, behind = time.monotonic(), self.packets[0].pts, 0, 0.0
             while not stopping.is_set() and (self.loops is None or loop < self.loops):
                 for packet in self.packets:
                     pts = packet.pts - first + loop * self.span
                     delay = t0 + float(pts * self.time_base) - time.monotonic()
+                    if -delay - behind > 0.5:
+                        self.stalls.append(round(-delay - behind, 2))
+                    behind = max(-delay, 0.0)
                     if stopping.wait(max(delay, 0.0)):
                         return
                     if self.quiet_s:

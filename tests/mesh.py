@@ -449,28 +449,30 @@ class Mesh:
                 merged.append((start, end))
         return merged
 
-    def lags_over_bound(self, lags: list[tuple[float, float, int]], started: float, bound: float,
-                        slack: float = 0.5) -> list[tuple[float, float, int]]:
-        """Of a live task's lag readings ((seconds after `started`, lag, frames received)), those over `bound` +
+    def lags_over_bound(self, lags: list[tuple], started: float, bound: float, slack: float = 0.5) -> list[tuple]:
+        """Of a live task's lag readings ((seconds after `started`, lag, ...)), those over `bound` +
         `slack` by more than a rebalance explains. While the stages rebalance they fetch nothing, so the frames in
         flight come out later by that long (a second on the local broker: README, "Bounded lag"); that allowance
         holds from the rebalance's start until `bound` after its end, when the frames that waited have come out, and
         is at most REBALANCE_ALLOWANCE_S: rebalances grown slower are a regression to see, not to allow for."""
         spans = self.rebalances(started)
         over = []
-        for t, lag, received in lags:
+        for reading in lags:
+            t, lag = reading[:2]
             at = started + t
             stall = max((end - start for start, end in spans if start <= at <= end + bound), default=0.0)
             if lag > bound + slack + min(stall, REBALANCE_ALLOWANCE_S):
-                over.append((t, lag, received))
+                over.append(reading)
         return over
 
-    def lag_report(self, lags: list[tuple[float, float, int]], over: list, started: float, camera, *words: str) -> str:
+    def lag_report(self, lags: list[tuple], over: list, started: float, camera, *words: str) -> str:
         """What a live lag test says when the lag went over its bound: the readings (seconds after `started`, lag,
-        frames received: a count that stands still is a camera that sent nothing), what the camera sent, and the
-        processes' log lines containing any of `words`."""
-        return "\n".join([f"over the bound: {over}", f"(seconds after the start, lag, frames received): {lags}",
-                          f"the camera sent {camera.published} packets {camera.error}",
+        frames the reader received, packets the camera had sent by then: received standing still while sent grows
+        is a reader that read nothing; both standing still, a camera that sent nothing), and the processes' log
+        lines containing any of `words`."""
+        return "\n".join([f"over the bound: {over}",
+                          f"(seconds after the start, lag, frames received, packets sent): {lags}",
+                          f"the camera sent {camera.published} packets, stalled {camera.stalls} s {camera.error}",
                           *self.log_lines(started, *words)])
 
     def results(self, task_id: str) -> tuple[list[dict], bytes]:

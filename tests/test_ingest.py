@@ -241,14 +241,15 @@ def test_a_camera_read_by_an_ingest_replica_is_thinned_to_keep_the_lag_bounded(m
         holder = holder or _reading_camera(mesh, task.task_id)
         if snapshot.live.frames_received and snapshot.progress and snapshot.progress[-1].frames_done:
             # once the mesh took it on
-            lags.append((round(time.time() - started, 1), round(snapshot.live.lag_s, 2), snapshot.live.frames_received))
+            lags.append((round(time.time() - started, 1), round(snapshot.live.lag_s, 2), snapshot.live.frames_received,
+                         camera.published))
     camera.stop()
     assert snapshot.state == tpb.TASK_STATE_COMPLETED and "ended" in snapshot.error_message, snapshot.error_message
     live = snapshot.live
     # A rebalance of the stages stops the mesh for a second or more, and the lag grows by that long (CI run 75
     # saw 3.48 s once, which needs at least 0.98 s of it: the rebalances log 1.00-1.05 s). Over the bound by more
-    # than that, it says when (seconds after the start, lag, frames received by then) and what the processes did
-    # meanwhile.
+    # than that, it says when (seconds after the start, lag, frames received and packets sent by then) and what the
+    # processes did meanwhile.
     over = mesh.lags_over_bound(lags, started, MAX_LAG_S)
     assert live.frames_dropped > 0 and lags and not over, f"{live}\n" + mesh.lag_report(
         lags, over, started, camera, "reading", "rebalanced", "new Kafka clients", "ingest partitions", "took",
