@@ -116,7 +116,8 @@ class FinishedSoFar:
         self.count, self.away = 0, False
 
     def __call__(self) -> int:
-        """(A live task's count is asked from two threads: its reader's and its follower's, mesh/live.py.)"""
+        # A live task's count is asked from two threads (its reader's and its follower's, mesh/live.py): the count
+        # read is returned, and the one kept for when the store does not answer never goes back.
         try:
             count = self.store.frames_done(self.task_id, LAST_STAGE)
         except Exception:  # noqa: BLE001 - see above

@@ -320,7 +320,8 @@ class LiveSource(threading.Thread):
         self._publish_status()
 
     def _newest_in_flight(self) -> int | None:
-        """The newest frame sent and not yet seen finished (None: none), asked from the follower's thread."""
+        """The newest frame sent that the reader has not seen finished yet (None: none), asked from the follower's
+        thread."""
         try:
             return self.arrivals[-1][0]
         except IndexError:

@@ -204,7 +204,7 @@ class PublishingCamera:
         self.quiet_s = 0.0
         self.quiet_spans: list[tuple[float, float]] = []  # (start, end) in time.time() of each quiet spell
         # How far the camera itself fell behind at once, in seconds, each time it fell more than half a second
-        # behind (its thread got no CPU, or the server took no packets): silences a reader sees that are not its own.
+        # behind (its thread got no CPU, or the server took no packets): silences that are the camera's, not the mesh's.
         self.stalls: list[float] = []
 
     def start(self) -> PublishingCamera:
