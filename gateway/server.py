@@ -39,7 +39,7 @@ from posemesh.gateway.sources import Source, SourcePolicy
 from posemesh.gateway.store import TaskStore
 from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.webhooks import WebhookPolicy, WebhookSender
-from posemesh.mesh import kafka, tracing
+from posemesh.mesh import kafka, pauses, tracing
 from posemesh.mesh.at_rest import KeyFileError, SecretBox, private_dir
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
@@ -304,6 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                "  POSEMESH_GATEWAY_METRICS_PORT  Prometheus metrics (0: off)")
     parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s gateway %(levelname)s %(message)s")
+    pauses.start()
     faulthandler.enable(all_threads=True)  # a fatal signal on a Python thread says where it was
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # and a gateway that seems stuck, on demand
     tracing.setup("posemesh-gateway")

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 
-from posemesh.mesh import tracing
+from posemesh.mesh import pauses, tracing
 from posemesh.mesh.pipeline import INGEST, SPECS, WORKER_NAMES
 from posemesh.mesh.settings import Settings
 
@@ -60,6 +60,7 @@ def serve(name: str, control_port: int, metrics_port: int) -> None:
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.stage} %(levelname)s %(message)s")
+    pauses.start()
     serve(args.stage, args.control_port, args.metrics_port)
     # The worker has left its group, flushed its outputs and said goodbye: exit without the interpreter's
     # teardown, whose garbage collection destroys the Kafka clients, and a destroy can wait on librdkafka's

@@ -45,6 +45,8 @@ SILENT_LIMIT_S = 120.0
 # whole line in its log file, stamped when the rebalance ended.
 REBALANCED = re.compile(r"rebalanced in ([0-9.]+) s")
 REBALANCED_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ INFO " + REBALANCED.pattern)
+# What a process logs when nothing of it ran for a while (posemesh.mesh.pauses), with how long, stamped at its end.
+PAUSED_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \S+ WARNING paused for ([0-9.]+) s")
 # The most of a live task's lag that rebalances may explain: each takes 1.0-1.05 s on the local broker, and a stage
 # that subscribed again while joining, or rebalances of two stages that follow each other, about 2 s.
 REBALANCE_ALLOWANCE_S = 2.0
@@ -433,10 +435,17 @@ class Mesh:
         """When the stages' consumer groups stopped fetching to rebalance, from `since` (time.time()) on: (start,
         end) spans in time.time() seconds, overlapping ones merged (a frame held up by one stage's rebalance can
         reach the next while that one rebalances: the stalls add up)."""
+        return self._logged_spans(since, REBALANCED_LINE)
+
+    def pauses(self, since: float) -> list[tuple[float, float]]:
+        """When a process of the mesh (the gateway, a worker) ran nothing, from `since` on, as `rebalances`."""
+        return self._logged_spans(since, PAUSED_LINE)
+
+    def _logged_spans(self, since: float, pattern: re.Pattern) -> list[tuple[float, float]]:
         spans = []
         for path in self.logs.glob("*.log"):
             for line in path.read_text(errors="replace").splitlines():
-                found = REBALANCED_LINE.match(line)
+                found = pattern.match(line)
                 if found:
                     end = datetime.datetime.strptime(found[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()
                     if end >= since:
@@ -454,14 +463,17 @@ class Mesh:
         `slack` by more than a rebalance explains. While the stages rebalance they fetch nothing, so the frames in
         flight come out later by that long (a second on the local broker: README, "Bounded lag"); that allowance
         holds from the rebalance's start until `bound` after its end, when the frames that waited have come out, and
-        is at most REBALANCE_ALLOWANCE_S: rebalances grown slower are a regression to see, not to allow for."""
-        spans = self.rebalances(started)
+        is at most REBALANCE_ALLOWANCE_S: rebalances grown slower are a regression to see, not to allow for. A pause
+        of a process of the mesh (nothing of it ran: a loaded host) is allowed for in the same way, as long as it was.
+        """
+        rebalances, pauses = self.rebalances(started), self.pauses(started)
         over = []
         for reading in lags:
             t, lag = reading[:2]
             at = started + t
-            stall = max((end - start for start, end in spans if start <= at <= end + bound), default=0.0)
-            if lag > bound + slack + min(stall, REBALANCE_ALLOWANCE_S):
+            stall = max((end - start for start, end in rebalances if start <= at <= end + bound), default=0.0)
+            paused = max((end - start for start, end in pauses if start <= at <= end + bound), default=0.0)
+            if lag > bound + slack + min(stall, REBALANCE_ALLOWANCE_S) + paused:
                 over.append(reading)
         return over
 

@@ -181,7 +181,7 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
     for stage in ("ingest", "detect", "pose", "track", "annotate") if ingest == "stage" else \
             ("detect", "pose", "track", "annotate"):
         workers.start(stage)
-    annotate = next(proc for stage, _port, proc in workers.procs if stage == "annotate")
+    annotate, annotate_port = next((proc, port) for stage, port, proc in workers.procs if stage == "annotate")
     try:
         workers.wait_healthy()
         clip = make_clip(media("vtest_opencv_480x360.mp4"), tmp_path / "vtest80.mp4", 80)
@@ -193,6 +193,7 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
 
         wait_for(lambda: done().get("annotate", 0) >= 1, 120, 0.02, "annotate's first frame")
         annotate.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
         try:
             settled, deadline = done(), time.monotonic() + 30
             while time.monotonic() < deadline:  # until the counts stop moving for 2 s
@@ -200,6 +201,7 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
                 now, settled = settled, done()
                 if now == settled:
                     break
+            time.sleep(max(0.0, stopped + 3.0 - time.monotonic()))  # a pause its monitor cannot miss (below)
         finally:
             annotate.send_signal(signal.SIGCONT)
         # Detect takes what goes in (decode's own count is reported every 10 frames). The producer looks at
@@ -210,5 +212,7 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
         assert finished.state == tpb.TASK_STATE_COMPLETED, finished.error_message
         lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
         assert [json.loads(line)["index"] for line in lines] == list(range(80))
+        # And the worker said it was paused, once it ran again (posemesh.mesh.pauses).
+        assert "WARNING paused for" in (tmp_path / f"annotate-{annotate_port}.log").read_text(errors="replace")
     finally:
         workers.stop()

@@ -1,0 +1,55 @@
+"""A process that was paused says so in its log (posemesh.mesh.pauses), and the live lag tests allow a logged pause
+of a mesh process as long as it was (tests/mesh.py `lags_over_bound`). The pause is real: a process stopped with
+SIGSTOP and continued."""
+
+from __future__ import annotations
+
+import datetime
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from tests.mesh import Mesh
+
+WATCHED = ("import logging, time\n"
+           "logging.basicConfig(level=logging.INFO, format='%(asctime)s test %(levelname)s %(message)s')\n"
+           "from posemesh.mesh import pauses\n"
+           "pauses.start()\n"
+           "print('ready', flush=True)\n"
+           "time.sleep(60)\n")
+
+
+def test_a_process_stopped_for_a_while_logs_the_pause_when_it_runs_again():
+    proc = subprocess.Popen([sys.executable, "-c", WATCHED], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(3.0)
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(1.5)
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=10)
+    paused = [float(s) for s in re.findall(r" WARNING paused for ([0-9.]+) s: nothing of this process ran", err)]
+    # Stopped 3 s, a part of its 1 s sleep still to go: late by 2-3 s (more on a loaded machine, never less).
+    assert any(1.9 < p < 4.5 for p in paused), err
+
+
+def stamp(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:23]
+
+
+def test_a_logged_pause_of_a_mesh_process_explains_as_much_lag(tmp_path):
+    mesh = Mesh.__new__(Mesh)  # its logs only: no process is started
+    mesh.logs = tmp_path
+    started = time.time() - 100
+    (tmp_path / "gateway.log").write_text(
+        f"{stamp(started + 10)} gateway WARNING paused for 3.00 s: nothing of this process ran (...)\n"
+        f"{stamp(started + 20)} gateway INFO something else\n")
+    readings = [(9.0, 4.9), (11.0, 5.6), (11.5, 5.0), (12.5, 4.0), (13.0, 2.4), (30.0, 2.6)]
+    # The pause ran 7-10 s: until the bound (2 s) after it, 2 + 0.5 + 3 s are allowed (9 and 11.5 s), not more (11 s);
+    # after that, and away from it, the bound + slack (12.5 and 30 s over, 13 s under).
+    assert mesh.lags_over_bound(readings, started, 2.0) == [(11.0, 5.6), (12.5, 4.0), (30.0, 2.6)]
