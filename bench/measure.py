@@ -66,6 +66,30 @@ def tree_cpu(pid: int) -> float:
     return _tree_sum(pid, _cpu)
 
 
+def wakeups(pid: int) -> int:
+    """Context switches so far of every thread of one process: how often it was put on a CPU. Each costs the
+    kernel (and, in a VM, the host) a fixed price that varies with the host's load, so an idle process's CPU
+    follows its wake-ups, and wake-ups compare across hours where CPU does not (bench/README.md, idle.py)."""
+    total = 0
+    try:
+        threads = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return 0
+    for thread in threads:
+        try:
+            for line in (thread / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+        except OSError:  # the thread ended meanwhile
+            continue
+    return total
+
+
+def tree_wakeups(pid: int) -> float:
+    """Context switches so far of a process and every live descendant (see wakeups)."""
+    return _tree_sum(pid, wakeups)
+
+
 def tree_rss(pid: int) -> float:
     """Resident MB of a process and every live descendant."""
     return _tree_sum(pid, rss_mb)

@@ -135,7 +135,11 @@ class ControlFollower(threading.Thread):
         read_to = 0
         quiet_since = time.monotonic()
         while self.running.is_set():
-            msg = consumer.poll(0.1)
+            # A record ends the poll at once, so the timeout is only how often the loop looks at the rest: the
+            # end of the replay while catching up, then the next incarnation check (ten wake-ups a second of
+            # every idle worker were polls that found nothing).
+            next_check = checked + CHECK_EVERY_S - time.monotonic()
+            msg = consumer.poll(0.1 if not self.caught_up.is_set() else min(CHECK_EVERY_S, max(0.05, next_check)))
             if msg is None and not self.caught_up.is_set():
                 end = end if end is not None else self._end_offset(consumer)
                 # The local broker's high watermark is the start of the last batch, which one fetch

@@ -110,3 +110,61 @@ def test_the_uncompacted_history_with_its_tombstones_gives_the_same_state(tmp_pa
     check_state(replayed(records, tmp_path / "full"), ids)
     compacted_keeping_tombstones = compact(records, drop_tombstones=False)
     check_state(replayed(compacted_keeping_tombstones, tmp_path / "tombstones"), ids)
+
+
+class CountedPolls:
+    """A real consumer whose polls are counted (nothing else about it changes)."""
+
+    def __init__(self, consumer):
+        self.consumer, self.polls = consumer, 0
+
+    def poll(self, timeout):
+        self.polls += 1
+        return self.consumer.poll(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.consumer, name)
+
+
+def test_a_caught_up_follower_polls_once_a_second_and_still_hears_a_start_at_once(tmp_path):
+    """An idle worker's follower used to wake ten times a second for polls that found nothing. A poll ends at the
+    first record, so its timeout can run to the next incarnation check without delaying any event."""
+    from posemesh.stages.control import CHECK_EVERY_S, ControlFollower
+
+    class Counted(ControlFollower):
+        counted: CountedPolls | None = None
+
+        def _follow(self, consumer, admin, incarnation):
+            self.counted = CountedPolls(consumer)
+            return super()._follow(self.counted, admin, incarnation)
+
+    with LocalBroker(log_path=tmp_path / "tansu.log") as broker:
+        settings = make_settings(broker, tmp_path)
+        kafka.ensure_shared_topics(settings)
+        producer = Producer({"bootstrap.servers": broker.bootstrap})
+        follower = Counted(settings, "idle-polls-test")
+        follower.start()
+        try:
+            assert follower.caught_up.wait(20), "the replay never reached the end of posemesh.control"
+            polls, t0 = follower.counted.polls, time.monotonic()
+            time.sleep(4 * CHECK_EVERY_S)
+            rate = (follower.counted.polls - polls) / (time.monotonic() - t0)
+            assert rate <= 2.0 / CHECK_EVERY_S, f"{rate:.1f} polls a second while nothing happens"
+            heard = []
+            for n in range(3):
+                time.sleep(0.37 * CHECK_EVERY_S)  # somewhere inside a poll's wait
+                task_id = f"started{n}{time.time_ns():x}"[:24]
+                event = pb.ControlEvent(task_id=task_id, started=pb.TaskStarted(epoch=1))
+                for key, value in kafka.control_records(event):
+                    producer.produce(kafka.CONTROL_TOPIC, value, key=key)
+                sent = time.monotonic()
+                assert producer.flush(10) == 0
+                while follower.started(task_id) is None and time.monotonic() - sent < 10:
+                    time.sleep(0.01)
+                heard.append(time.monotonic() - sent)
+            # The followers' fetch wait (kafka.FOLLOWER_FETCH_WAIT_MS, 0.25 s) and a margin; a start waiting out the
+            # poll's timeout would be heard up to CHECK_EVERY_S later.
+            assert sorted(heard)[1] < 0.6 * CHECK_EVERY_S, f"TaskStarted heard after {heard} s"
+        finally:
+            follower.stop()
+            follower.join(5)
