@@ -89,5 +89,6 @@ def table(runs: dict[str, dict[str, float]], cell: str, total) -> None:
         print(f"| {name} | " + " | ".join(cell.format(r[name]) for r in runs.values()) + " |")
     print("| **all** | " + " | ".join(total(sum(r.values())) for r in runs.values()) + " |")
 
+
 if __name__ == "__main__":
     main()

@@ -133,8 +133,8 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
 # metadata refresh, which the local stack runs every 500 ms for the clients that do (a memory-only broker that
 # lost its topics: the gateway's producers, group members subscribing to topics as they are made). A broker that
 # lost its data is found by the incarnation checks (ControlFollower, the gateway's BrokerWatch), which replace
-# these clients; a partition that moved shows as a fetch error, which makes librdkafka refresh at once. About 20
-# of an idle local stack's 78 requests a second (bench/broker_requests.py).
+# these clients; a partition that moved shows as a fetch error, which makes librdkafka refresh at once. Each such
+# client asks the local broker two requests a second less (bench/broker_requests.py).
 QUIET_METADATA = {"topic.metadata.refresh.interval.ms": 10_000}
 
 

@@ -136,8 +136,8 @@ class ControlFollower(threading.Thread):
         quiet_since = time.monotonic()
         while self.running.is_set():
             # A record ends the poll at once, so the timeout is only how often the loop looks at the rest: the
-            # end of the replay while catching up, then the next incarnation check (ten wake-ups a second of
-            # every idle worker were polls that found nothing).
+            # end of the replay while catching up, then the next incarnation check (an idle worker polled ten
+            # times a second, finding nothing).
             next_check = checked + CHECK_EVERY_S - time.monotonic()
             msg = consumer.poll(0.1 if not self.caught_up.is_set() else min(CHECK_EVERY_S, max(0.05, next_check)))
             if msg is None and not self.caught_up.is_set():

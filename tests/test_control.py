@@ -127,8 +127,8 @@ class CountedPolls:
 
 
 def test_a_caught_up_follower_polls_once_a_second_and_still_hears_a_start_at_once(tmp_path):
-    """An idle worker's follower used to wake ten times a second for polls that found nothing. A poll ends at the
-    first record, so its timeout can run to the next incarnation check without delaying any event."""
+    """An idle worker's follower used to poll ten times a second, finding nothing. A poll ends at the first record,
+    so its timeout can run to the next incarnation check without delaying any event."""
     from posemesh.stages.control import CHECK_EVERY_S, ControlFollower
 
     class Counted(ControlFollower):
