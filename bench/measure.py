@@ -69,7 +69,8 @@ def tree_cpu(pid: int) -> float:
 def wakeups(pid: int) -> int:
     """Context switches so far of every thread of one process: how often it was put on a CPU. Each costs the
     kernel (and, in a VM, the host) a fixed price that varies with the host's load, so an idle process's CPU
-    follows its wake-ups, and wake-ups compare across hours where CPU does not (bench/README.md, idle.py)."""
+    follows its wake-ups, and wake-ups compare across hours where CPU does not (bench/README.md, idle.py). Only
+    live threads count: a thread that ends between two readings takes its switches with it (none on an idle stack)."""
     total = 0
     try:
         threads = list(Path(f"/proc/{pid}/task").iterdir())

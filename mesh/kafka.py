@@ -129,7 +129,7 @@ def consumer_config(settings: Settings, group_id: str, client_id: str) -> dict:
 
 # Clients that assign the partitions they read (the control and events followers, the pixel readers), the ingest
 # replicas' group on posemesh.ingest (its partitions never change), admin clients (whose calls ask the broker
-# each time) and the stage workers' producers (see Worker._open_kafka) learn nothing they need from the periodic
+# each time) and the stage workers' producers (see StageWorker._open_kafka) learn nothing they need from the periodic
 # metadata refresh, which the local stack runs every 500 ms for the clients that do (a memory-only broker that
 # lost its topics: the gateway's producers, group members subscribing to topics as they are made). A broker that
 # lost its data is found by the incarnation checks (ControlFollower, the gateway's BrokerWatch), which replace

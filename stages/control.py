@@ -138,7 +138,9 @@ class ControlFollower(threading.Thread):
             # A record ends the poll at once, so the timeout is only how often the loop looks at the rest: the
             # end of the replay while catching up, then the next incarnation check (an idle worker polled ten
             # times a second, finding nothing).
-            next_check = checked + CHECK_EVERY_S - time.monotonic()
+            # (A few ms past the check's time: the client rounds a timeout down to whole milliseconds, and a poll
+            # ending just short of it made a second, 50 ms poll before every check.)
+            next_check = checked + CHECK_EVERY_S - time.monotonic() + 0.005
             msg = consumer.poll(0.1 if not self.caught_up.is_set() else min(CHECK_EVERY_S, max(0.05, next_check)))
             if msg is None and not self.caught_up.is_set():
                 end = end if end is not None else self._end_offset(consumer)

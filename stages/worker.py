@@ -209,9 +209,10 @@ class StageWorker:
         if self.control.incarnation is None:
             raise RuntimeError("the consumer group is named after the broker's incarnation, not known yet")
         self.generation = self.control.generation
-        # A worker writes only to topics the gateway made before the task's TaskStarted (a topic not in the
-        # producer's metadata yet is looked up at once), and its reset replaces the producer when the broker
-        # lost its data: the periodic metadata refresh tells it nothing (kafka.QUIET_METADATA).
+        # A worker writes only to topics made before it writes to them: a task's pipeline topics before its
+        # TaskStarted, its live topic before the ViewersChanged that asks for live frames, the shared ones at
+        # start-up (a topic not in the producer's metadata yet is looked up at once). Its reset replaces the
+        # producer when the broker lost its data: the periodic metadata refresh tells it nothing.
         self.producer = Producer({**kafka.producer_config(self.settings, self.worker_id), **kafka.QUIET_METADATA,
                                   "error_cb": lambda err: log.warning("producer: %s", err)})
         # A Sender per producer: the late delivery errors of a producer replaced by a reset stay with it.

@@ -149,7 +149,7 @@ def test_a_caught_up_follower_polls_once_a_second_and_still_hears_a_start_at_onc
             polls, t0 = follower.counted.polls, time.monotonic()
             time.sleep(4 * CHECK_EVERY_S)
             rate = (follower.counted.polls - polls) / (time.monotonic() - t0)
-            assert rate <= 2.0 / CHECK_EVERY_S, f"{rate:.1f} polls a second while nothing happens"
+            assert rate <= 1.5 / CHECK_EVERY_S, f"{rate:.1f} polls a second while nothing happens"
             heard = []
             for n in range(3):
                 time.sleep(0.37 * CHECK_EVERY_S)  # somewhere inside a poll's wait
