@@ -467,13 +467,16 @@ class Mesh:
         of a process of the mesh (nothing of it ran: a loaded host) is allowed for in the same way, as long as it was.
         """
         rebalances, pauses = self.rebalances(started), self.pauses(started)
+
+        def longest_around(spans: list[tuple[float, float]], at: float) -> float:
+            return max((end - start for start, end in spans if start <= at <= end + bound), default=0.0)
+
         over = []
         for reading in lags:
             t, lag = reading[:2]
             at = started + t
-            stall = max((end - start for start, end in rebalances if start <= at <= end + bound), default=0.0)
-            paused = max((end - start for start, end in pauses if start <= at <= end + bound), default=0.0)
-            if lag > bound + slack + min(stall, REBALANCE_ALLOWANCE_S) + paused:
+            allowance = min(longest_around(rebalances, at), REBALANCE_ALLOWANCE_S) + longest_around(pauses, at)
+            if lag > bound + slack + allowance:
                 over.append(reading)
         return over
 

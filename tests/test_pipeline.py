@@ -18,6 +18,7 @@ from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import Workers, auth, media
 from tests.helpers import make_clip, topics, upload, wait_for, wait_state
+from tests.mesh import PAUSED_LINE
 
 
 def download(stub, task_id: str, kind: int) -> bytes:
@@ -213,6 +214,6 @@ def test_decoding_stays_a_window_ahead_of_the_last_stage_not_the_first(broker, t
         lines = download(gw.stub, task.task_id, tpb.ARTIFACT_KIND_KEYPOINTS).decode().splitlines()
         assert [json.loads(line)["index"] for line in lines] == list(range(80))
         # And the worker said it was paused, once it ran again (posemesh.mesh.pauses).
-        assert "WARNING paused for" in (tmp_path / f"annotate-{annotate_port}.log").read_text(errors="replace")
+        assert PAUSED_LINE.search((tmp_path / f"annotate-{annotate_port}.log").read_text(errors="replace"))
     finally:
         workers.stop()
