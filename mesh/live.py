@@ -141,15 +141,18 @@ class FinishedClock:
                 self.seen.popleft()
             return self.seen[0][1]
 
-    def follow(self, waiting_for, stop: threading.Event) -> None:
+    def follow(self, waiting_for, stop: threading.Event, looked=None) -> None:
         """Until `stop` is set (on a thread beside the reader's): look whenever the reader has not looked for
-        FINISHED_EVERY_S while frames are in flight (`waiting_for()`: the newest index sent, or None)."""
+        FINISHED_EVERY_S while frames are in flight (`waiting_for()`: the newest index sent, or None), and hand
+        the count to `looked(count)` when given."""
         while not stop.wait(FINISHED_EVERY_S):
             newest = waiting_for()
             if newest is None or newest < self.count or time.monotonic() - self.looked_at < FINISHED_EVERY_S:
                 continue
             try:
-                self.look()
+                count = self.look()
+                if looked is not None:
+                    looked(count)
             except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
                 log.debug("looking at the finished frames failed", exc_info=True)
 
@@ -193,6 +196,10 @@ class LiveSource(threading.Thread):
         self.done = 0
         self.first_arrival: float | None = None
         self.sender = kafka.Sender(self.producer)
+        # The reader's thread follows the mesh at each camera frame, the follower's while the camera is quiet
+        # and until the frames let in are out (`_follow_between_frames`): the window, the latency and the status are
+        # changed by one at a time.
+        self.lock = threading.RLock()
 
     # ------------------------------------------------------------------ the loop
 
@@ -200,9 +207,11 @@ class LiveSource(threading.Thread):
         state, message = tpb.TASK_STATE_FAILED, ""
         read = threading.Event()
         try:
-            threading.Thread(target=self.finished.follow, args=(self._newest_in_flight, read),
+            threading.Thread(target=self.finished.follow,
+                             args=(self._newest_in_flight, read, self._follow_between_frames),
                              name=f"finished-{self.task.task_id[:12]}", daemon=True).start()
             state, message = self._read()
+            self._wait_for_the_frames_in_flight()
         except Exception as exc:  # the task ends with the reason; its reader's process goes on
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
@@ -293,6 +302,10 @@ class LiveSource(threading.Thread):
     # ------------------------------------------------------------------ one frame
 
     def _frame(self, frame: av.VideoFrame, arrived: float) -> None:
+        with self.lock:
+            self._take(frame, arrived)
+
+    def _take(self, frame: av.VideoFrame, arrived: float) -> None:
         self.status.frames_received += 1
         if frame.width * frame.height > self.config.limits.max_frame_pixels:
             self.config.limits.check_size(frame.width, frame.height)
@@ -327,9 +340,22 @@ class LiveSource(threading.Thread):
         except IndexError:
             return None
 
-    def _follow_the_mesh(self, now: float) -> None:
-        """What the annotate stage has finished, each frame's latency, and the window that follows."""
-        done = self.finished.look()
+    def _follow_between_frames(self, done: int) -> None:
+        """A look (`done` finished) while the camera sends nothing, or after its end: the frames finished
+        meanwhile count in the lag and the window now, and the status says so (at once when none is left in
+        flight: the last word). Skipped when the lock is not free soon (a reader's call that hangs)."""
+        if not self.lock.acquire(timeout=FINISHED_EVERY_S):
+            return
+        try:
+            self._follow_the_mesh(time.monotonic(), done)
+            self._publish_status(force=not self.arrivals)
+        finally:
+            self.lock.release()
+
+    def _follow_the_mesh(self, now: float, done: int | None = None) -> None:
+        """What the annotate stage has finished (`done`, or looked at now), each frame's latency, and the window
+        that follows."""
+        done = self.finished.look() if done is None else done
         bound = self.config.max_lag_s
         while self.arrivals and self.arrivals[0][0] < done:
             index, arrived = self.arrivals.popleft()
@@ -367,10 +393,27 @@ class LiveSource(threading.Thread):
         self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.config.partitions))
 
     def _publish_status(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - getattr(self, "_status_at", 0.0) >= STATUS_EVERY_S:
-            self._status_at = now
-            self.on_status(self.status, self.index)
+        with self.lock:
+            now = time.monotonic()
+            if force or now - getattr(self, "_status_at", 0.0) >= STATUS_EVERY_S:
+                self._status_at = now
+                self.on_status(self.status, self.index)
+
+    def _wait_for_the_frames_in_flight(self) -> None:
+        """Once the camera is done (ended, gone or stopped): the frames let in come out before the end of stream
+        goes out, so the status's last lag is theirs (written before the task can complete), at no cost to the
+        task, which ends only once annotate has them. Not for a detached reader (the stream goes on elsewhere),
+        nor once the oldest of them has waited twice the lag bound: a mesh that slow is stalled (or there is
+        none), and the end of stream goes out anyway."""
+        while not self.detached.is_set():
+            try:
+                oldest = self.arrivals[0][1]
+            except IndexError:
+                return  # all out
+            if time.monotonic() - oldest > 2 * self.config.max_lag_s:
+                return
+            time.sleep(FINISHED_EVERY_S)
+            self._follow_between_frames(self.finished.look())
 
     # ------------------------------------------------------------------ the end
 
@@ -378,7 +421,7 @@ class LiveSource(threading.Thread):
         """Close the stream for the stages (end-of-stream with the count of frames that went in); the task
         ends with `state` once annotate reports its results. An ingest replica tells the gateway how the task
         ends first (`on_closing`): its results, which the end of stream lets annotate make, come after that."""
-        self.on_status(self.status, self.index)
+        self._publish_status(force=True)
         if self.on_closing is not None:
             self.on_closing(state, message, self.index)
         record = records.end_of_stream_record(self.task.task_id, self.task.options, self.epoch, self.index,
