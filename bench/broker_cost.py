@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/broker_cost.py                 # about 6 minutes
     .venv/bin/python bench/broker_cost.py --only idle     # part 3 alone, about a minute
+    .venv/bin/python bench/broker_cost.py --only stale    # part 4 alone, about 2 minutes
 
 On a broker of its own (devstack's LocalBroker), with the mesh's own client settings (mesh/kafka.py):
 
@@ -15,6 +16,12 @@ On a broker of its own (devstack's LocalBroker), with the mesh's own client sett
    then left open: what a producer leaked by its own delivery callbacks cost (mesh/kafka.py's Sender,
    until December 2026). Each refreshes its metadata every topic.metadata.refresh.interval.ms (the mesh's
    500 ms). Printed: the broker's CPU, % of one core, for 0, 25 and 100 of them.
+4. **Per deleted topic a producer once wrote to** (`--only stale`): one producer with a stage worker's settings
+   (a 10 s metadata refresh) that wrote a record to each of 0, 1000 or 5000 topics, deleted since. librdkafka
+   asks about every topic a producer ever wrote to for as long as it lives, and a worker writes one or two a
+   task: what a worker's producer would cost after that many tasks, had it not been replaced
+   (POSEMESH_PRODUCER_TOPICS_MAX, stages/worker.py). Printed: the broker's CPU and this process's (the
+   producer's own threads), % of one core, over 30 s.
 
 Process CPU of the broker from /proc (utime + stime). One run each: compare within a table.
 """
@@ -140,6 +147,8 @@ def main() -> None:
         admin = AdminClient({"bootstrap.servers": broker.bootstrap})
         if only == "idle":
             return print_idle_producers(broker, settings, admin)
+        if only == "stale":
+            return print_stale_producer(broker, settings, admin)
         print(f"## Broker CPU ms per message: {MESSAGES} messages at {RATE:g}/s, 4 partitions\n")
         print("| message | " + " | ".join(f"{r} reader{'s' if r > 1 else ''}" for r in READERS) + " |")
         print("|---|" + "---|" * len(READERS))
@@ -153,6 +162,7 @@ def main() -> None:
             cells = [f"{empty_fetches(broker, settings, admin, partitions, w):.1f}" for w in WAITS_MS]
             print(f"| {partitions} | " + " | ".join(cells) + " |", flush=True)
         print_idle_producers(broker, settings, admin)
+        print_stale_producer(broker, settings, admin)
 
 
 def print_idle_producers(broker: LocalBroker, settings: Settings, admin: AdminClient) -> None:
@@ -161,6 +171,36 @@ def print_idle_producers(broker: LocalBroker, settings: Settings, admin: AdminCl
     print("| " + " | ".join(f"{n} producers" for n in counts) + " |")
     print("|" + "---|" * len(counts))
     print("| " + " | ".join(f"{idle_producers(broker, settings, admin, n):.1f}" for n in counts) + " |", flush=True)
+
+
+def stale_producer(broker: LocalBroker, settings: Settings, admin: AdminClient, topics: int) -> float:
+    names = [f"stale-{topics}-{i}-{time.time_ns()}" for i in range(topics)]
+    for i in range(0, topics, 100):
+        for future in admin.create_topics([NewTopic(t, 1, 1) for t in names[i:i + 100]]).values():
+            future.result()
+    producer = Producer({**kafka.producer_config(settings, f"stale-{topics}"), **kafka.QUIET_METADATA})
+    for topic in names:
+        producer.produce(topic, b"x")
+        producer.poll(0)
+    producer.flush(60)
+    for i in range(0, topics, 100):
+        for future in admin.delete_topics(names[i:i + 100]).values():
+            future.result()
+    own = broker_cpu_s(os.getpid())
+    started = time.monotonic()
+    used = settled_cpu_percent(broker, measure_s=30.0)
+    own = 100 * (broker_cpu_s(os.getpid()) - own) / (time.monotonic() - started)
+    del producer
+    return used, own
+
+
+def print_stale_producer(broker: LocalBroker, settings: Settings, admin: AdminClient) -> None:
+    print("\n## One producer that wrote to topics deleted since, % of one core\n")
+    print("| deleted topics | broker | the producer's process |")
+    print("|---|---|---|")
+    for count in (0, 1000, 5000):
+        used, own = stale_producer(broker, settings, admin, count)
+        print(f"| {count} | {used:.2f} | {own:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

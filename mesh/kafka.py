@@ -175,8 +175,10 @@ class Sender:
         self.producer = producer
         self.errors: list = []
         self._delivered = _collect_errors(self.errors)
+        self.topics: set[str] = set()  # every topic written to: the producer asks the broker about each for good
 
     def send(self, topic: str, data: bytes | None, partition: int = 0, key: bytes | str | None = None) -> None:
+        self.topics.add(topic)
         while True:
             try:
                 self.producer.produce(topic, data, partition=partition, key=key, on_delivery=self._delivered)

@@ -67,6 +67,11 @@ class Settings:
     # the old posemesh.control for that long (an upload refused for 10 s, the task run again 20 s late in
     # test_resilience's broker restart, against 1 s at 500 ms).
     kafka_metadata_refresh_ms: int = field(default_factory=lambda: int(env("KAFKA_METADATA_REFRESH_MS", "500")))
+    # A stage worker's producer is replaced (between two steps, with everything it sent acknowledged) once it has
+    # written to this many topics: librdkafka asks the broker for the metadata of every topic a client ever
+    # wrote to, deleted ones included, for as long as the client lives (a worker writes a topic or two a task;
+    # after 5000 one producer spent 12% of a core on them: bench/README.md, "Stale topics").
+    producer_topics_max: int = field(default_factory=lambda: int(env("PRODUCER_TOPICS_MAX", "200")))
     # Consumer groups are named <prefix>-<stage>: two stacks can share one broker under different prefixes.
     group_prefix: str = field(default_factory=lambda: env("GROUP_PREFIX", "posemesh"))
     frame_partitions: int = field(default_factory=lambda: int(env("FRAME_PARTITIONS", "4")))

@@ -61,6 +61,8 @@ FRAMES = PromCounter("posemesh_stage_frames_total", "Frames processed", ["stage"
 DUPLICATES = PromCounter("posemesh_stage_duplicates_total", "Redelivered frames dropped by index", ["stage"])
 FAILURES = PromCounter("posemesh_stage_task_failures_total", "Tasks this worker failed", ["stage"])
 RESETS = PromCounter("posemesh_stage_resets_total", "Times the worker started over", ["stage", "reason"])
+PRODUCERS_RENEWED = PromCounter("posemesh_stage_producers_renewed_total",
+                                "Producers replaced after writing to POSEMESH_PRODUCER_TOPICS_MAX topics", ["stage"])
 BATCH = Histogram("posemesh_stage_batch_frames", "Frames per processed batch", ["stage"],
                   buckets=(1, 2, 4, 8, 16, 32, 64))
 PROCESS_SECONDS = Histogram("posemesh_stage_process_seconds", "Stage.process time per batch", ["stage"])
@@ -171,6 +173,7 @@ class StageWorker:
                     self._take_in_early()
                 self._take_in(self._idle_poll() if self._idle() else self.flow.poll(self.reader))
                 self._step()
+                self._renew_a_full_producer()
                 # What the heartbeats say this worker reads follows every (re)assignment at once: the
                 # gateway deletes a finished task's topics as soon as nobody lists it.
                 self.reporter.reading_tasks(self._reading_tasks())
@@ -209,6 +212,14 @@ class StageWorker:
         if self.control.incarnation is None:
             raise RuntimeError("the consumer group is named after the broker's incarnation, not known yet")
         self.generation = self.control.generation
+        self._new_producer()
+        self.reader = InputReader(self.settings, self.group_name(), self.worker_id, self.stage.recovery,
+                                  self._on_revoked, self._on_assigned)
+        # A stage after the first that needs pixels reads them from raw_frames by reference.
+        self.pixels = RawFrames(self.settings, self.worker_id) if self._fetches_pixels else None
+        self.control.changed.set()  # subscribe afresh
+
+    def _new_producer(self) -> None:
         # A worker writes only to topics made before it writes to them: a task's pipeline topics before its
         # TaskStarted, its live topic before the ViewersChanged that asks for live frames, the shared ones at
         # start-up (a topic not in the producer's metadata yet is looked up at once). Its reset replaces the
@@ -217,12 +228,21 @@ class StageWorker:
                                   "error_cb": lambda err: log.warning("producer: %s", err)})
         # A Sender per producer: the late delivery errors of a producer replaced by a reset stay with it.
         self.sender = kafka.Sender(self.producer)
-        self.reader = InputReader(self.settings, self.group_name(), self.worker_id, self.stage.recovery,
-                                  self._on_revoked, self._on_assigned)
-        # A stage after the first that needs pixels reads them from raw_frames by reference.
-        self.pixels = RawFrames(self.settings, self.worker_id) if self._fetches_pixels else None
         self.reporter.attach(self.producer)
-        self.control.changed.set()  # subscribe afresh
+
+    def _renew_a_full_producer(self) -> None:
+        """Replace the producer once it has written to PRODUCER_TOPICS_MAX topics, between two steps with
+        everything it sent acknowledged: librdkafka asks the broker for the metadata of every topic a producer
+        ever wrote to, for as long as it lives, deleted topics included (confluentinc/librdkafka#4214), and a
+        worker writes a topic or two for every task (bench/README.md, "Stale topics"). What the heartbeat
+        thread may have queued on the old one meanwhile is flushed on the side, not waited for."""
+        if self.unflushed or len(self.sender.topics) < self.settings.producer_topics_max:
+            return
+        old, written = self.producer, len(self.sender.topics)
+        self._new_producer()
+        _on_the_side(lambda: old.flush(5), 0, "the replaced producer's flush")
+        PRODUCERS_RENEWED.labels(self.stage.name).inc()
+        log.info("%s: a new producer (the last wrote to %d topics)", self.worker_id, written)
 
     @property
     def _fetches_pixels(self) -> bool:

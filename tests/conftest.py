@@ -74,6 +74,9 @@ def make_settings(broker, data_dir: Path, **overrides) -> Settings:
     s.api_keys_file = ""
     s.topic_delete_delay_s = 1.0
     s.max_upload_bytes = 8 * 1024 * 1024
+    # Workers replace their producer every couple of tasks (the default: every 200 topics), so every test that
+    # kills, restarts or checks results frame by frame does so across producer replacements too.
+    s.producer_topics_max = 3
     for k, v in overrides.items():
         setattr(s, k, v)
     return s
@@ -89,6 +92,7 @@ def settings_env(s: Settings) -> dict:
         "POSEMESH_GROUP_PREFIX": s.group_prefix, "POSEMESH_BLOB_URL": s.blob_url,
         "POSEMESH_S3_ENDPOINT_URL": s.s3_endpoint_url, "POSEMESH_INGEST": s.ingest,
         "POSEMESH_MAX_FRAMES_AHEAD": str(s.max_frames_ahead), "POSEMESH_SHARED_PICTURES_DIR": s.shared_pictures_dir,
+        "POSEMESH_PRODUCER_TOPICS_MAX": str(s.producer_topics_max),
     })
     return env
 
