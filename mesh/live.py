@@ -151,10 +151,14 @@ class FinishedClock:
                 continue
             try:
                 count = self.look()
-                if looked is not None:
-                    looked(count)
             except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
                 log.debug("looking at the finished frames failed", exc_info=True)
+                continue
+            if looked is not None:
+                try:
+                    looked(count)
+                except Exception:  # noqa: BLE001 - a status not published: the next look tries again
+                    log.warning("following the finished frames failed", exc_info=True)
 
 
 class LiveSource(threading.Thread):
@@ -197,9 +201,11 @@ class LiveSource(threading.Thread):
         self.first_arrival: float | None = None
         self.sender = kafka.Sender(self.producer)
         # The reader's thread follows the mesh at each camera frame, the follower's while the camera is quiet
-        # and until the frames let in are out (`_follow_between_frames`): the window, the latency and the status are
-        # changed by one at a time.
+        # (`_follow_between_frames`: an outage, the tries after its stream ended): one at a time changes the
+        # window, the latency and the lag, and publishes the status. Once the stream is closed or handed on
+        # (`closed`), the follower publishes nothing more.
         self.lock = threading.RLock()
+        self.closed = False
 
     # ------------------------------------------------------------------ the loop
 
@@ -211,7 +217,6 @@ class LiveSource(threading.Thread):
                              args=(self._newest_in_flight, read, self._follow_between_frames),
                              name=f"finished-{self.task.task_id[:12]}", daemon=True).start()
             state, message = self._read()
-            self._wait_for_the_frames_in_flight()
         except Exception as exc:  # the task ends with the reason; its reader's process goes on
             log.exception("live source of %s failed", self.task.task_id)
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
@@ -219,6 +224,8 @@ class LiveSource(threading.Thread):
             read.set()
         self.status.connected = False
         if self.detached.is_set():
+            with self.lock:
+                self.closed = True
             self.producer.flush(DETACH_FLUSH_S)  # the frames read so far go in; the stream stays open
             return
         self._end(state, message)
@@ -341,21 +348,23 @@ class LiveSource(threading.Thread):
             return None
 
     def _follow_between_frames(self, done: int) -> None:
-        """A look (`done` finished) while the camera sends nothing, or after its end: the frames finished
-        meanwhile count in the lag and the window now, and the status says so (at once when none is left in
-        flight: the last word). Skipped when the lock is not free soon (a reader's call that hangs)."""
+        """The follower's look (`done` finished) while the camera sends nothing: the frames finished meanwhile
+        count in the lag and the window now, and the status says so (at once when none is left in flight).
+        Skipped when the lock is not free soon (a reader's call that hangs)."""
         if not self.lock.acquire(timeout=FINISHED_EVERY_S):
             return
         try:
-            self._follow_the_mesh(time.monotonic(), done)
-            self._publish_status(force=not self.arrivals)
+            if not self.closed:
+                self._follow_the_mesh(time.monotonic(), done)
+                self._publish_status(force=not self.arrivals)
         finally:
             self.lock.release()
 
     def _follow_the_mesh(self, now: float, done: int | None = None) -> None:
         """What the annotate stage has finished (`done`, or looked at now), each frame's latency, and the window
         that follows."""
-        done = self.finished.look() if done is None else done
+        # A count looked at on the follower's thread may be older than one the reader's thread has used since.
+        done = self.finished.look() if done is None else max(done, self.done)
         bound = self.config.max_lag_s
         while self.arrivals and self.arrivals[0][0] < done:
             index, arrived = self.arrivals.popleft()
@@ -399,29 +408,15 @@ class LiveSource(threading.Thread):
                 self._status_at = now
                 self.on_status(self.status, self.index)
 
-    def _wait_for_the_frames_in_flight(self) -> None:
-        """Once the camera is done (ended, gone or stopped): the frames let in come out before the end of stream
-        goes out, so the status's last lag is theirs (written before the task can complete), at no cost to the
-        task, which ends only once annotate has them. Not for a detached reader (the stream goes on elsewhere),
-        nor once the oldest of them has waited twice the lag bound: a mesh that slow is stalled (or there is
-        none), and the end of stream goes out anyway."""
-        while not self.detached.is_set():
-            try:
-                oldest = self.arrivals[0][1]
-            except IndexError:
-                return  # all out
-            if time.monotonic() - oldest > 2 * self.config.max_lag_s:
-                return
-            time.sleep(FINISHED_EVERY_S)
-            self._follow_between_frames(self.finished.look())
-
     # ------------------------------------------------------------------ the end
 
     def _end(self, state: int, message: str) -> None:
         """Close the stream for the stages (end-of-stream with the count of frames that went in); the task
         ends with `state` once annotate reports its results. An ingest replica tells the gateway how the task
         ends first (`on_closing`): its results, which the end of stream lets annotate make, come after that."""
-        self._publish_status(force=True)
+        with self.lock:
+            self._publish_status(force=True)
+            self.closed = True  # the follower's looks publish nothing more
         if self.on_closing is not None:
             self.on_closing(state, message, self.index)
         record = records.end_of_stream_record(self.task.task_id, self.task.options, self.epoch, self.index,

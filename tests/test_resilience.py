@@ -127,8 +127,8 @@ def test_every_replica_works_on_four_concurrent_tasks(mesh, clip, reference):
         assert_same_as_reference(mesh, task.task_id, reference)
     idle = [f"{w.stage}:{w.port}" for w in mesh.workers if w.status().frames_processed == before[w.port]]
     assert idle == [], f"replicas that processed nothing: {idle}"
-    # Each detect replica wrote the outputs of four tasks: its producer was replaced while they ran (every 3
-    # topics here: tests/conftest.py), and the results above are exact all the same.
+    # The replicas wrote the outputs of four tasks: producers were replaced while they ran (every 3 topics here:
+    # tests/conftest.py), and the results above are exact all the same.
     assert mesh.log_lines(started, "a new producer"), "no worker replaced its producer"
 
 

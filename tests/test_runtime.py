@@ -232,7 +232,7 @@ def test_a_rebalance_is_logged_with_how_long_the_member_fetched_nothing(broker, 
             took = time.monotonic() - t1
             lengths = logged()  # the first member's clock starts at its revoke, after the second's join began
             # The log rounds to 10 ms (CI run 97: 5.01 logged for a rebalance inside the 5.008 s measured here).
-            assert len(lengths) == 2 and all(0 < length <= took + 0.005 for length in lengths), (lengths, took)
+            assert len(lengths) == 2 and all(0 < length <= took + 0.01 for length in lengths), (lengths, took)
     finally:
         first.close()
         second.close()
