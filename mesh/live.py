@@ -199,6 +199,7 @@ class LiveSource(threading.Thread):
         self.arrivals: deque[tuple[int, float]] = deque()  # (index, arrival) of frames not yet annotated
         self.done = 0
         self.first_arrival: float | None = None
+        self.last_arrival = time.monotonic()  # the camera's last frame, kept or not
         self.sender = kafka.Sender(self.producer)
         # The reader's thread follows the mesh at each camera frame, the follower's while the camera is quiet
         # (`_follow_between_frames`: an outage, the tries after its stream ended): one at a time changes the
@@ -314,6 +315,7 @@ class LiveSource(threading.Thread):
 
     def _take(self, frame: av.VideoFrame, arrived: float) -> None:
         self.status.frames_received += 1
+        self.last_arrival = arrived
         if frame.width * frame.height > self.config.limits.max_frame_pixels:
             self.config.limits.check_size(frame.width, frame.height)
         self._follow_the_mesh(arrived)
@@ -349,14 +351,17 @@ class LiveSource(threading.Thread):
 
     def _follow_between_frames(self, done: int) -> None:
         """The follower's look (`done` finished) while the camera sends nothing: the frames finished meanwhile
-        count in the lag and the window now, and the status says so (at once when none is left in flight).
-        Skipped when the lock is not free soon (a reader's call that hangs)."""
+        count in the lag and the window now, and the status says so: every STATUS_EVERY_S, as the reader's
+        frames do, and at once when none is left in flight and the camera has been quiet that long (the last
+        word until its next frame; a slow camera's status is not written more often for it). Skipped when the
+        lock is not free soon (a reader's call that hangs)."""
         if not self.lock.acquire(timeout=FINISHED_EVERY_S):
             return
         try:
             if not self.closed:
-                self._follow_the_mesh(time.monotonic(), done)
-                self._publish_status(force=not self.arrivals)
+                now = time.monotonic()
+                self._follow_the_mesh(now, done)
+                self._publish_status(force=not self.arrivals and now - self.last_arrival >= STATUS_EVERY_S)
         finally:
             self.lock.release()
 
