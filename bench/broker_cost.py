@@ -101,12 +101,18 @@ def per_message(broker: LocalBroker, settings: Settings, admin: AdminClient, siz
     return 1000 * used / MESSAGES
 
 
+def settled_cpu_percents(pids: list[int], settle_s: float = 5.0, measure_s: float = 10.0) -> list[float]:
+    """Each process's CPU, % of one core, over the same `measure_s` after `settle_s` for the clients to settle."""
+    time.sleep(settle_s)
+    before, started = [broker_cpu_s(pid) for pid in pids], time.monotonic()
+    time.sleep(measure_s)
+    took = time.monotonic() - started
+    return [100 * (broker_cpu_s(pid) - b) / took for pid, b in zip(pids, before)]
+
+
 def settled_cpu_percent(broker: LocalBroker, settle_s: float = 5.0, measure_s: float = 10.0) -> float:
     """The broker's CPU, % of one core, over `measure_s` after `settle_s` for the clients to settle."""
-    time.sleep(settle_s)
-    before = broker_cpu_s(broker.proc.pid)
-    time.sleep(measure_s)
-    return 100 * (broker_cpu_s(broker.proc.pid) - before) / measure_s
+    return settled_cpu_percents([broker.proc.pid], settle_s, measure_s)[0]
 
 
 def empty_fetches(broker: LocalBroker, settings: Settings, admin: AdminClient, partitions: int, wait_ms: int) -> float:
@@ -177,23 +183,19 @@ def stale_producer(broker: LocalBroker, settings: Settings, admin: AdminClient, 
     """The broker's CPU and this process's (nothing else of it runs meanwhile), % of one core, over 30 s after 5 s
     to settle, with one producer that wrote to `topics` topics, deleted since."""
     names = [f"stale-{topics}-{i}-{time.time_ns()}" for i in range(topics)]
-    for i in range(0, topics, 100):
-        for future in admin.create_topics([NewTopic(t, 1, 1) for t in names[i:i + 100]]).values():
+    hundreds = [names[i:i + 100] for i in range(0, topics, 100)]  # an admin request each
+    for batch in hundreds:
+        for future in admin.create_topics([NewTopic(t, 1, 1) for t in batch]).values():
             future.result()
     producer = Producer({**kafka.producer_config(settings, f"stale-{topics}"), **kafka.QUIET_METADATA})
     for topic in names:
         producer.produce(topic, b"x")
         producer.poll(0)
     producer.flush(60)
-    for i in range(0, topics, 100):
-        for future in admin.delete_topics(names[i:i + 100]).values():
+    for batch in hundreds:
+        for future in admin.delete_topics(batch).values():
             future.result()
-    time.sleep(5.0)
-    broker_before, own_before, started = broker_cpu_s(broker.proc.pid), broker_cpu_s(os.getpid()), time.monotonic()
-    time.sleep(30.0)
-    took = time.monotonic() - started
-    used = 100 * (broker_cpu_s(broker.proc.pid) - broker_before) / took
-    own = 100 * (broker_cpu_s(os.getpid()) - own_before) / took
+    used, own = settled_cpu_percents([broker.proc.pid, os.getpid()], measure_s=30.0)
     del producer
     return used, own
 

@@ -143,20 +143,20 @@ class FinishedClock:
 
     def follow(self, waiting_for, stop: threading.Event, looked=None) -> None:
         """Until `stop` is set (on a thread beside the reader's): look whenever the reader has not looked for
-        FINISHED_EVERY_S while frames are in flight (`waiting_for()`: the newest index sent, or None), and hand
-        the count to `looked(count)` when given."""
+        FINISHED_EVERY_S while frames are in flight (`waiting_for()`: the newest index sent, or None), then call
+        `looked()` when given."""
         while not stop.wait(FINISHED_EVERY_S):
             newest = waiting_for()
             if newest is None or newest < self.count or time.monotonic() - self.looked_at < FINISHED_EVERY_S:
                 continue
             try:
-                count = self.look()
+                self.look()
             except Exception:  # noqa: BLE001 - the reader's own look says what is wrong
                 log.debug("looking at the finished frames failed", exc_info=True)
                 continue
             if looked is not None:
                 try:
-                    looked(count)
+                    looked()
                 except Exception:  # noqa: BLE001 - a status not published: the next look tries again
                     log.warning("following the finished frames failed", exc_info=True)
 
@@ -318,7 +318,7 @@ class LiveSource(threading.Thread):
         self.last_arrival = arrived
         if frame.width * frame.height > self.config.limits.max_frame_pixels:
             self.config.limits.check_size(frame.width, frame.height)
-        self._follow_the_mesh(arrived)
+        self._follow_the_mesh(arrived, self.finished.look())
         step = 1.0 / (self.task.video.fps or 25.0)
         t = frame.time  # RTSP gives no time to the first frames sometimes: count on from the last
         self.stream_time = t if t is not None and t > self.stream_time else self.stream_time + step
@@ -349,8 +349,8 @@ class LiveSource(threading.Thread):
         except IndexError:
             return None
 
-    def _follow_between_frames(self, done: int) -> None:
-        """The follower's look (`done` finished) while the camera sends nothing: the frames finished meanwhile
+    def _follow_between_frames(self) -> None:
+        """After the follower's look while the camera sends nothing: the frames finished meanwhile
         count in the lag and the window now, and the status says so: every STATUS_EVERY_S, as the reader's
         frames do, and at once when none is left in flight and the camera has been quiet that long (the last
         word until its next frame; a slow camera's status is not written more often for it). Skipped when the
@@ -360,16 +360,13 @@ class LiveSource(threading.Thread):
         try:
             if not self.closed:
                 now = time.monotonic()
-                self._follow_the_mesh(now, done)
+                self._follow_the_mesh(now, self.finished.count)  # the highest count seen, by either thread
                 self._publish_status(force=not self.arrivals and now - self.last_arrival >= STATUS_EVERY_S)
         finally:
             self.lock.release()
 
-    def _follow_the_mesh(self, now: float, done: int | None = None) -> None:
-        """What the annotate stage has finished (`done`, or looked at now), each frame's latency, and the window
-        that follows."""
-        # A count looked at on the follower's thread may be older than one the reader's thread has used since.
-        done = self.finished.look() if done is None else max(done, self.done)
+    def _follow_the_mesh(self, now: float, done: int) -> None:
+        """What the annotate stage has finished (`done` frames), each frame's latency, and the window that follows."""
         bound = self.config.max_lag_s
         while self.arrivals and self.arrivals[0][0] < done:
             index, arrived = self.arrivals.popleft()

@@ -104,7 +104,7 @@ def test_a_live_reader_counts_the_lag_to_when_annotate_finished_not_to_its_camer
         time.sleep(0.3)
         finished.count = 1
         time.sleep(2.0)
-        reader._follow_the_mesh(time.monotonic())  # what the camera's next frame does first
+        reader._follow_the_mesh(time.monotonic(), reader.finished.look())  # what the camera's next frame does first
         assert reader.status.lag_s < 1.0, f"the lag read {reader.status.lag_s:.2f} s for a frame finished after 0.3 s"
     finally:
         reader.detach()  # leaves the (empty) stream open: nothing to flush
