@@ -1,9 +1,16 @@
 """Rings of decoded frames between processes on one host: real files in a real shared memory folder, the
-writers and a dying owner in child processes."""
+writers and a dying owner in child processes.
 
+The children come from a forkserver, never from a fork of pytest: by the time these tests run, pytest holds the
+threads of earlier tests' gRPC channels, and a child forked from it could hang on a lock one of them held (the
+project's CI on 77956aa: a forked reader never answered). The children's work is therefore in functions at module
+level."""
+
+import fcntl
 import multiprocessing
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -43,17 +50,51 @@ def key(index: int, epoch: int = 1, offset: int | None = None) -> PictureKey:
     return PictureKey(epoch, index, index % 4, index if offset is None else offset)
 
 
-def put_from_another_process(folder, task_id: str, indices: list[int]) -> None:
-    def work():
-        writer = shared(folder)
-        for i in indices:
-            writer.put(task_id, key(i), picture(i))
-        os._exit(0 if writer.put_count == len(indices) else 1)
+CHILDREN = multiprocessing.get_context("forkserver")
+CHILDREN.set_forkserver_preload([__name__])  # each child starts with this module imported, not importing it
 
-    child = multiprocessing.get_context("fork").Process(target=work)
+
+def in_a_child(work, *args) -> multiprocessing.Process:
+    child = CHILDREN.Process(target=work, args=args)
     child.start()
+    return child
+
+
+def exit_code_of(work, *args) -> int | None:
+    child = in_a_child(work, *args)
     child.join(30)
-    assert child.exitcode == 0, "the writer found no ring or could not put every picture"
+    return child.exitcode
+
+
+def put_pictures(folder, task_id: str, indices: list[int]) -> None:
+    writer = shared(folder)
+    for i in indices:
+        writer.put(task_id, key(i), picture(i))
+    os._exit(0 if writer.put_count == len(indices) else 1)
+
+
+def put_from_another_process(folder, task_id: str, indices: list[int]) -> None:
+    assert exit_code_of(put_pictures, folder, task_id, indices) == 0, \
+        "the writer found no ring or could not put every picture"
+
+
+def own_rings(folder, tasks: list[str], ready, done, owner: bool = False) -> None:
+    """An owner that lives until told to go (or is killed): dropping its SharedPictures would close its rings,
+    and their locks with them."""
+    pictures = shared(folder, owner=owner)
+    for task_id in tasks:
+        pictures.make(task_id, W, H)
+    ready.set()
+    done.wait(30)
+
+
+def owner_of(folder, *tasks: str, owner: bool = False):
+    """A live owner of the tasks' rings in a child, and the Event that lets it go (one each: an Event a killed
+    child waited on cannot be set)."""
+    ready, done = CHILDREN.Event(), CHILDREN.Event()
+    child = in_a_child(own_rings, folder, list(tasks), ready, done, owner)
+    assert ready.wait(30)
+    return child, done
 
 
 @pytest.fixture
@@ -98,32 +139,28 @@ def jpeg(index: int, size: int = 5000) -> bytes:
     return np.random.default_rng(1000 + index).integers(0, 256, size, dtype=np.uint8).tobytes()
 
 
-def put_jpegs_from_another_process(folder, task_id: str, jpegs: dict[int, bytes]) -> None:
-    def work():
-        detect = shared(folder)
-        for i, data in jpegs.items():
-            detect.put_jpeg(task_id, key(i), data)
-        os._exit(0 if detect.jpegs_put == len(jpegs) else 1)
+def put_jpegs(folder, task_id: str, jpegs: dict[int, bytes]) -> None:
+    detect = shared(folder)
+    for i, data in jpegs.items():
+        detect.put_jpeg(task_id, key(i), data)
+    os._exit(0 if detect.jpegs_put == len(jpegs) else 1)
 
-    child = multiprocessing.get_context("fork").Process(target=work)
-    child.start()
-    child.join(30)
-    assert child.exitcode == 0, "detect found no ring or could not put every JPEG"
+
+def put_jpegs_from_another_process(folder, task_id: str, jpegs: dict[int, bytes]) -> None:
+    assert exit_code_of(put_jpegs, folder, task_id, jpegs) == 0, "detect found no ring or could not put every JPEG"
+
+
+def take_jpegs(folder, task_id: str, keys: list[PictureKey], answers) -> None:
+    pose = shared(folder)
+    answers.put([pose.jpeg(task_id, k) for k in keys] + [pose.jpegs_taken])
 
 
 def jpegs_taken_in_another_process(folder, task_id: str, keys: list[PictureKey]) -> list[bytes | None]:
     """What pose gets (a process of its own: record locks are a process's, so the owner's lock would not keep
     a reader in the owner's own process from taking the ring for a dead owner's)."""
-    ctx = multiprocessing.get_context("fork")
-    queue = ctx.Queue()
-
-    def work():
-        pose = shared(folder)
-        queue.put([pose.jpeg(task_id, k) for k in keys] + [pose.jpegs_taken])
-
-    child = ctx.Process(target=work)
-    child.start()
-    *got, count = queue.get(timeout=30)
+    answers = CHILDREN.Queue()
+    child = in_a_child(take_jpegs, folder, task_id, keys, answers)
+    *got, count = answers.get(timeout=30)
     child.join(30)
     assert count == sum(g is not None for g in got)
     return got
@@ -201,19 +238,8 @@ def test_a_file_of_another_layout_is_no_ring(folder):
 def test_an_owner_reads_jpegs_from_its_own_rings_only(folder):
     """Annotate without a ring of its own for a task (it does not own the task, or has not made it yet) takes
     nothing from another live replica's ring and keeps no hold on it."""
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Event(), ctx.Event()
-
-    def own():
-        other = shared(folder, owner=True)  # kept: dropping it would close the ring and its lock
-        other.make("t1", W, H)
-        ready.set()
-        done.wait(30)
-
-    child = ctx.Process(target=own)
-    child.start()
+    child, done = owner_of(folder, "t1", owner=True)
     try:
-        assert ready.wait(30)
         put_jpegs_from_another_process(folder, "t1", {0: jpeg(0)})
         annotate = shared(folder, owner=True)
         assert annotate.jpeg("t1", key(0)) is None and "t1" not in annotate.rings
@@ -249,17 +275,7 @@ def test_a_ring_is_removed_by_its_owner_only_while_it_is_the_one_it_made(folder)
 
 
 def test_a_dead_owners_ring_is_let_go_and_removed_by_a_writer(folder):
-    ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
-
-    def own():
-        owner = shared(folder)  # kept: dropping it would close the ring, and its lock with it
-        owner.make("t1", W, H)
-        ready.set()
-        done.wait(30)
-
-    child = multiprocessing.get_context("fork").Process(target=own)
-    child.start()
-    assert ready.wait(30)
+    child, _ = owner_of(folder, "t1")
     writer = shared(folder)
     writer.put("t1", key(0), picture(0))
     assert writer.put_count == 1
@@ -275,24 +291,7 @@ def test_a_dead_owners_ring_is_let_go_and_removed_by_a_writer(folder):
 
 
 def test_a_dead_owners_rings_are_swept_by_the_next_owner_and_a_live_ones_kept(folder):
-    ctx = multiprocessing.get_context("fork")
-
-    def owner_of(*tasks):
-        ready, done = ctx.Event(), ctx.Event()  # one each: an Event a killed child waited on cannot be set
-
-        def own():
-            owner = shared(folder)  # kept: dropping it would close its rings, and their locks
-            for task_id in tasks:
-                owner.make(task_id, W, H)
-            ready.set()
-            done.wait(30)
-
-        child = ctx.Process(target=own)
-        child.start()
-        assert ready.wait(30)
-        return child, done
-
-    (dead, _), (live, live_done) = owner_of("t1", "t2"), owner_of("t3")
+    (dead, _), (live, live_done) = owner_of(folder, "t1", "t2"), owner_of(folder, "t3")
     try:
         os.kill(dead.pid, signal.SIGKILL)
         dead.join(10)
@@ -303,26 +302,22 @@ def test_a_dead_owners_rings_are_swept_by_the_next_owner_and_a_live_ones_kept(fo
         live.join(10)
 
 
+def hold_a_lock(path, length: int, start: int, ready, done) -> None:
+    fd = os.open(path, os.O_RDWR)
+    fcntl.lockf(fd, fcntl.LOCK_EX, length, start)
+    ready.set()
+    done.wait(30)
+
+
 def test_a_slot_locked_by_a_stopped_writer_is_a_miss_not_a_wait(folder):
     """A pose stopped half way through a copy (SIGSTOP, a paused container) holds the slot's lock: annotate
     gives up on that frame after a few tries and fetches its JPEG instead."""
-    import fcntl
-    import time
-
     owner = shared(folder)
     owner.make("t1", W, H)
     put_from_another_process(folder, "t1", [2])
     ring = owner.rings["t1"]
-    ready, done = multiprocessing.get_context("fork").Event(), multiprocessing.get_context("fork").Event()
-
-    def stuck():
-        fd = os.open(ring.path, os.O_RDWR)
-        fcntl.lockf(fd, fcntl.LOCK_EX, ring.picture_part, ring._picture_at(2))
-        ready.set()
-        done.wait(30)
-
-    child = multiprocessing.get_context("fork").Process(target=stuck)
-    child.start()
+    ready, done = CHILDREN.Event(), CHILDREN.Event()
+    child = in_a_child(hold_a_lock, ring.path, ring.picture_part, ring._picture_at(2), ready, done)
     try:
         assert ready.wait(30)
         started = time.monotonic()
