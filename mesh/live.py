@@ -223,7 +223,7 @@ class LiveSource(threading.Thread):
             state, message = tpb.TASK_STATE_FAILED, f"reading the live source failed: {exc.__class__.__name__}"
         finally:
             read.set()
-        self.status.connected = False
+        self._connected(False)
         if self.detached.is_set():
             with self.lock:
                 self.closed = True
@@ -266,9 +266,9 @@ class LiveSource(threading.Thread):
                 self._publish_status(force=True)
                 self.stop_requested.wait(min(backoff, max(left, 0.0) + 0.05))
                 backoff = min(backoff * 2, 5.0)
-                self.status.reconnects += 1
+                self._connected(False, tried_again=True)
                 continue
-            self.status.connected = True
+            self._connected(True)
             try:
                 with container:
                     stream = container.streams.video[0]
@@ -284,10 +284,16 @@ class LiveSource(threading.Thread):
                 reason = f"its stream broke off: {getattr(exc, 'strerror', None) or exc.__class__.__name__}"
             except media.NotAVideo as exc:
                 return tpb.TASK_STATE_FAILED, f"the live source's frames: {exc}"
-            self.status.connected = False
+            self._connected(False)
             if not self.stop_requested.is_set():
                 log.info("live source of %s: %s; reconnecting", self.task.task_id, reason)
         return self.stop_state, self.stop_reason
+
+    def _connected(self, connected: bool, tried_again: bool = False) -> None:
+        """The status's connection fields change under the lock the follower publishes under."""
+        with self.lock:
+            self.status.connected = connected
+            self.status.reconnects += int(tried_again)
 
     def _gone(self, reason: str) -> tuple[int, str]:
         """No frame for `outage_s`. A server that still answers has no stream for us (it ended: COMPLETED);
