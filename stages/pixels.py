@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections import OrderedDict, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 
@@ -33,6 +33,38 @@ TP = tuple[str, int]
 CACHE_BYTES = 64 * 1024 * 1024  # read-ahead kept for the next batches
 FETCH_TIMEOUT_S = 30.0
 SEEK_AHEAD = 256  # a reference further ahead than this is sought, not read up to
+# A stage taking frames handed over on its host reads a task's JPEGs ahead from the broker only after this many
+# batches in a row found most of their frames missing from the task's ring (the stage before is on another host).
+MISSING_BATCHES_TO_READ_AHEAD = 2
+
+
+class RingMisses:
+    """Whether a task whose frames an earlier stage on this host hands over (stages/shared_pictures.py) has its
+    JPEGs read ahead from the broker. Not while its ring gives the frames: each read costs the local broker about
+    as much as a reader of every frame (bench/README.md's broker_cost). Again once its ring stays empty (the stage
+    before is on another host) or went away. One batch of misses is not enough to say so: a task's first frames
+    may come before its ring was made."""
+
+    def __init__(self) -> None:
+        self.streaks: Counter[str] = Counter()  # task -> batches in a row its ring mostly missed
+
+    def expects_ring(self, task_id: str) -> bool:
+        return self.streaks[task_id] < MISSING_BATCHES_TO_READ_AHEAD
+
+    def batch(self, task_id: str, found: int, missed: int) -> bool | None:
+        """A batch's count of the task's frames its ring gave and did not: whether the task's JPEGs are now read
+        on demand (True), read ahead (False), or as before (None)."""
+        if found and not missed:
+            self.streaks[task_id] = 0
+            return True
+        if missed > found:
+            self.streaks[task_id] += 1
+            if not self.expects_ring(task_id):
+                return False
+        return None
+
+    def forget(self, task_id: str) -> None:
+        self.streaks.pop(task_id, None)
 
 
 class RawFrames:
@@ -50,6 +82,7 @@ class RawFrames:
         # from a stage before on this host, decoded or as JPEGs (stages/shared_pictures.py), so reading ahead
         # would fetch JPEGs nobody uses.
         self.on_demand: set[str] = set()
+        self.ring_misses = RingMisses()
         self.position: dict[TP, int] = {}  # next offset this reader will get from the partition
         self.cache: OrderedDict[tuple[TP, int], bytes] = OrderedDict()
         self.cached_bytes = 0
@@ -130,10 +163,23 @@ class RawFrames:
                 self.consumer.resume([TopicPartition(t, p) for t, p in resume])
                 self.paused.difference_update(resume)
 
+    def expect_handover(self, task_id: str) -> None:
+        """The task's frames should come handed over on this host: read its JPEGs on demand, unless its ring has
+        been found mostly empty."""
+        if self.ring_misses.expects_ring(task_id):
+            self.read_on_demand(task_id, True)
+
+    def handed_over(self, task_id: str, found: int, missed: int) -> None:
+        """How many of a batch's frames of the task came handed over and how many did not (RingMisses)."""
+        on_demand = self.ring_misses.batch(task_id, found, missed)
+        if on_demand is not None:
+            self.read_on_demand(task_id, on_demand)
+
     def drop_task(self, task_id: str) -> None:
         """Stop reading the task's raw frames (it ended, or left this worker): its topic may then go."""
         topic = kafka.task_topic(pipeline.PIXELS_TOPIC, task_id)
         self.on_demand.discard(topic)
+        self.ring_misses.forget(task_id)
         gone = [tp for tp in self.assigned if tp[0] == topic]
         if gone:
             self.consumer.incremental_unassign([TopicPartition(t, p) for t, p in gone])

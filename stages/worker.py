@@ -80,9 +80,6 @@ FLUSH_TIMEOUT_S = 30.0
 # starts reaches it through its consumer's callbacks (revoke, then assign), each served after a wait: the
 # group's join can wait up to twice this much longer for it.
 IDLE_WAIT_S = 0.25
-# A stage taking frames handed over on its host reads a task's JPEGs ahead from the broker only after this many
-# batches in a row found most of their frames missing from the task's ring (the stage before is on another host).
-MISSING_BATCHES_TO_READ_AHEAD = 2
 
 
 class StageWorker:
@@ -102,7 +99,6 @@ class StageWorker:
         # Decoded frames and JPEGs handed from a stage to a later one on this host (stages/shared_pictures.py).
         self.takes_pictures = pipeline.takes_shared_pictures(stage.name)
         self.takes_jpegs = pipeline.takes_shared_jpegs(stage.name)
-        self.missing_streaks: Counter[str] = Counter()  # task -> batches in a row its ring mostly missed
         self.shared = None
         if settings.shared_pictures_dir and (self.spec.shares_pictures or self.takes_pictures
                                              or self.spec.shares_jpegs or self.takes_jpegs):
@@ -397,10 +393,10 @@ class StageWorker:
             task_id = kafka.task_of_topic(topic)
             if task_id:
                 wanted = on and self._wants_pixels(task_id)
-                if wanted and self._takes_shared() and self.missing_streaks[task_id] < MISSING_BATCHES_TO_READ_AHEAD:
+                if wanted and self._takes_shared():
                     # On one host the frames come from the task's ring: reading them ahead fetched a task's first
                     # 50 or so frames from the broker for nothing before the first batch found the ring.
-                    self.pixels.read_on_demand(task_id, True)
+                    self.pixels.expect_handover(task_id)
                 self.pixels.warm(task_id, self.flow.raw_partitions(partition, count), wanted)
                 self._ring(task_id, wanted)
 
@@ -464,7 +460,6 @@ class StageWorker:
                 self.shared.forget(task_id)
         self.failed.pop(task_id, None)
         self.duplicates.pop(task_id, None)
-        self.missing_streaks.pop(task_id, None)
         self.reporter.forget(task_id)
 
     def stop_task_here(self, task_id: str) -> bool:
@@ -631,18 +626,8 @@ class StageWorker:
             else:
                 missing.append(item)
                 missed[item.task_id] += 1
-        # A task whose frames come from its ring needs no read-ahead of their JPEGs (each read costs the local
-        # broker about as much as a reader of every frame: bench/README.md's broker_cost); one whose ring stays
-        # empty (the stage before on another host) or went away reads ahead again. One batch of misses is not
-        # enough to say so: a task's first frames may come before the ring was made.
         for task_id in (found | missed).keys():
-            if found[task_id] and not missed[task_id]:
-                self.missing_streaks[task_id] = 0
-                self.pixels.read_on_demand(task_id, True)
-            elif missed[task_id] > found[task_id]:
-                self.missing_streaks[task_id] += 1
-                if self.missing_streaks[task_id] >= MISSING_BATCHES_TO_READ_AHEAD:
-                    self.pixels.read_on_demand(task_id, False)
+            self.pixels.handed_over(task_id, found[task_id], missed[task_id])
         return missing
 
     def _find_jpegs(self, items: list[FrameItem]) -> list[FrameItem]:
