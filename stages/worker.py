@@ -406,7 +406,8 @@ class StageWorker:
 
     def _ring(self, task_id: str, wanted: bool) -> None:
         """A stage that takes shared pictures: make the task's ring on this host (or remove it). Its frames' JPEGs
-        are read from the broker only for the frames it misses, ahead only if it keeps missing them (_find_shared)."""
+        are read from the broker only for the frames it misses, ahead only if it keeps missing them
+        (RawFrames.handed_over)."""
         if self.shared is None or not self.takes_pictures:
             return
         started = self.control.started(task_id)

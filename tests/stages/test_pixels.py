@@ -25,7 +25,7 @@ def test_one_batch_of_misses_is_not_enough_to_read_ahead_again_but_a_streak_is()
     assert misses.batch("a", found=0, missed=8) is False
 
 
-def test_a_batch_fully_found_ends_the_streak_and_a_mixed_one_changes_nothing():
+def test_a_batch_fully_found_ends_the_streak_and_a_mostly_found_one_changes_nothing():
     misses = RingMisses()
     for _ in range(MISSING_BATCHES_TO_READ_AHEAD):
         misses.batch("a", found=0, missed=8)

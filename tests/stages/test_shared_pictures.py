@@ -51,7 +51,9 @@ def key(index: int, epoch: int = 1, offset: int | None = None) -> PictureKey:
 
 
 CHILDREN = multiprocessing.get_context("forkserver")
-CHILDREN.set_forkserver_preload([__name__])  # each child starts with this module imported, not importing it
+# Each child starts with this module imported (from the repository root, as `make test` runs; elsewhere the forkserver
+# cannot import it and each child imports it as it unpickles its work).
+CHILDREN.set_forkserver_preload([__name__])
 
 
 def in_a_child(work, *args) -> multiprocessing.Process:
@@ -61,8 +63,13 @@ def in_a_child(work, *args) -> multiprocessing.Process:
 
 
 def exit_code_of(work, *args) -> int | None:
+    """The child's exit code, or None if it had not ended within 30 s (it is killed then)."""
     child = in_a_child(work, *args)
     child.join(30)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
     return child.exitcode
 
 
