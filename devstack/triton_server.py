@@ -20,6 +20,60 @@ from posemesh.devstack.processes import free_ports, kill_group, stop_process
 from posemesh.mesh.models import CPU_REPOSITORY
 from posemesh.mesh.settings import REPO_ROOT, env
 
+# Each Python-backend stub keeps its tensors in a region of /dev/shm (16 MB here, one a model) that tritonserver
+# removes when it stops. A server killed (SIGKILL, the OOM killer, a crash) leaves its regions behind: a CI run's
+# Triton kills left twelve, 192 MB of the host's memory. In a container they go with its /dev/shm.
+SHM_DIR = Path("/dev/shm")
+SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
+ORPHAN_MIN_AGE_S = 30.0  # younger than this, a region unmapped may be a starting server's, not mapped yet
+
+
+def mapped_shm_regions(pids: list[int] | None = None) -> set[Path]:
+    """The stubs' regions mapped by these processes (by every process when None)."""
+    maps = [Path(f"/proc/{pid}/maps") for pid in pids] if pids is not None else Path("/proc").glob("[0-9]*/maps")
+    regions = set()
+    for path in maps:
+        try:
+            text = path.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        for line in text.splitlines():
+            if SHM_REGION_PREFIX in line:
+                regions.add(Path(line.split(None, 5)[-1].removesuffix(" (deleted)")))
+    return regions
+
+
+def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[Path]:
+    """Remove the stubs' regions this user owns that no live process maps, made at least min_age_s ago: what
+    killed servers left (on this host or in this /dev/shm). Returns what it removed."""
+    regions = [p for p in shm_dir.glob(SHM_REGION_PREFIX + "*")]
+    if not regions:
+        return []
+    mapped, now, removed = mapped_shm_regions(), time.time(), []
+    for region in regions:
+        try:
+            info = region.stat()
+            if region in mapped or info.st_uid != os.getuid() or now - info.st_mtime < min_age_s:
+                continue
+            region.unlink()
+            removed.append(region)
+        except OSError:  # removed meanwhile
+            continue
+    return removed
+
+
+def _group_members(pgid: int) -> list[int]:
+    """The processes of a process group (tritonserver's stubs are in the server's)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp
+            members.append(int(stat.parent.name))
+    return members
+
 
 def triton_venv() -> Path:
     return Path(env("TRITON_VENV", str(REPO_ROOT / ".venv-triton")))
@@ -120,6 +174,8 @@ class TritonServer:
     def start(self, timeout: float = 120.0) -> TritonServer:
         install = TritonInstall.find()
         cmd, env = self.command(install)
+        if not self.own_shm:
+            sweep_orphaned_shm_regions()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -152,8 +208,17 @@ class TritonServer:
         """What a crash of Triton's container does: tritonserver and its Python-backend stubs die at once.
         (SIGKILL of tritonserver alone leaves its stubs orphaned, each spinning on a core.)"""
         if self.proc:
+            regions = self.shm_regions()
             kill_group(self.proc.pid)
             self.proc.wait()
+            for region in regions:  # what tritonserver would have removed, had it stopped
+                region.unlink(missing_ok=True)
+
+    def shm_regions(self) -> set[Path]:
+        """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own)."""
+        if not self.proc or self.own_shm or self.proc.poll() is not None:
+            return set()
+        return mapped_shm_regions([self.proc.pid, *_group_members(self.proc.pid)])
 
     def __enter__(self) -> TritonServer:
         return self.start()
