@@ -57,8 +57,11 @@ class Service:
     restarts: int = 0
     started_at: float = 0.0
     stopping: bool = False
+    before_start: Callable[[], object] | None = None  # at every start, restarts included
 
     def start(self) -> None:
+        if self.before_start is not None:
+            self.before_start()
         log_file = open(self.log_path, "ab")
         log_file.write(f"\n=== {time.strftime('%H:%M:%S')} starting {self.name}: {' '.join(self.command)}\n".encode())
         log_file.flush()
@@ -157,8 +160,10 @@ class Stack:
             # The gateway fails closed without keys; the local stack opts in to the development key.
             self.env["POSEMESH_API_KEYS"] = "dev:posemesh-dev-key"
 
-    def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None) -> Service:
-        service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log")
+    def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None,
+             before_start: Callable[[], object] | None = None) -> Service:
+        service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log",
+                          before_start=before_start)
         with self.lock:  # stop() either sees this service or this refuses to start it
             if self.stopping.is_set():
                 raise StackStopped(f"the stack was stopped before {name} started")
@@ -169,7 +174,7 @@ class Stack:
         return service
 
     def start(self) -> Stack:
-        from posemesh.devstack.triton_server import TritonServer
+        from posemesh.devstack.triton_server import TritonServer, sweep_orphaned_shm_regions
         from posemesh.mesh.models import MODELS, is_stand_in, prepare
 
         try:
@@ -192,7 +197,9 @@ class Stack:
                 from posemesh.devstack.triton_server import TritonInstall
 
                 cmd, env = triton.command(TritonInstall.find())
-                self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env)
+                # A Triton that crashed left its stubs' regions in /dev/shm: removed before it starts again.
+                self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env,
+                          before_start=sweep_orphaned_shm_regions)
             self._start_gateways()
             for stage, count in self.config.workers.items():
                 for i in range(count):

@@ -25,7 +25,7 @@ from posemesh.mesh.settings import REPO_ROOT, env
 # Triton kills left twelve, 192 MB of the host's memory. In a container they go with its /dev/shm.
 SHM_DIR = Path("/dev/shm")
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
-ORPHAN_MIN_AGE_S = 30.0  # younger than this, a region unmapped may be a starting server's, not mapped yet
+ORPHAN_MIN_AGE_S = 30.0  # a region last modified more recently is left: a margin, whatever it is made for
 
 
 def mapped_shm_regions(pids: list[int] | None = None) -> set[Path]:
@@ -44,9 +44,12 @@ def mapped_shm_regions(pids: list[int] | None = None) -> set[Path]:
 
 
 def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[Path]:
-    """Remove the stubs' regions this user owns that no live process maps, made at least min_age_s ago: what
-    killed servers left (on this host or in this /dev/shm). Returns what it removed."""
-    regions = [p for p in shm_dir.glob(SHM_REGION_PREFIX + "*")]
+    """Remove the stubs' regions this user owns that no process this one can see maps, last modified at least
+    min_age_s ago: what killed servers left. (A process in another PID namespace sharing this /dev/shm, a
+    container with --ipc=host, is not seen: a stub whose region went recreates it when it starts again.)
+    Returns what it removed."""
+    shm_dir = shm_dir.resolve()  # /proc's maps name the real path (/dev/shm may be a link to /run/shm)
+    regions = list(shm_dir.glob(SHM_REGION_PREFIX + "*"))
     if not regions:
         return []
     mapped, now, removed = mapped_shm_regions(), time.time(), []
@@ -215,10 +218,11 @@ class TritonServer:
                 region.unlink(missing_ok=True)
 
     def shm_regions(self) -> set[Path]:
-        """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own)."""
-        if not self.proc or self.own_shm or self.proc.poll() is not None:
+        """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own). Its
+        stubs are in its process group, and may outlive it."""
+        if not self.proc or self.own_shm:
             return set()
-        return mapped_shm_regions([self.proc.pid, *_group_members(self.proc.pid)])
+        return mapped_shm_regions(_group_members(self.proc.pid))
 
     def __enter__(self) -> TritonServer:
         return self.start()
