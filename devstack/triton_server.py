@@ -65,6 +65,11 @@ def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHA
     return removed
 
 
+def _remove(regions: set[Path]) -> None:
+    for region in regions:
+        region.unlink(missing_ok=True)
+
+
 def _group_members(pgid: int) -> list[int]:
     """The processes of a process group (tritonserver's stubs are in the server's)."""
     members = []
@@ -204,8 +209,10 @@ class TritonServer:
 
     def stop(self) -> None:
         if self.proc:
+            regions = self.shm_regions()  # tritonserver removes them itself, unless the grace runs out
             stop_process(self.proc, grace=15)
             kill_group(self.proc.pid)
+            _remove(regions)
 
     def kill(self) -> None:
         """What a crash of Triton's container does: tritonserver and its Python-backend stubs die at once.
@@ -214,8 +221,7 @@ class TritonServer:
             regions = self.shm_regions()
             kill_group(self.proc.pid)
             self.proc.wait()
-            for region in regions:  # what tritonserver would have removed, had it stopped
-                region.unlink(missing_ok=True)
+            _remove(regions)  # what tritonserver would have removed, had it stopped
 
     def shm_regions(self) -> set[Path]:
         """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own). Its
