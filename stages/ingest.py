@@ -716,7 +716,7 @@ class IngestWorker:
                  for r in list(self.runs.values())]
         return spb.GetStatusResponse(worker_id=self.worker_id, stage=INGEST, frames_processed=self.frames_decoded,
                                      tasks=tasks, uptime_s=time.time() - self.started_at, serving=not problem,
-                                     problem=problem,
+                                     problem=problem, reading_tasks=self.reporter.reading,
                                      consumer_group=self.group_name() if self.control.incarnation else "")
 
     def stop_task_here(self, task_id: str) -> bool:

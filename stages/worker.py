@@ -739,7 +739,8 @@ class StageWorker:
             pixel_frames_read=self.pixels.reads if self.pixels else 0,
             pixel_bytes_read=self.pixels.bytes_read if self.pixels else 0,
             pictures_shared=self.shared.put_count + self.shared.taken_count if self.shared else 0,
-            jpegs_shared=self.shared.jpegs_put + self.shared.jpegs_taken if self.shared else 0)
+            jpegs_shared=self.shared.jpegs_put + self.shared.jpegs_taken if self.shared else 0,
+            reading_tasks=self.reporter.reading)
 
 
 def _later(delay_s: float, action: Callable[[], None]) -> None:

@@ -96,14 +96,23 @@ def _subscriptions(mesh) -> dict:
 
 
 def _reserve_ready(mesh) -> tuple[set[str], dict]:
-    """Waits until the gateway holds its full reserve of task ids and every consumer group has settled (the
-    reserved topics are assigned, ended tasks' let go). Returns the reserved ids and the workers'
-    subscriptions then. Uploads made now take reserved ids and start without any group rebalancing."""
+    """Waits until the gateway holds its full reserve of task ids, every worker reads the reserved tasks'
+    topics and none of an ended task's, and every consumer group has settled. Returns the reserved ids and
+    the workers' subscriptions then. Uploads made now take reserved ids and start without any group
+    rebalancing. Settling alone is not enough: a worker lets an ended task's topics go only once no task has
+    started for a while (stages/worker.py), which can come after a quiet spell of three seconds, as the
+    earlier test's tasks end (a project CI run saw every worker's subscription change that way)."""
     bootstrap = mesh.settings.kafka_bootstrap
     wait_for(lambda: len(reserved_task_ids(bootstrap)) == mesh.settings.reserved_tasks, 90, 0.5, "the reservations")
     _subscriptions(mesh)  # no worker crashed meanwhile
+    reserved = reserved_task_ids(bootstrap)
+
+    def reading_other_tasks() -> dict:
+        return {f"{w.stage}:{w.port}": sorted(others) for w in mesh.workers
+                if (others := set(w.status().reading_tasks) - reserved)}
+    wait_for(lambda: not reading_other_tasks(), 90, 0.5, "every worker to read the reserved tasks alone")
     _settled(mesh.workers, timeout=90)
-    return reserved_task_ids(bootstrap), _subscriptions(mesh)
+    return reserved, _subscriptions(mesh)
 
 
 def test_every_replica_works_on_four_concurrent_tasks(mesh, clip, reference):
@@ -139,6 +148,8 @@ def test_a_task_on_a_reserved_id_starts_without_any_subscription_change(mesh, cl
     reported too; the local broker now and then re-sends one member its assignment on its own (seen once
     in 15 runs, with no subscription change anywhere), so they are not what this test asserts."""
     reserved, before = _reserve_ready(mesh)
+    reading = {f"{w.stage}:{w.port}": set(w.status().reading_tasks) for w in mesh.workers if w.stage in STAGE_NAMES}
+    assert all(tasks == reserved for tasks in reading.values()), (reserved, reading)  # what GetStatus says
     task = upload(mesh.stub, clip, auth())
     assert task.task_id in reserved
     while True:

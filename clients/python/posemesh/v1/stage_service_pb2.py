@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fposemesh/v1/stage_service.proto\x12\x0bposemesh.v1\"t\n\tStageTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\x12\x1a\n\x12\x64uplicates_dropped\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x61ilure\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"\x93\x03\n\x11GetStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x18\n\x10\x66rames_processed\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x03\x12\x17\n\x0fmean_batch_size\x18\x05 \x01(\x01\x12%\n\x05tasks\x18\x06 \x03(\x0b\x32\x16.posemesh.v1.StageTask\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12\x0f\n\x07problem\x18\t \x01(\t\x12\x0e\n\x06resets\x18\n \x01(\x03\x12\x13\n\x0b\x61ssignments\x18\x0b \x01(\x03\x12\x1c\n\x14subscription_changes\x18\x0c \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\r \x01(\t\x12\x19\n\x11pixel_frames_read\x18\x0e \x01(\x03\x12\x18\n\x10pixel_bytes_read\x18\x0f \x01(\x03\x12\x17\n\x0fpictures_shared\x18\x10 \x01(\x03\x12\x14\n\x0cjpegs_shared\x18\x11 \x01(\x03\"\x17\n\x15ListStageTasksRequest\"?\n\x16ListStageTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.posemesh.v1.StageTask\"\"\n\x0fStopTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"&\n\x10StopTaskResponse\x12\x12\n\nwas_active\x18\x01 \x01(\x08\x32\xfe\x01\n\x0cStageService\x12J\n\tGetStatus\x12\x1d.posemesh.v1.GetStatusRequest\x1a\x1e.posemesh.v1.GetStatusResponse\x12Y\n\x0eListStageTasks\x12\".posemesh.v1.ListStageTasksRequest\x1a#.posemesh.v1.ListStageTasksResponse\x12G\n\x08StopTask\x12\x1c.posemesh.v1.StopTaskRequest\x1a\x1d.posemesh.v1.StopTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fposemesh/v1/stage_service.proto\x12\x0bposemesh.v1\"t\n\tStageTask\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\x03\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\x03\x12\x1a\n\x12\x64uplicates_dropped\x18\x04 \x01(\x03\x12\x0f\n\x07\x66\x61ilure\x18\x05 \x01(\t\"\x12\n\x10GetStatusRequest\"\xaa\x03\n\x11GetStatusResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05stage\x18\x02 \x01(\t\x12\x18\n\x10\x66rames_processed\x18\x03 \x01(\x03\x12\x0f\n\x07\x62\x61tches\x18\x04 \x01(\x03\x12\x17\n\x0fmean_batch_size\x18\x05 \x01(\x01\x12%\n\x05tasks\x18\x06 \x03(\x0b\x32\x16.posemesh.v1.StageTask\x12\x10\n\x08uptime_s\x18\x07 \x01(\x01\x12\x0f\n\x07serving\x18\x08 \x01(\x08\x12\x0f\n\x07problem\x18\t \x01(\t\x12\x0e\n\x06resets\x18\n \x01(\x03\x12\x13\n\x0b\x61ssignments\x18\x0b \x01(\x03\x12\x1c\n\x14subscription_changes\x18\x0c \x01(\x03\x12\x16\n\x0e\x63onsumer_group\x18\r \x01(\t\x12\x19\n\x11pixel_frames_read\x18\x0e \x01(\x03\x12\x18\n\x10pixel_bytes_read\x18\x0f \x01(\x03\x12\x17\n\x0fpictures_shared\x18\x10 \x01(\x03\x12\x14\n\x0cjpegs_shared\x18\x11 \x01(\x03\x12\x15\n\rreading_tasks\x18\x12 \x03(\t\"\x17\n\x15ListStageTasksRequest\"?\n\x16ListStageTasksResponse\x12%\n\x05tasks\x18\x01 \x03(\x0b\x32\x16.posemesh.v1.StageTask\"\"\n\x0fStopTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"&\n\x10StopTaskResponse\x12\x12\n\nwas_active\x18\x01 \x01(\x08\x32\xfe\x01\n\x0cStageService\x12J\n\tGetStatus\x12\x1d.posemesh.v1.GetStatusRequest\x1a\x1e.posemesh.v1.GetStatusResponse\x12Y\n\x0eListStageTasks\x12\".posemesh.v1.ListStageTasksRequest\x1a#.posemesh.v1.ListStageTasksResponse\x12G\n\x08StopTask\x12\x1c.posemesh.v1.StopTaskRequest\x1a\x1d.posemesh.v1.StopTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,15 +36,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=166
   _globals['_GETSTATUSREQUEST']._serialized_end=184
   _globals['_GETSTATUSRESPONSE']._serialized_start=187
-  _globals['_GETSTATUSRESPONSE']._serialized_end=590
-  _globals['_LISTSTAGETASKSREQUEST']._serialized_start=592
-  _globals['_LISTSTAGETASKSREQUEST']._serialized_end=615
-  _globals['_LISTSTAGETASKSRESPONSE']._serialized_start=617
-  _globals['_LISTSTAGETASKSRESPONSE']._serialized_end=680
-  _globals['_STOPTASKREQUEST']._serialized_start=682
-  _globals['_STOPTASKREQUEST']._serialized_end=716
-  _globals['_STOPTASKRESPONSE']._serialized_start=718
-  _globals['_STOPTASKRESPONSE']._serialized_end=756
-  _globals['_STAGESERVICE']._serialized_start=759
-  _globals['_STAGESERVICE']._serialized_end=1013
+  _globals['_GETSTATUSRESPONSE']._serialized_end=613
+  _globals['_LISTSTAGETASKSREQUEST']._serialized_start=615
+  _globals['_LISTSTAGETASKSREQUEST']._serialized_end=638
+  _globals['_LISTSTAGETASKSRESPONSE']._serialized_start=640
+  _globals['_LISTSTAGETASKSRESPONSE']._serialized_end=703
+  _globals['_STOPTASKREQUEST']._serialized_start=705
+  _globals['_STOPTASKREQUEST']._serialized_end=739
+  _globals['_STOPTASKRESPONSE']._serialized_start=741
+  _globals['_STOPTASKRESPONSE']._serialized_end=779
+  _globals['_STAGESERVICE']._serialized_start=782
+  _globals['_STAGESERVICE']._serialized_end=1036
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments", "subscription_changes", "consumer_group", "pixel_frames_read", "pixel_bytes_read", "pictures_shared", "jpegs_shared")
+    __slots__ = ("worker_id", "stage", "frames_processed", "batches", "mean_batch_size", "tasks", "uptime_s", "serving", "problem", "resets", "assignments", "subscription_changes", "consumer_group", "pixel_frames_read", "pixel_bytes_read", "pictures_shared", "jpegs_shared", "reading_tasks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,7 @@ class GetStatusResponse(_message.Message):
     PIXEL_BYTES_READ_FIELD_NUMBER: _ClassVar[int]
     PICTURES_SHARED_FIELD_NUMBER: _ClassVar[int]
     JPEGS_SHARED_FIELD_NUMBER: _ClassVar[int]
+    READING_TASKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     stage: str
     frames_processed: int
@@ -60,7 +61,8 @@ class GetStatusResponse(_message.Message):
     pixel_bytes_read: int
     pictures_shared: int
     jpegs_shared: int
-    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ..., subscription_changes: _Optional[int] = ..., consumer_group: _Optional[str] = ..., pixel_frames_read: _Optional[int] = ..., pixel_bytes_read: _Optional[int] = ..., pictures_shared: _Optional[int] = ..., jpegs_shared: _Optional[int] = ...) -> None: ...
+    reading_tasks: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., stage: _Optional[str] = ..., frames_processed: _Optional[int] = ..., batches: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., tasks: _Optional[_Iterable[_Union[StageTask, _Mapping]]] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., problem: _Optional[str] = ..., resets: _Optional[int] = ..., assignments: _Optional[int] = ..., subscription_changes: _Optional[int] = ..., consumer_group: _Optional[str] = ..., pixel_frames_read: _Optional[int] = ..., pixel_bytes_read: _Optional[int] = ..., pictures_shared: _Optional[int] = ..., jpegs_shared: _Optional[int] = ..., reading_tasks: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListStageTasksRequest(_message.Message):
     __slots__ = ()
