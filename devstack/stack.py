@@ -58,6 +58,10 @@ class Service:
     started_at: float = 0.0
     stopping: bool = False
     before_start: Callable[[], object] | None = None  # at every start, restarts included
+    # Once its process group is gone (stopped, or dead and about to start again), given the group and when it
+    # started (time.time()): removes what it leaves behind that its own orderly stop would have removed.
+    after_exit: Callable[[int, float], object] | None = None
+    started_wall: float = 0.0
 
     def start(self) -> None:
         if self.before_start is not None:
@@ -68,7 +72,12 @@ class Service:
         # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                      cwd=REPO_ROOT, start_new_session=True)
-        self.started_at = time.monotonic()
+        self.started_at, self.started_wall = time.monotonic(), time.time()
+
+    def ended(self) -> None:
+        """Its process group is gone (killed): what it left behind goes too."""
+        if self.after_exit is not None:
+            self.after_exit(self.proc.pid, self.started_wall)
 
     def wait_healthy(self, timeout: float, stopping: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -161,9 +170,10 @@ class Stack:
             self.env["POSEMESH_API_KEYS"] = "dev:posemesh-dev-key"
 
     def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None,
-             before_start: Callable[[], object] | None = None) -> Service:
+             before_start: Callable[[], object] | None = None,
+             after_exit: Callable[[int, float], object] | None = None) -> Service:
         service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log",
-                          before_start=before_start)
+                          before_start=before_start, after_exit=after_exit)
         with self.lock:  # stop() either sees this service or this refuses to start it
             if self.stopping.is_set():
                 raise StackStopped(f"the stack was stopped before {name} started")
@@ -174,7 +184,7 @@ class Stack:
         return service
 
     def start(self) -> Stack:
-        from posemesh.devstack.triton_server import TritonServer, sweep_orphaned_shm_regions
+        from posemesh.devstack.triton_server import TritonServer, remove_shm_regions_left_by, sweep_orphaned_shm_regions
         from posemesh.mesh.models import MODELS, is_stand_in, prepare
 
         try:
@@ -197,9 +207,10 @@ class Stack:
                 from posemesh.devstack.triton_server import TritonInstall
 
                 cmd, env = triton.command(TritonInstall.find())
-                # A Triton that crashed left its stubs' regions in /dev/shm: removed before it starts again.
+                # A Triton killed (or stopped while it loads its models) leaves its stubs' regions in /dev/shm:
+                # removed once it is gone, and older ones (a stack killed outright) before it starts.
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env,
-                          before_start=sweep_orphaned_shm_regions)
+                          before_start=sweep_orphaned_shm_regions, after_exit=remove_shm_regions_left_by)
             self._start_gateways()
             for stage, count in self.config.workers.items():
                 for i in range(count):
@@ -270,6 +281,7 @@ class Stack:
                 time.sleep(delay)
                 if not self.stopping.is_set():
                     kill_group(service.proc.pid)  # what the dead process started (Triton's stubs) goes too
+                    service.ended()
                     service.start()
             if dead:
                 self._write_state()
@@ -297,6 +309,7 @@ class Stack:
             if s not in workers:
                 stop_process(s.proc, grace=15)
             kill_group(s.proc.pid)  # nothing a service started outlives the stack
+            s.ended()
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None

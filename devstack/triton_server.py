@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from posemesh.devstack.processes import free_ports, kill_group, stop_process
+from posemesh.devstack.processes import free_ports, group_members, kill_group, stop_process
 from posemesh.mesh.models import CPU_REPOSITORY
 from posemesh.mesh.settings import REPO_ROOT, env
 
@@ -43,20 +43,27 @@ def mapped_shm_regions(pids: list[int] | None = None) -> set[Path]:
     return regions
 
 
-def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[Path]:
+def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S,
+                               made_since: float | None = None) -> list[Path]:
     """Remove the stubs' regions this user owns that no process this one can see maps, last modified at least
     min_age_s ago: what killed servers left. (A process in another PID namespace sharing this /dev/shm, a
     container with --ipc=host, is not seen: a stub whose region went recreates it when it starts again.)
-    Returns what it removed."""
+    With made_since (a time.time()), regions nobody maps that were modified since then go too, however young:
+    once a server started then is gone with its stubs, they are its (tritonserver stopped while it loaded its
+    models made some without removing them; no process listed them a moment before). Returns what it removed."""
     shm_dir = shm_dir.resolve()  # /proc's maps name the real path (/dev/shm may be a link to /run/shm)
     regions = list(shm_dir.glob(SHM_REGION_PREFIX + "*"))
     if not regions:
         return []
     mapped, now, removed = mapped_shm_regions(), time.time(), []
+    # A file's time comes from the kernel's coarse clock, a tick behind time.time(): a second of margin.
+    since = made_since - 1.0 if made_since is not None else now
     for region in regions:
         try:
             info = region.stat()
-            if region in mapped or info.st_uid != os.getuid() or now - info.st_mtime < min_age_s:
+            if region in mapped or info.st_uid != os.getuid():
+                continue
+            if now - info.st_mtime < min_age_s and info.st_mtime < since:
                 continue
             region.unlink()
             removed.append(region)
@@ -65,22 +72,15 @@ def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHA
     return removed
 
 
-def _remove(regions: set[Path]) -> None:
-    for region in regions:
-        region.unlink(missing_ok=True)
-
-
-def _group_members(pgid: int) -> list[int]:
-    """The processes of a process group (tritonserver's stubs are in the server's)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # after the name: state, ppid, pgrp
-            members.append(int(stat.parent.name))
-    return members
+def remove_shm_regions_left_by(pgid: int, started_at: float, wait_s: float = 5.0) -> list[Path]:
+    """What tritonserver removes when it stops in good order, for a server started at `started_at` (a
+    time.time()) in process group `pgid` that was stopped or killed with its stubs: once no process of the
+    group maps a region any more (SIGKILL takes a moment), the regions made since it started that nobody maps.
+    Returns what it removed."""
+    deadline = time.monotonic() + wait_s
+    while mapped_shm_regions(group_members(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return sweep_orphaned_shm_regions(made_since=started_at)
 
 
 def triton_venv() -> Path:
@@ -149,6 +149,7 @@ class TritonServer:
         # without --ipc=host: it cannot see the clients' shared-memory regions.
         self.own_shm = own_shm
         self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0  # time.time() at the last start
 
     @property
     def url(self) -> str:
@@ -186,6 +187,7 @@ class TritonServer:
             sweep_orphaned_shm_regions()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.started_at = time.time()
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout)
         return self
@@ -209,26 +211,29 @@ class TritonServer:
 
     def stop(self) -> None:
         if self.proc:
-            regions = self.shm_regions()  # tritonserver removes them itself, unless the grace runs out
             stop_process(self.proc, grace=15)
             kill_group(self.proc.pid)
-            _remove(regions)
+            # tritonserver removes them itself, unless stopped while it loads its models or past the grace
+            self._remove_regions()
 
     def kill(self) -> None:
         """What a crash of Triton's container does: tritonserver and its Python-backend stubs die at once.
         (SIGKILL of tritonserver alone leaves its stubs orphaned, each spinning on a core.)"""
         if self.proc:
-            regions = self.shm_regions()
             kill_group(self.proc.pid)
             self.proc.wait()
-            _remove(regions)  # what tritonserver would have removed, had it stopped
+            self._remove_regions()  # what tritonserver would have removed, had it stopped
+
+    def _remove_regions(self) -> None:
+        if not self.own_shm:  # a /dev/shm of its own went with it
+            remove_shm_regions_left_by(self.proc.pid, self.started_at)
 
     def shm_regions(self) -> set[Path]:
         """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own). Its
         stubs are in its process group, and may outlive it."""
         if not self.proc or self.own_shm:
             return set()
-        return mapped_shm_regions(_group_members(self.proc.pid))
+        return mapped_shm_regions(group_members(self.proc.pid))
 
     def __enter__(self) -> TritonServer:
         return self.start()

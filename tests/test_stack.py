@@ -14,6 +14,7 @@ import pytest
 
 from posemesh.client import Client
 from posemesh.devstack.processes import free_port
+from posemesh.devstack.triton_server import SHM_DIR, SHM_REGION_PREFIX, mapped_shm_regions
 from posemesh.mesh.settings import REPO_ROOT
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.helpers import wait_for
@@ -105,19 +106,27 @@ def started_from(run_dir) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("when", ["starting", "working"])
+def stub_regions() -> set[Path]:
+    return set(SHM_DIR.resolve().glob(SHM_REGION_PREFIX + "*"))
+
+
+@pytest.mark.parametrize("when", ["starting", "loading", "working"])
 def test_run_stops_its_stack_when_terminated(tmp_path, when):
     """`posemesh run` killed with SIGTERM (a CI timeout, say) stops everything it started, whether its stack is
-    still starting (Triton loading, health checks in flight) or a task is being uploaded and followed."""
+    still starting (Triton started, health checks in flight), Triton is loading its models (its stubs have
+    made their shared-memory regions), or a task is being uploaded and followed. Triton's regions go with it:
+    a project CI run found four (64 MB of /dev/shm) left by a Triton stopped while it loaded."""
     from tests.conftest import media
 
     run_dir = tmp_path / "once"
+    regions_before = stub_regions()
     proc = subprocess.Popen([sys.executable, "-m", "posemesh.cli", "run", str(media("vtest_opencv_480x360.mp4")),
                              "--run-dir", str(run_dir), "--out", str(tmp_path / "out")], cwd=REPO_ROOT,
                             stdout=open(tmp_path / "run.log", "wb"), stderr=subprocess.STDOUT)
     state_file = run_dir / "stack.json"
-    sign = state_file if when == "working" else run_dir / "logs" / "triton.log"
-    wait_for(sign.exists, 240, 0.05, f"`posemesh run` to get to {sign.name}")
+    signs = {"starting": (run_dir / "logs" / "triton.log").exists, "working": state_file.exists,
+             "loading": lambda: stub_regions() - regions_before}
+    wait_for(signs[when], 240, 0.02, f"`posemesh run` to be {when}")
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(60)
@@ -128,3 +137,5 @@ def test_run_stops_its_stack_when_terminated(tmp_path, when):
     assert proc.returncode == 128 + signal.SIGTERM
     assert not state_file.exists()
     assert started_from(run_dir) == []
+    left = stub_regions() - regions_before - mapped_shm_regions()
+    assert not left, f"Triton's shared-memory regions left behind: {sorted(r.name for r in left)}"

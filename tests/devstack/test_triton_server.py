@@ -28,3 +28,15 @@ def test_an_old_region_nobody_maps_is_removed_and_a_mapped_or_young_one_kept(tmp
         assert sweep_orphaned_shm_regions(tmp_path, min_age_s=30) == [orphan]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([young.name, live.name, other.name])
     assert sweep_orphaned_shm_regions(tmp_path, min_age_s=30) == [live]  # once nobody maps it any more
+
+
+def test_once_a_server_is_gone_the_regions_made_since_it_started_go_however_young(tmp_path):
+    """A Triton stopped while it loads its models leaves regions made a moment ago: a server's own stop
+    removes those made since it started that nobody maps, and leaves older young ones (another server's
+    margin) and mapped ones."""
+    earlier = region(tmp_path, "earlier", 10)
+    started = time.time() - 3
+    made, mapped = region(tmp_path, "made", 1), region(tmp_path, "mapped", 1)
+    with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096) as _mapped:
+        assert sweep_orphaned_shm_regions(tmp_path, made_since=started) == [made]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([earlier.name, mapped.name])
