@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 from confluent_kafka import KafkaError, KafkaException, Producer
 
 from posemesh.mesh import kafka
@@ -17,7 +18,12 @@ def test_a_record_the_producer_refused_outright_fails_the_writers_flush_like_a_f
     sender = kafka.Sender(Producer(kafka.producer_config(settings, "test-sender")))
     sender.send(topic, b"one")
     assert sender.delivered(30)  # acknowledged, no error so far
-    refused = KafkaException(KafkaError(KafkaError._FATAL, "the producer failed for good"))
+    # A record the producer refuses before it is queued: produce() raises, as it does once the producer has
+    # failed for good (what a stage worker's _produce keeps as a delivery error).
+    with pytest.raises(KafkaException) as raised:
+        sender.send(topic, b"\0" * (kafka.MAX_MESSAGE_BYTES + 1))
+    refused = raised.value
+    assert refused.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
     sender.keep_error(refused)
     sender.send(topic, b"two")
     assert sender.flush(30) == 0  # "two" itself was acknowledged...
