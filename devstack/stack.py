@@ -58,10 +58,9 @@ class Service:
     started_at: float = 0.0
     stopping: bool = False
     before_start: Callable[[], object] | None = None  # at every start, restarts included
-    # Once its process group is gone (stopped, or dead and about to start again), given the group and when it
-    # started (time.time()): removes what it leaves behind that its own orderly stop would have removed.
-    after_exit: Callable[[int, float], object] | None = None
-    started_wall: float = 0.0
+    # Once it has exited and its process group was SIGKILLed (the stack stops, or it died and starts again),
+    # given the group: removes what it left that its own orderly stop would have removed.
+    after_exit: Callable[[int], object] | None = None
 
     def start(self) -> None:
         if self.before_start is not None:
@@ -72,12 +71,17 @@ class Service:
         # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log_file, stderr=subprocess.STDOUT,
                                      cwd=REPO_ROOT, start_new_session=True)
-        self.started_at, self.started_wall = time.monotonic(), time.time()
+        self.started_at = time.monotonic()
 
-    def ended(self) -> None:
-        """Its process group is gone (killed): what it left behind goes too."""
-        if self.after_exit is not None:
-            self.after_exit(self.proc.pid, self.started_wall)
+    def clean_up_after_exit(self) -> None:
+        """Called once it has exited and its group was SIGKILLed: what it left behind goes too. A failure is
+        logged, never raised: stopping the rest of the stack matters more."""
+        if self.after_exit is None:
+            return
+        try:
+            self.after_exit(self.proc.pid)
+        except Exception:  # logged with its traceback
+            log.exception("cleaning up after %s", self.name)
 
     def wait_healthy(self, timeout: float, stopping: threading.Event) -> None:
         deadline = time.monotonic() + timeout
@@ -171,7 +175,7 @@ class Stack:
 
     def _add(self, name: str, command: list[str], healthy: Callable[[], bool], timeout: float, env=None,
              before_start: Callable[[], object] | None = None,
-             after_exit: Callable[[int, float], object] | None = None) -> Service:
+             after_exit: Callable[[int], object] | None = None) -> Service:
         service = Service(name, command, env or self.env, healthy, self.logs / f"{name}.log",
                           before_start=before_start, after_exit=after_exit)
         with self.lock:  # stop() either sees this service or this refuses to start it
@@ -208,9 +212,10 @@ class Stack:
 
                 cmd, env = triton.command(TritonInstall.find())
                 # A Triton killed (or stopped while it loads its models) leaves its stubs' regions in /dev/shm:
-                # removed once it is gone, and older ones (a stack killed outright) before it starts.
+                # removed once it is gone, and older ones nobody maps (a stack killed outright) before it starts.
                 self._add("triton", cmd, lambda: _triton_ready(self.triton_url), 180, env=env,
-                          before_start=sweep_orphaned_shm_regions, after_exit=remove_shm_regions_left_by)
+                          before_start=sweep_orphaned_shm_regions,
+                          after_exit=lambda pgid: remove_shm_regions_left_by(triton.shm_prefix, pgid))
             self._start_gateways()
             for stage, count in self.config.workers.items():
                 for i in range(count):
@@ -279,9 +284,13 @@ class Stack:
                 log.warning("%s exited with %s after %.0fs; restarting in %.0fs (see %s)", service.name,
                             service.proc.returncode, ran, delay, service.log_path)
                 time.sleep(delay)
-                if not self.stopping.is_set():
-                    kill_group(service.proc.pid)  # what the dead process started (Triton's stubs) goes too
-                    service.ended()
+                if self.stopping.is_set():
+                    return
+                kill_group(service.proc.pid)  # what the dead process started (Triton's stubs) goes too
+                service.clean_up_after_exit()
+                with self.lock:  # as in _add: stop() either sees the new process or it is not started
+                    if self.stopping.is_set():
+                        return
                     service.start()
             if dead:
                 self._write_state()
@@ -309,7 +318,7 @@ class Stack:
             if s not in workers:
                 stop_process(s.proc, grace=15)
             kill_group(s.proc.pid)  # nothing a service started outlives the stack
-            s.ended()
+            s.clean_up_after_exit()
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None

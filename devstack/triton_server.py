@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,8 +22,10 @@ from posemesh.mesh.models import CPU_REPOSITORY
 from posemesh.mesh.settings import REPO_ROOT, env
 
 # Each Python-backend stub keeps its tensors in a region of /dev/shm (16 MB here, one a model) that tritonserver
-# removes when it stops. A server killed (SIGKILL, the OOM killer, a crash) leaves its regions behind: a CI run's
-# Triton kills left twelve, 192 MB of the host's memory. In a container they go with its /dev/shm.
+# removes when it stops in good order. A server killed (SIGKILL, the OOM killer, a crash), or SIGTERMed while it
+# loads its models, leaves its regions behind: a CI run's Triton kills left twelve, 192 MB of the host's memory.
+# So a server's regions carry a prefix of its own, removed once it is gone, and regions nobody maps are swept
+# before a server starts. In a container they go with its /dev/shm.
 SHM_DIR = Path("/dev/shm")
 SHM_REGION_PREFIX = "triton_python_backend_shm_region_"
 ORPHAN_MIN_AGE_S = 30.0  # a region last modified more recently is left: a margin, whatever it is made for
@@ -43,27 +46,20 @@ def mapped_shm_regions(pids: list[int] | None = None) -> set[Path]:
     return regions
 
 
-def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S,
-                               made_since: float | None = None) -> list[Path]:
+def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHAN_MIN_AGE_S) -> list[Path]:
     """Remove the stubs' regions this user owns that no process this one can see maps, last modified at least
     min_age_s ago: what killed servers left. (A process in another PID namespace sharing this /dev/shm, a
     container with --ipc=host, is not seen: a stub whose region went recreates it when it starts again.)
-    With made_since (a time.time()), regions nobody maps that were modified since then go too, however young:
-    once a server started then is gone with its stubs, they are its (tritonserver stopped while it loaded its
-    models made some without removing them; no process listed them a moment before). Returns what it removed."""
+    Returns what it removed."""
     shm_dir = shm_dir.resolve()  # /proc's maps name the real path (/dev/shm may be a link to /run/shm)
     regions = list(shm_dir.glob(SHM_REGION_PREFIX + "*"))
     if not regions:
         return []
     mapped, now, removed = mapped_shm_regions(), time.time(), []
-    # A file's time comes from the kernel's coarse clock, a tick behind time.time(): a second of margin.
-    since = made_since - 1.0 if made_since is not None else now
     for region in regions:
         try:
             info = region.stat()
-            if region in mapped or info.st_uid != os.getuid():
-                continue
-            if now - info.st_mtime < min_age_s and info.st_mtime < since:
+            if region in mapped or info.st_uid != os.getuid() or now - info.st_mtime < min_age_s:
                 continue
             region.unlink()
             removed.append(region)
@@ -72,15 +68,20 @@ def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHA
     return removed
 
 
-def remove_shm_regions_left_by(pgid: int, started_at: float, wait_s: float = 5.0) -> list[Path]:
-    """What tritonserver removes when it stops in good order, for a server started at `started_at` (a
-    time.time()) in process group `pgid` that was stopped or killed with its stubs: once no process of the
-    group maps a region any more (SIGKILL takes a moment), the regions made since it started that nobody maps.
-    Returns what it removed."""
+def remove_shm_regions_left_by(prefix: str, pgid: int, shm_dir: Path = SHM_DIR, wait_s: float = 5.0) -> list[Path]:
+    """What tritonserver removes when it stops in good order, for a server whose stubs name their regions with
+    `prefix` (TritonServer.shm_prefix), stopped or killed with its process group `pgid`: once no process of
+    the group maps a region any more (SIGKILL takes a moment), its regions that nobody maps. A server SIGTERMed
+    while it loads its models, or killed, leaves them. Returns what it removed."""
     deadline = time.monotonic() + wait_s
     while mapped_shm_regions(group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return sweep_orphaned_shm_regions(made_since=started_at)
+    mapped, removed = mapped_shm_regions(), []
+    for region in shm_dir.resolve().glob(prefix + "*"):
+        if region not in mapped:
+            region.unlink(missing_ok=True)
+            removed.append(region)
+    return removed
 
 
 def triton_venv() -> Path:
@@ -149,7 +150,9 @@ class TritonServer:
         # without --ipc=host: it cannot see the clients' shared-memory regions.
         self.own_shm = own_shm
         self.proc: subprocess.Popen | None = None
-        self.started_at = 0.0  # time.time() at the last start
+        # The start of its stubs' region names in /dev/shm, this server's own: what it leaves behind when
+        # killed is told apart from any other server's (remove_shm_regions_left_by).
+        self.shm_prefix = f"{SHM_REGION_PREFIX}{secrets.token_hex(6)}_"
 
     @property
     def url(self) -> str:
@@ -166,6 +169,7 @@ class TritonServer:
                "--model-control-mode=explicit", *loads, "--disable-auto-complete-config",
                "--pinned-memory-pool-byte-size=0", "--allow-gpu-metrics=false",
                "--backend-config=python,shm-default-byte-size=16777216",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                f"--grpc-port={self.grpc_port}", f"--http-port={self.http_port}",
                f"--metrics-port={self.metrics_port}", "--log-verbose=0"]
         libs = install.site / "nvidia_pytriton.libs"
@@ -187,7 +191,6 @@ class TritonServer:
             sweep_orphaned_shm_regions()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.started_at = time.time()
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout)
         return self
@@ -213,8 +216,7 @@ class TritonServer:
         if self.proc:
             stop_process(self.proc, grace=15)
             kill_group(self.proc.pid)
-            # tritonserver removes them itself, unless stopped while it loads its models or past the grace
-            self._remove_regions()
+            self._remove_regions()  # tritonserver removes them itself, unless stopped while loading or past the grace
 
     def kill(self) -> None:
         """What a crash of Triton's container does: tritonserver and its Python-backend stubs die at once.
@@ -226,7 +228,7 @@ class TritonServer:
 
     def _remove_regions(self) -> None:
         if not self.own_shm:  # a /dev/shm of its own went with it
-            remove_shm_regions_left_by(self.proc.pid, self.started_at)
+            remove_shm_regions_left_by(self.shm_prefix, self.proc.pid)
 
     def shm_regions(self) -> set[Path]:
         """The regions of /dev/shm that this server and its stubs map now (none in a /dev/shm of its own). Its

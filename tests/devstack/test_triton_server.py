@@ -5,8 +5,14 @@ Triton killed mid-task are checked in tests/test_failures.py."""
 import mmap
 import os
 import time
+from pathlib import Path
 
-from posemesh.devstack.triton_server import SHM_REGION_PREFIX, mapped_shm_regions, sweep_orphaned_shm_regions
+from posemesh.devstack.triton_server import (
+    SHM_REGION_PREFIX,
+    mapped_shm_regions,
+    remove_shm_regions_left_by,
+    sweep_orphaned_shm_regions,
+)
 
 
 def region(folder, name: str, age_s: float):
@@ -30,13 +36,15 @@ def test_an_old_region_nobody_maps_is_removed_and_a_mapped_or_young_one_kept(tmp
     assert sweep_orphaned_shm_regions(tmp_path, min_age_s=30) == [live]  # once nobody maps it any more
 
 
-def test_once_a_server_is_gone_the_regions_made_since_it_started_go_however_young(tmp_path):
-    """A Triton stopped while it loads its models leaves regions made a moment ago: a server's own stop
-    removes those made since it started that nobody maps, and leaves older young ones (another server's
-    margin) and mapped ones."""
-    earlier = region(tmp_path, "earlier", 10)
-    started = time.time() - 3
-    made, mapped = region(tmp_path, "made", 1), region(tmp_path, "mapped", 1)
+
+def test_a_gone_servers_regions_go_by_its_prefix_and_no_other_server_loses_one(tmp_path):
+    """A Triton stopped while it loads its models, or killed, leaves regions made a moment ago: once its process
+    group is gone, the regions under its own prefix that nobody maps are removed, however young; another
+    server's (another prefix) stay, and so does one of its own that a process still maps."""
+    ours = f"{SHM_REGION_PREFIX}0123abcd_"
+    young, mapped = region(tmp_path, "0123abcd_young", 0), region(tmp_path, "0123abcd_mapped", 0)
+    other = region(tmp_path, "fedc9876_other", 0)
+    no_group = max(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()) + 1000  # no process has it
     with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096) as _mapped:
-        assert sweep_orphaned_shm_regions(tmp_path, made_since=started) == [made]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([earlier.name, mapped.name])
+        assert remove_shm_regions_left_by(ours, no_group, shm_dir=tmp_path, wait_s=0) == [young]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mapped.name, other.name])
