@@ -263,12 +263,12 @@ class TaskLifecycle:
             frames_finished=FinishedSoFar(self.store, task_id),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
             trace=tracing.current(), given=given)
-        with self.lock:
+        with self.lock:  # registered and started at once: halt() joins every producer it finds (CI run 110)
             old = self.frame_producers.pop(task_id, None)
             if old:
                 old.cancelled.set()
             self.frame_producers[task_id] = producer
-        producer.start()
+            producer.start()
 
     def source_read(self, read: pb.SourceRead) -> None:
         """The ingest stage's word on an upload it decoded: what decoded (before the end of stream), then, with
@@ -334,7 +334,9 @@ class TaskLifecycle:
             self.live_sources[task_id] = live
         if old:
             old.stop()
-        live.start()
+        with self.lock:  # unless halt() took it meanwhile: it is started only while registered
+            if self.live_sources.get(task_id) is live:
+                live.start()
 
     def _source_done(self, task_id: str, epoch: int, state: int, message: str, total: int,
                      stop_reason: str = "cancelled by the user") -> bool:
@@ -583,7 +585,7 @@ class TaskLifecycle:
             p.cancelled.set()
         if join_s:  # the gateway stops: nothing of a task's may touch the store once it is closed
             deadline = time.monotonic() + join_s
-            for thread in [*producers, *lives]:
+            for thread in [t for t in [*producers, *lives] if t.ident is not None]:  # a live source never started
                 thread.join(max(0.0, deadline - time.monotonic()))
 
     def run_again(self) -> None:
