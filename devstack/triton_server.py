@@ -51,21 +51,9 @@ def sweep_orphaned_shm_regions(shm_dir: Path = SHM_DIR, min_age_s: float = ORPHA
     min_age_s ago: what killed servers left. (A process in another PID namespace sharing this /dev/shm, a
     container with --ipc=host, is not seen: a stub whose region went recreates it when it starts again.)
     Returns what it removed."""
-    shm_dir = shm_dir.resolve()  # /proc's maps name the real path (/dev/shm may be a link to /run/shm)
-    regions = list(shm_dir.glob(SHM_REGION_PREFIX + "*"))
-    if not regions:
-        return []
-    mapped, now, removed = mapped_shm_regions(), time.time(), []
-    for region in regions:
-        try:
-            info = region.stat()
-            if region in mapped or info.st_uid != os.getuid() or now - info.st_mtime < min_age_s:
-                continue
-            region.unlink()
-            removed.append(region)
-        except OSError:  # removed meanwhile
-            continue
-    return removed
+    now = time.time()
+    return _remove_unmapped(shm_dir, SHM_REGION_PREFIX,
+                            keep=lambda info: info.st_uid != os.getuid() or now - info.st_mtime < min_age_s)
 
 
 def remove_shm_regions_left_by(prefix: str, pgid: int, shm_dir: Path = SHM_DIR, wait_s: float = 5.0) -> list[Path]:
@@ -76,11 +64,24 @@ def remove_shm_regions_left_by(prefix: str, pgid: int, shm_dir: Path = SHM_DIR, 
     deadline = time.monotonic() + wait_s
     while mapped_shm_regions(group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(0.05)
+    return _remove_unmapped(shm_dir, prefix)
+
+
+def _remove_unmapped(shm_dir: Path, prefix: str, keep=lambda info: False) -> list[Path]:
+    """Remove the files under `prefix` in `shm_dir` that no process maps and `keep` (given their stat) spares."""
+    shm_dir = shm_dir.resolve()  # /proc's maps name the real path (/dev/shm may be a link to /run/shm)
+    regions = list(shm_dir.glob(prefix + "*"))
+    if not regions:
+        return []  # no need to read every process's maps
     mapped, removed = mapped_shm_regions(), []
-    for region in shm_dir.resolve().glob(prefix + "*"):
-        if region not in mapped:
-            region.unlink(missing_ok=True)
+    for region in regions:
+        try:
+            if region in mapped or keep(region.stat()):
+                continue
+            region.unlink()
             removed.append(region)
+        except OSError:  # removed meanwhile
+            continue
     return removed
 
 

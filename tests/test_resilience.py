@@ -86,18 +86,22 @@ def test_undisturbed_run_tracks_every_person_from_its_first_frame(reference):
     assert len(ids) < 3 * max(len(r["persons"]) for r in records)  # tracks persist: few ids for the clip
 
 
-def _subscriptions(mesh) -> dict:
-    """Each worker's (subscription changes, assignments) so far."""
+def _no_worker_crashed(mesh) -> None:
     crashed = [w.stage for w in mesh.workers if not w.alive() and w.proc.returncode == -signal.SIGSEGV]
     if crashed:  # its replacement must subscribe: what the caller asserts cannot hold this time
         pytest.xfail(f"librdkafka's crash when cached topics go (bench/kafka_churn.py) took a {crashed[0]} "
                      "worker during the test")
+
+
+def _subscriptions(mesh) -> dict:
+    """Each worker's (subscription changes, assignments) so far."""
+    _no_worker_crashed(mesh)
     return {w.port: (s.subscription_changes, s.assignments) for w in mesh.workers for s in [w.status()]}
 
 
 def _reading(mesh) -> dict[str, set[str]]:
     """Each worker's tasks whose topics it reads (GetStatus), by stage and port."""
-    _subscriptions(mesh)  # no worker crashed
+    _no_worker_crashed(mesh)
     return {f"{w.stage}:{w.port}": set(w.status().reading_tasks) for w in mesh.workers}
 
 

@@ -36,7 +36,6 @@ def test_an_old_region_nobody_maps_is_removed_and_a_mapped_or_young_one_kept(tmp
     assert sweep_orphaned_shm_regions(tmp_path, min_age_s=30) == [live]  # once nobody maps it any more
 
 
-
 def test_a_gone_servers_regions_go_by_its_prefix_and_no_other_server_loses_one(tmp_path):
     """A Triton stopped while it loads its models, or killed, leaves regions made a moment ago: once its process
     group is gone, the regions under its own prefix that nobody maps are removed, however young; another
