@@ -329,16 +329,17 @@ class TaskService(tpb_grpc.TaskServiceServicer):
     async def WatchTask(self, request, context):
         user, task = await self._owned_task(request)
         last = None
-        while True:
-            task = await self.tasks.get(request.task_id, user)
-            if task is None:  # deleted while watched
-                raise Refused(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} was deleted")
-            if task != last:
-                yield tpb.WatchTaskResponse(task=task)
-                last = task
-            if task.state in TERMINAL:
-                return
-            await self.changes.wait(task.task_id, WATCH_POLL_S)
+        with self.changes.subscribe(task.task_id) as changes:
+            while True:
+                task = await self.tasks.get(request.task_id, user)
+                if task is None:  # deleted while watched
+                    raise Refused(grpc.StatusCode.NOT_FOUND, f"task {request.task_id} was deleted")
+                if task != last:
+                    yield tpb.WatchTaskResponse(task=task)
+                    last = task
+                if task.state in TERMINAL:
+                    return
+                await changes.wait(WATCH_POLL_S)
 
     async def WatchFrames(self, request, context):
         user, task = await self._owned_task(request)

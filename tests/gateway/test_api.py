@@ -218,6 +218,38 @@ def test_the_task_store_is_never_called_on_the_event_loop(api_factory, monkeypat
     assert [c for c in callers if c[1] == api.thread.name] == [], "the store was called on the event loop"
 
 
+def test_a_watch_sees_a_change_made_while_it_read_the_task_before(api, monkeypatch):
+    """The last progress report wakes a task's watchers, and its completion lands while they read the task:
+    the watch must still send the completion at once, not at its next poll (it came 2 s late in the stack)."""
+    import posemesh.gateway.service as service
+
+    monkeypatch.setattr(service, "WATCH_POLL_S", 60.0)  # a missed change would wait this long
+    task = api.add_task()
+    read = api.store.get
+    complete_after_next_read = threading.Event()
+
+    def get_then_complete(task_id, user=None):
+        seen = read(task_id, user)
+        if complete_after_next_read.is_set():  # after the read, before the watch waits again
+            complete_after_next_read.clear()
+            api.store.transition(task_id, tpb.TASK_STATE_COMPLETED)
+        return seen
+
+    monkeypatch.setattr(api.store, "get", get_then_complete)
+    stream = api.stub.WatchTask(tpb.WatchTaskRequest(task_id=task.task_id), metadata=auth(), timeout=20)
+    try:
+        assert next(stream).task.state == tpb.TASK_STATE_RUNNING
+        complete_after_next_read.set()
+        api.store.update(task.task_id, lambda t: t.warnings.append("a progress report"))
+        progressed = next(stream).task
+        assert progressed.state == tpb.TASK_STATE_RUNNING and list(progressed.warnings) == ["a progress report"]
+        started = time.monotonic()
+        assert next(stream).task.state == tpb.TASK_STATE_COMPLETED
+        assert time.monotonic() - started < 10
+    finally:
+        stream.cancel()
+
+
 def test_a_method_reached_without_the_interceptors_fails_closed(api):
     service = TaskService(api.gateway)
     with pytest.raises(Refused) as err:
