@@ -9,7 +9,8 @@ So the gateway keeps a few task ids reserved: their per-task topics exist and a 
 posemesh.control has every worker subscribe to them. An upload takes a reserved id (TaskStarted follows as
 for any task) and its frames flow into partitions the groups already hold. Reservations are made again only
 once no task has started for `quiet_s`: the joins they cost then fall between bursts of new tasks, not in
-the middle of one. With none left, a task makes its own topics as before.
+the middle of one, and, while some are left, only once no task is running (a top-up's joins would stop every
+stage for the running tasks). With none left, a task makes its own topics as before.
 
 A reservation the gateway gives up (shutdown) is announced ended; its topics are then deleted like any
 orphan's, after the workers let go (posemesh.gateway.topics). Reservations are written in the task store
@@ -74,6 +75,12 @@ class Reservations:
             missing = self.count - len(self.ready) - len(self.lent)
             if missing <= 0 or time.monotonic() - self.last_taken < self.quiet_s:
                 return
+            some_left = bool(self.ready)
+        # While tasks run, a top-up's joins stop every stage for them (a towncentre upload: both cores idle for
+        # a second, 5 s in): it waits until the mesh is idle, unless no reserved id is left, when the next task
+        # would pay those joins itself at its start.
+        if some_left and self.store is not None and self.store.any_active():
+            return
         made = []
         try:
             for _ in range(missing):

@@ -299,6 +299,12 @@ class TaskStore:
             return self.db.one('SELECT COUNT(*) FROM tasks WHERE "user" = ? AND deleted = 0 AND state IN (?, ?)',
                                (user, *ACTIVE))[0]
 
+    def any_active(self) -> bool:
+        """Whether any task of any user is queued or running."""
+        with self.lock:
+            return bool(self.db.one("SELECT EXISTS (SELECT 1 FROM tasks WHERE state IN (?, ?) AND deleted = 0)",
+                                    tuple(ACTIVE))[0])
+
     def task_counts(self, user: str | None = None) -> dict[str, dict[int, int]]:
         """{user: {state: tasks}} of tasks not deleted: one user's, or everyone's (user None)."""
         sql = 'SELECT "user", state, COUNT(*) FROM tasks WHERE deleted = 0'

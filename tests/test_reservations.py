@@ -62,6 +62,43 @@ def test_refills_wait_until_no_task_has_started_for_the_quiet_time():
     assert len(r.ready) == 1 and held in r.lent and len(topics.created) == 3
 
 
+class Store:
+    """What Reservations asks of the task store: where reservations are recorded, and whether tasks run."""
+
+    def __init__(self):
+        self.reserved, self.running = set(), 0
+
+    def add_reserved(self, task_id, gateway):
+        self.reserved.add(task_id)
+
+    def drop_reserved(self, task_ids):
+        self.reserved -= set(task_ids)
+
+    def any_active(self):
+        return self.running > 0
+
+
+def test_while_tasks_run_a_refill_waits_for_them_unless_none_is_left():
+    topics, store = Topics(), Store()
+    r = Reservations(topics, count=2, quiet_s=0.1, store=store, gateway="gw")
+    r.maintain()
+    assert len(r.ready) == 2 and store.reserved == set(r.ready)
+    r.used(r.take())
+    store.running = 1
+    time.sleep(0.15)
+    r.maintain()
+    assert len(r.ready) == 1, "refilled while a task ran, with an id still in reserve"
+    store.running = 0  # the task ended
+    r.maintain()
+    assert len(r.ready) == 2 and len(topics.created) == 3
+    r.used(r.take())
+    r.used(r.take())
+    store.running = 2
+    time.sleep(0.15)
+    r.maintain()  # none left: the next task would pay the joins at its start, so they are paid now
+    assert len(r.ready) == 2 and len(topics.created) == 5
+
+
 def test_none_left_means_a_fresh_id_and_broker_loss_or_shutdown_give_them_up():
     topics = Topics()
     r = Reservations(topics, count=1, quiet_s=10)

@@ -38,9 +38,11 @@ def _task(state: int = tpb.TASK_STATE_RUNNING) -> tpb.Task:
 
 def test_what_one_store_writes_the_other_reads(two_stores):
     a, b = two_stores
+    assert not b.any_active()
     task = _task()
     task.webhook.SetInParent()  # as an upload that named a callback URL makes it
     a.create(task, "alice", "key-1", "sha", webhook=("https://hooks.example/x", "s3cret"))
+    assert b.any_active()
     assert b.get(task.task_id, "alice").file_name == "clip.mp4"
     assert b.get(task.task_id, "bob") is None
     assert b.by_idempotency_key("alice", "key-1")[1] == "sha"
@@ -48,7 +50,7 @@ def test_what_one_store_writes_the_other_reads(two_stores):
     b.set_live_source(task.task_id, "rtsp://user:pw@cam/1", 1)
     assert a.active_tasks()[0].live_url == "rtsp://user:pw@cam/1"
     assert b.transition(task.task_id, tpb.TASK_STATE_COMPLETED) is not None
-    assert a.get(task.task_id).state == tpb.TASK_STATE_COMPLETED
+    assert a.get(task.task_id).state == tpb.TASK_STATE_COMPLETED and not a.any_active()
     assert a.transition(task.task_id, tpb.TASK_STATE_CANCELLED) is None, "an ended task does not move again"
     assert a.pending_webhook(task.task_id).url == "https://hooks.example/x"
     listed, more = b.list("alice", 0, 10)
