@@ -127,12 +127,12 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     assert snapshot.state == tpb.TASK_STATE_COMPLETED, snapshot.error_message
     live = snapshot.live
     assert live.frames_dropped > 0, "a 1080p camera at 30 fps outruns two cores: frames must be dropped"
-    # The gateway makes its reserved task ids again a few seconds after this task took one, and the stages'
-    # rebalance for it stops the mesh for a second or more: the lag grows by that long (CI run 84 saw 3.07 s
-    # among readings near 1 s, which needs at least 0.57 s of it). Over the bound by more than that, it says
-    # when (seconds after the start, lag, frames received and packets sent by then) and what the processes did
-    # meanwhile. An idle machine gives about 70 readings, a loaded CI machine once gave 7 (none for 3.5 s, then
-    # 5 s): at least 5.
+    # A rebalance of the stages (the workers letting go of an earlier test's ended tasks; the gateway making its
+    # reserved task ids again, should none be left) stops the mesh for a second or more: the lag grows by that
+    # long (CI run 84 saw 3.07 s among readings near 1 s, which needs at least 0.57 s of it). Over the bound by
+    # more than that, it says when (seconds after the start, lag, frames received and packets sent by then) and
+    # what the processes did meanwhile. An idle machine gives about 70 readings, a loaded CI machine once gave 7
+    # (none for 3.5 s, then 5 s): at least 5.
     over = mesh.lags_over_bound(lags, started, MAX_LAG_S)
     assert len(lags) >= 5 and not over, mesh.lag_report(lags, over, started, camera, "reading", "rebalanced", "took",
                                                         "reserv", "WARNING", "ERROR")
@@ -148,10 +148,11 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     # no admission made, as long as the camera's stall.
     stalls = sorted(camera.stalls)
     assert gaps.max() < MAX_LAG_S + 0.5 + max(stalls, default=0.0), f"a gap of {gaps.max():.2f} s; stalls {stalls}"
-    # Two pauses are allowed, and one for each stall of the camera: the gateway makes its reserved task ids
-    # again a few seconds after this task took one, and that rebalance stops every consumer group for about a
-    # second (gateway/reservations.py); and one hiccup of a loaded 2-core machine (a CI run saw gaps of 1.02
-    # and 1.53 s among 0.2 s ones). Bunching (frames kept in runs, then long gaps) would show as many long gaps.
+    # Two pauses are allowed, and one for each stall of the camera: a rebalance, which stops every consumer group
+    # for about a second (the workers letting go of an earlier test's ended tasks, or the gateway making its
+    # reserved task ids again should none be left: gateway/reservations.py); and one hiccup of a loaded 2-core
+    # machine (a CI run saw gaps of 1.02 and 1.53 s among 0.2 s ones). Bunching (frames kept in runs, then long
+    # gaps) would show as many long gaps.
     steady = np.sort(gaps[np.asarray(times[1:]) > 2 * MAX_LAG_S])
     allowed = 2 + len(stalls)
     assert len(steady) > 8 + allowed and steady[-allowed - 1] < 1.0, (
