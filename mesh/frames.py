@@ -37,6 +37,11 @@ PACED_EVERY = 8  # the frames sent between two looks at that count
 STUCK_S = 30.0  # how long that count may stand still before the producer stops waiting for it
 
 
+class FrameTooLarge(Exception):
+    """A frame's record is more than the producer may send (message.max.bytes): a noisy 4K picture at a high
+    JPEG quality, or a resolution the operator allowed past the default caps."""
+
+
 @dataclass(frozen=True)
 class Decoded:
     """What decoding an upload found, for its task: from then on VideoInfo says what decoded (the probe counted
@@ -100,10 +105,21 @@ class FrameProducer(threading.Thread):
         self.trace = trace  # the run's trace context: decoding is a span of it (posemesh.mesh.tracing)
         self.cancelled = threading.Event()
         self.sender = kafka.Sender(self.producer)
+        self.producer_limit = int(producer_config.get("message.max.bytes", kafka.MAX_MESSAGE_BYTES))
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
 
     def _send(self, record: pb.StageRecord) -> None:
-        self.sender.send(self.topic, record.SerializeToString(), records.partition_of(record, self.partitions))
+        data = record.SerializeToString()
+        try:
+            self.sender.send(self.topic, data, records.partition_of(record, self.partitions))
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                raise
+            # The same frame is as large on every try: the task fails now, saying what the user can change.
+            limit = self.producer_limit / 1e6
+            raise FrameTooLarge(f"frame {record.frame.index} is {len(data) / 1e6:.1f} MB as a JPEG, more than the "
+                                f"{limit:.1f} MB the message broker takes for one frame: scale the video down (or "
+                                f"the operator lowers POSEMESH_JPEG_QUALITY, {self.quality} now)") from None
 
     def _wait_for_the_pipeline(self, index: int) -> None:
         """Back-pressure: wait while frame `index` would be more than max_ahead ahead of the last stage, asking
@@ -182,6 +198,10 @@ class FrameProducer(threading.Thread):
         except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
             if not self.cancelled.is_set():
                 self.on_error(f"frame {count} of the upload: {exc}")
+        except FrameTooLarge as exc:
+            if not self.cancelled.is_set():
+                log.warning("task %s: %s", task_id, exc)
+                self.on_error(str(exc))
         except Exception:  # the task fails; the gateway and every other task go on
             if self.cancelled.is_set():
                 return  # stopped on purpose: whatever failed after that does not matter

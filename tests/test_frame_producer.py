@@ -1,7 +1,8 @@
-"""The frame producer's back-pressure (posemesh.mesh.frames.FrameProducer): it waits while a frame would run more
+"""The frame producer (posemesh.mesh.frames.FrameProducer). Its back-pressure: it waits while a frame would run more
 than MAX_FRAMES_AHEAD ahead of the last stage, and never for good; and the gateway's count it follows
 (posemesh.gateway.lifecycle.FinishedSoFar). Pure logic: the counts are plain functions, and the producer's Kafka
-producer points at a port where nothing listens (nothing is sent)."""
+producer points at a port where nothing listens (nothing is sent). Then a frame too large for a record, against
+the real local broker, and a cancelled producer's Kafka client, in a process of its own."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import threading
 import time
 
 from posemesh.gateway.lifecycle import FinishedSoFar
-from posemesh.mesh import frames
+from posemesh.mesh import frames, kafka, names
 from posemesh.v1 import task_service_pb2 as tpb
+from tests.conftest import make_settings, media
+from tests.helpers import make_clip
 
 
 def producer(finished) -> frames.FrameProducer:
@@ -85,6 +88,33 @@ def test_the_gateway_keeps_the_last_count_while_the_task_store_is_away(caplog):
     assert len([r for r in caplog.records if "does not answer" in r.getMessage()]) == 1
     store.away, store.done = False, 20
     assert finished() == 20
+
+
+def test_a_frame_too_large_for_a_record_fails_its_task_at_once_saying_what_to_change(broker, tmp_path):
+    """A frame whose JPEG is more than the producer may send (a noisy 4K picture at a high quality: 20 MB at 95)
+    fails its task with what a person can change, instead of "decoding failed" or a producer that keeps trying."""
+    settings = make_settings(broker, tmp_path)
+    task = tpb.Task(task_id=names.new_task_id())
+    task.video.fps = 25.0
+    topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(topic, 4, {})])
+    clip = make_clip(media("towncentre_1080p_302f.mp4"), tmp_path / "clip.mp4", 3)  # 1080p: ~180 kB at quality 80
+    config = {**kafka.producer_config(settings, "test-too-large"), "message.max.bytes": 100_000}
+    errors, ended = [], threading.Event()
+    producer = frames.FrameProducer(task, clip, config, 4, 80, on_progress=lambda first, last: None,
+                                    on_done=lambda count: ended.set(),
+                                    on_error=lambda message: (errors.append(message), ended.set()))
+    producer.start()
+    try:
+        assert ended.wait(60)
+        [message] = errors
+        assert message.startswith("frame 0 is 0.") and "more than the 0.1 MB the message broker takes" in message
+        assert "scale the video down" in message and "POSEMESH_JPEG_QUALITY, 80 now" in message
+        producer.join(30)
+        assert not producer.is_alive()
+    finally:
+        producer.cancelled.set()
+        kafka.delete_topics(kafka.admin(settings), [topic])
 
 
 LETS_GO = """
