@@ -113,13 +113,14 @@ class FrameProducer(threading.Thread):
         try:
             self.sender.send(self.topic, data, records.partition_of(record, self.partitions))
         except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.MSG_SIZE_TOO_LARGE:
+            error = exc.args[0] if exc.args else None
+            if not isinstance(error, KafkaError) or error.code() != KafkaError.MSG_SIZE_TOO_LARGE:
                 raise
             # The same frame is as large on every try: the task fails now, saying what the user can change.
-            limit = self.producer_limit / 1e6
-            raise FrameTooLarge(f"frame {record.frame.index} is {len(data) / 1e6:.1f} MB as a JPEG, more than the "
-                                f"{limit:.1f} MB the message broker takes for one frame: scale the video down (or "
-                                f"the operator lowers POSEMESH_JPEG_QUALITY, {self.quality} now)") from None
+            raise FrameTooLarge(f"frame {record.frame.index} takes {len(data) / 2**20:.2f} MiB as a JPEG record, more "
+                                f"than the {self.producer_limit / 2**20:.2f} MiB the message broker takes for one "
+                                f"frame: scale the video down (or the operator lowers POSEMESH_JPEG_QUALITY, "
+                                f"{self.quality} now)") from None
 
     def _wait_for_the_pipeline(self, index: int) -> None:
         """Back-pressure: wait while frame `index` would be more than max_ahead ahead of the last stage, asking

@@ -121,8 +121,9 @@ class StageWorker:
         self.removal_since = 0.0  # when the first ended task still subscribed was seen (0: none)
         self.change_seen = 0.0  # when the first control change not yet applied was seen
         self.last_event = 0.0  # when the latest control event was seen
-        # Topics of ended tasks are let go of once no task has started (or been reserved) for this long: a
-        # little after the gateway makes new reservations (posemesh.gateway.reservations), so both go in one join.
+        # Topics of ended tasks are let go of with the next join that adds topics (the gateway's new reservations
+        # once the mesh is idle: posemesh.gateway.reservations), or else once no task has started (or been
+        # reserved) for this long.
         self.removal_quiet_s = settings.reserve_quiet_s + 1.0
         self.events_seen = 0
         self.holds_seen: tuple | None = None  # what _hold_until_started last worked from
@@ -349,8 +350,9 @@ class StageWorker:
         current = set(self.reader.task_topics)
         if set(wanted) < current:
             # Only ended tasks to let go of: that join can wait until tasks stop starting (it would stall
-            # every task of the group for a second right as new ones begin), and then usually rides along
-            # with the gateway's next reservations (one join for both); and for other tasks ending soon.
+            # every task of the group for a second right as new ones begin), and usually rides along with the
+            # gateway's next reservations, made once the mesh is idle (one join for both); and for other tasks
+            # ending soon. While other tasks run with reserved ids left, it comes alone, in the middle of them.
             now = time.monotonic()
             self.removal_since = self.removal_since or now
             wait = max(self.removal_quiet_s - (now - self.control.last_start),

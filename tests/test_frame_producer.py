@@ -108,7 +108,7 @@ def test_a_frame_too_large_for_a_record_fails_its_task_at_once_saying_what_to_ch
     try:
         assert ended.wait(60)
         [message] = errors
-        assert message.startswith("frame 0 is 0.") and "more than the 0.1 MB the message broker takes" in message
+        assert message.startswith("frame 0 takes 0.") and "more than the 0.10 MiB the message broker takes" in message
         assert "scale the video down" in message and "POSEMESH_JPEG_QUALITY, 80 now" in message
         producer.join(30)
         assert not producer.is_alive()

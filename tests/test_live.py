@@ -182,17 +182,16 @@ def test_a_camera_that_goes_quiet_for_a_while_does_not_read_as_lag(mesh, client,
         # A rebalance of the stages holds every frame up for a second or more: the camera goes quiet once none is
         # due. The workers let go of an earlier test's ended tasks a few seconds after this task started
         # (stages/worker.py); the gateway makes no reservations while a task runs and some are left.
-        reserved = reserved_task_ids(mesh.settings.kafka_bootstrap)
-
         def stages_settled() -> bool:
+            reserved = reserved_task_ids(mesh.settings.kafka_bootstrap)
             if any(not set(w.status().reading_tasks) <= reserved | {task.task_id}
                    for w in mesh.workers if w.stage in STAGE_NAMES):
                 return False
-            joins: dict[str, int] = {}  # a worker's subscriptions since the start, less the rebalances that ended
-            for line in mesh.log_lines(started, "task topics", "rebalanced in"):
+            joins: dict[str, int] = {}  # by worker: subscriptions since the start whose rebalance has not ended
+            for line in mesh.log_lines(started, "task topics", "rebalanced in"):  # in time order
                 worker = line.split()[1]
-                joins[worker] = joins.get(worker, 0) + (1 if "task topics" in line else -1)
-            return all(n <= 0 for n in joins.values())
+                joins[worker] = max(0, joins.get(worker, 0) + (1 if "task topics" in line else -1))
+            return not any(joins.values())
 
         wait_for(stages_settled, 30, 0.2, "the stages to read this task and the reserved ones alone, rebalanced")
         time.sleep(1.0)
