@@ -192,7 +192,8 @@ class Upload:
 
 def idle_between_bursts() -> None:
     """Wait as a stack between bursts of uploads does: the gateway makes its reserved task ids again once
-    no task has started for a while (gateway/reservations.py), and the workers let go of ended tasks."""
+    no task has started for a while and none runs (gateway/reservations.py), and the workers let go of ended
+    tasks in the same join."""
     from posemesh.mesh.settings import Settings
 
     time.sleep(Settings().reserve_quiet_s + 3.0)
