@@ -7,7 +7,7 @@ small events, not two hundred threads.
 A stream subscribes before it first reads its task and stays subscribed until it ends, so a change that lands
 while it reads or sends is still seen at its next wait. (A waiter that subscribed only for each wait missed a
 change made between its read and its wait, and slept the whole poll interval: a task's completion reached its
-watchers 2 s late in most runs, the last progress report waking them just before it.)
+watcher 1.6-2.0 s late in each of three timed uploads, the last progress report waking it just before.)
 """
 
 from __future__ import annotations
