@@ -199,9 +199,8 @@ class FrameProducer(threading.Thread):
         except media.NotAVideo as exc:  # e.g. the resolution grows past the caps mid-stream
             if not self.cancelled.is_set():
                 self.on_error(f"frame {count} of the upload: {exc}")
-        except FrameTooLarge as exc:
+        except FrameTooLarge as exc:  # like NotAVideo: the user's input; the task's end logs the message
             if not self.cancelled.is_set():
-                log.warning("task %s: %s", task_id, exc)
                 self.on_error(str(exc))
         except Exception:  # the task fails; the gateway and every other task go on
             if self.cancelled.is_set():

@@ -38,8 +38,8 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mesh(onnx_dir, tmp_path_factory):
     # Reservations are made again once no task has started for 10 s (and none runs, while some are left): well
-    # after a task's first frame, even here. Triton's
-    # deadline and outage limit are short, so that a busy Triton taken for a gone one would fail a task here.
+    # after a task's first frame, even here. Triton's deadline and outage limit are short, so that a busy Triton
+    # taken for a gone one would fail a task here.
     m = Mesh(tmp_path_factory.mktemp("mesh"), onnx_dir, replicas=2, topic_delete_delay_s=1.0, reserve_quiet_s=10.0,
              triton_timeout_s=0.5, triton_outage_s=20.0)
     yield m
