@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
 from posemesh.mesh import kafka, pipeline
 from posemesh.mesh.settings import Settings
@@ -133,10 +133,7 @@ class RawFrames:
         if on and topic in self.on_demand:
             return  # read when asked for only (read_on_demand)
         if on:
-            resume = [tp for tp in tps if tp in self.paused]
-            if resume:
-                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
-                self.paused.difference_update(resume)
+            self._resume([tp for tp in tps if tp in self.paused])
         else:
             pause = [tp for tp in tps if tp not in self.paused]
             if pause:
@@ -158,10 +155,7 @@ class RawFrames:
                 self.paused.update(pause)
         else:
             self.on_demand.discard(topic)
-            resume = [tp for tp in tps if tp in self.paused]
-            if resume:
-                self.consumer.resume([TopicPartition(t, p) for t, p in resume])
-                self.paused.difference_update(resume)
+            self._resume([tp for tp in tps if tp in self.paused])
 
     def expect_handover(self, task_id: str) -> None:
         """The task's frames should come handed over on this host: read its JPEGs on demand, unless its ring has
@@ -267,10 +261,23 @@ class RawFrames:
             if at > offset or offset - at > (0 if tp[0] in self.on_demand else SEEK_AHEAD):
                 self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
                 self.position[tp] = offset
-        resume = [tp for tp in self.paused if tp in lowest]
-        if resume:
-            self.consumer.resume([TopicPartition(t, p) for t, p in resume])
-            self.paused.difference_update(resume)
+        self._resume([tp for tp in self.paused if tp in lowest])
+
+    def _resume(self, tps: list[TP]) -> None:
+        """Fetch from these paused partitions again, from where this reader is in each. The seek to that same
+        offset makes librdkafka fetch at once: a resume alone waits for its broker thread's next wake-up, up to a
+        second when every other partition is paused (an on-demand read of one frame took 700 ms: bench/README.md)."""
+        if not tps:
+            return
+        self.consumer.resume([TopicPartition(t, p) for t, p in tps])
+        self.paused.difference_update(tps)
+        for topic, partition in tps:
+            if (topic, partition) not in self.position:
+                continue
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, self.position[(topic, partition)]))
+            except KafkaException as exc:  # the partition is not fetching yet: the resume starts it, later
+                log.debug("seek on resume: %s", exc)
 
     def _bound_cache(self, busy: set[TP]) -> None:
         """Keep the read-ahead bounded: pause partitions nobody waits on now, drop the oldest entries."""

@@ -54,6 +54,66 @@ def test_partitions_paused_by_flow_control_resume_after_a_rebalance(broker, tmp_
     reader.close()
 
 
+def test_a_partition_resumed_alone_is_fetched_at_once(broker, tmp_path):
+    """Flow control paused a stage's only partition; once resumed, its next record comes within a fetch or two. A
+    resume alone waited for librdkafka's idle broker thread to wake up, 0.4-0.5 s each time on the local broker."""
+    settings = make_settings(broker, tmp_path)
+    topic_with_records(broker, settings, "resumetest", 1)
+    reader = InputReader(settings, f"resumetest{time.monotonic_ns()}", "w", Recovery.REDO, lambda tps: None,
+                         lambda tps: None)
+    reader.subscribe(["resumetest"])
+    assert consume(reader, 1, 15) == 1
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    waits = []
+    for i in range(1, 6):
+        reader.flow_control({("resumetest", 0): 2}, cap=2)
+        assert reader.paused == {("resumetest", 0)}
+        consume(reader, 1, 1.0)  # nothing comes: the broker thread goes idle
+        producer.produce("resumetest", b"%d" % i)
+        producer.flush(10)
+        t0 = time.monotonic()
+        reader.flow_control({}, cap=2)
+        assert consume(reader, 1, 5) == 1
+        waits.append(time.monotonic() - t0)
+    reader.close()
+    assert sorted(waits)[2] < 0.25, f"seconds from each resume to its record: {waits}"
+
+
+def test_an_on_demand_pixel_read_is_fetched_at_once(broker, tmp_path):
+    """A task whose frames come handed over on this host reads a missed frame's JPEG on demand: its raw_frames
+    partition is resumed for that read and paused again. Each read took 0.7 s (librdkafka's broker thread, with
+    every partition paused, noticed the resume only when it next woke up); now a fetch or two."""
+    from posemesh.stages.base import FrameItem, TaskInfo
+    from posemesh.stages.pixels import RawFrames
+    from posemesh.v1 import pipeline_pb2 as pb
+
+    settings = make_settings(broker, tmp_path)
+    task_id = "5" * 32
+    kafka.create_topics(kafka.admin(settings), kafka.task_topic_specs(task_id, settings))
+    topic = kafka.task_topic("raw_frames", task_id)
+    reader = RawFrames(settings, "ondemandtest")
+    reader.prepare(task_id, settings.frame_partitions)
+    reader.read_on_demand(task_id)
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    waits = []
+    try:
+        for i in range(6):
+            jpeg = b"%d" % i * 1000
+            record = pb.StageRecord(task_id=task_id, frame=pb.Frame(index=i, jpeg=jpeg))
+            producer.produce(topic, record.SerializeToString(), partition=0)
+            producer.flush(10)
+            time.sleep(0.3)  # the reader's broker thread goes idle
+            item = FrameItem(TaskInfo(task_id), pb.Frame(index=i, source=pb.FrameRef(partition=0, offset=i)))
+            t0 = time.monotonic()
+            reader.fill([item])
+            waits.append(time.monotonic() - t0)
+            assert item.frame.jpeg == jpeg
+            assert all(tp in reader.paused for tp in reader.assigned)  # on demand: paused again after each read
+    finally:
+        reader.close()
+    assert sorted(waits)[3] < 0.25, f"seconds for each on-demand read: {waits}"
+
+
 def test_held_topics_are_not_fetched_through_a_rebalance_until_released(broker, tmp_path):
     """A reserved task id's topics are held until its TaskStarted is read: nothing of them is fetched, also
     after a rebalance (which resumes every partition), and once released they are read from their start."""
