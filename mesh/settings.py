@@ -76,14 +76,19 @@ class Settings:
     group_prefix: str = field(default_factory=lambda: env("GROUP_PREFIX", "posemesh"))
     frame_partitions: int = field(default_factory=lambda: int(env("FRAME_PARTITIONS", "4")))
     topic_retention_ms: int = field(default_factory=lambda: int(env("TOPIC_RETENTION_MS", str(24 * 3600 * 1000))))
-    # Seconds between a task's terminal state and the deletion of its topics.
     # Task ids kept in reserve with their topics made and read by every stage (gateway/reservations.py):
     # a task that takes one starts without waiting for consumer-group joins. Made again once no task has
     # started for the quiet time (workers let go of ended tasks' topics a second after it, in the same
     # rebalance). 0 turns reservations off.
     reserved_tasks: int = field(default_factory=lambda: int(env("RESERVED_TASKS", "4")))
     reserve_quiet_s: float = field(default_factory=lambda: float(env("RESERVE_QUIET_S", "5.0")))
+    # Seconds between a task's terminal state and the deletion of its topics.
     topic_delete_delay_s: float = field(default_factory=lambda: float(env("TOPIC_DELETE_DELAY_S", "60")))
+    # How long a stage worker may keep an ended task's topics subscribed (held: nothing fetched) while other tasks
+    # it reads still run: letting go is a rebalance that stops the whole group for a second (a live camera's lag
+    # grows by it), so endings are gathered until the running tasks end too, or this long after the first of them.
+    # 0: let go a few seconds after an ending, whatever runs (stages/worker.py).
+    ended_topics_hold_s: float = field(default_factory=lambda: float(env("ENDED_TOPICS_HOLD_S", "60")))
     # Triton
     triton_url: str = field(default_factory=lambda: env("TRITON_URL", "127.0.0.1:8001"))
     # The shortest time an inference answer may take before Triton is asked whether it is still there (the

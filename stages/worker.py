@@ -73,7 +73,8 @@ JOIN_PATIENCE_S = 10.0  # a join that takes longer than this is not waited for
 SUBSCRIBE_SETTLE_S = 0.15
 SUBSCRIBE_SETTLE_MAX_S = 0.5
 # Letting go of ended tasks' topics is a join too: tasks ending close together are let go of in one, at
-# most this long after the first of them (their topics are deleted that much later).
+# least this long after the first of them (their topics are deleted that much later); while other tasks run, up
+# to Settings.ended_topics_hold_s after it.
 REMOVAL_BATCH_S = 5.0
 FLUSH_TIMEOUT_S = 30.0
 # How long an idle replica's step waits (a control change ends the wait at once). A rebalance another member
@@ -119,11 +120,12 @@ class StageWorker:
         self.locally_stopped: set[str] = set()
         self.subscribed_at = 0.0
         self.removal_since = 0.0  # when the first ended task still subscribed was seen (0: none)
+        self.removal_due = 0.0  # when the pending look at letting go of them is due
         self.change_seen = 0.0  # when the first control change not yet applied was seen
         self.last_event = 0.0  # when the latest control event was seen
         # Topics of ended tasks are let go of with the next join that adds topics (the gateway's new reservations
         # once the mesh is idle: posemesh.gateway.reservations), or else once no task has started (or been
-        # reserved) for this long.
+        # reserved) for this long and no task this stage reads still runs (_apply_subscription).
         self.removal_quiet_s = settings.reserve_quiet_s + 1.0
         self.events_seen = 0
         self.holds_seen: tuple | None = None  # what _hold_until_started last worked from
@@ -349,16 +351,22 @@ class StageWorker:
                 _later(0.2, self.control.changed.set)
         current = set(self.reader.task_topics)
         if set(wanted) < current:
-            # Only ended tasks to let go of: that join can wait until tasks stop starting (it would stall
-            # every task of the group for a second right as new ones begin), and usually rides along with the
-            # gateway's next reservations, made once the mesh is idle (one join for both); and for other tasks
-            # ending soon. While other tasks run with reserved ids left, it comes alone, in the middle of them.
+            # Only ended tasks to let go of (their partitions are held meanwhile: _hold_until_started). That join
+            # stops every task of the group for a second, so it waits: for other tasks ending soon (one join for
+            # them all); until tasks stop starting; and, while tasks this stage reads still run, until they end
+            # too or `ended_topics_hold_s` has passed. It usually rides along with the gateway's next
+            # reservations, made once the mesh is idle (one join for both).
             now = time.monotonic()
             self.removal_since = self.removal_since or now
             wait = max(self.removal_quiet_s - (now - self.control.last_start),
                        REMOVAL_BATCH_S - (now - self.removal_since))
+            if any(t in live for t in wanted_tasks):  # a TaskEnded wakes this up again
+                wait = max(wait, self.settings.ended_topics_hold_s - (now - self.removal_since))
             if wait > 0:
-                _later(wait + 0.05, self.control.changed.set)
+                due = now + wait + 0.05
+                if not now < self.removal_due <= due:  # else a look already due no later comes back to this
+                    self.removal_due = due
+                    _later(due - now, self.control.changed.set)
                 return
         self.removal_since = 0.0
         if self.reader.subscribe(wanted):

@@ -85,6 +85,11 @@ def reserved_task_ids(bootstrap: str) -> set[str]:
     return reserved
 
 
+def ended_task_ids(bootstrap: str) -> set[str]:
+    """Task ids whose TaskEnded is on posemesh.control."""
+    return {event.task_id for event in control_events(bootstrap) if event.HasField("ended")}
+
+
 def reserved_topics(bootstrap: str) -> set[str]:
     return {t for task_id in reserved_task_ids(bootstrap) for t in kafka.task_topics(task_id)}
 

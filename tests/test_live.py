@@ -25,11 +25,13 @@ from posemesh.client import Client
 from posemesh.devstack import rtsp
 from posemesh.mesh import kafka
 from posemesh.mesh.pipeline import STAGE_NAMES
+from posemesh.stages import worker
 from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, media
 from tests.helpers import (
     PublishingCamera,
+    ended_task_ids,
     first_picture_s,
     reserved_task_ids,
     reserved_topics,
@@ -67,6 +69,22 @@ def mesh(onnx_dir, tmp_path_factory, cameras):
 def client(mesh):
     with Client(f"127.0.0.1:{mesh.gateway_port}", USERS["alice"]) as c:
         yield c
+
+
+def stages_settled(mesh: Mesh, since: float, task_id: str) -> bool:
+    """Whether every stage worker reads only `task_id`, the reserved ids and ended tasks (whose topics a worker keeps,
+    held, while other tasks run: stages/worker.py), with no rebalance it began since `since` (time.time()) under way."""
+    allowed = reserved_task_ids(mesh.settings.kafka_bootstrap) | {task_id}
+    readers = [w for w in mesh.workers if w.stage in STAGE_NAMES]
+    if any(not set(w.status().reading_tasks) <= allowed for w in readers):
+        allowed |= ended_task_ids(mesh.settings.kafka_bootstrap)
+        if any(not set(w.status().reading_tasks) <= allowed for w in readers):
+            return False
+    joins: dict[str, int] = {}  # by worker: subscriptions since `since` whose rebalance has not ended
+    for line in mesh.log_lines(since, "task topics", "rebalanced in"):  # in time order
+        worker = line.split()[1]
+        joins[worker] = max(0, joins.get(worker, 0) + (1 if "task topics" in line else -1))
+    return not any(joins.values())
 
 
 def results(client: Client, task_id: str) -> tuple[list[dict], bytes]:
@@ -180,20 +198,10 @@ def test_a_camera_that_goes_quiet_for_a_while_does_not_read_as_lag(mesh, client,
         watcher.start()
 
         # A rebalance of the stages holds every frame up for a second or more: the camera goes quiet once none is
-        # due. The workers let go of an earlier test's ended tasks a few seconds after this task started
-        # (stages/worker.py); the gateway makes no reservations while a task runs and some are left.
-        def stages_settled() -> bool:
-            reserved = reserved_task_ids(mesh.settings.kafka_bootstrap)
-            if any(not set(w.status().reading_tasks) <= reserved | {task.task_id}
-                   for w in mesh.workers if w.stage in STAGE_NAMES):
-                return False
-            joins: dict[str, int] = {}  # by worker: subscriptions since the start whose rebalance has not ended
-            for line in mesh.log_lines(started, "task topics", "rebalanced in"):  # in time order
-                worker = line.split()[1]
-                joins[worker] = max(0, joins.get(worker, 0) + (1 if "task topics" in line else -1))
-            return not any(joins.values())
-
-        wait_for(stages_settled, 30, 0.2, "the stages to read this task and the reserved ones alone, rebalanced")
+        # due. The workers keep an earlier test's ended tasks while this one runs (stages/worker.py), and the
+        # gateway makes no reservations while a task runs and some are left.
+        wait_for(lambda: stages_settled(mesh, started, task.task_id), 30, 0.2,
+                 "the stages to read this task, the reserved ones and ended ones alone, rebalanced")
         time.sleep(1.0)
         camera.go_quiet(quiet_s)
         wait_for(lambda: camera.quiet_spans, quiet_s + 10, 0.1, "the camera's quiet spell")
@@ -208,6 +216,33 @@ def test_a_camera_that_goes_quiet_for_a_while_does_not_read_as_lag(mesh, client,
     assert after and max(lag for _t, lag in after) < quiet_s - 0.5, (
         f"the camera was quiet from {quiet - started:.1f} s to {spoke - started:.1f} s; the lag afterwards: {after}; "
         f"rebalances then: {[(round(a - started, 1), round(b - started, 1)) for a, b in mesh.rebalances(quiet)]}")
+
+
+def test_an_upload_that_ends_beside_a_camera_costs_it_no_rebalance(mesh, client, cameras):
+    """Letting go of an ended task's topics is a rebalance that stops every stage for a second (a camera's lag grows
+    by it): while a camera runs, the workers keep the topics of an upload that ended beside it, held (nothing
+    fetched), and let go of both once the camera's task ends too; then both tasks' topics are deleted."""
+    bootstrap = mesh.settings.kafka_bootstrap
+    # The camera and the upload each take a reserved id: neither makes a join at its start.
+    wait_for(lambda: len(reserved_task_ids(bootstrap)) >= 2, 60, 0.5, "two reserved task ids")
+    started = time.time()
+    task = client.start_live(cameras.url("cam/long"))
+    wait_for(lambda: client.get(task.task_id).live.frames_received >= 3, 60, 0.1, "frames from the camera")
+    wait_for(lambda: stages_settled(mesh, started, task.task_id), 30, 0.2, "the stages to settle")
+    since = time.time()
+    upload = client.submit(media("mmpose_demo_960x540_5f.mp4"))
+    assert client.wait(upload.task_id, timeout_s=120).state == tpb.TASK_STATE_COMPLETED
+    # Letting go used to come REMOVAL_BATCH_S after an ending, once RESERVE_QUIET_S + 1 s had passed since the last
+    # start, whatever ran: wait past that, and more.
+    time.sleep(max(since + mesh.settings.reserve_quiet_s + 1, time.time() + worker.REMOVAL_BATCH_S) + 3 - time.time())
+    assert client.get(task.task_id).state == tpb.TASK_STATE_RUNNING
+    assert not mesh.rebalances(since), f"rebalances beside the camera: {mesh.log_lines(since, 'task topics')}"
+    readers = [w for w in mesh.workers if w.stage in STAGE_NAMES]
+    assert all(upload.task_id in w.status().reading_tasks for w in readers), "an ended upload let go of"
+    client.cancel(task.task_id)
+    assert client.wait(task.task_id, timeout_s=120).state == tpb.TASK_STATE_CANCELLED
+    both = set(kafka.task_topics(upload.task_id)) | set(kafka.task_topics(task.task_id))
+    wait_for(lambda: not both & topics(bootstrap), 60, 0.5, "both tasks' topics to be deleted")
 
 
 def test_annotated_frames_reach_watchers_in_order_and_a_slow_watcher_loses_the_oldest(client, cameras):
