@@ -18,6 +18,14 @@ Printed per frame rate: latency p50/p95/max (target p95 < 1.5 s), frames process
 (dropped = skipped at the source to keep the lag bounded), the task's lag bound and its last lag, and the
 CPU the gateway and the ingest replicas spent per camera frame (received, dropped ones included). With
 `--ingest N` the cameras are read by N ingest replicas (POSEMESH_INGEST=stage), not by the gateway.
+
+    .venv/bin/python bench/live.py --fps 5 --seconds 60 --uploads-beside 8 [--holds 0,60]
+
+Short uploads beside the camera: every 8 s a 5-frame clip is uploaded and waited for, while the camera runs.
+Each upload's end has the stage workers let go of its topics, a rebalance that stops every stage for a second;
+POSEMESH_ENDED_TOPICS_HOLD_S says how long they may keep an ended task's topics while other tasks run. Run once
+per value of `--holds`, each on a fresh stack, one after the other: the camera's latency next to the rebalances
+the stages logged while its stream ran.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -128,7 +137,43 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: Path) -> dict:
+def upload_beside(stack, every_s: float, until: threading.Event, done: list) -> None:
+    """Upload a 5-frame clip every `every_s` seconds (the first after 8 s: the camera's joins are over), each waited
+    for, until `until` is set; append each upload's terminal state to `done`."""
+    from posemesh.client import Client
+    from posemesh.mesh.settings import default_media_dir
+    from posemesh.v1 import task_service_pb2 as tpb
+
+    clip = default_media_dir() / "mmpose_demo_960x540_5f.mp4"
+    with Client(stack.gateway_address, "posemesh-dev-key") as client:
+        next_at = time.monotonic() + 8.0
+        while not until.wait(max(0.0, next_at - time.monotonic())):
+            next_at += every_s
+            task = client.submit(clip, outputs=["keypoints"])
+            done.append(tpb.TaskState.Name(client.wait(task.task_id, timeout_s=120).state))
+
+
+def rebalances(stack, since: float, until: float) -> dict[str, list[float]]:
+    """The rebalances each stage worker logged between `since` and `until` (time.time()): their lengths in
+    seconds."""
+    import datetime
+    import re
+
+    from posemesh.mesh.pipeline import STAGE_NAMES
+
+    start, end = (datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S,%f")[:23] for t in (since, until))
+    found: dict[str, list[float]] = {}
+    for path in sorted(stack.logs.glob("*.log")):
+        if path.stem.rsplit("-", 1)[0] not in STAGE_NAMES:
+            continue
+        for line in path.read_text(errors="replace").splitlines():
+            seconds = re.search(r"rebalanced in ([0-9.]+) s", line)
+            if seconds and start <= line[:23] <= end:
+                found.setdefault(path.stem, []).append(float(seconds.group(1)))
+    return found
+
+
+def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: Path, beside_s: float = 0.0) -> dict:
     import simplejpeg
 
     from posemesh.client import Client
@@ -165,7 +210,18 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
+    camera_started = time.time()
+    uploads: list[str] = []
+    camera_done = threading.Event()
+    uploader = threading.Thread(target=upload_beside, args=(stack, beside_s, camera_done, uploads), daemon=True)
+    if beside_s:
+        uploader.start()
     camera.wait()
+    camera_ended = time.time()
+    camera_done.set()  # no upload starts after the camera's stream ended
+    if beside_s:
+        uploader.join(120)
+    stalls = rebalances(stack, camera_started, camera_ended)
     final = client.wait(task.task_id, timeout_s=120)
     cpu = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_of(stack).items()}
     watcher.join(30)
@@ -189,6 +245,7 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
         "first": received[min(received)] - sent[min(received)] if received else float("nan"),
         "gateway_ms": 1000 * cpu.get("gateway", 0.0) / max(live.frames_received, 1),
         "ingest_ms": 1000 * cpu.get("ingest", 0.0) / max(live.frames_received, 1),
+        "uploads": uploads, "rebalances": stalls, "late": sum(x > 1.5 for x in steady),
     }
 
 
@@ -211,6 +268,10 @@ def main() -> None:
     parser.add_argument("--clip", default="")
     parser.add_argument("--pose-model", default="blazepose_lite")
     parser.add_argument("--ingest", type=int, default=0, help="ingest replicas reading the cameras (0: the gateway)")
+    parser.add_argument("--uploads-beside", type=float, default=0.0,
+                        help="seconds between short uploads made while the camera runs (0: none)")
+    parser.add_argument("--holds", default="",
+                        help="with --uploads-beside: POSEMESH_ENDED_TOPICS_HOLD_S values, a fresh stack each")
     parser.add_argument("--camera", help=argparse.SUPPRESS)
     parser.add_argument("--stream", help=argparse.SUPPRESS)
     parser.add_argument("--sent", help=argparse.SUPPRESS)
@@ -229,31 +290,47 @@ def main() -> None:
         sys.exit(f"bench/live.py needs the local RTSP server: {missing}")
     clip = Path(args.clip) if args.clip else default_media_dir() / "towncentre_1080p_302f.mp4"
     rates = [int(f) for f in args.fps.split(",")]
-    with tempfile.TemporaryDirectory(prefix="posemesh-bench-live-") as tmp:
-        work = Path(tmp)
-        t = time.monotonic()
-        workers = {s: 1 for s in STAGE_NAMES} | ({"ingest": args.ingest} if args.ingest else {})
-        stack = Stack(StackConfig(run_dir=work / "stack", workers=workers)).start()
-        reader = f"{args.ingest} ingest replica(s)" if args.ingest else "the gateway"
-        print(f"stack up in {time.monotonic() - t:.0f}s; camera: {clip.name} looped, 1080p, {args.seconds:.0f} s; "
-              f"read by {reader}", flush=True)
-        results = []
-        try:
-            for fps in rates:
-                print(f"camera at {fps} fps ...", flush=True)
-                results.append(measure(stack, clip, fps, args.seconds, args.pose_model, work))
-                r = results[-1]
-                print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, "
-                      f"{r['dropped']} dropped, "
-                      f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
-                      f"max {r['max']:.2f}s; CPU per camera frame: gateway {r['gateway_ms']:.1f} ms, ingest "
-                      f"{r['ingest_ms']:.1f} ms", flush=True)
-        finally:
-            stack.stop()
+    holds = [h for h in args.holds.split(",") if h] or [None]  # None: as the environment says
+    reader = f"{args.ingest} ingest replica(s)" if args.ingest else "the gateway"
+    results = []
+    for hold in holds:
+        if hold is not None:
+            os.environ["POSEMESH_ENDED_TOPICS_HOLD_S"] = hold
+        with tempfile.TemporaryDirectory(prefix="posemesh-bench-live-") as tmp:
+            work = Path(tmp)
+            t = time.monotonic()
+            workers = {s: 1 for s in STAGE_NAMES} | ({"ingest": args.ingest} if args.ingest else {})
+            stack = Stack(StackConfig(run_dir=work / "stack", workers=workers)).start()
+            print(f"stack up in {time.monotonic() - t:.0f}s; camera: {clip.name} looped, 1080p, {args.seconds:.0f} s; "
+                  f"read by {reader}" + (f"; ended topics held up to {hold} s" if hold is not None else ""), flush=True)
+            try:
+                for fps in rates:
+                    print(f"camera at {fps} fps ...", flush=True)
+                    r = measure(stack, clip, fps, args.seconds, args.pose_model, work, args.uploads_beside)
+                    results.append(r | {"hold": hold})
+                    print(f"  {r['state']} ({r['message']}): {r['sent']} sent, {r['processed']} processed, "
+                          f"{r['dropped']} dropped, "
+                          f"{r['seen']} seen by the viewer; latency p50 {r['p50']:.2f}s p95 {r['p95']:.2f}s "
+                          f"max {r['max']:.2f}s; CPU per camera frame: gateway {r['gateway_ms']:.1f} ms, ingest "
+                          f"{r['ingest_ms']:.1f} ms; uploads beside {r['uploads']}; rebalances {r['rebalances']}",
+                          flush=True)
+            finally:
+                stack.stop()
     print()
     print(f"glass-to-glass latency, 1080p camera ({clip.name}), pose model {args.pose_model}, "
           f"{args.seconds:.0f} s per run")
     print(f"read by {reader}")
+    if args.uploads_beside:
+        print(f"a 5-frame upload every {args.uploads_beside:g} s beside the camera")
+        print("| ended topics held up to | camera | uploads | rebalances a stage while the camera ran | longest, s "
+              "| latency p50 | p95 | max after the first 3 s | frames over 1.5 s |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for r in results:
+            counts = sorted(len(v) for v in r["rebalances"].values()) or [0]
+            longest = max((x for v in r["rebalances"].values() for x in v), default=0.0)
+            print(f"| {r['hold'] or 'default'} s | {r['fps']} fps | {len(r['uploads'])} | {counts[0]}-{counts[-1]} "
+                  f"| {longest:.2f} | {r['p50']:.2f} s | {r['p95']:.2f} s | {r['steady_max']:.2f} s | {r['late']} |")
+        return
     print("| camera | latency p50 | p95 (target < 1.5 s) | max after the first 3 s | first frame | processed / s "
           "| dropped / s | lag bound | gateway CPU / camera frame | ingest CPU / camera frame | met |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
