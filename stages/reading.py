@@ -29,6 +29,7 @@ from posemesh.stages.offsets import OffsetBook
 log = logging.getLogger("posemesh.stage")
 
 TP = tuple[str, int]
+COMMITTED_WAIT_S = 2.0  # the longest a released partition's commit is waited for (then it starts a little later)
 
 
 class InputReader:
@@ -183,25 +184,36 @@ class InputReader:
         resume = [tp for tp in released if tp not in self.paused]
         if pause:
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
-        self._resume(resume)
+        self._resume(resume, unread_too=True)  # a reserved task that started: its first frames wait for this
         self.holding = want
         return released
 
-    def _resume(self, tps: list[TP]) -> None:
-        """Fetch from these paused partitions again. Each one read before is also sought to where it was read up to
-        (where the resume would fetch from anyway): librdkafka then fetches at once, where a resume alone waits for
-        its broker thread's next wake-up, 0.4-0.5 s on the local broker when every other partition is paused too
-        (a stage whose partitions flow control all paused). A partition never read (a reserved task's, released at
-        its start) has no such offset here and is only resumed."""
+    def _resume(self, tps: list[TP], unread_too: bool = False) -> None:
+        """Fetch from these paused partitions again, each also sought to where the resume would fetch from anyway:
+        librdkafka then fetches at once, where a resume alone waits for its broker thread's next wake-up, 0.4-0.5 s on
+        the local broker when every other partition is paused too (a stage whose partitions flow control all
+        paused; an idle stage whose held task starts). That offset is this member's position in a partition it
+        read; with `unread_too`, for one it never read, where its assignment started it (start_offsets): the
+        beginning for a REPLAY stage, else the group's commit (one round trip to the coordinator), or the
+        beginning without one (consumer_config's auto.offset.reset)."""
         if not tps:
             return
         self.consumer.resume([TopicPartition(t, p) for t, p in tps])
-        for tp in tps:
-            if tp in self.positions:
-                try:
-                    self.consumer.seek(TopicPartition(tp[0], tp[1], self.positions[tp]))
-                except KafkaException as exc:  # not fetching yet: the resume starts it, a little later
-                    log.debug("seek on resume: %s", exc)
+        at = {tp: self.positions[tp] for tp in tps if tp in self.positions}
+        unread = [tp for tp in tps if tp not in at] if unread_too else []
+        try:
+            if unread and self.recovery is Recovery.REPLAY:
+                at.update({tp: OFFSET_BEGINNING for tp in unread})
+            elif unread:
+                for c in self.consumer.committed([TopicPartition(t, p) for t, p in unread], timeout=COMMITTED_WAIT_S):
+                    at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
+        except KafkaException as exc:  # those start when librdkafka notices the resume
+            log.debug("committed offsets on resume: %s", exc)
+        for (topic, partition), offset in at.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:  # not fetching yet: the resume starts it, a little later
+                log.debug("seek on resume: %s", exc)
 
     @property
     def flowing(self) -> bool:
