@@ -2,8 +2,10 @@
 
 Hand-off (deleting a topic under a reader crashes the reader on the local broker, and is rude on any):
 1. When a task reaches a terminal state the gateway publishes TaskEnded on posemesh.control.
-2. Every worker drops the task's topic from its subscription and stops listing the task in the
-   heartbeats it sends every second (and within 0.5 s of a change) on posemesh.events.
+2. Every worker drops the task's topic from its subscription (a rebalance: tasks ending close together are
+   dropped in one, and while other tasks it reads run, up to POSEMESH_ENDED_TOPICS_HOLD_S later; see
+   stages/worker.py) and then stops listing the task in the heartbeats it sends every second (and within
+   0.5 s of a change) on posemesh.events.
 3. After `topic_delete_delay_s` (default 60 s, for late readers such as a worker catching up), the
    gateway deletes the task's five topics (raw_frames, yolox, rtmpose, bytetrack and, if a viewer made it,
    live: kafka.task_topics) once no worker heard from in the last LIVENESS_S seconds lists the

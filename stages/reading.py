@@ -8,8 +8,9 @@
 - Flow control (unordered stages): a partition with frames waiting in the pool is paused until they are
   processed, so one task's backlog cannot crowd out the others (the local broker fills a fetch from one
   partition at a time).
-- Held topics: the idle topic always, and a reserved task id's topics until its TaskStarted is read, stay
-  paused, so nothing is fetched from them. Fetching empty partitions was most of an idle stack's CPU.
+- Held topics: the idle topic always, a reserved task id's topics until its TaskStarted is read, and an ended
+  task's until the worker lets go of them, stay paused, so nothing is fetched from them. Fetching empty
+  partitions was most of an idle stack's CPU.
 - Commits: only offsets whose output exists (OffsetBook), only for partitions we own.
 """
 
@@ -29,7 +30,7 @@ from posemesh.stages.offsets import OffsetBook
 log = logging.getLogger("posemesh.stage")
 
 TP = tuple[str, int]
-COMMITTED_WAIT_S = 2.0  # the longest a released partition's commit is waited for (then it starts a little later)
+COMMITTED_WAIT_S = 0.5  # the longest a released partition's commit is waited for (then it starts a little later)
 
 
 class InputReader:
@@ -162,7 +163,8 @@ class InputReader:
 
     def hold(self, topics: set[str]) -> set[TP]:
         """Fetch nothing from these topics (nor from the idle topic, ever) until a later call leaves them out:
-        the worker holds a reserved task id's topics until its TaskStarted is read. librdkafka fetches an
+        the worker holds a reserved task id's topics until its TaskStarted is read, and an ended task's until it
+        lets go of them (stages/worker.py). librdkafka fetches an
         empty partition about 14 times a second at fetch.wait.max.ms=50, and every reserved id adds its topics
         to every stage's consumer: most of an idle stack's CPU was the broker answering those (bench/idle.py).
         Returns the owned partitions this call released."""
@@ -206,7 +208,8 @@ class InputReader:
                 at.update({tp: OFFSET_BEGINNING for tp in unread})
             elif unread:
                 for c in self.consumer.committed([TopicPartition(t, p) for t, p in unread], timeout=COMMITTED_WAIT_S):
-                    at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
+                    if c.error is None:  # else left to the resume alone
+                        at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
         except KafkaException as exc:  # those start when librdkafka notices the resume
             log.debug("committed offsets on resume: %s", exc)
         for (topic, partition), offset in at.items():

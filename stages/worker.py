@@ -125,7 +125,8 @@ class StageWorker:
         self.last_event = 0.0  # when the latest control event was seen
         # Topics of ended tasks are let go of with the next join that adds topics (the gateway's new reservations
         # once the mesh is idle: posemesh.gateway.reservations), or else once no task has started (or been
-        # reserved) for this long and no task this stage reads still runs (_apply_subscription).
+        # reserved) for this long and no task this stage reads still runs, or Settings.ended_topics_hold_s after
+        # the first of them ended (_apply_subscription).
         self.removal_quiet_s = settings.reserve_quiet_s + 1.0
         self.events_seen = 0
         self.holds_seen: tuple | None = None  # what _hold_until_started last worked from
@@ -343,8 +344,9 @@ class StageWorker:
         if wanted:
             try:
                 existing = set(self.producer.list_topics(timeout=5).topics)
-            except Exception:  # noqa: BLE001 - the broker is away; look again shortly
-                existing = set()
+            except Exception:  # noqa: BLE001 - the broker is away: look again in a second, reading what it reads now
+                _later(1.0, self.control.changed.set)
+                return
             missing = [t for t in wanted if t not in existing]
             wanted = [t for t in wanted if t in existing]
             if missing:  # a topic not visible yet: look again shortly
@@ -377,6 +379,7 @@ class StageWorker:
     def _hold_until_started(self) -> None:
         """A reserved task id's topics are read only once its TaskStarted is: until then nothing is fetched
         from them (an idle stack's CPU), and on the start its input and its pixels' read-ahead begin at once.
+        Likewise an ended task's topics, which the worker may keep subscribed for a while (_apply_subscription).
         Worked out again only when a control event, a subscription or an assignment may have changed it."""
         with self.control.lock:  # an event counted is an event applied (ControlFollower._apply holds the lock)
             events = self.control.events
