@@ -82,8 +82,8 @@ def stages_settled(mesh: Mesh, since: float, task_id: str) -> bool:
             return False
     joins: dict[str, int] = {}  # by worker: subscriptions since `since` whose rebalance has not ended
     for line in mesh.log_lines(since, "task topics", "rebalanced in"):  # in time order
-        worker = line.split()[1]
-        joins[worker] = max(0, joins.get(worker, 0) + (1 if "task topics" in line else -1))
+        name = line.split()[1]
+        joins[name] = max(0, joins.get(name, 0) + (1 if "task topics" in line else -1))
     return not any(joins.values())
 
 
@@ -223,8 +223,10 @@ def test_an_upload_that_ends_beside_a_camera_costs_it_no_rebalance(mesh, client,
     by it): while a camera runs, the workers keep the topics of an upload that ended beside it, held (nothing
     fetched), and let go of both once the camera's task ends too; then both tasks' topics are deleted."""
     bootstrap = mesh.settings.kafka_bootstrap
-    # The camera and the upload each take a reserved id: neither makes a join at its start.
-    wait_for(lambda: len(reserved_task_ids(bootstrap)) >= 2, 60, 0.5, "two reserved task ids")
+    # The camera and the upload each take a reserved id: neither makes a join at its start, and some are left (with
+    # none left the gateway would make more, a join, while the camera runs).
+    wait_for(lambda: len(reserved_task_ids(bootstrap)) == mesh.settings.reserved_tasks, 60, 0.5,
+             "the gateway's full reserve of task ids")
     started = time.time()
     task = client.start_live(cameras.url("cam/long"))
     wait_for(lambda: client.get(task.task_id).live.frames_received >= 3, 60, 0.1, "frames from the camera")

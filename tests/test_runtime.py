@@ -74,25 +74,31 @@ def test_a_partition_resumed_alone_is_fetched_at_once(broker, tmp_path):
         producer.flush(10)
         t0 = time.monotonic()
         reader.flow_control({}, cap=2)
-        assert consume(reader, 1, 5) == 1
+        got = []
+        while not got and time.monotonic() - t0 < 5:
+            got = [m.value() for m in reader.poll(1, 0.005) if m.error() is None]
         waits.append(time.monotonic() - t0)
+        assert got == [b"%d" % i]  # the next record: the seek neither skipped nor repeated one
     reader.close()
     assert sorted(waits)[2] < 0.25, f"seconds from each resume to its record: {waits}"
 
 
-@pytest.mark.parametrize("recovery, first", [(Recovery.REDO, 2), (Recovery.REPLAY, 0)])
+@pytest.mark.parametrize("recovery, committed, first", [(Recovery.REDO, 2, 2), (Recovery.REDO, None, 0),
+                                                        (Recovery.REPLAY, 2, 0)])
 def test_a_held_partition_released_on_an_idle_member_is_fetched_at_once_from_its_start(broker, tmp_path, recovery,
-                                                                                        first):
+                                                                                        committed, first):
     """A reserved task's partition, held since its assignment and never read, is released at the task's start: its
     first record comes within a fetch or two (a resume alone waited 0.4-0.5 s for librdkafka's idle broker thread),
-    from where its assignment would have started it: the group's commit, or its beginning for a REPLAY stage."""
+    from where its assignment would have started it: the group's commit (the beginning without one), or the beginning
+    for a REPLAY stage."""
     settings = make_settings(broker, tmp_path)
-    name = f"releasetest{recovery.name}"
+    name = f"releasetest{recovery.name}{committed}"
     topic_with_records(broker, settings, name, 5)
     group = f"{name}{time.monotonic_ns()}"
-    other = Consumer(kafka.consumer_config(settings, group, "earlier"))
-    other.commit(offsets=[TopicPartition(name, 0, 2)], asynchronous=False)  # another replica's progress
-    other.close()
+    if committed is not None:
+        other = Consumer(kafka.consumer_config(settings, group, "earlier"))
+        other.commit(offsets=[TopicPartition(name, 0, committed)], asynchronous=False)  # another replica's progress
+        other.close()
     reader = InputReader(settings, group, "w", recovery, lambda tps: None, lambda tps: None)
     reader.hold({name})
     reader.subscribe([name])
@@ -108,7 +114,7 @@ def test_a_held_partition_released_on_an_idle_member_is_fetched_at_once_from_its
     waited = time.monotonic() - t0
     reader.close()
     assert got and got[0].offset() == first
-    assert waited < 0.25, f"{waited:.2f} s from the release to the first record"
+    assert waited < 0.3, f"{waited:.2f} s from the release to the first record"
 
 
 def test_an_on_demand_pixel_read_is_fetched_at_once(broker, tmp_path):
