@@ -219,7 +219,7 @@ def measure(stack, clip: Path, fps: int, seconds: float, pose_model: str, work: 
     camera.wait()
     camera_ended = time.time()
     camera_done.set()  # no upload starts after the camera's stream ended
-    if beside_s:
+    if uploader.is_alive():
         uploader.join(120)
     stalls = rebalances(stack, camera_started, camera_ended)
     final = client.wait(task.task_id, timeout_s=120)

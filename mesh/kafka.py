@@ -6,11 +6,12 @@ ones measured to behave on both (see ../shared/RUNTIME-NOTES.md for the local br
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaException, Producer, TopicCollection
+from confluent_kafka import Consumer, KafkaException, Producer, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from posemesh.mesh import pipeline
@@ -18,6 +19,8 @@ from posemesh.mesh.names import TASK_ID_PATTERN
 from posemesh.mesh.pipeline import BYTETRACK, LIVE_FRAMES, RAW_FRAMES, RTMPOSE, TASK_TOPIC_PREFIXES, YOLOX  # noqa: F401
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import pipeline_pb2 as pb
+
+log = logging.getLogger("posemesh.kafka")
 
 # Shared topics, never deleted: task lifecycle for the workers, and worker events for the gateway.
 CONTROL_TOPIC = "posemesh.control"
@@ -143,6 +146,22 @@ QUIET_METADATA = {"topic.metadata.refresh.interval.ms": 10_000}
 # wait is over, so at 50 ms each follower cost it ~14 fetches a second; at 250 ms a task start or a progress
 # report is heard at most 0.2 s later. Apache Kafka answers a held fetch as soon as a record arrives.
 FOLLOWER_FETCH_WAIT_MS = 250
+
+
+def resume(consumer: Consumer, partitions: list[tuple[str, int]], at: dict[tuple[str, int], int]) -> None:
+    """Fetch from these paused partitions again, each one in `at` also sought to that offset: where the resume
+    would fetch from anyway. librdkafka acts on a resume alone only when its broker thread next wakes up, up to a
+    second when every other partition of the consumer is paused too (0.4-0.8 s measured on the local broker:
+    bench/README.md, live.py); the seek wakes it. A seek that fails (the partition is not fetching yet) leaves
+    that partition to the resume."""
+    if not partitions:
+        return
+    consumer.resume([TopicPartition(t, p) for t, p in partitions])
+    for (topic, partition), offset in at.items():
+        try:
+            consumer.seek(TopicPartition(topic, partition, offset))
+        except KafkaException as exc:
+            log.debug("seek on resume: %s", exc)
 
 
 def follower_config(settings: Settings, group_id: str, client_id: str) -> dict:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter, OrderedDict, defaultdict
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from posemesh.mesh import kafka, pipeline
 from posemesh.mesh.settings import Settings
@@ -264,20 +264,10 @@ class RawFrames:
         self._resume([tp for tp in self.paused if tp in lowest])
 
     def _resume(self, tps: list[TP]) -> None:
-        """Fetch from these paused partitions again, from where this reader is in each. The seek to that same
-        offset makes librdkafka fetch at once: a resume alone waits for its broker thread's next wake-up, up to a
-        second when every other partition is paused (an on-demand read of one frame took 700 ms: bench/README.md)."""
-        if not tps:
-            return
-        self.consumer.resume([TopicPartition(t, p) for t, p in tps])
+        """Fetch from these paused partitions again, from where this reader is in each (kafka.resume: sought there,
+        so that librdkafka fetches at once; an on-demand read of one frame took 700 ms with a resume alone)."""
+        kafka.resume(self.consumer, tps, {tp: self.position[tp] for tp in tps if tp in self.position})
         self.paused.difference_update(tps)
-        for topic, partition in tps:
-            if (topic, partition) not in self.position:
-                continue
-            try:
-                self.consumer.seek(TopicPartition(topic, partition, self.position[(topic, partition)]))
-            except KafkaException as exc:  # the partition is not fetching yet: the resume starts it, later
-                log.debug("seek on resume: %s", exc)
 
     def _bound_cache(self, busy: set[TP]) -> None:
         """Keep the read-ahead bounded: pause partitions nobody waits on now, drop the oldest entries."""

@@ -42,6 +42,7 @@ class InputReader:
         self.subscribed: list[str] = []
         self.owned: set[TP] = set()
         self.positions: dict[TP, int] = {}
+        self.assigned_at: dict[TP, int] = {}  # where the latest assignment started a partition, where it said
         self.paused: set[TP] = set()  # by flow control
         self.held_topics: set[str] = {kafka.IDLE_TOPIC}
         self.holding: set[TP] = set()  # owned partitions of held topics (paused)
@@ -98,6 +99,7 @@ class InputReader:
         self.leaving = set()
         now = {(p.topic, p.partition) for p in partitions}
         starts, fresh = start_offsets(now, self.owned, self.positions, self.recovery)
+        self.assigned_at = starts
         for p in partitions:
             p.offset = starts.get((p.topic, p.partition), p.offset)
         gone = self.owned - now
@@ -191,32 +193,23 @@ class InputReader:
         return released
 
     def _resume(self, tps: list[TP], unread_too: bool = False) -> None:
-        """Fetch from these paused partitions again, each also sought to where the resume would fetch from anyway:
-        librdkafka then fetches at once, where a resume alone waits for its broker thread's next wake-up, 0.4-0.5 s on
-        the local broker when every other partition is paused too (a stage whose partitions flow control all
-        paused; an idle stage whose held task starts). That offset is this member's position in a partition it
-        read; with `unread_too`, for one it never read, where its assignment started it (start_offsets): the
-        beginning for a REPLAY stage, else the group's commit (one round trip to the coordinator), or the
-        beginning without one (consumer_config's auto.offset.reset)."""
-        if not tps:
-            return
-        self.consumer.resume([TopicPartition(t, p) for t, p in tps])
+        """Fetch from these paused partitions again, each also sought to where the resume would fetch from anyway
+        (kafka.resume: librdkafka then fetches at once, where a resume alone waited 0.4-0.5 s on an idle stage). That
+        offset is this member's position in a partition it read; with `unread_too`, for one it never read, where its
+        assignment started it (start_offsets), or else the group's commit (one round trip to the coordinator), or
+        the beginning without one (consumer_config's auto.offset.reset)."""
         at = {tp: self.positions[tp] for tp in tps if tp in self.positions}
         unread = [tp for tp in tps if tp not in at] if unread_too else []
+        at.update({tp: self.assigned_at[tp] for tp in unread if tp in self.assigned_at})
+        unread = [tp for tp in unread if tp not in at]
         try:
-            if unread and self.recovery is Recovery.REPLAY:
-                at.update({tp: OFFSET_BEGINNING for tp in unread})
-            elif unread:
+            if unread:
                 for c in self.consumer.committed([TopicPartition(t, p) for t, p in unread], timeout=COMMITTED_WAIT_S):
                     if c.error is None:  # else left to the resume alone
                         at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
         except KafkaException as exc:  # those start when librdkafka notices the resume
             log.debug("committed offsets on resume: %s", exc)
-        for (topic, partition), offset in at.items():
-            try:
-                self.consumer.seek(TopicPartition(topic, partition, offset))
-            except KafkaException as exc:  # not fetching yet: the resume starts it, a little later
-                log.debug("seek on resume: %s", exc)
+        kafka.resume(self.consumer, tps, at)
 
     @property
     def flowing(self) -> bool:
