@@ -146,22 +146,36 @@ QUIET_METADATA = {"topic.metadata.refresh.interval.ms": 10_000}
 # wait is over, so at 50 ms each follower cost it ~14 fetches a second; at 250 ms a task start or a progress
 # report is heard at most 0.2 s later. Apache Kafka answers a held fetch as soon as a record arrives.
 FOLLOWER_FETCH_WAIT_MS = 250
+WAKE_WAIT_S = 1.0  # resume(wake=True): the longest the leader's answer is waited for
 
 
-def resume(consumer: Consumer, partitions: list[tuple[str, int]], at: dict[tuple[str, int], int]) -> None:
-    """Fetch from these paused partitions again, each one in `at` also sought to that offset: where the resume
-    would fetch from anyway. librdkafka acts on a resume alone only when its broker thread next wakes up, up to a
-    second when every other partition of the consumer is paused too (0.4-0.8 s measured on the local broker:
-    bench/README.md, live.py); the seek wakes it. A seek that fails (the partition is not fetching yet) leaves
-    that partition to the resume."""
+def resume(consumer: Consumer, partitions: list[tuple[str, int]], at: dict[tuple[str, int], int],
+           wake: bool = False) -> None:
+    """Fetch from these paused partitions again, each one in `at` sought to that offset (where the resume would fetch
+    from anyway). librdkafka acts on a resume only when the partition's broker thread next wakes up, which a consumer
+    still fetching other partitions does every fetch.wait.max.ms, but one whose every other partition is paused only
+    after up to a second (0.4-0.8 s measured on the local broker). The seek wakes that thread only when it changes
+    the partition's fetch state, which a paused partition keeps ("active"). So with `wake` (say so when nothing
+    else of this consumer is fetching) the first partition's leader is also asked for its offsets, a round trip
+    that wakes the thread: the first record then comes in 6 ms instead of 0.6-0.8 s (tests/test_runtime.py). One
+    question, because once the thread fetches, the next one waits behind the fetch the broker holds (50 ms here),
+    which is also why there is none without `wake`. On a cluster where the partitions lead on several brokers, the
+    other brokers' threads still wake on their own.
+    A seek that fails (the partition is not fetching yet) leaves that partition to the resume."""
     if not partitions:
         return
-    consumer.resume([TopicPartition(t, p) for t, p in partitions])
+    tps = [TopicPartition(t, p) for t, p in partitions]
+    consumer.resume(tps)
     for (topic, partition), offset in at.items():
         try:
             consumer.seek(TopicPartition(topic, partition, offset))
         except KafkaException as exc:
             log.debug("seek on resume: %s", exc)
+    if wake:
+        try:
+            consumer.get_watermark_offsets(tps[0], timeout=WAKE_WAIT_S, cached=False)
+        except KafkaException as exc:  # the leader did not answer in time: the resume still stands
+            log.debug("waking the fetcher of %s [%d]: %s", tps[0].topic, tps[0].partition, exc)
 
 
 def follower_config(settings: Settings, group_id: str, client_id: str) -> dict:

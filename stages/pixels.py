@@ -266,7 +266,9 @@ class RawFrames:
     def _resume(self, tps: list[TP]) -> None:
         """Fetch from these paused partitions again, from where this reader is in each (kafka.resume: sought there,
         so that librdkafka fetches at once; an on-demand read of one frame took 700 ms with a resume alone)."""
-        kafka.resume(self.consumer, tps, {tp: self.position[tp] for tp in tps if tp in self.position})
+        others_fetching = self.assigned - self.paused - set(tps)
+        kafka.resume(self.consumer, tps, {tp: self.position[tp] for tp in tps if tp in self.position},
+                     wake=not others_fetching)
         self.paused.difference_update(tps)
 
     def _bound_cache(self, busy: set[TP]) -> None:

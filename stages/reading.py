@@ -209,7 +209,7 @@ class InputReader:
                         at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
         except KafkaException as exc:  # those start when librdkafka notices the resume
             log.debug("committed offsets on resume: %s", exc)
-        kafka.resume(self.consumer, tps, at)
+        kafka.resume(self.consumer, tps, at, wake=not (self._flowing() - set(tps)))
 
     @property
     def flowing(self) -> bool:

@@ -120,7 +120,8 @@ def test_a_held_partition_released_on_an_idle_member_is_fetched_at_once_from_its
 def test_an_on_demand_pixel_read_is_fetched_at_once(broker, tmp_path):
     """A task whose frames come handed over on this host reads a missed frame's JPEG on demand: its raw_frames
     partition is resumed for that read and paused again. Each read took 0.7 s (librdkafka's broker thread, with
-    every partition paused, noticed the resume only when it next woke up); now a fetch or two."""
+    every partition paused, noticed the resume only when it next woke up); now a fetch or two, the first read
+    too."""
     from posemesh.stages.base import FrameItem, TaskInfo
     from posemesh.stages.pixels import RawFrames
     from posemesh.v1 import pipeline_pb2 as pb
@@ -149,7 +150,9 @@ def test_an_on_demand_pixel_read_is_fetched_at_once(broker, tmp_path):
             assert all(tp in reader.paused for tp in reader.assigned)  # on demand: paused again after each read
     finally:
         reader.close()
-    assert sorted(waits)[3] < 0.25, f"seconds for each on-demand read: {waits}"
+    # The first read is a task's first frame: its partition was assigned paused and never fetched (0.76 s with a
+    # seek back to where it stood, which left its fetch state unchanged and so woke nothing; 6 ms now).
+    assert max(waits) < 0.25, f"seconds for each on-demand read: {waits}"
 
 
 def test_held_topics_are_not_fetched_through_a_rebalance_until_released(broker, tmp_path):
