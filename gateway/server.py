@@ -173,6 +173,7 @@ class Gateway:
         """The broker lost its data: frames stop, new Kafka clients, and the task lifecycle runs every active
         task again from its first frame under a new epoch."""
         self.lifecycle.halt()
+        kafka.SPARE_PRODUCERS.clear()
         with self.topics.publish_lock:
             old = self.producer
             self.producer = self._new_producer()

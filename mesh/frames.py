@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, TopicPartition
 
 from posemesh.mesh import given_boxes, kafka, media, records, tracing
 from posemesh.v1 import pipeline_pb2 as pb
@@ -95,7 +95,8 @@ class FrameProducer(threading.Thread):
         self.finished, self.moved = -1, time.monotonic()  # its last value, and when it last changed
         self.stuck_said = False  # the warning that it stands still is given once until it moves again
         self.task, self.path = task, path
-        self.producer = Producer({**producer_config, "client.id": f"{client}-frames-{task.task_id[:12]}"})
+        # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task.
+        self.producer = kafka.SPARE_PRODUCERS.take({**producer_config, "client.id": f"{client}-frames"})
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
         # on_decoded(Decoded) once every frame is read, before the end of stream goes out (so before any stage

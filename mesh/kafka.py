@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 
@@ -196,6 +197,43 @@ def _collect_errors(errors: list):
             errors.append(err)
 
     return delivered
+
+
+class SpareProducer:
+    """Producers made ahead of need, for the next writer that would make a new one with the same configuration.
+
+    A new idempotent producer sends nothing before it has its producer id, and librdkafka gets that id only 0.5 s after
+    the producer is made: the cluster's metadata names the broker before a connection to it is up, and the id is then
+    asked for again on a fixed 500 ms timer (`debug=eos`: "No brokers available for Idempotent producer", "Starting PID
+    FSM timer: Coordinator not up"). Every task writes its frames through a producer of its own (mesh/frames.py,
+    mesh/live.py), so each task's first frame reached the broker 0.5 s after it was encoded. take() hands out the
+    spare made at the previous call with that configuration, ready long since, and makes the next one. At most
+    MAX_CONFIGS spares are kept (the oldest configuration's goes: another broker, in tests); the first call with a
+    configuration still waits."""
+
+    MAX_CONFIGS = 4
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spares: dict[tuple, Producer] = {}  # by configuration, the least recently taken first
+
+    def take(self, config: dict) -> Producer:
+        key = tuple(sorted((name, str(value)) for name, value in config.items()))
+        with self._lock:
+            spare = self._spares.pop(key, None)
+            self._spares[key] = Producer(config)
+            dropped = [self._spares.pop(k) for k in list(self._spares)[:-self.MAX_CONFIGS]]
+        del dropped  # destroyed here: nothing was ever given to them
+        return spare if spare is not None else Producer(config)
+
+    def clear(self) -> None:
+        """Drop every spare (a broker that lost its data: the next ones are made against the broker as it is now)."""
+        with self._lock:
+            dropped, self._spares = list(self._spares.values()), {}
+        del dropped
+
+
+SPARE_PRODUCERS = SpareProducer()
 
 
 class Sender:

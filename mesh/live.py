@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import av
-from confluent_kafka import Producer
 
 from posemesh.mesh import kafka, media, records
 from posemesh.mesh.at_rest import redact
@@ -174,7 +173,8 @@ class LiveSource(threading.Thread):
         self.transport = "udp" if transport == tpb.RTSP_TRANSPORT_UDP else "tcp"
         self.finished = FinishedClock(annotated)
         self.on_status, self.on_end, self.on_closing = on_status, on_end, on_closing
-        self.producer = Producer({**producer_config, "client.id": f"{client}-live-{task.task_id[:12]}"})
+        # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task.
+        self.producer = kafka.SPARE_PRODUCERS.take({**producer_config, "client.id": f"{client}-live"})
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
         self.detached = threading.Event()

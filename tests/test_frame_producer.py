@@ -146,6 +146,7 @@ p.join(30)
 print("held", held, "alive", p.is_alive())
 with_it = kafka_threads()
 del p
+frames.kafka.SPARE_PRODUCERS.clear()  # the next task's producer, made ahead: not the cancelled one
 gc.collect()
 time.sleep(1.0)
 print("threads", with_it, kafka_threads())

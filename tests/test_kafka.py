@@ -30,3 +30,29 @@ def test_a_record_the_producer_refused_outright_fails_the_writers_flush_like_a_f
     assert not sender.delivered(30)  # ...but the writer's check says what was refused
     assert sender.errors == [refused]
     assert kafka.delete_topics(kafka.admin(settings), [topic]) == [topic]
+
+
+def test_a_task_producers_first_record_is_written_at_once(broker, tmp_path):
+    """Every task's frames go out through a producer of its own (mesh/frames.py), so that producer's first record is
+    the task's first frame. A new idempotent producer gets its producer id, and sends anything, only 0.5 s after it
+    is made (librdkafka's id timer); one taken from kafka.SPARE_PRODUCERS was made at the previous task's start."""
+    import time
+
+    settings = make_settings(broker, tmp_path)
+    topic = f"sparetest_{uuid.uuid4().hex[:8]}"
+    kafka.create_topics(kafka.admin(settings), [kafka.TopicSpec(topic, 1, {})])
+    config = {**kafka.producer_config(settings, "sparetest"), "client.id": "sparetest-frames"}
+
+    def first_record_s(producer: Producer) -> float:
+        t0 = time.monotonic()
+        producer.produce(topic, b"frame 0")
+        assert producer.flush(10) == 0
+        return time.monotonic() - t0
+
+    new = first_record_s(Producer(config))
+    kafka.SPARE_PRODUCERS.take(config)  # the first task: its spare is made for the next one
+    waits = []
+    for _ in range(3):
+        time.sleep(0.7)  # tasks start further apart than the spare takes to get its id
+        waits.append(first_record_s(kafka.SPARE_PRODUCERS.take(config)))
+    assert max(waits) < 0.25, f"seconds to a task producer's first record: {waits} (a new producer: {new:.2f})"
