@@ -207,9 +207,11 @@ class SpareProducer:
     asked for again on a fixed 500 ms timer (`debug=eos`: "No brokers available for Idempotent producer", "Starting PID
     FSM timer: Coordinator not up"). Every task writes its frames through a producer of its own (mesh/frames.py,
     mesh/live.py), so each task's first frame reached the broker 0.5 s after it was encoded. take() hands out the
-    spare made at the previous call with that configuration, ready long since, and makes the next one. At most
-    MAX_CONFIGS spares are kept (the oldest configuration's goes: another broker, in tests); the first call with a
-    configuration still waits."""
+    spare made at the previous call with that configuration, ready if that was 0.5 s ago or more, and makes the next
+    one: the first task with a configuration, and each task starting less than 0.5 s after another (a burst of
+    uploads), still wait. At most MAX_CONFIGS spares are kept (the least recently taken configuration's goes: another
+    broker, in tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for its broker
+    list every 10 s (it knows no topic)."""
 
     MAX_CONFIGS = 4
 

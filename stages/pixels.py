@@ -264,8 +264,9 @@ class RawFrames:
         self._resume([tp for tp in self.paused if tp in lowest])
 
     def _resume(self, tps: list[TP]) -> None:
-        """Fetch from these paused partitions again, from where this reader is in each (kafka.resume: sought there,
-        so that librdkafka fetches at once; an on-demand read of one frame took 700 ms with a resume alone)."""
+        """Fetch from these paused partitions again, from where this reader is in each (kafka.resume: sought there, and
+        librdkafka woken when nothing else of this reader fetches; an on-demand read of one frame took 700 ms with a
+        resume alone)."""
         others_fetching = self.assigned - self.paused - set(tps)
         kafka.resume(self.consumer, tps, {tp: self.position[tp] for tp in tps if tp in self.position},
                      wake=not others_fetching)

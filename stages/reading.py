@@ -188,16 +188,17 @@ class InputReader:
         resume = [tp for tp in released if tp not in self.paused]
         if pause:
             self.consumer.pause([TopicPartition(t, p) for t, p in pause])
-        self._resume(resume, unread_too=True)  # a reserved task that started: its first frames wait for this
+        self._resume(resume, unread_too=True, held=want)  # a reserved task that started: its first frames wait for this
         self.holding = want
         return released
 
-    def _resume(self, tps: list[TP], unread_too: bool = False) -> None:
-        """Fetch from these paused partitions again, each also sought to where the resume would fetch from anyway
-        (kafka.resume: librdkafka then fetches at once, where a resume alone waited 0.4-0.5 s on an idle stage). That
-        offset is this member's position in a partition it read; with `unread_too`, for one it never read, where its
-        assignment started it (start_offsets), or else the group's commit (one round trip to the coordinator), or
-        the beginning without one (consumer_config's auto.offset.reset)."""
+    def _resume(self, tps: list[TP], unread_too: bool = False, held: set[TP] | None = None) -> None:
+        """Fetch from these paused partitions again, each also sought to where the resume would fetch from anyway,
+        and librdkafka woken when no other partition fetches (kafka.resume: a resume alone waited 0.4-0.8 s on an idle
+        stage). That offset is this member's position in a partition it read; with `unread_too`, for one it never
+        read, where its assignment started it (start_offsets), or else the group's commit (one round trip to the
+        coordinator), or the beginning without one (consumer_config's auto.offset.reset). `held`: the partitions held
+        from now on, when a hold is being changed (the default: those held now)."""
         at = {tp: self.positions[tp] for tp in tps if tp in self.positions}
         unread = [tp for tp in tps if tp not in at] if unread_too else []
         at.update({tp: self.assigned_at[tp] for tp in unread if tp in self.assigned_at})
@@ -209,7 +210,8 @@ class InputReader:
                         at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
         except KafkaException as exc:  # those start when librdkafka notices the resume
             log.debug("committed offsets on resume: %s", exc)
-        kafka.resume(self.consumer, tps, at, wake=not (self._flowing() - set(tps)))
+        others = self.owned - self.paused - (self.holding if held is None else held) - set(tps)
+        kafka.resume(self.consumer, tps, at, wake=not others)
 
     @property
     def flowing(self) -> bool:

@@ -34,6 +34,16 @@ def auth(user: str = "alice") -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {USERS[user]}")]
 
 
+@pytest.fixture(autouse=True)
+def _no_spare_producers_left():
+    """A test that made frame producers in this process leaves no spare behind (kafka.SpareProducer): one made for a
+    broker a test stopped would go on trying to reach it for the rest of the session."""
+    yield
+    from posemesh.mesh import kafka
+
+    kafka.SPARE_PRODUCERS.clear()
+
+
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
     with LocalBroker(log_path=tmp_path_factory.mktemp("broker") / "tansu.log") as b:
