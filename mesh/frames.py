@@ -81,7 +81,8 @@ class FrameProducer(threading.Thread):
     def __init__(self, task: tpb.Task, path: Path, producer_config: dict, partitions: int, jpeg_quality: int,
                  on_progress, on_done, on_error, frames_finished=None, max_ahead: int = 0,
                  limits: media.Limits = media.DEFAULT_LIMITS, epoch: int = 0, on_decoded=None, trace=None,
-                 start_at: int = 0, client: str = "gateway", given: dict[int, list[tpb.Box]] | None = None):
+                 start_at: int = 0, client: str = "gateway", given: dict[int, list[tpb.Box]] | None = None,
+                 ready_producers: int = 1):
         super().__init__(name=f"frames-{task.task_id}", daemon=True)
         # Frames below `start_at` are on the topic already (an earlier writer's, read back with
         # stream_so_far): they are decoded, to get to the next one, but neither encoded nor sent again.
@@ -95,8 +96,10 @@ class FrameProducer(threading.Thread):
         self.finished, self.moved = -1, time.monotonic()  # its last value, and when it last changed
         self.stuck_said = False  # the warning that it stands still is given once until it moves again
         self.task, self.path = task, path
-        # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task.
-        self.producer = kafka.SPARE_PRODUCERS.take({**producer_config, "client.id": f"{client}-frames"})
+        # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task;
+        # `ready_producers` wait made ahead for the next tasks: as many as the gateway reserves task ids (a burst).
+        self.producer = kafka.SPARE_PRODUCERS.take({**producer_config, "client.id": f"{client}-frames"},
+                                                   ready=max(1, ready_producers))
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
         # on_decoded(Decoded) once every frame is read, before the end of stream goes out (so before any stage

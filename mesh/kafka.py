@@ -206,33 +206,36 @@ class SpareProducer:
     the producer is made: the cluster's metadata names the broker before a connection to it is up, and the id is then
     asked for again on a fixed 500 ms timer (`debug=eos`: "No brokers available for Idempotent producer", "Starting PID
     FSM timer: Coordinator not up"). Every task writes its frames through a producer of its own (mesh/frames.py,
-    mesh/live.py), so each task's first frame reached the broker 0.5 s after it was encoded. take() hands out the
-    spare made at the previous call with that configuration, ready if that was 0.5 s ago or more, and makes the next
-    one: the first task with a configuration, and each task starting less than 0.5 s after another (a burst of
-    uploads), still wait. At most MAX_CONFIGS spares are kept (the least recently taken configuration's goes: another
-    broker, in tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for its broker
-    list every 10 s (it knows no topic)."""
+    mesh/live.py), so each task's first frame reached the broker 0.5 s after it was encoded. take(config, ready=n)
+    hands out the oldest spare made with that configuration (ready if it was made 0.5 s ago or more) and makes more,
+    up to n waiting: a burst of up to n tasks finds its producers ready (4 concurrent uploads: detect's first
+    records 0.30-0.51 s after the uploads' ends with 4, 0.16-1.19 s with 1, bench/README.md). The first task with a
+    configuration still waits. Spares of at most MAX_CONFIGS configurations are kept (the least recently taken one's
+    go: another broker, in tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for
+    its broker list every 10 s (it knows no topic)."""
 
     MAX_CONFIGS = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spares: dict[tuple, Producer] = {}  # by configuration, the least recently taken first
+        self._spares: dict[tuple, list[Producer]] = {}  # by configuration, least recently taken first; oldest first
 
-    def take(self, config: dict) -> Producer:
+    def take(self, config: dict, ready: int = 1) -> Producer:
         key = tuple(sorted((name, str(value)) for name, value in config.items()))
         with self._lock:
-            spare = self._spares.pop(key, None)
-            self._spares[key] = Producer(config)
+            spares = self._spares.pop(key, [])
+            taken = spares.pop(0) if spares else None
+            spares += [Producer(config) for _ in range(ready - len(spares))]
+            self._spares[key] = spares
             dropped = [self._spares.pop(k) for k in list(self._spares)[:-self.MAX_CONFIGS]]
         del dropped  # destroyed here: nothing was ever given to them
-        return spare if spare is not None else Producer(config)
+        return taken if taken is not None else Producer(config)
 
     def clear(self) -> None:
         """Drop every spare (a broker that lost its data: the next ones are made against the broker as it is now)."""
         with self._lock:
             dropped, self._spares = list(self._spares.values()), {}
-        del dropped
+        del dropped  # destroyed here
 
 
 SPARE_PRODUCERS = SpareProducer()

@@ -536,7 +536,7 @@ class IngestWorker:
                     on_error=lambda message: self._from_producer(run, self._failure(run, message)),
                     frames_finished=lambda: annotated(task_id, job.epoch), max_ahead=settings.max_frames_ahead,
                     limits=media.Limits.from_settings(settings), trace=run.trace or self.control.trace(task_id),
-                    start_at=so_far.frames, client="ingest", given=given)
+                    start_at=so_far.frames, client="ingest", given=given, ready_producers=settings.reserved_tasks)
                 run.producer = producer
                 if run.cancelled.is_set():
                     return
