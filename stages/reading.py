@@ -210,17 +210,17 @@ class InputReader:
                         at[(c.topic, c.partition)] = c.offset if c.offset >= 0 else OFFSET_BEGINNING
         except KafkaException as exc:  # those start when librdkafka notices the resume
             log.debug("committed offsets on resume: %s", exc)
-        others = self.owned - self.paused - (self.holding if held is None else held) - set(tps)
-        kafka.resume(self.consumer, tps, at, wake=not others)
+        kafka.resume(self.consumer, tps, at, wake=not (self._flowing(held) - set(tps)))
 
     @property
     def flowing(self) -> bool:
         """Whether some owned partition may give records."""
         return bool(self._flowing())
 
-    def _flowing(self) -> set[TP]:
-        """Owned partitions that neither flow control nor a hold keeps paused."""
-        return self.owned - self.paused - self.holding
+    def _flowing(self, held: set[TP] | None = None) -> set[TP]:
+        """Owned partitions that neither flow control nor a hold keeps paused (`held`: the partitions held from now on,
+        while a hold is being changed; the default: those held now)."""
+        return self.owned - self.paused - (self.holding if held is None else held)
 
     def done(self, tp: TP, offset: int) -> None:
         self.book.done(tp, offset)
