@@ -156,6 +156,13 @@ class TaskLifecycle:
         self.stops_said_at = 0.0  # when the sweep last told cancelled cameras to stop (_say_stops_again)
         self.waiting_said_at = 0.0  # when the sweep last restarted the stall clock of queued uploads
 
+    def make_producers_ready(self) -> None:
+        """Frame producers made ahead for this gateway's next uploads, its first one included (none when the ingest
+        stage decodes them)."""
+        if not self.settings.ingest_stage():
+            FrameProducer.make_ready(kafka.producer_config(self.settings, "gateway"), "gateway",
+                                     self.settings.reserved_tasks)
+
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""
         return self.settings.live_publish_url.replace("{task}", stream_path(task)) if task.HasField("live") else ""

@@ -174,6 +174,7 @@ class Gateway:
         task again from its first frame under a new epoch."""
         self.lifecycle.halt()
         kafka.SPARE_PRODUCERS.clear()
+        self.lifecycle.make_producers_ready()
         with self.topics.publish_lock:
             old = self.producer
             self.producer = self._new_producer()
@@ -202,6 +203,7 @@ class Gateway:
 
     def start(self, listen: str | None = None) -> int:
         kafka.ensure_shared_topics(self.settings)
+        self.lifecycle.make_producers_ready()
         self.incarnation = kafka.incarnation(self.topics.admin)
         self.duties.renew()  # the leases before anything else: alone on the store, the duties are this gateway's
         self.running.set()

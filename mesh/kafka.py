@@ -209,10 +209,10 @@ class SpareProducer:
     mesh/live.py), so each task's first frame reached the broker 0.5 s after it was encoded. take(config, ready=n)
     hands out the oldest spare made with that configuration (ready if it was made 0.5 s ago or more) and makes more,
     up to n waiting: a burst of up to n tasks finds its producers ready (4 concurrent uploads: detect's first
-    records 0.30-0.51 s after the uploads' ends with 4, 0.16-1.19 s with 1, bench/README.md). The first task with a
-    configuration still waits. Spares of at most MAX_CONFIGS configurations are kept (the least recently taken one's
-    go: another broker, in tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for
-    its broker list every 10 s (it knows no topic)."""
+    records 0.30-0.51 s after the uploads' ends with 4, 0.16-1.19 s with 1, bench/README.md). stock(config, n) makes
+    them before any is taken, so that a process's first task finds one too. Spares of at most MAX_CONFIGS
+    configurations are kept (the least recently taken one's go: another broker, in tests). An idle spare costs a
+    connection and librdkafka's threads, and asks the broker for its broker list every 10 s (it knows no topic)."""
 
     MAX_CONFIGS = 4
 
@@ -221,14 +221,24 @@ class SpareProducer:
         self._spares: dict[tuple, list[Producer]] = {}  # by configuration, least recently taken first; oldest first
 
     def take(self, config: dict, ready: int = 1) -> Producer:
+        """The oldest spare with this configuration (a new producer if there is none), with `ready` left waiting."""
+        return self._restock(config, ready, take=True)
+
+    def stock(self, config: dict, ready: int) -> None:
+        """Make spares with this configuration until `ready` wait."""
+        self._restock(config, ready, take=False)
+
+    def _restock(self, config: dict, ready: int, take: bool) -> Producer | None:
         key = tuple(sorted((name, str(value)) for name, value in config.items()))
         with self._lock:
             spares = self._spares.pop(key, [])
-            taken = spares.pop(0) if spares else None
+            taken = spares.pop(0) if take and spares else None
             spares += [Producer(config) for _ in range(ready - len(spares))]
             self._spares[key] = spares
             dropped = [self._spares.pop(k) for k in list(self._spares)[:-self.MAX_CONFIGS]]
         del dropped  # destroyed here: nothing was ever given to them
+        if not take:
+            return None
         return taken if taken is not None else Producer(config)
 
     def clear(self) -> None:

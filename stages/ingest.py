@@ -304,6 +304,8 @@ class IngestWorker:
     def _session(self, generation: int) -> None:
         """Take jobs until the broker's data is lost (a new generation) or the worker stops."""
         kafka.SPARE_PRODUCERS.clear()  # made against the broker as it was: a new session's frames use new ones
+        FrameProducer.make_ready(kafka.producer_config(self.settings, self.worker_id), "ingest",
+                                 self.settings.reserved_tasks)
         kafka.ensure_shared_topics(self.settings)
         # Jobs come seconds apart at most: a held fetch of FOLLOWER_FETCH_WAIT_MS costs an idle broker less, and
         # a job at most that much delay.

@@ -35,8 +35,9 @@ def test_a_record_the_producer_refused_outright_fails_the_writers_flush_like_a_f
 def test_a_task_producers_first_record_is_written_at_once(broker, tmp_path):
     """Every task's frames go out through a producer of its own (mesh/frames.py), so that producer's first record is
     the task's first frame. A new idempotent producer gets its producer id, and sends anything, only 0.5 s after it
-    is made (librdkafka's id timer); those taken from kafka.SPARE_PRODUCERS were made ahead, as many as asked to
-    wait ready, so a burst of tasks starting together finds them ready too."""
+    is made (librdkafka's id timer); those taken from kafka.SPARE_PRODUCERS were made ahead (the process's first
+    ones when it started), as many as asked to wait ready, so a burst of tasks starting together finds them ready
+    too."""
     import time
 
     settings = make_settings(broker, tmp_path)
@@ -51,9 +52,9 @@ def test_a_task_producers_first_record_is_written_at_once(broker, tmp_path):
         return time.monotonic() - t0
 
     new = first_record_s(Producer(config))
-    kafka.SPARE_PRODUCERS.take(config, ready=3)  # the first task: three are made ahead for the next ones
+    kafka.SPARE_PRODUCERS.stock(config, 3)  # as the process starts, for its first tasks
     waits = []
-    for burst in (3, 1, 2):
+    for burst in (1, 3, 1, 2):
         time.sleep(0.7)  # bursts start further apart than a spare takes to get its id
         producers = [kafka.SPARE_PRODUCERS.take(config, ready=3) for _ in range(burst)]  # tasks starting together
         waits += [first_record_s(producer) for producer in producers]
