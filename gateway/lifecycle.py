@@ -269,7 +269,7 @@ class TaskLifecycle:
             on_decoded=on_decoded, on_done=on_done, on_error=lambda msg: self.fail(task_id, msg),
             frames_finished=FinishedSoFar(self.store, task_id),
             max_ahead=self.settings.max_frames_ahead, limits=media.Limits.from_settings(self.settings),
-            trace=tracing.current(), given=given, ready_producers=self.settings.reserved_tasks)
+            trace=tracing.current(), client="gateway", given=given, ready_producers=self.settings.reserved_tasks)
         with self.lock:  # registered and started at once: halt() joins every producer it finds (CI run 110)
             old = self.frame_producers.pop(task_id, None)
             if old:

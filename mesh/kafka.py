@@ -147,7 +147,7 @@ QUIET_METADATA = {"topic.metadata.refresh.interval.ms": 10_000}
 # wait is over, so at 50 ms each follower cost it ~14 fetches a second; at 250 ms a task start or a progress
 # report is heard at most 0.2 s later. Apache Kafka answers a held fetch as soon as a record arrives.
 FOLLOWER_FETCH_WAIT_MS = 250
-WAKE_WAIT_S = 1.0  # resume(wake=True): the longest the leader's answer is waited for
+WAKE_WAIT_S = 1.0  # resume(wake=True): the longest the leaders' answers are waited for (all of them)
 
 
 def resume(consumer: Consumer, partitions: list[tuple[str, int]], at: dict[tuple[str, int], int],
@@ -210,15 +210,18 @@ class SpareProducer:
     hands out the oldest spare made with that configuration (ready if it was made 0.5 s ago or more) and makes more,
     up to n waiting: a burst of up to n tasks finds its producers ready (4 concurrent uploads: detect's first
     records 0.30-0.51 s after the uploads' ends with 4, 0.16-1.19 s with 1, bench/README.md). stock(config, n) makes
-    them before any is taken, so that a process's first task finds one too. Spares of at most MAX_CONFIGS
-    configurations are kept (the least recently taken one's go: another broker, in tests). An idle spare costs a
-    connection and librdkafka's threads, and asks the broker for its broker list every 10 s (it knows no topic)."""
+    them before any is taken, so that a process's first upload finds one too (FrameProducer.make_ready); a
+    configuration nobody stocks (a live camera's, mesh/live.py) still makes its process's first task wait. Spares of
+    at most MAX_CONFIGS configurations are kept (the least recently taken or stocked one's go: another broker, in
+    tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for its broker list every
+    10 s (it knows no topic)."""
 
     MAX_CONFIGS = 4
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._spares: dict[tuple, list[Producer]] = {}  # by configuration, least recently taken first; oldest first
+        # By configuration, least recently taken or stocked first; each one's producers oldest first.
+        self._spares: dict[tuple, list[Producer]] = {}
 
     def take(self, config: dict, ready: int = 1) -> Producer:
         """The oldest spare with this configuration (a new producer if there is none), with `ready` left waiting."""

@@ -304,9 +304,10 @@ class IngestWorker:
     def _session(self, generation: int) -> None:
         """Take jobs until the broker's data is lost (a new generation) or the worker stops."""
         kafka.SPARE_PRODUCERS.clear()  # made against the broker as it was: a new session's frames use new ones
+        kafka.ensure_shared_topics(self.settings)
+        # After the broker answered: a session that fails before (no broker) and starts over makes none each time.
         FrameProducer.make_ready(kafka.producer_config(self.settings, self.worker_id), "ingest",
                                  self.settings.reserved_tasks)
-        kafka.ensure_shared_topics(self.settings)
         # Jobs come seconds apart at most: a held fetch of FOLLOWER_FETCH_WAIT_MS costs an idle broker less, and
         # a job at most that much delay.
         consumer = Consumer(kafka.follower_config(self.settings, self.group_name(), self.worker_id))

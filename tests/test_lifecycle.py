@@ -246,3 +246,29 @@ def test_a_camera_behind_a_relay_that_drops_out_is_read_again_until_the_outage_l
         finally:
             camera.stop()
             lifecycle.halt()
+
+
+# ---------------------------------------------------------------------- an upload's frame producer
+
+def test_an_upload_writes_through_a_producer_its_gateway_made_when_it_started(broker, tmp_path):
+    """A new idempotent producer sends nothing for its first 0.5 s (mesh/kafka.py's SpareProducer), so a gateway that
+    decodes uploads makes its first ones' producers as it starts (make_producers_ready): the first upload's frame
+    producer is one of those, not a new one (which a configuration of its own would make)."""
+    settings = make_settings(broker, tmp_path / "data", reserved_tasks=2)
+    lifecycle, store, _policy = _lifecycle(settings)
+    lifecycle.make_producers_ready()
+    # The spares themselves (private): only their identity tells a producer made then from one made now.
+    stocked = [p for spares in kafka.SPARE_PRODUCERS._spares.values() for p in spares]
+    assert len(stocked) == 2
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(media("mmpose_demo_960x540_5f.mp4").read_bytes())
+    task = tpb.Task(task_id=names.new_task_id(), state=tpb.TASK_STATE_QUEUED, file_name="clip.mp4",
+                    options=tpb.TaskOptions(), video=tpb.VideoInfo(width=960, height=540, fps=5.0, frame_count=5),
+                    created_at=timestamp(now_us()))
+    store.create(task, "alice", None)
+    try:
+        lifecycle.start(task, clip)
+        producer = lifecycle.frame_producers[task.task_id].producer
+        assert any(producer is made for made in stocked)
+    finally:
+        lifecycle.halt()
