@@ -53,3 +53,18 @@ def test_a_logged_pause_of_a_mesh_process_explains_as_much_lag(tmp_path):
     # The pause ran 7-10 s: until the bound (2 s) after it, 2 + 0.5 + 3 s are allowed (9 and 11.5 s), not more (11 s);
     # after that, and away from it, the bound + slack (12.5 and 30 s over, 13 s under).
     assert mesh.lags_over_bound(readings, started, 2.0) == [(11.0, 5.6), (12.5, 4.0), (30.0, 2.6)]
+
+
+def test_a_lag_read_again_from_an_unchanged_status_counts_when_it_was_first_seen(tmp_path):
+    """A watch snapshot carries the live reader's last status until the reader publishes again: a lag read again
+    later, with the same frames received, was measured when it was first seen (CI run 121), and a new measurement
+    (more frames received) counts at its own time."""
+    mesh = Mesh.__new__(Mesh)
+    mesh.logs = tmp_path
+    started = time.time() - 100
+    (tmp_path / "gateway.log").write_text(
+        f"{stamp(started + 10)} gateway WARNING paused for 1.00 s: nothing of this process ran (...)\n")
+    # The pause ran 9-10 s, its allowance until 12 s: the 3.4 s lag first seen at 11.5 s is allowed at 12.5 and
+    # 13 s too; the same lag with more frames received, at 13 s, is a new measurement, over the bound.
+    readings = [(11.5, 3.4, 95), (12.5, 3.4, 95), (13.0, 3.4, 95), (13.0, 3.4, 96), (14.0, 0.3, 111)]
+    assert mesh.lags_over_bound(readings, started, 2.0) == [(13.0, 3.4, 96)]
