@@ -10,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
 import pytest
 
 from posemesh.client import Client
 from posemesh.devstack.processes import free_port
 from posemesh.devstack.triton_server import SHM_DIR, SHM_REGION_PREFIX, mapped_shm_regions
 from posemesh.mesh.settings import REPO_ROOT
+from posemesh.v1 import stage_service_pb2 as spb
+from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.helpers import wait_for
 
@@ -56,6 +59,10 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
                                           "track-0", "annotate-0", "ingest-0"}
         assert state["rtsp"].startswith("rtsp://127.0.0.1:")  # the relay live tasks publish to
         assert state["gateway"].startswith(f"127.0.0.1:{port},127.0.0.1:") and state["postgres"]
+        # Up means ready for the first upload: every stage worker has joined its group (for the reserved task ids).
+        for name in ("detect-0", "pose-0", "track-0", "annotate-0"):
+            with grpc.insecure_channel(state["control"][name]) as channel:
+                assert spb_grpc.StageServiceStub(channel).GetStatus(spb.GetStatusRequest(), timeout=10).assignments > 0
         for address in state["gateway"].split(","):
             with Client(address) as client:  # the development key
                 assert list(client.list()) == []
