@@ -98,8 +98,7 @@ class FrameProducer(threading.Thread):
         self.task, self.path = task, path
         # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task;
         # `ready_producers` wait made ahead for the next tasks: as many as the gateway reserves task ids (a burst).
-        self.producer = kafka.SPARE_PRODUCERS.take(self.kafka_config(producer_config, client),
-                                                   ready=max(1, ready_producers))
+        self.producer = kafka.SPARE_PRODUCERS.take(self.kafka_config(producer_config, client), ready=ready_producers)
         self.partitions, self.quality = partitions, jpeg_quality
         self.on_progress, self.on_done, self.on_error = on_progress, on_done, on_error
         # on_decoded(Decoded) once every frame is read, before the end of stream goes out (so before any stage
@@ -121,7 +120,7 @@ class FrameProducer(threading.Thread):
     def make_ready(producer_config: dict, client: str, count: int) -> None:
         """Make `count` producers ahead for the frame producers this process will start: without them its first
         task's first frame reached the broker 0.5 s late (kafka.SpareProducer)."""
-        kafka.SPARE_PRODUCERS.stock(FrameProducer.kafka_config(producer_config, client), max(1, count))
+        kafka.SPARE_PRODUCERS.stock(FrameProducer.kafka_config(producer_config, client), count)
 
     def _send(self, record: pb.StageRecord) -> None:
         data = record.SerializeToString()

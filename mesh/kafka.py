@@ -232,6 +232,7 @@ class SpareProducer:
         self._restock(config, ready, take=False)
 
     def _restock(self, config: dict, ready: int, take: bool) -> Producer | None:
+        ready = max(1, ready)  # one at least: a process with no reserved ids still starts tasks
         key = tuple(sorted((name, str(value)) for name, value in config.items()))
         with self._lock:
             spares = self._spares.pop(key, [])

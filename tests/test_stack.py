@@ -59,7 +59,7 @@ def test_up_with_two_gateways_restarts_crashed_processes_and_stops_cleanly(tmp_p
                                           "track-0", "annotate-0", "ingest-0"}
         assert state["rtsp"].startswith("rtsp://127.0.0.1:")  # the relay live tasks publish to
         assert state["gateway"].startswith(f"127.0.0.1:{port},127.0.0.1:") and state["postgres"]
-        # Up means ready for the first upload: every stage worker has joined its group (for the reserved task ids).
+        # Up means ready for the first upload: every stage worker has joined its consumer group.
         for name in ("detect-0", "pose-0", "track-0", "annotate-0"):
             with grpc.insecure_channel(state["control"][name]) as channel:
                 assert spb_grpc.StageServiceStub(channel).GetStatus(spb.GetStatusRequest(), timeout=10).assignments > 0
