@@ -150,8 +150,9 @@ def main() -> None:
         wait_for_port("127.0.0.1", broker_port, 15)
         counter = RequestCounter(proxy_port, broker_port).start()
         with tempfile.TemporaryDirectory(prefix="posemesh-bench-requests-") as tmp:
+            # The proxy fronts the local broker: the stack keeps the local broker's session timeout.
             stack = Stack(StackConfig(run_dir=Path(tmp) / "stack", kafka=f"127.0.0.1:{proxy_port}",
-                                      rtsp_port=-1)).start()
+                                      kafka_session_timeout_ms=2000, rtsp_port=-1)).start()
             try:
                 client = Client(stack.gateway_address, "posemesh-dev-key")
                 idle_between_bursts()

@@ -104,6 +104,10 @@ class StackConfig:
     run_dir: Path = REPO_ROOT / "run" / "stack"
     kafka: str = ""  # external bootstrap servers; empty: start the local broker
     kafka_port: int = 0
+    # Every client's consumer-group session timeout; 0: 2 s on the local broker, whose joins last half of it
+    # (bench/rebalance.py), 10 s on an external one, as deploy/ sets: Apache Kafka refuses a session timeout
+    # under its group.min.session.timeout.ms, 6 s by default. POSEMESH_KAFKA_SESSION_TIMEOUT_MS wins.
+    kafka_session_timeout_ms: int = 0
     triton_url: str = ""  # external Triton; empty: start the local one
     triton_grpc_port: int = 0
     gateway_port: int = 0
@@ -146,15 +150,17 @@ class Stack:
         self.gateway_addresses = [f"127.0.0.1:{p}" for p in ports]
         self.gateway_address = ",".join(self.gateway_addresses)  # what the SDK and CLI take (POSEMESH_ADDRESS)
         self.postgres = None  # the local PostgreSQL server several gateways share
+        session_timeout_ms = config.kafka_session_timeout_ms or (10000 if config.kafka else 2000)
         self.env = dict(os.environ)
         self.env.update({
             "POSEMESH_KAFKA_BOOTSTRAP": self.bootstrap,
             "POSEMESH_TRITON_URL": self.triton_url,
             "POSEMESH_DATA_DIR": str(self.run_dir / "data"),
             "POSEMESH_GATEWAY_LISTEN": self.gateway_address,
-            # The stack shares the broker with nothing else: the one session timeout for every client.
-            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": env("KAFKA_SESSION_TIMEOUT_MS", "2000"),
-            "POSEMESH_KAFKA_HEARTBEAT_MS": env("KAFKA_HEARTBEAT_MS", "200"),
+            # The one session timeout for every client of the stack (the local broker keeps the first one a
+            # group used), with heartbeats at a tenth of it.
+            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": env("KAFKA_SESSION_TIMEOUT_MS", str(session_timeout_ms)),
+            "POSEMESH_KAFKA_HEARTBEAT_MS": env("KAFKA_HEARTBEAT_MS", str(session_timeout_ms // 10)),
             "PYTHONUNBUFFERED": "1",
         })
         relay = (f"rtsp://127.0.0.1:{config.rtsp_port},rtsp://localhost:{config.rtsp_port}"
