@@ -231,11 +231,12 @@ class Stack:
                 for i in range(count):
                     port = self.control_ports[f"{stage}-{i}"] = free_port()
                     self.metrics_ports[f"{stage}-{i}"] = free_port()
+                    # Started one after another, serving in parallel: each joins its group meanwhile.
                     self._add(f"{stage}-{i}",
                               [sys.executable, "-m", "posemesh.stages", stage, "--control-port", str(port),
                                "--metrics-port", str(self.metrics_ports[f"{stage}-{i}"])],
-                              lambda p=port: grpc_healthy(f"127.0.0.1:{p}"), 120)
-            self._wait_for_first_assignments()
+                              lambda p=port: _port_open(p), 120)
+            self._wait_for_workers_serving()
         except BaseException:
             self.stop()
             raise
@@ -243,15 +244,13 @@ class Stack:
         threading.Thread(target=self._supervise, name="supervisor", daemon=True).start()
         return self
 
-    def _wait_for_first_assignments(self, timeout: float = 30.0) -> None:
-        """Until every stage worker has had its first assignment from its consumer group (at most `timeout`, then a
-        warning). A worker is healthy before it has joined its group (a second on the local broker), and the workers
-        start one after another, so an upload right after start() waited for the last one's join: the first annotated
-        frame of a fresh stack's first upload came 1.8 s after the upload's end, 0.5-0.8 s with this wait
-        (bench/README.md). Every stage worker joins as it starts (for the reserved task ids' topics, or for
-        posemesh.idle alone); an ingest replica is in no such group."""
+    def _wait_for_workers_serving(self, timeout: float = 120.0) -> None:
+        """Until every worker's health says SERVING, which a stage worker says once its consumer group has first
+        answered (for the reserved task ids' topics, or for posemesh.idle alone): an upload right after start()
+        waited for the last worker's join before, its first annotated frame 1.8 s after the upload's end (0.5-0.8 s
+        with the wait, bench/README.md). The workers are all started first, so their joins overlap."""
         services = {service.name: service for service in self.services}
-        waiting = {name: port for name, port in self.control_ports.items() if name.rsplit("-", 1)[0] in STAGE_NAMES}
+        waiting = dict(self.control_ports)
         deadline = time.monotonic() + timeout
         while waiting:
             if self.stopping.is_set():
@@ -261,11 +260,11 @@ class Stack:
                 if service.proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {service.proc.returncode} while starting; see "
                                        f"{service.log_path}")
-            if time.monotonic() > deadline:
-                log.warning("%s had no assignment from their consumer groups after %.0f s (see their logs): the first "
-                            "upload waits for them", ", ".join(sorted(waiting)), timeout)
-                return
-            waiting = {name: port for name, port in waiting.items() if not _assigned(f"127.0.0.1:{port}")}
+            problems = {name: _worker_problem(f"127.0.0.1:{port}") for name, port in waiting.items()}
+            waiting = {name: port for name, port in waiting.items() if problems[name]}
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"not serving after {timeout:.0f} s: " + "; ".join(
+                    f"{name} ({problems[name]}, see {services[name].log_path})" for name in sorted(waiting)))
             if waiting:
                 time.sleep(0.1)
 
@@ -373,16 +372,16 @@ def _port_open(port: int) -> bool:
         return False
 
 
-def _assigned(address: str) -> bool:
-    """Whether the stage worker serving StageService at `address` has had an assignment from its consumer group."""
+def _worker_problem(address: str) -> str:
+    """Why the worker serving StageService at `address` is not serving ("" when it is)."""
     from posemesh.v1 import stage_service_pb2 as spb
     from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
 
     try:
         with grpc.insecure_channel(address) as channel:
-            return spb_grpc.StageServiceStub(channel).GetStatus(spb.GetStatusRequest(), timeout=1.0).assignments > 0
-    except grpc.RpcError:
-        return False
+            return spb_grpc.StageServiceStub(channel).GetStatus(spb.GetStatusRequest(), timeout=1.0).problem
+    except grpc.RpcError as e:
+        return f"no answer: {e.code().name}"
 
 
 def _triton_ready(url: str) -> bool:

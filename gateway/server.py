@@ -246,6 +246,9 @@ class Gateway:
                                  options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)])
         tpb_grpc.add_TaskServiceServicer_to_server(TaskService(self), server)
         self.health = health.aio.HealthServicer()
+        # grpc's servicer says SERVING for "" until told otherwise: nothing is until the broker was looked at.
+        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(listen or self.settings.gateway_listen)

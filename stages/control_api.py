@@ -1,7 +1,8 @@
 """The control API every worker serves: StageService (status, tasks, stop one task here) and gRPC health.
 
-Health says whether the worker can do its work, not merely that the process runs: NOT_SERVING while Triton
-fails its calls, while the broker cannot be reached, or when the work loop has not turned for a long time.
+Health says whether the worker can do its work, not merely that the process runs: NOT_SERVING until its
+consumer group first answers, while Triton fails its calls, while the broker cannot be reached, or when the
+work loop has not turned for a long time.
 A health thread re-evaluates it twice a second.
 """
 
@@ -42,6 +43,9 @@ class ControlApi:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(worker), self.server)
         self.health = health.HealthServicer()
+        # grpc's servicer says SERVING for "" until told otherwise: nothing is until the first look at problem().
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = worker.settings.control_host  # 0.0.0.0 under Kubernetes probes
         self.port = self.server.add_insecure_port(f"{host}:{port}")

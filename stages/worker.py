@@ -731,6 +731,10 @@ class StageWorker:
         stage_problem = self.stage.problem()
         if stage_problem:
             return stage_problem
+        if self.assignments + self.reader.assignments == 0:
+            # Until its group first answers, the worker reads nothing (about a second on the local broker, more
+            # on a large Apache Kafka group): ready only then, so that a rollout or `posemesh up` waits for it.
+            return f"joining consumer group {self.group_name()}"
         stalled = time.monotonic() - self.loop_seen
         if self.running.is_set() and stalled > LOOP_STALL_S:
             return f"the work loop has not turned for {stalled:.0f} s"

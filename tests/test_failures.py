@@ -1,8 +1,8 @@
-"""Failures stay with their task, and nothing hangs: a poison frame fails its task only; a hung Triton
-turns the workers' health NOT_SERVING and back; Triton gone for longer than the outage limit fails the
-waiting task with a clear message; a task that stops moving is failed by the stall timeout; an upload
-while the broker is down is refused at once and leaves nothing; the SDK's waits keep their deadline.
-All against real processes."""
+"""Failures stay with their task, and nothing hangs: a worker is not ready before its consumer group answers; a
+poison frame fails its task only; a hung Triton turns the workers' health NOT_SERVING and back; Triton gone for
+longer than the outage limit fails the waiting task with a clear message; a task that stops moving is failed by
+the stall timeout; an upload while the broker is down is refused at once and leaves nothing; the SDK's waits keep
+their deadline. All against real processes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 from confluent_kafka import Producer
 
 from posemesh.client import Client
+from posemesh.devstack.processes import stop_process
 from posemesh.mesh import kafka
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
@@ -44,6 +45,31 @@ def health(worker) -> int:
 
     with grpc.insecure_channel(f"127.0.0.1:{worker.port}") as ch:
         return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3).status
+
+
+def test_a_new_worker_is_serving_only_once_its_consumer_group_has_answered(mesh):
+    """Ready (Kubernetes' readiness, `posemesh up`) means the worker reads its partitions: until its group first
+    answers (a second at least on the local broker) its health says NOT_SERVING and its status why."""
+    worker = mesh.start_worker("track")
+    seen = []  # (health, status.serving, status.assignments, status.problem), health asked first
+
+    def serving() -> bool:
+        try:
+            said = health(worker)
+            status = worker.status(timeout=3)
+        except grpc.RpcError:
+            return False  # not listening yet
+        seen.append((said, status.serving, status.assignments, status.problem))
+        return said == 1 and status.serving
+
+    try:
+        wait_for(serving, 60, 0.02, "the new track worker to serve")
+    finally:
+        stop_process(worker.proc, grace=15)
+        mesh.workers.remove(worker)
+    assert any(problem.startswith("joining consumer group") and said == 2 for said, _s, _a, problem in seen), seen
+    # Assignments never go back to 0: once either says SERVING, the group had answered.
+    assert all(assignments > 0 for said, serving, assignments, _p in seen if said == 1 or serving), seen
 
 
 def test_a_poison_frame_fails_its_task_and_nothing_else(mesh, long_clip):
