@@ -7,8 +7,9 @@
     posemesh up --workers ingest=2   # uploads decoded by two ingest replicas instead of the gateway
 
 Start order is health-checked: RTSP relay (live output, when GStreamer is installed) -> broker (port open)
--> Triton (models ready) -> gateway (gRPC health) -> workers (gRPC health); then start() waits, at most 30 s, until
-every stage worker has had its first assignment from its consumer group. A process that dies is restarted
+-> Triton (models ready) -> gateway (gRPC health) -> workers (each started once the one before listens on its
+control port); then start() waits, at most 120 s, until every worker says it serves (a stage worker does once its
+consumer group has first answered), and fails naming those that do not. A process that dies is restarted
 with back-off, into the same log file (RUN_DIR/logs/<name>.log). Stopping goes in reverse order: workers leave
 their consumer groups first, the gateway next; the memory-only broker takes every topic with it. With an external
 Kafka (--kafka HOST:PORT) topics of unfinished tasks are kept on purpose: the gateway resumes them.
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,7 +152,8 @@ class Stack:
         self.gateway_addresses = [f"127.0.0.1:{p}" for p in ports]
         self.gateway_address = ",".join(self.gateway_addresses)  # what the SDK and CLI take (POSEMESH_ADDRESS)
         self.postgres = None  # the local PostgreSQL server several gateways share
-        session_timeout_ms = config.kafka_session_timeout_ms or (10000 if config.kafka else 2000)
+        session_timeout_ms = int(env("KAFKA_SESSION_TIMEOUT_MS", "0")) or config.kafka_session_timeout_ms or (
+            10000 if config.kafka else 2000)
         self.env = dict(os.environ)
         self.env.update({
             "POSEMESH_KAFKA_BOOTSTRAP": self.bootstrap,
@@ -159,7 +162,7 @@ class Stack:
             "POSEMESH_GATEWAY_LISTEN": self.gateway_address,
             # The one session timeout for every client of the stack (the local broker keeps the first one a
             # group used), with heartbeats at a tenth of it.
-            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": env("KAFKA_SESSION_TIMEOUT_MS", str(session_timeout_ms)),
+            "POSEMESH_KAFKA_SESSION_TIMEOUT_MS": str(session_timeout_ms),
             "POSEMESH_KAFKA_HEARTBEAT_MS": env("KAFKA_HEARTBEAT_MS", str(session_timeout_ms // 10)),
             "PYTHONUNBUFFERED": "1",
         })
@@ -194,7 +197,7 @@ class Stack:
             service.start()
             self.services.append(service)
         service.wait_healthy(timeout, self.stopping)
-        log.info("%-12s healthy (pid %d)", name, service.proc.pid)
+        log.info("%-12s started (pid %d)", name, service.proc.pid)
         return service
 
     def start(self) -> Stack:
@@ -245,10 +248,12 @@ class Stack:
         return self
 
     def _wait_for_workers_serving(self, timeout: float = 120.0) -> None:
-        """Until every worker's health says SERVING, which a stage worker says once its consumer group has first
-        answered (for the reserved task ids' topics, or for posemesh.idle alone): an upload right after start()
-        waited for the last worker's join before, its first annotated frame 1.8 s after the upload's end (0.5-0.8 s
-        with the wait, bench/README.md). The workers are all started first, so their joins overlap."""
+        """Until every worker says it serves (GetStatus.problem empty, what its health says within 0.5 s), which a
+        stage worker says once its consumer group has first answered (for the reserved task ids' topics, or for
+        posemesh.idle alone): an upload right after start() waited for the last worker's join before, its first
+        annotated frame 1.8 s after the upload's end (0.5-0.8 s with the wait, bench/README.md). The workers are all
+        started first, so their joins overlap, and asked in parallel: one still starting answers nothing for its
+        whole deadline (it listens before it serves)."""
         services = {service.name: service for service in self.services}
         waiting = dict(self.control_ports)
         deadline = time.monotonic() + timeout
@@ -260,7 +265,9 @@ class Stack:
                 if service.proc.poll() is not None:
                     raise RuntimeError(f"{name} exited with {service.proc.returncode} while starting; see "
                                        f"{service.log_path}")
-            problems = {name: _worker_problem(f"127.0.0.1:{port}") for name, port in waiting.items()}
+            with ThreadPoolExecutor(len(waiting)) as pool:
+                problems = dict(zip(waiting, pool.map(lambda port: _worker_problem(f"127.0.0.1:{port}"),
+                                                      waiting.values())))
             waiting = {name: port for name, port in waiting.items() if problems[name]}
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"not serving after {timeout:.0f} s: " + "; ".join(

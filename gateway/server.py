@@ -41,6 +41,7 @@ from posemesh.gateway.topics import TopicManager
 from posemesh.gateway.webhooks import WebhookPolicy, WebhookSender
 from posemesh.mesh import kafka, pauses, tracing
 from posemesh.mesh.at_rest import KeyFileError, SecretBox, private_dir
+from posemesh.mesh.health import LIVENESS
 from posemesh.mesh.settings import Settings
 from posemesh.v1 import task_service_pb2 as tpb
 from posemesh.v1 import task_service_pb2_grpc as tpb_grpc
@@ -247,14 +248,16 @@ class Gateway:
         tpb_grpc.add_TaskServiceServicer_to_server(TaskService(self), server)
         self.health = health.aio.HealthServicer()
         # grpc's servicer says SERVING for "" until told otherwise: nothing is until the broker was looked at.
-        await self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE_NAME, LIVENESS):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_NAME, reflection.SERVICE_NAME), server)
         self.port = server.add_insecure_port(listen or self.settings.gateway_listen)
         if not self.port:
             raise RuntimeError(f"cannot listen on {listen or self.settings.gateway_listen}")
         await server.start()
+        # Alive while the server runs: not ready without a broker (below), but a restart would not bring one.
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._stopping = asyncio.Event()
         ready.set()
         serving = None

@@ -1,9 +1,9 @@
 """The control API every worker serves: StageService (status, tasks, stop one task here) and gRPC health.
 
-Health says whether the worker can do its work, not merely that the process runs: NOT_SERVING until its
-consumer group first answers, while Triton fails its calls, while the broker cannot be reached, or when the
-work loop has not turned for a long time.
-A health thread re-evaluates it twice a second.
+Health ("" and the StageService) says whether the worker can do its work, not merely that the process runs:
+NOT_SERVING until its consumer group first answers, while Triton fails its calls, while the broker cannot be
+reached, or when the work loop has not turned for a long time. LIVENESS (mesh/health.py) says only the last: what a
+restart could mend. A health thread re-evaluates both twice a second.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from posemesh.mesh.health import LIVENESS
 from posemesh.mesh.names import TASK_ID_RE
 from posemesh.v1 import stage_service_pb2 as spb
 from posemesh.v1 import stage_service_pb2_grpc as spb_grpc
@@ -44,13 +45,14 @@ class ControlApi:
         spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(worker), self.server)
         self.health = health.HealthServicer()
         # grpc's servicer says SERVING for "" until told otherwise: nothing is until the first look at problem().
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.health.set(SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE, LIVENESS):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = worker.settings.control_host  # 0.0.0.0 under Kubernetes probes
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         self.halt = threading.Event()
         self.serving: bool | None = None
+        self.alive: bool | None = None
 
     def start(self) -> None:
         self.server.start()
@@ -64,6 +66,11 @@ class ControlApi:
             self.health.set("", status)
             self.health.set(SERVICE, status)
             self.serving = serving
+        alive = not self.worker.stalled()
+        if alive != self.alive:
+            self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING if alive
+                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self.alive = alive
 
     def _watch(self) -> None:
         while not self.halt.wait(0.5):
@@ -71,5 +78,6 @@ class ControlApi:
 
     def stop(self) -> None:
         self.halt.set()
-        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in ("", SERVICE, LIVENESS):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(1)

@@ -713,6 +713,11 @@ class IngestWorker:
     def problem(self) -> str:
         return self.control.broker_problem
 
+    def stalled(self) -> str:
+        """Liveness: "" while the process answers its control API. Its jobs run on threads of their own, and one
+        that stops moving is for the gateway's stall limit (STALL_TIMEOUT_S) to fail, not for a restart."""
+        return ""
+
     def status(self) -> spb.GetStatusResponse:
         problem = self.problem()
         tasks = [spb.StageTask(task_id=r.task_id, frames_done=self.reporter.done_count.get(r.task_id, 0),

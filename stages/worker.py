@@ -112,6 +112,7 @@ class StageWorker:
         self.generation = 0
         self.resets = 0
         self.assignments = 0  # of the consumers before the latest reset
+        self.answered = False  # whether any of its consumers' groups has answered yet (problem())
         self.subscription_changes = 0  # likewise
         self.frames_processed = 0
         self.batches = 0
@@ -728,13 +729,19 @@ class StageWorker:
             return self.control.broker_problem
         if self.reader is None:
             return "connecting to the broker"
-        stage_problem = self.stage.problem()
+        stage_problem = self.stage.problem() or self.stalled()
         if stage_problem:
             return stage_problem
-        if self.assignments + self.reader.assignments == 0:
-            # Until its group first answers, the worker reads nothing (about a second on the local broker, more
-            # on a large Apache Kafka group): ready only then, so that a rollout or `posemesh up` waits for it.
+        # Until its group first answers, the worker reads nothing (about a second on the local broker, more on a
+        # large Apache Kafka group): ready only then, so that a rollout or `posemesh up` waits for it. Once said,
+        # it stays said (a reset's new consumer is a rejoin, not a first join).
+        self.answered = self.answered or self.assignments + self.reader.assignments > 0
+        if not self.answered:
             return f"joining consumer group {self.group_name()}"
+        return ""
+
+    def stalled(self) -> str:
+        """Why this worker's own loop is not working ("" when it is): what a restart could mend (liveness)."""
         stalled = time.monotonic() - self.loop_seen
         if self.running.is_set() and stalled > LOOP_STALL_S:
             return f"the work loop has not turned for {stalled:.0f} s"

@@ -113,6 +113,16 @@ def test_compose_commands_ports_and_health_checks_match_the_code():
     assert health_main(["127.0.0.1:1", "--timeout", "0.2"]) == 1
 
 
+def assert_alive_and_ready_probes(container: dict) -> None:
+    """Readiness asks whether the process can work now (""); startup and liveness whether it still works at all
+    (LIVENESS), or Kubernetes would restart workers while Triton is down and gateways while the broker is."""
+    from posemesh.mesh.health import LIVENESS
+
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    assert container["startupProbe"]["grpc"]["service"] == LIVENESS
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS
+
+
 def test_kubernetes_probes_ports_and_commands_match_the_code():
     docs = k8s_docs()
     config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]
@@ -125,12 +135,15 @@ def test_kubernetes_probes_ports_and_commands_match_the_code():
         assert container["command"][:3] == ["python", "-m", "posemesh.stages"] and args.stage == stage
         assert container["readinessProbe"]["grpc"]["port"] == args.control_port
         assert container["livenessProbe"]["grpc"]["port"] == args.control_port
+        assert_alive_and_ready_probes(container)
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) == args.metrics_port
     gateway = deployments["gateway"]["spec"]["template"]
     container = gateway["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}  # not those from Secrets
     listen_port = int(env["POSEMESH_GATEWAY_LISTEN"].rsplit(":", 1)[1])
     assert container["readinessProbe"]["grpc"]["port"] == listen_port
+    assert container["livenessProbe"]["grpc"]["port"] == listen_port
+    assert_alive_and_ready_probes(container)
     assert {p["containerPort"] for p in container["ports"]} == {listen_port, int(env["POSEMESH_GATEWAY_METRICS_PORT"])}
     assert int(gateway["metadata"]["annotations"]["prometheus.io/port"]) == int(env["POSEMESH_GATEWAY_METRICS_PORT"])
     triton = deployments["triton"]["spec"]["template"]["spec"]["containers"][0]

@@ -16,6 +16,7 @@ from confluent_kafka import Producer
 from posemesh.client import Client
 from posemesh.devstack.processes import stop_process
 from posemesh.mesh import kafka
+from posemesh.mesh.health import LIVENESS, grpc_healthy
 from posemesh.v1 import pipeline_pb2 as pb
 from posemesh.v1 import task_service_pb2 as tpb
 from tests.conftest import USERS, auth, media
@@ -40,11 +41,11 @@ def long_clip(tmp_path_factory):
     return make_clip(media("towncentre_1080p_302f.mp4"), tmp_path_factory.mktemp("clip") / "town90.mp4", 90)
 
 
-def health(worker) -> int:
+def health(worker, service: str = "") -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     with grpc.insecure_channel(f"127.0.0.1:{worker.port}") as ch:
-        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=3).status
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=3).status
 
 
 def test_a_new_worker_is_serving_only_once_its_consumer_group_has_answered(mesh):
@@ -103,6 +104,7 @@ def test_a_hung_triton_turns_health_not_serving_and_back(mesh, long_clip):
         [detect] = mesh.replicas("detect")
         wait_for(lambda: health(detect) == 2, 30, 0.2, "detect's health to be NOT_SERVING")
         assert "Triton" in detect.status().problem
+        assert health(detect, LIVENESS) == 1  # alive: Kubernetes must not restart it, which would not mend Triton
     finally:
         mesh.triton.proc.send_signal(signal.SIGCONT)
     wait_for(lambda: health(detect) == 1, 30, 0.2, "detect's health to be SERVING again")
@@ -223,6 +225,7 @@ def test_an_upload_while_the_broker_is_down_is_refused_at_once_and_leaves_nothin
         from grpc_health.v1 import health_pb2, health_pb2_grpc
         status = health_pb2_grpc.HealthStub(gw.channel).Check(health_pb2.HealthCheckRequest(), timeout=3).status
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert grpc_healthy(gw.address, service=LIVENESS)  # alive: a restart would not bring the broker back
         # The broker comes back (empty): uploads work again within seconds.
         broker = LocalBroker(broker.port).start()
         wait_for(lambda: gw.gateway.broker_available(), 15, 0.1, "the gateway to see the broker again")

@@ -30,4 +30,4 @@ def test_a_session_timeout_asked_for_wins_over_the_default_and_the_environment_o
     config = StackConfig(run_dir=tmp_path, kafka="127.0.0.1:9092", kafka_session_timeout_ms=2000, rtsp_port=-1)
     assert timeouts(Stack(config)) == ("2000", "200")
     monkeypatch.setenv("POSEMESH_KAFKA_SESSION_TIMEOUT_MS", "30000")
-    assert timeouts(Stack(config))[0] == "30000"
+    assert timeouts(Stack(config)) == ("30000", "3000")
