@@ -266,6 +266,7 @@ class IngestWorker:
         self.jobs: dict[int, dict[int, Run]] = {}  # partition -> offset -> the run that job is part of
         self.annotated = AnnotatedSoFar(settings, self.worker_id)  # made again for every session
         self.assigned: set[int] = set()
+        self.answered = False  # whether its group has answered yet (problem(): ready only then)
         self.halt = threading.Event()
         self.started_at = time.time()
         self.frames_decoded = 0
@@ -359,6 +360,7 @@ class IngestWorker:
         consumer.assign(partitions)
         with self.lock:
             self.assigned = {tp.partition for tp in partitions}
+            self.answered = True
             for p in [p for p in self.jobs if p not in self.assigned]:  # another replica does these jobs now
                 for run in self.jobs.pop(p).values():
                     if not any(run in jobs.values() for jobs in self.jobs.values()):
@@ -711,7 +713,10 @@ class IngestWorker:
     # ------------------------------------------------------------------ the control API
 
     def problem(self) -> str:
-        return self.control.broker_problem
+        if self.control.broker_problem:
+            return self.control.broker_problem
+        # As a stage worker: ready once its group has first answered (before, no job of any partition is read).
+        return "" if self.answered else f"joining consumer group {self.group_name()}"
 
     def stalled(self) -> str:
         """Liveness: "" while the process answers its control API. Its jobs run on threads of their own, and one
