@@ -22,6 +22,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 import gi
 
@@ -30,6 +31,12 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 H264 = "video/x-h264,stream-format=byte-stream,alignment=au"
+
+
+def say(message: str) -> None:
+    """One line of the server's log (its stdout): publishers coming and going, and the players refused, which is
+    what a test whose camera delivered nothing needs to be told apart from a reader that failed."""
+    print(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {message}", flush=True)
 
 
 class Relay:
@@ -55,6 +62,12 @@ class Relay:
         with self.lock:
             return bool(self.since_key.get(path))
 
+    def why_not_published(self, path: str) -> str:
+        with self.lock:
+            if path in self.gone:
+                return "its publisher has gone"
+            return "no keyframe from its publisher yet" if path in self.since_key else "nothing published there yet"
+
     def player_joined(self, path: str, appsrc) -> None:
         with self.lock:
             self._replay(path, appsrc)
@@ -72,6 +85,7 @@ class Relay:
     def publisher_started(self, path: str) -> None:
         with self.lock:
             self.gone.discard(path)
+        say(f"publisher on {path}")
 
     def publisher_left(self, path: str) -> None:
         """The stream ended: players get an end of stream (RTCP BYE) rather than silence."""
@@ -79,6 +93,7 @@ class Relay:
             targets = list(self.sources.get(path, []))
             self.since_key.pop(path, None)
             self.gone.add(path)
+        say(f"publisher of {path} gone ({len(targets)} players told)")
         for appsrc in targets:
             appsrc.emit("end-of-stream")
 
@@ -163,6 +178,7 @@ class OnDemandMounts(GstRtspServer.RTSPMountPoints):
                 mount = path.split("/stream=")[0].rstrip("/")
                 with self.lock:
                     if factory is LiveFactory and not self.relay.publishing(mount[len(prefix):]):
+                        say(f"refused {path}: {self.relay.why_not_published(mount[len(prefix):])}")
                         if mount in self.known:
                             self.known.discard(mount)
                             self.remove_factory(mount)
