@@ -257,23 +257,23 @@ class Stack:
         services = {service.name: service for service in self.services}
         waiting = dict(self.control_ports)
         deadline = time.monotonic() + timeout
-        while waiting:
-            if self.stopping.is_set():
-                raise StackStopped("the stack was stopped while its workers joined their consumer groups")
-            for name in waiting:
-                service = services[name]
-                if service.proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {service.proc.returncode} while starting; see "
-                                       f"{service.log_path}")
-            with ThreadPoolExecutor(len(waiting)) as pool:
+        with ThreadPoolExecutor(max(len(waiting), 1)) as pool:  # one for the whole wait, not one a round
+            while waiting:
+                if self.stopping.is_set():
+                    raise StackStopped("the stack was stopped while its workers joined their consumer groups")
+                for name in waiting:
+                    service = services[name]
+                    if service.proc.poll() is not None:
+                        raise RuntimeError(f"{name} exited with {service.proc.returncode} while starting; see "
+                                           f"{service.log_path}")
                 problems = dict(zip(waiting, pool.map(lambda port: _worker_problem(f"127.0.0.1:{port}"),
                                                       waiting.values())))
-            waiting = {name: port for name, port in waiting.items() if problems[name]}
-            if waiting and time.monotonic() > deadline:
-                raise TimeoutError(f"not serving after {timeout:.0f} s: " + "; ".join(
-                    f"{name} ({problems[name]}, see {services[name].log_path})" for name in sorted(waiting)))
-            if waiting:
-                time.sleep(0.1)
+                waiting = {name: port for name, port in waiting.items() if problems[name]}
+                if waiting and time.monotonic() > deadline:
+                    raise TimeoutError(f"not serving after {timeout:.0f} s: " + "; ".join(
+                        f"{name} ({problems[name]}, see {services[name].log_path})" for name in sorted(waiting)))
+                if waiting:
+                    time.sleep(0.1)
 
     def _start_gateways(self) -> None:
         """One gateway on the stack's data directory (SQLite), or several on a PostgreSQL store they share."""

@@ -45,8 +45,7 @@ class ControlApi:
         spb_grpc.add_StageServiceServicer_to_server(StageServiceServicer(worker), self.server)
         self.health = health.HealthServicer()
         # grpc's servicer says SERVING for "" until told otherwise: nothing is until the first look at problem().
-        for name in ("", SERVICE, LIVENESS):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._say(False, "", SERVICE, LIVENESS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         host = worker.settings.control_host  # 0.0.0.0 under Kubernetes probes
         self.port = self.server.add_insecure_port(f"{host}:{port}")
@@ -60,17 +59,18 @@ class ControlApi:
         threading.Thread(target=self._watch, name="health", daemon=True).start()
 
     def _update(self) -> None:
-        serving = not self.worker.problem()
+        serving, alive = not self.worker.problem(), not self.worker.stalled()
         if serving != self.serving:
-            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-            self.health.set("", status)
-            self.health.set(SERVICE, status)
+            self._say(serving, "", SERVICE)
             self.serving = serving
-        alive = not self.worker.stalled()
         if alive != self.alive:
-            self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING if alive
-                            else health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._say(alive, LIVENESS)
             self.alive = alive
+
+    def _say(self, serving: bool, *names: str) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            self.health.set(name, status)
 
     def _watch(self) -> None:
         while not self.halt.wait(0.5):
@@ -78,6 +78,5 @@ class ControlApi:
 
     def stop(self) -> None:
         self.halt.set()
-        for name in ("", SERVICE, LIVENESS):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._say(False, "", SERVICE, LIVENESS)
         self.server.stop(1)
