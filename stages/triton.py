@@ -182,9 +182,16 @@ class _Round:
         self.left = len(starts)
         self.results: dict[int, object] = {}
         self.errors: dict[int, Exception] = {}
+        self.sent: dict[int, float] = {}  # start -> when it was sent (monotonic)
         self.done = threading.Event()
         if not starts:
             self.done.set()
+
+    def oldest_unanswered(self) -> float:
+        """When the longest-waiting sub-request still out was sent (now when none is)."""
+        with self.lock:
+            return min((t for s, t in self.sent.items() if s not in self.results and s not in self.errors),
+                       default=time.monotonic())
 
     def answer(self, start: int, result, error) -> None:
         with self.lock:
@@ -335,30 +342,38 @@ class TritonModel:
         self._outage_since = None
         self.problem = ""
 
-    def _wait(self, event_wait, started: float, overdue=None) -> None:
+    def _wait(self, event_wait, started: float, lost=None) -> None:
         """Wait on `event_wait(timeout)`; each time the deadline passes, ask Triton whether it is there.
-        Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs. `overdue()`
-        is called once when Triton keeps answering but the wait passes UNANSWERED_OUTAGE_FACTOR x the
-        outage limit: the answers are taken as lost (in CI, on a starved machine, one request's HTTP/2
-        connection was closed under it, "settings timeout", and its answer never came while new calls
-        worked), so the caller cancels and sends them again."""
-        lost_after = UNANSWERED_OUTAGE_FACTOR * self.outage_s
+        Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs.
+        `lost` is a pair (oldest, resend). `resend()` is called once, either when the model moved off a hung
+        connection, or when Triton keeps answering but the request still out that was sent first (at
+        `oldest()`) has waited UNANSWERED_OUTAGE_FACTOR x the outage limit: its answer is taken as lost (in
+        CI, on a starved machine, one request's HTTP/2 connection was closed under it, "settings timeout",
+        and its answer never came while new calls worked), so the caller cancels and sends again what is
+        out. The wait counts from each request's own sending, not the call's start: a call's later chunks
+        wait for its earlier ones (max_in_flight) and, on a busy server, each waits its turn in the queue;
+        counted from the call's start, a long busy queue read as lost answers (CI runs 130 and 131: every
+        chunk sent twice)."""
         reconnects = self.reconnects
         while not event_wait(self.deadline_s()):
             what = self._ready()
             if what:
                 self._trouble(f"no answer for {time.monotonic() - started:.0f} s and {what}", what)
+                continue
+            self._fine()
+            if lost is None:
+                continue
+            oldest, resend = lost
+            waited = time.monotonic() - oldest()
+            if self.reconnects != reconnects:  # what is out went on the hung connection
+                log.warning("Triton model %s: requests out on the hung connection sent again", self.name)
+            elif waited > UNANSWERED_OUTAGE_FACTOR * self.outage_s:
+                log.warning("Triton model %s: a request unanswered for %.0f s while Triton is there: taken as "
+                            "lost, what is out sent again", self.name, waited)
             else:
-                self._fine()
-                if overdue is not None and self.reconnects != reconnects:  # what is out went on the hung connection
-                    log.warning("Triton model %s: requests out on the hung connection sent again", self.name)
-                    overdue()
-                    overdue = None
-                elif overdue is not None and time.monotonic() - started > lost_after:
-                    log.warning("Triton model %s: no answer for %.0f s while Triton is there: taken as lost, "
-                                "sent again", self.name, time.monotonic() - started)
-                    overdue()
-                    overdue = None
+                continue
+            resend()
+            lost = None
 
     # -- calls ---------------------------------------------------------------------------------------------
 
@@ -425,17 +440,26 @@ class TritonModel:
         call = _Round(starts)
         taken: dict[int, tuple] = {}
         out: dict[int, object] = {}  # start -> the call's context (cancel() ends it with CANCELLED)
+
+        def cancel_unanswered() -> None:
+            for start, context in list(out.items()):
+                if start not in call.results and start not in call.errors and context is not None:
+                    context.cancel()  # its callback runs with CANCELLED: a transient failure, sent again
+
         t0 = time.monotonic()
+        lost = (call.oldest_unanswered, cancel_unanswered)  # a lost answer also holds an in-flight slot
         for start in starts:
             chunks = {name: np.ascontiguousarray(a[start:start + step]) for name, a in inputs.items()}
             rows = next(iter(chunks.values())).shape[0]
-            self._wait(lambda timeout: self.in_flight.acquire(timeout=timeout), t0)
+            self._wait(lambda timeout: self.in_flight.acquire(timeout=timeout), t0, lost)
             try:
                 tensors, outputs = self._tensors(chunks, rows, taken, start)
             except BaseException:
                 self.in_flight.release()
                 raise
             sent, deadline = time.monotonic(), self.deadline_s()
+            with call.lock:
+                call.sent[start] = sent
             traced = tracing.triton_call_started()
 
             def callback(result, error, start=start, sent=sent, deadline=deadline, traced=traced, rows=rows):
@@ -452,12 +476,7 @@ class TritonModel:
             out[start] = self.client.async_infer(self.name, tensors, callback, outputs=outputs,
                                                  client_timeout=max(self.outage_s, deadline) * 4)
 
-        def cancel_unanswered() -> None:
-            for start, context in list(out.items()):
-                if start not in call.results and start not in call.errors and context is not None:
-                    context.cancel()  # its callback runs with CANCELLED: a transient failure, sent again
-
-        self._wait(call.done.wait, t0, overdue=cancel_unanswered)
+        self._wait(call.done.wait, t0, lost)
         self.calls += len(starts)
         for start, result in call.results.items():
             answered[start] = {o: self._output(result, o, taken.get(start)) for o in self.output_names}

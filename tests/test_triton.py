@@ -169,18 +169,34 @@ def _crops(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
 
 
-def _flood(triton, model: str, seconds: float) -> threading.Thread:
-    """Another client keeping `model`'s queue long for `seconds`: a busy server, not a gone one."""
+def _flood(triton, model: str, seconds: float, queue_s: float = 0.6) -> threading.Thread:
+    """Another client keeping `model`'s queue about `queue_s` long for `seconds`: a busy server, not a gone
+    one. The number of its requests out follows their round trips, so the queue is as long on a fast
+    machine as on a starved one (a fixed 24 out made a 2 s queue in CI, long enough to read as lost)."""
     def run():
         client = grpcclient.InferenceServerClient(triton.url)
         x = _crops(8, seed=1)
         end = time.monotonic() + seconds
-        out = threading.Semaphore(24)
+        state = threading.Condition()
+        out, most = [0], [4]
+
+        def done(sent, result, error):
+            took = time.monotonic() - sent
+            with state:
+                out[0] -= 1
+                most[0] = max(1, most[0] + (1 if took < queue_s else -1))
+                state.notify()
+
         while time.monotonic() < end:
-            out.acquire()
+            with state:
+                state.wait_for(lambda: out[0] < most[0], timeout=0.1)
+                if out[0] >= most[0]:
+                    continue
+                out[0] += 1
             t = grpcclient.InferInput("input_1", list(x.shape), "UINT8")
             t.set_data_from_numpy(x)
-            client.async_infer(model, [t], lambda result, error: out.release())  # called with keywords
+            sent = time.monotonic()
+            client.async_infer(model, [t], lambda result, error, sent=sent: done(sent, result, error))
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -194,8 +210,8 @@ def test_a_busy_triton_is_waited_for_not_failed_or_asked_again(triton):
     model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.05, outage_s=0.5, shm="off", max_in_flight=2)
     stats = grpcclient.InferenceServerClient(triton.url)
     before = stats.get_inference_statistics("blazepose_lite").model_stats[0].inference_stats.fail.count
-    flood = _flood(triton, "blazepose_lite", 4.0)
-    time.sleep(0.5)
+    flood = _flood(triton, "blazepose_lite", 6.0)  # each request waits about 0.6 s: lost would be after 2 s
+    time.sleep(1.5)  # the flood finds its queue length
     t0 = time.monotonic()
     busy = model(input_1=x)
     took = time.monotonic() - t0
