@@ -135,7 +135,11 @@ def python_processes(stack: Stack) -> dict[str, int]:
     models run there)."""
     pids = {s.name: s.proc.pid for s in stack.services if s.name not in ("broker", "triton", "rtsp")}
     triton = next(s for s in stack.services if s.name == "triton")
-    pids.update({f"triton: {_stub_model(pid)}": pid for pid in sorted(descendants(triton.proc.pid))})
+    stubs: dict[str, int] = {}
+    for pid in sorted(descendants(triton.proc.pid)):  # one stub per instance of a model (CPU_INSTANCES)
+        model = _stub_model(pid)
+        stubs[model] = stubs.get(model, 0) + 1
+        pids[f"triton: {model} {stubs[model]}"] = pid
     return pids
 
 
