@@ -346,12 +346,12 @@ def is_stand_in(out_dir: Path, name: str) -> bool:
     return stamp.exists() and stamp.read_text().startswith("stand-in:")
 
 
-# Python-backend instances of each model on CPU: two stubs, each running ONNX Runtime on one thread, so a model can
-# use both cores of the development machine. With one, a model ran one batch at a time: while the pose stage
+# Python-backend instances of each model on CPU: two stubs, each running ONNX Runtime on one thread, so a model
+# can use both cores of the development machine. With one, a model ran one batch at a time: while the pose stage
 # prepared its next crops BlazePose idled, and once decoding and detect were done (the last 64 frames of every
-# upload) only BlazePose's one stub and annotate were left to run. bench/README.md ("Two instances of each model")
-# has the A/B: 2 uploads 7.1-7.4 -> 8.6-8.7 frames/s, 239-247 -> 218-220 CPU ms a frame. On a GPU one instance
-# per GPU (TensorRT runs the batch across the device).
+# upload) only BlazePose's one stub and annotate were left to run. bench/README.md (loop.py, "two instances of
+# each model on CPU") has the A/B: 2 uploads 7.1-7.4 -> 8.6-8.7 frames/s, 239-247 -> 218-220 CPU ms a frame.
+# On a GPU one instance per GPU (TensorRT runs the batch across the device).
 CPU_INSTANCES = 2
 
 
@@ -377,7 +377,8 @@ def triton_config(spec: ServedModel, flavour: str) -> str:
               f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
               f"  max_queue_delay_microseconds: {spec.queue_delay_us}\n"
               "}\n",
-              f"instance_group [ {{ count: {1 if gpu else CPU_INSTANCES} kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"]
+              f"instance_group [ {{ count: {1 if gpu else CPU_INSTANCES} "
+              f"kind: {'KIND_GPU' if gpu else 'KIND_CPU'} }} ]\n"]
     if not gpu:
         lines += ['parameters { key: "onnx_file" value: { string_value: "' + spec.served_file + '" } }\n']
     return "".join(lines)
