@@ -64,15 +64,18 @@ def through_triton(onnx_dir: Path, crops: np.ndarray, runs: int) -> tuple[float,
     with tempfile.TemporaryDirectory(prefix="posemesh-bench-wake-") as tmp, \
             TritonServer(onnx_dir, Path(tmp), models=[MODEL]) as server:
         pid = server.proc.pid
-        stub = next(int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
+        stubs = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]  # CPU_INSTANCES
+
+        def stub_cpu() -> float:
+            return sum(process_cpu(stub) for stub in stubs)
         model = TritonModel(server.url, MODEL)
         model.wait_ready(60)
         for _ in range(5):
             model(input_1=crops)
-        stub0, server0, own0 = process_cpu(stub), process_cpu(pid), time.process_time()
+        stub0, server0, own0 = stub_cpu(), process_cpu(pid), time.process_time()
         for _ in range(runs):
             model(input_1=crops)
-        stub1, server1, own1 = process_cpu(stub), process_cpu(pid), time.process_time()
+        stub1, server1, own1 = stub_cpu(), process_cpu(pid), time.process_time()
         model.close()
     return (1000 * (stub1 - stub0) / runs, 1000 * (server1 - server0) / runs, 1000 * (own1 - own0) / runs)
 

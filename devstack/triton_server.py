@@ -21,9 +21,10 @@ from posemesh.devstack.processes import free_ports, group_members, kill_group, s
 from posemesh.mesh.models import CPU_REPOSITORY
 from posemesh.mesh.settings import REPO_ROOT, env
 
-# Each Python-backend stub keeps its tensors in a region of /dev/shm (16 MB here, one a model) that tritonserver
-# removes when it stops in good order. A server killed (SIGKILL, the OOM killer, a crash), or SIGTERMed while it
-# loads its models, leaves its regions behind: a CI run's Triton kills left twelve, 192 MB of the host's memory.
+# Each Python-backend stub (CPU_INSTANCES a model) keeps its tensors in a region of /dev/shm (16 MB here) that
+# tritonserver removes when it stops in good order. A server killed (SIGKILL, the OOM killer, a crash), or SIGTERMed
+# while it loads its models, leaves its regions behind: a CI run's Triton kills left twelve, 192 MB of the host's
+# memory.
 # So a server's regions carry a prefix of its own, removed once it is gone, and regions nobody maps are swept
 # before a server starts. In a container they go with its /dev/shm.
 SHM_DIR = Path("/dev/shm")

@@ -345,8 +345,8 @@ class TritonModel:
     def _wait(self, event_wait, started: float, lost=None) -> None:
         """Wait on `event_wait(timeout)`; each time the deadline passes, ask Triton whether it is there.
         Busy (it answers): keep waiting, no clock runs. Gone or hung: the outage clock runs.
-        `lost` is a pair (oldest, resend). `resend()` is called once, either when the model moved off a hung
-        connection, or when Triton keeps answering but the request still out that was sent first (at
+        `lost` is a pair (oldest, resend). `resend()` is called at most once a wait, either when the model moved
+        off a hung connection, or when Triton keeps answering but the request still out that was sent first (at
         `oldest()`) has waited UNANSWERED_OUTAGE_FACTOR x the outage limit: its answer is taken as lost (in
         CI, on a starved machine, one request's HTTP/2 connection was closed under it, "settings timeout",
         and its answer never came while new calls worked), so the caller cancels and sends again what is
@@ -471,10 +471,15 @@ class TritonModel:
                     tracing.triton_call_ended(*traced, model=self.name, size=rows)
                 call.answer(start, result, error)
 
-            # The gRPC deadline is only a backstop against a lost answer: a slow answer is waited for as long
-            # as Triton says it is there (see _wait).
-            out[start] = self.client.async_infer(self.name, tensors, callback, outputs=outputs,
-                                                 client_timeout=max(self.outage_s, deadline) * 4)
+            # The gRPC deadline is only a backstop against a lost answer, twice the time after which _wait takes
+            # one as lost: a slow answer is waited for as long as Triton says it is there (see _wait).
+            try:
+                out[start] = self.client.async_infer(
+                    self.name, tensors, callback, outputs=outputs,
+                    client_timeout=2 * max(UNANSWERED_OUTAGE_FACTOR * self.outage_s, deadline))
+            except BaseException:  # refused before it went out (a closed channel): no callback will free its slot
+                self.in_flight.release()
+                raise
 
         self._wait(call.done.wait, t0, lost)
         self.calls += len(starts)

@@ -116,7 +116,8 @@ def test_a_hung_triton_turns_health_not_serving_and_back(mesh, long_clip):
 def test_triton_gone_longer_than_the_outage_limit_fails_the_task_with_a_clear_message(mesh, long_clip):
     task = upload(mesh.stub, long_clip, auth())
     wait_for(lambda: mesh.replicas("detect")[0].frames_of(task.task_id) >= 3, 120, 0.05, "detect under way")
-    regions = mesh.triton.shm_regions()  # one a model, in the host's /dev/shm, named with this server's prefix
+    # One a stub (CPU_INSTANCES a model), in the host's /dev/shm, named with this server's prefix.
+    regions = mesh.triton.shm_regions()
     assert len(regions) >= 2 and all(r.name.startswith(mesh.triton.shm_prefix) for r in regions), regions
     mesh.triton.kill()  # tritonserver and its backend stubs, as a crashed container
     t0 = time.monotonic()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -169,34 +170,38 @@ def _crops(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (n, 256, 256, 3), dtype=np.uint8)
 
 
-def _flood(triton, model: str, seconds: float, queue_s: float = 0.6) -> threading.Thread:
+def _flood(triton, model: str, seconds: float, queue_s: float = 0.5) -> threading.Thread:
     """Another client keeping `model`'s queue about `queue_s` long for `seconds`: a busy server, not a gone
-    one. The number of its requests out follows their round trips, so the queue is as long on a fast
-    machine as on a starved one (a fixed 24 out made a 2 s queue in CI, long enough to read as lost)."""
+    one. It keeps out as many requests as the server answers in `queue_s` (Little's law, over the last second
+    of answers), so the queue is as long on a fast machine as on a starved one (a fixed 24 out made a 2 s queue
+    in CI, long enough to read as lost)."""
     def run():
         client = grpcclient.InferenceServerClient(triton.url)
         x = _crops(8, seed=1)
         end = time.monotonic() + seconds
         state = threading.Condition()
-        out, most = [0], [4]
+        out, answers = [0], collections.deque()
 
-        def done(sent, result, error):
-            took = time.monotonic() - sent
+        def done(result, error):
             with state:
                 out[0] -= 1
-                most[0] = max(1, most[0] + (1 if took < queue_s else -1))
+                answers.append(time.monotonic())
                 state.notify()
+
+        def most() -> int:
+            now = time.monotonic()
+            while answers and answers[0] < now - 1.0:
+                answers.popleft()
+            return max(2, round(queue_s * len(answers))) if answers else 4
 
         while time.monotonic() < end:
             with state:
-                state.wait_for(lambda: out[0] < most[0], timeout=0.1)
-                if out[0] >= most[0]:
+                if not state.wait_for(lambda: out[0] < most(), timeout=0.1):
                     continue
                 out[0] += 1
             t = grpcclient.InferInput("input_1", list(x.shape), "UINT8")
             t.set_data_from_numpy(x)
-            sent = time.monotonic()
-            client.async_infer(model, [t], lambda result, error, sent=sent: done(sent, result, error))
+            client.async_infer(model, [t], done)
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
@@ -210,7 +215,7 @@ def test_a_busy_triton_is_waited_for_not_failed_or_asked_again(triton):
     model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.05, outage_s=0.5, shm="off", max_in_flight=2)
     stats = grpcclient.InferenceServerClient(triton.url)
     before = stats.get_inference_statistics("blazepose_lite").model_stats[0].inference_stats.fail.count
-    flood = _flood(triton, "blazepose_lite", 6.0)  # each request waits about 0.6 s: lost would be after 2 s
+    flood = _flood(triton, "blazepose_lite", 6.0)  # each request waits about 0.5 s: lost would be after 2 s
     time.sleep(1.5)  # the flood finds its queue length
     t0 = time.monotonic()
     busy = model(input_1=x)
@@ -335,6 +340,41 @@ def test_an_answer_lost_while_triton_is_there_is_cancelled_and_sent_again(triton
     got = answers[0]
     assert lost == ["sent", "cancelled"] and 2.0 <= time.monotonic() - t0 < 20
     np.testing.assert_array_equal(got, TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"])
+
+
+def test_a_lost_answer_holding_the_only_slot_is_found_by_the_chunks_waiting_for_it(triton):
+    """One request in flight at a time, three chunks, the second's answer lost: the third waits for the slot the
+    lost one holds. The loss is counted from the second's own sending and found during that wait: the second is
+    cancelled and sent again, the third goes out, and the call returns what an undisturbed call returns."""
+    from tritonclient.utils import InferenceServerException
+
+    model = TritonModel(triton.url, "blazepose_lite", timeout_s=0.2, outage_s=0.5, max_in_flight=1, shm="off")
+    model.wait_ready(30)
+    send, sent, lost = model.client.async_infer, [], []
+
+    def losing_the_second(name, tensors, callback, **kw):
+        sent.append(time.monotonic())
+        if len(sent) != 2:
+            return send(name, tensors, callback, **kw)
+
+        class Lost:  # never answered; cancel() ends it the way gRPC does
+            def cancel(self):
+                lost.append(time.monotonic())
+                callback(result=None, error=InferenceServerException("Locally cancelled by application!",
+                                                                     status="StatusCode.CANCELLED"))
+        return Lost()
+
+    model.client.async_infer = losing_the_second
+    x = _crops(24)  # three chunks of 8
+    answers: list = []  # on a daemon thread: a call waiting for the slot for ever fails the test
+    caller = threading.Thread(target=lambda: answers.append(model(input_1=x)["Identity"]), daemon=True)
+    caller.start()
+    caller.join(30)
+    assert answers, "the third chunk still waits for the slot the lost answer holds"
+    assert len(lost) == 1 and lost[0] - sent[1] >= 4 * model.outage_s  # counted from its own sending
+    assert len(sent) == 4 and sent[2] > lost[0]  # the third went out once the second was given up
+    np.testing.assert_array_equal(answers[0],
+                                  TritonModel(triton.url, "blazepose_lite", shm="off")(input_1=x)["Identity"])
 
 
 def test_shared_memory_is_used_where_triton_can_open_it(triton):

@@ -54,9 +54,9 @@ def stack(tmp_path):
 
 
 def test_the_wait_ends_once_every_worker_has_served(stack):
-    stack.add("detect-0", StandIn("joining consumer group posemesh.detect", time.monotonic() + 0.5))
-    stack.add("track-0", StandIn(""))
     t0 = time.monotonic()
+    stack.add("detect-0", StandIn("joining consumer group posemesh.detect", t0 + 0.5))
+    stack.add("track-0", StandIn(""))
     stack._wait_for_workers_serving(timeout=30)
     assert 0.5 <= time.monotonic() - t0 < 10
 
