@@ -187,11 +187,20 @@ class _Round:
         if not starts:
             self.done.set()
 
+    def sending(self, start: int) -> float:
+        """Notes that the sub-request at `start` goes out now; returns when."""
+        with self.lock:
+            self.sent[start] = time.monotonic()
+            return self.sent[start]
+
+    def unanswered(self) -> list[int]:
+        """The sub-requests sent that have had no answer yet."""
+        with self.lock:
+            return [s for s in self.sent if s not in self.results and s not in self.errors]
+
     def oldest_unanswered(self) -> float:
         """When the longest-waiting sub-request still out was sent (now when none is)."""
-        with self.lock:
-            return min((t for s, t in self.sent.items() if s not in self.results and s not in self.errors),
-                       default=time.monotonic())
+        return min((self.sent[s] for s in self.unanswered()), default=time.monotonic())
 
     def answer(self, start: int, result, error) -> None:
         with self.lock:
@@ -442,9 +451,9 @@ class TritonModel:
         out: dict[int, object] = {}  # start -> the call's context (cancel() ends it with CANCELLED)
 
         def cancel_unanswered() -> None:
-            for start, context in list(out.items()):
-                if start not in call.results and start not in call.errors and context is not None:
-                    context.cancel()  # its callback runs with CANCELLED: a transient failure, sent again
+            for start in call.unanswered():
+                if out.get(start) is not None:
+                    out[start].cancel()  # its callback runs with CANCELLED: a transient failure, sent again
 
         t0 = time.monotonic()
         lost = (call.oldest_unanswered, cancel_unanswered)  # a lost answer also holds an in-flight slot
@@ -457,9 +466,7 @@ class TritonModel:
             except BaseException:
                 self.in_flight.release()
                 raise
-            sent, deadline = time.monotonic(), self.deadline_s()
-            with call.lock:
-                call.sent[start] = sent
+            sent, deadline = call.sending(start), self.deadline_s()
             traced = tracing.triton_call_started()
 
             def callback(result, error, start=start, sent=sent, deadline=deadline, traced=traced, rows=rows):

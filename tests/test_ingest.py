@@ -32,7 +32,7 @@ from posemesh.v1 import task_service_pb2 as tpb
 from tests import clips
 from tests.conftest import USERS, auth, media
 from tests.helpers import GIVEN_BOXES, PublishingCamera, assert_given_boxes_kept, rtsp_describe, upload, wait_for
-from tests.mesh import Mesh, assert_same_as_reference, reference_run, town_clip
+from tests.mesh import LagReadings, Mesh, assert_same_as_reference, reference_run, town_clip
 from tests.mp4_craft import damaged_tail
 
 pytestmark = pytest.mark.slow
@@ -236,19 +236,10 @@ def test_a_camera_read_by_an_ingest_replica_is_thinned_to_keep_the_lag_bounded(m
     wait_for(lambda: rtsp_describe(source)[0] == 200, 20, 0.1, "the camera to publish")
     started = time.time()
     task = client.start_live(source)
-    lags, snapshot, holder, taken_on = [], None, None, None
+    lags, snapshot, holder = LagReadings(started, camera), None, None
     for snapshot in client.watch(task.task_id):
         holder = holder or _reading_camera(mesh, task.task_id)
-        # As in test_live's lag test: the bound holds once the mesh has taken the task on, while the camera sends
-        # (PublishingCamera.sending). The frames let in before its first annotated frame came out waited for that,
-        # which no admission can help (CI run 131: a lag of 2.65 s, 3.8 s after the start, of a frame that arrived
-        # 1.15 s after it, before the first annotated frame came out).
-        done = snapshot.progress[-1].frames_done if snapshot.progress else 0
-        if done and taken_on is None:
-            taken_on = snapshot.live.frames_received - snapshot.live.frames_dropped  # let in by then
-        if taken_on is not None and done > taken_on and camera.sending:
-            lags.append((round(time.time() - started, 1), round(snapshot.live.lag_s, 2), snapshot.live.frames_received,
-                         camera.published))
+        lags.see(snapshot)
     camera.stop()
     assert snapshot.state == tpb.TASK_STATE_COMPLETED and "ended" in snapshot.error_message, snapshot.error_message
     live = snapshot.live

@@ -39,7 +39,7 @@ from tests.helpers import (
     topics,
     wait_for,
 )
-from tests.mesh import Mesh
+from tests.mesh import LagReadings, Mesh
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(rtsp.available()), reason=rtsp.available() or "")]
 
@@ -130,17 +130,9 @@ def test_a_camera_faster_than_the_mesh_is_thinned_evenly_and_the_lag_stays_bound
     wait_for(lambda: rtsp_describe(source)[0] == 200, 20, 0.1, "the camera to publish")
     started = time.time()
     task = client.start_live(source)
-    lags, snapshot, taken_on = [], None, None
+    lags, snapshot = LagReadings(started, camera), None
     for snapshot in client.watch(task.task_id):
-        # The bound holds once the mesh has taken the task on. The frames let in before its first annotated
-        # frame came out waited for that (consumer-group joins: seconds on a loaded machine; a CI run saw 3.7 s),
-        # which no admission can help: their lags are not the bound's.
-        done = snapshot.progress[-1].frames_done if snapshot.progress else 0
-        if done and taken_on is None:
-            taken_on = snapshot.live.frames_received - snapshot.live.frames_dropped  # let in by then
-        if taken_on is not None and done > taken_on and camera.sending:
-            lags.append((round(time.time() - started, 1), round(snapshot.live.lag_s, 2), snapshot.live.frames_received,
-                         camera.published))
+        lags.see(snapshot)
     camera.stop()
     assert snapshot.state == tpb.TASK_STATE_COMPLETED, snapshot.error_message
     live = snapshot.live
