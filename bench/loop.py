@@ -34,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from bench.end_to_end import cpu_by_service
-from bench.measure import descendants, idle_between_bursts, process_cpu, run_uploads
+from bench.measure import descendants, idle_between_bursts, run_uploads
 from bench.profile import Profiler
 from posemesh.client import Client
 from posemesh.devstack.stack import Stack, StackConfig
@@ -158,20 +158,18 @@ def stack_run(stack: Stack, client: Client, clip: Path, n: int, pose_model: str,
     """n concurrent uploads; frames/s, CPU ms per frame by process and, when profiled, by activity."""
     idle_between_bursts()
     pids = python_processes(stack) if profile else {}
-    profiler = Profiler(pids) if profile else None
+    # annotate's only threads that no library names are x264's (PyAV's encoder)
+    profiler = Profiler(pids, unnamed={n: "encode" for n in pids if n.startswith("annotate")}) if profile else None
     before = cpu_by_service(stack)
-    own_before = {name: process_cpu(pid) for name, pid in pids.items()}
     uploads, wall = run_uploads(client, clip, n, pose_model, outputs)
     after = cpu_by_service(stack)
-    own_after = {name: process_cpu(pid) for name, pid in pids.items()}
     frames = sum(u.frames for u in uploads)
     by = {k: 1000 * (after[k] - before.get(k, 0.0)) / frames for k in after}
     activities: dict[str, dict[str, float]] = {}
     if profiler is not None:
         profiler.stop()
-        for name, shares in profiler.breakdown().items():
-            ms = 1000 * (own_after[name] - own_before[name]) / frames
-            activities[name] = {a: share * ms for a, share in shares.items()}
+        for name, seconds in profiler.breakdown().items():
+            activities[name] = {a: 1000 * s / frames for a, s in seconds.items()}
     return {"fps": frames / wall, "cpu_ms": sum(by.values()), "by": by, "activities": activities}
 
 
@@ -222,7 +220,7 @@ def main() -> None:
     if activities:
         names = sorted({a for shares in activities.values() for a in shares})
         print(f"\nstack, 1 upload again, profiled ({profiled['fps']:.2f} frames/s): CPU ms per frame by process "
-              "and activity (py-spy samples x the process's CPU)")
+              "and activity (each thread's CPU from /proc, spread over its py-spy samples)")
         print("| process | " + " | ".join(names) + " | all |")
         print("|---|" + "---|" * (len(names) + 1))
         for process, ms in activities.items():
