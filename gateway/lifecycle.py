@@ -157,11 +157,13 @@ class TaskLifecycle:
         self.waiting_said_at = 0.0  # when the sweep last restarted the stall clock of queued uploads
 
     def make_producers_ready(self) -> None:
-        """Frame producers made ahead for this gateway's next uploads, its first one included (none when the ingest
-        stage decodes them)."""
+        """Producers made ahead for this gateway's next uploads and, where cameras are allowed, its next camera, the
+        first ones included (none when the ingest stage decodes them)."""
         if not self.settings.ingest_stage():
             FrameProducer.make_ready(kafka.producer_config(self.settings, "gateway"), "gateway",
                                      self.settings.reserved_tasks)
+            if self.settings.live_sources:
+                LiveSource.make_ready(kafka.producer_config(self.settings, "gateway"), "gateway")
 
     def publish_url(self, task: tpb.Task) -> str:
         """Where annotate publishes a live task's annotated video (RTSP); nowhere for an upload."""

@@ -174,7 +174,7 @@ class LiveSource(threading.Thread):
         self.finished = FinishedClock(annotated)
         self.on_status, self.on_end, self.on_closing = on_status, on_end, on_closing
         # Made ahead (kafka.SpareProducer: a new one's first record waited 0.5 s), so its client id names no task.
-        self.producer = kafka.SPARE_PRODUCERS.take({**producer_config, "client.id": f"{client}-live"})
+        self.producer = kafka.SPARE_PRODUCERS.take(self.kafka_config(producer_config, client))
         self.topic = kafka.task_topic(kafka.RAW_FRAMES, task.task_id)
         self.stop_requested = threading.Event()
         self.detached = threading.Event()
@@ -207,6 +207,17 @@ class LiveSource(threading.Thread):
         # (`closed`), the follower publishes nothing more.
         self.lock = threading.RLock()
         self.closed = False
+
+    @staticmethod
+    def kafka_config(producer_config: dict, client: str) -> dict:
+        """The configuration of a camera reader's Kafka producer (its client id names the process, not the task)."""
+        return {**producer_config, "client.id": f"{client}-live"}
+
+    @staticmethod
+    def make_ready(producer_config: dict, client: str) -> None:
+        """Make a producer ahead for the first camera this process will read: without it a process's first live
+        task's first frame reached the broker 0.5 s late (kafka.SpareProducer); each one taken makes the next."""
+        kafka.SPARE_PRODUCERS.stock(LiveSource.kafka_config(producer_config, client), 1)
 
     # ------------------------------------------------------------------ the loop
 

@@ -309,6 +309,8 @@ class IngestWorker:
         # After the broker answered: a session that fails before (no broker) and starts over makes none each time.
         FrameProducer.make_ready(kafka.producer_config(self.settings, self.worker_id), "ingest",
                                  self.settings.reserved_tasks)
+        if self.settings.live_sources:  # cameras are allowed: this replica may read one
+            LiveSource.make_ready(kafka.producer_config(self.settings, self.worker_id), "ingest")
         # Jobs come seconds apart at most: a held fetch of FOLLOWER_FETCH_WAIT_MS costs an idle broker less, and
         # a job at most that much delay.
         consumer = Consumer(kafka.follower_config(self.settings, self.group_name(), self.worker_id))

@@ -4,6 +4,7 @@ broker, reading what posemesh.control carries."""
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -272,3 +273,34 @@ def test_an_upload_writes_through_a_producer_its_gateway_made_when_it_started(br
         assert any(producer is made for made in stocked)
     finally:
         lifecycle.halt()
+
+
+def test_a_camera_is_read_through_a_producer_its_gateway_made_when_it_started(broker, tmp_path):
+    """As the upload's above, for a camera: where cameras are allowed, the gateway makes a live reader's producer as
+    it starts, so the first live task's first frame does not wait the new producer's 0.5 s; the next is made then.
+    Where none is allowed, none is made (an idle producer costs a connection and librdkafka's threads)."""
+    lifecycle, _store, _policy = _lifecycle(make_settings(broker, tmp_path / "none", reserved_tasks=0))
+    try:
+        lifecycle.make_producers_ready()
+        assert not any(dict(key).get("client.id") == "gateway-live" for key in kafka.SPARE_PRODUCERS._spares)
+    finally:
+        lifecycle.halt()
+    kafka.SPARE_PRODUCERS.clear()
+    settings = live_settings(broker, tmp_path / "data")
+    lifecycle, store, policy = _lifecycle(settings)
+    lifecycle.make_producers_ready()
+    # The spares themselves (private): only their identity tells a producer made then from one made now.
+    live = [spares for key, spares in kafka.SPARE_PRODUCERS._spares.items()
+            if dict(key).get("client.id") == "gateway-live"]
+    assert [len(spares) for spares in live] == [1]
+    stocked = live[0][0]
+    task = live_task(free_port())  # nothing answers there: the reader keeps trying until the task is halted
+    store.create(task, "alice", None)
+    try:
+        lifecycle.start_live(task, policy.check(task.live.source), tpb.RTSP_TRANSPORT_TCP)
+        assert lifecycle.live_sources[task.task_id].producer is stocked
+    finally:
+        lifecycle.halt(join_s=10)
+        # Without a collection here a producer of this test (gateway-live) outlived it, in some reference cycle, and
+        # went on trying to reach the session's broker once that had stopped.
+        gc.collect()
