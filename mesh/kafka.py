@@ -211,10 +211,9 @@ class SpareProducer:
     up to n waiting: a burst of up to n tasks finds its producers ready (4 concurrent uploads: detect's first
     records 0.30-0.51 s after the uploads' ends with 4, 0.16-1.19 s with 1, bench/README.md). stock(config, n) makes
     them before any is taken, so that a process's first upload or camera finds one too (FrameProducer.make_ready,
-    LiveSource.make_ready). Spares of
-    at most MAX_CONFIGS configurations are kept (the least recently taken or stocked one's go: another broker, in
-    tests). An idle spare costs a connection and librdkafka's threads, and asks the broker for its broker list every
-    10 s (it knows no topic)."""
+    LiveSource.make_ready). Spares of at most MAX_CONFIGS configurations are kept (the least recently taken or stocked
+    one's go: another broker, in tests). An idle spare costs a connection and librdkafka's threads, and asks the broker
+    for its broker list every 10 s (it knows no topic)."""
 
     MAX_CONFIGS = 4
 
