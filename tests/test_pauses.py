@@ -11,6 +11,9 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from tests import helpers
 from tests.mesh import Mesh
 
 WATCHED = ("import logging, time\n"
@@ -72,3 +75,26 @@ def test_a_lag_read_again_from_an_unchanged_status_counts_when_it_was_first_seen
     # 2.9 s with more frames received, at 14 s, is a new measurement of a frame that arrived after the pause, over.
     readings = [(11.0, 3.4, 95), (12.5, 3.4, 95), (14.0, 3.4, 95), (14.0, 2.9, 96), (15.0, 0.3, 111)]
     assert mesh.lags_over_bound(readings, started, 2.0) == [(14.0, 2.9, 96)]
+
+
+def test_a_wait_does_not_count_a_pause_of_the_tests_own_process(monkeypatch):
+    """tests/helpers.py wait_for: time the test's process stood still (a sleep that overran by more than
+    HOST_PAUSE_S) is not counted against the timeout; ordinary waiting is. On a clock of the test's own: a pause of
+    the whole host cannot be made here."""
+    now = [0.0]
+    pauses = {3: 30.0}  # the 3rd sleep overruns by 30 s
+
+    def sleep(seconds: float) -> None:
+        sleep.calls += 1
+        now[0] += seconds + pauses.get(sleep.calls, 0.0)
+    sleep.calls = 0
+    monkeypatch.setattr(helpers, "_clock", lambda: now[0])
+    monkeypatch.setattr(helpers, "_sleep", sleep)
+    # True 35 s after the start: within a 10 s timeout only because 30 s of it were a pause.
+    assert helpers.wait_for(lambda: now[0] >= 35.0, timeout=10.0, interval=1.0) is True
+    now[0], sleep.calls = 0.0, 0
+    with pytest.raises(AssertionError, match=r"timed out after 10.0s waiting for x \(30.0 s of pauses"):
+        helpers.wait_for(lambda: now[0] >= 45.0, timeout=10.0, interval=1.0, what="x")
+    now[0], sleep.calls, pauses = 0.0, 0, {}
+    with pytest.raises(AssertionError, match=r"timed out after 10.0s waiting for x$"):
+        helpers.wait_for(lambda: now[0] >= 35.0, timeout=10.0, interval=1.0, what="x")
