@@ -29,6 +29,8 @@ import threading
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bench.measure import process_cpu
+
 # (activity, substrings of a frame "function (file:line)"), innermost match wins; the order breaks ties
 # within one frame.
 ACTIVITIES: list[tuple[str, tuple[str, ...]]] = [
@@ -92,15 +94,6 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, int, float]]:
         out[int(task.name)] = (stat[stat.index("(") + 1:stat.rindex(")")], int(fields[19]),
                                (int(fields[11]) + int(fields[12])) / ticks)
     return out
-
-
-def process_cpu(pid: int) -> float:
-    """CPU seconds the process has used, its ended threads' included."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def python_threads(binary: str, pid: int) -> set[int]:
